@@ -1,0 +1,6 @@
+"""`lmtools` command line: one module per command, each registers itself on `app`."""
+
+from lmtools.cli.app import app, main  # noqa: F401
+
+# Importing a command module registers its command.
+from lmtools.cli import train  # noqa: F401,E402
