@@ -1,0 +1,57 @@
+//! The one error type of the crate. Every failure a user can cause (a missing or malformed
+//! file, a dtype that is not a token dtype, a file too short for the context, a bad argument)
+//! is a variant here; `python.rs` maps it to a Python exception in one place.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+#[derive(Debug)]
+pub enum SamplerError {
+    /// The file could not be opened, read or mapped.
+    Io { path: PathBuf, source: io::Error },
+    /// The file exists but is not a usable token file (bad magic, truncated, wrong dtype, ...).
+    Format { path: PathBuf, reason: String },
+    /// A token source holds fewer than `context_length + 1` tokens.
+    TooShort { name: String, len: u64, context_length: usize },
+    /// An argument is out of range or inconsistent (weights, shapes, context length, ...).
+    Argument(String),
+}
+
+pub type Result<T> = std::result::Result<T, SamplerError>;
+
+impl SamplerError {
+    pub(crate) fn format(path: &std::path::Path, reason: impl Into<String>) -> Self {
+        SamplerError::Format { path: path.to_path_buf(), reason: reason.into() }
+    }
+}
+
+impl fmt::Display for SamplerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SamplerError::Io { path, source } if source.kind() == io::ErrorKind::NotFound => {
+                write!(f, "{}: file not found; check the path", path.display())
+            }
+            SamplerError::Io { path, source } => {
+                write!(f, "{}: cannot read the file ({source}); check that it exists and is readable", path.display())
+            }
+            SamplerError::Format { path, reason } => write!(f, "{}: {reason}", path.display()),
+            SamplerError::TooShort { name, len, context_length } => write!(
+                f,
+                "{name}: holds {len} tokens but a window needs context_length + 1 = {} tokens; \
+                 use a smaller context_length or more data",
+                *context_length as u64 + 1
+            ),
+            SamplerError::Argument(msg) => f.write_str(msg),
+        }
+    }
+}
+
+impl std::error::Error for SamplerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SamplerError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! The window sampler: which windows a batch holds, and the gather that copies them out.
+//!
+//! Sources come in groups. Within a group every valid window of every file is equally likely
+//! (shards); across groups a row first picks a group by weight (mixtures). A window lies in one
+//! file: starts run over `0..=len - T - 1` in each file, so the T + 1 tokens that make the
+//! inputs and their shifted targets never straddle two files.
+
+use crate::error::{Result, SamplerError};
+use crate::rng::{batch_key, Stream};
+use crate::source::{with_slice, Token, TokenFile, TokenView};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Files sampled together, uniformly over all their windows.
+#[derive(Debug)]
+struct Group {
+    /// Indices into `Sampler::files`.
+    files: Vec<usize>,
+    /// `first_window[i]`: number of windows in the group's files before file i.
+    first_window: Vec<u64>,
+    windows: u64,
+}
+
+/// Where one row's window lies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub file: usize,
+    pub start: u64,
+}
+
+#[derive(Debug)]
+pub struct Sampler {
+    files: Vec<Arc<TokenFile>>,
+    groups: Vec<Group>,
+    /// Cumulative normalized weights, the last one exactly 1.
+    cum_weights: Vec<f64>,
+    context_length: usize,
+}
+
+impl Sampler {
+    /// `groups`: (weight, files). Weights are relative and need not sum to one; with a single
+    /// group the weight is ignored.
+    pub fn new(groups: Vec<(f64, Vec<Arc<TokenFile>>)>, context_length: usize) -> Result<Sampler> {
+        if context_length == 0 {
+            return Err(SamplerError::Argument("context_length must be positive".into()));
+        }
+        if groups.is_empty() || groups.iter().all(|(_, f)| f.is_empty()) {
+            return Err(SamplerError::Argument("no token sources given; pass at least one token file or array".into()));
+        }
+        let need = context_length as u64 + 1;
+        let mut files = Vec::new();
+        let mut out_groups = Vec::new();
+        let mut weights = Vec::new();
+        for (weight, group_files) in groups {
+            if !(weight.is_finite() && weight > 0.0) {
+                return Err(SamplerError::Argument(format!(
+                    "mixture weight {weight} is not a positive number; give each source a weight > 0"
+                )));
+            }
+            if group_files.is_empty() {
+                return Err(SamplerError::Argument("a weighted source holds no token files".into()));
+            }
+            let mut g = Group { files: Vec::new(), first_window: Vec::new(), windows: 0 };
+            for f in group_files {
+                let len = f.len() as u64;
+                if len < need {
+                    return Err(SamplerError::TooShort { name: f.name().to_string(), len, context_length });
+                }
+                g.first_window.push(g.windows);
+                g.windows += len - context_length as u64;
+                g.files.push(files.len());
+                files.push(f);
+            }
+            out_groups.push(g);
+            weights.push(weight);
+        }
+        let total: f64 = weights.iter().sum();
+        let mut acc = 0.0;
+        let mut cum_weights: Vec<f64> = weights
+            .iter()
+            .map(|w| {
+                acc += w / total;
+                acc
+            })
+            .collect();
+        if let Some(last) = cum_weights.last_mut() {
+            *last = 1.0;
+        }
+        Ok(Sampler { files, groups: out_groups, cum_weights, context_length })
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+    pub fn files(&self) -> &[Arc<TokenFile>] {
+        &self.files
+    }
+    pub fn num_tokens(&self) -> u64 {
+        self.files.iter().map(|f| f.len() as u64).sum()
+    }
+    pub fn num_windows(&self) -> u64 {
+        self.groups.iter().map(|g| g.windows).sum()
+    }
+
+    /// The window of one row: a pure function of (seed, rank, step, micro, row).
+    #[inline]
+    fn window(&self, key: u64, row: usize) -> Window {
+        let mut stream = Stream::for_row(key, row as u64);
+        let group = if self.groups.len() == 1 {
+            &self.groups[0]
+        } else {
+            let u = stream.next_f64();
+            let g = self.cum_weights.partition_point(|&c| c <= u).min(self.groups.len() - 1);
+            &self.groups[g]
+        };
+        let w = stream.bounded(group.windows);
+        // Last file whose first window is <= w.
+        let i = group.first_window.partition_point(|&f| f <= w) - 1;
+        Window { file: group.files[i], start: w - group.first_window[i] }
+    }
+
+    /// The windows of one batch, row by row.
+    pub fn windows(&self, batch_size: usize, seed: u64, rank: u64, step: u64, micro: u64) -> Vec<Window> {
+        let key = batch_key(seed, rank, step, micro);
+        (0..batch_size).map(|row| self.window(key, row)).collect()
+    }
+
+    /// Gathers one batch into `inputs` and `targets` (each `batch_size * T` int64 values, row
+    /// major): row r holds tokens `[s, s + T)` and `[s + 1, s + T + 1)` of its window. Rows are
+    /// filled in parallel on the current rayon pool.
+    pub fn fill(&self, inputs: &mut [i64], targets: &mut [i64], seed: u64, rank: u64, step: u64, micro: u64) -> Result<()> {
+        let t = self.context_length;
+        if inputs.len() != targets.len() || inputs.len() % t != 0 || inputs.is_empty() {
+            return Err(SamplerError::Argument(format!(
+                "inputs and targets must both have shape (batch_size, {t}) with batch_size >= 1; got {} and {} values",
+                inputs.len(),
+                targets.len()
+            )));
+        }
+        let key = batch_key(seed, rank, step, micro);
+        // Views are taken once per batch, not per row: the storage is behind a trait object.
+        let views: Vec<TokenView<'_>> = self.files.iter().map(|f| f.view()).collect();
+        inputs
+            .par_chunks_mut(t)
+            .zip(targets.par_chunks_mut(t))
+            .enumerate()
+            .for_each(|(row, (x, y))| {
+                let w = self.window(key, row);
+                let start = w.start as usize;
+                with_slice!(views[w.file], s => copy_row(&s[start..start + t + 1], x, y));
+            });
+        Ok(())
+    }
+}
+
+/// Widens one window of T + 1 tokens into a row of inputs and a row of targets.
+#[inline]
+fn copy_row<T: Token>(window: &[T], x: &mut [i64], y: &mut [i64]) {
+    let (head, tail) = (&window[..x.len()], &window[1..]);
+    for (o, &v) in x.iter_mut().zip(head) {
+        *o = v.widen();
+    }
+    for (o, &v) in y.iter_mut().zip(tail) {
+        *o = v.widen();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{TokenStorage, TokenView};
+
+    struct VecStorage(Vec<u32>);
+    impl TokenStorage for VecStorage {
+        fn view(&self) -> TokenView<'_> {
+            TokenView::U32(&self.0)
+        }
+    }
+
+    /// A source whose token at position i is `base + i`, so a row tells where it came from.
+    fn source(name: &str, base: u32, len: u32) -> Arc<TokenFile> {
+        Arc::new(TokenFile::from_storage(name.into(), Box::new(VecStorage((base..base + len).collect()))))
+    }
+
+    #[test]
+    fn rows_are_windows_and_targets_shift() {
+        let s = Sampler::new(vec![(1.0, vec![source("a", 0, 500)])], 16).unwrap();
+        let (b, t) = (32, 16);
+        let (mut x, mut y) = (vec![0i64; b * t], vec![0i64; b * t]);
+        s.fill(&mut x, &mut y, 1, 0, 5, 0).unwrap();
+        let windows = s.windows(b, 1, 0, 5, 0);
+        for r in 0..b {
+            let start = windows[r].start as i64;
+            assert!(start <= 500 - 16 - 1);
+            for j in 0..t {
+                assert_eq!(x[r * t + j], start + j as i64);
+                assert_eq!(y[r * t + j], start + j as i64 + 1);
+            }
+        }
+    }
+
+    #[test]
+    fn every_start_and_nothing_else() {
+        // len 20, T 4: starts 0..=15, 16 of them.
+        let s = Sampler::new(vec![(1.0, vec![source("a", 0, 20)])], 4).unwrap();
+        let mut seen = [0u32; 16];
+        for step in 0..200 {
+            for w in s.windows(16, 9, 0, step, 0) {
+                seen[w.start as usize] += 1; // out of range would panic here
+            }
+        }
+        assert!(seen.iter().all(|&c| c > 0), "{seen:?}");
+    }
+
+    #[test]
+    fn shards_never_straddle_and_are_uniform_over_windows() {
+        // Windows: 10 - 4 = 6 in the first file, 30 - 4 = 26 in the second.
+        let s = Sampler::new(vec![(1.0, vec![source("a", 0, 10), source("b", 1000, 30)])], 4).unwrap();
+        assert_eq!(s.num_windows(), 32);
+        let mut in_a = 0;
+        let n = 64_000;
+        for w in s.windows(n, 3, 0, 0, 0) {
+            let len = if w.file == 0 { 10 } else { 30 };
+            assert!(w.start + 4 < len);
+            in_a += (w.file == 0) as usize;
+        }
+        let share = in_a as f64 / n as f64;
+        assert!((share - 6.0 / 32.0).abs() < 0.01, "{share}");
+    }
+
+    #[test]
+    fn mixture_weights_are_honoured() {
+        let s = Sampler::new(vec![(0.7, vec![source("a", 0, 100)]), (0.3, vec![source("b", 0, 10_000)])], 8).unwrap();
+        let n = 50_000;
+        let in_a = s.windows(n, 1, 0, 0, 0).iter().filter(|w| w.file == 0).count() as f64 / n as f64;
+        assert!((in_a - 0.7).abs() < 0.01, "{in_a}");
+    }
+
+    #[test]
+    fn deterministic_and_rank_dependent() {
+        let s = Sampler::new(vec![(1.0, vec![source("a", 0, 1_000_000)])], 64).unwrap();
+        assert_eq!(s.windows(8, 1, 0, 7, 0), s.windows(8, 1, 0, 7, 0));
+        assert_ne!(s.windows(8, 1, 0, 7, 0), s.windows(8, 1, 1, 7, 0));
+        assert_ne!(s.windows(8, 1, 0, 7, 0), s.windows(8, 1, 0, 8, 0));
+        assert_ne!(s.windows(8, 1, 0, 7, 0), s.windows(8, 1, 0, 7, 1));
+        assert_ne!(s.windows(8, 1, 0, 7, 0), s.windows(8, 2, 0, 7, 0));
+        // A row's window does not depend on the batch size.
+        assert_eq!(s.windows(8, 1, 0, 7, 0)[..4], s.windows(4, 1, 0, 7, 0)[..]);
+    }
+
+    #[test]
+    fn bad_arguments() {
+        let short = Sampler::new(vec![(1.0, vec![source("tiny", 0, 8)])], 8).unwrap_err().to_string();
+        assert!(short.contains("tiny") && short.contains("9 tokens"), "{short}");
+        assert!(Sampler::new(vec![(1.0, vec![source("a", 0, 9)])], 8).is_ok());
+        assert!(Sampler::new(vec![(1.0, vec![source("a", 0, 9)])], 0).is_err());
+        assert!(Sampler::new(vec![], 8).is_err());
+        for w in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let e = Sampler::new(vec![(w, vec![source("a", 0, 100)]), (1.0, vec![source("b", 0, 100)])], 8);
+            assert!(e.unwrap_err().to_string().contains("weight"));
+        }
+        let s = Sampler::new(vec![(1.0, vec![source("a", 0, 100)])], 8).unwrap();
+        let (mut x, mut y) = (vec![0i64; 15], vec![0i64; 15]);
+        assert!(s.fill(&mut x, &mut y, 0, 0, 0, 0).is_err());
+        let (mut x, mut y) = (vec![0i64; 16], vec![0i64; 8]);
+        assert!(s.fill(&mut x, &mut y, 0, 0, 0, 0).is_err());
+    }
+}

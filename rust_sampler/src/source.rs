@@ -1,0 +1,417 @@
+//! Token sources: a named, read-only, 1-D run of integer tokens. The bytes live in a memory
+//! map the crate opened itself (`.npy` or raw `.bin`) or in memory someone else owns (a numpy
+//! array lent through the buffer protocol; the binding layer keeps it alive).
+
+use crate::error::{Result, SamplerError};
+use crate::npy;
+use memmap2::Mmap;
+use rayon::prelude::*;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// Integer dtypes a source may hold. Files are limited to the four token dtypes; arrays lent
+/// from Python may be any integer type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    U8,
+    I8,
+    U16,
+    I16,
+    U32,
+    I32,
+    U64,
+    I64,
+}
+
+impl Dtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::U8 => "uint8",
+            Dtype::I8 => "int8",
+            Dtype::U16 => "uint16",
+            Dtype::I16 => "int16",
+            Dtype::U32 => "uint32",
+            Dtype::I32 => "int32",
+            Dtype::U64 => "uint64",
+            Dtype::I64 => "int64",
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::U8 | Dtype::I8 => 1,
+            Dtype::U16 | Dtype::I16 => 2,
+            Dtype::U32 | Dtype::I32 => 4,
+            Dtype::U64 | Dtype::I64 => 8,
+        }
+    }
+
+    /// The dtypes a token file may hold, by numpy name or type string.
+    pub fn parse_file_dtype(s: &str) -> Option<Dtype> {
+        match s {
+            "uint16" | "u2" | "<u2" => Some(Dtype::U16),
+            "uint32" | "u4" | "<u4" => Some(Dtype::U32),
+            "int32" | "i4" | "<i4" => Some(Dtype::I32),
+            "int64" | "i8" | "<i8" => Some(Dtype::I64),
+            _ => None,
+        }
+    }
+}
+
+/// A typed view of a source's tokens.
+#[derive(Clone, Copy, Debug)]
+pub enum TokenView<'a> {
+    U8(&'a [u8]),
+    I8(&'a [i8]),
+    U16(&'a [u16]),
+    I16(&'a [i16]),
+    U32(&'a [u32]),
+    I32(&'a [i32]),
+    U64(&'a [u64]),
+    I64(&'a [i64]),
+}
+
+/// Runs `$body` with `$s` bound to the typed slice inside a `TokenView`.
+macro_rules! with_slice {
+    ($view:expr, $s:ident => $body:expr) => {
+        match $view {
+            TokenView::U8($s) => $body,
+            TokenView::I8($s) => $body,
+            TokenView::U16($s) => $body,
+            TokenView::I16($s) => $body,
+            TokenView::U32($s) => $body,
+            TokenView::I32($s) => $body,
+            TokenView::U64($s) => $body,
+            TokenView::I64($s) => $body,
+        }
+    };
+}
+pub(crate) use with_slice;
+
+impl<'a> TokenView<'a> {
+    pub fn len(&self) -> usize {
+        with_slice!(*self, s => s.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reinterprets `len` tokens of `dtype` starting at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` must be aligned for `dtype` and valid for reads of `len * dtype.size()` bytes for
+    /// `'a`, and nothing may free that memory during `'a`.
+    pub unsafe fn from_raw(ptr: *const u8, len: usize, dtype: Dtype) -> TokenView<'a> {
+        use std::slice::from_raw_parts as raw;
+        match dtype {
+            Dtype::U8 => TokenView::U8(raw(ptr, len)),
+            Dtype::I8 => TokenView::I8(raw(ptr.cast(), len)),
+            Dtype::U16 => TokenView::U16(raw(ptr.cast(), len)),
+            Dtype::I16 => TokenView::I16(raw(ptr.cast(), len)),
+            Dtype::U32 => TokenView::U32(raw(ptr.cast(), len)),
+            Dtype::I32 => TokenView::I32(raw(ptr.cast(), len)),
+            Dtype::U64 => TokenView::U64(raw(ptr.cast(), len)),
+            Dtype::I64 => TokenView::I64(raw(ptr.cast(), len)),
+        }
+    }
+}
+
+/// Token element types, widened to the int64 that `torch.nn.Embedding` takes.
+pub trait Token: Copy + Send + Sync {
+    fn widen(self) -> i64;
+}
+
+macro_rules! impl_token {
+    ($($t:ty),*) => {$(
+        impl Token for $t {
+            #[inline(always)]
+            fn widen(self) -> i64 {
+                // u64 ids beyond i64::MAX wrap; no vocabulary comes near.
+                self as i64
+            }
+        }
+    )*};
+}
+impl_token!(u8, i8, u16, i16, u32, i32, u64, i64);
+
+/// Whatever holds a source's bytes.
+pub trait TokenStorage: Send + Sync {
+    fn view(&self) -> TokenView<'_>;
+}
+
+/// A file mapped read-only; the tokens start `offset` bytes in.
+struct MappedFile {
+    // An empty file cannot be mapped; it is simply a zero-length source.
+    map: Option<Mmap>,
+    offset: usize,
+    len: usize,
+    dtype: Dtype,
+}
+
+impl TokenStorage for MappedFile {
+    fn view(&self) -> TokenView<'_> {
+        match &self.map {
+            // SAFETY: `open_mapped` checked that offset + len * size lies inside the map and
+            // that the offset is aligned for the dtype (maps start page-aligned).
+            Some(map) => unsafe { TokenView::from_raw(map.as_ptr().add(self.offset), self.len, self.dtype) },
+            None => unsafe { TokenView::from_raw(std::ptr::NonNull::<u64>::dangling().as_ptr().cast(), 0, self.dtype) },
+        }
+    }
+}
+
+/// A named source of tokens.
+pub struct TokenFile {
+    name: String,
+    path: Option<PathBuf>,
+    storage: Box<dyn TokenStorage>,
+    dtype: Dtype,
+    len: usize,
+    range: OnceLock<Option<(i64, i64)>>,
+}
+
+impl std::fmt::Debug for TokenFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenFile").field("name", &self.name).field("dtype", &self.dtype).field("len", &self.len).finish()
+    }
+}
+
+impl TokenFile {
+    /// Opens a token file: `.npy` (dtype from the header) or a raw little-endian file
+    /// (nanoGPT's `.bin`), whose dtype must be given.
+    pub fn open(path: &Path, dtype: Option<&str>) -> Result<TokenFile> {
+        let io = |source| SamplerError::Io { path: path.to_path_buf(), source };
+        let is_npy = path.extension().map_or(false, |e| e.eq_ignore_ascii_case("npy"));
+        let mut file = File::open(path).map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        if meta.is_dir() {
+            return Err(SamplerError::format(path, "is a folder; pass the token files inside it"));
+        }
+        let file_len = meta.len();
+        let (dtype, offset, len) = if is_npy {
+            // The header is at most a few KB; read up to 64 KiB of it (version 2 headers may
+            // be longer in theory, never for a 1-D array).
+            let mut head = Vec::with_capacity(4096);
+            (&mut file).take(65_536).read_to_end(&mut head).map_err(io)?;
+            let h = npy::parse_header(&head, path)?;
+            if let Some(d) = dtype {
+                let given = Dtype::parse_file_dtype(d);
+                if given != Some(h.dtype) {
+                    return Err(SamplerError::format(
+                        path,
+                        format!("header says dtype {} but dtype={d} was given; drop the dtype argument for .npy files", h.dtype.name()),
+                    ));
+                }
+            }
+            let need = (h.data_offset as u64).saturating_add(h.len.saturating_mul(h.dtype.size() as u64));
+            if file_len < need {
+                return Err(SamplerError::format(
+                    path,
+                    format!(
+                        "is truncated: the header promises {} tokens ({need} bytes) but the file has {file_len} bytes; write it again",
+                        h.len
+                    ),
+                ));
+            }
+            if h.data_offset % h.dtype.size() != 0 {
+                return Err(SamplerError::format(path, "the .npy header leaves the data misaligned; save it again with numpy.save"));
+            }
+            (h.dtype, h.data_offset, h.len)
+        } else {
+            let d = dtype.ok_or_else(|| {
+                SamplerError::format(path, "is a raw token file; pass its dtype (uint16, uint32, int32 or int64), or save it as .npy")
+            })?;
+            let dtype = Dtype::parse_file_dtype(d).ok_or_else(|| {
+                SamplerError::Argument(format!("dtype '{d}' is not a token dtype; use uint16, uint32, int32 or int64"))
+            })?;
+            if file_len % dtype.size() as u64 != 0 {
+                return Err(SamplerError::format(
+                    path,
+                    format!("has {file_len} bytes, not a whole number of {} tokens; check the dtype or the file", dtype.name()),
+                ));
+            }
+            let head = {
+                let mut buf = [0u8; 6];
+                let n = (&mut file).take(6).read(&mut buf).map_err(io)?;
+                buf[..n].to_vec()
+            };
+            if head == npy::MAGIC {
+                return Err(SamplerError::format(path, "is a .npy file under another name; rename it to .npy"));
+            }
+            (dtype, 0usize, file_len / dtype.size() as u64)
+        };
+        let len = usize::try_from(len).map_err(|_| SamplerError::format(path, "is too large for this machine's address space"))?;
+        let map = if file_len == 0 {
+            None
+        } else {
+            // SAFETY: the map is read-only. Another process truncating the file while it is
+            // mapped would fault on access; that is the accepted contract of every memmap
+            // reader (numpy's included).
+            Some(unsafe { Mmap::map(&file) }.map_err(io)?)
+        };
+        Ok(TokenFile {
+            name: path.display().to_string(),
+            path: Some(path.to_path_buf()),
+            storage: Box::new(MappedFile { map, offset, len, dtype }),
+            dtype,
+            len,
+            range: OnceLock::new(),
+        })
+    }
+
+    /// Wraps memory owned elsewhere; the storage must keep it alive and unchanged in size.
+    pub fn from_storage(name: String, storage: Box<dyn TokenStorage>) -> TokenFile {
+        let view = storage.view();
+        let len = view.len();
+        let dtype = match view {
+            TokenView::U8(_) => Dtype::U8,
+            TokenView::I8(_) => Dtype::I8,
+            TokenView::U16(_) => Dtype::U16,
+            TokenView::I16(_) => Dtype::I16,
+            TokenView::U32(_) => Dtype::U32,
+            TokenView::I32(_) => Dtype::I32,
+            TokenView::U64(_) => Dtype::U64,
+            TokenView::I64(_) => Dtype::I64,
+        };
+        TokenFile { name, path: None, storage, dtype, len, range: OnceLock::new() }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn is_mapped(&self) -> bool {
+        self.path.is_some()
+    }
+    pub fn view(&self) -> TokenView<'_> {
+        self.storage.view()
+    }
+
+    /// The smallest and largest token, or None for an empty source. A parallel scan the first
+    /// time, remembered after.
+    pub fn token_range(&self) -> Option<(i64, i64)> {
+        *self.range.get_or_init(|| with_slice!(self.view(), s => min_max(s)))
+    }
+}
+
+fn min_max<T: Token + Ord>(s: &[T]) -> Option<(i64, i64)> {
+    const CHUNK: usize = 1 << 20;
+    s.par_chunks(CHUNK)
+        .map(|c| {
+            // min/max over a chunk vectorize; the widening happens once per chunk.
+            let lo = c.iter().copied().min()?;
+            let hi = c.iter().copied().max()?;
+            Some((lo.widen(), hi.widen()))
+        })
+        .reduce(|| None, |a, b| match (a, b) {
+            (Some((a0, a1)), Some((b0, b1))) => Some((a0.min(b0), a1.max(b1))),
+            (x, None) | (None, x) => x,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    pub(crate) fn temp_path(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("rust_sampler_test_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name)
+    }
+
+    fn write_npy_u16(path: &Path, tokens: &[u16]) {
+        let dict = format!("{{'descr': '<u2', 'fortran_order': False, 'shape': ({},), }}", tokens.len());
+        let mut body = dict.into_bytes();
+        let pad = (64 - (10 + body.len() + 1) % 64) % 64;
+        body.extend(std::iter::repeat(b' ').take(pad));
+        body.push(b'\n');
+        let mut f = File::create(path).unwrap();
+        f.write_all(npy::MAGIC).unwrap();
+        f.write_all(&[1, 0]).unwrap();
+        f.write_all(&(body.len() as u16).to_le_bytes()).unwrap();
+        f.write_all(&body).unwrap();
+        for t in tokens {
+            f.write_all(&t.to_le_bytes()).unwrap();
+        }
+    }
+
+    #[test]
+    fn opens_npy_and_reads_tokens() {
+        let p = temp_path("a.npy");
+        let tokens: Vec<u16> = (0..1000).map(|i| (i * 7 % 5000) as u16).collect();
+        write_npy_u16(&p, &tokens);
+        let f = TokenFile::open(&p, None).unwrap();
+        assert_eq!((f.len(), f.dtype()), (1000, Dtype::U16));
+        match f.view() {
+            TokenView::U16(s) => assert_eq!(s, &tokens[..]),
+            v => panic!("wrong view {v:?}"),
+        }
+        let (lo, hi) = (*tokens.iter().min().unwrap() as i64, *tokens.iter().max().unwrap() as i64);
+        assert_eq!(f.token_range(), Some((lo, hi)));
+        assert!(f.is_mapped());
+    }
+
+    #[test]
+    fn truncated_npy_data_is_an_error() {
+        let p = temp_path("trunc.npy");
+        write_npy_u16(&p, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 3]).unwrap();
+        let e = TokenFile::open(&p, None).unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn raw_bin_needs_a_dtype() {
+        let p = temp_path("raw.bin");
+        let tokens: Vec<u32> = (0..100).collect();
+        std::fs::write(&p, tokens.iter().flat_map(|t| t.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        assert!(TokenFile::open(&p, None).unwrap_err().to_string().contains("pass its dtype"));
+        assert!(TokenFile::open(&p, Some("float32")).unwrap_err().to_string().contains("not a token dtype"));
+        let f = TokenFile::open(&p, Some("uint32")).unwrap();
+        assert_eq!(f.len(), 100);
+        assert_eq!(f.token_range(), Some((0, 99)));
+        // 400 bytes are not a whole number of int64 tokens? They are (50); 402 are not.
+        std::fs::write(&p, vec![0u8; 402]).unwrap();
+        assert!(TokenFile::open(&p, Some("int64")).unwrap_err().to_string().contains("whole number"));
+    }
+
+    #[test]
+    fn missing_file_and_folder() {
+        let e = TokenFile::open(Path::new("/nonexistent/x.npy"), None).unwrap_err().to_string();
+        assert!(e.contains("file not found"), "{e}");
+        let e = TokenFile::open(&std::env::temp_dir(), Some("uint16")).unwrap_err().to_string();
+        assert!(e.contains("folder"), "{e}");
+    }
+
+    #[test]
+    fn empty_raw_file_is_an_empty_source() {
+        let p = temp_path("empty.bin");
+        std::fs::write(&p, b"").unwrap();
+        let f = TokenFile::open(&p, Some("uint16")).unwrap();
+        assert!(f.is_empty());
+        assert_eq!(f.token_range(), None);
+    }
+
+    #[test]
+    fn min_max_over_many_chunks() {
+        let mut v: Vec<i32> = (0..3_000_000).map(|i| (i % 1000) as i32).collect();
+        v[2_500_000] = -5;
+        v[10] = 77_777;
+        assert_eq!(min_max(&v), Some((-5, 77_777)));
+    }
+}
