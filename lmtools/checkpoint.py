@@ -1,0 +1,232 @@
+"""Checkpoints: atomic to write, safe to load.
+
+A checkpoint is one file that `torch.load(..., weights_only=True)` reads: tensors and plain
+data only, so loading one from a stranger can never run code. Writing goes to a temporary file
+in the same folder, is flushed and fsynced, then renamed over the old one: a crash at any moment
+leaves either the old checkpoint or the new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from lmtools.errors import CheckpointError
+
+FORMAT_VERSION = 1
+_TMP_SUFFIX = ".tmp"
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers (no `_orig_mod.` prefixes)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def save_checkpoint(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    iteration: int,
+    out: str | os.PathLike | IO[bytes],
+    **extra: Any,
+) -> None:
+    """Write model and optimizer state, the iteration and any extras to `out`.
+
+    `out` is a path (written atomically) or a binary file object (written as is).
+    """
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "model_state_dict": unwrap_model(model).state_dict(),
+        "optimizer_state_dict": optimizer.state_dict() if optimizer is not None else None,
+        "iteration": int(iteration),
+        **extra,
+    }
+    if not isinstance(out, (str, os.PathLike)):
+        torch.save(payload, out)
+        return
+    write_atomic(Path(out), lambda f: torch.save(payload, f))
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call write(file) on a temp file beside `path`, fsync, and rename it over `path`."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist; create it or choose another --checkpoint_path")
+    tmp = folder / f".{path.name}.{os.getpid()}{_TMP_SUFFIX}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        reason = exc.strerror or str(exc)
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {reason}; free space or choose a writable --checkpoint_path "
+            f"(the previous checkpoint is intact)"
+        ) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint(src: str | os.PathLike | IO[bytes], *, suggest: bool = True) -> dict:
+    """Load a checkpoint's contents on the CPU without ever unpickling code.
+
+    When a path fails to load and `suggest` is set, the error names the newest sound
+    checkpoint beside it as the way on.
+    """
+    way_on = _way_on if suggest else (lambda _name: "")
+    name = src if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "<file object>")
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {path} does not exist{way_on(path)}")
+        if path.is_dir():
+            raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"checkpoint {path} is empty (a torn write?){way_on(path)}")
+    try:
+        payload = torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if _is_unsafe(exc):
+            raise CheckpointError(
+                f"refusing to load {name}: it holds pickled code or objects, not plain tensors and data "
+                f"(only load checkpoints written by lmtools or other weights-only files)"
+            ) from None
+        raise CheckpointError(f"checkpoint {name} is corrupted ({_first_line(exc)}){way_on(name)}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {name} is truncated or corrupted ({_first_line(exc)}){way_on(name)}"
+        ) from None
+    if not isinstance(payload, dict) or "model_state_dict" not in payload:
+        raise CheckpointError(f"{name} is not an lmtools checkpoint (no model_state_dict)")
+    return payload
+
+
+def load_checkpoint(
+    src: str | os.PathLike | IO[bytes],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> int:
+    """Restore model (and optimizer) state from `src`; return the stored iteration."""
+    return load_state(read_checkpoint(src), model, optimizer)
+
+
+def load_state(payload: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Restore model (and optimizer) state from a loaded checkpoint; return its iteration."""
+    try:
+        unwrap_model(model).load_state_dict(payload["model_state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint does not match the model: {_first_line(exc)}; use the model flags it was trained with"
+        ) from None
+    if optimizer is not None and payload.get("optimizer_state_dict") is not None:
+        optimizer.load_state_dict(payload["optimizer_state_dict"])
+    return int(payload["iteration"])
+
+
+def _is_unsafe(exc: Exception) -> bool:
+    text = str(exc)
+    return "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+# ---- rolling snapshots (--keep_last) and finding a sound checkpoint -------------------------
+
+
+def snapshot_path(path: Path, iteration: int) -> Path:
+    return path.with_name(f"{path.stem}-{iteration:08d}{path.suffix}")
+
+
+def snapshots(path: Path) -> list[Path]:
+    """Snapshots of `path` (stem-NNNNNNNN.suffix), newest first."""
+    pattern = re.compile(re.escape(path.stem) + r"-(\d{8})" + re.escape(path.suffix) + "$")
+    found = []
+    if path.parent.is_dir():
+        for p in path.parent.iterdir():
+            m = pattern.match(p.name)
+            if m:
+                found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def keep_snapshot(path: Path, iteration: int, keep_last: int) -> None:
+    """Hard-link the new checkpoint as a snapshot and prune all but the `keep_last` newest."""
+    if keep_last <= 0:
+        return
+    snap = snapshot_path(path, iteration)
+    tmp = snap.with_name(snap.name + _TMP_SUFFIX)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:  # filesystems without hard links get a copy
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            dst.write(src.read())
+            dst.flush()
+            os.fsync(dst.fileno())
+    os.replace(tmp, snap)
+    for old in snapshots(path)[keep_last:]:
+        old.unlink(missing_ok=True)
+
+
+def newest_sound(path: Path, exclude: Path | None = None) -> Path | None:
+    """The newest checkpoint beside `path` (itself or a snapshot) that loads."""
+    candidates = [path, *snapshots(path)]
+    for cand in candidates:
+        if exclude is not None and cand.resolve() == exclude.resolve():
+            continue
+        if not cand.is_file():
+            continue
+        try:
+            read_checkpoint(cand, suggest=False)
+        except CheckpointError:
+            continue
+        return cand
+    return None
+
+
+def _way_on(name) -> str:
+    if not isinstance(name, (str, os.PathLike)) or str(name) == "<file object>":
+        return ""
+    path = Path(name)
+    sound = newest_sound(path, exclude=path)
+    return f"; the newest sound checkpoint beside it is {sound}" if sound else ""
+
+
+
+def snapshot_base(path: str | os.PathLike) -> Path:
+    """The run's main checkpoint path for a snapshot (`ckpt-00001000.pt` -> `ckpt.pt`)."""
+    path = Path(path)
+    m = re.match(r"(.+)-\d{8}$", path.stem)
+    return path.with_name(m.group(1) + path.suffix) if m else path

@@ -1,0 +1,116 @@
+"""`lmtools train` and `lmtools resume`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from click.core import ParameterSource
+
+from lmtools.cli.app import app, user_errors
+from lmtools.config import TrainConfig
+
+_D = TrainConfig()
+
+
+def _opt(default, *names: str, help: str = "", **kw):
+    return typer.Option(default, *names, help=help, **kw)
+
+
+def _explicit(ctx: typer.Context) -> frozenset[str]:
+    """The parameters the user typed (as opposed to defaults)."""
+    return frozenset(
+        name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+    )
+
+
+def _echo(line: str) -> None:
+    typer.echo(line)
+
+
+@app.command()
+@user_errors
+def train(
+    ctx: typer.Context,
+    train_data: Optional[list[str]] = _opt(None, "--train_data", "--train-data", help="Token file (.npy/.bin), prepared folder, or PATH:WEIGHT for a mixture; repeat for several."),
+    val_data: Optional[str] = _opt(None, "--val_data", "--val-data", help="Validation token file (default: val.npy beside a prepared train.npy)."),
+    vocab_size: Optional[int] = _opt(None, "--vocab_size", "--vocab-size", help="Vocabulary size [default: from meta.json, else 10000]."),
+    context_length: int = _opt(_D.context_length, "--context_length", "--context-length"),
+    d_model: int = _opt(_D.d_model, "--d_model", "--d-model"),
+    num_layers: int = _opt(_D.num_layers, "--num_layers", "--num-layers"),
+    num_heads: int = _opt(_D.num_heads, "--num_heads", "--num-heads"),
+    d_ff: int = _opt(_D.d_ff, "--d_ff", "--d-ff"),
+    rope_theta: float = _opt(_D.rope_theta, "--rope_theta", "--rope-theta"),
+    batch_size: int = _opt(_D.batch_size, "--batch_size", "--batch-size"),
+    learning_rate: float = _opt(_D.learning_rate, "--learning_rate", "--learning-rate"),
+    min_learning_rate: float = _opt(_D.min_learning_rate, "--min_learning_rate", "--min-learning-rate"),
+    weight_decay: float = _opt(_D.weight_decay, "--weight_decay", "--weight-decay"),
+    warmup_iters: int = _opt(_D.warmup_iters, "--warmup_iters", "--warmup-iters"),
+    max_iters: int = _opt(_D.max_iters, "--max_iters", "--max-iters"),
+    gradient_clip_val: float = _opt(_D.gradient_clip_val, "--gradient_clip_val", "--gradient-clip-val"),
+    eval_interval: int = _opt(_D.eval_interval, "--eval_interval", "--eval-interval"),
+    eval_iters: int = _opt(_D.eval_iters, "--eval_iters", "--eval-iters", help="Validation batches per evaluation (the same windows every time)."),
+    log_interval: int = _opt(_D.log_interval, "--log_interval", "--log-interval"),
+    checkpoint_interval: int = _opt(_D.checkpoint_interval, "--checkpoint_interval", "--checkpoint-interval"),
+    checkpoint_path: str = _opt(_D.checkpoint_path, "--checkpoint_path", "--checkpoint-path"),
+    resume: bool = _opt(False, "--resume", help="Continue from --checkpoint_path with the config stored in it."),
+    device: str = _opt(_D.device, "--device", help="cpu, cuda, cuda:N or mps."),
+    seed: int = _opt(_D.seed, "--seed"),
+    grad_accum_steps: int = _opt(_D.grad_accum_steps, "--grad_accum_steps", "--grad-accum-steps"),
+    dtype: str = _opt(_D.dtype, "--dtype", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16 or float16."),
+    compile: bool = _opt(_D.compile, "--compile", help="torch.compile the model."),
+    keep_last: int = _opt(_D.keep_last, "--keep_last", "--keep-last", help="Also keep the K newest checkpoints as CHECKPOINT-NNNNNNNN.pt."),
+    data_dtype: Optional[str] = _opt(None, "--data_dtype", "--data-dtype", help="dtype of raw .bin token files (uint16, uint32, int32, int64)."),
+    skip_nonfinite: bool = _opt(False, "--skip_nonfinite", "--skip-nonfinite", help="Skip (and count) updates with a NaN/inf loss instead of stopping."),
+    skip_spikes: bool = _opt(False, "--skip_spikes", "--skip-spikes", help="Skip updates whose loss is a spike (z-score above --spike_zscore)."),
+    spike_zscore: float = _opt(_D.spike_zscore, "--spike_zscore", "--spike-zscore"),
+) -> None:
+    """Train a Transformer LM on token files."""
+    from lmtools.errors import ConfigError
+    from lmtools.train import train_model
+
+    params = dict(ctx.params)
+    explicit = _explicit(ctx)
+    resume_flag = params.pop("resume")
+    params["train_data"] = list(params["train_data"] or [])
+    cfg = TrainConfig(**params)
+    resume_from = None
+    if resume_flag:
+        resume_from = cfg.checkpoint_path
+        if not Path(resume_from).exists():
+            raise ConfigError(
+                f"--resume: checkpoint {resume_from} does not exist; check --checkpoint_path or start without --resume"
+            )
+    result = train_model(cfg, resume_from=resume_from, explicit=explicit, log=_echo)
+    _finish(result)
+
+
+@app.command()
+@user_errors
+def resume(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint written by lmtools train."),
+    max_iters: Optional[int] = _opt(None, "--max_iters", "--max-iters", help="New total iteration count."),
+    device: Optional[str] = _opt(None, "--device", help="Override the stored device."),
+) -> None:
+    """Continue a run from its checkpoint alone: config, data, RNG and data position come from it."""
+    from lmtools.checkpoint import snapshot_base
+    from lmtools.train import train_model
+
+    cfg = TrainConfig(checkpoint_path=str(snapshot_base(checkpoint)))
+    explicit = {"checkpoint_path"}
+    if max_iters is not None:
+        cfg.max_iters = max_iters
+        explicit.add("max_iters")
+    if device is not None:
+        cfg.device = device
+        explicit.add("device")
+    result = train_model(cfg, resume_from=str(checkpoint), explicit=frozenset(explicit), log=_echo)
+    _finish(result)
+
+
+def _finish(result) -> None:
+    if result.stopped_by_signal:
+        typer.echo(f"Stopped by signal at iter {result.iteration}; resume with: lmtools resume {result.checkpoint_path}")
+    else:
+        typer.echo(f"Training finished at iter {result.iteration}. Final checkpoint: {result.checkpoint_path}")

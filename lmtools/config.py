@@ -1,0 +1,104 @@
+"""The run configuration: one typed place for every training flag and its default."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from lmtools.errors import ConfigError
+from lmtools.model import ModelConfig, validate_config
+
+DEFAULT_VOCAB_SIZE = 10000
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class TrainConfig:
+    train_data: list[str] = field(default_factory=list)
+    val_data: str | None = None
+    # None: from the dataset's meta.json, else DEFAULT_VOCAB_SIZE.
+    vocab_size: int | None = None
+    context_length: int = 512
+    d_model: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    d_ff: int = 3072
+    rope_theta: float = 10000.0
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    min_learning_rate: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_iters: int = 2000
+    max_iters: int = 100000
+    gradient_clip_val: float = 1.0
+    eval_interval: int = 1000
+    eval_iters: int = 20
+    log_interval: int = 100
+    checkpoint_interval: int = 5000
+    checkpoint_path: str = "checkpoint.pt"
+    device: str = "cpu"
+    seed: int = 0
+    grad_accum_steps: int = 1
+    dtype: str = "auto"
+    compile: bool = False
+    keep_last: int = 0
+    data_dtype: str | None = None
+    skip_nonfinite: bool = False
+    skip_spikes: bool = False
+    spike_zscore: float = 6.0
+    metrics: bool = True
+    tokenizer: str | None = None
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=self.vocab_size or DEFAULT_VOCAB_SIZE,
+            context_length=self.context_length,
+            d_model=self.d_model,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            d_ff=self.d_ff,
+            rope_theta=self.rope_theta,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first value out of range and how to fix it."""
+        if not self.train_data:
+            raise ConfigError("--train_data is required: pass a token file (.npy or .bin) or a prepared folder")
+        positive_ints = (
+            "context_length", "batch_size", "max_iters", "eval_interval", "eval_iters",
+            "log_interval", "checkpoint_interval", "grad_accum_steps",
+        )
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"--{name} must be a positive integer, got {value}")
+        for name in ("warmup_iters", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be zero or positive, got {getattr(self, name)}")
+        for name in ("learning_rate", "gradient_clip_val"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"--{name} must be a positive number, got {value}")
+        for name in ("min_learning_rate", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name} must be zero or positive, got {value}")
+        if self.min_learning_rate > self.learning_rate:
+            raise ConfigError(
+                f"--min_learning_rate {self.min_learning_rate} is above --learning_rate {self.learning_rate}"
+            )
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not self.spike_zscore > 0:
+            raise ConfigError(f"--spike_zscore must be positive, got {self.spike_zscore}")
+        if not self.checkpoint_path:
+            raise ConfigError("--checkpoint_path must not be empty")
+        validate_config(self.model_config())

@@ -1,0 +1,51 @@
+"""Device selection: checked before any work, so a missing GPU is an error, not a crash."""
+
+from __future__ import annotations
+
+import torch
+
+from lmtools.errors import DeviceError
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """Parse and check a device name (cpu, cuda, cuda:N, mps)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name} was requested but this machine has no usable CUDA GPU; use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"--device {name}: this machine has {count} CUDA device(s), numbered 0..{count - 1}")
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"--device {name} was requested but MPS is not available here; use --device cpu")
+        return device
+    raise DeviceError(f"unsupported device {name!r}; use cpu, cuda, cuda:N or mps")
+
+
+# Peak dense bf16 FLOP/s per GPU, for MFU. Matched by substring of the device name.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops
+    return None

@@ -1,0 +1,89 @@
+"""Run metrics: the console line, metrics.jsonl beside the checkpoint, and spike detection."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import deque
+from pathlib import Path
+
+
+def format_log_line(iteration: int, loss: float, lr: float, val_loss: float | None = None, **extra: str) -> str:
+    """`Iter   1000 | Loss: 5.4123 | LR: 5.00e-05 | Val Loss: 5.6234`, then extra fields."""
+    line = f"Iter {iteration:6d} | Loss: {loss:.4f} | LR: {lr:.2e}"
+    if val_loss is not None:
+        line += f" | Val Loss: {val_loss:.4f}"
+    for key, value in extra.items():
+        line += f" | {key}: {value}"
+    return line
+
+
+class MetricsWriter:
+    """Appends one JSON object per line; each line is flushed so a crash loses at most one."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        if self._file is None:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drop lines past `iteration` (left by a run that died after its last checkpoint)."""
+        if self.path is None or not self.path.exists():
+            return
+        kept = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("iter", 0) <= iteration:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        if self._file is not None:
+            self._file.close()
+            self._file = open(self.path, "a", encoding="utf-8")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class SpikeDetector:
+    """Flags a value whose z-score against a running window of recent values exceeds a bound."""
+
+    def __init__(self, zscore: float, window: int = 100, warmup: int = 20):
+        self.zscore = zscore
+        self.values: deque[float] = deque(maxlen=window)
+        self.warmup = warmup
+
+    def check(self, value: float) -> float | None:
+        """Return the z-score when `value` is a spike, else None; spikes stay out of the window."""
+        if len(self.values) >= self.warmup:
+            mean = sum(self.values) / len(self.values)
+            var = sum((v - mean) ** 2 for v in self.values) / (len(self.values) - 1)
+            std = math.sqrt(var) if var > 0 else 0.0
+            z = (value - mean) / std if std > 0 else 0.0
+            if z > self.zscore:
+                return z
+        self.values.append(value)
+        return None
+
+    def state_dict(self) -> dict:
+        return {"values": list(self.values)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values.clear()
+        self.values.extend(float(v) for v in state.get("values", []))

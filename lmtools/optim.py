@@ -1,0 +1,71 @@
+"""Loss, optimizer, gradient clipping and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+# Decoupled weight decay, torch's implementation; `make_optimizer` picks the fused kernel.
+AdamW = torch.optim.AdamW
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of `targets` under `logits` (..., vocab).
+
+    Subtracting the row maximum before exponentiating (log-sum-exp) keeps it finite for logits
+    in the thousands; the arithmetic runs in float32 even under bf16 autocast.
+    """
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    targets = targets.reshape(-1)
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    log_z = shifted.exp().sum(dim=-1).log()
+    picked = shifted.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (log_z - picked).mean()
+
+
+def run_gradient_clipping(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float) -> torch.Tensor:
+    """Scale all gradients in place so that their global L2 norm is at most `max_l2_norm`.
+
+    Returns the norm before clipping. Parameters without a gradient (frozen) are skipped.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    eps = 1e-6  # as torch.nn.utils.clip_grad_norm_
+    scale = torch.clamp(max_l2_norm / (norm + eps), max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+    return norm
+
+
+def run_get_lr_cosine_schedule(
+    it: int,
+    max_learning_rate: float,
+    min_learning_rate: float,
+    warmup_iters: int,
+    cosine_cycle_iters: int,
+) -> float:
+    """Linear warmup to max, cosine decay to min at `cosine_cycle_iters`, then min."""
+    if it < warmup_iters:
+        return it / warmup_iters * max_learning_rate
+    if it > cosine_cycle_iters:
+        return min_learning_rate
+    span = cosine_cycle_iters - warmup_iters
+    progress = (it - warmup_iters) / span if span > 0 else 1.0
+    return min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (max_learning_rate - min_learning_rate)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms' gains), fused on CUDA."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
