@@ -230,7 +230,7 @@ mod tests {
         let mut body = dict.as_bytes().to_vec();
         let total = 10 + body.len() + 1;
         let pad = (64 - total % 64) % 64;
-        body.extend(std::iter::repeat(b' ').take(pad));
+        body.extend(std::iter::repeat_n(b' ', pad));
         body.push(b'\n');
         let mut out = MAGIC.to_vec();
         out.extend([1u8, 0]);

@@ -130,7 +130,7 @@ impl Sampler {
     /// filled in parallel on the current rayon pool.
     pub fn fill(&self, inputs: &mut [i64], targets: &mut [i64], seed: u64, rank: u64, step: u64, micro: u64) -> Result<()> {
         let t = self.context_length;
-        if inputs.len() != targets.len() || inputs.len() % t != 0 || inputs.is_empty() {
+        if inputs.len() != targets.len() || !inputs.len().is_multiple_of(t) || inputs.is_empty() {
             return Err(SamplerError::Argument(format!(
                 "inputs and targets must both have shape (batch_size, {t}) with batch_size >= 1; got {} and {} values",
                 inputs.len(),
@@ -191,7 +191,7 @@ mod tests {
         let windows = s.windows(b, 1, 0, 5, 0);
         for r in 0..b {
             let start = windows[r].start as i64;
-            assert!(start <= 500 - 16 - 1);
+            assert!(start < 500 - 16);
             for j in 0..t {
                 assert_eq!(x[r * t + j], start + j as i64);
                 assert_eq!(y[r * t + j], start + j as i64 + 1);

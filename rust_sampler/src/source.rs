@@ -162,6 +162,37 @@ impl TokenStorage for MappedFile {
     }
 }
 
+/// Reads and checks the header of a `.npy` token file, and that the file holds every token
+/// the header promises.
+pub fn read_npy_header(path: &Path) -> Result<npy::NpyHeader> {
+    let io = |source| SamplerError::Io { path: path.to_path_buf(), source };
+    let mut file = File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    read_npy_header_from(&mut file, file_len, path)
+}
+
+fn read_npy_header_from(file: &mut File, file_len: u64, path: &Path) -> Result<npy::NpyHeader> {
+    let io = |source| SamplerError::Io { path: path.to_path_buf(), source };
+    // A 1-D header is about a hundred bytes; 64 KiB leaves room for anything numpy writes.
+    let mut head = Vec::with_capacity(4096);
+    file.take(65_536).read_to_end(&mut head).map_err(io)?;
+    let h = npy::parse_header(&head, path)?;
+    let need = (h.data_offset as u64).saturating_add(h.len.saturating_mul(h.dtype.size() as u64));
+    if file_len < need {
+        return Err(SamplerError::format(
+            path,
+            format!(
+                "is truncated: the header promises {} tokens ({need} bytes) but the file has {file_len} bytes; write it again",
+                h.len
+            ),
+        ));
+    }
+    if h.data_offset % h.dtype.size() != 0 {
+        return Err(SamplerError::format(path, "the .npy header leaves the data misaligned; save it again with numpy.save"));
+    }
+    Ok(h)
+}
+
 /// A named source of tokens.
 pub struct TokenFile {
     name: String,
@@ -183,7 +214,7 @@ impl TokenFile {
     /// (nanoGPT's `.bin`), whose dtype must be given.
     pub fn open(path: &Path, dtype: Option<&str>) -> Result<TokenFile> {
         let io = |source| SamplerError::Io { path: path.to_path_buf(), source };
-        let is_npy = path.extension().map_or(false, |e| e.eq_ignore_ascii_case("npy"));
+        let is_npy = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
         let mut file = File::open(path).map_err(io)?;
         let meta = file.metadata().map_err(io)?;
         if meta.is_dir() {
@@ -191,11 +222,7 @@ impl TokenFile {
         }
         let file_len = meta.len();
         let (dtype, offset, len) = if is_npy {
-            // The header is at most a few KB; read up to 64 KiB of it (version 2 headers may
-            // be longer in theory, never for a 1-D array).
-            let mut head = Vec::with_capacity(4096);
-            (&mut file).take(65_536).read_to_end(&mut head).map_err(io)?;
-            let h = npy::parse_header(&head, path)?;
+            let h = read_npy_header_from(&mut file, file_len, path)?;
             if let Some(d) = dtype {
                 let given = Dtype::parse_file_dtype(d);
                 if given != Some(h.dtype) {
@@ -204,19 +231,6 @@ impl TokenFile {
                         format!("header says dtype {} but dtype={d} was given; drop the dtype argument for .npy files", h.dtype.name()),
                     ));
                 }
-            }
-            let need = (h.data_offset as u64).saturating_add(h.len.saturating_mul(h.dtype.size() as u64));
-            if file_len < need {
-                return Err(SamplerError::format(
-                    path,
-                    format!(
-                        "is truncated: the header promises {} tokens ({need} bytes) but the file has {file_len} bytes; write it again",
-                        h.len
-                    ),
-                ));
-            }
-            if h.data_offset % h.dtype.size() != 0 {
-                return Err(SamplerError::format(path, "the .npy header leaves the data misaligned; save it again with numpy.save"));
             }
             (h.dtype, h.data_offset, h.len)
         } else {
@@ -337,7 +351,7 @@ mod tests {
         let dict = format!("{{'descr': '<u2', 'fortran_order': False, 'shape': ({},), }}", tokens.len());
         let mut body = dict.into_bytes();
         let pad = (64 - (10 + body.len() + 1) % 64) % 64;
-        body.extend(std::iter::repeat(b' ').take(pad));
+        body.extend(std::iter::repeat_n(b' ', pad));
         body.push(b'\n');
         let mut f = File::create(path).unwrap();
         f.write_all(npy::MAGIC).unwrap();
@@ -409,7 +423,7 @@ mod tests {
 
     #[test]
     fn min_max_over_many_chunks() {
-        let mut v: Vec<i32> = (0..3_000_000).map(|i| (i % 1000) as i32).collect();
+        let mut v: Vec<i32> = (0..3_000_000).map(|i| i % 1000).collect();
         v[2_500_000] = -5;
         v[10] = 77_777;
         assert_eq!(min_max(&v), Some((-5, 77_777)));
