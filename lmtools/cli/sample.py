@@ -1,0 +1,53 @@
+"""`lmtools sample`: generate text from a checkpoint, streamed as it comes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lmtools.cli.app import app, user_errors
+
+
+@app.command()
+@user_errors
+def sample(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint written by lmtools train."),
+    prompt: str = typer.Option("", "--prompt", help="Text to continue."),
+    max_new_tokens: int = typer.Option(200, "--max_new_tokens", "--max-new-tokens"),
+    temperature: float = typer.Option(0.8, "--temperature", help="0 for greedy decoding."),
+    top_p: Optional[float] = typer.Option(0.95, "--top_p", "--top-p"),
+    top_k: Optional[int] = typer.Option(None, "--top_k", "--top-k"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer.json [default: the one the checkpoint records]."),
+) -> None:
+    """Generate text from a checkpoint; stops at <|endoftext|> or after --max_new_tokens."""
+    import sys
+
+    import torch
+
+    from lmtools.device import resolve_device
+    from lmtools.errors import ConfigError
+    from lmtools.generate import EOT, generate_ids, load_model, load_tokenizer, stream_text
+
+    if max_new_tokens <= 0:
+        raise ConfigError(f"--max_new_tokens must be a positive integer, got {max_new_tokens}")
+    dev = resolve_device(device)
+    model, payload = load_model(checkpoint, dev)
+    tok = load_tokenizer(payload, tokenizer, checkpoint)
+    torch.manual_seed(seed)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    prompt_ids = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
+    if prompt_ids and max(prompt_ids) >= model.config.vocab_size:
+        raise ConfigError("the tokenizer does not match this checkpoint (prompt ids beyond its vocabulary)")
+    ids = generate_ids(
+        model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        eot_id=tok.token_to_id(EOT), generator=gen,
+    )
+    sys.stdout.write(prompt)
+    for piece in stream_text(tok, ids):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")

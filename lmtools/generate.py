@@ -1,0 +1,125 @@
+"""Text generation with a KV cache: temperature, top-k and top-p sampling, streamed token by token."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from lmtools.checkpoint import load_state, read_checkpoint
+from lmtools.errors import CheckpointError, ConfigError
+from lmtools.model import KVCache, TransformerLM
+
+EOT = "<|endoftext|>"
+
+
+def load_model(checkpoint: str | Path, device: torch.device) -> tuple[TransformerLM, dict]:
+    """The model of a checkpoint, in eval mode on `device`, and the checkpoint's contents."""
+    payload = read_checkpoint(checkpoint)
+    model_cfg = payload.get("model_config") or (payload.get("config") or {})
+    try:
+        model = TransformerLM.from_config({k: model_cfg[k] for k in (
+            "vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta")})
+    except KeyError as exc:
+        raise CheckpointError(f"{checkpoint} holds no model config ({exc} missing); it was not written by lmtools") from None
+    load_state(payload, model)
+    return model.to(device).eval(), payload
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Mask all but the top-k logits and the smallest set whose probability reaches top_p."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass before it already reaches top_p (the first token always stays).
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def generate_ids(
+    model: TransformerLM,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eot_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """Yield new token ids one at a time; stops after `max_new_tokens` or at `eot_id`.
+
+    temperature 0 is greedy decoding. When the context fills up, the cache is rebuilt from the
+    most recent half context, so generation can run past the context length.
+    """
+    if temperature < 0:
+        raise ConfigError(f"--temperature must be zero or positive, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"--top_p must be in (0, 1], got {top_p}")
+    device = next(model.parameters()).device
+    ctx = model.config.context_length
+    tokens = list(prompt_ids) or ([eot_id] if eot_id is not None else [0])
+    tokens = tokens[-ctx:]
+    cache = KVCache(model.config.num_layers)
+    logits = model(torch.tensor([tokens], device=device), cache)[0, -1]
+    for _ in range(max_new_tokens):
+        if temperature == 0:
+            next_id = int(logits.argmax())
+        else:
+            probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+            next_id = int(torch.multinomial(probs, 1, generator=generator))
+        if eot_id is not None and next_id == eot_id:
+            return
+        yield next_id
+        tokens.append(next_id)
+        if cache.length >= ctx:
+            tokens = tokens[-(ctx // 2):]
+            cache = KVCache(model.config.num_layers)
+            logits = model(torch.tensor([tokens], device=device), cache)[0, -1]
+        else:
+            logits = model(torch.tensor([[next_id]], device=device), cache)[0, -1]
+
+
+def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
+    """Decode incrementally, holding back text while a multi-byte character is incomplete."""
+    seen: list[int] = []
+    emitted = ""
+    for token in ids:
+        seen.append(token)
+        text = tokenizer.decode(seen, skip_special_tokens=False)
+        if text.endswith("\ufffd"):
+            continue
+        yield text[len(emitted):]
+        emitted = text
+    text = tokenizer.decode(seen, skip_special_tokens=False)
+    if len(text) > len(emitted):
+        yield text[len(emitted):]
+
+
+def load_tokenizer(payload: dict, override: str | None = None, checkpoint: str | Path | None = None):
+    """The tokenizer recorded in a checkpoint (or `override`), as a `tokenizers.Tokenizer`."""
+    from tokenizers import Tokenizer
+
+    candidates = [override] if override else []
+    ref = payload.get("tokenizer") or (payload.get("config") or {}).get("tokenizer")
+    if ref:
+        candidates.append(ref)
+        if checkpoint is not None:
+            candidates.append(str(Path(checkpoint).parent / Path(ref).name))
+    for cand in candidates:
+        if cand and Path(cand).is_file():
+            try:
+                return Tokenizer.from_file(str(cand))
+            except Exception as exc:  # tokenizers raises its own Exception type
+                raise ConfigError(f"{cand} is not a tokenizer.json ({str(exc).splitlines()[0]})") from None
+    where = f" (it names {ref}, which is gone)" if ref else ""
+    raise ConfigError(
+        f"no tokenizer for this checkpoint{where}; pass --tokenizer PATH/tokenizer.json from lmtools prepare"
+    )
