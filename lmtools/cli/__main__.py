@@ -1,0 +1,3 @@
+from lmtools.cli import main
+
+main()
