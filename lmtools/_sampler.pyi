@@ -1,0 +1,76 @@
+"""Type stubs for the Rust extension `lmtools._sampler` (source: rust_sampler/src/python.rs).
+
+Every error the extension raises for bad data or arguments is `lmtools.errors.DataError`.
+"""
+
+from collections.abc import Sequence
+from os import PathLike
+from typing import Any
+
+__version__: str
+
+class TokenFile:
+    """One token file (memory-mapped by Rust) or an in-memory array lent through the buffer
+    protocol (kept alive and pinned while any sampler uses it)."""
+
+    @staticmethod
+    def open(path: str | PathLike[str], dtype: str | None = None) -> TokenFile:
+        """`.npy` (dtype from the checked header) or raw little-endian tokens (dtype required:
+        uint16, uint32, int32 or int64)."""
+    @staticmethod
+    def from_buffer(array: Any, name: str | None = None) -> TokenFile:
+        """A 1-D, C-contiguous, native-endian integer array, without copying."""
+    @property
+    def name(self) -> str: ...
+    @property
+    def path(self) -> str | None: ...
+    @property
+    def dtype(self) -> str:
+        """numpy name: "uint16", "uint32", "int32", "int64" (arrays: any integer type)."""
+    @property
+    def mmapped(self) -> bool: ...
+    def __len__(self) -> int: ...
+    def token_range(self) -> tuple[int, int] | None:
+        """(min, max) token id by a parallel scan, remembered; None when empty."""
+
+class Sampler:
+    """Deterministic window sampler over groups of token files.
+
+    `groups` is a list of `(weight, files)`: a row picks a group by weight, then a window
+    uniformly among all windows of the group's files. Window starts in a file of length n run
+    over 0..=n - context_length - 1.
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[tuple[float, Sequence[TokenFile]]],
+        context_length: int,
+        num_threads: int | None = None,
+    ) -> None: ...
+    def fill(
+        self,
+        inputs: Any,
+        targets: Any,
+        seed: int,
+        rank: int = 0,
+        step: int = 0,
+        micro: int = 0,
+    ) -> None:
+        """Gathers the batch of (seed, rank, step, micro) into `inputs` and `targets`:
+        writable, C-contiguous int64 arrays of the same shape (batch_size, context_length).
+        Runs in parallel with the GIL released."""
+    def windows(
+        self, batch_size: int, seed: int, rank: int = 0, step: int = 0, micro: int = 0
+    ) -> list[tuple[int, int]]:
+        """(index into `files`, start) for each row of that batch."""
+    @property
+    def context_length(self) -> int: ...
+    @property
+    def num_tokens(self) -> int: ...
+    @property
+    def num_windows(self) -> int: ...
+    @property
+    def files(self) -> list[TokenFile]: ...
+
+def read_npy_header(path: str | PathLike[str]) -> tuple[str, int, int]:
+    """Checks a `.npy` token file: (dtype name, token count, byte offset of the data)."""
