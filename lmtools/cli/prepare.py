@@ -1,0 +1,223 @@
+"""`lmtools prepare`: a text corpus -> token files, tokenizer and meta.json in one folder."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lmtools.cli.app import app, user_errors
+
+_ESCAPES = {"\\n": "\n", "\\r": "\r", "\\t": "\t", "\\\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    r"""`\n`, `\r`, `\t` and `\\` typed on a command line, as the characters they name."""
+    out, i = [], 0
+    while i < len(text):
+        two = text[i : i + 2]
+        if two in _ESCAPES:
+            out.append(_ESCAPES[two])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _human_count(n: float) -> str:
+    for unit in ("", "k", "M", "G"):
+        if abs(n) < 1000 or unit == "G":
+            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}G"
+
+
+def _progress(quiet: bool):
+    """A rich bar on a terminal, a plain line every few seconds when stderr is piped."""
+    from lmtools.prepare import Progress
+
+    class Silent(Progress):
+        pass
+
+    class Plain(Progress):
+        INTERVAL = 5.0
+
+        def phase(self, name: str, total_bytes: int) -> None:
+            self.name, self.total = name, max(1, total_bytes)
+            self.nbytes = self.tokens = 0
+            self.start = self.last = time.monotonic()
+            sys.stderr.write(f"prepare: {name}: {_human_bytes(total_bytes)} of input\n")
+
+        def advance(self, nbytes: int = 0, tokens: int = 0) -> None:
+            self.nbytes += nbytes
+            self.tokens += tokens
+            now = time.monotonic()
+            if now - self.last >= self.INTERVAL:
+                self.last = now
+                self._line(now)
+
+        def _line(self, now: float) -> None:
+            elapsed = max(now - self.start, 1e-9)
+            rate = self.nbytes / elapsed
+            eta = (self.total - self.nbytes) / rate if rate > 0 else 0.0
+            tok = f", {_human_count(self.tokens / elapsed)} tokens/s" if self.tokens else ""
+            sys.stderr.write(
+                f"prepare: {self.name}: {100 * min(self.nbytes, self.total) / self.total:5.1f}%"
+                f" {_human_bytes(rate)}/s{tok}, eta {eta:.0f} s\n"
+            )
+
+        def done(self) -> None:
+            self._line(time.monotonic())
+
+    class Bar(Progress):
+        def __init__(self) -> None:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                Progress as RichProgress,
+                TaskProgressColumn,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self.bar = RichProgress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TransferSpeedColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self.task = None
+
+        def phase(self, name: str, total_bytes: int) -> None:
+            if self.task is None:
+                self.bar.start()
+            self.task = self.bar.add_task(name, total=total_bytes, rate="")
+            self.tokens, self.start = 0, time.monotonic()
+
+        def advance(self, nbytes: int = 0, tokens: int = 0) -> None:
+            fields = {}
+            if tokens:
+                self.tokens += tokens
+                rate = self.tokens / max(time.monotonic() - self.start, 1e-9)
+                fields["rate"] = f"{_human_count(rate)} tok/s"
+            self.bar.update(self.task, advance=nbytes, **fields)
+
+        def done(self) -> None:
+            task = self.bar.tasks[-1]
+            self.bar.update(self.task, completed=task.total)
+            if task.description == "encode":
+                self.bar.stop()
+
+        def stop(self) -> None:
+            self.bar.stop()
+
+    if quiet:
+        return Silent()
+    return Bar() if sys.stderr.isatty() else Plain()
+
+
+@app.command(
+    epilog=(
+        "Documents: one per jsonl line or parquet row; one per text file, or with --separator "
+        "each part of a text file between separators (empty parts are skipped). An "
+        "<|endoftext|> id follows every document; text that spells <|endoftext|> is encoded "
+        "as ordinary text."
+    )
+)
+@user_errors
+def prepare(
+    corpus: list[str] = typer.Argument(
+        ...,
+        metavar="CORPUS",
+        help=".txt, .jsonl, .parquet files (.txt.gz, .jsonl.gz too), folders (searched "
+        "recursively for those suffixes) and glob patterns.",
+        show_default=False,
+    ),
+    out: Path = typer.Option(Path("data"), "--out", "-o", help="Output folder."),
+    tokenizer: Optional[str] = typer.Option(
+        None,
+        "--tokenizer",
+        help="Use this tokenizer instead of training one: a tokenizer.json, a vocab.json "
+        "(merges.txt beside it), a folder holding either, or `bytes` (256 bytes + "
+        "<|endoftext|>).",
+        show_default=False,
+    ),
+    vocab_size: int = typer.Option(
+        10000, "--vocab_size", "--vocab-size", help="Size of the BPE to train (training only)."
+    ),
+    val_fraction: float = typer.Option(
+        0.01, "--val_fraction", "--val-fraction",
+        help="Share of documents held out in val.npy (at least one when there are two).",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the validation split."),
+    text_field: str = typer.Option(
+        "text", "--text_field", "--text-field", help="Field holding the text in .jsonl files."
+    ),
+    text_column: str = typer.Option(
+        "text", "--text_column", "--text-column",
+        help="Column holding the text in .parquet files.",
+    ),
+    separator: Optional[str] = typer.Option(
+        None,
+        "--separator",
+        help="Split text files into documents at this string (\\n, \\t, \\r, \\\\ are "
+        "understood, so '\\n\\n' splits at blank lines). Default: one document per file.",
+        show_default=False,
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Overwrite a dataset already prepared in --out."
+    ),
+    threads: int = typer.Option(
+        0, "--threads", help="Encoding threads (0: one per core).", show_default=True
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Tokenize a text corpus into DIR/train.npy, val.npy, tokenizer.json and meta.json."""
+    from lmtools.prepare import prepare_corpus
+
+    progress = _progress(quiet)
+    started = time.monotonic()
+    try:
+        meta = prepare_corpus(
+            corpus,
+            out,
+            tokenizer=tokenizer,
+            vocab_size=vocab_size,
+            val_fraction=val_fraction,
+            seed=seed,
+            text_field=text_field,
+            text_column=text_column,
+            separator=unescape(separator) if separator is not None else None,
+            force=force,
+            threads=threads or None,
+            progress=progress,
+        )
+    finally:
+        if hasattr(progress, "stop"):
+            progress.stop()
+    seconds = time.monotonic() - started
+    bpt = meta["bytes_per_token"]
+    typer.echo(
+        f"{meta['dir']}: {meta['train_tokens']:,} train tokens "
+        f"({meta['train_documents']:,} documents), {meta['val_tokens']:,} val tokens "
+        f"({meta['val_documents']:,} documents); vocab {meta['vocab_size']:,} "
+        f"({meta['tokenizer_kind']}), {bpt if bpt is not None else '-'} bytes/token, "
+        f"{seconds:.1f} s"
+    )

@@ -1,0 +1,425 @@
+"""Reading a corpus: which files it holds, and the documents in them, streamed in bounded memory.
+
+A corpus is a list of inputs: `.txt`, `.jsonl` and `.parquet` files (`.txt.gz`, `.jsonl.gz`
+too), folders (searched recursively for files with those suffixes, in sorted order) and glob
+patterns. A document is one jsonl line, one parquet row, or one whole text file (or, with a
+separator, each part of a text file between separators).
+
+Documents are yielded as `Piece`s: a long document arrives as several pieces, cut only where
+a cut cannot change how GPT-2's pre-tokenizer splits the text (see `safe_cut`), so memory stays
+bounded by the piece size whatever the size of a file or a document.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from lmtools.errors import DataError
+
+# Suffixes picked up when searching a folder (an explicitly named file is read whatever its name).
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
+
+READ_BLOCK = 1 << 20  # bytes read from a text file at a time
+PIECE_CHARS = 1 << 20  # a document longer than this is cut into pieces of about this size
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file."""
+
+    path: Path
+    kind: str  # "text", "jsonl" or "parquet"
+    compressed: bool  # gzip
+    size: int  # bytes on disk
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "size": self.size}
+
+
+class Piece(NamedTuple):
+    """A run of text from one document; `doc_end` marks the document's last piece."""
+
+    text: str
+    doc_end: bool
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    text_field: str = "text"  # jsonl
+    text_column: str = "text"  # parquet
+    separator: str | None = None  # text files: split into documents on this string
+    piece_chars: int = PIECE_CHARS
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the files
+# ---------------------------------------------------------------------------------------------
+
+
+def _kind_of(path: Path) -> tuple[str, bool]:
+    name = path.name.lower()
+    compressed = name.endswith(".gz")
+    if compressed:
+        name = name[:-3]
+    if name.endswith(".jsonl"):
+        return "jsonl", compressed
+    if name.endswith(".parquet"):
+        return "parquet", compressed
+    return "text", compressed
+
+
+def _in_folder(folder: Path) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if not name.startswith(".") and name.lower().endswith(CORPUS_SUFFIXES):
+                found.append(Path(root) / name)
+    return sorted(found)
+
+
+def resolve_sources(inputs: Iterable[str | os.PathLike]) -> list[Source]:
+    """Expand files, folders and globs into the ordered list of input files.
+
+    Raises DataError for an input that names nothing, a folder without corpus files, a
+    parquet file that is gzipped, or an empty file.
+    """
+    paths: list[Path] = []
+    for item in inputs:
+        text = os.fspath(item)
+        path = Path(text).expanduser()
+        if path.is_dir():
+            found = _in_folder(path)
+            if not found:
+                raise DataError(
+                    f"{text}: the folder holds no {', '.join(CORPUS_SUFFIXES)} files"
+                )
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        elif path.exists():
+            raise DataError(f"{text}: not a regular file or folder")
+        elif glob.has_magic(text):
+            matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
+            if not matches:
+                raise DataError(f"{text}: no file matches this pattern")
+            for match in matches:
+                m = Path(match)
+                if m.is_dir():
+                    paths.extend(_in_folder(m))
+                elif m.is_file():
+                    paths.append(m)
+        else:
+            raise DataError(f"{text}: no such file or folder")
+    if not paths:
+        raise DataError("no input files: name .txt, .jsonl or .parquet files, folders or globs")
+
+    sources, seen = [], set()
+    for path in paths:
+        key = path.resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        kind, compressed = _kind_of(path)
+        if kind == "parquet" and compressed:
+            raise DataError(f"{path}: gzipped parquet is not supported; parquet compresses itself")
+        size = path.stat().st_size
+        if size == 0:
+            raise DataError(f"{path}: the file is empty")
+        sources.append(Source(path, kind, compressed, size))
+    return sources
+
+
+# ---------------------------------------------------------------------------------------------
+# Cutting long documents into pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def safe_cut(text: str, limit: int) -> int:
+    """A cut position in (0, limit] that leaves pre-tokenization unchanged, or `limit`.
+
+    GPT-2's pattern (``'s|'t|...| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+``)
+    always ends a match between a non-space and a following whitespace character: no
+    alternative crosses from a non-space into whitespace, and the one lookahead only looks one
+    character past a run of whitespace. Encoding the two sides separately therefore gives the
+    same tokens as encoding the whole. `str.isspace` is a superset of the regex's `\\s`, so a
+    character it calls non-space is non-space for the regex too. We prefer newlines, then
+    spaces; a piece with neither (a megabyte without whitespace) is cut at `limit`, which
+    keeps the bytes exact and only changes how that spot is tokenized.
+    """
+    floor = limit // 2
+    for ch in ("\n", " "):
+        i = text.rfind(ch, floor, limit)
+        while i > floor:
+            if not text[i - 1].isspace():
+                return i
+            i = text.rfind(ch, floor, i)
+    return limit
+
+
+def _pieces_of(text: str, piece_chars: int) -> Iterator[Piece]:
+    """One whole document as pieces."""
+    while len(text) > piece_chars:
+        cut = safe_cut(text, piece_chars)
+        yield Piece(text[:cut], False)
+        text = text[cut:]
+    yield Piece(text, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+# ---------------------------------------------------------------------------------------------
+
+
+class _CountingReader(io.RawIOBase):
+    """Passes reads through, feeding every byte to a hash and reporting progress."""
+
+    def __init__(self, raw, hasher, on_bytes: Callable[[int], None] | None):
+        self._raw = raw
+        self._hasher = hasher
+        self._on_bytes = on_bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self._raw.readinto(buffer)
+        if n:
+            if self._hasher is not None:
+                self._hasher.update(memoryview(buffer)[:n])
+            if self._on_bytes is not None:
+                self._on_bytes(n)
+        return n
+
+    def drain(self) -> None:
+        """Read to the end, so that the hash covers the whole file (gzip may stop early)."""
+        while self.readinto(bytearray(READ_BLOCK)):
+            pass
+
+
+def _not_utf8(source: Source, offset: int) -> DataError:
+    where = "decompressed byte" if source.compressed else "byte"
+    return DataError(
+        f"{source.path}: not UTF-8 text (undecodable {where} near offset {offset}); "
+        "convert it to UTF-8 or leave it out"
+    )
+
+
+def _binary(source: Source) -> DataError:
+    return DataError(f"{source.path}: looks binary (holds NUL bytes), not text; leave it out")
+
+
+def _bad_gzip(source: Source, exc: Exception) -> DataError:
+    return DataError(f"{source.path}: not a readable gzip file ({exc})")
+
+
+class SourceReader:
+    """Streams the documents of one source as pieces; hashes the file as it goes."""
+
+    def __init__(
+        self,
+        source: Source,
+        options: ReadOptions,
+        on_bytes: Callable[[int], None] | None = None,
+        hash_file: bool = True,
+    ):
+        self.source = source
+        self.options = options
+        self.on_bytes = on_bytes
+        self.hasher = hashlib.sha256() if hash_file else None
+        self.documents = 0
+
+    def sha256(self) -> str | None:
+        return self.hasher.hexdigest() if self.hasher is not None else None
+
+    def __iter__(self) -> Iterator[Piece]:
+        reader = {"text": self._text, "jsonl": self._jsonl, "parquet": self._parquet}
+        for piece in reader[self.source.kind]():
+            if piece.doc_end:
+                self.documents += 1
+            yield piece
+        if self.documents == 0:
+            raise DataError(f"{self.source.path}: holds no documents")
+
+    # -- text ---------------------------------------------------------------------------------
+
+    def _open(self):
+        raw = open(self.source.path, "rb", buffering=0)
+        counting = _CountingReader(raw, self.hasher, self.on_bytes)
+        buffered = io.BufferedReader(counting, READ_BLOCK)
+        stream = gzip.GzipFile(fileobj=buffered, mode="rb") if self.source.compressed else buffered
+        return raw, counting, stream
+
+    def _blocks(self) -> Iterator[bytes]:
+        raw, counting, stream = self._open()
+        with raw:
+            try:
+                while block := stream.read(READ_BLOCK):
+                    yield block
+            except (gzip.BadGzipFile, EOFError, zlib.error, OSError) as exc:
+                if self.source.compressed:
+                    raise _bad_gzip(self.source, exc) from None
+                raise
+            counting.drain()
+
+    def _text(self) -> Iterator[Piece]:
+        sep = self.options.separator or None
+        piece_chars = self.options.piece_chars
+        keep = len(sep) - 1 if sep else 0  # a separator may straddle two blocks
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        buf = ""
+        offset = 0
+        open_doc = False  # pieces of the current document have been yielded already
+        blocks = self._blocks()
+        while True:
+            block = next(blocks, None)
+            final = block is None
+            if not final:
+                if b"\x00" in block:
+                    raise _binary(self.source)
+            try:
+                buf += decoder.decode(block or b"", final)
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(self.source, max(0, offset + exc.start - 3)) from None
+            offset += len(block or b"")
+            if sep is not None:
+                parts = buf.split(sep)
+                buf = parts.pop()
+                for part in parts:
+                    if part or open_doc:
+                        yield Piece(part, True)
+                    open_doc = False
+            while len(buf) - keep > piece_chars:
+                cut = safe_cut(buf, piece_chars)
+                yield Piece(buf[:cut], False)
+                buf = buf[cut:]
+                open_doc = True
+            if final:
+                break
+        if buf or open_doc or (sep is None and offset > 0):
+            yield Piece(buf, True)
+
+    # -- jsonl --------------------------------------------------------------------------------
+
+    def _jsonl(self) -> Iterator[Piece]:
+        field = self.options.text_field
+        raw, counting, stream = self._open()
+        with raw:
+            lineno = 0
+            try:
+                for line in stream:
+                    lineno += 1
+                    if b"\x00" in line:
+                        raise _binary(self.source)
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        raise DataError(
+                            f"{self.source.path}:{lineno}: not UTF-8 text; convert the file"
+                        ) from None
+                    except json.JSONDecodeError as exc:
+                        raise DataError(
+                            f"{self.source.path}:{lineno}: not a JSON line ({exc.msg})"
+                        ) from None
+                    if not isinstance(obj, dict) or field not in obj:
+                        names = ", ".join(map(repr, obj)) if isinstance(obj, dict) else "none"
+                        raise DataError(
+                            f"{self.source.path}:{lineno}: no field {field!r} "
+                            f"(fields: {names}); choose one with --text_field"
+                        )
+                    text = obj[field]
+                    if not isinstance(text, str):
+                        raise DataError(
+                            f"{self.source.path}:{lineno}: field {field!r} holds "
+                            f"{type(text).__name__}, not a string"
+                        )
+                    _check_encodable(text, f"{self.source.path}:{lineno}")
+                    yield from _pieces_of(text, self.options.piece_chars)
+            except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+                raise _bad_gzip(self.source, exc) from None
+            counting.drain()
+
+    # -- parquet ------------------------------------------------------------------------------
+
+    def _parquet(self) -> Iterator[Piece]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        column = self.options.text_column
+        path = self.source.path
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{path}: not a readable parquet file ({exc})") from None
+        names = pf.schema_arrow.names
+        if column not in names:
+            raise DataError(
+                f"{path}: no column {column!r} (columns: {', '.join(map(repr, names))}); "
+                "choose one with --text_column"
+            )
+        kind = pf.schema_arrow.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+                or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+            raise DataError(f"{path}: column {column!r} holds {kind}, not strings")
+        total_rows = max(1, pf.metadata.num_rows)
+        rows = reported = 0
+        row = 0
+        try:
+            for batch in pf.iter_batches(batch_size=4096, columns=[column]):
+                values = batch.column(0)
+                if values.null_count:
+                    first = row + values.is_null().to_pylist().index(True)
+                    raise DataError(f"{path}: row {first} has no {column!r} (null)")
+                for text in values.to_pylist():
+                    _check_encodable(text, f"{path}: row {row}")
+                    row += 1
+                    yield from _pieces_of(text, self.options.piece_chars)
+                rows += len(values)
+                if self.on_bytes is not None:
+                    done = self.source.size * rows // total_rows
+                    self.on_bytes(done - reported)
+                    reported = done
+        except pa.ArrowException as exc:
+            raise DataError(f"{path}: cannot read the parquet file ({exc})") from None
+        if self.hasher is not None:
+            with open(path, "rb") as f:
+                self.hasher = hashlib.file_digest(f, "sha256")
+
+
+def _check_encodable(text: str, where: str) -> None:
+    # JSON escapes can spell lone surrogates ("\ud800"), which UTF-8 cannot hold.
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(
+                f"{where}: the text holds an unpaired surrogate, which is not valid Unicode"
+            ) from None
+
+
+def iter_pieces(
+    sources: Iterable[Source],
+    options: ReadOptions,
+    on_bytes: Callable[[int], None] | None = None,
+    hash_files: bool = False,
+    on_source_done: Callable[[SourceReader], None] | None = None,
+) -> Iterator[Piece]:
+    """All documents of all sources in order, as pieces."""
+    for source in sources:
+        reader = SourceReader(source, options, on_bytes, hash_file=hash_files)
+        yield from reader
+        if on_source_done is not None:
+            on_source_done(reader)
