@@ -95,14 +95,14 @@ def parse_source_spec(spec: str) -> tuple[str, float | None]:
     """
     spec = str(spec).strip()
     path, sep, tail = spec.rpartition(":")
-    if not sep or not path or os.path.exists(spec):
-        weight = None
-        path = spec
-    else:
+    weight = None
+    if sep and not os.path.exists(spec):
         try:
             weight = float(tail)
         except ValueError:
-            weight, path = None, spec
+            weight = None
+    if weight is None:
+        path = spec
     if not path:
         raise DataError(f"source spec {spec!r} names no file; use 'path' or 'path:weight'")
     if weight is not None and not (math.isfinite(weight) and weight > 0):

@@ -5,7 +5,8 @@
 use crate::error::SamplerError;
 use crate::sampler::Sampler;
 use crate::source::{self, Dtype, TokenFile, TokenStorage, TokenView};
-use pyo3::buffer::{Element, PyBuffer};
+use pyo3::buffer::PyBuffer;
+use pyo3::types::PyMemoryView;
 use pyo3::prelude::*;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,36 +20,82 @@ impl From<SamplerError> for PyErr {
     }
 }
 
-/// A numpy array (or anything with the buffer protocol) lent to Rust. Holding the `PyBuffer`
-/// keeps the exporter alive and its memory in place until the last sampler using it is gone.
-struct BufferStorage<T> {
-    buf: PyBuffer<T>,
+/// A numpy array (or anything with the buffer protocol) lent to Rust, held as a byte buffer
+/// of a `memoryview(...).cast("B")`. Holding it keeps the exporter alive and its memory in place
+/// until the last sampler using it is gone.
+struct BufferStorage {
+    bytes: PyBuffer<u8>,
     dtype: Dtype,
 }
 
-impl<T: Element + Send + Sync> TokenStorage for BufferStorage<T> {
+impl TokenStorage for BufferStorage {
     fn view(&self) -> TokenView<'_> {
-        // SAFETY: `from_buffer` checked that the buffer is 1-D and C-contiguous with items of
-        // exactly this type; PyBuffer checked the alignment; the export pins the memory.
-        unsafe { TokenView::from_raw(self.buf.buf_ptr() as *const u8, self.buf.item_count(), self.dtype) }
+        // SAFETY: `storage_from_buffer` checked that the bytes are a C-contiguous 1-D run of
+        // `dtype` items, aligned for it; the export pins the memory while `bytes` lives.
+        let len = self.bytes.item_count() / self.dtype.size();
+        unsafe { TokenView::from_raw(self.bytes.buf_ptr() as *const u8, len, self.dtype) }
     }
 }
 
-fn storage_from<T: Element + Send + Sync + 'static>(obj: &Bound<'_, PyAny>, dtype: Dtype) -> Option<PyResult<Box<dyn TokenStorage>>> {
-    let buf = PyBuffer::<T>::get(obj).ok()?;
-    if buf.dimensions() != 1 {
-        return Some(Err(DataError::new_err(format!(
-            "token arrays are 1-D; got {} dimensions with shape {:?}; pass data.reshape(-1)",
-            buf.dimensions(),
-            buf.shape()
-        ))));
+/// The integer dtype a struct-module format string describes, given the item size, or why
+/// not. PyBuffer's own typed check is not used for the input: PyO3 0.27.2 treats an explicit
+/// '<' as foreign and '>' as native on little-endian hosts, so numpy arrays with an explicit
+/// byte order would be refused or misread.
+fn dtype_from_format(format: &str, itemsize: usize) -> std::result::Result<Dtype, String> {
+    let (order, code) = match format.as_bytes() {
+        [c] => (b'@', *c),
+        [o, c] => (*o, *c),
+        _ => return Err(format!("buffer format '{format}' is not a plain integer type")),
+    };
+    if matches!(order, b'>' | b'!') {
+        return Err(format!("the array is big-endian (format '{format}'); pass data.astype(data.dtype.newbyteorder('='))"));
     }
-    if !buf.is_c_contiguous() {
-        return Some(Err(DataError::new_err(
-            "the token array is not contiguous (a strided view); pass numpy.ascontiguousarray(data)",
+    if !matches!(order, b'@' | b'=' | b'<') {
+        return Err(format!("buffer format '{format}' is not a plain integer type"));
+    }
+    let signed = match code {
+        b'b' | b'h' | b'i' | b'l' | b'q' | b'n' => true,
+        b'B' | b'H' | b'I' | b'L' | b'Q' | b'N' => false,
+        _ => return Err(format!("format '{format}' is not an integer type")),
+    };
+    Ok(match (signed, itemsize) {
+        (true, 1) => Dtype::I8,
+        (false, 1) => Dtype::U8,
+        (true, 2) => Dtype::I16,
+        (false, 2) => Dtype::U16,
+        (true, 4) => Dtype::I32,
+        (false, 4) => Dtype::U32,
+        (true, 8) => Dtype::I64,
+        (false, 8) => Dtype::U64,
+        _ => return Err(format!("format '{format}' with {itemsize}-byte items is not a supported integer type")),
+    })
+}
+
+fn storage_from_buffer(array: &Bound<'_, PyAny>) -> PyResult<Box<dyn TokenStorage>> {
+    let not_integer = |why: String| {
+        DataError::new_err(format!("token data must be a 1-D integer array: {why}; convert it, e.g. data.astype(numpy.int64)"))
+    };
+    let view = PyMemoryView::from(array).map_err(|_| not_integer(format!("got {}, which has no buffer", type_name(array))))?;
+    let format: String = view.getattr("format")?.extract()?;
+    let itemsize: usize = view.getattr("itemsize")?.extract()?;
+    let ndim: usize = view.getattr("ndim")?.extract()?;
+    let dtype = dtype_from_format(&format, itemsize).map_err(not_integer)?;
+    if ndim != 1 {
+        let shape = view.getattr("shape")?.repr()?.to_string();
+        return Err(DataError::new_err(format!(
+            "token arrays are 1-D; got {ndim} dimensions with shape {shape}; pass data.reshape(-1)"
         )));
     }
-    Some(Ok(Box::new(BufferStorage { buf, dtype })))
+    if !view.getattr("c_contiguous")?.is_truthy()? {
+        return Err(DataError::new_err(
+            "the token array is not contiguous (a strided view); pass numpy.ascontiguousarray(data)",
+        ));
+    }
+    let bytes = PyBuffer::<u8>::get(&view.call_method1("cast", ("B",))?)?;
+    if !(bytes.buf_ptr() as usize).is_multiple_of(dtype.size()) {
+        return Err(DataError::new_err("the token array is misaligned; pass numpy.ascontiguousarray(data)"));
+    }
+    Ok(Box::new(BufferStorage { bytes, dtype }))
 }
 
 /// One token file or array.
@@ -71,20 +118,7 @@ impl PyTokenFile {
     #[staticmethod]
     #[pyo3(signature = (array, name = None))]
     fn from_buffer(array: &Bound<'_, PyAny>, name: Option<String>) -> PyResult<Self> {
-        let storage = storage_from::<u16>(array, Dtype::U16)
-            .or_else(|| storage_from::<u32>(array, Dtype::U32))
-            .or_else(|| storage_from::<i32>(array, Dtype::I32))
-            .or_else(|| storage_from::<i64>(array, Dtype::I64))
-            .or_else(|| storage_from::<u8>(array, Dtype::U8))
-            .or_else(|| storage_from::<i8>(array, Dtype::I8))
-            .or_else(|| storage_from::<i16>(array, Dtype::I16))
-            .or_else(|| storage_from::<u64>(array, Dtype::U64))
-            .unwrap_or_else(|| {
-                let dtype = array.getattr("dtype").map(|d| d.to_string()).unwrap_or_else(|_| type_name(array));
-                Err(DataError::new_err(format!(
-                    "token data must be a 1-D integer array; got {dtype}; convert it, e.g. data.astype(numpy.int64)"
-                )))
-            })?;
+        let storage = storage_from_buffer(array)?;
         let name = name.unwrap_or_else(|| "array".to_string());
         Ok(PyTokenFile { inner: Arc::new(TokenFile::from_storage(name, storage)) })
     }
@@ -127,7 +161,8 @@ fn output(obj: &Bound<'_, PyAny>, what: &str, t: usize) -> PyResult<PyBuffer<i64
     let buf = PyBuffer::<i64>::get(obj).map_err(|_| {
         DataError::new_err(format!("{what} must be an int64 array of shape (batch_size, {t}); got {}", type_name(obj)))
     })?;
-    if buf.readonly() || buf.dimensions() != 2 || !buf.is_c_contiguous() || buf.shape()[1] != t || buf.shape()[0] == 0 {
+    let foreign = matches!(buf.format().to_bytes().first(), Some(b'>' | b'!'));
+    if foreign || buf.readonly() || buf.dimensions() != 2 || !buf.is_c_contiguous() || buf.shape()[1] != t || buf.shape()[0] == 0 {
         return Err(DataError::new_err(format!(
             "{what} must be a writable, C-contiguous int64 array of shape (batch_size, {t}); got shape {:?}",
             buf.shape()
