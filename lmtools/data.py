@@ -438,6 +438,10 @@ class _Prefetcher:
         self._thread.join(timeout=10)
 
 
+class _Stopped(Exception):
+    """The prefetcher was closed while its thread waited."""
+
+
 class _Slot:
     """A pinned host batch and the event marking the end of its last copy to the device."""
 
@@ -470,7 +474,13 @@ class _PinnedPrefetcher(_Prefetcher):
             self._free.put(_Slot(b, t))
 
         def produce(s: int, m: int) -> _Slot:
-            slot = self._free.get()
+            while True:  # every slot may be queued or in flight; wait, but hear close()
+                try:
+                    slot = self._free.get(timeout=0.05)
+                    break
+                except queue.Empty:
+                    if self._stop.is_set():
+                        raise _Stopped from None
             if slot.copied is not None:
                 slot.copied.synchronize()
             sampler.fill(slot.x.numpy(), slot.y.numpy(), seed, rank, s, m)

@@ -391,3 +391,14 @@ def test_in_memory_array_outlives_its_python_name() -> None:
     loader = BatchLoader(np.arange(1000, dtype=np.int64) * 3, 4, 8, prefetch=0)
     x, y = loader.batch_at(0)
     assert torch.equal(y - x, torch.full_like(x, 3))
+
+
+def test_large_batches_gathered_in_parallel_are_windows() -> None:
+    # 64 x 4096 tokens is past the size from which the Rust gather uses its thread pool.
+    data = np.arange(3_000_000, dtype=np.uint32)
+    with BatchLoader([data, data[:10_000] + 5_000_000], 64, 4096, seed=9, weights=[3, 1], prefetch=0) as loader:
+        x, y = loader.batch_at(5, 0)
+        for row, (name, start) in enumerate(loader.windows_at(5, 0)):
+            base = 0 if name == "array[0]" else 5_000_000
+            assert x[row, 0].item() == base + start and y[row, -1].item() == base + start + 4096
+        assert torch.equal(x[:, 1:], y[:, :-1])
