@@ -248,7 +248,10 @@ class BatchLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Moves to a saved position (and seed). The rank stays this process's own."""
+        """Moves to a saved position (and seed). The rank stays this process's own. An empty
+        dict (a checkpoint saved without sampler state) leaves the loader where it is."""
+        if not state:
+            return
         try:
             step, micro, seed = int(state["step"]), int(state["micro"]), int(state["seed"])
         except (KeyError, TypeError, ValueError) as e:
@@ -635,7 +638,10 @@ def _resolve_sources(
     if weights is not None:
         if any(w is not None for w in spec_weights):
             raise DataError("weights are given both in 'path:weight' specs and in weights=; use one")
-        ws = [float(w) for w in weights]
+        try:
+            ws = [float(w) for w in weights]
+        except (TypeError, ValueError):
+            raise DataError(f"weights={weights!r} must be numbers, one per source") from None
         if len(ws) != len(entries):
             raise DataError(f"{len(ws)} weights for {len(entries)} sources; give one weight per source")
     elif all(w is None for w in spec_weights):

@@ -250,6 +250,8 @@ def test_loader_weight_errors(tokens_npy: Path) -> None:
         BatchLoader([tokens_npy, tokens_npy], 2, 8, weights=[1.0, 0.0])
     with pytest.raises(DataError, match="no token sources"):
         BatchLoader([], 2, 8)
+    with pytest.raises(DataError, match="must be numbers"):
+        BatchLoader([tokens_npy, tokens_npy], 2, 8, weights=["a", 1])
 
 
 def test_loader_argument_errors(tokens_npy: Path) -> None:
@@ -307,6 +309,9 @@ def test_load_state_dict_rejects_other_settings(tokens_npy: Path) -> None:
             loader.load_state_dict({**state, "micro": 2})
         with pytest.raises(DataError, match="missing"):
             loader.load_state_dict({"step": 1})
+        loader.next()
+        loader.load_state_dict({})  # a checkpoint without sampler state: stay put
+        assert (loader.step, loader.micro) == (0, 1)
 
 
 def test_rank_is_kept_on_load(tokens_npy: Path) -> None:
