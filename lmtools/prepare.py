@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmtools.corpus import Piece, ReadOptions, SourceReader, iter_pieces, resolve_sources
+from lmtools.corpus import PIECE_CHARS, Piece, ReadOptions, SourceReader, iter_pieces, resolve_sources
 from lmtools.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -207,6 +207,7 @@ def prepare_corpus(
     force: bool = False,
     threads: int | None = None,
     batch_chars: int = BATCH_CHARS,
+    piece_chars: int = PIECE_CHARS,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Tokenize a corpus into `out` and return the meta.json written there.
@@ -216,6 +217,8 @@ def prepare_corpus(
         otherwise a tokenizer.json, a vocab.json (merges.txt beside it), or a folder with them.
     separator: for text files, split each file into documents at this string (else one
         document per file).
+    batch_chars, piece_chars: characters encoded per batch, and the size of the pieces long
+        documents are cut into (tuning knobs; they never change the tokens).
     Raises DataError / ConfigError for anything the user can fix; leaves `out` untouched then.
     """
     from lmtools.tokenizer import Encoder, check_vocab_size, default_threads, load_tokenizer
@@ -239,7 +242,8 @@ def prepare_corpus(
         )
 
     sources = resolve_sources(inputs)
-    options = ReadOptions(text_field=text_field, text_column=text_column, separator=separator)
+    options = ReadOptions(text_field=text_field, text_column=text_column, separator=separator,
+                          piece_chars=piece_chars)
     progress = progress or Progress()
     total_bytes = sum(s.size for s in sources)
 
@@ -454,18 +458,16 @@ def _check_fast_path(encoder, texts: list[str]) -> None:
 
 
 def _ensure_both_splits(splits: dict[str, _Split], val_fraction: float) -> None:
-    """With two or more documents, neither split is empty (val only when asked for).
+    """Train is never empty, and with two or more documents val is not either (if asked for).
 
-    Moves the last document of the full split to the empty one; deterministic, and it costs
-    one document's worth of I/O.
+    Moves the last document of one split to the other; deterministic, and it costs one
+    document's worth of I/O.
     """
     train, val = splits["train"], splits["val"]
-    if train.documents + val.documents < 2:
-        return
-    if val_fraction > 0 and val.documents == 0:
-        _move_last_document(train, val)
-    elif train.documents == 0:
+    if train.documents == 0 and val.documents > 0:
         _move_last_document(val, train)
+    if train.documents >= 2 and val.documents == 0 and val_fraction > 0:
+        _move_last_document(train, val)
 
 
 def _move_last_document(src: _Split, dst: _Split) -> None:

@@ -1,0 +1,492 @@
+"""`lmtools prepare`: inputs, tokenizers, output files, exactness, the val split, errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from lmtools.corpus import ReadOptions, SourceReader, resolve_sources, safe_cut
+from lmtools.errors import ConfigError, DataError
+from lmtools.prepare import NpyWriter, in_val, prepare_corpus, read_meta
+from lmtools.tokenizer import EOT, Encoder, bytes_to_unicode, load_tokenizer, train_bpe
+
+PROSE = (
+    "The quick brown fox jumps over the lazy dog. It's a sentence we'll use, isn't it?\n"
+    "Numbers 12345 and 3.14159; symbols #@!$%^&*() and   runs of   spaces.\n\n"
+    "Ünïcödé téxt: naïve café, Straße, Ελληνικά, русский, 中文字符, 日本語, 한국어, "
+    "emoji 😀🎉 and combining e\u0301.\n\tTabs\tand\r\nCRLF line ends.\n"
+)
+
+
+def decode_docs(tok, ids: np.ndarray, eot_id: int) -> list[str]:
+    """Split a token array on the end-of-text id and decode each document."""
+    docs, start = [], 0
+    ids = np.asarray(ids)
+    for end in np.flatnonzero(ids == eot_id):
+        docs.append(tok.decode(ids[start:end].tolist(), skip_special_tokens=False))
+        start = end + 1
+    assert start == len(ids), "token file does not end with the end-of-text id"
+    return docs
+
+
+def load_dataset_docs(out: Path) -> tuple[dict, list[str], list[str]]:
+    from tokenizers import Tokenizer
+
+    meta = read_meta(out)
+    tok = Tokenizer.from_file(str(out / meta["tokenizer"]))
+    train = np.load(out / "train.npy", mmap_mode="r")
+    val = np.load(out / "val.npy", mmap_mode="r")
+    return meta, decode_docs(tok, train, meta["eot_id"]), decode_docs(tok, val, meta["eot_id"])
+
+
+def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({field: d, "id": 1}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A small BPE (vocab 400) trained once, saved as tokenizer.json."""
+    tok = train_bpe(iter([[PROSE * 3, "def f(x):\n    return x + 1\n" * 5]]), 400)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_all_input_kinds_round_trip(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text("plain text file\n", encoding="utf-8")
+    with gzip.open(corpus / "sub" / "b.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("gzipped text ✓")
+    write_jsonl(corpus / "c.jsonl", ["jsonl one", "", "jsonl three"])
+    with gzip.open(corpus / "d.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "gz jsonl"}) + "\n\n")
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(10)], "n": list(range(10))}),
+                   corpus / "e.parquet", row_group_size=3)
+    (corpus / "ignored.md").write_text("not picked up from a folder")
+    (corpus / ".hidden.txt").write_text("hidden files are skipped")
+
+    meta = prepare_corpus([corpus], tmp_path / "out", tokenizer="bytes", val_fraction=0.0)
+    _, train, val = load_dataset_docs(tmp_path / "out")
+    # Folder order is sorted by path: a.txt, c.jsonl, d.jsonl.gz, e.parquet, sub/b.txt.gz.
+    assert train == (["plain text file\n", "jsonl one", "", "jsonl three", "gz jsonl"]
+                     + [f"row {i}" for i in range(10)] + ["gzipped text ✓"])
+    assert val == []
+    assert meta["train_documents"] == 16
+    assert [Path(s["path"]).name for s in meta["sources"]] == [
+        "a.txt", "c.jsonl", "d.jsonl.gz", "e.parquet", "b.txt.gz"]
+    import hashlib
+
+    for s in meta["sources"]:
+        assert s["sha256"] == hashlib.sha256(Path(s["path"]).read_bytes()).hexdigest()
+        assert s["size"] == Path(s["path"]).stat().st_size
+
+
+def test_globs_fields_columns_and_separator(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_jsonl(tmp_path / "x1.jsonl", ["one", "two"], field="body")
+    write_jsonl(tmp_path / "x2.jsonl", ["three"], field="body")
+    pq.write_table(pa.table({"content": ["four"]}), tmp_path / "y.parquet")
+    (tmp_path / "z.txt").write_text("five<SEP>six<SEP><SEP>seven<SEP>", encoding="utf-8")
+    prepare_corpus([str(tmp_path / "x*.jsonl"), tmp_path / "y.parquet", tmp_path / "z.txt"],
+                   tmp_path / "out", tokenizer="bytes", val_fraction=0.0, text_field="body",
+                   text_column="content", separator="<SEP>")
+    _, train, _ = load_dataset_docs(tmp_path / "out")
+    assert train == ["one", "two", "three", "four", "five", "six", "seven"]
+
+
+def test_long_documents_are_cut_only_where_tokens_do_not_change(trained):
+    enc = Encoder(load_tokenizer(trained)[0], "tokenizer.json", threads=1)
+    text = (PROSE + "  \n\n  x  \n") * 20
+    whole = enc.encode_batch([text])[0]
+    for limit in range(50, 400, 7):
+        cut = safe_cut(text, limit)
+        assert 0 < cut <= limit
+        parts = enc.encode_batch([text[:cut], text[cut:]])
+        assert np.array_equal(np.concatenate(parts), whole), limit
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                   max_size=300),
+       sep=st.sampled_from([None, "\n\n", "<|endoftext|>", "é"]))
+def test_reader_pieces_rebuild_documents(tmp_path_factory, text, sep):
+    path = tmp_path_factory.mktemp("r") / "t.txt"
+    path.write_bytes(text.encode("utf-8"))
+    if not text:
+        return
+    options = ReadOptions(separator=sep, piece_chars=16)
+    import lmtools.corpus as corpus
+
+    old = corpus.READ_BLOCK
+    corpus.READ_BLOCK = 7  # blocks that split characters and separators
+    try:
+        source = resolve_sources([path])[0]
+        docs, current = [], []
+        pieces = list(SourceReader(source, options))
+    except DataError:
+        assert sep is not None and all(not d for d in text.split(sep))
+        return
+    finally:
+        corpus.READ_BLOCK = old
+    for piece in pieces:
+        current.append(piece.text)
+        if piece.doc_end:
+            docs.append("".join(current))
+            current = []
+    assert current == []
+    expected = [text] if sep is None else [d for d in text.split(sep) if d]
+    assert docs == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_trained_bpe_layout_and_tiktoken_agreement(trained):
+    tok, kind = load_tokenizer(trained)
+    enc = Encoder(tok, kind, threads=2)
+    assert enc.engine == "tiktoken"
+    assert enc.vocab_size == 400 and enc.eot_id == 399
+    b2u = bytes_to_unicode()
+    assert all(tok.token_to_id(b2u[b]) == b for b in range(256))
+    texts = [PROSE, "", EOT, f"a{EOT}b", "   \n\n\t x", "it's they'll we've I'm", "x" * 5000,
+             "\u00a0\u2009\u3000 spaces\u2028\u2029", "ǅ ǈ ˆ ʰ ߺ ꙿ 𝔘𝔫𝔦", "١٢٣ ½ ² Ⅻ"]
+    fast = enc.encode_batch(texts)
+    ref = enc.encode_reference(texts)
+    for t, a, b in zip(texts, fast, ref):
+        assert np.array_equal(a, b), t
+        assert tok.decode(a.tolist()) == t
+    assert enc.eot_id not in fast[2]  # "<|endoftext|>" in text is ordinary text
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=60), max_size=8))
+def test_tiktoken_equals_tokenizers_on_random_text(trained, texts):
+    enc = _ENCODERS.setdefault(trained, Encoder(load_tokenizer(trained)[0], "bpe", threads=2))
+    for t, a, b in zip(texts, enc.encode_batch(texts), enc.encode_reference(texts)):
+        assert np.array_equal(a, b), t
+
+
+_ENCODERS: dict = {}
+
+
+def test_gpt2_vocab_and_merges_files(tmp_path, trained):
+    """A vocab.json + merges.txt pair with GPT-2's id layout (bytes in GPT-2's order)."""
+    spec = json.loads(Path(trained).read_text())
+    b2u = bytes_to_unicode()
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    vocab = {c: i for i, c in enumerate(b2u.values())}  # GPT-2 order, not byte order
+    for m in merges:
+        vocab.setdefault(m.replace(" ", ""), len(vocab))
+    vocab[EOT] = len(vocab)
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    for spec_ in (folder, folder / "vocab.json"):
+        tok, kind = load_tokenizer(spec_)
+        assert kind == "gpt2" and tok.token_to_id(EOT) == vocab[EOT]
+        enc = Encoder(tok, kind)
+        assert enc.engine == "tiktoken"
+        assert np.array_equal(enc.encode_batch([PROSE])[0], enc.encode_reference([PROSE])[0])
+    write_jsonl(tmp_path / "c.jsonl", [PROSE, EOT + " x", "é"])
+    meta = prepare_corpus([tmp_path / "c.jsonl"], tmp_path / "out", tokenizer=str(folder),
+                          val_fraction=0.0)
+    assert meta["tokenizer_kind"] == "gpt2" and meta["encoder"] == "tiktoken"
+    _, train, _ = load_dataset_docs(tmp_path / "out")
+    assert train == [PROSE, EOT + " x", "é"]
+
+
+def test_tokenizer_json_with_a_normalizer_falls_back_to_tokenizers(tmp_path, trained):
+    from tokenizers import normalizers
+
+    tok, _ = load_tokenizer(trained)
+    tok.normalizer = normalizers.Lowercase()
+    path = tmp_path / "lower.json"
+    tok.save(str(path))
+    write_jsonl(tmp_path / "c.jsonl", ["Hello World", "ABC"])
+    meta = prepare_corpus([tmp_path / "c.jsonl"], tmp_path / "out", tokenizer=str(path),
+                          val_fraction=0.0)
+    assert meta["encoder"] == "tokenizers"
+    _, train, _ = load_dataset_docs(tmp_path / "out")
+    assert train == ["hello world", "abc"]
+
+
+def test_bytes_tokenizer(tmp_path):
+    (tmp_path / "a.txt").write_text("héllo", encoding="utf-8")
+    meta = prepare_corpus([tmp_path / "a.txt"], tmp_path / "out", tokenizer="bytes")
+    assert meta["vocab_size"] == 257 and meta["eot_id"] == 256
+    assert meta["tokenizer_kind"] == "bytes" and meta["dtype"] == "uint16"
+    ids = np.load(tmp_path / "out" / "train.npy")
+    assert ids.tolist() == list("héllo".encode()) + [256]
+    assert meta["bytes_per_token"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Exactness
+# ---------------------------------------------------------------------------------------------
+
+documents = st.lists(
+    st.one_of(
+        st.text(st.characters(blacklist_categories=("Cs",)), max_size=80),
+        st.sampled_from(["", EOT, f"x{EOT}y", "  \n", "émoji 😀", PROSE]),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])
+@given(docs=documents, seed=st.integers(0, 3), tokenizer=st.sampled_from(["trained", "bytes"]))
+def test_round_trip_is_exact(tmp_path_factory, trained, docs, seed, tokenizer):
+    tmp = tmp_path_factory.mktemp("rt")
+    write_jsonl(tmp / "c.jsonl", docs)
+    meta = prepare_corpus([tmp / "c.jsonl"], tmp / "out", seed=seed, val_fraction=0.3,
+                          tokenizer=str(trained) if tokenizer == "trained" else "bytes",
+                          batch_chars=64)
+    _, train, val = load_dataset_docs(tmp / "out")
+    assert sorted(train + val) == sorted(docs)
+    in_val_ = [in_val(seed, i, 0.3) for i in range(len(docs))]
+    expected_val = [d for d, v in zip(docs, in_val_) if v]
+    expected_train = [d for d, v in zip(docs, in_val_) if not v]
+    if not expected_train:
+        expected_train, expected_val = expected_val[-1:], expected_val[:-1]
+    if len(docs) >= 2 and not expected_val:
+        expected_val, expected_train = expected_train[-1:], expected_train[:-1]
+    assert (train, val) == (expected_train, expected_val)
+    assert meta["train_documents"] == len(train) and meta["val_documents"] == len(val)
+    text_bytes = sum(len(d.encode()) for d in docs)
+    assert meta["text_bytes"] == text_bytes
+
+
+def test_trained_round_trip_with_long_documents(tmp_path):
+    """The default path: train a BPE, documents longer than a piece, one doc per file."""
+    docs = [PROSE * 30, "short", PROSE[::-1] * 7]
+    for i, d in enumerate(docs):
+        (tmp_path / f"{i}.txt").write_text(d, encoding="utf-8", newline="")
+    meta = prepare_corpus([tmp_path / f"{i}.txt" for i in range(3)], tmp_path / "out",
+                          vocab_size=320, val_fraction=0.5, batch_chars=1000, piece_chars=500)
+    assert meta["tokenizer_kind"] == "bpe" and meta["vocab_size"] == 320
+    _, train, val = load_dataset_docs(tmp_path / "out")
+    assert sorted(train + val) == sorted(docs) and train and val
+
+
+# ---------------------------------------------------------------------------------------------
+# Output files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_meta_and_files(tmp_path, trained):
+    write_jsonl(tmp_path / "c.jsonl", [PROSE, "b", "c", "d"])
+    meta = prepare_corpus([tmp_path / "c.jsonl"], tmp_path / "out", tokenizer=str(trained),
+                          seed=5)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "meta.json", "tokenizer.json", "train.npy", "val.npy"]
+    on_disk = json.loads((out / "meta.json").read_text())
+    for key in ("vocab_size", "dtype", "train_tokens", "val_tokens", "train_documents",
+                "val_documents", "eot_id", "tokenizer", "tokenizer_kind", "bytes_per_token",
+                "min_token_id", "max_token_id", "sources", "seed", "val_fraction",
+                "lmtools_version", "created"):
+        assert key in on_disk, key
+    train = np.load(out / "train.npy", mmap_mode="r")
+    val = np.load(out / "val.npy", mmap_mode="r")
+    assert isinstance(train, np.memmap) and train.dtype == np.uint16
+    assert len(train) == meta["train_tokens"] and len(val) == meta["val_tokens"]
+    assert meta["val_documents"] == 1  # 1% of 4 documents, but at least one
+    both = np.concatenate([train, val])
+    assert both.min() == meta["min_token_id"] and both.max() == meta["max_token_id"]
+    assert meta["max_token_id"] == meta["eot_id"] < meta["vocab_size"]
+    assert read_meta(out)["dir"] == str(out.resolve())
+    assert read_meta(out / "train.npy")["train_tokens"] == meta["train_tokens"]
+    assert read_meta(tmp_path / "c.jsonl") is None
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+@pytest.mark.parametrize("sizes", [[], [0], [5, 0, 3], [70000]])
+def test_npy_writer(tmp_path, dtype, sizes):
+    w = NpyWriter(tmp_path / "a.npy", np.dtype(dtype))
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 60000, n).astype(np.uint32) for n in sizes]
+    for p in parts:
+        w.append(p)
+    w.finish()
+    got = np.load(tmp_path / "a.npy", mmap_mode="r")
+    want = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+    assert got.dtype == dtype and np.array_equal(got, want)
+
+
+def test_val_split_is_deterministic_and_seeded(tmp_path):
+    docs = [f"document number {i}" for i in range(200)]
+    write_jsonl(tmp_path / "c.jsonl", docs)
+    runs = []
+    for seed, name in ((1, "a"), (1, "b"), (2, "c")):
+        prepare_corpus([tmp_path / "c.jsonl"], tmp_path / name, tokenizer="bytes", seed=seed,
+                       val_fraction=0.1)
+        runs.append(load_dataset_docs(tmp_path / name)[2])
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    assert 5 <= len(runs[0]) <= 40
+    assert (tmp_path / "a" / "train.npy").read_bytes() == (tmp_path / "b" / "train.npy").read_bytes()
+
+
+def test_one_document_goes_to_train(tmp_path):
+    (tmp_path / "a.txt").write_text("only one")
+    meta = prepare_corpus([tmp_path / "a.txt"], tmp_path / "out", tokenizer="bytes",
+                          val_fraction=0.5)
+    assert (meta["train_documents"], meta["val_documents"]) == (1, 0)
+    assert np.load(tmp_path / "out" / "val.npy").shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: one line, exit code 2, nothing half-written
+# ---------------------------------------------------------------------------------------------
+
+
+def run_cli(*args: str):
+    from lmtools.cli import app
+
+    return CliRunner().invoke(app, ["prepare", *map(str, args)])
+
+
+def make_dataset(tmp_path: Path) -> Path:
+    out = tmp_path / "ds"
+    (tmp_path / "good.txt").write_text("good text")
+    result = run_cli(tmp_path / "good.txt", "--out", out, "--tokenizer", "bytes")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize(
+    "setup, args, message",
+    [
+        (lambda p: None, ["missing.txt"], "no such file"),
+        (lambda p: (p / "e.txt").write_bytes(b""), ["e.txt"], "empty"),
+        (lambda p: (p / "b.txt").write_bytes(b"\x7fELF\x00\x01\x02"), ["b.txt"], "binary"),
+        (lambda p: (p / "u.txt").write_bytes(b"caf\xe9 latin-1"), ["u.txt"], "UTF-8"),
+        (lambda p: write_jsonl(p / "f.jsonl", ["x"], field="body"), ["f.jsonl"], "'text'"),
+        (lambda p: (p / "j.jsonl").write_text('{"text": "a"}\n{oops\n'), ["j.jsonl"], ":2:"),
+        (lambda p: __import__("pyarrow.parquet").parquet.write_table(
+            __import__("pyarrow").table({"body": ["x"]}), p / "c.parquet"),
+         ["c.parquet"], "column 'text'"),
+        (lambda p: (p / "x.parquet").write_text("not parquet"), ["x.parquet"], "parquet"),
+        (lambda p: (p / "g.txt.gz").write_bytes(b"not gzip at all"), ["g.txt.gz"], "gzip"),
+        (lambda p: (p / "ok.txt").write_text("x"), ["ok.txt", "--vocab_size", "100"],
+         "too small"),
+        (lambda p: (p / "ok.txt").write_text("x"), ["ok.txt", "--tokenizer", "nope.json"],
+         "no such file"),
+        (lambda p: (p / "ok.txt").write_text("x"), ["ok.txt", "--val-fraction", "1.5"],
+         "val_fraction"),
+        (lambda p: (p / "empty").mkdir(), ["empty"], "holds no"),
+        (lambda p: None, ["nothing*.txt"], "no file matches"),
+    ],
+)
+def test_user_errors_exit_2_and_keep_the_dataset(tmp_path, monkeypatch, setup, args, message):
+    monkeypatch.chdir(tmp_path)
+    out = make_dataset(tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    setup(tmp_path)
+    result = run_cli(*args, "--out", out, "--force", "--quiet")
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # intact, no temp files
+
+
+def test_existing_dataset_needs_force(tmp_path):
+    out = make_dataset(tmp_path)
+    before = (out / "train.npy").read_bytes()
+    (tmp_path / "new.txt").write_text("new and longer text")
+    result = run_cli(tmp_path / "new.txt", "--out", out, "--tokenizer", "bytes")
+    assert result.exit_code == 2 and "--force" in result.output
+    assert (out / "train.npy").read_bytes() == before
+    result = run_cli(tmp_path / "new.txt", "--out", out, "--tokenizer", "bytes", "--force")
+    assert result.exit_code == 0, result.output
+    assert read_meta(out)["train_tokens"] == len("new and longer text") + 1
+
+
+def test_failure_midway_leaves_no_files(tmp_path):
+    (tmp_path / "a.txt").write_text("fine")
+    (tmp_path / "b.txt").write_bytes(b"\xff\xfe bad")
+    with pytest.raises(DataError, match="b.txt"):
+        prepare_corpus([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "out",
+                       tokenizer="bytes")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_arguments_raise_config_errors(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(ConfigError, match="257"):
+        prepare_corpus([tmp_path / "a.txt"], tmp_path / "o", vocab_size=256)
+    with pytest.raises(ConfigError, match="separator"):
+        prepare_corpus([tmp_path / "a.txt"], tmp_path / "o", separator="")
+
+
+def test_surrogates_in_json_are_a_data_error(tmp_path):
+    (tmp_path / "s.jsonl").write_text('{"text": "bad \\ud800 here"}\n')
+    with pytest.raises(DataError, match="surrogate"):
+        prepare_corpus([tmp_path / "s.jsonl"], tmp_path / "o", tokenizer="bytes")
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_trains_and_reports(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text(PROSE + str(i), encoding="utf-8")
+    result = run_cli(tmp_path, "--out", tmp_path / "out", "--vocab-size", "300",
+                     "--separator", "\\n\\n", "--val_fraction", "0.2", "--seed", "3")
+    assert result.exit_code == 0, result.output
+    assert "prepare: encode" in result.output  # plain progress lines when not a terminal
+    meta = read_meta(tmp_path / "out")
+    assert meta["separator"] == "\n\n" and meta["seed"] == 3 and meta["vocab_size"] == 300
+    assert meta["train_documents"] + meta["val_documents"] == 6
+
+
+def test_help_documents_documents_and_both_flag_spellings():
+    from lmtools.cli import app
+
+    result = CliRunner().invoke(app, ["prepare", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for flag in ("--text_field", "--text-field", "--vocab_size", "--separator", "--force"):
+        assert flag in result.output
+    assert "one per text file" in result.output
+
+
+def test_prepare_modules_import_no_heavy_libraries():
+    code = (
+        "import sys, lmtools; before = set(sys.modules)\n"
+        "import lmtools.prepare, lmtools.corpus, lmtools.tokenizer\n"
+        "new = set(sys.modules) - before\n"
+        "heavy = [m for m in new if m.split('.')[0] in "
+        "('torch', 'numpy', 'tokenizers', 'tiktoken', 'pyarrow')]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
