@@ -1,0 +1,511 @@
+"""What a file holds: a checkpoint, a token file or a prepared folder, described as plain data.
+
+`inspect_path` returns a JSON-ready dict (the CLI renders it as a table or prints it as JSON).
+Nothing here unpickles code: checkpoints are read weights-only (`read_checkpoint`), token
+files through the Rust header check and a memory map. A file that is not what its name claims
+(a text file named `.pt`, a 2-D or float `.npy`, random bytes) raises a `DataError` or
+`CheckpointError` that says what it is instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmtools.errors import CheckpointError, DataError
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+MODULE_ORDER = ("token_embeddings", "layers", "ln_final", "lm_head")
+EOT = "<|endoftext|>"
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
+_PICKLE_PROTO = 0x80
+_EXCERPT_TOKENS = 512  # decoded, then cut to the requested number of characters
+_COUNT_CHUNK = 1 << 24  # tokens per chunk when counting end-of-text ids
+_BESIDE = object()  # default: look for the tokenizer beside the file
+
+
+def inspect_path(path: str | os.PathLike, *, dtype: str | None = None, excerpt_chars: int = 200) -> dict:
+    """Describe a checkpoint, a token file (`.npy`, or raw with `dtype`) or a prepared folder."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p} does not exist; pass a checkpoint, a token file or a prepared folder")
+    if p.is_dir():
+        return inspect_dataset(p, excerpt_chars=excerpt_chars)
+    suffix = p.suffix.lower()
+    head = _head(p)
+    if suffix in (".npy", ".bin") or dtype is not None or head.startswith(_NPY_MAGIC):
+        return inspect_token_file(p, dtype=dtype, excerpt_chars=excerpt_chars)
+    if suffix in CHECKPOINT_SUFFIXES or head.startswith(_ZIP_MAGIC) or head[:1] == bytes([_PICKLE_PROTO]):
+        return inspect_checkpoint(p)
+    raise DataError(
+        f"{p} is {_looks_like(p, head)}; inspect reads checkpoints (.pt), token files (.npy, or .bin with --dtype) "
+        f"and folders written by lmtools prepare"
+    )
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> dict:
+    """Format, model, parameters, optimizer, schedule position, metrics, data and versions."""
+    from lmtools.checkpoint import read_checkpoint
+
+    p = Path(path)
+    head = _head(p)
+    if not (head.startswith(_ZIP_MAGIC) or head[:1] == bytes([_PICKLE_PROTO])):
+        raise CheckpointError(f"{p} is not a checkpoint: it is {_looks_like(p, head)}; checkpoints come from lmtools train")
+    if head.startswith(_ZIP_MAGIC) and not _is_torch_zip(p):
+        raise CheckpointError(f"{p} is not a checkpoint: it is a zip archive without PyTorch's data.pkl")
+    payload = read_checkpoint(p, suggest=False)
+    state = payload["model_state_dict"]
+    if not isinstance(state, dict) or not all(hasattr(t, "shape") for t in state.values()):
+        raise CheckpointError(f"{p} is not an lmtools checkpoint (its model_state_dict holds no tensors)")
+    config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
+    model_config = payload.get("model_config") or {
+        k: config[k] for k in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta")
+        if k in config
+    }
+    iteration = int(payload.get("iteration", 0))
+    problems: list[str] = []
+    report: dict[str, Any] = {
+        "kind": "checkpoint",
+        "path": str(p),
+        "file_size": p.stat().st_size,
+        "format_version": payload.get("format_version"),
+        "iteration": iteration,
+        "lmtools_version": payload.get("lmtools_version"),
+        "torch_version": payload.get("torch_version"),
+        "model": dict(model_config, weights_dtype=", ".join(sorted({_dtype_name(t) for t in state.values()}))),
+        "parameters": parameter_counts(state),
+        "optimizer": _optimizer(payload.get("optimizer_state_dict")),
+        "schedule": _schedule(iteration, config),
+        "metrics": payload.get("metrics") or {},
+        "data": _data(config, payload.get("sampler")),
+        "tokenizer": _tokenizer_ref(payload.get("tokenizer") or config.get("tokenizer"), p),
+        "training": {
+            k: config[k] for k in (
+                "batch_size", "context_length", "grad_accum_steps", "gradient_clip_val", "seed", "device", "dtype",
+                "compile", "checkpoint_interval", "eval_interval", "log_interval",
+            ) if k in config
+        },
+        "problems": problems,
+    }
+    if "skipped_steps" in payload:
+        report["training"]["skipped_steps"] = int(payload["skipped_steps"])
+    nonfinite = [name for name, t in state.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if nonfinite:
+        problems.append(f"non-finite values in {len(nonfinite)} tensors: {', '.join(nonfinite[:5])}")
+    problems.extend(_shape_problems(model_config, state))
+    report["sound"] = not problems
+    return _plain(report)
+
+
+def parameter_counts(state: dict) -> dict[str, int]:
+    """Parameter count per top-level module (token_embeddings, layers, ln_final, lm_head) and total."""
+    counts: dict[str, int] = {}
+    for name, tensor in state.items():
+        top = name.split(".", 1)[0]
+        counts[top] = counts.get(top, 0) + int(tensor.numel())
+    ordered = {k: counts.pop(k) for k in MODULE_ORDER if k in counts}
+    ordered.update(sorted(counts.items()))
+    ordered["total"] = sum(ordered.values())
+    return ordered
+
+
+def _optimizer(opt_state: Any) -> dict:
+    if not isinstance(opt_state, dict) or not opt_state.get("param_groups"):
+        return {}
+    groups = opt_state["param_groups"]
+    first = groups[0]
+    out: dict[str, Any] = {}
+    for key in ("lr", "betas", "eps"):
+        if key in first:
+            out[key] = first[key]
+    decays = [g.get("weight_decay") for g in groups]
+    out["weight_decay"] = decays[0] if len(set(decays)) == 1 else decays
+    out["param_groups"] = len(groups)
+    out["parameters_per_group"] = [len(g.get("params", [])) for g in groups]
+    steps = [s["step"] for s in opt_state.get("state", {}).values() if isinstance(s, dict) and "step" in s]
+    if steps:
+        out["step"] = int(max(float(s) for s in steps))
+    return out
+
+
+def _schedule(iteration: int, config: dict) -> dict:
+    from lmtools.optim import run_get_lr_cosine_schedule
+
+    needed = ("max_iters", "warmup_iters", "learning_rate", "min_learning_rate")
+    if not all(k in config for k in needed):
+        return {"iteration": iteration}
+    max_iters, warmup = int(config["max_iters"]), int(config["warmup_iters"])
+    if iteration < warmup:
+        phase = "warmup"
+    elif iteration < max_iters:
+        phase = "cosine decay"
+    else:
+        phase = "finished"
+    return {
+        "iteration": iteration,
+        "max_iters": max_iters,
+        "warmup_iters": warmup,
+        "progress": iteration / max_iters if max_iters else None,
+        "phase": phase,
+        "max_lr": float(config["learning_rate"]),
+        "min_lr": float(config["min_learning_rate"]),
+        # The rate of the step that produced this checkpoint (the loop uses iteration 1..max_iters).
+        "lr": run_get_lr_cosine_schedule(
+            max(iteration, 1), float(config["learning_rate"]), float(config["min_learning_rate"]), warmup, max_iters
+        ),
+        "remaining_iters": max(max_iters - iteration, 0),
+    }
+
+
+def _data(config: dict, sampler: Any) -> dict:
+    out: dict[str, Any] = {}
+    train = config.get("train_data")
+    if train is not None:
+        out["train_data"] = list(train) if isinstance(train, (list, tuple)) else [train]
+        missing = [s for s in out["train_data"] if not Path(_strip_weight(s)).exists()]
+        if missing:
+            out["missing"] = missing
+    if config.get("val_data"):
+        out["val_data"] = config["val_data"]
+    if config.get("data_dtype"):
+        out["data_dtype"] = config["data_dtype"]
+    if isinstance(sampler, dict) and sampler:
+        out["sampler"] = {k: sampler[k] for k in ("step", "micro", "seed", "rank", "num_tokens") if k in sampler}
+        try:
+            per_step = int(sampler["batch_size"]) * int(sampler["context_length"]) * int(sampler.get("grad_accum_steps", 1))
+            out["sampler"]["tokens_seen"] = int(sampler["step"]) * per_step
+        except (KeyError, TypeError, ValueError):
+            pass
+    return out
+
+
+def _strip_weight(spec: str) -> str:
+    head, sep, tail = str(spec).rpartition(":")
+    if sep and head:
+        try:
+            float(tail)
+            return head
+        except ValueError:
+            pass
+    return str(spec)
+
+
+def _tokenizer_ref(ref: Any, checkpoint: Path) -> dict:
+    if not ref:
+        return {"path": None}
+    path = Path(str(ref))
+    beside = checkpoint.parent / path.name
+    found = path if path.is_file() else beside if beside.is_file() else None
+    return {"path": str(ref), "found": str(found) if found else None}
+
+
+def _shape_problems(model_config: dict, state: dict) -> list[str]:
+    """Compare the state dict with the model its config describes (built on the meta device)."""
+    import torch
+
+    from lmtools.model import TransformerLM
+
+    fields = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff")
+    if not all(k in model_config for k in fields):
+        return ["no complete model config: the checkpoint cannot be loaded by lmtools sample or resume"]
+    try:
+        with torch.device("meta"):
+            model = TransformerLM(**{k: model_config[k] for k in (*fields, "rope_theta") if k in model_config})
+    except Exception as exc:  # a config that validate_config refuses
+        return [f"model config is invalid: {exc}"]
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    problems = []
+    if missing := sorted(set(expected) - set(got)):
+        problems.append(f"{len(missing)} tensors missing from the weights: {', '.join(missing[:3])}")
+    if extra := sorted(set(got) - set(expected)):
+        problems.append(f"{len(extra)} unexpected tensors in the weights: {', '.join(extra[:3])}")
+    wrong = [k for k in expected if k in got and expected[k] != got[k]]
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{len(wrong)} tensors do not match the model config, e.g. {k} {got[k]} vs {expected[k]}")
+    return problems
+
+
+def _is_torch_zip(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return True  # a truncated torch file: let read_checkpoint name the damage
+
+
+# ---- token files and prepared folders -------------------------------------------------------
+
+
+def inspect_token_file(
+    path: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    meta: dict | None = None,
+    tokenizer: Any = _BESIDE,
+    excerpt_chars: int = 200,
+) -> dict:
+    """Tokens, dtype, token range, documents, bytes per token and a decoded excerpt.
+
+    `meta` and `tokenizer` default to the `meta.json` and `tokenizer.json` beside the file
+    (`tokenizer=None`: no tokenizer, no excerpt).
+    """
+    from lmtools import _sampler
+
+    p = Path(path)
+    is_npy = p.suffix.lower() == ".npy"
+    if not is_npy and _head(p).startswith(_NPY_MAGIC):
+        raise DataError(f"{p} holds a .npy array under another name; rename it to {p.stem}.npy")
+    if not is_npy and dtype is None:
+        raise DataError(f"{p} is a raw token file; pass --dtype (uint16, uint32, int32 or int64)")
+    if is_npy:
+        _sampler.read_npy_header(str(p))  # 2-D, float, big-endian or not-npy: a DataError naming the fix
+    token_file = _sampler.TokenFile.open(str(p), None if is_npy else _numpy_dtype_name(dtype))
+    n = len(token_file)
+    rng = token_file.token_range() if n else None
+    if meta is None:
+        meta = _meta_beside(p)
+    if tokenizer is _BESIDE:
+        tokenizer = _tokenizer_beside(p, meta)
+    vocab_size = _meta_int(meta, "vocab_size")
+    if vocab_size is None and tokenizer is not None:
+        vocab_size = int(tokenizer.get_vocab_size())
+    file_size = p.stat().st_size
+    report: dict[str, Any] = {
+        "kind": "token_file",
+        "path": str(p),
+        "format": "npy" if is_npy else "raw",
+        "file_size": file_size,
+        "dtype": token_file.dtype,
+        "tokens": n,
+        "min_token": rng[0] if rng else None,
+        "max_token": rng[1] if rng else None,
+        "vocab_size": vocab_size,
+    }
+    problems: list[str] = []
+    if rng and rng[0] < 0:
+        problems.append(f"negative token id {rng[0]}")
+    if rng and vocab_size is not None and rng[1] >= vocab_size:
+        problems.append(f"token id {rng[1]} is beyond the vocabulary ({vocab_size})")
+    data = None
+    eot_id = _meta_int(meta, "eot_id", "eot_token", "end_of_text_id")
+    if eot_id is None and tokenizer is not None:
+        eot_id = tokenizer.token_to_id(EOT)
+    split = _split_meta(meta, p)
+    documents = _meta_int(split, "documents") if split else _meta_int(meta, f"{p.stem}_documents")
+    if documents is not None:
+        report["documents"] = documents
+        report["documents_from"] = "meta.json"
+    elif eot_id is not None and n:
+        data = _open_tokens(p, is_npy, token_file.dtype)
+        report["documents"] = count_token(data, eot_id)
+        report["documents_from"] = f"count of end-of-text id {eot_id}"
+    if eot_id is not None:
+        report["eot_id"] = eot_id
+    bpt = _meta_float(split, "bytes_per_token")
+    if bpt is None:
+        bpt = _meta_float(meta, "bytes_per_token")
+    if bpt is not None:
+        report["bytes_per_token"] = bpt
+    if tokenizer is not None and n and excerpt_chars > 0 and not problems:
+        if data is None:
+            data = _open_tokens(p, is_npy, token_file.dtype)
+        ids = [int(t) for t in np.asarray(data[:_EXCERPT_TOKENS])]
+        report["excerpt"] = tokenizer.decode(ids, skip_special_tokens=False)[:excerpt_chars]
+    report["problems"] = problems
+    report["sound"] = not problems
+    return _plain(report)
+
+
+def inspect_dataset(folder: str | os.PathLike, *, excerpt_chars: int = 200) -> dict:
+    """A folder written by `lmtools prepare`: meta.json, tokenizer and each split's token file."""
+    p = Path(folder)
+    splits = {name: p / f"{name}.npy" for name in ("train", "val")}
+    meta_path, tok_path = p / "meta.json", p / "tokenizer.json"
+    if not meta_path.is_file() and not any(f.is_file() for f in splits.values()):
+        raise DataError(
+            f"{p} is a folder but not a prepared dataset (no meta.json, train.npy or val.npy); "
+            f"pass a checkpoint, a token file, or a folder written by lmtools prepare"
+        )
+    meta = _read_meta(meta_path) if meta_path.is_file() else None
+    tokenizer = _tokenizer_beside(splits["train"], meta)
+    problems = []
+    for name, f in (("meta.json", meta_path), ("train.npy", splits["train"]), ("tokenizer.json", tok_path)):
+        if not f.is_file() and not (name == "tokenizer.json" and tokenizer is not None):
+            problems.append(f"{name} is missing")
+    report: dict[str, Any] = {
+        "kind": "dataset",
+        "path": str(p),
+        "vocab_size": _meta_int(meta, "vocab_size") or (tokenizer.get_vocab_size() if tokenizer else None),
+        "tokenizer": str(tok_path) if tok_path.is_file() else None,
+        "tokens": sum(_meta_int(meta, f"{n}_tokens") or 0 for n in splits) if meta else None,
+        "documents": sum(_meta_int(meta, f"{n}_documents") or 0 for n in splits) if meta else None,
+    }
+    for key in ("format", "dtype", "eot_id", "bytes_per_token", "text_bytes", "tokenizer_kind", "created"):
+        if meta and key in meta and not isinstance(meta[key], dict):
+            report[key] = meta[key]
+    sources = meta.get("sources") if meta else None
+    if isinstance(sources, list):
+        sizes = [s.get("bytes", s.get("size")) for s in sources if isinstance(s, dict)]
+        report["sources"] = {"files": len(sources), "bytes": sum(int(s) for s in sizes if isinstance(s, (int, float)))}
+    for name, f in splits.items():
+        if f.is_file():
+            sub = inspect_token_file(f, meta=meta or {}, tokenizer=tokenizer, excerpt_chars=excerpt_chars if name == "train" else 0)
+            report[name] = {k: v for k, v in sub.items() if k not in ("kind", "path", "vocab_size", "problems", "sound")}
+            problems.extend(f"{name}.npy: {msg}" for msg in sub["problems"])
+            claimed = _meta_int(meta, f"{name}_tokens")
+            if claimed is not None and claimed != sub["tokens"]:
+                problems.append(f"{name}.npy holds {sub['tokens']:,} tokens but meta.json says {claimed:,}; re-run lmtools prepare")
+    if "train" in report and "excerpt" in report["train"]:
+        report["excerpt"] = report["train"].pop("excerpt")
+    report["problems"] = problems
+    report["sound"] = not problems
+    return _plain(report)
+
+
+def count_token(data: np.ndarray, token: int) -> int:
+    """How often `token` occurs, in chunks (a memmap is never read whole into memory)."""
+    total = 0
+    for start in range(0, len(data), _COUNT_CHUNK):
+        total += int(np.count_nonzero(data[start : start + _COUNT_CHUNK] == token))
+    return total
+
+
+def _open_tokens(p: Path, is_npy: bool, dtype: str) -> np.ndarray:
+    from lmtools.data import load_dataset
+
+    return load_dataset(p, dtype=None if is_npy else dtype)
+
+
+def _numpy_dtype_name(dtype: str) -> str:
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
+    if name not in ("uint16", "uint32", "int32", "int64"):
+        raise DataError(f"--dtype {dtype} is not a token dtype; use uint16, uint32, int32 or int64")
+    return name
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); re-run lmtools prepare") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} holds no JSON object; re-run lmtools prepare")
+    return meta
+
+
+def _meta_beside(p: Path) -> dict:
+    meta = p.parent / "meta.json"
+    return _read_meta(meta) if meta.is_file() else {}
+
+
+def _split_meta(meta: dict | None, p: Path) -> dict:
+    """The part of meta.json about this file: `meta["train"]` / `meta["splits"]["train"]`, if any."""
+    if not meta:
+        return {}
+    name = p.stem
+    for holder in (meta, meta.get("splits") if isinstance(meta.get("splits"), dict) else {}):
+        if isinstance(holder.get(name), dict):
+            return holder[name]
+    return {}
+
+
+def _tokenizer_beside(p: Path, meta: dict | None):
+    """The tokenizer named by meta.json, or tokenizer.json beside `p`; None when absent or unreadable."""
+    candidates = []
+    if meta and isinstance(meta.get("tokenizer"), str):
+        ref = Path(meta["tokenizer"])
+        candidates += [p.parent / ref.name, ref]
+    candidates.append(p.parent / "tokenizer.json")
+    for cand in candidates:
+        if cand.is_file():
+            try:
+                from tokenizers import Tokenizer
+
+                return Tokenizer.from_file(str(cand))
+            except Exception:  # tokenizers raises its own Exception type; an excerpt is optional
+                return None
+    return None
+
+
+def _meta_int(meta: dict | None, *names: str) -> int | None:
+    for name in names:
+        if meta and isinstance(meta.get(name), (int, float)) and not isinstance(meta.get(name), bool):
+            return int(meta[name])
+    return None
+
+
+def _meta_float(meta: dict | None, name: str) -> float | None:
+    value = meta.get(name) if meta else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+
+def _head(p: Path, n: int = 512) -> bytes:
+    try:
+        with open(p, "rb") as f:
+            return f.read(n)
+    except OSError as exc:
+        raise DataError(f"cannot read {p}: {exc.strerror}") from None
+
+
+def _looks_like(p: Path, head: bytes) -> str:
+    """A few words on what a file really is, judged by its first bytes."""
+    if not head:
+        return "an empty file"
+    if head.startswith(_NPY_MAGIC):
+        return "a .npy array"
+    if head.startswith(_ZIP_MAGIC):
+        return "a zip archive"
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip file"
+    if head.startswith(b"\x89PNG"):
+        return "a PNG image"
+    if b"\x00" not in head:
+        try:
+            head.decode("utf-8")
+            return f"a text file ({p.stat().st_size:,} bytes)"
+        except UnicodeDecodeError as exc:
+            if exc.start >= len(head) - 4:  # a character cut by the 512-byte window
+                return f"a text file ({p.stat().st_size:,} bytes)"
+    return "binary data of an unknown format"
+
+
+def _dtype_name(t) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-ready: tensors become numbers or lists, tuples lists, non-finite floats None."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "tolist") and hasattr(obj, "shape"):  # torch tensors and numpy arrays
+        if getattr(obj, "numel", lambda: obj.size)() > 16:
+            return f"<{_dtype_name(obj)} tensor of shape {list(obj.shape)}>"
+        return _plain(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (np.integer, np.floating)):
+        return _plain(obj.item())
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)
