@@ -144,8 +144,8 @@ impl PyTokenFile {
     }
     /// (min, max) token id by a parallel scan (remembered), or None when empty.
     fn token_range(&self, py: Python<'_>) -> Option<(i64, i64)> {
-        let inner = self.inner.clone();
-        py.detach(move || inner.token_range())
+        let inner = &self.inner;
+        py.detach(|| inner.token_range())
     }
     fn __repr__(&self) -> String {
         format!("TokenFile({:?}, dtype={}, len={})", self.inner.name(), self.inner.dtype().name(), self.inner.len())
@@ -170,6 +170,9 @@ fn output(obj: &Bound<'_, PyAny>, what: &str, t: usize) -> PyResult<PyBuffer<i64
     }
     Ok(buf)
 }
+
+/// `windows()` builds a list; past this many rows a typo would exhaust memory instead.
+const MAX_WINDOWS: usize = 1 << 26;
 
 /// Samples windows from token sources and gathers them into caller-provided buffers.
 #[pyclass(frozen, name = "Sampler", module = "lmtools._sampler")]
@@ -265,8 +268,11 @@ impl PySampler {
 
     /// The windows of a batch as (file index, start) pairs, without gathering.
     #[pyo3(signature = (batch_size, seed, rank = 0, step = 0, micro = 0))]
-    fn windows(&self, batch_size: usize, seed: u64, rank: u64, step: u64, micro: u64) -> Vec<(usize, u64)> {
-        self.inner.windows(batch_size, seed, rank, step, micro).into_iter().map(|w| (w.file, w.start)).collect()
+    fn windows(&self, batch_size: usize, seed: u64, rank: u64, step: u64, micro: u64) -> PyResult<Vec<(usize, u64)>> {
+        if batch_size > MAX_WINDOWS {
+            return Err(DataError::new_err(format!("batch_size {batch_size} is too large; ask for at most {MAX_WINDOWS} windows")));
+        }
+        Ok(self.inner.windows(batch_size, seed, rank, step, micro).into_iter().map(|w| (w.file, w.start)).collect())
     }
 
     #[getter]
