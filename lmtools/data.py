@@ -10,12 +10,14 @@ and a prefetch ring that keeps the next batches ready while the model computes.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import math
 import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -387,6 +389,17 @@ class BatchLoader:
 # Prefetching
 
 
+# Rings still running at exit are stopped before the interpreter finalizes, so no prefetch
+# thread is inside the extension when the runtime goes away.
+_LIVE_RINGS: weakref.WeakSet[_Prefetcher] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_rings() -> None:
+    for ring in list(_LIVE_RINGS):
+        ring.close()
+
+
 class _Prefetcher:
     """A thread producing the batches of (step, micro), (step, micro + 1), ... in order."""
 
@@ -397,6 +410,7 @@ class _Prefetcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(step, micro), name="lmtools-prefetch", daemon=True)
         self._thread.start()
+        _LIVE_RINGS.add(self)
 
     def _run(self, step: int, micro: int) -> None:
         while not self._stop.is_set():

@@ -407,3 +407,51 @@ def test_large_batches_gathered_in_parallel_are_windows() -> None:
             base = 0 if name == "array[0]" else 5_000_000
             assert x[row, 0].item() == base + start and y[row, -1].item() == base + start + 4096
         assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_pinned_ring_reuses_a_slot_only_after_its_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CUDA ring's bookkeeping, run on the CPU: plain buffers stand in for pinned ones and
+    # a fake event records when the producer waited for a copy before refilling its slot.
+    import lmtools.data as data_module
+
+    class FakeEvent:
+        log: list[str] = []
+
+        def record(self, stream: object = None) -> None:
+            FakeEvent.log.append("record")
+
+        def synchronize(self) -> None:
+            FakeEvent.log.append("sync")
+
+    class HostBuffer:  # what the ring uses of a pinned tensor; .to() copies like a real H2D copy
+        def __init__(self, b: int, t: int) -> None:
+            self.tensor = torch.empty((b, t), dtype=torch.int64)
+
+        def numpy(self) -> np.ndarray:
+            return self.tensor.numpy()
+
+        def to(self, device: torch.device, non_blocking: bool = False) -> torch.Tensor:
+            return self.tensor.clone()
+
+    class PlainSlot(data_module._Slot):
+        def __init__(self, b: int, t: int) -> None:
+            self.x, self.y, self.copied = HostBuffer(b, t), HostBuffer(b, t), None
+
+    monkeypatch.setattr(data_module, "_Slot", PlainSlot)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    data = np.arange(10_000, dtype=np.uint16)
+    sampler = _sampler.Sampler([(1.0, [_sampler.TokenFile.from_buffer(data)])], 8)
+    reference = BatchLoader(data, 4, 8, seed=5, grad_accum_steps=2, prefetch=0)
+    ring = data_module._PinnedPrefetcher(sampler, 4, 8, 5, 0, 2, 3, 1, 2, torch.device("cpu"))
+    try:
+        for i in range(10):
+            (step, micro), (x, y) = ring.get()
+            assert (step, micro) == divmod(7 + i, 2)
+            expected = reference.batch_at(step, micro)
+            assert torch.equal(x, expected[0]) and torch.equal(y, expected[1])
+    finally:
+        ring.close()
+    # 3 slots: every fill after the first three waited for the copy of the slot it reused.
+    assert FakeEvent.log.count("record") == 10
+    assert FakeEvent.log.count("sync") >= 7
