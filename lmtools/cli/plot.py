@@ -18,7 +18,7 @@ def plot(
     title: Optional[str] = typer.Option(None, "--title", help="Plot title [default: the run names]."),
     log_y: bool = typer.Option(False, "--log_y", "--log-y", help="Logarithmic loss axis."),
 ) -> None:
-    """Plot train and val loss of runs into a PNG (needs matplotlib: pip install 'lmtools[plot]')."""
+    """Plot train and val loss of runs into a PNG (needs the optional matplotlib)."""
     from lmtools.plot import plot_runs
 
     path = plot_runs(list(runs), out, title=title, log_y=log_y)

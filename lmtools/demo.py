@@ -1,0 +1,318 @@
+"""`lmtools demo`: prepare -> train -> plot -> sample, on a corpus every machine has, in minutes.
+
+The corpus is the Python standard library's own source code (test folders left out). A
+byte-level BPE of a few thousand tokens is trained on it, then a small Transformer trains on
+the CPU for a fixed time budget. The budget becomes an iteration count before training starts
+(a short probe times a few optimizer steps of the very model), so the cosine schedule runs its
+whole course; a timer stops the run with a checkpoint if the machine turns out slower than the
+probe promised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import sysconfig
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmtools.errors import ConfigError, DataError
+
+MARKER = ".lmtools-demo"
+SKIP_DIRS = frozenset({"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages"})
+MAX_FILE_BYTES = 400_000  # larger stdlib modules are mostly data tables or prose (pydoc_data/topics.py)
+PROMPTS = ("def", "class", "import")
+
+# The demo model: big enough that its samples look like Python, small enough that a 2-core CPU
+# gets through a few hundred steps in three minutes (about 1.9M parameters with a 2048 vocabulary).
+MODEL = dict(context_length=128, d_model=128, num_layers=4, num_heads=4, d_ff=384)
+BATCH_SIZE = 16
+VOCAB_SIZE = 2048
+LEARNING_RATE, MIN_LEARNING_RATE = 3e-3, 3e-4
+EVALS, EVAL_ITERS = 8, 4  # evaluations per run, validation batches per evaluation
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    corpus_files: int
+    corpus_bytes: int
+    data_dir: Path
+    checkpoint: Path
+    metrics: Path
+    plot: Path | None
+    iterations: int
+    max_iters: int
+    first_loss: float
+    last_loss: float
+    first_val_loss: float | None
+    last_val_loss: float | None
+    train_seconds: float
+    total_seconds: float
+    stopped_early: bool = False
+    samples: list[tuple[str, str]] = field(default_factory=list)
+
+    def next_commands(self) -> list[str]:
+        ckpt, data = _shell(self.checkpoint), _shell(self.data_dir)
+        return [
+            f"lmtools inspect {ckpt}",
+            f"lmtools inspect {data}",
+            f'lmtools sample {ckpt} --prompt "def " --max_new_tokens 200',
+            f"lmtools resume {ckpt} --max_iters {max(2 * self.max_iters, self.iterations + 100)}",
+            f"lmtools plot {_shell(self.checkpoint.parent)} --out {_shell(self.out / 'loss.png')}",
+        ]
+
+
+def run_demo(
+    out: str | os.PathLike = "lmtools-demo",
+    *,
+    minutes: float = 3.0,
+    max_corpus_mb: float = 8.0,
+    vocab_size: int = VOCAB_SIZE,
+    seed: int = 0,
+    log: Callable[[str], None] = lambda _line: None,
+) -> DemoResult:
+    """Prepare the stdlib corpus, train for about `minutes`, plot the losses and sample."""
+    if not minutes > 0:
+        raise ConfigError(f"--minutes must be positive, got {minutes}")
+    if not max_corpus_mb > 0:
+        raise ConfigError(f"--max_corpus_mb must be positive, got {max_corpus_mb}")
+    start = time.perf_counter()
+    out = Path(out)
+    claim_folder(out)
+
+    log(f"[1/4] corpus: Python standard library sources from {stdlib_root()}")
+    corpus = out / "corpus.jsonl"
+    n_files, n_bytes = write_stdlib_corpus(corpus, int(max_corpus_mb * 1e6), seed=seed)
+    log(f"      {n_files} files, {n_bytes / 1e6:.1f} MB -> {corpus}")
+
+    data_dir = out / "data"
+    t0 = time.perf_counter()
+    from lmtools.prepare import prepare_corpus
+
+    meta = prepare_corpus([corpus], data_dir, vocab_size=vocab_size, val_fraction=0.02, seed=seed, force=True)
+    log(
+        f"[2/4] prepare: BPE tokenizer of {meta['vocab_size']} tokens, {meta['train_tokens']:,} train and "
+        f"{meta['val_tokens']:,} val tokens ({meta.get('bytes_per_token') or 0:.2f} bytes/token) "
+        f"in {time.perf_counter() - t0:.1f}s -> {data_dir}"
+    )
+
+    import torch
+
+    from lmtools.config import TrainConfig
+    from lmtools.train import train_model
+
+    budget = minutes * 60.0
+    step_s = probe_step_seconds(meta["vocab_size"], seed)
+    max_iters = iterations_for(budget, step_s)
+    run_dir = out / "run"
+    cfg = TrainConfig(
+        train_data=[str(data_dir / "train.npy")], val_data=str(data_dir / "val.npy"),
+        vocab_size=int(meta["vocab_size"]), **MODEL, batch_size=BATCH_SIZE,
+        learning_rate=LEARNING_RATE, min_learning_rate=MIN_LEARNING_RATE, weight_decay=0.1,
+        warmup_iters=max(max_iters // 20, 1), max_iters=max_iters,
+        eval_interval=max(max_iters // EVALS, 1), eval_iters=EVAL_ITERS,
+        log_interval=max(max_iters // 30, 1), checkpoint_interval=max_iters,
+        checkpoint_path=str(run_dir / "checkpoint.pt"), device="cpu", seed=seed,
+        tokenizer=str((data_dir / "tokenizer.json").resolve()),
+    )
+    log(
+        f"[3/4] train: {MODEL['num_layers']} layers, d_model {MODEL['d_model']}, context {MODEL['context_length']}, "
+        f"batch {BATCH_SIZE} on {torch.get_num_threads()} CPU threads; a step takes {step_s:.2f}s, "
+        f"so {minutes:g} min is {max_iters} steps"
+    )
+    t0 = time.perf_counter()
+    with _deadline(budget * 1.3 + 15):
+        result = train_model(cfg, log=lambda line: log("      " + line))
+    train_seconds = time.perf_counter() - t0
+    if result.stopped_by_signal:
+        log(f"      stopped at the time limit, iter {result.iteration} of {max_iters}")
+
+    train_curve, val_curve = _curves(run_dir / "metrics.jsonl")
+    plot_path: Path | None = out / "loss.png"
+    try:
+        from lmtools.plot import plot_runs
+
+        plot_runs([run_dir], plot_path, title="lmtools demo: Python stdlib")
+    except ConfigError as exc:  # matplotlib is an optional extra
+        log(f"      no plot: {exc}")
+        plot_path = None
+
+    log("[4/4] sample:")
+    samples = sample_lines(Path(cfg.checkpoint_path), seed=seed)
+    return DemoResult(
+        out=out, corpus_files=n_files, corpus_bytes=n_bytes, data_dir=data_dir,
+        checkpoint=Path(cfg.checkpoint_path), metrics=run_dir / "metrics.jsonl", plot=plot_path,
+        iterations=result.iteration, max_iters=max_iters,
+        first_loss=result.losses[0], last_loss=train_curve[-1] if train_curve else result.losses[-1],
+        first_val_loss=val_curve[0] if val_curve else None, last_val_loss=val_curve[-1] if val_curve else None,
+        train_seconds=train_seconds, total_seconds=time.perf_counter() - start,
+        stopped_early=result.stopped_by_signal, samples=samples,
+    )
+
+
+# ---- the pieces -----------------------------------------------------------------------------
+
+
+def claim_folder(out: Path) -> None:
+    """Use `out` for the demo: new, empty, or an earlier demo's (whose outputs are replaced)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise ConfigError(f"--out {out} is not empty and was not written by lmtools demo; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by lmtools demo; its contents are replaced by the next demo run\n")
+    # A fresh run: metrics.jsonl is appended to, so an old one would mix two runs.
+    for name in ("run", "data"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("corpus.jsonl", "loss.png"):
+        (out / name).unlink(missing_ok=True)
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_sources(root: Path | None = None) -> list[Path]:
+    """The standard library's .py files, test folders and test modules left out, sorted."""
+    root = root or stdlib_root()
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
+        for name in sorted(files):
+            if name.endswith(".py") and not name.startswith("test_"):
+                found.append(Path(folder) / name)
+    return found
+
+
+def write_stdlib_corpus(dest: Path, max_bytes: int, *, seed: int = 0, root: Path | None = None) -> tuple[int, int]:
+    """One jsonl document per stdlib module, in a seeded shuffle, until `max_bytes`; (files, bytes)."""
+    files = stdlib_sources(root)
+    if not files:
+        raise DataError(f"found no Python sources under {root or stdlib_root()}; this Python has no stdlib sources")
+    random.Random(seed).shuffle(files)  # the cap then takes a bit of every package
+    n_files = n_bytes = 0
+    tmp = dest.with_name(dest.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for path in files:
+            try:
+                size = path.stat().st_size
+                if size == 0 or size > MAX_FILE_BYTES:
+                    continue
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            nbytes = len(text.encode("utf-8"))
+            if n_bytes + nbytes > max_bytes and n_files:
+                continue  # a smaller module may still fit
+            f.write(json.dumps({"text": text}) + "\n")
+            n_files += 1
+            n_bytes += nbytes
+            if n_bytes >= max_bytes * 0.99:
+                break
+    os.replace(tmp, dest)
+    return n_files, n_bytes
+
+
+def probe_step_seconds(vocab_size: int, seed: int = 0, steps: int = 3) -> float:
+    """Seconds per optimizer step of the demo model on this CPU (the median of a few steps)."""
+    import torch
+
+    from lmtools.model import TransformerLM
+    from lmtools.optim import cross_entropy, make_optimizer
+
+    gen = torch.Generator().manual_seed(seed)
+    model = TransformerLM(vocab_size=vocab_size, **MODEL)
+    opt = make_optimizer(model, LEARNING_RATE, 0.1, torch.device("cpu"))
+    x = torch.randint(0, vocab_size, (BATCH_SIZE, MODEL["context_length"]), generator=gen)
+    times = []
+    for i in range(steps + 1):  # the first step warms up the allocator and kernels
+        t0 = time.perf_counter()
+        loss = cross_entropy(model(x), x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def iterations_for(budget_s: float, step_s: float) -> int:
+    """Steps that fit the budget once evaluation (forward only, ~1/3 of a step) is paid for."""
+    eval_s = EVALS * EVAL_ITERS * step_s / 3
+    overhead = 0.06  # logging, data wait, checkpoint writes
+    return max(int((budget_s - eval_s) / (step_s * (1 + overhead))), 10)
+
+
+def sample_lines(checkpoint: Path, *, seed: int = 0, max_new_tokens: int = 60) -> list[tuple[str, str]]:
+    """(prompt, continuation) for each demo prompt, sampled at temperature 0.8, top-p 0.95."""
+    import torch
+
+    from lmtools.generate import EOT, generate_ids, load_model, load_tokenizer, stream_text
+
+    device = torch.device("cpu")
+    model, payload = load_model(checkpoint, device)
+    tok = load_tokenizer(payload, checkpoint=checkpoint)
+    eot = tok.token_to_id(EOT)
+    samples = []
+    for i, prompt in enumerate(PROMPTS):
+        gen = torch.Generator().manual_seed(seed + i)
+        ids = generate_ids(
+            model, tok.encode(prompt, add_special_tokens=False).ids, max_new_tokens,
+            temperature=0.8, top_p=0.95, eot_id=eot, generator=gen,
+        )
+        samples.append((prompt, "".join(stream_text(tok, ids))))
+    return samples
+
+
+def _curves(path: Path) -> tuple[list[float], list[float]]:
+    train, val = [], []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record.get("loss"), (int, float)):
+                train.append(float(record["loss"]))
+            if isinstance(record.get("val_loss"), (int, float)):
+                val.append(float(record["val_loss"]))
+    return train, val
+
+
+class _deadline:
+    """After `seconds`, send this process SIGINT: training saves a checkpoint and stops cleanly.
+
+    Only on the main thread, where training's signal handler is installed; elsewhere a no-op.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._timer: threading.Timer | None = None
+
+    def __enter__(self) -> "_deadline":
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGINT"):
+            self._timer = threading.Timer(self.seconds, os.kill, (os.getpid(), signal.SIGINT))
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _shell(path: Path) -> str:
+    text = str(path)
+    if sys.platform != "win32" and any(c in text for c in " '\"$`\\"):
+        import shlex
+
+        return shlex.quote(text)
+    return text
