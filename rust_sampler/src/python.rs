@@ -179,7 +179,6 @@ const MAX_WINDOWS: usize = 1 << 26;
 pub struct PySampler {
     inner: Arc<Sampler>,
     files: Vec<Py<PyTokenFile>>,
-    pool: Option<rayon::ThreadPool>,
 }
 
 #[pymethods]
@@ -204,19 +203,11 @@ impl PySampler {
                 (w, inner)
             })
             .collect();
-        let inner = Sampler::new(core_groups, context_length)?;
-        let pool = match num_threads {
-            None => None,
-            Some(0) => return Err(DataError::new_err("num_threads must be positive, or None for all cores")),
-            Some(n) => Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n)
-                    .thread_name(|i| format!("lmtools-sampler-{i}"))
-                    .build()
-                    .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(format!("cannot start sampler threads: {e}")))?,
-            ),
-        };
-        Ok(PySampler { inner: Arc::new(inner), files, pool })
+        let mut inner = Sampler::new(core_groups, context_length)?;
+        if let Some(n) = num_threads {
+            inner = inner.with_threads(n)?;
+        }
+        Ok(PySampler { inner: Arc::new(inner), files })
     }
 
     /// Fills `inputs` and `targets` (writable C-contiguous int64, shape (B, T)) with the batch
@@ -250,17 +241,13 @@ impl PySampler {
             return Err(DataError::new_err("inputs and targets must not share memory"));
         }
         let sampler = &*self.inner;
-        let pool = self.pool.as_ref();
         py.detach(move || {
             // SAFETY: both buffers are exported (held by `x` and `y` for this whole call),
             // writable, contiguous, n items each and disjoint. Other Python threads could still
             // write to them concurrently; the facade never lends a buffer it is filling.
             let xs = unsafe { std::slice::from_raw_parts_mut(xp as *mut i64, n) };
             let ys = unsafe { std::slice::from_raw_parts_mut(yp as *mut i64, n) };
-            match pool {
-                Some(p) => p.install(|| sampler.fill(xs, ys, seed, rank, step, micro)),
-                None => sampler.fill(xs, ys, seed, rank, step, micro),
-            }
+            sampler.fill(xs, ys, seed, rank, step, micro)
         })?;
         drop((x, y));
         Ok(())

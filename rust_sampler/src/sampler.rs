@@ -42,6 +42,8 @@ pub struct Sampler {
     /// Cumulative normalized weights, the last one exactly 1.
     cum_weights: Vec<f64>,
     context_length: usize,
+    /// A pool of its own (`with_threads`); None runs on rayon's global pool.
+    pool: Option<rayon::ThreadPool>,
 }
 
 impl Sampler {
@@ -93,7 +95,22 @@ impl Sampler {
         if let Some(last) = cum_weights.last_mut() {
             *last = 1.0;
         }
-        Ok(Sampler { files, groups: out_groups, cum_weights, context_length })
+        Ok(Sampler { files, groups: out_groups, cum_weights, context_length, pool: None })
+    }
+
+    /// Gathers large batches on a pool of `threads` threads of its own instead of rayon's
+    /// global pool (sized to all cores).
+    pub fn with_threads(mut self, threads: usize) -> Result<Sampler> {
+        if threads == 0 {
+            return Err(SamplerError::Argument("num_threads must be positive, or None for all cores".into()));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("lmtools-sampler-{i}"))
+            .build()
+            .map_err(|e| SamplerError::Argument(format!("cannot start {threads} sampler threads ({e}); use fewer")))?;
+        self.pool = Some(pool);
+        Ok(self)
     }
 
     pub fn context_length(&self) -> usize {
@@ -134,7 +151,7 @@ impl Sampler {
 
     /// Gathers one batch into `inputs` and `targets` (each `batch_size * T` int64 values, row
     /// major): row r holds tokens `[s, s + T)` and `[s + 1, s + T + 1)` of its window. Rows are
-    /// filled in parallel on the current rayon pool.
+    /// filled in parallel when the batch is large enough to pay for it.
     pub fn fill(&self, inputs: &mut [i64], targets: &mut [i64], seed: u64, rank: u64, step: u64, micro: u64) -> Result<()> {
         let t = self.context_length;
         if inputs.len() != targets.len() || !inputs.len().is_multiple_of(t) || inputs.is_empty() {
@@ -171,11 +188,17 @@ impl Sampler {
         if inputs.len() < PARALLEL_MIN_TOKENS {
             fill_rows(0, inputs, targets);
         } else {
-            inputs
-                .par_chunks_mut(rows_per_task * t)
-                .zip(targets.par_chunks_mut(rows_per_task * t))
-                .enumerate()
-                .for_each(|(task, (xs, ys))| fill_rows(task * rows_per_task, xs, ys));
+            let mut run = move || {
+                inputs
+                    .par_chunks_mut(rows_per_task * t)
+                    .zip(targets.par_chunks_mut(rows_per_task * t))
+                    .enumerate()
+                    .for_each(|(task, (xs, ys))| fill_rows(task * rows_per_task, xs, ys))
+            };
+            match &self.pool {
+                Some(pool) => pool.install(run),
+                None => run(),
+            }
         }
         Ok(())
     }
@@ -259,6 +282,19 @@ mod tests {
             assert_eq!(x[r * t + t - 1], first + t as i64 - 1);
             assert_eq!(y[r * t + t - 1], first + t as i64);
         }
+    }
+
+    #[test]
+    fn own_pool_gives_the_same_batches() {
+        let t = 4096;
+        let b = PARALLEL_MIN_TOKENS / t + 1;
+        let make = || Sampler::new(vec![(1.0, vec![source("a", 0, 100_000)])], t).unwrap();
+        let (mut x1, mut y1) = (vec![0i64; b * t], vec![0i64; b * t]);
+        let (mut x2, mut y2) = (vec![0i64; b * t], vec![0i64; b * t]);
+        make().fill(&mut x1, &mut y1, 1, 0, 0, 0).unwrap();
+        make().with_threads(3).unwrap().fill(&mut x2, &mut y2, 1, 0, 0, 0).unwrap();
+        assert!(x1 == x2 && y1 == y2);
+        assert!(make().with_threads(0).is_err());
     }
 
     #[test]
