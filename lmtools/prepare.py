@@ -138,6 +138,23 @@ class NpyWriter:
             start += m
         self._file.seek(0, os.SEEK_END)
 
+    def last_document_start(self, eot_id: int, chunk: int = 1 << 20) -> int:
+        """Where the last document starts: after the second-to-last end-of-text id."""
+        import numpy as np
+
+        end = self.count - 1  # the last token is the last document's end-of-text id
+        while end > 0:
+            start = max(0, end - chunk)
+            self._file.seek(self._header_len + start * self.dtype.itemsize)
+            ids = np.frombuffer(self._file.read((end - start) * self.dtype.itemsize), self.dtype)
+            hits = np.flatnonzero(ids == eot_id)
+            if len(hits):
+                self._file.seek(0, os.SEEK_END)
+                return start + int(hits[-1]) + 1
+            end = start
+        self._file.seek(0, os.SEEK_END)
+        return 0
+
     def truncate(self, n: int) -> None:
         self.count = n
         self._file.truncate(self._header_len + n * self.dtype.itemsize)
@@ -172,8 +189,6 @@ class _Split:
     writer: NpyWriter
     tokens: int = 0
     documents: int = 0
-    last_doc_start: int = 0  # token offset where the last complete document starts
-    open_doc_start: int = 0
 
 
 @dataclass
@@ -270,7 +285,7 @@ def prepare_corpus(
         stats = _encode(sources, options, encoder, splits, seed, val_fraction, batch_chars,
                         progress)
         progress.done()
-        _ensure_both_splits(splits, val_fraction)
+        _ensure_both_splits(splits, val_fraction, encoder.eot_id)
         for s in splits.values():
             s.writer.finish()
         tok.save(str(tmp[TOKENIZER_FILE]))
@@ -381,7 +396,7 @@ def _piece_batches(pieces: Iterable[Piece], chars: int) -> Iterator[list[Piece]]
 
 
 def _encode(sources, options, encoder, splits, seed, val_fraction, batch_chars, progress):
-    """The encode pass: read, encode in the background, write; returns the statistics."""
+    """The encode pass: read, encode in the background, split, write; returns statistics."""
     import numpy as np
 
     stats = _Stats()
@@ -392,62 +407,57 @@ def _encode(sources, options, encoder, splits, seed, val_fraction, batch_chars, 
 
     pieces = iter_pieces(sources, options, on_bytes=lambda n: progress.advance(n),
                          hash_files=True, on_source_done=source_done)
-    eot = np.array([encoder.eot_id], dtype=np.uint32)
-    doc_index = 0
-    split_of_doc = "val" if in_val(seed, 0, val_fraction) else "train"
+    eot_id = encoder.eot_id
+    next_doc = 0  # index of the document that the next batch starts in
 
-    def write(batch: list[Piece], arrays: list[np.ndarray]) -> None:
-        nonlocal doc_index, split_of_doc
-        parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-        for piece, ids in zip(batch, arrays):
-            name = split_of_doc
-            split = splits[name]
-            parts[name].append(ids)
-            split.tokens += len(ids)
-            stats.text_bytes += _utf8_len(piece.text)
-            if piece.doc_end:
-                parts[name].append(eot)
-                split.tokens += 1
-                split.documents += 1
-                split.last_doc_start = split.open_doc_start
-                split.open_doc_start = split.tokens
-                doc_index += 1
-                split_of_doc = "val" if in_val(seed, doc_index, val_fraction) else "train"
-        written = 0
-        for name, arrays_ in parts.items():
-            if arrays_:
-                ids = np.concatenate(arrays_)
-                if len(ids):
-                    lo, hi = int(ids.min()), int(ids.max())
-                    stats.min_id = lo if stats.min_id is None else min(stats.min_id, lo)
-                    stats.max_id = hi if stats.max_id is None else max(stats.max_id, hi)
-                splits[name].writer.append(ids)
-                written += len(ids)
-        progress.advance(tokens=written)
+    def write(ids: np.ndarray, ends: int) -> None:
+        """Route a batch's tokens to train or val, document by document."""
+        nonlocal next_doc
+        if len(ids):
+            lo, hi = int(ids.min()), int(ids.max())
+            stats.min_id = lo if stats.min_id is None else min(stats.min_id, lo)
+            stats.max_id = hi if stats.max_id is None else max(stats.max_id, hi)
+        # ends + 1 flags: the batch may stop inside a document, which the next batch finishes.
+        flags = np.array([in_val(seed, next_doc + k, val_fraction) for k in range(ends + 1)])
+        if flags.any():
+            is_eot = ids == eot_id
+            doc_of_token = np.cumsum(is_eot) - is_eot  # a document owns its end-of-text id
+            to_val = flags[doc_of_token]
+            val_docs = int(flags[:ends].sum())
+            routed = {"train": (ids[~to_val], ends - val_docs), "val": (ids[to_val], val_docs)}
+        else:
+            routed = {"train": (ids, ends)}
+        for name, (part, documents) in routed.items():
+            splits[name].writer.append(part)
+            splits[name].tokens += len(part)
+            splits[name].documents += documents
+        next_doc += ends
+        progress.advance(tokens=len(ids))
 
-    pending = None
-    first = True
+    pending = None  # (waiter, document ends) of the batch being encoded
+    checked = False
     for batch in _piece_batches(pieces, batch_chars):
-        texts = [p.text for p in batch]
-        if first and encoder.engine == "tiktoken":
-            _check_fast_path(encoder, texts)
-            first = False
-        waiter = encoder.submit(texts)
+        for piece in batch:
+            stats.text_bytes += _utf8_len(piece.text)
+        if not checked and encoder.engine == "tiktoken":
+            _check_fast_path(encoder, batch)
+            checked = True
+        waiter = encoder.submit_documents(batch)
         if pending is not None:
-            write(pending[0], pending[1]())
-        pending = (batch, waiter)
+            write(pending[0](), pending[1])
+        pending = (waiter, sum(p.doc_end for p in batch))
     if pending is not None:
-        write(pending[0], pending[1]())
+        write(pending[0](), pending[1])
     return stats
 
 
-def _check_fast_path(encoder, texts: list[str]) -> None:
+def _check_fast_path(encoder, batch: list[Piece]) -> None:
     """Compare tiktoken with `tokenizers` on a sample; fall back to `tokenizers` on a mismatch."""
     import numpy as np
 
     sample, size = [], 0
-    for t in texts:
-        sample.append(t[:CHECK_CHARS])
+    for piece in batch:
+        sample.append(piece.text[:CHECK_CHARS])
         size += len(sample[-1])
         if size >= CHECK_CHARS:
             break
@@ -457,7 +467,7 @@ def _check_fast_path(encoder, texts: list[str]) -> None:
         encoder.use_tokenizers()
 
 
-def _ensure_both_splits(splits: dict[str, _Split], val_fraction: float) -> None:
+def _ensure_both_splits(splits: dict[str, _Split], val_fraction: float, eot_id: int) -> None:
     """Train is never empty, and with two or more documents val is not either (if asked for).
 
     Moves the last document of one split to the other; deterministic, and it costs one
@@ -465,16 +475,17 @@ def _ensure_both_splits(splits: dict[str, _Split], val_fraction: float) -> None:
     """
     train, val = splits["train"], splits["val"]
     if train.documents == 0 and val.documents > 0:
-        _move_last_document(val, train)
+        _move_last_document(val, train, eot_id)
     if train.documents >= 2 and val.documents == 0 and val_fraction > 0:
-        _move_last_document(train, val)
+        _move_last_document(train, val, eot_id)
 
 
-def _move_last_document(src: _Split, dst: _Split) -> None:
-    n = src.tokens - src.last_doc_start
+def _move_last_document(src: _Split, dst: _Split, eot_id: int) -> None:
+    start = src.writer.last_document_start(eot_id)
+    n = src.tokens - start
     for chunk in src.writer.tail(n):
         dst.writer.append(chunk)
-    src.writer.truncate(src.last_doc_start)
+    src.writer.truncate(start)
     src.tokens -= n
     src.documents -= 1
     dst.tokens += n

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from lmtools.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     import numpy as np
     from tokenizers import Tokenizer
@@ -205,7 +205,7 @@ def _from_vocab_merges(vocab_json: Path, merges_txt: Path) -> Tokenizer:
 
 @dataclass
 class Encoder:
-    """Encodes batches of text to token ids (uint32 numpy arrays), in parallel.
+    """Encodes text to token ids (uint32 numpy arrays), in parallel with the GIL released.
 
     `engine` says what does the work: "tiktoken", "tokenizers" or "bytes".
     """
@@ -216,6 +216,7 @@ class Encoder:
     engine: str = "tokenizers"
     _tiktoken: Any = None
     _rank_to_id: Any = None  # numpy lookup, or None when ranks are ids
+    _eot_rank: int = -1
     _pool: ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
@@ -225,6 +226,7 @@ class Encoder:
         converted = to_tiktoken(self.tokenizer)
         if converted is not None:
             self._tiktoken, self._rank_to_id = converted
+            self._eot_rank = self._tiktoken.eot_token
             self.engine = "tiktoken"
 
     @property
@@ -242,30 +244,95 @@ class Encoder:
             self._pool.shutdown()
             self._pool = None
 
+    def use_tokenizers(self) -> None:
+        """Give up the fast path (it disagreed with `tokenizers` on a sample)."""
+        self.engine = "tokenizers"
+        self._tiktoken = self._rank_to_id = None
+
+    # -- documents: what prepare writes -------------------------------------------------------
+
+    def submit_documents(self, pieces: list) -> Callable[[], np.ndarray]:
+        """Start encoding a batch of `Piece`s; returns a callable that waits for the result.
+
+        The result is one flat array: each piece's ids, and the end-of-text id after each
+        piece that ends a document. The caller reads the next batch meanwhile: tiktoken and
+        `tokenizers` release the GIL, so the encoding threads use the other cores.
+        """
+        import numpy as np
+
+        if self.engine == "bytes":
+            out = self._documents_bytes(pieces)
+            return lambda: out
+        pool = self._executor()
+        if self.engine == "tiktoken":
+            # Several chunks per thread: they balance better, and a chunk that needs the slow
+            # path (below) stays small.
+            chunks = _balanced_chunks(pieces, 4 * self.threads, lambda p: len(p.text))
+            futures = [pool.submit(self._documents_tiktoken, c) for c in chunks]
+        else:
+            futures = [pool.submit(self._documents_tokenizers, pieces)]
+
+        def wait() -> np.ndarray:
+            parts = [f.result() for f in futures]
+            return np.concatenate(parts) if parts else np.zeros(0, np.uint32)
+
+        return wait
+
+    def _documents_tiktoken(self, pieces: list) -> np.ndarray:
+        """One tiktoken call for many documents: joined with <|endoftext|> spelled out and
+        that spelling allowed as the special token. tiktoken encodes the text between special
+        tokens exactly as `encode_ordinary` would, so this equals encoding each document on its
+        own, without a call (and an array) per document. Pieces of one document are joined
+        back as they were; they were cut where the cut does not change the tokens. When the
+        text itself spells <|endoftext|>, the chunk is encoded piece by piece instead.
+        """
+        import numpy as np
+
+        parts, ends = [], 0
+        for p in pieces:
+            parts.append(p.text)
+            if p.doc_end:
+                parts.append(EOT)
+                ends += 1
+        joined = "".join(parts)
+        enc = self._tiktoken
+        if joined.count(EOT) == ends:
+            ranks = enc.encode_to_numpy(joined, allowed_special=_EOT_SET, disallowed_special=())
+        else:
+            eot = np.array([self._eot_rank], dtype=np.uint32)
+            arrays = []
+            for p in pieces:
+                arrays.append(enc.encode_to_numpy(p.text, disallowed_special=()))
+                if p.doc_end:
+                    arrays.append(eot)
+            ranks = np.concatenate(arrays)
+        return ranks if self._rank_to_id is None else self._rank_to_id[ranks]
+
+    def _documents_tokenizers(self, pieces: list) -> np.ndarray:
+        return _with_eot(self._encode_tokenizers([p.text for p in pieces]), pieces, self.eot_id)
+
+    def _documents_bytes(self, pieces: list) -> np.ndarray:
+        return _with_eot(self._encode_bytes([p.text for p in pieces]), pieces, self.eot_id)
+
+    # -- plain texts: ordinary encoding, one array per text ----------------------------------
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        if self.engine == "bytes":
+            return self._encode_bytes(texts)
+        if self.engine == "tokenizers":
+            return self._encode_tokenizers(texts)
+        chunks = _balanced_chunks(texts, self.threads, len)
+        return [a for f in [self._executor().submit(self._encode_tiktoken, c) for c in chunks]
+                for a in f.result()]
+
+    def encode_reference(self, texts: list[str]) -> list[np.ndarray]:
+        """The same texts through `tokenizers` itself, to check the fast path against."""
+        return self._encode_tokenizers(texts)
+
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lmtools-encode")
         return self._pool
-
-    def submit(self, texts: list[str]):
-        """Start encoding a batch in the background; returns a callable that waits for it.
-
-        The caller reads the next batch meanwhile. tiktoken and `tokenizers` release the GIL,
-        so the encoding threads run on all cores while the reader holds the GIL.
-        """
-        if self.engine == "bytes":
-            out = self._encode_bytes(texts)
-            return lambda: out
-        pool = self._executor()
-        if self.engine == "tiktoken":
-            chunks = _balanced_chunks(texts, self.threads)
-            futures = [pool.submit(self._encode_tiktoken, c) for c in chunks]
-        else:
-            futures = [pool.submit(self._encode_tokenizers, texts)]
-        return lambda: [a for f in futures for a in f.result()]
-
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        return self.submit(texts)()
 
     @staticmethod
     def _encode_bytes(texts: list[str]) -> list[np.ndarray]:
@@ -274,13 +341,12 @@ class Encoder:
         return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.uint32) for t in texts]
 
     def _encode_tiktoken(self, texts: list[str]) -> list[np.ndarray]:
-        # encode_to_numpy with nothing allowed is encode_ordinary, but returns a buffer
-        # instead of a Python list (a third of the time for large texts) and releases the GIL.
+        # encode_to_numpy with nothing allowed or disallowed is encode_ordinary, returning a
+        # buffer instead of a Python list.
         encode = self._tiktoken.encode_to_numpy
         out = [encode(t, disallowed_special=()) for t in texts]
         if self._rank_to_id is not None:
-            lookup = self._rank_to_id
-            out = [lookup[a] for a in out]
+            out = [self._rank_to_id[a] for a in out]
         return out
 
     def _encode_tokenizers(self, texts: list[str]) -> list[np.ndarray]:
@@ -295,27 +361,32 @@ class Encoder:
             tok.encode_special_tokens = previous
         return [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
 
-    def encode_reference(self, texts: list[str]) -> list[np.ndarray]:
-        """The same texts through `tokenizers` itself, to check the fast path against."""
-        return self._encode_tokenizers(texts)
 
-    def use_tokenizers(self) -> None:
-        """Give up the fast path (it disagreed with `tokenizers` on a sample)."""
-        self.engine = "tokenizers"
-        self._tiktoken = self._rank_to_id = None
+_EOT_SET = frozenset([EOT])
 
 
-def _balanced_chunks(texts: list[str], n: int) -> list[list[str]]:
-    """Split into at most n contiguous runs of about equal total length."""
-    total = sum(len(t) for t in texts)
-    target = total / n
-    chunks, current, size = [], [], 0
-    for t in texts:
-        current.append(t)
-        size += len(t)
-        if size >= target and len(chunks) < n - 1:
+def _with_eot(arrays: list[np.ndarray], pieces: list, eot_id: int) -> np.ndarray:
+    import numpy as np
+
+    eot = np.array([eot_id], dtype=np.uint32)
+    out = []
+    for a, p in zip(arrays, pieces):
+        out.append(a)
+        if p.doc_end:
+            out.append(eot)
+    return np.concatenate(out) if out else np.zeros(0, np.uint32)
+
+
+def _balanced_chunks(items: list, n: int, size: Callable[[Any], int]) -> list[list]:
+    """Split into at most n contiguous runs of about equal total size."""
+    target = sum(size(x) for x in items) / max(1, n)
+    chunks, current, total = [], [], 0
+    for x in items:
+        current.append(x)
+        total += size(x)
+        if total >= target and len(chunks) < n - 1:
             chunks.append(current)
-            current, size = [], 0
+            current, total = [], 0
     if current:
         chunks.append(current)
     return chunks

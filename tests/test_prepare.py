@@ -490,3 +490,13 @@ def test_prepare_modules_import_no_heavy_libraries():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("tokenizer", ["trained", "bytes"])
+def test_round_trip_when_cuts_fall_inside_the_special_spelling(tmp_path, trained, tokenizer):
+    docs = [EOT * 40, "a" + EOT * 25 + "  b", "x" * 333, PROSE + EOT + PROSE]
+    write_jsonl(tmp_path / "c.jsonl", docs)
+    prepare_corpus([tmp_path / "c.jsonl"], tmp_path / "out", val_fraction=0.0, piece_chars=37,
+                   batch_chars=100, tokenizer=str(trained) if tokenizer == "trained" else "bytes")
+    _, train, _ = load_dataset_docs(tmp_path / "out")
+    assert train == docs
