@@ -455,3 +455,11 @@ def test_pinned_ring_reuses_a_slot_only_after_its_copy(monkeypatch: pytest.Monke
     # 3 slots: every fill after the first three waited for the copy of the slot it reused.
     assert FakeEvent.log.count("record") == 10
     assert FakeEvent.log.count("sync") >= 7
+
+
+def test_own_thread_pool_draws_the_same_batches(tokens_npy: Path) -> None:
+    big = np.arange(2_000_000, dtype=np.int32)
+    with BatchLoader(big, 64, 4096, seed=2, prefetch=0) as shared, BatchLoader(big, 64, 4096, seed=2, prefetch=0, num_threads=1) as own:
+        assert torch.equal(shared.batch_at(3)[0], own.batch_at(3)[0])
+    x, _ = get_batch(np.arange(100), 2, 4, torch.device("cpu"))
+    assert x.shape == (2, 4)
