@@ -52,10 +52,26 @@ def save_checkpoint(
         "iteration": int(iteration),
         **extra,
     }
+    _check_plain(payload, "checkpoint")
     if not isinstance(out, (str, os.PathLike)):
         torch.save(payload, out)
         return
     write_atomic(Path(out), lambda f: torch.save(payload, f))
+
+
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor)
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Refuse to write what weights-only loading would refuse to read (e.g. a str subclass)."""
+    if type(obj) in (dict, list, tuple) or isinstance(obj, dict):
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        for key, value in items:
+            if isinstance(obj, dict) and type(key) not in _PLAIN:
+                raise TypeError(f"{where}: key {key!r} of type {type(key).__name__} is not plain data")
+            _check_plain(value, f"{where}[{key!r}]")
+    elif type(obj) not in _PLAIN and not isinstance(obj, torch.Tensor):
+        raise TypeError(f"{where} is a {type(obj).__name__}; checkpoints hold tensors and plain data only")
 
 
 def write_atomic(path: Path, write) -> None:

@@ -30,6 +30,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_iters: int = 2000
     max_iters: int = 100000
+    # The cosine reaches min_learning_rate here; None: at max_iters.
+    cosine_cycle_iters: int | None = None
     gradient_clip_val: float = 1.0
     eval_interval: int = 1000
     eval_iters: int = 20
@@ -80,6 +82,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"--{name} must be a positive integer, got {value}")
+        if self.cosine_cycle_iters is not None and self.cosine_cycle_iters <= 0:
+            raise ConfigError(f"--cosine_cycle_iters must be a positive integer, got {self.cosine_cycle_iters}")
         for name in ("warmup_iters", "keep_last"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be zero or positive, got {getattr(self, name)}")

@@ -318,7 +318,7 @@ def _train(cfg: TrainConfig, payload: dict | None, device: torch.device, dist_in
                 metrics=last_metrics,
                 tokenizer=cfg.tokenizer,
                 lmtools_version=__version__,
-                torch_version=torch.__version__,
+                torch_version=str(torch.__version__),
                 format_version=FORMAT_VERSION,
             )
             keep_snapshot(ckpt_path, iteration, cfg.keep_last)
@@ -333,7 +333,8 @@ def _train(cfg: TrainConfig, payload: dict | None, device: torch.device, dist_in
     with StopSignal() as stop:
         while iteration < cfg.max_iters:
             lr = run_get_lr_cosine_schedule(
-                iteration + 1, cfg.learning_rate, cfg.min_learning_rate, cfg.warmup_iters, cfg.max_iters
+                iteration + 1, cfg.learning_rate, cfg.min_learning_rate, cfg.warmup_iters,
+                cfg.cosine_cycle_iters or cfg.max_iters,
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from click.core import ParameterSource
 
 from lmtools.cli.app import app, user_errors
 from lmtools.config import TrainConfig
@@ -21,7 +20,8 @@ def _opt(default, *names: str, help: str = "", **kw):
 def _explicit(ctx: typer.Context) -> frozenset[str]:
     """The parameters the user typed (as opposed to defaults)."""
     return frozenset(
-        name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+        # By name: typer may bundle its own click, whose enum is not click.core's.
+        name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
     )
 
 
@@ -48,6 +48,7 @@ def train(
     weight_decay: float = _opt(_D.weight_decay, "--weight_decay", "--weight-decay"),
     warmup_iters: int = _opt(_D.warmup_iters, "--warmup_iters", "--warmup-iters"),
     max_iters: int = _opt(_D.max_iters, "--max_iters", "--max-iters"),
+    cosine_cycle_iters: Optional[int] = _opt(None, "--cosine_cycle_iters", "--cosine-cycle-iters", help="Iteration where the cosine reaches --min_learning_rate [default: --max_iters]."),
     gradient_clip_val: float = _opt(_D.gradient_clip_val, "--gradient_clip_val", "--gradient-clip-val"),
     eval_interval: int = _opt(_D.eval_interval, "--eval_interval", "--eval-interval"),
     eval_iters: int = _opt(_D.eval_iters, "--eval_iters", "--eval-iters", help="Validation batches per evaluation (the same windows every time)."),

@@ -1,0 +1,217 @@
+"""The training core and the `train` / `resume` commands, end to end on a learnable stream."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lmtools.checkpoint import read_checkpoint
+from lmtools.cli import app
+from lmtools.config import TrainConfig
+from lmtools.train import train_model
+
+VOCAB = 64
+
+
+def learnable_stream(n: int, seed: int = 0) -> np.ndarray:
+    """A Markov chain that is almost deterministic: next = (5 * prev + 3) % VOCAB, 5% noise."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(n, dtype=np.uint16)
+    tok = 1
+    noise = rng.random(n) < 0.05
+    rand = rng.integers(0, VOCAB, n)
+    for i in range(n):
+        tok = rand[i] if noise[i] else (5 * tok + 3) % VOCAB
+        out[i] = tok
+    return out
+
+
+@pytest.fixture(scope="module")
+def stream_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    np.save(folder / "train.npy", learnable_stream(20000, 0))
+    np.save(folder / "val.npy", learnable_stream(4000, 1))
+    return folder
+
+
+TINY = [
+    "--vocab_size", str(VOCAB), "--context_length", "16", "--d_model", "32", "--num_layers", "2",
+    "--num_heads", "4", "--d_ff", "64", "--batch_size", "16",
+]
+
+
+def tiny_config(folder: Path, tmp_path: Path, **kw) -> TrainConfig:
+    args = dict(
+        train_data=[str(folder / "train.npy")], val_data=str(folder / "val.npy"), vocab_size=VOCAB,
+        context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=64, batch_size=8,
+        learning_rate=3e-3, min_learning_rate=3e-4, warmup_iters=5, max_iters=20, eval_interval=5,
+        eval_iters=2, log_interval=1, checkpoint_interval=1000, checkpoint_path=str(tmp_path / "ckpt.pt"),
+    )
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.mark.slow
+def test_cli_learns_then_resumes(stream_files, tmp_path):
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    result = run_cli(
+        "train", "--train_data", stream_files / "train.npy", "--val-data", stream_files / "val.npy", *TINY,
+        "--learning_rate", "1e-2", "--min_learning_rate", "1e-3", "--warmup_iters", "10",
+        "--max_iters", "150", "--eval_interval", "50", "--log_interval", "25", "--checkpoint_interval", "100",
+        "--checkpoint_path", ckpt, "--seed", "1",
+    )
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "train.npy" in out and "20,000 tokens" in out and "uint16" in out and "memory-mapped" in out
+    assert "2 layers" in out and "device : cpu" in out and "16 x context 16" in out
+    iters = [line for line in out.splitlines() if line.startswith("Iter ")]
+    assert [int(line.split("|")[0].split()[1]) for line in iters] == [25, 50, 75, 100, 125, 150]
+    val = [float(line.split("Val Loss:")[1].split("|")[0]) for line in iters if "Val Loss" in line]
+    assert len(val) == 3
+    last_loss = float(iters[-1].split("Loss:")[1].split("|")[0])
+    # ln(64) = 4.16; the chain's entropy is about 0.3 nats.
+    assert last_loss < 1.2 and val[-1] < 1.2, out
+    assert "Saved checkpoint at iter 100" in out and "Saved checkpoint at iter 150" in out
+    assert f"Final checkpoint: {ckpt}" in out
+
+    metrics = [json.loads(line) for line in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iter"] for m in metrics] == [25, 50, 75, 100, 125, 150]
+    assert all(m["tokens_per_s"] > 0 and 0 <= m["data_wait"] < 1 for m in metrics)
+    assert "val_loss" in metrics[1] and "val_loss" not in metrics[0]
+
+    result = run_cli("resume", ckpt, "--max_iters", "175")
+    assert result.exit_code == 0, result.output
+    assert "Resumed from" in result.output and "at iter 150" in result.output
+    iters = [line for line in result.output.splitlines() if line.startswith("Iter ")]
+    assert [int(line.split("|")[0].split()[1]) for line in iters] == [175]
+    payload = read_checkpoint(ckpt)
+    assert payload["iteration"] == 175 and payload["config"]["max_iters"] == 175
+    assert payload["sampler"]["step"] == 175
+
+
+def _losses_and_weights(cfg):
+    result = train_model(cfg, log=lambda _line: None)
+    return result.losses, read_checkpoint(cfg.checkpoint_path)["model_state_dict"]
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_exact_resume_bit_for_bit(stream_files, tmp_path, accum):
+    straight = tiny_config(stream_files, tmp_path / "a", max_iters=12, cosine_cycle_iters=12, grad_accum_steps=accum)
+    (tmp_path / "a").mkdir()
+    losses_straight, weights_straight = _losses_and_weights(straight)
+
+    (tmp_path / "b").mkdir()
+    # The same schedule as the straight run, stopped half way.
+    first = tiny_config(stream_files, tmp_path / "b", max_iters=6, cosine_cycle_iters=12, grad_accum_steps=accum)
+    losses_first, _ = _losses_and_weights(first)
+    second = TrainConfig(max_iters=12, checkpoint_path=first.checkpoint_path)
+    result = train_model(
+        second, resume_from=first.checkpoint_path, explicit=frozenset({"max_iters", "checkpoint_path"}),
+        log=lambda _line: None,
+    )
+    assert losses_first + result.losses == losses_straight  # exact float equality
+    weights = read_checkpoint(first.checkpoint_path)["model_state_dict"]
+    for key, value in weights_straight.items():
+        assert torch.equal(value, weights[key]), key
+
+
+def test_validation_windows_are_fixed(stream_files, tmp_path):
+    from lmtools.data import BatchLoader
+
+    loader = BatchLoader([str(stream_files / "val.npy")], 4, 16, "cpu", seed=5, prefetch=0)
+    a = [loader.batch_at(i)[0] for i in range(3)]
+    b = [loader.batch_at(i)[0] for i in range(3)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_both_flag_spellings(stream_files, tmp_path):
+    kebab = [a.replace("_", "-") if a.startswith("--") else a for a in TINY]
+    result = run_cli(
+        "train", "--train-data", stream_files / "train.npy", *kebab, "--max-iters", "2",
+        "--log-interval", "1", "--eval-interval", "100", "--checkpoint-path", tmp_path / "k.pt",
+        "--warmup-iters", "1",
+    )
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint(tmp_path / "k.pt")["config"]["d_model"] == 32
+
+
+def test_help_lists_every_documented_flag():
+    result = run_cli("train", "--help")
+    documented = (
+        "train_data val_data vocab_size context_length d_model num_layers num_heads d_ff rope_theta batch_size "
+        "learning_rate min_learning_rate weight_decay warmup_iters max_iters gradient_clip_val eval_interval "
+        "log_interval checkpoint_interval checkpoint_path resume device seed"
+    ).split()
+    text = result.output.replace("\n", " ")
+    for flag in documented:
+        assert f"--{flag}" in text or f"--{flag}"[:20] in text, flag
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--device", "cuda"], "no usable CUDA GPU"),
+        (["--device", "tpu"], "device"),
+        (["--num_heads", "5"], "does not divide"),
+        (["--batch_size", "0"], "--batch_size must be a positive integer"),
+        (["--learning_rate", "-1"], "--learning_rate must be a positive number"),
+        (["--vocab_size", "10"], "token id"),
+        (["--context_length", "40000"], "a window needs"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(stream_files, tmp_path, extra, needle):
+    args = TINY + ["--max_iters", "1", "--checkpoint_path", str(tmp_path / "c.pt")]
+    for flag, value in zip(extra[::2], extra[1::2]):
+        i = args.index(flag) if flag in args else None
+        if i is not None:
+            args[i + 1] = value
+        else:
+            args += [flag, value]
+    result = run_cli("train", "--train_data", stream_files / "train.npy", *args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_resume_contradicting_model_flag(stream_files, tmp_path):
+    cfg = tiny_config(stream_files, tmp_path, max_iters=2)
+    train_model(cfg, log=lambda _l: None)
+    result = run_cli(
+        "train", "--resume", "--checkpoint_path", cfg.checkpoint_path, "--train_data", stream_files / "train.npy",
+        "--d_model", "64",
+    )
+    assert result.exit_code == 2 and "contradicts the checkpoint" in result.stderr
+    result = run_cli("resume", tmp_path / "missing.pt")
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def test_vocab_from_meta_json(stream_files, tmp_path):
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    np.save(folder / "train.npy", np.load(stream_files / "train.npy"))
+    np.save(folder / "val.npy", np.load(stream_files / "val.npy"))
+    (folder / "meta.json").write_text(json.dumps({"vocab_size": 70, "bytes_per_token": 2.0}))
+    cfg = TrainConfig(
+        train_data=[str(folder / "train.npy")], context_length=16, d_model=32, num_layers=1, num_heads=4,
+        d_ff=64, batch_size=4, max_iters=2, warmup_iters=1, eval_interval=2, eval_iters=1, log_interval=1,
+        checkpoint_path=str(tmp_path / "c.pt"),
+    )
+    train_model(cfg, log=lambda _l: None)
+    payload = read_checkpoint(tmp_path / "c.pt")
+    assert payload["model_config"]["vocab_size"] == 70
+    assert payload["config"]["val_data"].endswith("val.npy")
+    assert math.isfinite(payload["metrics"]["val_loss"])
+    result = run_cli("train", "--train_data", folder / "train.npy", "--vocab_size", "64", "--max_iters", "1",
+                     "--checkpoint_path", tmp_path / "d.pt")
+    assert result.exit_code == 2 and "contradicts" in result.stderr
