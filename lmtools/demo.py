@@ -37,6 +37,7 @@ BATCH_SIZE = 16
 VOCAB_SIZE = 2048
 LEARNING_RATE, MIN_LEARNING_RATE = 3e-3, 3e-4
 EVALS, EVAL_ITERS = 8, 4  # evaluations per run, validation batches per evaluation
+DEADLINE_FACTOR = 1.15  # training stops (with a checkpoint) this far past its budget
 
 
 @dataclass
@@ -118,7 +119,7 @@ def run_demo(
         vocab_size=int(meta["vocab_size"]), **MODEL, batch_size=BATCH_SIZE,
         learning_rate=LEARNING_RATE, min_learning_rate=MIN_LEARNING_RATE, weight_decay=0.1,
         warmup_iters=max(max_iters // 20, 1), max_iters=max_iters,
-        eval_interval=max(max_iters // EVALS, 1), eval_iters=EVAL_ITERS,
+        eval_interval=-(-max_iters // EVALS), eval_iters=EVAL_ITERS,
         log_interval=max(max_iters // 30, 1), checkpoint_interval=max_iters,
         checkpoint_path=str(run_dir / "checkpoint.pt"), device="cpu", seed=seed,
         tokenizer=str((data_dir / "tokenizer.json").resolve()),
@@ -129,7 +130,7 @@ def run_demo(
         f"so {minutes:g} min is {max_iters} steps"
     )
     t0 = time.perf_counter()
-    with _deadline(budget * 1.3 + 15):
+    with _deadline(budget * DEADLINE_FACTOR + 5):
         result = train_model(cfg, log=lambda line: log("      " + line))
     train_seconds = time.perf_counter() - t0
     if result.stopped_by_signal:
