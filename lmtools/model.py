@@ -48,9 +48,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x32 = x.float()
+        # At least float32: half-precision squares overflow and lose the mean.
+        x32 = x.float() if x.element_size() < 4 else x
         rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * rms * self.weight.float()).to(dtype)
+        return (x32 * rms * self.weight.to(x32.dtype)).to(dtype)
 
 
 class RotaryEmbedding(nn.Module):

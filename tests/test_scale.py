@@ -1,0 +1,65 @@
+"""Scaling up: gradient accumulation equals a bigger batch; DDP with gloo on two CPU processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lmtools import TransformerLM, cross_entropy
+from lmtools.checkpoint import read_checkpoint
+
+
+def test_accumulated_gradients_equal_one_big_batch():
+    torch.manual_seed(0)
+    model = TransformerLM(vocab_size=50, context_length=12, d_model=32, num_layers=2, num_heads=4, d_ff=64).double()
+    x = torch.randint(0, 50, (8, 12))
+    y = torch.randint(0, 50, (8, 12))
+    cross_entropy(model(x), y).backward()
+    big = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for i in range(4):  # the training loop's scaling: each micro loss / accum steps
+        (cross_entropy(model(x[2 * i : 2 * i + 2]), y[2 * i : 2 * i + 2]) / 4).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, big[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def _torchrun(*args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lmtools.cli", *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+def test_ddp_gloo_two_processes(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = np.empty(30000, dtype=np.uint16)
+    tok = 1
+    for i in range(len(tokens)):
+        tok = (5 * tok + 3) % 64 if rng.random() > 0.05 else int(rng.integers(0, 64))
+        tokens[i] = tok
+    np.save(tmp_path / "train.npy", tokens)
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    common = ["--vocab_size", "64", "--context_length", "16", "--d_model", "32", "--num_layers", "1",
+              "--num_heads", "4", "--d_ff", "64", "--batch_size", "8", "--learning_rate", "1e-2",
+              "--min_learning_rate", "1e-3", "--warmup_iters", "5", "--log_interval", "20",
+              "--eval_interval", "1000", "--checkpoint_interval", "40", "--checkpoint_path", ckpt]
+    run = _torchrun("train", "--train_data", tmp_path / "train.npy", *common, "--max_iters", "80")
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert out.count("lmtools train") == 1, out  # only rank 0 logs
+    assert "2 ranks" in out and "8 x context 16 = 256 tokens/step" in out
+    losses = [float(line.split("Loss:")[1].split("|")[0]) for line in out.splitlines() if line.startswith("Iter")]
+    assert len(losses) == 4 and losses[-1] < 0.5 * losses[0], out
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt.pt", "metrics.jsonl"]
+    iters = [json.loads(line)["iter"] for line in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
+    assert iters == [20, 40, 60, 80]
+
+    run = _torchrun("resume", ckpt, "--max_iters", "100")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Resumed from" in run.stdout and "Iter    100" in run.stdout
+    assert read_checkpoint(ckpt)["iteration"] == 100
