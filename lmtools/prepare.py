@@ -44,8 +44,9 @@ CHECK_CHARS = 256 << 10  # characters of the first batch encoded both ways to ch
 class Progress:
     """What `prepare_corpus` reports as it works. The CLI draws it; the default is silent."""
 
-    def phase(self, name: str, total_bytes: int) -> None:
-        """A pass over the corpus starts: "train tokenizer" or "encode"."""
+    def phase(self, name: str, total_bytes: int | None) -> None:
+        """A step starts: "train tokenizer" and "encode" read the corpus (`total_bytes`);
+        "learn merges" (the BPE trainer's own work after reading) has no total."""
 
     def advance(self, nbytes: int = 0, tokens: int = 0) -> None:
         """`nbytes` more of the input files were read, `tokens` more tokens written."""
@@ -176,12 +177,31 @@ class NpyWriter:
 # ---------------------------------------------------------------------------------------------
 
 
+def val_flags(seed: int, start: int, count: int, fraction: float) -> np.ndarray:
+    """Which of documents start .. start+count-1 go to the validation split.
+
+    Document i is in val when splitmix64(i * golden + key(seed)) < fraction * 2**64: a hash of
+    (seed, document index), so the split needs no document count in advance, and a corpus
+    that grows at the end keeps the split of its first documents.
+    """
+    import numpy as np
+
+    if fraction <= 0 or count <= 0:
+        return np.zeros(max(count, 0), dtype=bool)
+    key = int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=8).digest(), "little")
+    z = np.arange(start, start + count, dtype=np.uint64)
+    z = z * np.uint64(0x9E3779B97F4A7C15) + np.uint64(key)  # wraps modulo 2**64, on purpose
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z < np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
+
+
 def in_val(seed: int, index: int, fraction: float) -> bool:
-    """Whether document `index` goes to the validation split: a hash of (seed, index)."""
-    if fraction <= 0:
-        return False
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") < fraction * 2.0**64
+    """Whether document `index` goes to the validation split (see `val_flags`)."""
+    return bool(val_flags(seed, index, 1, fraction)[0])
 
 
 @dataclass
@@ -355,6 +375,8 @@ def _train(sources, options, vocab_size, progress: Progress, total_bytes: int):
         try:
             pieces = iter_pieces(sources, options, on_bytes=lambda n: progress.advance(n))
             yield from _text_batches(pieces, 1 << 20)
+            progress.done()
+            progress.phase("learn merges", None)
         except BaseException as exc:
             failure.append(exc)
             raise
@@ -418,11 +440,12 @@ def _encode(sources, options, encoder, splits, seed, val_fraction, batch_chars, 
             stats.min_id = lo if stats.min_id is None else min(stats.min_id, lo)
             stats.max_id = hi if stats.max_id is None else max(stats.max_id, hi)
         # ends + 1 flags: the batch may stop inside a document, which the next batch finishes.
-        flags = np.array([in_val(seed, next_doc + k, val_fraction) for k in range(ends + 1)])
+        flags = val_flags(seed, next_doc, ends + 1, val_fraction)
         if flags.any():
-            is_eot = ids == eot_id
-            doc_of_token = np.cumsum(is_eot) - is_eot  # a document owns its end-of-text id
-            to_val = flags[doc_of_token]
+            # Each document's tokens, its end-of-text id included, follow its flag.
+            bounds = np.flatnonzero(ids == eot_id) + 1
+            lengths = np.diff(bounds, prepend=0, append=len(ids))
+            to_val = np.repeat(flags, lengths)
             val_docs = int(flags[:ends].sum())
             routed = {"train": (ids[~to_val], ends - val_docs), "val": (ids[to_val], val_docs)}
         else:

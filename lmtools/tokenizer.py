@@ -58,6 +58,14 @@ def unicode_to_bytes() -> dict[str, int]:
     return {c: b for b, c in bytes_to_unicode().items()}
 
 
+@lru_cache(maxsize=1)
+def _byte_table() -> dict[int, str]:
+    """str.translate table: byte-level symbols -> chr(byte); anything else -> unencodable."""
+    table = {c: "\U0010ffff" for c in range(256)}
+    table.update({ord(c): chr(b) for c, b in unicode_to_bytes().items()})
+    return table
+
+
 def default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -414,10 +422,12 @@ def to_tiktoken(tok: Tokenizer):
     u2b = unicode_to_bytes()
     vocab: dict[str, int] = model["vocab"]
 
+    table = _byte_table()
+
     def as_bytes(token: str) -> bytes | None:
         try:
-            return bytes(u2b[c] for c in token)
-        except KeyError:
+            return token.translate(table).encode("latin-1")
+        except UnicodeEncodeError:  # a character outside the byte-level alphabet
             return None
 
     singles = sorted((i, t) for t, i in vocab.items() if len(t) == 1 and t in u2b)

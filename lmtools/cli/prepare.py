@@ -54,11 +54,12 @@ def _progress(quiet: bool):
     class Plain(Progress):
         INTERVAL = 5.0
 
-        def phase(self, name: str, total_bytes: int) -> None:
-            self.name, self.total = name, max(1, total_bytes)
+        def phase(self, name: str, total_bytes: int | None) -> None:
+            self.name, self.total = name, total_bytes
             self.nbytes = self.tokens = 0
             self.start = self.last = time.monotonic()
-            sys.stderr.write(f"prepare: {name}: {_human_bytes(total_bytes)} of input\n")
+            size = f": {_human_bytes(total_bytes)} of input" if total_bytes is not None else ""
+            sys.stderr.write(f"prepare: {name}{size}\n")
 
         def advance(self, nbytes: int = 0, tokens: int = 0) -> None:
             self.nbytes += nbytes
@@ -69,12 +70,16 @@ def _progress(quiet: bool):
                 self._line(now)
 
         def _line(self, now: float) -> None:
+            if self.total is None:
+                sys.stderr.write(f"prepare: {self.name}: {now - self.start:.0f} s\n")
+                return
+            total = max(1, self.total)
             elapsed = max(now - self.start, 1e-9)
             rate = self.nbytes / elapsed
-            eta = (self.total - self.nbytes) / rate if rate > 0 else 0.0
+            eta = (total - self.nbytes) / rate if rate > 0 else 0.0
             tok = f", {_human_count(self.tokens / elapsed)} tokens/s" if self.tokens else ""
             sys.stderr.write(
-                f"prepare: {self.name}: {100 * min(self.nbytes, self.total) / self.total:5.1f}%"
+                f"prepare: {self.name}: {100 * min(self.nbytes, total) / total:5.1f}%"
                 f" {_human_bytes(rate)}/s{tok}, eta {eta:.0f} s\n"
             )
 
@@ -105,7 +110,7 @@ def _progress(quiet: bool):
             )
             self.task = None
 
-        def phase(self, name: str, total_bytes: int) -> None:
+        def phase(self, name: str, total_bytes: int | None) -> None:
             if self.task is None:
                 self.bar.start()
             self.task = self.bar.add_task(name, total=total_bytes, rate="")
@@ -121,7 +126,10 @@ def _progress(quiet: bool):
 
         def done(self) -> None:
             task = self.bar.tasks[-1]
-            self.bar.update(self.task, completed=task.total)
+            if task.total is None:
+                self.bar.update(self.task, total=1, completed=1)
+            else:
+                self.bar.update(self.task, completed=task.total)
             if task.description == "encode":
                 self.bar.stop()
 

@@ -1,0 +1,188 @@
+"""Throughput of `lmtools prepare` against tiktoken and `tokenizers`, in the same run.
+
+The corpus is English prose made locally (no network): the docstrings of the Python standard
+library and the installed packages, one document per docstring, about 32 MB, cached in the
+temp folder. The vocabulary is a GPT-2-sized byte-level BPE (50257 ids) trained on that corpus,
+so every encoder below uses the same vocabulary, pattern and text.
+
+- tiktoken_batch: `tiktoken.Encoding.encode_ordinary_batch(docs)` (the baseline of the ratios).
+- tokenizers_batch: `tokenizers.Tokenizer.encode_batch(docs)` (on a quarter of the corpus).
+- prepare_jsonl / prepare_txt: `prepare_corpus` end to end with that tokenizer.json: read the
+  .jsonl (or a .txt split at blank lines), hash, encode, split train/val, write the .npy files.
+- prepare_train_10k: `prepare_corpus` end to end including training a 10000-id BPE (default).
+- train_bpe_50k: training the 50257-id BPE alone.
+
+Run: `python -m pytest benchmarks/bench_prepare.py --benchmark-columns=min,median`. The ratio
+table is printed at the end; with LMTOOLS_WRITE_RESULTS=1 it is also written to
+benchmarks/RESULTS_prepare.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from lmtools.prepare import prepare_corpus
+from lmtools.tokenizer import Encoder, default_threads, load_tokenizer, train_bpe
+
+CORPUS_BYTES = 32_000_000
+CACHE = Path(tempfile.gettempdir()) / "lmtools-bench-prepare"
+RESULTS: dict[str, tuple[float, int]] = {}  # name -> (median seconds, bytes of text)
+BASELINE = "tiktoken_batch"
+
+
+def _docstrings(limit: int) -> list[str]:
+    """Prose-like docstrings (long, with spaces) from every .py file under sys.prefix."""
+    triple = re.compile(r'"""(.*?)"""', re.S)
+    roots = sorted({Path(os.__file__).parent, *(Path(p) for p in sys.path if "site-packages" in p)})
+    docs, size = [], 0
+    for root in roots:
+        for dirpath, dirs, files in os.walk(root):
+            dirs.sort()
+            for name in sorted(files):
+                if not name.endswith(".py"):
+                    continue
+                try:
+                    source = (Path(dirpath) / name).read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError):
+                    continue
+                for m in triple.finditer(source):
+                    doc = m.group(1).strip()
+                    if len(doc) > 300 and doc.count(" ") > len(doc) / 8:
+                        docs.append(doc)
+                        size += len(doc.encode())
+                        if size >= limit:
+                            return docs
+    return docs
+
+
+@pytest.fixture(scope="session")
+def corpus() -> dict:
+    CACHE.mkdir(exist_ok=True)
+    jsonl, txt = CACHE / "prose.jsonl", CACHE / "prose.txt"
+    if not jsonl.exists():
+        # No blank lines inside a document, so that the .txt copy splits back at them.
+        docs = [re.sub(r"\n\s*\n", "\n", d) for d in _docstrings(CORPUS_BYTES)]
+        with open(jsonl.with_suffix(".tmp"), "w", encoding="utf-8") as f:
+            for d in docs:
+                f.write(json.dumps({"text": d}) + "\n")
+        os.replace(jsonl.with_suffix(".tmp"), jsonl)
+    docs = [json.loads(line)["text"] for line in jsonl.open(encoding="utf-8")]
+    if not txt.exists():
+        txt.write_text("\n\n".join(docs), encoding="utf-8")
+    nbytes = sum(len(d.encode()) for d in docs)
+    return {"docs": docs, "bytes": nbytes, "jsonl": jsonl, "txt": txt}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json(corpus) -> Path:
+    path = CACHE / "bpe50k.json"
+    if not path.exists():
+        train_bpe(_batches(corpus["docs"]), 50257).save(str(path))
+    return path
+
+
+def _batches(docs: list[str], n: int = 1000):
+    for i in range(0, len(docs), n):
+        yield docs[i : i + n]
+
+
+def _record(name: str, benchmark, nbytes: int) -> None:
+    RESULTS[name] = (benchmark.stats.stats.median, nbytes)
+
+
+def test_train_bpe_50k(benchmark, corpus):
+    benchmark.pedantic(lambda: train_bpe(_batches(corpus["docs"]), 50257), rounds=1,
+                       iterations=1)
+    _record("train_bpe_50k", benchmark, corpus["bytes"])
+
+
+def test_tiktoken_batch(benchmark, corpus, tokenizer_json):
+    encoding = Encoder(*load_tokenizer(tokenizer_json))._tiktoken
+    assert encoding is not None
+    benchmark.pedantic(lambda: encoding.encode_ordinary_batch(corpus["docs"]), rounds=3,
+                       iterations=1, warmup_rounds=1)
+    _record("tiktoken_batch", benchmark, corpus["bytes"])
+
+
+def test_tokenizers_batch(benchmark, corpus, tokenizer_json):
+    tok, _ = load_tokenizer(tokenizer_json)
+    docs = corpus["docs"][: len(corpus["docs"]) // 4]
+    benchmark.pedantic(lambda: tok.encode_batch(docs, add_special_tokens=False), rounds=2,
+                       iterations=1)
+    _record("tokenizers_batch", benchmark, sum(len(d.encode()) for d in docs))
+
+
+@pytest.mark.parametrize("source", ["jsonl", "txt"])
+def test_prepare(benchmark, corpus, tokenizer_json, tmp_path, source):
+    out = tmp_path / "out"
+    kwargs = {"separator": "\n\n"} if source == "txt" else {}
+
+    def run():
+        meta = prepare_corpus([corpus[source]], out, tokenizer=str(tokenizer_json), force=True,
+                              **kwargs)
+        assert meta["encoder"] == "tiktoken"
+        return meta
+
+    meta = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    assert meta["train_documents"] + meta["val_documents"] == len(corpus["docs"])
+    assert meta["text_bytes"] == corpus["bytes"]
+    _record(f"prepare_{source}", benchmark, corpus["bytes"])
+
+
+def test_prepare_train_10k(benchmark, corpus, tmp_path):
+    out = tmp_path / "out"
+    benchmark.pedantic(lambda: prepare_corpus([corpus["jsonl"]], out, force=True), rounds=1,
+                       iterations=1)
+    _record("prepare_train_10k", benchmark, corpus["bytes"])
+
+
+class _Summary:
+    """Prints the ratio table after pytest-benchmark's own (registered as a plugin)."""
+
+    def __init__(self, corpus: dict):
+        self.corpus = corpus
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if not RESULTS:
+            return
+        lines = summary(self.corpus)
+        terminalreporter.write_line("")
+        for line in lines:
+            terminalreporter.write_line(line)
+        if os.environ.get("LMTOOLS_WRITE_RESULTS"):
+            (Path(__file__).parent / "RESULTS_prepare.md").write_text(
+                "# `lmtools prepare` throughput\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
+
+
+def summary(corpus: dict) -> list[str]:
+    lines = [
+        f"{default_threads()} cores ({platform.machine()}), {time.strftime('%Y-%m-%d')}; corpus: "
+        f"{corpus['bytes'] / 1e6:.1f} MB of docstring prose, {len(corpus['docs']):,} documents; "
+        "vocabulary: byte-level BPE with 50257 ids trained on it",
+        "",
+        "| method | median s | MB/s of text | vs tiktoken_batch |",
+        "|---|---|---|---|",
+    ]
+    base = RESULTS.get(BASELINE)
+    base_rate = base[1] / base[0] if base else None
+    for name, (seconds, nbytes) in sorted(RESULTS.items(), key=lambda kv: kv[1][0] / kv[1][1]):
+        rate = nbytes / seconds
+        ratio = f"{rate / base_rate:.2f}x" if base_rate else "-"
+        lines.append(f"| {name} | {seconds:.2f} | {rate / 1e6:.2f} | {ratio} |")
+    return lines
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report(request, corpus):
+    plugin = _Summary(corpus)
+    request.config.pluginmanager.register(plugin, "lmtools-prepare-summary")
+    yield
