@@ -49,6 +49,8 @@ class TrainConfig:
     skip_spikes: bool = False
     spike_zscore: float = 6.0
     metrics: bool = True
+    # A fresh run refuses to replace an existing checkpoint unless this is set.
+    overwrite: bool = False
     tokenizer: str | None = None
 
     def model_config(self) -> ModelConfig:

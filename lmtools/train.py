@@ -290,6 +290,11 @@ def _train(cfg: TrainConfig, payload: dict | None, device: torch.device, dist_in
     ckpt_path = Path(cfg.checkpoint_path)
     if dist_info.is_main:
         check_checkpoint_folder(ckpt_path)
+        if payload is None and ckpt_path.exists() and not cfg.overwrite:
+            raise ConfigError(
+                f"{ckpt_path} already holds a checkpoint; continue it with --resume, "
+                f"or pass --overwrite to start a new run over it"
+            )
     metrics = MetricsWriter(ckpt_path.with_name("metrics.jsonl") if cfg.metrics and dist_info.is_main else None)
     if payload is not None:
         metrics.truncate_after(start_iter)

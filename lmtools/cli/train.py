@@ -56,6 +56,7 @@ def train(
     checkpoint_interval: int = _opt(_D.checkpoint_interval, "--checkpoint_interval", "--checkpoint-interval"),
     checkpoint_path: str = _opt(_D.checkpoint_path, "--checkpoint_path", "--checkpoint-path"),
     resume: bool = _opt(False, "--resume", help="Continue from --checkpoint_path with the config stored in it."),
+    overwrite: bool = _opt(False, "--overwrite", help="Start a new run even if --checkpoint_path already exists."),
     device: str = _opt(_D.device, "--device", help="cpu, cuda, cuda:N or mps."),
     seed: int = _opt(_D.seed, "--seed"),
     grad_accum_steps: int = _opt(_D.grad_accum_steps, "--grad_accum_steps", "--grad-accum-steps"),

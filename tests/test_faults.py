@@ -1,0 +1,153 @@
+"""Runs that die: signals, kill -9 at random moments, non-finite losses. Real processes, real signals."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmtools.checkpoint import read_checkpoint
+from lmtools.config import TrainConfig
+from lmtools.train import TrainingDiverged, train_model
+
+pytestmark = pytest.mark.slow
+
+MODEL = ["--vocab_size", "64", "--context_length", "16", "--d_model", "32", "--num_layers", "1",
+         "--num_heads", "4", "--d_ff", "64", "--batch_size", "4", "--warmup_iters", "2",
+         "--learning_rate", "1e-3", "--eval_interval", "1000000", "--log_interval", "1"]
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokens") / "train.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 64, 50000).astype(np.uint16))
+    return path
+
+
+def start_training(tokens: Path, ckpt: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "lmtools.cli", "train", "--train_data", str(tokens), *MODEL,
+           "--max_iters", "1000000", "--checkpoint_path", str(ckpt), *extra]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 120) -> list[str]:
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    proc.kill()
+    raise AssertionError(f"no line starting with {prefix!r}: {''.join(lines)} {proc.stderr.read()}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_writes_checkpoint_and_exits_0(tokens, tmp_path, sig):
+    ckpt = tmp_path / "ckpt.pt"
+    proc = start_training(tokens, ckpt, "--checkpoint_interval", "1000000")
+    wait_for_line(proc, "Iter      3")
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Stopped by signal at iter" in out
+    stopped_at = int(out.split("Stopped by signal at iter")[1].split(";")[0])
+    assert stopped_at >= 3
+    payload = read_checkpoint(ckpt)
+    assert payload["iteration"] == stopped_at and payload["sampler"]["step"] == stopped_at
+
+
+def test_second_signal_exits_at_once_and_damages_nothing(tokens, tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    proc = start_training(tokens, ckpt, "--checkpoint_interval", "2")
+    wait_for_line(proc, "Saved checkpoint at iter 4")
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode in (0, 128 + signal.SIGTERM, -signal.SIGTERM)
+    assert read_checkpoint(ckpt)["iteration"] >= 4
+
+
+def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tokens, tmp_path):
+    """Checkpoint every step (so kills land mid-write often), kill -9 at random times, reload."""
+    ckpt = tmp_path / "ckpt.pt"
+    rng = random.Random(1234)
+    last = 0
+    resume = False
+    for attempt in range(6):
+        extra = ["--checkpoint_interval", "1"]
+        proc = (
+            subprocess.Popen(
+                [sys.executable, "-m", "lmtools.cli", "resume", str(ckpt), "--max_iters", "1000000"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
+            )
+            if resume
+            else start_training(tokens, ckpt, *extra, "--d_model", "128", "--d_ff", "512")
+        )
+        wait_for_line(proc, "Saved checkpoint")
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        payload = read_checkpoint(ckpt)  # raises if torn
+        assert payload["iteration"] >= last
+        last = payload["iteration"]
+        resume = True
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("ckpt.pt", "metrics.jsonl")]
+    # A kill mid-write may leave a temp file; it never replaces the checkpoint.
+    assert all(name.endswith(".tmp") for name in leftovers), leftovers
+
+
+def _exploding_config(tokens: Path, tmp_path: Path, **kw) -> TrainConfig:
+    # A learning rate of 1e30 sends the weights past float32's range after one update.
+    args = dict(
+        train_data=[str(tokens)], vocab_size=64, context_length=16, d_model=32, num_layers=1, num_heads=4,
+        d_ff=64, batch_size=4, learning_rate=1e30, min_learning_rate=1e30, warmup_iters=0, max_iters=6,
+        log_interval=1, eval_interval=100, checkpoint_interval=1, checkpoint_path=str(tmp_path / "ckpt.pt"),
+        gradient_clip_val=1e30,
+    )
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tokens, tmp_path):
+    with pytest.raises(TrainingDiverged, match="non-finite") as info:
+        train_model(_exploding_config(tokens, tmp_path), log=lambda _l: None)
+    bad_iter = int(str(info.value).split("at iter ")[1].split(";")[0])
+    payload = read_checkpoint(tmp_path / "ckpt.pt")
+    assert payload["iteration"] == bad_iter - 1
+
+
+def test_skip_nonfinite_counts_skipped_steps(tokens, tmp_path):
+    lines = []
+    result = train_model(_exploding_config(tokens, tmp_path, skip_nonfinite=True), log=lines.append)
+    assert result.iteration == 6 and result.skipped_steps >= 1
+    assert any(line.startswith("Skipped update at iter") for line in lines)
+    assert read_checkpoint(tmp_path / "ckpt.pt")["skipped_steps"] == result.skipped_steps
+
+
+def test_loss_spike_is_logged(tokens, tmp_path):
+    """A stream that switches from a memorised pattern to noise makes the loss jump."""
+    easy = np.tile(np.arange(16, dtype=np.uint16), 4000)
+    path = tmp_path / "easy.npy"
+    np.save(path, easy)
+    cfg = _exploding_config(
+        path, tmp_path, learning_rate=1e-2, min_learning_rate=1e-2, max_iters=60, gradient_clip_val=1.0,
+        checkpoint_interval=1000,
+    )
+    train_model(cfg, log=lambda _l: None)
+    np.save(path, np.random.default_rng(0).integers(0, 64, len(easy)).astype(np.uint16))
+    lines = []
+    train_model(
+        TrainConfig(max_iters=62, checkpoint_path=cfg.checkpoint_path), resume_from=cfg.checkpoint_path,
+        explicit=frozenset({"max_iters", "checkpoint_path"}), log=lines.append,
+    )
+    assert any(line.startswith("Loss spike at iter 61") for line in lines), lines
