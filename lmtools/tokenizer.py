@@ -135,11 +135,9 @@ def train_bpe(batches: Iterable[list[str]], vocab_size: int) -> Tokenizer:
 
 
 def _merges(model: dict) -> list[tuple[str, str]]:
-    out = []
-    for m in model.get("merges") or []:
-        a, b = m.split(" ", 1) if isinstance(m, str) else m
-        out.append((a, b))
-    return out
+    """A BPE model's merges as pairs (tokenizers writes "a b" strings or [a, b] lists)."""
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
+            for m in model.get("merges") or []]
 
 
 def load_tokenizer(spec: str | os.PathLike) -> tuple[Tokenizer, str]:

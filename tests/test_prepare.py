@@ -500,3 +500,51 @@ def test_round_trip_when_cuts_fall_inside_the_special_spelling(tmp_path, trained
                    batch_chars=100, tokenizer=str(trained) if tokenizer == "trained" else "bytes")
     _, train, _ = load_dataset_docs(tmp_path / "out")
     assert train == docs
+
+
+@pytest.mark.parametrize("block", [64, 1 << 20])
+def test_jsonl_fast_path_falls_back_without_losing_or_repeating_documents(
+        tmp_path, monkeypatch, block):
+    import lmtools.corpus as corpus
+
+    monkeypatch.setattr(corpus, "JSON_BLOCK", block)
+    docs = [f"doc {i} é" for i in range(20)] + ["L" * 500] + [f"after {i}" for i in range(5)]
+    lines = [json.dumps({"text": d, "meta": {"n": i}}) for i, d in enumerate(docs)]
+    lines.insert(3, "")  # a blank line is no document
+    lines.insert(7, "   ")
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    source = resolve_sources([tmp_path / "c.jsonl"])[0]
+    if block > 500:  # no line is longer than a block: the fast path reads it all
+        monkeypatch.setattr(SourceReader, "_jsonl_python", None)
+    reader = SourceReader(source, ReadOptions(), hash_file=True)
+    got = [p.text for p in reader]
+    assert got == docs
+    import hashlib
+
+    assert reader.sha256() == hashlib.sha256((tmp_path / "c.jsonl").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"body": "x"}', ":3: no field 'text'"),
+        ('{"text": 5}', ":3: field 'text' holds int"),
+        ('{"text": null}', ":3: field 'text' holds NoneType"),
+        ('{"text": "a\\ud800"}', ":3: the text holds an unpaired surrogate"),
+        ('{"text": "a"', ":3: not a JSON line"),
+        ('["text"]', ":3: no field 'text'"),
+        ('{"text": "nul \x00"}', "binary"),
+    ],
+)
+def test_jsonl_errors_name_the_line(tmp_path, line, message):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "also fine"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=message.replace("(", r"\(")):
+        list(SourceReader(resolve_sources([path])[0], ReadOptions()))
+
+
+def test_jsonl_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=":2: not UTF-8"):
+        list(SourceReader(resolve_sources([path])[0], ReadOptions()))
