@@ -26,7 +26,8 @@ from pathlib import Path
 from lmtools.errors import ConfigError, DataError
 
 MARKER = ".lmtools-demo"
-SKIP_DIRS = frozenset({"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages"})
+# Tests, installed third-party packages, and codec tables (encodings/ is mostly generated data).
+SKIP_DIRS = frozenset({"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages", "encodings"})
 MAX_FILE_BYTES = 400_000  # larger stdlib modules are mostly data tables or prose (pydoc_data/topics.py)
 PROMPTS = ("def", "class", "import")
 
@@ -107,36 +108,27 @@ def run_demo(
 
     import torch
 
-    from lmtools.config import TrainConfig
     from lmtools.train import train_model
 
     budget = minutes * 60.0
-    step_s = probe_step_seconds(meta["vocab_size"], seed)
-    max_iters = iterations_for(budget, step_s)
     run_dir = out / "run"
-    cfg = TrainConfig(
-        train_data=[str(data_dir / "train.npy")], val_data=str(data_dir / "val.npy"),
-        vocab_size=int(meta["vocab_size"]), **MODEL, batch_size=BATCH_SIZE,
-        learning_rate=LEARNING_RATE, min_learning_rate=MIN_LEARNING_RATE, weight_decay=0.1,
-        warmup_iters=max(max_iters // 20, 1), max_iters=max_iters,
-        eval_interval=-(-max_iters // EVALS), eval_iters=EVAL_ITERS,
-        log_interval=max(max_iters // 30, 1), checkpoint_interval=max_iters,
-        checkpoint_path=str(run_dir / "checkpoint.pt"), device="cpu", seed=seed,
-        tokenizer=str((data_dir / "tokenizer.json").resolve()),
-    )
+    step_s = probe_step_seconds(demo_config(data_dir, out / "probe", 0, seed))
+    max_iters = iterations_for(budget, step_s)
+    cfg = demo_config(data_dir, run_dir, max_iters, seed)
     log(
         f"[3/4] train: {MODEL['num_layers']} layers, d_model {MODEL['d_model']}, context {MODEL['context_length']}, "
         f"batch {BATCH_SIZE} on {torch.get_num_threads()} CPU threads; a step takes {step_s:.2f}s, "
         f"so {minutes:g} min is {max_iters} steps"
     )
     t0 = time.perf_counter()
-    with _deadline(budget * DEADLINE_FACTOR + 5):
+    with _deadline(budget * DEADLINE_FACTOR + 5) as deadline:
         result = train_model(cfg, log=lambda line: log("      " + line))
     train_seconds = time.perf_counter() - t0
     if result.stopped_by_signal:
-        log(f"      stopped at the time limit, iter {result.iteration} of {max_iters}")
+        why = "at the time limit (this machine ran slower than the probe)" if deadline.fired else "by a signal"
+        log(f"      stopped {why}, iter {result.iteration} of {max_iters}")
 
-    train_curve, val_curve = _curves(run_dir / "metrics.jsonl")
+    train_curve, val_curve, _ = _curves(run_dir / "metrics.jsonl")
     plot_path: Path | None = out / "loss.png"
     try:
         from lmtools.plot import plot_runs
@@ -171,7 +163,7 @@ def claim_folder(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by lmtools demo; its contents are replaced by the next demo run\n")
     # A fresh run: metrics.jsonl is appended to, so an old one would mix two runs.
-    for name in ("run", "data"):
+    for name in ("run", "data", "probe"):
         shutil.rmtree(out / name, ignore_errors=True)
     for name in ("corpus.jsonl", "loss.png"):
         (out / name).unlink(missing_ok=True)
@@ -222,27 +214,44 @@ def write_stdlib_corpus(dest: Path, max_bytes: int, *, seed: int = 0, root: Path
     return n_files, n_bytes
 
 
-def probe_step_seconds(vocab_size: int, seed: int = 0, steps: int = 3) -> float:
-    """Seconds per optimizer step of the demo model on this CPU (the median of a few steps)."""
-    import torch
+def demo_config(data_dir: Path, run_dir: Path, max_iters: int, seed: int = 0):
+    """The demo's run. Evaluations fall on logged steps, so each logged loss averages a full window."""
+    from lmtools.config import TrainConfig
 
-    from lmtools.model import TransformerLM
-    from lmtools.optim import cross_entropy, make_optimizer
+    max_iters = max(max_iters, 1)
+    log_interval = max(max_iters // 30, 1)
+    return TrainConfig(
+        train_data=[str(data_dir / "train.npy")], val_data=str(data_dir / "val.npy"),
+        **MODEL, batch_size=BATCH_SIZE,
+        learning_rate=LEARNING_RATE, min_learning_rate=MIN_LEARNING_RATE, weight_decay=0.1,
+        warmup_iters=max(max_iters // 20, 1), max_iters=max_iters,
+        eval_interval=log_interval * -(-max_iters // (EVALS * log_interval)), eval_iters=EVAL_ITERS,
+        log_interval=log_interval, checkpoint_interval=max_iters,
+        checkpoint_path=str(run_dir / "checkpoint.pt"), device="cpu", seed=seed,
+    )
 
-    gen = torch.Generator().manual_seed(seed)
-    model = TransformerLM(vocab_size=vocab_size, **MODEL)
-    opt = make_optimizer(model, LEARNING_RATE, 0.1, torch.device("cpu"))
-    x = torch.randint(0, vocab_size, (BATCH_SIZE, MODEL["context_length"]), generator=gen)
-    times = []
-    for i in range(steps + 1):  # the first step warms up the allocator and kernels
-        t0 = time.perf_counter()
-        loss = cross_entropy(model(x), x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+
+def probe_step_seconds(cfg, warm: int = 3, timed: int = 4) -> float:
+    """Seconds per step of the real training loop (data, step, clipping) for `cfg`'s model.
+
+    A few steps of `train_model` itself, timed from its own metrics: the first `warm` steps
+    (allocator, kernels, prefetch) are left out. The probe's folder is removed afterwards.
+    """
+    from lmtools.train import train_model
+
+    run_dir = Path(cfg.checkpoint_path).parent
+    cfg.max_iters, cfg.log_interval, cfg.warmup_iters = warm + timed, warm, 1
+    cfg.eval_interval = cfg.checkpoint_interval = 10**9
+    cfg.val_data = None
+    try:
+        train_model(cfg, log=lambda _line: None)
+        _, _, records = _curves(run_dir / "metrics.jsonl")
+        tok_s = [r["tokens_per_s"] for r in records if r.get("iter") == warm + timed and r.get("tokens_per_s")]
+        if not tok_s:
+            raise RuntimeError("the timing probe wrote no metrics")
+        return cfg.batch_size * cfg.context_length * cfg.grad_accum_steps / tok_s[-1]
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def iterations_for(budget_s: float, step_s: float) -> int:
@@ -273,19 +282,21 @@ def sample_lines(checkpoint: Path, *, seed: int = 0, max_new_tokens: int = 60) -
     return samples
 
 
-def _curves(path: Path) -> tuple[list[float], list[float]]:
-    train, val = [], []
+def _curves(path: Path) -> tuple[list[float], list[float], list[dict]]:
+    """Train losses, val losses and all records of a metrics.jsonl."""
+    train, val, records = [], [], []
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            records.append(record)
             if isinstance(record.get("loss"), (int, float)):
                 train.append(float(record["loss"]))
             if isinstance(record.get("val_loss"), (int, float)):
                 val.append(float(record["val_loss"]))
-    return train, val
+    return train, val, records
 
 
 class _deadline:
@@ -296,11 +307,16 @@ class _deadline:
 
     def __init__(self, seconds: float):
         self.seconds = seconds
+        self.fired = False
         self._timer: threading.Timer | None = None
+
+    def _fire(self) -> None:
+        self.fired = True
+        os.kill(os.getpid(), signal.SIGINT)
 
     def __enter__(self) -> "_deadline":
         if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGINT"):
-            self._timer = threading.Timer(self.seconds, os.kill, (os.getpid(), signal.SIGINT))
+            self._timer = threading.Timer(self.seconds, self._fire)
             self._timer.daemon = True
             self._timer.start()
         return self
