@@ -164,7 +164,12 @@ def load_state(payload: dict, model: torch.nn.Module, optimizer: torch.optim.Opt
             f"checkpoint does not match the model: {_first_line(exc)}; use the model flags it was trained with"
         ) from None
     if optimizer is not None and payload.get("optimizer_state_dict") is not None:
-        optimizer.load_state_dict(payload["optimizer_state_dict"])
+        try:
+            optimizer.load_state_dict(payload["optimizer_state_dict"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"the checkpoint's optimizer state does not match this model ({_first_line(exc)})"
+            ) from None
     return int(payload["iteration"])
 
 

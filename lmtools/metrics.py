@@ -33,8 +33,12 @@ class MetricsWriter:
         if self._file is None:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(clean) + "\n")
+            self._file.flush()
+        except OSError:
+            # A full disk must not kill the run over a log line; checkpoints report their own errors.
+            self.close()
 
     def truncate_after(self, iteration: int) -> None:
         """Drop lines past `iteration` (left by a run that died after its last checkpoint)."""
