@@ -13,7 +13,11 @@ pub enum SamplerError {
     /// The file exists but is not a usable token file (bad magic, truncated, wrong dtype, ...).
     Format { path: PathBuf, reason: String },
     /// A token source holds fewer than `context_length + 1` tokens.
-    TooShort { name: String, len: u64, context_length: usize },
+    TooShort {
+        name: String,
+        len: u64,
+        context_length: usize,
+    },
     /// An argument is out of range or inconsistent (weights, shapes, context length, ...).
     Argument(String),
 }
@@ -22,7 +26,10 @@ pub type Result<T> = std::result::Result<T, SamplerError>;
 
 impl SamplerError {
     pub(crate) fn format(path: &std::path::Path, reason: impl Into<String>) -> Self {
-        SamplerError::Format { path: path.to_path_buf(), reason: reason.into() }
+        SamplerError::Format {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -33,10 +40,18 @@ impl fmt::Display for SamplerError {
                 write!(f, "{}: file not found; check the path", path.display())
             }
             SamplerError::Io { path, source } => {
-                write!(f, "{}: cannot read the file ({source}); check that it exists and is readable", path.display())
+                write!(
+                    f,
+                    "{}: cannot read the file ({source}); check that it exists and is readable",
+                    path.display()
+                )
             }
             SamplerError::Format { path, reason } => write!(f, "{}: {reason}", path.display()),
-            SamplerError::TooShort { name, len, context_length } => write!(
+            SamplerError::TooShort {
+                name,
+                len,
+                context_length,
+            } => write!(
                 f,
                 "{name}: holds {len} tokens but a window needs context_length + 1 = {} tokens; \
                  use a smaller context_length or more data",

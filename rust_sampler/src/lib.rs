@@ -4,7 +4,9 @@
 //! `python.rs` (feature `python`) is the only binding layer.
 
 #[cfg(target_endian = "big")]
-compile_error!("rust_sampler reads little-endian token files in place and supports little-endian targets only");
+compile_error!(
+    "rust_sampler reads little-endian token files in place and supports little-endian targets only"
+);
 
 pub mod error;
 pub mod npy;

@@ -37,16 +37,23 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<NpyHeader> {
         return Err(bad(not_npy.into()));
     }
     if bytes.len() < 10 {
-        return Err(bad("truncated .npy header; the file is incomplete, write it again".into()));
+        return Err(bad(
+            "truncated .npy header; the file is incomplete, write it again".into(),
+        ));
     }
     let (major, minor) = (bytes[6], bytes[7]);
     let (header_len, start) = match major {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
         2 | 3 => {
             if bytes.len() < 12 {
-                return Err(bad("truncated .npy header; the file is incomplete, write it again".into()));
+                return Err(bad(
+                    "truncated .npy header; the file is incomplete, write it again".into(),
+                ));
             }
-            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+            (
+                u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+                12,
+            )
         }
         _ => {
             return Err(bad(format!(
@@ -56,17 +63,27 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<NpyHeader> {
     };
     let end = start + header_len;
     if bytes.len() < end {
-        return Err(bad("truncated .npy header; the file is incomplete, write it again".into()));
+        return Err(bad(
+            "truncated .npy header; the file is incomplete, write it again".into(),
+        ));
     }
     let text = std::str::from_utf8(&bytes[start..end])
         .map_err(|_| bad("the .npy header is not text; the file is corrupted".into()))?;
-    let raw = parse_dict(text).map_err(|e| bad(format!("malformed .npy header ({e}); the file is corrupted")))?;
+    let raw = parse_dict(text).map_err(|e| {
+        bad(format!(
+            "malformed .npy header ({e}); the file is corrupted"
+        ))
+    })?;
 
-    let descr = raw.descr.ok_or_else(|| bad("the .npy header has no 'descr'; the file is corrupted".into()))?;
-    let fortran = raw
-        .fortran_order
-        .ok_or_else(|| bad("the .npy header has no 'fortran_order'; the file is corrupted".into()))?;
-    let shape = raw.shape.ok_or_else(|| bad("the .npy header has no 'shape'; the file is corrupted".into()))?;
+    let descr = raw
+        .descr
+        .ok_or_else(|| bad("the .npy header has no 'descr'; the file is corrupted".into()))?;
+    let fortran = raw.fortran_order.ok_or_else(|| {
+        bad("the .npy header has no 'fortran_order'; the file is corrupted".into())
+    })?;
+    let shape = raw
+        .shape
+        .ok_or_else(|| bad("the .npy header has no 'shape'; the file is corrupted".into()))?;
 
     let dtype = dtype_from_descr(&descr).map_err(bad)?;
     if shape.len() != 1 {
@@ -77,9 +94,15 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<NpyHeader> {
         )));
     }
     if fortran {
-        return Err(bad("is stored in Fortran order; save a C-ordered array (numpy.ascontiguousarray)".into()));
+        return Err(bad(
+            "is stored in Fortran order; save a C-ordered array (numpy.ascontiguousarray)".into(),
+        ));
     }
-    Ok(NpyHeader { dtype, len: shape[0], data_offset: end })
+    Ok(NpyHeader {
+        dtype,
+        len: shape[0],
+        data_offset: end,
+    })
 }
 
 /// Maps a numpy type string to a token dtype, or says what is wrong with it.
@@ -89,18 +112,21 @@ pub fn dtype_from_descr(descr: &str) -> std::result::Result<Dtype, String> {
         Some(b'<' | b'>' | b'|' | b'=') => (descr.as_bytes()[0], &descr[1..]),
         _ => (b'=', descr),
     };
-    let dtype = match code {
-        "u2" => Dtype::U16,
-        "u4" => Dtype::U32,
-        "i4" => Dtype::I32,
-        "i8" => Dtype::I64,
-        c if c.starts_with('f') || c.starts_with('c') => {
-            return Err(format!("holds floating-point data (dtype '{descr}'); {fix}, e.g. data.astype(np.uint16)"))
-        }
-        _ => return Err(format!("has dtype '{descr}'; {fix}")),
-    };
+    let dtype =
+        match code {
+            "u2" => Dtype::U16,
+            "u4" => Dtype::U32,
+            "i4" => Dtype::I32,
+            "i8" => Dtype::I64,
+            c if c.starts_with('f') || c.starts_with('c') => return Err(format!(
+                "holds floating-point data (dtype '{descr}'); {fix}, e.g. data.astype(np.uint16)"
+            )),
+            _ => return Err(format!("has dtype '{descr}'; {fix}")),
+        };
     if order == b'>' {
-        return Err(format!("is big-endian (dtype '{descr}'); {fix}, e.g. data.astype('<u2')"));
+        return Err(format!(
+            "is big-endian (dtype '{descr}'); {fix}, e.g. data.astype('<u2')"
+        ));
     }
     Ok(dtype)
 }
@@ -108,7 +134,10 @@ pub fn dtype_from_descr(descr: &str) -> std::result::Result<Dtype, String> {
 /// A tiny parser for the header dict: `{'key': value, ...}` where a value is a quoted string,
 /// True/False, or a tuple of non-negative integers. That is all numpy writes there.
 fn parse_dict(text: &str) -> std::result::Result<RawHeader, String> {
-    let mut p = Parser { s: text.as_bytes(), i: 0 };
+    let mut p = Parser {
+        s: text.as_bytes(),
+        i: 0,
+    };
     let mut out = RawHeader::default();
     p.ws();
     p.expect(b'{')?;
@@ -207,7 +236,9 @@ impl Parser<'_> {
             }
             // numpy may write `3L` for longs in very old files.
             let digits = std::str::from_utf8(&self.s[start..self.i]).unwrap_or("");
-            let n: u64 = digits.parse().map_err(|_| format!("expected a dimension at byte {start}"))?;
+            let n: u64 = digits
+                .parse()
+                .map_err(|_| format!("expected a dimension at byte {start}"))?;
             self.eat(b'L');
             dims.push(n);
             self.ws();
@@ -249,10 +280,24 @@ mod tests {
 
     #[test]
     fn good_headers() {
-        for (descr, dtype) in [("<u2", Dtype::U16), ("<u4", Dtype::U32), ("<i4", Dtype::I32), ("<i8", Dtype::I64)] {
-            let h = header(&format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': (1000,), }}"));
+        for (descr, dtype) in [
+            ("<u2", Dtype::U16),
+            ("<u4", Dtype::U32),
+            ("<i4", Dtype::I32),
+            ("<i8", Dtype::I64),
+        ] {
+            let h = header(&format!(
+                "{{'descr': '{descr}', 'fortran_order': False, 'shape': (1000,), }}"
+            ));
             let got = parse(&h).unwrap();
-            assert_eq!(got, NpyHeader { dtype, len: 1000, data_offset: h.len() });
+            assert_eq!(
+                got,
+                NpyHeader {
+                    dtype,
+                    len: 1000,
+                    data_offset: h.len()
+                }
+            );
             assert_eq!(got.data_offset % 64, 0);
         }
     }
@@ -265,7 +310,10 @@ mod tests {
         h.extend((dict.len() as u32).to_le_bytes());
         h.extend(dict);
         let got = parse(&h).unwrap();
-        assert_eq!((got.dtype, got.len, got.data_offset), (Dtype::U16, 7, 12 + dict.len()));
+        assert_eq!(
+            (got.dtype, got.len, got.data_offset),
+            (Dtype::U16, 7, 12 + dict.len())
+        );
     }
 
     #[test]
@@ -281,7 +329,10 @@ mod tests {
         let h = header("{'descr': '<u2', 'fortran_order': False, 'shape': (10,), }");
         for cut in [0, 3, 6, 8, 9, 20, h.len() - 1] {
             let e = err(&h[..cut]);
-            assert!(e.contains("truncated") || e.contains("magic"), "cut {cut}: {e}");
+            assert!(
+                e.contains("truncated") || e.contains("magic"),
+                "cut {cut}: {e}"
+            );
         }
         assert!(err(&h[..20]).contains("truncated"));
     }
@@ -297,7 +348,9 @@ mod tests {
     #[test]
     fn float_dtype() {
         for d in ["<f4", "<f8", "<f2", "<c8"] {
-            let h = header(&format!("{{'descr': '{d}', 'fortran_order': False, 'shape': (10,), }}"));
+            let h = header(&format!(
+                "{{'descr': '{d}', 'fortran_order': False, 'shape': (10,), }}"
+            ));
             assert!(err(&h).contains("floating-point"), "{d}");
         }
     }
@@ -320,7 +373,9 @@ mod tests {
     #[test]
     fn big_endian() {
         for d in [">u2", ">i8"] {
-            let h = header(&format!("{{'descr': '{d}', 'fortran_order': False, 'shape': (10,), }}"));
+            let h = header(&format!(
+                "{{'descr': '{d}', 'fortran_order': False, 'shape': (10,), }}"
+            ));
             assert!(err(&h).contains("big-endian"), "{d}");
         }
     }
@@ -328,10 +383,17 @@ mod tests {
     #[test]
     fn other_dtypes_and_garbage() {
         for d in ["<i2", "|b1", "<U4", "|O", "<u8"] {
-            let h = header(&format!("{{'descr': '{d}', 'fortran_order': False, 'shape': (10,), }}"));
+            let h = header(&format!(
+                "{{'descr': '{d}', 'fortran_order': False, 'shape': (10,), }}"
+            ));
             assert!(err(&h).contains("uint16, uint32, int32 or int64"), "{d}");
         }
-        for dict in ["not a dict", "{'descr': '<u2', 'shape': (10,)}", "{'descr': '<u2', 'fortran_order': Maybe}", "{'descr': '<u2"] {
+        for dict in [
+            "not a dict",
+            "{'descr': '<u2', 'shape': (10,)}",
+            "{'descr': '<u2', 'fortran_order': Maybe}",
+            "{'descr': '<u2",
+        ] {
             let e = err(&header(dict));
             assert!(e.contains("corrupted"), "{dict}: {e}");
         }

@@ -6,8 +6,8 @@ use crate::error::SamplerError;
 use crate::sampler::Sampler;
 use crate::source::{self, Dtype, TokenFile, TokenStorage, TokenView};
 use pyo3::buffer::PyBuffer;
-use pyo3::types::PyMemoryView;
 use pyo3::prelude::*;
+use pyo3::types::PyMemoryView;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -45,13 +45,19 @@ fn dtype_from_format(format: &str, itemsize: usize) -> std::result::Result<Dtype
     let (order, code) = match format.as_bytes() {
         [c] => (b'@', *c),
         [o, c] => (*o, *c),
-        _ => return Err(format!("buffer format '{format}' is not a plain integer type")),
+        _ => {
+            return Err(format!(
+                "buffer format '{format}' is not a plain integer type"
+            ))
+        }
     };
     if matches!(order, b'>' | b'!') {
         return Err(format!("the array is big-endian (format '{format}'); pass data.astype(data.dtype.newbyteorder('='))"));
     }
     if !matches!(order, b'@' | b'=' | b'<') {
-        return Err(format!("buffer format '{format}' is not a plain integer type"));
+        return Err(format!(
+            "buffer format '{format}' is not a plain integer type"
+        ));
     }
     let signed = match code {
         b'b' | b'h' | b'i' | b'l' | b'q' | b'n' => true,
@@ -67,7 +73,11 @@ fn dtype_from_format(format: &str, itemsize: usize) -> std::result::Result<Dtype
         (false, 4) => Dtype::U32,
         (true, 8) => Dtype::I64,
         (false, 8) => Dtype::U64,
-        _ => return Err(format!("format '{format}' with {itemsize}-byte items is not a supported integer type")),
+        _ => {
+            return Err(format!(
+                "format '{format}' with {itemsize}-byte items is not a supported integer type"
+            ))
+        }
     })
 }
 
@@ -75,7 +85,8 @@ fn storage_from_buffer(array: &Bound<'_, PyAny>) -> PyResult<Box<dyn TokenStorag
     let not_integer = |why: String| {
         DataError::new_err(format!("token data must be a 1-D integer array: {why}; convert it, e.g. data.astype(numpy.int64)"))
     };
-    let view = PyMemoryView::from(array).map_err(|_| not_integer(format!("got {}, which has no buffer", type_name(array))))?;
+    let view = PyMemoryView::from(array)
+        .map_err(|_| not_integer(format!("got {}, which has no buffer", type_name(array))))?;
     let format: String = view.getattr("format")?.extract()?;
     let itemsize: usize = view.getattr("itemsize")?.extract()?;
     let ndim: usize = view.getattr("ndim")?.extract()?;
@@ -93,7 +104,9 @@ fn storage_from_buffer(array: &Bound<'_, PyAny>) -> PyResult<Box<dyn TokenStorag
     }
     let bytes = PyBuffer::<u8>::get(&view.call_method1("cast", ("B",))?)?;
     if !(bytes.buf_ptr() as usize).is_multiple_of(dtype.size()) {
-        return Err(DataError::new_err("the token array is misaligned; pass numpy.ascontiguousarray(data)"));
+        return Err(DataError::new_err(
+            "the token array is misaligned; pass numpy.ascontiguousarray(data)",
+        ));
     }
     Ok(Box::new(BufferStorage { bytes, dtype }))
 }
@@ -120,7 +133,9 @@ impl PyTokenFile {
     fn from_buffer(array: &Bound<'_, PyAny>, name: Option<String>) -> PyResult<Self> {
         let storage = storage_from_buffer(array)?;
         let name = name.unwrap_or_else(|| "array".to_string());
-        Ok(PyTokenFile { inner: Arc::new(TokenFile::from_storage(name, storage)) })
+        Ok(PyTokenFile {
+            inner: Arc::new(TokenFile::from_storage(name, storage)),
+        })
     }
 
     #[getter]
@@ -148,21 +163,38 @@ impl PyTokenFile {
         py.detach(|| inner.token_range())
     }
     fn __repr__(&self) -> String {
-        format!("TokenFile({:?}, dtype={}, len={})", self.inner.name(), self.inner.dtype().name(), self.inner.len())
+        format!(
+            "TokenFile({:?}, dtype={}, len={})",
+            self.inner.name(),
+            self.inner.dtype().name(),
+            self.inner.len()
+        )
     }
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
-    obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "an object".into())
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "an object".into())
 }
 
 /// A writable (B, T) int64 output buffer.
 fn output(obj: &Bound<'_, PyAny>, what: &str, t: usize) -> PyResult<PyBuffer<i64>> {
     let buf = PyBuffer::<i64>::get(obj).map_err(|_| {
-        DataError::new_err(format!("{what} must be an int64 array of shape (batch_size, {t}); got {}", type_name(obj)))
+        DataError::new_err(format!(
+            "{what} must be an int64 array of shape (batch_size, {t}); got {}",
+            type_name(obj)
+        ))
     })?;
     let foreign = matches!(buf.format().to_bytes().first(), Some(b'>' | b'!'));
-    if foreign || buf.readonly() || buf.dimensions() != 2 || !buf.is_c_contiguous() || buf.shape()[1] != t || buf.shape()[0] == 0 {
+    if foreign
+        || buf.readonly()
+        || buf.dimensions() != 2
+        || !buf.is_c_contiguous()
+        || buf.shape()[1] != t
+        || buf.shape()[0] == 0
+    {
         return Err(DataError::new_err(format!(
             "{what} must be a writable, C-contiguous int64 array of shape (batch_size, {t}); got shape {:?}",
             buf.shape()
@@ -193,7 +225,11 @@ impl PySampler {
         let context_length = usize::try_from(context_length)
             .ok()
             .filter(|&t| t > 0)
-            .ok_or_else(|| DataError::new_err(format!("context_length must be a positive integer; got {context_length}")))?;
+            .ok_or_else(|| {
+                DataError::new_err(format!(
+                    "context_length must be a positive integer; got {context_length}"
+                ))
+            })?;
         let mut files = Vec::new();
         let core_groups = groups
             .into_iter()
@@ -207,7 +243,10 @@ impl PySampler {
         if let Some(n) = num_threads {
             inner = inner.with_threads(n)?;
         }
-        Ok(PySampler { inner: Arc::new(inner), files })
+        Ok(PySampler {
+            inner: Arc::new(inner),
+            files,
+        })
     }
 
     /// Fills `inputs` and `targets` (writable C-contiguous int64, shape (B, T)) with the batch
@@ -238,7 +277,9 @@ impl PySampler {
         let (xp, yp) = (x.buf_ptr() as usize, y.buf_ptr() as usize);
         let bytes = n * std::mem::size_of::<i64>();
         if xp < yp + bytes && yp < xp + bytes {
-            return Err(DataError::new_err("inputs and targets must not share memory"));
+            return Err(DataError::new_err(
+                "inputs and targets must not share memory",
+            ));
         }
         let sampler = &*self.inner;
         py.detach(move || {
@@ -255,11 +296,25 @@ impl PySampler {
 
     /// The windows of a batch as (file index, start) pairs, without gathering.
     #[pyo3(signature = (batch_size, seed, rank = 0, step = 0, micro = 0))]
-    fn windows(&self, batch_size: usize, seed: u64, rank: u64, step: u64, micro: u64) -> PyResult<Vec<(usize, u64)>> {
+    fn windows(
+        &self,
+        batch_size: usize,
+        seed: u64,
+        rank: u64,
+        step: u64,
+        micro: u64,
+    ) -> PyResult<Vec<(usize, u64)>> {
         if batch_size > MAX_WINDOWS {
-            return Err(DataError::new_err(format!("batch_size {batch_size} is too large; ask for at most {MAX_WINDOWS} windows")));
+            return Err(DataError::new_err(format!(
+                "batch_size {batch_size} is too large; ask for at most {MAX_WINDOWS} windows"
+            )));
         }
-        Ok(self.inner.windows(batch_size, seed, rank, step, micro).into_iter().map(|w| (w.file, w.start)).collect())
+        Ok(self
+            .inner
+            .windows(batch_size, seed, rank, step, micro)
+            .into_iter()
+            .map(|w| (w.file, w.start))
+            .collect())
     }
 
     #[getter]

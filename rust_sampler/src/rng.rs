@@ -148,7 +148,10 @@ mod tests {
             counts[Stream::for_row(batch_key(5, 0, 0, 0), row).bounded(n) as usize] += 1;
         }
         let expected = draws as f64 / n as f64;
-        let chi2: f64 = counts.iter().map(|&c| (c as f64 - expected).powi(2) / expected).sum();
+        let chi2: f64 = counts
+            .iter()
+            .map(|&c| (c as f64 - expected).powi(2) / expected)
+            .sum();
         assert!(chi2 < 22.46, "chi2 = {chi2}, counts = {counts:?}");
     }
 

@@ -51,10 +51,14 @@ impl Sampler {
     /// group the weight is ignored.
     pub fn new(groups: Vec<(f64, Vec<Arc<TokenFile>>)>, context_length: usize) -> Result<Sampler> {
         if context_length == 0 {
-            return Err(SamplerError::Argument("context_length must be positive".into()));
+            return Err(SamplerError::Argument(
+                "context_length must be positive".into(),
+            ));
         }
         if groups.is_empty() || groups.iter().all(|(_, f)| f.is_empty()) {
-            return Err(SamplerError::Argument("no token sources given; pass at least one token file or array".into()));
+            return Err(SamplerError::Argument(
+                "no token sources given; pass at least one token file or array".into(),
+            ));
         }
         let need = context_length as u64 + 1;
         let mut files = Vec::new();
@@ -67,13 +71,23 @@ impl Sampler {
                 )));
             }
             if group_files.is_empty() {
-                return Err(SamplerError::Argument("a weighted source holds no token files".into()));
+                return Err(SamplerError::Argument(
+                    "a weighted source holds no token files".into(),
+                ));
             }
-            let mut g = Group { files: Vec::new(), first_window: Vec::new(), windows: 0 };
+            let mut g = Group {
+                files: Vec::new(),
+                first_window: Vec::new(),
+                windows: 0,
+            };
             for f in group_files {
                 let len = f.len() as u64;
                 if len < need {
-                    return Err(SamplerError::TooShort { name: f.name().to_string(), len, context_length });
+                    return Err(SamplerError::TooShort {
+                        name: f.name().to_string(),
+                        len,
+                        context_length,
+                    });
                 }
                 g.first_window.push(g.windows);
                 g.windows += len - context_length as u64;
@@ -95,20 +109,32 @@ impl Sampler {
         if let Some(last) = cum_weights.last_mut() {
             *last = 1.0;
         }
-        Ok(Sampler { files, groups: out_groups, cum_weights, context_length, pool: None })
+        Ok(Sampler {
+            files,
+            groups: out_groups,
+            cum_weights,
+            context_length,
+            pool: None,
+        })
     }
 
     /// Gathers large batches on a pool of `threads` threads of its own instead of rayon's
     /// global pool (sized to all cores).
     pub fn with_threads(mut self, threads: usize) -> Result<Sampler> {
         if threads == 0 {
-            return Err(SamplerError::Argument("num_threads must be positive, or None for all cores".into()));
+            return Err(SamplerError::Argument(
+                "num_threads must be positive, or None for all cores".into(),
+            ));
         }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("lmtools-sampler-{i}"))
             .build()
-            .map_err(|e| SamplerError::Argument(format!("cannot start {threads} sampler threads ({e}); use fewer")))?;
+            .map_err(|e| {
+                SamplerError::Argument(format!(
+                    "cannot start {threads} sampler threads ({e}); use fewer"
+                ))
+            })?;
         self.pool = Some(pool);
         Ok(self)
     }
@@ -134,17 +160,30 @@ impl Sampler {
             &self.groups[0]
         } else {
             let u = stream.next_f64();
-            let g = self.cum_weights.partition_point(|&c| c <= u).min(self.groups.len() - 1);
+            let g = self
+                .cum_weights
+                .partition_point(|&c| c <= u)
+                .min(self.groups.len() - 1);
             &self.groups[g]
         };
         let w = stream.bounded(group.windows);
         // Last file whose first window is <= w.
         let i = group.first_window.partition_point(|&f| f <= w) - 1;
-        Window { file: group.files[i], start: w - group.first_window[i] }
+        Window {
+            file: group.files[i],
+            start: w - group.first_window[i],
+        }
     }
 
     /// The windows of one batch, row by row.
-    pub fn windows(&self, batch_size: usize, seed: u64, rank: u64, step: u64, micro: u64) -> Vec<Window> {
+    pub fn windows(
+        &self,
+        batch_size: usize,
+        seed: u64,
+        rank: u64,
+        step: u64,
+        micro: u64,
+    ) -> Vec<Window> {
         let key = batch_key(seed, rank, step, micro);
         (0..batch_size).map(|row| self.window(key, row)).collect()
     }
@@ -152,7 +191,15 @@ impl Sampler {
     /// Gathers one batch into `inputs` and `targets` (each `batch_size * T` int64 values, row
     /// major): row r holds tokens `[s, s + T)` and `[s + 1, s + T + 1)` of its window. Rows are
     /// filled in parallel when the batch is large enough to pay for it.
-    pub fn fill(&self, inputs: &mut [i64], targets: &mut [i64], seed: u64, rank: u64, step: u64, micro: u64) -> Result<()> {
+    pub fn fill(
+        &self,
+        inputs: &mut [i64],
+        targets: &mut [i64],
+        seed: u64,
+        rank: u64,
+        step: u64,
+        micro: u64,
+    ) -> Result<()> {
         let t = self.context_length;
         if inputs.len() != targets.len() || !inputs.len().is_multiple_of(t) || inputs.is_empty() {
             return Err(SamplerError::Argument(format!(
@@ -170,7 +217,9 @@ impl Sampler {
         let rows_per_task = (ROW_TASK_TOKENS / t).max(1);
         let fill_rows = |first_row: usize, xs: &mut [i64], ys: &mut [i64]| {
             let rows = xs.len() / t;
-            let windows: Vec<Window> = (first_row..first_row + rows).map(|r| self.window(key, r)).collect();
+            let windows: Vec<Window> = (first_row..first_row + rows)
+                .map(|r| self.window(key, r))
+                .collect();
             let slice = |w: &Window| (w.file, w.start as usize);
             if let Some(w) = windows.first() {
                 let (f, s) = slice(w);
@@ -249,7 +298,10 @@ mod tests {
 
     /// A source whose token at position i is `base + i`, so a row tells where it came from.
     fn source(name: &str, base: u32, len: u32) -> Arc<TokenFile> {
-        Arc::new(TokenFile::from_storage(name.into(), Box::new(VecStorage((base..base + len).collect()))))
+        Arc::new(TokenFile::from_storage(
+            name.into(),
+            Box::new(VecStorage((base..base + len).collect())),
+        ))
     }
 
     #[test]
@@ -273,7 +325,14 @@ mod tests {
     fn large_batches_take_the_parallel_path_and_agree() {
         let t = 4096;
         let b = PARALLEL_MIN_TOKENS / t + 3; // past the threshold, rows not a multiple of a task
-        let s = Sampler::new(vec![(1.0, vec![source("a", 7, 1_000_000)]), (1.0, vec![source("b", 0, 50_000)])], t).unwrap();
+        let s = Sampler::new(
+            vec![
+                (1.0, vec![source("a", 7, 1_000_000)]),
+                (1.0, vec![source("b", 0, 50_000)]),
+            ],
+            t,
+        )
+        .unwrap();
         let (mut x, mut y) = (vec![0i64; b * t], vec![0i64; b * t]);
         s.fill(&mut x, &mut y, 4, 1, 2, 3).unwrap();
         for (r, w) in s.windows(b, 4, 1, 2, 3).iter().enumerate() {
@@ -292,7 +351,11 @@ mod tests {
         let (mut x1, mut y1) = (vec![0i64; b * t], vec![0i64; b * t]);
         let (mut x2, mut y2) = (vec![0i64; b * t], vec![0i64; b * t]);
         make().fill(&mut x1, &mut y1, 1, 0, 0, 0).unwrap();
-        make().with_threads(3).unwrap().fill(&mut x2, &mut y2, 1, 0, 0, 0).unwrap();
+        make()
+            .with_threads(3)
+            .unwrap()
+            .fill(&mut x2, &mut y2, 1, 0, 0, 0)
+            .unwrap();
         assert!(x1 == x2 && y1 == y2);
         assert!(make().with_threads(0).is_err());
     }
@@ -313,7 +376,11 @@ mod tests {
     #[test]
     fn shards_never_straddle_and_are_uniform_over_windows() {
         // Windows: 10 - 4 = 6 in the first file, 30 - 4 = 26 in the second.
-        let s = Sampler::new(vec![(1.0, vec![source("a", 0, 10), source("b", 1000, 30)])], 4).unwrap();
+        let s = Sampler::new(
+            vec![(1.0, vec![source("a", 0, 10), source("b", 1000, 30)])],
+            4,
+        )
+        .unwrap();
         assert_eq!(s.num_windows(), 32);
         let mut in_a = 0;
         let n = 64_000;
@@ -328,9 +395,21 @@ mod tests {
 
     #[test]
     fn mixture_weights_are_honoured() {
-        let s = Sampler::new(vec![(0.7, vec![source("a", 0, 100)]), (0.3, vec![source("b", 0, 10_000)])], 8).unwrap();
+        let s = Sampler::new(
+            vec![
+                (0.7, vec![source("a", 0, 100)]),
+                (0.3, vec![source("b", 0, 10_000)]),
+            ],
+            8,
+        )
+        .unwrap();
         let n = 50_000;
-        let in_a = s.windows(n, 1, 0, 0, 0).iter().filter(|w| w.file == 0).count() as f64 / n as f64;
+        let in_a = s
+            .windows(n, 1, 0, 0, 0)
+            .iter()
+            .filter(|w| w.file == 0)
+            .count() as f64
+            / n as f64;
         assert!((in_a - 0.7).abs() < 0.01, "{in_a}");
     }
 
@@ -348,13 +427,24 @@ mod tests {
 
     #[test]
     fn bad_arguments() {
-        let short = Sampler::new(vec![(1.0, vec![source("tiny", 0, 8)])], 8).unwrap_err().to_string();
-        assert!(short.contains("tiny") && short.contains("9 tokens"), "{short}");
+        let short = Sampler::new(vec![(1.0, vec![source("tiny", 0, 8)])], 8)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            short.contains("tiny") && short.contains("9 tokens"),
+            "{short}"
+        );
         assert!(Sampler::new(vec![(1.0, vec![source("a", 0, 9)])], 8).is_ok());
         assert!(Sampler::new(vec![(1.0, vec![source("a", 0, 9)])], 0).is_err());
         assert!(Sampler::new(vec![], 8).is_err());
         for w in [0.0, -1.0, f64::NAN, f64::INFINITY] {
-            let e = Sampler::new(vec![(w, vec![source("a", 0, 100)]), (1.0, vec![source("b", 0, 100)])], 8);
+            let e = Sampler::new(
+                vec![
+                    (w, vec![source("a", 0, 100)]),
+                    (1.0, vec![source("b", 0, 100)]),
+                ],
+                8,
+            );
             assert!(e.unwrap_err().to_string().contains("weight"));
         }
         let s = Sampler::new(vec![(1.0, vec![source("a", 0, 100)])], 8).unwrap();

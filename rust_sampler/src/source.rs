@@ -156,8 +156,16 @@ impl TokenStorage for MappedFile {
         match &self.map {
             // SAFETY: `open_mapped` checked that offset + len * size lies inside the map and
             // that the offset is aligned for the dtype (maps start page-aligned).
-            Some(map) => unsafe { TokenView::from_raw(map.as_ptr().add(self.offset), self.len, self.dtype) },
-            None => unsafe { TokenView::from_raw(std::ptr::NonNull::<u64>::dangling().as_ptr().cast(), 0, self.dtype) },
+            Some(map) => unsafe {
+                TokenView::from_raw(map.as_ptr().add(self.offset), self.len, self.dtype)
+            },
+            None => unsafe {
+                TokenView::from_raw(
+                    std::ptr::NonNull::<u64>::dangling().as_ptr().cast(),
+                    0,
+                    self.dtype,
+                )
+            },
         }
     }
 }
@@ -165,14 +173,20 @@ impl TokenStorage for MappedFile {
 /// Reads and checks the header of a `.npy` token file, and that the file holds every token
 /// the header promises.
 pub fn read_npy_header(path: &Path) -> Result<npy::NpyHeader> {
-    let io = |source| SamplerError::Io { path: path.to_path_buf(), source };
+    let io = |source| SamplerError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut file = File::open(path).map_err(io)?;
     let file_len = file.metadata().map_err(io)?.len();
     read_npy_header_from(&mut file, file_len, path)
 }
 
 fn read_npy_header_from(file: &mut File, file_len: u64, path: &Path) -> Result<npy::NpyHeader> {
-    let io = |source| SamplerError::Io { path: path.to_path_buf(), source };
+    let io = |source| SamplerError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     // A 1-D header is about a hundred bytes; 64 KiB leaves room for anything numpy writes.
     let mut head = Vec::with_capacity(4096);
     file.take(65_536).read_to_end(&mut head).map_err(io)?;
@@ -188,7 +202,10 @@ fn read_npy_header_from(file: &mut File, file_len: u64, path: &Path) -> Result<n
         ));
     }
     if h.data_offset % h.dtype.size() != 0 {
-        return Err(SamplerError::format(path, "the .npy header leaves the data misaligned; save it again with numpy.save"));
+        return Err(SamplerError::format(
+            path,
+            "the .npy header leaves the data misaligned; save it again with numpy.save",
+        ));
     }
     Ok(h)
 }
@@ -205,7 +222,11 @@ pub struct TokenFile {
 
 impl std::fmt::Debug for TokenFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenFile").field("name", &self.name).field("dtype", &self.dtype).field("len", &self.len).finish()
+        f.debug_struct("TokenFile")
+            .field("name", &self.name)
+            .field("dtype", &self.dtype)
+            .field("len", &self.len)
+            .finish()
     }
 }
 
@@ -213,12 +234,20 @@ impl TokenFile {
     /// Opens a token file: `.npy` (dtype from the header) or a raw little-endian file
     /// (nanoGPT's `.bin`), whose dtype must be given.
     pub fn open(path: &Path, dtype: Option<&str>) -> Result<TokenFile> {
-        let io = |source| SamplerError::Io { path: path.to_path_buf(), source };
-        let is_npy = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+        let io = |source| SamplerError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let is_npy = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("npy"));
         let mut file = File::open(path).map_err(io)?;
         let meta = file.metadata().map_err(io)?;
         if meta.is_dir() {
-            return Err(SamplerError::format(path, "is a folder; pass the token files inside it"));
+            return Err(SamplerError::format(
+                path,
+                "is a folder; pass the token files inside it",
+            ));
         }
         let file_len = meta.len();
         let (dtype, offset, len) = if is_npy {
@@ -238,7 +267,9 @@ impl TokenFile {
                 SamplerError::format(path, "is a raw token file; pass its dtype (uint16, uint32, int32 or int64), or save it as .npy")
             })?;
             let dtype = Dtype::parse_file_dtype(d).ok_or_else(|| {
-                SamplerError::Argument(format!("dtype '{d}' is not a token dtype; use uint16, uint32, int32 or int64"))
+                SamplerError::Argument(format!(
+                    "dtype '{d}' is not a token dtype; use uint16, uint32, int32 or int64"
+                ))
             })?;
             if file_len % dtype.size() as u64 != 0 {
                 return Err(SamplerError::format(
@@ -252,11 +283,16 @@ impl TokenFile {
                 buf[..n].to_vec()
             };
             if head == npy::MAGIC {
-                return Err(SamplerError::format(path, "is a .npy file under another name; rename it to .npy"));
+                return Err(SamplerError::format(
+                    path,
+                    "is a .npy file under another name; rename it to .npy",
+                ));
             }
             (dtype, 0usize, file_len / dtype.size() as u64)
         };
-        let len = usize::try_from(len).map_err(|_| SamplerError::format(path, "is too large for this machine's address space"))?;
+        let len = usize::try_from(len).map_err(|_| {
+            SamplerError::format(path, "is too large for this machine's address space")
+        })?;
         let map = if file_len == 0 {
             None
         } else {
@@ -268,7 +304,12 @@ impl TokenFile {
         Ok(TokenFile {
             name: path.display().to_string(),
             path: Some(path.to_path_buf()),
-            storage: Box::new(MappedFile { map, offset, len, dtype }),
+            storage: Box::new(MappedFile {
+                map,
+                offset,
+                len,
+                dtype,
+            }),
             dtype,
             len,
             range: OnceLock::new(),
@@ -289,7 +330,14 @@ impl TokenFile {
             TokenView::U64(_) => Dtype::U64,
             TokenView::I64(_) => Dtype::I64,
         };
-        TokenFile { name, path: None, storage, dtype, len, range: OnceLock::new() }
+        TokenFile {
+            name,
+            path: None,
+            storage,
+            dtype,
+            len,
+            range: OnceLock::new(),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -317,7 +365,9 @@ impl TokenFile {
     /// The smallest and largest token, or None for an empty source. A parallel scan the first
     /// time, remembered after.
     pub fn token_range(&self) -> Option<(i64, i64)> {
-        *self.range.get_or_init(|| with_slice!(self.view(), s => min_max(s)))
+        *self
+            .range
+            .get_or_init(|| with_slice!(self.view(), s => min_max(s)))
     }
 }
 
@@ -330,10 +380,13 @@ fn min_max<T: Token + Ord>(s: &[T]) -> Option<(i64, i64)> {
             let hi = c.iter().copied().max()?;
             Some((lo.widen(), hi.widen()))
         })
-        .reduce(|| None, |a, b| match (a, b) {
-            (Some((a0, a1)), Some((b0, b1))) => Some((a0.min(b0), a1.max(b1))),
-            (x, None) | (None, x) => x,
-        })
+        .reduce(
+            || None,
+            |a, b| match (a, b) {
+                (Some((a0, a1)), Some((b0, b1))) => Some((a0.min(b0), a1.max(b1))),
+                (x, None) | (None, x) => x,
+            },
+        )
 }
 
 #[cfg(test)]
@@ -348,7 +401,10 @@ mod tests {
     }
 
     fn write_npy_u16(path: &Path, tokens: &[u16]) {
-        let dict = format!("{{'descr': '<u2', 'fortran_order': False, 'shape': ({},), }}", tokens.len());
+        let dict = format!(
+            "{{'descr': '<u2', 'fortran_order': False, 'shape': ({},), }}",
+            tokens.len()
+        );
         let mut body = dict.into_bytes();
         let pad = (64 - (10 + body.len() + 1) % 64) % 64;
         body.extend(std::iter::repeat_n(b' ', pad));
@@ -374,7 +430,10 @@ mod tests {
             TokenView::U16(s) => assert_eq!(s, &tokens[..]),
             v => panic!("wrong view {v:?}"),
         }
-        let (lo, hi) = (*tokens.iter().min().unwrap() as i64, *tokens.iter().max().unwrap() as i64);
+        let (lo, hi) = (
+            *tokens.iter().min().unwrap() as i64,
+            *tokens.iter().max().unwrap() as i64,
+        );
         assert_eq!(f.token_range(), Some((lo, hi)));
         assert!(f.is_mapped());
     }
@@ -393,22 +452,42 @@ mod tests {
     fn raw_bin_needs_a_dtype() {
         let p = temp_path("raw.bin");
         let tokens: Vec<u32> = (0..100).collect();
-        std::fs::write(&p, tokens.iter().flat_map(|t| t.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
-        assert!(TokenFile::open(&p, None).unwrap_err().to_string().contains("pass its dtype"));
-        assert!(TokenFile::open(&p, Some("float32")).unwrap_err().to_string().contains("not a token dtype"));
+        std::fs::write(
+            &p,
+            tokens
+                .iter()
+                .flat_map(|t| t.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        )
+        .unwrap();
+        assert!(TokenFile::open(&p, None)
+            .unwrap_err()
+            .to_string()
+            .contains("pass its dtype"));
+        assert!(TokenFile::open(&p, Some("float32"))
+            .unwrap_err()
+            .to_string()
+            .contains("not a token dtype"));
         let f = TokenFile::open(&p, Some("uint32")).unwrap();
         assert_eq!(f.len(), 100);
         assert_eq!(f.token_range(), Some((0, 99)));
         // 400 bytes are not a whole number of int64 tokens? They are (50); 402 are not.
         std::fs::write(&p, vec![0u8; 402]).unwrap();
-        assert!(TokenFile::open(&p, Some("int64")).unwrap_err().to_string().contains("whole number"));
+        assert!(TokenFile::open(&p, Some("int64"))
+            .unwrap_err()
+            .to_string()
+            .contains("whole number"));
     }
 
     #[test]
     fn missing_file_and_folder() {
-        let e = TokenFile::open(Path::new("/nonexistent/x.npy"), None).unwrap_err().to_string();
+        let e = TokenFile::open(Path::new("/nonexistent/x.npy"), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("file not found"), "{e}");
-        let e = TokenFile::open(&std::env::temp_dir(), Some("uint16")).unwrap_err().to_string();
+        let e = TokenFile::open(&std::env::temp_dir(), Some("uint16"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("folder"), "{e}");
     }
 
