@@ -195,11 +195,13 @@ def train_model(
     resume_from: str | None = None,
     explicit: frozenset[str] = frozenset(),
     log: Callable[[str], None] = print,
+    on_step: Callable[[int, int, float, float], None] | None = None,
 ) -> TrainResult:
     """Train (or resume) a TransformerLM as `cfg` describes; returns where it stopped.
 
     `explicit` names the flags the user typed, so that a resumed run can tell an override
     (max_iters, log_interval, ...) from a contradiction (a different model shape).
+    `on_step(iteration, max_iters, loss, lr)` is called after every step (for a progress bar).
     """
     payload = None
     if resume_from is not None:
@@ -211,7 +213,9 @@ def train_model(
     device = resolve_device(cfg.device)
     dist_info, device = init_distributed(device)
     try:
-        return _train(cfg, payload, device, dist_info, log if dist_info.is_main else (lambda _line: None))
+        if not dist_info.is_main:
+            log, on_step = (lambda _line: None), None
+        return _train(cfg, payload, device, dist_info, log, on_step)
     finally:
         shutdown(dist_info)
 
@@ -234,7 +238,7 @@ def merge_resume_config(payload: dict, cfg: TrainConfig, explicit: frozenset[str
     return resumed
 
 
-def _train(cfg: TrainConfig, payload: dict | None, device: torch.device, dist_info: DistInfo, log) -> TrainResult:
+def _train(cfg: TrainConfig, payload: dict | None, device: torch.device, dist_info: DistInfo, log, on_step) -> TrainResult:
     seed_everything(cfg.seed + dist_info.rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -382,6 +386,8 @@ def _train(cfg: TrainConfig, payload: dict | None, device: torch.device, dist_in
                 optimizer.zero_grad(set_to_none=True)
             iteration += 1
             result.losses.append(loss_value)
+            if on_step is not None:
+                on_step(iteration, cfg.max_iters, loss_value, lr)
             window_loss += step_loss
             window_steps += 1
 

@@ -25,8 +25,58 @@ def _explicit(ctx: typer.Context) -> frozenset[str]:
     )
 
 
-def _echo(line: str) -> None:
-    typer.echo(line)
+class _Reporter:
+    """Plain log lines when piped; on a terminal, the same lines above a live progress bar."""
+
+    def __init__(self):
+        import sys
+
+        self.progress = None
+        self.task = None
+        if sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f} | lr {task.fields[lr]:.2e} | {task.fields[speed]}"),
+                TimeRemainingColumn(),
+            )
+
+    def __enter__(self):
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
+
+    def log(self, line: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(line, markup=False, highlight=False)
+        else:
+            typer.echo(line)
+
+    def step(self, iteration: int, total: int, loss: float, lr: float) -> None:
+        if self.progress is None:
+            return
+        import time
+
+        now = time.perf_counter()
+        if self.task is None:
+            self.task = self.progress.add_task("train", total=total, completed=iteration, loss=loss, lr=lr, speed="")
+            self._mark = (now, iteration)
+        mark_t, mark_i = self._mark
+        speed = f"{(iteration - mark_i) / (now - mark_t):.2f} it/s" if now > mark_t and iteration > mark_i else ""
+        self.progress.update(self.task, completed=iteration, total=total, loss=loss, lr=lr, speed=speed)
+
+
+def _run(cfg, **kw):
+    from lmtools.train import train_model
+
+    with _Reporter() as reporter:
+        result = train_model(cfg, log=reporter.log, on_step=reporter.step, **kw)
+    _finish(result)
 
 
 @app.command()
@@ -70,7 +120,6 @@ def train(
 ) -> None:
     """Train a Transformer LM on token files."""
     from lmtools.errors import ConfigError
-    from lmtools.train import train_model
 
     params = dict(ctx.params)
     explicit = _explicit(ctx)
@@ -84,8 +133,7 @@ def train(
             raise ConfigError(
                 f"--resume: checkpoint {resume_from} does not exist; check --checkpoint_path or start without --resume"
             )
-    result = train_model(cfg, resume_from=resume_from, explicit=explicit, log=_echo)
-    _finish(result)
+    _run(cfg, resume_from=resume_from, explicit=explicit)
 
 
 @app.command()
@@ -97,7 +145,6 @@ def resume(
 ) -> None:
     """Continue a run from its checkpoint alone: config, data, RNG and data position come from it."""
     from lmtools.checkpoint import snapshot_base
-    from lmtools.train import train_model
 
     cfg = TrainConfig(checkpoint_path=str(snapshot_base(checkpoint)))
     explicit = {"checkpoint_path"}
@@ -107,8 +154,7 @@ def resume(
     if device is not None:
         cfg.device = device
         explicit.add("device")
-    result = train_model(cfg, resume_from=str(checkpoint), explicit=frozenset(explicit), log=_echo)
-    _finish(result)
+    _run(cfg, resume_from=str(checkpoint), explicit=frozenset(explicit))
 
 
 def _finish(result) -> None:
