@@ -89,7 +89,7 @@ def test_demo_end_to_end(tmp_path):
     assert len(records) >= 2
     assert records[-1]["loss"] < records[0]["loss"]
     payload = read_checkpoint(out / "run" / "checkpoint.pt")
-    assert payload["iteration"] == records[-1]["iter"] >= 10
+    assert payload["iteration"] == records[-1]["iter"] >= 2
     assert payload["model_config"]["vocab_size"] == 512
     model, _ = load_model(out / "run" / "checkpoint.pt", torch.device("cpu"))
     assert model.num_parameters() > 0

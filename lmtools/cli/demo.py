@@ -33,6 +33,7 @@ def demo(
         f"\nDone in {r.total_seconds / 60:.1f} min ({r.train_seconds:.0f}s training, {r.iterations} steps): "
         f"loss {r.first_loss:.3f} -> {r.last_loss:.3f}{val}"
     )
+    typer.echo(f"  corpus     {r.out / 'corpus.jsonl'} ({r.corpus_files} stdlib modules, {r.corpus_bytes / 1e6:.1f} MB)")
     typer.echo(f"  dataset    {r.data_dir}/ (train.npy, val.npy, tokenizer.json, meta.json)")
     typer.echo(f"  checkpoint {r.checkpoint}")
     typer.echo(f"  metrics    {r.metrics}")

@@ -12,6 +12,7 @@ from lmtools.cli.app import app, user_errors
 
 _TITLES = {"checkpoint": "checkpoint", "token_file": "token file", "dataset": "prepared dataset"}
 _SIZES = ("file_size", "bytes")
+_IDS = ("eot_id", "min_token", "max_token", "seed", "rank", "format_version")  # identifiers, not amounts
 
 
 @app.command()
@@ -87,6 +88,8 @@ def _fmt(key: str, value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, int):
+        if key.rsplit(".", 1)[-1] in _IDS:
+            return str(value)
         if key.rsplit(".", 1)[-1] in _SIZES:
             return f"{_human_bytes(value)} ({value:,} bytes)"
         return f"{value:,}"
