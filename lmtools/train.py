@@ -339,99 +339,102 @@ def _train(cfg: TrainConfig, payload: dict | None, device: torch.device, dist_in
     run_start = window_start
     loader.reset_wait()
     iteration = start_iter
-    with StopSignal() as stop:
-        while iteration < cfg.max_iters:
-            lr = run_get_lr_cosine_schedule(
-                iteration + 1, cfg.learning_rate, cfg.min_learning_rate, cfg.warmup_iters,
-                cfg.cosine_cycle_iters or cfg.max_iters,
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            train_module.train()
-            step_loss = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum_steps):
-                x, y = loader.next()
-                # DDP averages gradients across ranks only on the last micro-batch.
-                sync = micro == cfg.grad_accum_steps - 1 or not dist_info.enabled
-                ctx = contextlib.nullcontext() if sync else train_module.no_sync()
-                with ctx, amp:
-                    loss = cross_entropy(train_module(x), y) / cfg.grad_accum_steps
-                scaler.scale(loss).backward()
-                step_loss += loss.detach()
-            scaler.unscale_(optimizer)
-            grad_norm = run_gradient_clipping(model.parameters(), cfg.gradient_clip_val)
-            loss_value = float(all_reduce_mean(step_loss, dist_info))
-            norm_value = float(grad_norm)
-            reason = None
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)) and dtype != torch.float16:
-                reason = f"non-finite loss ({loss_value}) or gradient norm ({norm_value})"
-                if not cfg.skip_nonfinite:
+    try:
+        with StopSignal() as stop:
+            while iteration < cfg.max_iters:
+                lr = run_get_lr_cosine_schedule(
+                    iteration + 1, cfg.learning_rate, cfg.min_learning_rate, cfg.warmup_iters,
+                    cfg.cosine_cycle_iters or cfg.max_iters,
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                train_module.train()
+                step_loss = torch.zeros((), device=device)
+                for micro in range(cfg.grad_accum_steps):
+                    x, y = loader.next()
+                    # DDP averages gradients across ranks only on the last micro-batch.
+                    sync = micro == cfg.grad_accum_steps - 1 or not dist_info.enabled
+                    ctx = contextlib.nullcontext() if sync else train_module.no_sync()
+                    with ctx, amp:
+                        loss = cross_entropy(train_module(x), y) / cfg.grad_accum_steps
+                    scaler.scale(loss).backward()
+                    step_loss += loss.detach()
+                scaler.unscale_(optimizer)
+                grad_norm = run_gradient_clipping(model.parameters(), cfg.gradient_clip_val)
+                loss_value = float(all_reduce_mean(step_loss, dist_info))
+                norm_value = float(grad_norm)
+                reason = None
+                if not (math.isfinite(loss_value) and math.isfinite(norm_value)) and dtype != torch.float16:
+                    reason = f"non-finite loss ({loss_value}) or gradient norm ({norm_value})"
+                    if not cfg.skip_nonfinite:
+                        optimizer.zero_grad(set_to_none=True)
+                        raise TrainingDiverged(
+                            f"{reason} at iter {iteration + 1}; stopped, the last good checkpoint {ckpt_path} is kept. "
+                            f"Lower --learning_rate, or pass --skip_nonfinite to skip such steps"
+                        )
+                elif (z := spikes.check(loss_value)) is not None:
+                    log(f"Loss spike at iter {iteration + 1}: {loss_value:.4f} (z-score {z:.1f})")
+                    if cfg.skip_spikes:
+                        reason = "loss spike"
+                if reason is not None:
                     optimizer.zero_grad(set_to_none=True)
-                    metrics.close()
-                    raise TrainingDiverged(
-                        f"{reason} at iter {iteration + 1}; stopped, the last good checkpoint {ckpt_path} is kept. "
-                        f"Lower --learning_rate, or pass --skip_nonfinite to skip such steps"
-                    )
-            elif (z := spikes.check(loss_value)) is not None:
-                log(f"Loss spike at iter {iteration + 1}: {loss_value:.4f} (z-score {z:.1f})")
-                if cfg.skip_spikes:
-                    reason = "loss spike"
-            if reason is not None:
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                log(f"Skipped update at iter {iteration + 1}: {reason} ({skipped} skipped so far)")
-            else:
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-            iteration += 1
-            result.losses.append(loss_value)
-            if on_step is not None:
-                on_step(iteration, cfg.max_iters, loss_value, lr)
-            window_loss += step_loss
-            window_steps += 1
+                    skipped += 1
+                    log(f"Skipped update at iter {iteration + 1}: {reason} ({skipped} skipped so far)")
+                else:
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                iteration += 1
+                result.losses.append(loss_value)
+                if on_step is not None:
+                    on_step(iteration, cfg.max_iters, loss_value, lr)
+                window_loss += step_loss
+                window_steps += 1
 
-            at_log = iteration % cfg.log_interval == 0 or iteration == cfg.max_iters
-            at_eval = val_loader is not None and (iteration % cfg.eval_interval == 0 or iteration == cfg.max_iters)
-            if at_log or at_eval:
-                now = time.perf_counter()
-                elapsed = now - window_start
-                train_loss = float(all_reduce_mean(window_loss, dist_info)) / window_steps
-                tok_s = window_steps * tokens_per_step / elapsed if elapsed > 0 else 0.0
-                wait_share = loader.data_wait_seconds / elapsed if elapsed > 0 else 0.0
-                val_loss = evaluate(model, val_loader, cfg.eval_iters, amp, dist_info) if at_eval else None
-                record = {
-                    "iter": iteration, "loss": train_loss, "lr": lr, "grad_norm": norm_value,
-                    "tokens_per_s": tok_s, "data_wait": wait_share, "elapsed_s": now - run_start,
-                    "skipped_steps": skipped,
-                }
-                extra = {"tok/s": f"{tok_s:,.0f}", "data wait": f"{100 * wait_share:.1f}%"}
-                if peak:
-                    record["mfu"] = tok_s * flops_per_token / dist_info.world_size / peak
-                    extra["MFU"] = f"{100 * record['mfu']:.1f}%"
-                if val_loss is not None:
-                    record["val_loss"] = val_loss
-                    if cfg.tokenizer and (bpt := _bytes_per_token(cfg)):
-                        record["val_bpb"] = val_loss / math.log(2) / bpt
-                    result.last_val_loss = val_loss
-                log(format_log_line(iteration, train_loss, lr, val_loss, **extra))
-                metrics.write(record)
-                last_metrics = record
-                result.last_loss = train_loss
-                window_loss.zero_()
-                window_steps = 0
-                loader.reset_wait()
-                window_start = time.perf_counter()
+                at_log = iteration % cfg.log_interval == 0 or iteration == cfg.max_iters
+                at_eval = val_loader is not None and (iteration % cfg.eval_interval == 0 or iteration == cfg.max_iters)
+                if at_log or at_eval:
+                    now = time.perf_counter()
+                    elapsed = now - window_start
+                    train_loss = float(all_reduce_mean(window_loss, dist_info)) / window_steps
+                    tok_s = window_steps * tokens_per_step / elapsed if elapsed > 0 else 0.0
+                    wait_share = loader.data_wait_seconds / elapsed if elapsed > 0 else 0.0
+                    val_loss = evaluate(model, val_loader, cfg.eval_iters, amp, dist_info) if at_eval else None
+                    record = {
+                        "iter": iteration, "loss": train_loss, "lr": lr, "grad_norm": norm_value,
+                        "tokens_per_s": tok_s, "data_wait": wait_share, "elapsed_s": now - run_start,
+                        "skipped_steps": skipped,
+                    }
+                    extra = {"tok/s": f"{tok_s:,.0f}", "data wait": f"{100 * wait_share:.1f}%"}
+                    if peak:
+                        record["mfu"] = tok_s * flops_per_token / dist_info.world_size / peak
+                        extra["MFU"] = f"{100 * record['mfu']:.1f}%"
+                    if val_loss is not None:
+                        record["val_loss"] = val_loss
+                        if cfg.tokenizer and (bpt := _bytes_per_token(cfg)):
+                            record["val_bpb"] = val_loss / math.log(2) / bpt
+                        result.last_val_loss = val_loss
+                    log(format_log_line(iteration, train_loss, lr, val_loss, **extra))
+                    metrics.write(record)
+                    last_metrics = record
+                    result.last_loss = train_loss
+                    window_loss.zero_()
+                    window_steps = 0
+                    loader.reset_wait()
+                    window_start = time.perf_counter()
 
-            stopping = any_rank(stop.requested, dist_info, device)
-            if iteration % cfg.checkpoint_interval == 0 or iteration == cfg.max_iters or stopping:
-                save(iteration)
-                log(f"Saved checkpoint at iter {iteration} to {ckpt_path}")
-            if stopping:
-                result.stopped_by_signal = True
-                break
-    metrics.close()
-    loader.close()
+                stopping = any_rank(stop.requested, dist_info, device)
+                if iteration % cfg.checkpoint_interval == 0 or iteration == cfg.max_iters or stopping:
+                    save(iteration)
+                    log(f"Saved checkpoint at iter {iteration} to {ckpt_path}")
+                if stopping:
+                    result.stopped_by_signal = True
+                    break
+    finally:
+        metrics.close()
+        loader.close()
+        if val_loader is not None:
+            val_loader.close()
     result.iteration = iteration
     result.skipped_steps = skipped
     return result

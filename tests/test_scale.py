@@ -63,3 +63,46 @@ def test_ddp_gloo_two_processes(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Resumed from" in run.stdout and "Iter    100" in run.stdout
     assert read_checkpoint(ckpt)["iteration"] == 100
+
+
+def _tiny_cfg(tmp_path, tokens_path, **kw):
+    from lmtools.config import TrainConfig
+
+    args = dict(train_data=[str(tokens_path)], vocab_size=64, context_length=16, d_model=32, num_layers=1,
+                num_heads=4, d_ff=64, batch_size=8, learning_rate=1e-2, min_learning_rate=1e-3, warmup_iters=2,
+                max_iters=30, log_interval=10, eval_interval=1000, checkpoint_path=str(tmp_path / "c.pt"))
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+@pytest.fixture
+def pattern_tokens(tmp_path):
+    path = tmp_path / "t.npy"
+    np.save(path, np.tile(np.arange(32, dtype=np.uint16), 500))
+    return path
+
+
+def test_bfloat16_autocast_on_cpu_learns(tmp_path, pattern_tokens):
+    from lmtools.train import train_model
+
+    lines = []
+    result = train_model(_tiny_cfg(tmp_path, pattern_tokens, dtype="bfloat16"), log=lines.append)
+    assert any("bfloat16" in line for line in lines if line.startswith("device"))
+    assert result.losses[-1] < 0.5 * result.losses[0]
+
+
+@pytest.mark.slow
+def test_compiled_run_resumes_uncompiled(tmp_path, pattern_tokens):
+    from lmtools.config import TrainConfig
+    from lmtools.train import train_model
+
+    cfg = _tiny_cfg(tmp_path, pattern_tokens, compile=True, max_iters=10, cosine_cycle_iters=20)
+    train_model(cfg, log=lambda _l: None)
+    keys = read_checkpoint(cfg.checkpoint_path)["model_state_dict"].keys()
+    assert keys and not [k for k in keys if "_orig_mod" in k]
+    result = train_model(
+        TrainConfig(max_iters=20, compile=False, checkpoint_path=cfg.checkpoint_path),
+        resume_from=cfg.checkpoint_path, explicit=frozenset({"max_iters", "compile", "checkpoint_path"}),
+        log=lambda _l: None,
+    )
+    assert result.iteration == 20 and result.losses[-1] < 3.0
