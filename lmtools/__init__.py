@@ -1,24 +1,47 @@
 """lmtools: from raw text to a trained Transformer language model."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
-from lmtools.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from lmtools.data import BatchLoader, get_batch, load_dataset, parse_source_spec  # noqa: E402
-from lmtools.model import TransformerLM  # noqa: E402
-from lmtools.optim import AdamW, cross_entropy, run_get_lr_cosine_schedule, run_gradient_clipping  # noqa: E402
-from lmtools.train import train_model  # noqa: E402
+# Public name -> module. Imported on first use (PEP 562) so that `lmtools prepare` and
+# `lmtools --help` start without importing torch.
+_EXPORTS = {
+    "AdamW": "lmtools.optim",
+    "BatchLoader": "lmtools.data",
+    "TransformerLM": "lmtools.model",
+    "cross_entropy": "lmtools.optim",
+    "get_batch": "lmtools.data",
+    "load_checkpoint": "lmtools.checkpoint",
+    "load_dataset": "lmtools.data",
+    "parse_source_spec": "lmtools.data",
+    "run_get_lr_cosine_schedule": "lmtools.optim",
+    "run_gradient_clipping": "lmtools.optim",
+    "save_checkpoint": "lmtools.checkpoint",
+    "train_model": "lmtools.train",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "AdamW",
-    "BatchLoader",
-    "TransformerLM",
-    "cross_entropy",
-    "get_batch",
-    "load_dataset",
-    "load_checkpoint",
-    "parse_source_spec",
-    "run_get_lr_cosine_schedule",
-    "run_gradient_clipping",
-    "save_checkpoint",
-    "train_model",
-]
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lmtools' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:
+    from lmtools.checkpoint import load_checkpoint, save_checkpoint
+    from lmtools.data import BatchLoader, get_batch, load_dataset, parse_source_spec
+    from lmtools.model import TransformerLM
+    from lmtools.optim import AdamW, cross_entropy, run_get_lr_cosine_schedule, run_gradient_clipping
+    from lmtools.train import train_model

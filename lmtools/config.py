@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from typing import TYPE_CHECKING
+
 from lmtools.errors import ConfigError
-from lmtools.model import ModelConfig, validate_config
+
+if TYPE_CHECKING:
+    from lmtools.model import ModelConfig
 
 DEFAULT_VOCAB_SIZE = 10000
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -53,7 +57,9 @@ class TrainConfig:
     overwrite: bool = False
     tokenizer: str | None = None
 
-    def model_config(self) -> ModelConfig:
+    def model_config(self) -> "ModelConfig":
+        from lmtools.model import ModelConfig  # imports torch: only when a model is built
+
         return ModelConfig(
             vocab_size=self.vocab_size or DEFAULT_VOCAB_SIZE,
             context_length=self.context_length,
@@ -107,4 +113,6 @@ class TrainConfig:
             raise ConfigError(f"--spike_zscore must be positive, got {self.spike_zscore}")
         if not self.checkpoint_path:
             raise ConfigError("--checkpoint_path must not be empty")
+        from lmtools.model import validate_config
+
         validate_config(self.model_config())
