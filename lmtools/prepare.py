@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmtools.corpus import PIECE_CHARS, Piece, ReadOptions, SourceReader, iter_pieces, resolve_sources
+from lmtools.corpus import (
+    PIECE_CHARS,
+    Piece,
+    ReadOptions,
+    SourceReader,
+    iter_pieces,
+    resolve_sources,
+)
 from lmtools.errors import ConfigError, DataError
 
 if TYPE_CHECKING:

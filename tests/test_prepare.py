@@ -351,7 +351,8 @@ def test_val_split_is_deterministic_and_seeded(tmp_path):
         runs.append(load_dataset_docs(tmp_path / name)[2])
     assert runs[0] == runs[1] and runs[0] != runs[2]
     assert 5 <= len(runs[0]) <= 40
-    assert (tmp_path / "a" / "train.npy").read_bytes() == (tmp_path / "b" / "train.npy").read_bytes()
+    a, b = (tmp_path / name / "train.npy" for name in "ab")
+    assert a.read_bytes() == b.read_bytes()
 
 
 def test_one_document_goes_to_train(tmp_path):
