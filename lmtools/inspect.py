@@ -9,7 +9,6 @@ files through the Rust header check and a memory map. A file that is not what it
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import zipfile
@@ -339,7 +338,7 @@ def inspect_dataset(folder: str | os.PathLike, *, excerpt_chars: int = 200) -> d
             f"{p} is a folder but not a prepared dataset (no meta.json, train.npy or val.npy); "
             f"pass a checkpoint, a token file, or a folder written by lmtools prepare"
         )
-    meta = _read_meta(meta_path) if meta_path.is_file() else None
+    meta = _meta_beside(p) or None
     tokenizer = _tokenizer_beside(splits["train"], meta)
     problems = []
     for name, f in (("meta.json", meta_path), ("train.npy", splits["train"]), ("tokenizer.json", tok_path)):
@@ -399,19 +398,11 @@ def _numpy_dtype_name(dtype: str) -> str:
     return name
 
 
-def _read_meta(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); re-run lmtools prepare") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{path} holds no JSON object; re-run lmtools prepare")
-    return meta
-
-
 def _meta_beside(p: Path) -> dict:
-    meta = p.parent / "meta.json"
-    return _read_meta(meta) if meta.is_file() else {}
+    """meta.json of the folder holding `p` (or of the folder `p`); {} when there is none."""
+    from lmtools.prepare import read_meta
+
+    return read_meta(p) or {}
 
 
 def _split_meta(meta: dict | None, p: Path) -> dict:

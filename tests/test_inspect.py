@@ -271,3 +271,23 @@ def test_files_that_lie_are_one_line_errors(tmp_path, monkeypatch):
         one_line_error(run_cli(path), needle)
         one_line_error(run_cli(path, "--json"), needle)
     assert not (tmp_path / "pwned").exists()  # the hostile pickle never ran
+
+
+def test_broken_meta_json_is_one_line_error(dataset, tmp_path):
+    folder = tmp_path / "data"
+    shutil.copytree(dataset, folder)
+    (folder / "meta.json").write_text("{ not json")
+    one_line_error(run_cli(folder), "meta.json")
+    one_line_error(run_cli(folder / "train.npy"), "meta.json")
+
+
+def test_cli_tables_for_data(dataset):
+    meta = json.loads((dataset / "meta.json").read_text())
+    for path, needles in (
+        (dataset, ("prepared dataset", f"{meta['train_tokens']:,}", "excerpt", "sound")),
+        (dataset / "val.npy", ("token file", f"{meta['val_tokens']:,}", "uint16", f"{meta['eot_id']}")),
+    ):
+        result = CliRunner().invoke(app, ["inspect", str(path)], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        for needle in needles:
+            assert needle in result.stdout, (needle, result.stdout)
