@@ -3,8 +3,8 @@
 The corpus is the Python standard library's own source code (test folders left out). A
 byte-level BPE of a few thousand tokens is trained on it, then a small Transformer trains on
 the CPU for a fixed time budget. The budget becomes an iteration count before training starts
-(a short probe times a few optimizer steps of the very model), so the cosine schedule runs its
-whole course; a timer stops the run with a checkpoint if the machine turns out slower than the
+(a probe times a few steps of the real training loop), so the cosine schedule runs its whole
+course; a timer stops the run with a checkpoint if the machine turns out slower than the
 probe promised.
 """
 
@@ -32,7 +32,7 @@ MAX_FILE_BYTES = 400_000  # larger stdlib modules are mostly data tables or pros
 PROMPTS = ("def", "class", "import")
 
 # The demo model: big enough that its samples look like Python, small enough that a 2-core CPU
-# gets through a few hundred steps in three minutes (about 1.9M parameters with a 2048 vocabulary).
+# gets through a few hundred steps in three minutes (1.4M parameters with a 2048 vocabulary).
 MODEL = dict(context_length=128, d_model=128, num_layers=4, num_heads=4, d_ff=384)
 BATCH_SIZE = 16
 VOCAB_SIZE = 2048

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from lmtools.cli.app import app, user_errors
+from lmtools.demo import VOCAB_SIZE
 
 
 @app.command()
@@ -15,7 +16,7 @@ def demo(
     minutes: float = typer.Option(3.0, "--minutes", help="Training time budget in minutes (CPU)."),
     out: Path = typer.Option(Path("lmtools-demo"), "--out", help="Folder for the corpus, dataset, checkpoint and plot."),
     max_corpus_mb: float = typer.Option(8.0, "--max_corpus_mb", "--max-corpus-mb", help="Cap on the stdlib source taken as corpus."),
-    vocab_size: int = typer.Option(2048, "--vocab_size", "--vocab-size", help="BPE vocabulary size."),
+    vocab_size: int = typer.Option(VOCAB_SIZE, "--vocab_size", "--vocab-size", help="BPE vocabulary size."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Train a small model on this Python's own standard library sources, on the CPU, and sample from it."""
