@@ -336,6 +336,8 @@ def prepare_corpus(
             "eot_token": "<|endoftext|>",
             "tokenizer": TOKENIZER_FILE,
             "tokenizer_kind": kind,
+            "tokenizer_source": (str(Path(tokenizer).expanduser().resolve())
+                                 if kind not in ("bpe", "bytes") else None),
             "encoder": encoder.engine,
             "text_bytes": stats.text_bytes,
             "bytes_per_token": round(stats.text_bytes / text_tokens, 4) if text_tokens else None,
