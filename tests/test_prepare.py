@@ -549,3 +549,41 @@ def test_jsonl_invalid_utf8_names_the_line(tmp_path):
     path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=":2: not UTF-8"):
         list(SourceReader(resolve_sources([path])[0], ReadOptions()))
+
+
+def test_val_fraction_is_respected_on_average():
+    from lmtools.prepare import val_flags
+
+    flags = val_flags(7, 0, 20000, 0.1)
+    assert 1800 < flags.sum() < 2200
+    assert np.array_equal(flags[500:600], val_flags(7, 500, 100, 0.1))  # position-independent
+    assert not val_flags(7, 0, 100, 0.0).any()
+
+
+def test_progress_displays(monkeypatch, capsys):
+    """The rich bar (terminal) and the plain lines (pipe) both survive a whole run's calls."""
+    import io
+
+    from rich.console import Console
+
+    import lmtools.cli.prepare as cli
+
+    monkeypatch.setattr(cli.sys.stderr, "isatty", lambda: False, raising=False)
+    plain = cli._progress(quiet=False)
+    plain.INTERVAL = 0.0
+    for name, total in (("train tokenizer", 100), ("learn merges", None), ("encode", 100)):
+        plain.phase(name, total)
+        plain.advance(50, tokens=10)
+        plain.done()
+    err = capsys.readouterr().err
+    assert "prepare: encode:  50.0%" in err and "prepare: learn merges" in err
+
+    monkeypatch.setattr(cli.sys.stderr, "isatty", lambda: True, raising=False)
+    console = Console(file=io.StringIO(), force_terminal=True)
+    bar = cli._progress(quiet=False, console=console)
+    for name, total in (("train tokenizer", 100), ("learn merges", None), ("encode", 100)):
+        bar.phase(name, total)
+        bar.advance(50, tokens=10)
+        bar.done()
+    bar.stop()
+    assert "tok/s" in console.file.getvalue()

@@ -44,7 +44,7 @@ def _human_count(n: float) -> str:
     return f"{n:.1f}G"
 
 
-def _progress(quiet: bool):
+def _progress(quiet: bool, console=None):
     """A rich bar on a terminal, a plain line every few seconds when stderr is piped."""
     from lmtools.prepare import Progress
 
@@ -87,7 +87,7 @@ def _progress(quiet: bool):
             self._line(time.monotonic())
 
     class Bar(Progress):
-        def __init__(self) -> None:
+        def __init__(self, console) -> None:
             from rich.console import Console
             from rich.progress import (
                 BarColumn,
@@ -105,7 +105,7 @@ def _progress(quiet: bool):
                 TransferSpeedColumn(),
                 TextColumn("{task.fields[rate]}"),
                 TimeRemainingColumn(),
-                console=Console(stderr=True),
+                console=console or Console(stderr=True),
                 transient=False,
             )
             self.task = None
@@ -138,7 +138,7 @@ def _progress(quiet: bool):
 
     if quiet:
         return Silent()
-    return Bar() if sys.stderr.isatty() else Plain()
+    return Bar(console) if sys.stderr.isatty() else Plain()
 
 
 @app.command(
