@@ -587,3 +587,28 @@ def test_progress_displays(monkeypatch, capsys):
         bar.done()
     bar.stop()
     assert "tok/s" in console.file.getvalue()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])
+@given(docs=st.lists(st.text(st.characters(blacklist_categories=("Cs",),
+                                           blacklist_characters="\x00\x1e"), min_size=1,
+                             max_size=200), min_size=1, max_size=8),
+       form=st.sampled_from(["txt", "txt.gz", "parquet"]),
+       piece_chars=st.sampled_from([8, 64, 1 << 20]))
+def test_round_trip_of_text_and_parquet_files(tmp_path_factory, trained, docs, form,
+                                              piece_chars):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = tmp_path_factory.mktemp("rt")
+    path = tmp / f"c.{form}"
+    if form == "parquet":
+        pq.write_table(pa.table({"text": docs}), path, row_group_size=3)
+    else:
+        data = "\x1e".join(docs).encode("utf-8")
+        path.write_bytes(gzip.compress(data) if form.endswith(".gz") else data)
+    prepare_corpus([path], tmp / "out", tokenizer=str(trained), val_fraction=0.0,
+                   separator="\x1e", piece_chars=piece_chars, batch_chars=128)
+    _, train, _ = load_dataset_docs(tmp / "out")
+    assert train == docs
