@@ -406,6 +406,8 @@ def _train(cfg: TrainConfig, payload: dict | None, device: torch.device, dist_in
                         "skipped_steps": skipped,
                     }
                     extra = {"tok/s": f"{tok_s:,.0f}", "data wait": f"{100 * wait_share:.1f}%"}
+                    if device.type == "cuda":
+                        record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                     if peak:
                         record["mfu"] = tok_s * flops_per_token / dist_info.world_size / peak
                         extra["MFU"] = f"{100 * record['mfu']:.1f}%"
