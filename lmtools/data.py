@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from lmtools import _sampler
-from lmtools.errors import ConfigError, DataError, DeviceError
+from lmtools.device import resolve_device
+from lmtools.errors import ConfigError, DataError
 
 __all__ = ["BatchLoader", "get_batch", "load_dataset", "parse_source_spec"]
 
@@ -126,7 +127,7 @@ def get_batch(data: np.ndarray, batch_size: int, context_length: int, device: st
     """
     batch_size = _positive_int(batch_size, "batch_size")
     context_length = _positive_int(context_length, "context_length")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     token_file = _array_source(data, "data")
     sampler = _sampler.Sampler([(1.0, [token_file])], context_length)
     seed = int(torch.randint(0, 2**63 - 1, (1,)).item())
@@ -178,7 +179,7 @@ class BatchLoader:
         self.prefetch = _non_negative_int(prefetch, "prefetch")
         if num_threads is not None:
             num_threads = _positive_int(num_threads, "num_threads")
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
 
         groups, self._weights = _resolve_sources(sources, weights, dtype)
         self._sampler = _sampler.Sampler(groups, self.context_length, num_threads)
@@ -530,28 +531,6 @@ def _gather(
     # Fresh pinned memory per batch: the caching host allocator keeps it alive until the copy
     # is done, so non_blocking is safe here.
     return x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    """A torch.device that exists on this machine, or a clear error."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"device {device!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device {str(device)!r} requested but CUDA is not available on this machine; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(
-                f"device {str(device)!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s); "
-                "pick an index below that"
-            )
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise DeviceError(f"device {str(device)!r} requested but MPS is not available on this machine; use --device cpu")
-    elif dev.type != "cpu":
-        raise DeviceError(f"device {str(device)!r} is not supported; use 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    return dev
 
 
 def _int(value: Any, name: str) -> int:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from lmtools.errors import DeviceError
+from lmtools.errors import ConfigError, DeviceError
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
     """Parse and check a device name (cpu, cuda, cuda:N, mps)."""
     try:
         device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise DeviceError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"unknown device {str(name)!r}; use cpu, cuda, cuda:N or mps") from None
     if device.type == "cpu":
         return device
     if device.type == "cuda":
@@ -26,7 +26,7 @@ def resolve_device(name: str | torch.device) -> torch.device:
         if not torch.backends.mps.is_available():
             raise DeviceError(f"--device {name} was requested but MPS is not available here; use --device cpu")
         return device
-    raise DeviceError(f"unsupported device {name!r}; use cpu, cuda, cuda:N or mps")
+    raise ConfigError(f"unsupported device {str(name)!r}; use cpu, cuda, cuda:N or mps")
 
 
 # Peak dense bf16 FLOP/s per GPU, for MFU. Matched by substring of the device name.

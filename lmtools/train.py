@@ -8,7 +8,6 @@ restore a checkpoint when resuming, then loop. The loop takes its batches from o
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import signal
@@ -24,12 +23,13 @@ import torch
 from lmtools import __version__
 from lmtools.checkpoint import FORMAT_VERSION, keep_snapshot, load_state, read_checkpoint, save_checkpoint
 from lmtools.config import DEFAULT_VOCAB_SIZE, TrainConfig
-from lmtools.data import BatchLoader
+from lmtools.data import BatchLoader, parse_source_spec
 from lmtools.device import peak_flops, resolve_device
 from lmtools.distributed import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed, shutdown
 from lmtools.errors import ConfigError, DataError, LMToolsError
 from lmtools.metrics import MetricsWriter, SpikeDetector, format_log_line
 from lmtools.model import TransformerLM
+from lmtools.prepare import read_meta
 from lmtools.optim import cross_entropy, make_optimizer, run_get_lr_cosine_schedule, run_gradient_clipping
 
 
@@ -51,29 +51,6 @@ class TrainResult:
 # ---- set-up helpers -----------------------------------------------------------------------
 
 
-def dataset_meta(token_file: str) -> dict | None:
-    """meta.json of a prepared dataset beside `token_file`, if any."""
-    path = Path(token_file.rsplit(":", 1)[0] if _has_weight(token_file) else token_file)
-    meta = (path if path.is_dir() else path.parent) / "meta.json"
-    if not meta.is_file():
-        return None
-    try:
-        return json.loads(meta.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{meta} is not valid JSON ({exc}); re-run lmtools prepare") from None
-
-
-def _has_weight(spec: str) -> bool:
-    head, sep, tail = spec.rpartition(":")
-    if not sep or not head:
-        return False
-    try:
-        float(tail)
-    except ValueError:
-        return False
-    return True
-
-
 def resolve_data(cfg: TrainConfig, explicit_vocab: bool) -> TrainConfig:
     """Fill vocab size, validation file and tokenizer from a prepared dataset's meta.json.
 
@@ -86,7 +63,7 @@ def resolve_data(cfg: TrainConfig, explicit_vocab: bool) -> TrainConfig:
             spec = str(path / "train.npy")
         train.append(spec)
     cfg.train_data = train
-    meta = dataset_meta(train[0]) if len(train) == 1 else None
+    meta = read_meta(parse_source_spec(train[0])[0]) if len(train) == 1 else None
     if meta is None:
         if cfg.vocab_size is None:
             cfg.vocab_size = DEFAULT_VOCAB_SIZE
@@ -101,7 +78,7 @@ def resolve_data(cfg: TrainConfig, explicit_vocab: bool) -> TrainConfig:
     if cfg.val_data is None and (folder / "val.npy").is_file() and Path(train[0]).name == "train.npy":
         cfg.val_data = str(folder / "val.npy")
     if cfg.tokenizer is None and meta.get("tokenizer"):
-        tok = folder / meta["tokenizer"]
+        tok = Path(meta["dir"]) / meta["tokenizer"]
         if tok.is_file():
             cfg.tokenizer = str(tok.resolve())
     return cfg
@@ -109,10 +86,8 @@ def resolve_data(cfg: TrainConfig, explicit_vocab: bool) -> TrainConfig:
 
 def _absolute(spec: str) -> str:
     """Absolute path of a data spec (keeping a `:weight` suffix), so resume works from anywhere."""
-    if _has_weight(spec):
-        path, weight = spec.rsplit(":", 1)
-        return f"{Path(path).resolve()}:{weight}"
-    return str(Path(spec).resolve())
+    path, weight = parse_source_spec(spec)
+    return str(Path(path).resolve()) + (f":{weight}" if weight is not None else "")
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -486,7 +461,7 @@ def check_checkpoint_folder(path: Path) -> None:
 
 
 def _bytes_per_token(cfg: TrainConfig) -> float | None:
-    meta = dataset_meta(cfg.train_data[0]) if cfg.train_data else None
+    meta = read_meta(parse_source_spec(cfg.train_data[0])[0]) if len(cfg.train_data) == 1 else None
     return float(meta["bytes_per_token"]) if meta and meta.get("bytes_per_token") else None
 
 

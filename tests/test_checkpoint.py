@@ -3,7 +3,6 @@
 import io
 import os
 import pickle
-from pathlib import Path
 
 import pytest
 import torch

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from lmtools.checkpoint import read_checkpoint
 from lmtools.config import TrainConfig
