@@ -166,34 +166,6 @@ def test_reader_pieces_rebuild_documents(tmp_path_factory, text, sep):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_trained_bpe_layout_and_tiktoken_agreement(trained):
-    tok, kind = load_tokenizer(trained)
-    enc = Encoder(tok, kind, threads=2)
-    assert enc.engine == "tiktoken"
-    assert enc.vocab_size == 400 and enc.eot_id == 399
-    b2u = bytes_to_unicode()
-    assert all(tok.token_to_id(b2u[b]) == b for b in range(256))
-    texts = [PROSE, "", EOT, f"a{EOT}b", "   \n\n\t x", "it's they'll we've I'm", "x" * 5000,
-             "\u00a0\u2009\u3000 spaces\u2028\u2029", "ǅ ǈ ˆ ʰ ߺ ꙿ 𝔘𝔫𝔦", "١٢٣ ½ ² Ⅻ"]
-    fast = enc.encode_batch(texts)
-    ref = enc.encode_reference(texts)
-    for t, a, b in zip(texts, fast, ref):
-        assert np.array_equal(a, b), t
-        assert tok.decode(a.tolist()) == t
-    assert enc.eot_id not in fast[2]  # "<|endoftext|>" in text is ordinary text
-
-
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=60), max_size=8))
-def test_tiktoken_equals_tokenizers_on_random_text(trained, texts):
-    enc = _ENCODERS.setdefault(trained, Encoder(load_tokenizer(trained)[0], "bpe", threads=2))
-    for t, a, b in zip(texts, enc.encode_batch(texts), enc.encode_reference(texts)):
-        assert np.array_equal(a, b), t
-
-
-_ENCODERS: dict = {}
-
-
 def test_gpt2_vocab_and_merges_files(tmp_path, trained):
     """A vocab.json + merges.txt pair with GPT-2's id layout (bytes in GPT-2's order)."""
     spec = json.loads(Path(trained).read_text())
