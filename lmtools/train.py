@@ -190,7 +190,7 @@ def train_model(
     try:
         if not dist_info.is_main:
             log, on_step = (lambda _line: None), None
-        return _train(cfg, payload, device, dist_info, log, on_step)
+        return Trainer(cfg, payload, device, dist_info, log, on_step).run()
     finally:
         shutdown(dist_info)
 
@@ -213,208 +213,232 @@ def merge_resume_config(payload: dict, cfg: TrainConfig, explicit: frozenset[str
     return resumed
 
 
-def _train(cfg: TrainConfig, payload: dict | None, device: torch.device, dist_info: DistInfo, log, on_step) -> TrainResult:
-    seed_everything(cfg.seed + dist_info.rank)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+class Trainer:
+    """One run: set-up in `__init__`, the loop in `run`, one method per thing the loop does."""
 
-    # Data.
-    train_specs = [_absolute(s) for s in cfg.train_data]
-    loader = BatchLoader(
-        train_specs, cfg.batch_size, cfg.context_length, device,
-        seed=cfg.seed, rank=dist_info.rank, grad_accum_steps=cfg.grad_accum_steps, dtype=cfg.data_dtype,
-    )
-    val_loader = None
-    if cfg.val_data:
-        cfg.val_data = _absolute(cfg.val_data)
-        # A fixed seed and batch_at(i): every evaluation sees the same windows.
-        val_loader = BatchLoader(
-            [cfg.val_data], cfg.batch_size, cfg.context_length, device, seed=cfg.seed + 1, prefetch=0,
-            dtype=cfg.data_dtype,
+    def __init__(self, cfg: TrainConfig, payload: dict | None, device: torch.device, dist_info: DistInfo,
+                 log: Callable[[str], None], on_step):
+        self.cfg, self.device, self.dist, self.log, self.on_step = cfg, device, dist_info, log, on_step
+        seed_everything(cfg.seed + dist_info.rank)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        # Data: absolute paths, so that `resume` works from any folder.
+        cfg.train_data = [_absolute(s) for s in cfg.train_data]
+        self.loader = BatchLoader(
+            cfg.train_data, cfg.batch_size, cfg.context_length, device,
+            seed=cfg.seed, rank=dist_info.rank, grad_accum_steps=cfg.grad_accum_steps, dtype=cfg.data_dtype,
         )
-    cfg.train_data = train_specs
-    check_token_range(loader, cfg.vocab_size, "--train_data")
-    if val_loader is not None:
-        check_token_range(val_loader, cfg.vocab_size, "--val_data")
-
-    # Model and optimizer.
-    model = TransformerLM.from_config(cfg.model_config()).to(device)
-    optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, device)
-    start_iter = 0
-    spikes = SpikeDetector(cfg.spike_zscore)
-    skipped = 0
-    if payload is not None:
-        start_iter = load_state(payload, model, optimizer)
-        loader.load_state_dict(payload.get("sampler", {}))
-        spikes.load_state_dict(payload.get("spikes", {}))
-        skipped = int(payload.get("skipped_steps", 0))
-        if "rng" in payload:
-            set_rng_state(payload["rng"], device)
-    dtype = autocast_dtype(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    train_module: torch.nn.Module = model
-    if dist_info.enabled:
-        train_module = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if cfg.compile:
-        train_module = torch.compile(train_module)
-    amp = (
-        torch.autocast(device.type, dtype=dtype)
-        if dtype != torch.float32
-        else contextlib.nullcontext()
-    )
-
-    ckpt_path = Path(cfg.checkpoint_path)
-    if dist_info.is_main:
-        check_checkpoint_folder(ckpt_path)
-        if payload is None and ckpt_path.exists() and not cfg.overwrite:
-            raise ConfigError(
-                f"{ckpt_path} already holds a checkpoint; continue it with --resume, "
-                f"or pass --overwrite to start a new run over it"
+        self.val_loader = None
+        if cfg.val_data:
+            cfg.val_data = _absolute(cfg.val_data)
+            # A fixed seed and batch_at(i): every evaluation sees the same windows.
+            self.val_loader = BatchLoader(
+                [cfg.val_data], cfg.batch_size, cfg.context_length, device, seed=cfg.seed + 1, prefetch=0,
+                dtype=cfg.data_dtype,
             )
-    metrics = MetricsWriter(ckpt_path.with_name("metrics.jsonl") if cfg.metrics and dist_info.is_main else None)
-    if payload is not None:
-        metrics.truncate_after(start_iter)
+        check_token_range(self.loader, cfg.vocab_size, "--train_data")
+        if self.val_loader is not None:
+            check_token_range(self.val_loader, cfg.vocab_size, "--val_data")
 
-    for line in header_lines(cfg, loader, val_loader, model, device, dtype, dist_info):
-        log(line)
-    if payload is not None:
-        log(f"Resumed from {ckpt_path} at iter {start_iter}")
+        # Model, optimizer, and the state a checkpoint restores.
+        self.model = TransformerLM.from_config(cfg.model_config()).to(device)
+        self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, device)
+        self.spikes = SpikeDetector(cfg.spike_zscore)
+        self.iteration = 0
+        self.skipped = 0
+        self.last_metrics: dict = {}
+        if payload is not None:
+            self.iteration = load_state(payload, self.model, self.optimizer)
+            self.loader.load_state_dict(payload.get("sampler", {}))
+            self.spikes.load_state_dict(payload.get("spikes", {}))
+            self.skipped = int(payload.get("skipped_steps", 0))
+            self.last_metrics = dict(payload.get("metrics") or {})
+            if "rng" in payload:
+                set_rng_state(payload["rng"], device)
 
-    tokens_per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum_steps * dist_info.world_size
-    flops_per_token = model.config.flops_per_token()
-    peak = peak_flops(device)
-    result = TrainResult(iteration=start_iter, checkpoint_path=str(ckpt_path), skipped_steps=skipped)
-    last_metrics: dict = dict(payload.get("metrics", {})) if payload else {}
+        # Precision, DDP and compilation wrap the module that trains; checkpoints save `self.model`.
+        self.dtype = autocast_dtype(cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.amp = torch.autocast(device.type, dtype=self.dtype) if self.dtype != torch.float32 else contextlib.nullcontext()
+        self.module: torch.nn.Module = self.model
+        if dist_info.enabled:
+            self.module = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        if cfg.compile:
+            self.module = torch.compile(self.module)
 
-    def save(iteration: int) -> None:
+        self.ckpt_path = Path(cfg.checkpoint_path)
         if dist_info.is_main:
+            check_checkpoint_folder(self.ckpt_path)
+            if payload is None and self.ckpt_path.exists() and not cfg.overwrite:
+                raise ConfigError(
+                    f"{self.ckpt_path} already holds a checkpoint; continue it with --resume, "
+                    f"or pass --overwrite to start a new run over it"
+                )
+        self.metrics = MetricsWriter(
+            self.ckpt_path.with_name("metrics.jsonl") if cfg.metrics and dist_info.is_main else None
+        )
+        if payload is not None:
+            self.metrics.truncate_after(self.iteration)
+        self.tokens_per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum_steps * dist_info.world_size
+        self.flops_per_token = self.model.config.flops_per_token()
+        self.peak_flops = peak_flops(device)
+        self.bytes_per_token = _bytes_per_token(cfg)
+
+        for line in header_lines(cfg, self.loader, self.val_loader, self.model, device, self.dtype, dist_info):
+            log(line)
+        if payload is not None:
+            log(f"Resumed from {self.ckpt_path} at iter {self.iteration}")
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        result = TrainResult(iteration=self.iteration, checkpoint_path=str(self.ckpt_path))
+        self._start_window()
+        self.run_start = self.window_start
+        try:
+            with StopSignal() as stop:
+                while self.iteration < cfg.max_iters:
+                    lr = run_get_lr_cosine_schedule(
+                        self.iteration + 1, cfg.learning_rate, cfg.min_learning_rate, cfg.warmup_iters,
+                        cfg.cosine_cycle_iters or cfg.max_iters,
+                    )
+                    loss, grad_norm = self.step(lr)
+                    self.iteration += 1
+                    result.losses.append(loss)
+                    if self.on_step is not None:
+                        self.on_step(self.iteration, cfg.max_iters, loss, lr)
+                    last = self.iteration == cfg.max_iters
+                    at_eval = self.val_loader is not None and (self.iteration % cfg.eval_interval == 0 or last)
+                    if self.iteration % cfg.log_interval == 0 or at_eval or last:
+                        self.report(lr, grad_norm, at_eval, result)
+                    stopping = any_rank(stop.requested, self.dist, self.device)
+                    if self.iteration % cfg.checkpoint_interval == 0 or last or stopping:
+                        self.save()
+                    if stopping:
+                        result.stopped_by_signal = True
+                        break
+        finally:
+            self.close()
+        result.iteration = self.iteration
+        result.skipped_steps = self.skipped
+        return result
+
+    def step(self, lr: float) -> tuple[float, float]:
+        """One optimizer step over grad_accum_steps micro-batches; returns (loss, grad norm)."""
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.module.train()
+        step_loss = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum_steps):
+            x, y = self.loader.next()
+            # DDP averages gradients across ranks only on the last micro-batch.
+            sync = micro == cfg.grad_accum_steps - 1 or not self.dist.enabled
+            with contextlib.nullcontext() if sync else self.module.no_sync(), self.amp:
+                # Scaled so that the accumulated gradient is that of one batch accum times larger.
+                loss = cross_entropy(self.module(x), y) / cfg.grad_accum_steps
+            self.scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = float(run_gradient_clipping(self.model.parameters(), cfg.gradient_clip_val))
+        loss_value = float(all_reduce_mean(step_loss, self.dist))
+        self.window_loss += step_loss
+        self.window_steps += 1
+
+        skip = self.check_numerics(loss_value, grad_norm)
+        if skip is None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.skipped += 1
+            self.log(f"Skipped update at iter {self.iteration + 1}: {skip} ({self.skipped} skipped so far)")
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, grad_norm
+
+    def check_numerics(self, loss: float, grad_norm: float) -> str | None:
+        """Why this update must be skipped, or None; raises when a non-finite loss stops the run."""
+        it = self.iteration + 1
+        # float16's gradient scaler skips overflowing steps by itself.
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)) and self.dtype != torch.float16:
+            reason = f"non-finite loss ({loss}) or gradient norm ({grad_norm})"
+            if self.cfg.skip_nonfinite:
+                return reason
+            raise TrainingDiverged(
+                f"{reason} at iter {it}; stopped, the last good checkpoint {self.ckpt_path} is kept. "
+                f"Lower --learning_rate, or pass --skip_nonfinite to skip such steps"
+            )
+        z = self.spikes.check(loss)
+        if z is not None:
+            self.log(f"Loss spike at iter {it}: {loss:.4f} (z-score {z:.1f})")
+            if self.cfg.skip_spikes:
+                return "loss spike"
+        return None
+
+    def _start_window(self) -> None:
+        self.window_loss = torch.zeros((), device=self.device)
+        self.window_steps = 0
+        self.loader.reset_wait()
+        self.window_start = time.perf_counter()
+
+    def report(self, lr: float, grad_norm: float, at_eval: bool, result: TrainResult) -> None:
+        """The log line and metrics record for the steps since the last report."""
+        now = time.perf_counter()
+        elapsed = now - self.window_start
+        train_loss = float(all_reduce_mean(self.window_loss, self.dist)) / max(self.window_steps, 1)
+        tok_s = self.window_steps * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
+        wait_share = self.loader.data_wait_seconds / elapsed if elapsed > 0 else 0.0
+        record = {
+            "iter": self.iteration, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": tok_s, "data_wait": wait_share, "elapsed_s": now - self.run_start,
+            "skipped_steps": self.skipped,
+        }
+        extra = {"tok/s": f"{tok_s:,.0f}", "data wait": f"{100 * wait_share:.1f}%"}
+        if self.device.type == "cuda":
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.peak_flops:
+            record["mfu"] = tok_s * self.flops_per_token / self.dist.world_size / self.peak_flops
+            extra["MFU"] = f"{100 * record['mfu']:.1f}%"
+        val_loss = None
+        if at_eval:
+            val_loss = evaluate(self.model, self.val_loader, self.cfg.eval_iters, self.amp, self.dist)
+            record["val_loss"] = val_loss
+            if self.bytes_per_token:
+                record["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
+            result.last_val_loss = val_loss
+        self.log(format_log_line(self.iteration, train_loss, lr, val_loss, **extra))
+        self.metrics.write(record)
+        self.last_metrics = record
+        result.last_loss = train_loss
+        self._start_window()
+
+    def save(self) -> None:
+        if self.dist.is_main:
             save_checkpoint(
-                model, optimizer, iteration, ckpt_path,
-                config=cfg.to_dict(),
-                model_config=model.config.to_dict(),
-                sampler=loader.state_dict(),
-                rng=rng_state(device),
-                spikes=spikes.state_dict(),
-                skipped_steps=skipped,
-                metrics=last_metrics,
-                tokenizer=cfg.tokenizer,
+                self.model, self.optimizer, self.iteration, self.ckpt_path,
+                config=self.cfg.to_dict(),
+                model_config=self.model.config.to_dict(),
+                sampler=self.loader.state_dict(),
+                rng=rng_state(self.device),
+                spikes=self.spikes.state_dict(),
+                skipped_steps=self.skipped,
+                metrics=self.last_metrics,
+                tokenizer=self.cfg.tokenizer,
                 lmtools_version=__version__,
                 torch_version=str(torch.__version__),
                 format_version=FORMAT_VERSION,
             )
-            keep_snapshot(ckpt_path, iteration, cfg.keep_last)
-        barrier(dist_info)
+            keep_snapshot(self.ckpt_path, self.iteration, self.cfg.keep_last)
+            self.log(f"Saved checkpoint at iter {self.iteration} to {self.ckpt_path}")
+        barrier(self.dist)
 
-    window_loss = torch.zeros((), device=device)
-    window_steps = 0
-    window_start = time.perf_counter()
-    run_start = window_start
-    loader.reset_wait()
-    iteration = start_iter
-    try:
-        with StopSignal() as stop:
-            while iteration < cfg.max_iters:
-                lr = run_get_lr_cosine_schedule(
-                    iteration + 1, cfg.learning_rate, cfg.min_learning_rate, cfg.warmup_iters,
-                    cfg.cosine_cycle_iters or cfg.max_iters,
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                train_module.train()
-                step_loss = torch.zeros((), device=device)
-                for micro in range(cfg.grad_accum_steps):
-                    x, y = loader.next()
-                    # DDP averages gradients across ranks only on the last micro-batch.
-                    sync = micro == cfg.grad_accum_steps - 1 or not dist_info.enabled
-                    ctx = contextlib.nullcontext() if sync else train_module.no_sync()
-                    with ctx, amp:
-                        loss = cross_entropy(train_module(x), y) / cfg.grad_accum_steps
-                    scaler.scale(loss).backward()
-                    step_loss += loss.detach()
-                scaler.unscale_(optimizer)
-                grad_norm = run_gradient_clipping(model.parameters(), cfg.gradient_clip_val)
-                loss_value = float(all_reduce_mean(step_loss, dist_info))
-                norm_value = float(grad_norm)
-                reason = None
-                if not (math.isfinite(loss_value) and math.isfinite(norm_value)) and dtype != torch.float16:
-                    reason = f"non-finite loss ({loss_value}) or gradient norm ({norm_value})"
-                    if not cfg.skip_nonfinite:
-                        optimizer.zero_grad(set_to_none=True)
-                        raise TrainingDiverged(
-                            f"{reason} at iter {iteration + 1}; stopped, the last good checkpoint {ckpt_path} is kept. "
-                            f"Lower --learning_rate, or pass --skip_nonfinite to skip such steps"
-                        )
-                elif (z := spikes.check(loss_value)) is not None:
-                    log(f"Loss spike at iter {iteration + 1}: {loss_value:.4f} (z-score {z:.1f})")
-                    if cfg.skip_spikes:
-                        reason = "loss spike"
-                if reason is not None:
-                    optimizer.zero_grad(set_to_none=True)
-                    skipped += 1
-                    log(f"Skipped update at iter {iteration + 1}: {reason} ({skipped} skipped so far)")
-                else:
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                iteration += 1
-                result.losses.append(loss_value)
-                if on_step is not None:
-                    on_step(iteration, cfg.max_iters, loss_value, lr)
-                window_loss += step_loss
-                window_steps += 1
-
-                at_log = iteration % cfg.log_interval == 0 or iteration == cfg.max_iters
-                at_eval = val_loader is not None and (iteration % cfg.eval_interval == 0 or iteration == cfg.max_iters)
-                if at_log or at_eval:
-                    now = time.perf_counter()
-                    elapsed = now - window_start
-                    train_loss = float(all_reduce_mean(window_loss, dist_info)) / window_steps
-                    tok_s = window_steps * tokens_per_step / elapsed if elapsed > 0 else 0.0
-                    wait_share = loader.data_wait_seconds / elapsed if elapsed > 0 else 0.0
-                    val_loss = evaluate(model, val_loader, cfg.eval_iters, amp, dist_info) if at_eval else None
-                    record = {
-                        "iter": iteration, "loss": train_loss, "lr": lr, "grad_norm": norm_value,
-                        "tokens_per_s": tok_s, "data_wait": wait_share, "elapsed_s": now - run_start,
-                        "skipped_steps": skipped,
-                    }
-                    extra = {"tok/s": f"{tok_s:,.0f}", "data wait": f"{100 * wait_share:.1f}%"}
-                    if device.type == "cuda":
-                        record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    if peak:
-                        record["mfu"] = tok_s * flops_per_token / dist_info.world_size / peak
-                        extra["MFU"] = f"{100 * record['mfu']:.1f}%"
-                    if val_loss is not None:
-                        record["val_loss"] = val_loss
-                        if cfg.tokenizer and (bpt := _bytes_per_token(cfg)):
-                            record["val_bpb"] = val_loss / math.log(2) / bpt
-                        result.last_val_loss = val_loss
-                    log(format_log_line(iteration, train_loss, lr, val_loss, **extra))
-                    metrics.write(record)
-                    last_metrics = record
-                    result.last_loss = train_loss
-                    window_loss.zero_()
-                    window_steps = 0
-                    loader.reset_wait()
-                    window_start = time.perf_counter()
-
-                stopping = any_rank(stop.requested, dist_info, device)
-                if iteration % cfg.checkpoint_interval == 0 or iteration == cfg.max_iters or stopping:
-                    save(iteration)
-                    log(f"Saved checkpoint at iter {iteration} to {ckpt_path}")
-                if stopping:
-                    result.stopped_by_signal = True
-                    break
-    finally:
-        metrics.close()
-        loader.close()
-        if val_loader is not None:
-            val_loader.close()
-    result.iteration = iteration
-    result.skipped_steps = skipped
-    return result
+    def close(self) -> None:
+        self.metrics.close()
+        self.loader.close()
+        if self.val_loader is not None:
+            self.val_loader.close()
 
 
 @torch.no_grad()
