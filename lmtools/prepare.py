@@ -184,7 +184,7 @@ class NpyWriter:
 # ---------------------------------------------------------------------------------------------
 
 
-def val_flags(seed: int, start: int, count: int, fraction: float) -> np.ndarray:
+def val_flags(seed: int | str, start: int, count: int, fraction: float) -> np.ndarray:
     """Which of documents start .. start+count-1 go to the validation split.
 
     Document i is in val when splitmix64(i * golden + key(seed)) < fraction * 2**64: a hash of
@@ -241,6 +241,7 @@ def prepare_corpus(
     *,
     tokenizer: str | os.PathLike | None = None,
     vocab_size: int = 10000,
+    tokenizer_sample: int = 0,
     val_fraction: float = 0.01,
     seed: int = 0,
     text_field: str = "text",
@@ -257,6 +258,8 @@ def prepare_corpus(
     inputs: files (.txt, .jsonl, .parquet, .txt.gz, .jsonl.gz), folders and glob patterns.
     tokenizer: None trains a byte-level BPE of `vocab_size`; "bytes" uses the 256 bytes;
         otherwise a tokenizer.json, a vocab.json (merges.txt beside it), or a folder with them.
+    tokenizer_sample: train the BPE on about this many bytes of whole documents, sampled
+        across the corpus (0: on all of it).
     separator: for text files, split each file into documents at this string (else one
         document per file).
     batch_chars, piece_chars: characters encoded per batch, and the size of the pieces long
@@ -274,6 +277,8 @@ def prepare_corpus(
         raise ConfigError(f"--threads {threads} must be at least 1")
     if tokenizer is None:
         check_vocab_size(vocab_size)
+    if tokenizer_sample < 0:
+        raise ConfigError(f"--tokenizer_sample {tokenizer_sample} must be >= 0 (0: all)")
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a folder")
@@ -290,7 +295,8 @@ def prepare_corpus(
     total_bytes = sum(s.size for s in sources)
 
     if tokenizer is None:
-        tok, kind = _train(sources, options, vocab_size, progress, total_bytes), "bpe"
+        tok = _train(sources, options, vocab_size, progress, total_bytes, tokenizer_sample, seed)
+        kind = "bpe"
     else:
         tok, kind = load_tokenizer(tokenizer)
     encoder = Encoder(tok, kind, threads=threads)
@@ -346,6 +352,7 @@ def prepare_corpus(
             "sources": stats.sources,
             "seed": seed,
             "val_fraction": val_fraction,
+            "tokenizer_sample": tokenizer_sample if tokenizer is None else None,
             "separator": separator,
             "text_field": text_field,
             "text_column": text_column,
@@ -372,7 +379,8 @@ def prepare_corpus(
     return meta
 
 
-def _train(sources, options, vocab_size, progress: Progress, total_bytes: int):
+def _train(sources, options, vocab_size, progress: Progress, total_bytes: int,
+           sample_bytes: int, seed: int):
     from lmtools.tokenizer import train_bpe
 
     progress.phase("train tokenizer", total_bytes)
@@ -383,6 +391,8 @@ def _train(sources, options, vocab_size, progress: Progress, total_bytes: int):
         # keep the original to re-raise it.
         try:
             pieces = iter_pieces(sources, options, on_bytes=lambda n: progress.advance(n))
+            if 0 < sample_bytes < total_bytes:
+                pieces = _sample(pieces, sample_bytes / total_bytes, seed)
             yield from _text_batches(pieces, 1 << 20)
             progress.done()
             progress.phase("learn merges", None)
@@ -400,6 +410,22 @@ def _train(sources, options, vocab_size, progress: Progress, total_bytes: int):
         raise failure[0]
     progress.done()
     return tok
+
+
+def _sample(pieces: Iterable[Piece], fraction: float, seed: int) -> Iterator[Piece]:
+    """Whole documents, each kept with probability `fraction` (a hash of its index, as for
+    the val split but with another key), so the sample spreads over the whole corpus. The
+    first document is always kept, so that a tiny sample is never empty."""
+    key, block = f"sample:{seed}", 4096
+    index, flags, flags_block = 0, None, -1
+    for piece in pieces:
+        b = index // block
+        if b != flags_block:
+            flags, flags_block = val_flags(key, b * block, block, fraction), b
+        if index == 0 or flags[index - b * block]:
+            yield piece
+        if piece.doc_end:
+            index += 1
 
 
 def _text_batches(pieces: Iterable[Piece], chars: int) -> Iterator[list[str]]:

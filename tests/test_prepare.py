@@ -584,3 +584,30 @@ def test_round_trip_of_text_and_parquet_files(tmp_path_factory, trained, docs, f
                    separator="\x1e", piece_chars=piece_chars, batch_chars=128)
     _, train, _ = load_dataset_docs(tmp / "out")
     assert train == docs
+
+
+def test_tokenizer_sample_trains_on_part_of_the_corpus(tmp_path):
+    import lmtools.prepare as prepare
+
+    docs = [f"document {i}: " + "lorem ipsum dolor sit amet " * 4 for i in range(400)]
+    write_jsonl(tmp_path / "c.jsonl", docs)
+    seen = []
+    original = prepare._text_batches
+
+    def spy(pieces, chars):
+        for batch in original(pieces, chars):
+            seen.extend(batch)
+            yield batch
+
+    prepare._text_batches = spy
+    try:
+        size = (tmp_path / "c.jsonl").stat().st_size
+        meta = prepare_corpus([tmp_path / "c.jsonl"], tmp_path / "out", vocab_size=300,
+                              tokenizer_sample=size // 4)
+    finally:
+        prepare._text_batches = original
+    assert docs[0] in seen and 50 < len(seen) < 150  # about a quarter, spread out
+    assert max(docs.index(d) for d in seen) > 300
+    assert meta["tokenizer_sample"] == size // 4
+    _, train, val = load_dataset_docs(tmp_path / "out")
+    assert sorted(train + val) == sorted(docs)  # everything is still encoded

@@ -170,6 +170,11 @@ def prepare(
     vocab_size: int = typer.Option(
         10000, "--vocab_size", "--vocab-size", help="Size of the BPE to train (training only)."
     ),
+    tokenizer_sample: int = typer.Option(
+        0, "--tokenizer_sample", "--tokenizer-sample",
+        help="Train the BPE on about this many bytes of whole documents sampled across the "
+        "corpus (0: all of it). Training reads 2-3 MB/s; encoding is several times faster.",
+    ),
     val_fraction: float = typer.Option(
         0.01, "--val_fraction", "--val-fraction",
         help="Share of documents held out in val.npy (at least one when there are two).",
@@ -208,6 +213,7 @@ def prepare(
             out,
             tokenizer=tokenizer,
             vocab_size=vocab_size,
+            tokenizer_sample=tokenizer_sample,
             val_fraction=val_fraction,
             seed=seed,
             text_field=text_field,
