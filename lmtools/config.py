@@ -42,6 +42,8 @@ class TrainConfig:
     log_interval: int = 100
     checkpoint_interval: int = 5000
     checkpoint_path: str = "checkpoint.pt"
+    # Wall-clock budget: the run stops with a checkpoint once it has trained this long.
+    max_minutes: float | None = None
     device: str = "cpu"
     seed: int = 0
     grad_accum_steps: int = 1
@@ -109,6 +111,8 @@ class TrainConfig:
             )
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            raise ConfigError(f"--max_minutes must be a positive number, got {self.max_minutes}")
         if not self.spike_zscore > 0:
             raise ConfigError(f"--spike_zscore must be positive, got {self.spike_zscore}")
         if not self.checkpoint_path:

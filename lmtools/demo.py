@@ -14,10 +14,8 @@ import json
 import os
 import random
 import shutil
-import signal
 import sys
 import sysconfig
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,11 +119,11 @@ def run_demo(
         f"so {minutes:g} min is {max_iters} steps"
     )
     t0 = time.perf_counter()
-    with _deadline(budget * DEADLINE_FACTOR + 5) as deadline:
-        result = train_model(cfg, log=lambda line: log("      " + line))
+    cfg.max_minutes = (budget * DEADLINE_FACTOR + 5) / 60
+    result = train_model(cfg, log=lambda line: log("      " + line))
     train_seconds = time.perf_counter() - t0
-    if result.stopped_by_signal:
-        why = "at the time limit (this machine ran slower than the probe)" if deadline.fired else "by a signal"
+    if result.stopped_by_signal or result.stopped_by_time:
+        why = "at the time limit (this machine ran slower than the probe)" if result.stopped_by_time else "by a signal"
         log(f"      stopped {why}, iter {result.iteration} of {max_iters}")
 
     train_curve, val_curve, _ = _curves(run_dir / "metrics.jsonl")
@@ -147,7 +145,7 @@ def run_demo(
         first_loss=result.losses[0], last_loss=train_curve[-1] if train_curve else result.losses[-1],
         first_val_loss=val_curve[0] if val_curve else None, last_val_loss=val_curve[-1] if val_curve else None,
         train_seconds=train_seconds, total_seconds=time.perf_counter() - start,
-        stopped_early=result.stopped_by_signal, samples=samples,
+        stopped_early=result.stopped_by_signal or result.stopped_by_time, samples=samples,
     )
 
 
@@ -297,33 +295,6 @@ def _curves(path: Path) -> tuple[list[float], list[float], list[dict]]:
             if isinstance(record.get("val_loss"), (int, float)):
                 val.append(float(record["val_loss"]))
     return train, val, records
-
-
-class _deadline:
-    """After `seconds`, send this process SIGINT: training saves a checkpoint and stops cleanly.
-
-    Only on the main thread, where training's signal handler is installed; elsewhere a no-op.
-    """
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.fired = False
-        self._timer: threading.Timer | None = None
-
-    def _fire(self) -> None:
-        self.fired = True
-        os.kill(os.getpid(), signal.SIGINT)
-
-    def __enter__(self) -> "_deadline":
-        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGINT"):
-            self._timer = threading.Timer(self.seconds, self._fire)
-            self._timer.daemon = True
-            self._timer.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
 
 
 def _shell(path: Path) -> str:

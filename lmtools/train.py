@@ -44,6 +44,7 @@ class TrainResult:
     last_loss: float | None = None
     last_val_loss: float | None = None
     stopped_by_signal: bool = False
+    stopped_by_time: bool = False
     skipped_steps: int = 0
     losses: list[float] = field(default_factory=list)
 
@@ -314,11 +315,15 @@ class Trainer:
                     at_eval = self.val_loader is not None and (self.iteration % cfg.eval_interval == 0 or last)
                     if self.iteration % cfg.log_interval == 0 or at_eval or last:
                         self.report(lr, grad_norm, at_eval, result)
-                    stopping = any_rank(stop.requested, self.dist, self.device)
+                    out_of_time = (
+                        cfg.max_minutes is not None and time.perf_counter() - self.run_start > 60 * cfg.max_minutes
+                    )
+                    stopping = any_rank(stop.requested or out_of_time, self.dist, self.device)
                     if self.iteration % cfg.checkpoint_interval == 0 or last or stopping:
                         self.save()
                     if stopping:
-                        result.stopped_by_signal = True
+                        result.stopped_by_signal = stop.requested
+                        result.stopped_by_time = not stop.requested
                         break
         finally:
             self.close()

@@ -100,23 +100,3 @@ def test_demo_end_to_end(tmp_path):
     done = next(line for line in text.splitlines() if line.startswith("Done in"))
     first, last = (float(x) for x in done.split(": loss ")[1].split(",")[0].split(" -> "))
     assert last < first
-
-
-def test_deadline_interrupts_with_sigint_and_cancels():
-    import signal
-    import time
-
-    from lmtools.demo import _deadline
-
-    got = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
-    try:
-        with _deadline(0.05) as d:
-            time.sleep(0.5)
-        assert d.fired and got == [signal.SIGINT]
-        with _deadline(0.2) as d:
-            pass  # left before the time: the timer is cancelled
-        time.sleep(0.4)
-        assert not d.fired and got == [signal.SIGINT]
-    finally:
-        signal.signal(signal.SIGINT, previous)

@@ -215,3 +215,13 @@ def test_vocab_from_meta_json(stream_files, tmp_path):
     result = run_cli("train", "--train_data", folder / "train.npy", "--vocab_size", "64", "--max_iters", "1",
                      "--checkpoint_path", tmp_path / "d.pt")
     assert result.exit_code == 2 and "contradicts" in result.stderr
+
+
+def test_max_minutes_stops_with_a_checkpoint(stream_files, tmp_path):
+    cfg = tiny_config(stream_files, tmp_path, max_iters=10**6, max_minutes=0.02, val_data=None)
+    lines = []
+    result = train_model(cfg, log=lines.append)
+    assert result.stopped_by_time and not result.stopped_by_signal
+    assert 0 < result.iteration < 10**6
+    assert read_checkpoint(cfg.checkpoint_path)["iteration"] == result.iteration
+    assert lines[-1] == f"Saved checkpoint at iter {result.iteration} to {cfg.checkpoint_path}"

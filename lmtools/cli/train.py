@@ -85,7 +85,7 @@ def train(
     ctx: typer.Context,
     train_data: Optional[list[str]] = _opt(None, "--train_data", "--train-data", help="Token file (.npy/.bin), prepared folder, or PATH:WEIGHT for a mixture; repeat for several."),
     val_data: Optional[str] = _opt(None, "--val_data", "--val-data", help="Validation token file (default: val.npy beside a prepared train.npy)."),
-    vocab_size: Optional[int] = _opt(None, "--vocab_size", "--vocab-size", help="Vocabulary size [default: from meta.json, else 10000]."),
+    vocab_size: Optional[int] = _opt(None, "--vocab_size", "--vocab-size", help="Vocabulary size; by default from the dataset's meta.json, else 10000."),
     context_length: int = _opt(_D.context_length, "--context_length", "--context-length"),
     d_model: int = _opt(_D.d_model, "--d_model", "--d-model"),
     num_layers: int = _opt(_D.num_layers, "--num_layers", "--num-layers"),
@@ -105,6 +105,7 @@ def train(
     log_interval: int = _opt(_D.log_interval, "--log_interval", "--log-interval"),
     checkpoint_interval: int = _opt(_D.checkpoint_interval, "--checkpoint_interval", "--checkpoint-interval"),
     checkpoint_path: str = _opt(_D.checkpoint_path, "--checkpoint_path", "--checkpoint-path"),
+    max_minutes: Optional[float] = _opt(None, "--max_minutes", "--max-minutes", help="Stop with a checkpoint after training this many minutes."),
     resume: bool = _opt(False, "--resume", help="Continue from --checkpoint_path with the config stored in it."),
     overwrite: bool = _opt(False, "--overwrite", help="Start a new run even if --checkpoint_path already exists."),
     device: str = _opt(_D.device, "--device", help="cpu, cuda, cuda:N or mps."),
@@ -158,7 +159,8 @@ def resume(
 
 
 def _finish(result) -> None:
-    if result.stopped_by_signal:
-        typer.echo(f"Stopped by signal at iter {result.iteration}; resume with: lmtools resume {result.checkpoint_path}")
+    if result.stopped_by_signal or result.stopped_by_time:
+        why = "by signal" if result.stopped_by_signal else "at the --max_minutes limit"
+        typer.echo(f"Stopped {why} at iter {result.iteration}; resume with: lmtools resume {result.checkpoint_path}")
     else:
         typer.echo(f"Training finished at iter {result.iteration}. Final checkpoint: {result.checkpoint_path}")
