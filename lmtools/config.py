@@ -55,6 +55,8 @@ class TrainConfig:
     skip_spikes: bool = False
     spike_zscore: float = 6.0
     metrics: bool = True
+    tensorboard: str | None = None
+    wandb: str | None = None
     # A fresh run refuses to replace an existing checkpoint unless this is set.
     overwrite: bool = False
     tokenizer: str | None = None

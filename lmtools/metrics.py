@@ -91,3 +91,40 @@ class SpikeDetector:
     def load_state_dict(self, state: dict) -> None:
         self.values.clear()
         self.values.extend(float(v) for v in state.get("values", []))
+
+
+class ExternalLoggers:
+    """TensorBoard and Weights & Biases, through their own libraries, when asked for and installed."""
+
+    def __init__(self, tensorboard: str | None, wandb_project: str | None, config: dict):
+        from lmtools.errors import ConfigError
+
+        self._tb = None
+        self._wandb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self._tb = SummaryWriter(log_dir=tensorboard)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("--wandb needs the wandb package: pip install wandb") from None
+            self._wandb = wandb.init(project=wandb_project, config=config, resume="allow")
+
+    def write(self, record: dict) -> None:
+        step = int(record["iter"])
+        scalars = {k: v for k, v in record.items() if k != "iter" and isinstance(v, (int, float)) and math.isfinite(v)}
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

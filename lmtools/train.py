@@ -27,7 +27,7 @@ from lmtools.data import BatchLoader, parse_source_spec
 from lmtools.device import peak_flops, resolve_device
 from lmtools.distributed import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed, shutdown
 from lmtools.errors import ConfigError, DataError, LMToolsError
-from lmtools.metrics import MetricsWriter, SpikeDetector, format_log_line
+from lmtools.metrics import ExternalLoggers, MetricsWriter, SpikeDetector, format_log_line
 from lmtools.model import TransformerLM
 from lmtools.prepare import read_meta
 from lmtools.optim import cross_entropy, make_optimizer, run_get_lr_cosine_schedule, run_gradient_clipping
@@ -284,6 +284,9 @@ class Trainer:
         )
         if payload is not None:
             self.metrics.truncate_after(self.iteration)
+        self.external = ExternalLoggers(
+            cfg.tensorboard if dist_info.is_main else None, cfg.wandb if dist_info.is_main else None, cfg.to_dict()
+        )
         self.tokens_per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum_steps * dist_info.world_size
         self.flops_per_token = self.model.config.flops_per_token()
         self.peak_flops = peak_flops(device)
@@ -415,6 +418,7 @@ class Trainer:
             result.last_val_loss = val_loss
         self.log(format_log_line(self.iteration, train_loss, lr, val_loss, **extra))
         self.metrics.write(record)
+        self.external.write(record)
         self.last_metrics = record
         result.last_loss = train_loss
         self._start_window()
@@ -441,6 +445,7 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        self.external.close()
         self.loader.close()
         if self.val_loader is not None:
             self.val_loader.close()

@@ -225,3 +225,16 @@ def test_max_minutes_stops_with_a_checkpoint(stream_files, tmp_path):
     assert 0 < result.iteration < 10**6
     assert read_checkpoint(cfg.checkpoint_path)["iteration"] == result.iteration
     assert lines[-1] == f"Saved checkpoint at iter {result.iteration} to {cfg.checkpoint_path}"
+
+
+def test_tensorboard_logs_when_installed_else_clear_error(stream_files, tmp_path):
+    import importlib.util
+
+    args = ["train", "--train_data", stream_files / "train.npy", *TINY, "--max_iters", "2", "--log_interval", "1",
+            "--checkpoint_path", tmp_path / "c.pt", "--tensorboard", tmp_path / "tb"]
+    result = run_cli(*args)
+    if importlib.util.find_spec("tensorboard") is None:
+        assert result.exit_code == 2 and "pip install tensorboard" in result.stderr
+    else:
+        assert result.exit_code == 0, result.output
+        assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

@@ -115,6 +115,8 @@ def train(
     compile: bool = _opt(_D.compile, "--compile", help="torch.compile the model."),
     keep_last: int = _opt(_D.keep_last, "--keep_last", "--keep-last", help="Also keep the K newest checkpoints as CHECKPOINT-NNNNNNNN.pt."),
     data_dtype: Optional[str] = _opt(None, "--data_dtype", "--data-dtype", help="dtype of raw .bin token files (uint16, uint32, int32, int64)."),
+    tensorboard: Optional[str] = _opt(None, "--tensorboard", help="Also log metrics to TensorBoard in this folder (needs tensorboard)."),
+    wandb: Optional[str] = _opt(None, "--wandb", help="Also log metrics to this Weights & Biases project (needs wandb)."),
     skip_nonfinite: bool = _opt(False, "--skip_nonfinite", "--skip-nonfinite", help="Skip (and count) updates with a NaN/inf loss instead of stopping."),
     skip_spikes: bool = _opt(False, "--skip_spikes", "--skip-spikes", help="Skip updates whose loss is a spike (z-score above --spike_zscore)."),
     spike_zscore: float = _opt(_D.spike_zscore, "--spike_zscore", "--spike-zscore"),
