@@ -9,7 +9,9 @@ so every encoder below uses the same vocabulary, pattern and text.
 - tokenizers_batch: `tokenizers.Tokenizer.encode_batch(docs)` (on a quarter of the corpus).
 - prepare_jsonl / prepare_txt: `prepare_corpus` end to end with that tokenizer.json: read the
   .jsonl (or a .txt split at blank lines), hash, encode, split train/val, write the .npy files.
-- prepare_train_10k: `prepare_corpus` end to end including training a 10000-id BPE (default).
+- prepare_train_10k: `prepare_corpus` end to end including training a 10000-id BPE (default);
+  _sample_8MB: the BPE trained on 8 MB of documents sampled across the corpus
+  (`--tokenizer_sample 8000000`).
 - train_bpe_50k: training the 50257-id BPE alone.
 
 The second table comes from test_interleaved_ratios: tiktoken_batch, prepare_jsonl and
@@ -156,10 +158,13 @@ def test_prepare(benchmark, corpus, tokenizer_json, tmp_path, source):
     assert meta["text_bytes"] == corpus["bytes"]
 
 
-def test_prepare_train_10k(benchmark, corpus, tmp_path):
+@pytest.mark.parametrize("sample", [0, 8_000_000])
+def test_prepare_train_10k(benchmark, corpus, tmp_path, sample):
     out = tmp_path / "out"
-    _measure("prepare_train_10k", benchmark, corpus["bytes"],
-             lambda: prepare_corpus([corpus["jsonl"]], out, force=True), rounds=1)
+    name = "prepare_train_10k" + (f"_sample_{sample // 1_000_000}MB" if sample else "")
+    _measure(name, benchmark, corpus["bytes"],
+             lambda: prepare_corpus([corpus["jsonl"]], out, force=True,
+                                    tokenizer_sample=sample), rounds=1)
 
 
 def test_interleaved_ratios(benchmark, corpus, tokenizer_json, tmp_path):
