@@ -187,8 +187,9 @@ def _from_vocab_merges(vocab_json: Path, merges_txt: Path) -> Tokenizer:
         lines = merges_txt.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{vocab_json}: cannot read vocab.json/merges.txt ({exc})") from None
-    if not isinstance(vocab, dict):
-        raise DataError(f"{vocab_json}: not a vocabulary (a JSON object of token -> id)")
+    ids = list(vocab.values()) if isinstance(vocab, dict) else None
+    if not ids or not all(isinstance(i, int) and i >= 0 for i in ids) or len(set(ids)) < len(ids):
+        raise DataError(f"{vocab_json}: not a vocabulary (a JSON object of token -> unique id)")
     merges = []
     for n, line in enumerate(lines, 1):
         if not line or (n == 1 and line.startswith("#version")):

@@ -94,6 +94,11 @@ def test_load_errors(tmp_path):
     with pytest.raises(DataError, match="not a tokenizers JSON"):
         load_tokenizer(tmp_path / "bad.json")
     (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "vocab.json").write_text(json.dumps({"a": 0, "b": 0}))
+    (tmp_path / "g" / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(DataError, match="unique id"):
+        load_tokenizer(tmp_path / "g")
+    (tmp_path / "g" / "merges.txt").unlink()
     (tmp_path / "g" / "vocab.json").write_text(json.dumps({"a": 0}))
     with pytest.raises(DataError, match="merges.txt"):
         load_tokenizer(tmp_path / "g")
