@@ -228,10 +228,14 @@ def prepare(
             progress.stop()
     seconds = time.monotonic() - started
     bpt = meta["bytes_per_token"]
+
+    def docs(n: int) -> str:
+        return f"{n:,} document" + ("" if n == 1 else "s")
+
     typer.echo(
         f"{meta['dir']}: {meta['train_tokens']:,} train tokens "
-        f"({meta['train_documents']:,} documents), {meta['val_tokens']:,} val tokens "
-        f"({meta['val_documents']:,} documents); vocab {meta['vocab_size']:,} "
+        f"({docs(meta['train_documents'])}), {meta['val_tokens']:,} val tokens "
+        f"({docs(meta['val_documents'])}); vocab {meta['vocab_size']:,} "
         f"({meta['tokenizer_kind']}), {bpt if bpt is not None else '-'} bytes/token, "
         f"{seconds:.1f} s"
     )
