@@ -412,6 +412,8 @@ def to_tiktoken(tok: Tokenizer):
         import tiktoken
     except ImportError:
         return None
+    if not hasattr(tiktoken.Encoding, "encode_to_numpy"):  # tiktoken < 0.8
+        return None
     import numpy as np
 
     spec = json.loads(tok.to_str())
