@@ -238,3 +238,15 @@ def test_tensorboard_logs_when_installed_else_clear_error(stream_files, tmp_path
     else:
         assert result.exit_code == 0, result.output
         assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_mixture_with_weights_from_the_cli(stream_files, tmp_path):
+    np.save(tmp_path / "other.npy", np.full(5000, 7, dtype=np.uint16))
+    result = run_cli(
+        "train", "--train_data", f"{stream_files / 'train.npy'}:0.7", "--train-data", f"{tmp_path / 'other.npy'}:0.3",
+        *TINY, "--max_iters", "2", "--log_interval", "1", "--checkpoint_path", tmp_path / "c.pt",
+    )
+    assert result.exit_code == 0, result.output
+    assert "weight 0.7" in result.output and "weight 0.3" in result.output
+    stored = read_checkpoint(tmp_path / "c.pt")["config"]["train_data"]
+    assert [s.rsplit(":", 1)[1] for s in stored] == ["0.7", "0.3"]
