@@ -4,6 +4,10 @@ A checkpoint is one file that `torch.load(..., weights_only=True)` reads: tensor
 data only, so loading one from a stranger can never run code. Writing goes to a temporary file
 in the same folder, is flushed and fsynced, then renamed over the old one: a crash at any moment
 leaves either the old checkpoint or the new one, never a torn file.
+
+A sharded (FSDP) run writes two parts: every rank writes its shards of the model and optimizer
+state into the folder `<checkpoint>.dcp/` with torch.distributed.checkpoint, and rank 0 writes
+the checkpoint file as above, holding the plain data and the marker `"dcp": "<folder name>"`.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import IO, Any
@@ -57,6 +62,133 @@ def save_checkpoint(
         torch.save(payload, out)
         return
     write_atomic(Path(out), lambda f: torch.save(payload, f))
+
+
+# ---- sharded checkpoints (--fsdp) ------------------------------------------------------------
+
+
+def dcp_folder(path: str | os.PathLike) -> Path:
+    """The folder beside checkpoint `path` that holds its sharded state: `<path>.dcp`."""
+    path = Path(path)
+    return path.with_name(path.name + ".dcp")
+
+
+def save_sharded_checkpoint(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    iteration: int,
+    path: str | os.PathLike,
+    *,
+    is_main: bool,
+    **extra: Any,
+) -> None:
+    """Every rank calls this: shards to `<path>.dcp/` by DCP, then rank 0 writes `path`.
+
+    The shards go to a fresh `.dcp.tmp` folder; rank 0 then moves the previous folder to
+    `.dcp.old`, renames the new one into place, writes the checkpoint file, and only then
+    drops `.dcp.old`. The shards also record the iteration, so a crash between the renames and
+    the file write is detected on resume, which then takes `.dcp.old` (see `load_state`).
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path = Path(path)
+    final = dcp_folder(path)
+    tmp, old = final.with_name(final.name + _TMP_SUFFIX), final.with_name(final.name + ".old")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    try:
+        dcp.save(
+            {"model": model_state, "optimizer": optim_state, "iteration": torch.tensor(int(iteration))},
+            checkpoint_id=tmp,
+        )
+    except OSError as exc:
+        raise CheckpointError(
+            f"could not write the sharded checkpoint {tmp}: {exc.strerror or exc}; free space or choose a "
+            f"writable --checkpoint_path (the previous checkpoint is intact)"
+        ) from None
+    dist.barrier()
+    if is_main:
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+        payload = {"format_version": FORMAT_VERSION, "iteration": int(iteration), "dcp": final.name, **extra}
+        _check_plain(payload, "checkpoint")
+        write_atomic(path, lambda f: torch.save(payload, f))
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def _load_sharded(payload: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Restore DCP shards into `model` (sharded or not) and `optimizer`; every rank calls this."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
+    )
+
+    folder = _sound_dcp_folder(payload)
+    distributed = dist.is_available() and dist.is_initialized()
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+    try:
+        _dcp_load(state, folder, no_dist=not distributed)
+        if optimizer is None:
+            set_model_state_dict(model, state["model"])
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"the sharded checkpoint {folder} does not match this model ({_first_line(exc)}); "
+            f"use the model flags it was trained with"
+        ) from None
+    if folder.name.endswith(".old") and distributed:
+        # A save was cut between its renames: put the sound folder back where the file points.
+        dist.barrier()
+        if dist.get_rank() == 0:
+            final = folder.with_name(folder.name.removesuffix(".old"))
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(folder, final)
+        dist.barrier()
+
+
+def _dcp_load(state: dict, folder: Path, *, no_dist: bool) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        # One process reading shards (sample, inspect, the iteration check) is intended.
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
+
+
+def _sound_dcp_folder(payload: dict) -> Path:
+    """The shard folder whose recorded iteration is the checkpoint file's (`.dcp`, else `.dcp.old`)."""
+    if "dcp_path" not in payload:
+        raise CheckpointError("this checkpoint keeps its state in a .dcp folder; load it from its path")
+    final = Path(payload["dcp_path"])
+    for folder in (final, final.with_name(final.name + ".old")):
+        if not (folder / ".metadata").is_file():
+            continue
+        stored = {"iteration": torch.tensor(-1)}
+        try:
+            _dcp_load(stored, folder, no_dist=True)
+        except Exception:  # a torn folder: try the next one
+            continue
+        if int(stored["iteration"]) == int(payload["iteration"]):
+            return folder
+    raise CheckpointError(
+        f"the sharded state {final} is missing or does not hold iteration {payload['iteration']}; "
+        f"keep the .dcp folder beside its checkpoint file"
+    )
 
 
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor)
@@ -141,8 +273,11 @@ def read_checkpoint(src: str | os.PathLike | IO[bytes], *, suggest: bool = True)
         raise CheckpointError(
             f"checkpoint {name} is truncated or corrupted ({_first_line(exc)}){way_on(name)}"
         ) from None
-    if not isinstance(payload, dict) or "model_state_dict" not in payload:
+    if not isinstance(payload, dict) or not ("model_state_dict" in payload or "dcp" in payload):
         raise CheckpointError(f"{name} is not an lmtools checkpoint (no model_state_dict)")
+    if "dcp" in payload and isinstance(src, (str, os.PathLike)):
+        # Sharded state lives beside the file; `load_state` reads it from here.
+        payload["dcp_path"] = str(Path(src).parent / str(payload["dcp"]))
     return payload
 
 
@@ -156,7 +291,14 @@ def load_checkpoint(
 
 
 def load_state(payload: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Restore model (and optimizer) state from a loaded checkpoint; return its iteration."""
+    """Restore model (and optimizer) state from a loaded checkpoint; return its iteration.
+
+    A sharded checkpoint (`"dcp"` in the payload) loads from its `.dcp` folder, into a sharded
+    model on every rank or into a plain model in one process.
+    """
+    if "dcp" in payload:
+        _load_sharded(payload, unwrap_model(model), optimizer)
+        return int(payload["iteration"])
     try:
         unwrap_model(model).load_state_dict(payload["model_state_dict"])
     except RuntimeError as exc:

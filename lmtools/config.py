@@ -49,6 +49,8 @@ class TrainConfig:
     grad_accum_steps: int = 1
     dtype: str = "auto"
     compile: bool = False
+    # Shard parameters, gradients and optimizer state across ranks (FSDP2); needs torchrun.
+    fsdp: bool = False
     keep_last: int = 0
     data_dtype: str | None = None
     skip_nonfinite: bool = False
@@ -119,6 +121,10 @@ class TrainConfig:
             raise ConfigError(f"--spike_zscore must be positive, got {self.spike_zscore}")
         if not self.checkpoint_path:
             raise ConfigError("--checkpoint_path must not be empty")
+        if self.fsdp and self.keep_last:
+            raise ConfigError("--keep_last does not work with --fsdp (its shards live in one .dcp folder); drop one")
+        if self.fsdp and self.dtype == "float16":
+            raise ConfigError("--fsdp does not support --dtype float16 (its gradient scaler); use bfloat16")
         from lmtools.model import validate_config
 
         validate_config(self.model_config())

@@ -64,14 +64,16 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     if head.startswith(_ZIP_MAGIC) and not _is_torch_zip(p):
         raise CheckpointError(f"{p} is not a checkpoint: it is a zip archive without PyTorch's data.pkl")
     payload = read_checkpoint(p, suggest=False)
-    state = payload["model_state_dict"]
-    if not isinstance(state, dict) or not all(hasattr(t, "shape") for t in state.values()):
-        raise CheckpointError(f"{p} is not an lmtools checkpoint (its model_state_dict holds no tensors)")
     config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
     model_config = payload.get("model_config") or {
         k: config[k] for k in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta")
         if k in config
     }
+    sharded = "dcp" in payload
+    # A sharded (--fsdp) checkpoint keeps its tensors in the .dcp folder: shapes come from the config.
+    state = _config_shapes(model_config) if sharded else payload["model_state_dict"]
+    if not isinstance(state, dict) or not all(hasattr(t, "shape") for t in state.values()):
+        raise CheckpointError(f"{p} is not an lmtools checkpoint (its model_state_dict holds no tensors)")
     iteration = int(payload.get("iteration", 0))
     problems: list[str] = []
     report: dict[str, Any] = {
@@ -92,19 +94,43 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
         "training": {
             k: config[k] for k in (
                 "batch_size", "context_length", "grad_accum_steps", "gradient_clip_val", "seed", "device", "dtype",
-                "compile", "checkpoint_interval", "eval_interval", "log_interval",
+                "compile", "fsdp", "checkpoint_interval", "eval_interval", "log_interval",
             ) if k in config
         },
         "problems": problems,
     }
     if "skipped_steps" in payload:
         report["training"]["skipped_steps"] = int(payload["skipped_steps"])
+    if sharded:
+        report["shards"] = _shards(Path(payload["dcp_path"]), problems)
+        return _plain(report | {"sound": not problems})
     nonfinite = [name for name, t in state.items() if t.is_floating_point() and not bool(t.isfinite().all())]
     if nonfinite:
         problems.append(f"non-finite values in {len(nonfinite)} tensors: {', '.join(nonfinite[:5])}")
     problems.extend(_shape_problems(model_config, state))
     report["sound"] = not problems
     return _plain(report)
+
+
+def _config_shapes(model_config: dict) -> dict:
+    """The state dict (meta tensors: shapes, no data) of the model a config describes; {} if none."""
+    import torch
+
+    from lmtools.model import TransformerLM
+
+    try:
+        with torch.device("meta"):
+            return TransformerLM.from_config(model_config).state_dict()
+    except Exception:  # no or an invalid config: reported as a problem by the caller's checks
+        return {}
+
+
+def _shards(folder: Path, problems: list[str]) -> dict:
+    """The .dcp folder of a sharded checkpoint: its files and size (the shards are not read)."""
+    files = sorted(f for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
+    if not (folder / ".metadata").is_file():
+        problems.append(f"its sharded state {folder} is missing or incomplete (no .metadata)")
+    return {"folder": str(folder), "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
 
 
 def parameter_counts(state: dict) -> dict[str, int]:

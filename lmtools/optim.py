@@ -38,7 +38,8 @@ def run_gradient_clipping(parameters: Iterable[torch.nn.Parameter], max_l2_norm:
     scale = torch.clamp(max_l2_norm / (norm + eps), max=1.0)
     for g in grads:
         g.mul_(scale.to(g.dtype))
-    return norm
+    # Sharded (FSDP) gradients are DTensors: their norm is the global one, replicated on every rank.
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def run_get_lr_cosine_schedule(

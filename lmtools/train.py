@@ -21,7 +21,9 @@ import numpy as np
 import torch
 
 from lmtools import __version__
-from lmtools.checkpoint import FORMAT_VERSION, keep_snapshot, load_state, read_checkpoint, save_checkpoint
+from lmtools.checkpoint import (
+    FORMAT_VERSION, keep_snapshot, load_state, read_checkpoint, save_checkpoint, save_sharded_checkpoint,
+)
 from lmtools.config import DEFAULT_VOCAB_SIZE, TrainConfig
 from lmtools.data import BatchLoader, parse_source_spec
 from lmtools.device import peak_flops, resolve_device
@@ -189,6 +191,11 @@ def train_model(
     device = resolve_device(cfg.device)
     dist_info, device = init_distributed(device)
     try:
+        if cfg.fsdp and not dist_info.enabled:
+            raise ConfigError(
+                "--fsdp shards the model across ranks: launch with torchrun --nproc_per_node N (N > 1), "
+                "or drop --fsdp"
+            )
         if not dist_info.is_main:
             log, on_step = (lambda _line: None), None
         return Trainer(cfg, payload, device, dist_info, log, on_step).run()
@@ -244,7 +251,10 @@ class Trainer:
             check_token_range(self.val_loader, cfg.vocab_size, "--val_data")
 
         # Model, optimizer, and the state a checkpoint restores.
-        self.model = TransformerLM.from_config(cfg.model_config()).to(device)
+        if cfg.fsdp:
+            self.model = build_sharded_model(cfg, device, dist_info)
+        else:
+            self.model = TransformerLM.from_config(cfg.model_config()).to(device)
         self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, device)
         self.spikes = SpikeDetector(cfg.spike_zscore)
         self.iteration = 0
@@ -260,11 +270,12 @@ class Trainer:
                 set_rng_state(payload["rng"], device)
 
         # Precision, DDP and compilation wrap the module that trains; checkpoints save `self.model`.
+        # An FSDP model needs no wrapper: fully_shard made it reduce its own gradients.
         self.dtype = autocast_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.amp = torch.autocast(device.type, dtype=self.dtype) if self.dtype != torch.float32 else contextlib.nullcontext()
         self.module: torch.nn.Module = self.model
-        if dist_info.enabled:
+        if dist_info.enabled and not cfg.fsdp:
             self.module = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
@@ -345,7 +356,10 @@ class Trainer:
             x, y = self.loader.next()
             # DDP averages gradients across ranks only on the last micro-batch.
             sync = micro == cfg.grad_accum_steps - 1 or not self.dist.enabled
-            with contextlib.nullcontext() if sync else self.module.no_sync(), self.amp:
+            if cfg.fsdp:
+                self.model.set_requires_gradient_sync(sync)
+            no_sync = contextlib.nullcontext() if sync or cfg.fsdp else self.module.no_sync()
+            with no_sync, self.amp:
                 # Scaled so that the accumulated gradient is that of one batch accum times larger.
                 loss = cross_entropy(self.module(x), y) / cfg.grad_accum_steps
             self.scaler.scale(loss).backward()
@@ -411,7 +425,9 @@ class Trainer:
             extra["MFU"] = f"{100 * record['mfu']:.1f}%"
         val_loss = None
         if at_eval:
-            val_loss = evaluate(self.model, self.val_loader, self.cfg.eval_iters, self.amp, self.dist)
+            val_loss = evaluate(
+                self.model, self.val_loader, self.cfg.eval_iters, self.amp, self.dist, lockstep=self.cfg.fsdp
+            )
             record["val_loss"] = val_loss
             if self.bytes_per_token:
                 record["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
@@ -424,21 +440,28 @@ class Trainer:
         self._start_window()
 
     def save(self) -> None:
-        if self.dist.is_main:
-            save_checkpoint(
-                self.model, self.optimizer, self.iteration, self.ckpt_path,
-                config=self.cfg.to_dict(),
-                model_config=self.model.config.to_dict(),
-                sampler=self.loader.state_dict(),
-                rng=rng_state(self.device),
-                spikes=self.spikes.state_dict(),
-                skipped_steps=self.skipped,
-                metrics=self.last_metrics,
-                tokenizer=self.cfg.tokenizer,
-                lmtools_version=__version__,
-                torch_version=str(torch.__version__),
-                format_version=FORMAT_VERSION,
+        extra = dict(
+            config=self.cfg.to_dict(),
+            model_config=self.model.config.to_dict(),
+            sampler=self.loader.state_dict(),
+            rng=rng_state(self.device),
+            spikes=self.spikes.state_dict(),
+            skipped_steps=self.skipped,
+            metrics=self.last_metrics,
+            tokenizer=self.cfg.tokenizer,
+            lmtools_version=__version__,
+            torch_version=str(torch.__version__),
+            format_version=FORMAT_VERSION,
+        )
+        if self.cfg.fsdp:
+            # Every rank writes its shards; rank 0 the file beside them.
+            save_sharded_checkpoint(
+                self.model, self.optimizer, self.iteration, self.ckpt_path, is_main=self.dist.is_main, **extra
             )
+            self.log(f"Saved checkpoint at iter {self.iteration} to {self.ckpt_path} (+ .dcp shards)")
+            return
+        if self.dist.is_main:
+            save_checkpoint(self.model, self.optimizer, self.iteration, self.ckpt_path, **extra)
             keep_snapshot(self.ckpt_path, self.iteration, self.cfg.keep_last)
             self.log(f"Saved checkpoint at iter {self.iteration} to {self.ckpt_path}")
         barrier(self.dist)
@@ -451,17 +474,46 @@ class Trainer:
             self.val_loader.close()
 
 
+def build_sharded_model(cfg: TrainConfig, device: torch.device, dist_info: DistInfo) -> TransformerLM:
+    """The model built in host memory, then sharded with FSDP2 block by block onto `device`.
+
+    Every rank builds it from the same seed, so the shards form the model one process would
+    build; fully_shard moves only each rank's shards to the device.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = TransformerLM.from_config(cfg.model_config())
+    mesh = init_device_mesh(device.type, (dist_info.world_size,))
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: BatchLoader, eval_iters: int, amp, dist_info: DistInfo) -> float:
-    """Mean loss over the same `eval_iters` validation batches every time (split across ranks)."""
+def evaluate(model: torch.nn.Module, loader: BatchLoader, eval_iters: int, amp, dist_info: DistInfo,
+             *, lockstep: bool = False) -> float:
+    """Mean loss over the same `eval_iters` validation batches every time (split across ranks).
+
+    `lockstep`: a sharded model's forward is a collective, so every rank runs as many forwards
+    as the busiest one (the surplus ones count for nothing).
+    """
     model.eval()
     total = torch.zeros((), device=next(model.parameters()).device)
     count = 0
-    for i in range(dist_info.rank, eval_iters, dist_info.world_size):
-        x, y = loader.batch_at(i)
+    for j in range(-(-eval_iters // dist_info.world_size)):
+        i = dist_info.rank + j * dist_info.world_size
+        if i >= eval_iters and not lockstep:
+            break
+        x, y = loader.batch_at(i % eval_iters)
         with amp:
-            total += cross_entropy(model(x), y)
-        count += 1
+            loss = cross_entropy(model(x), y)
+        if i < eval_iters:
+            total += loss
+            count += 1
     model.train()
     if dist_info.enabled:
         import torch.distributed as dist

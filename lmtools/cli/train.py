@@ -113,6 +113,7 @@ def train(
     grad_accum_steps: int = _opt(_D.grad_accum_steps, "--grad_accum_steps", "--grad-accum-steps"),
     dtype: str = _opt(_D.dtype, "--dtype", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16 or float16."),
     compile: bool = _opt(_D.compile, "--compile", help="torch.compile the model."),
+    fsdp: bool = _opt(_D.fsdp, "--fsdp", help="Shard the model across ranks with FSDP2 (under torchrun); checkpoints add a CHECKPOINT.dcp/ folder."),
     keep_last: int = _opt(_D.keep_last, "--keep_last", "--keep-last", help="Also keep the K newest checkpoints as CHECKPOINT-NNNNNNNN.pt."),
     data_dtype: Optional[str] = _opt(None, "--data_dtype", "--data-dtype", help="dtype of raw .bin token files (uint16, uint32, int32, int64)."),
     tensorboard: Optional[str] = _opt(None, "--tensorboard", help="Also log metrics to TensorBoard in this folder (needs tensorboard)."),

@@ -1,0 +1,105 @@
+"""FSDP2 (`train --fsdp`): two gloo processes on the CPU, sharded checkpoints in a .dcp folder."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lmtools.checkpoint import read_checkpoint
+from lmtools.cli import app
+from lmtools.config import TrainConfig
+from lmtools.errors import ConfigError
+from lmtools.generate import load_model
+from lmtools.inspect import inspect_path
+from lmtools.model import TransformerLM
+
+
+def _torchrun(*args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lmtools.cli", *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _learnable_tokens(path):
+    rng = np.random.default_rng(0)
+    tokens = np.empty(30000, dtype=np.uint16)
+    tok = 1
+    for i in range(len(tokens)):
+        tok = (5 * tok + 3) % 64 if rng.random() > 0.05 else int(rng.integers(0, 64))
+        tokens[i] = tok
+    np.save(path, tokens)
+
+
+def _weights(path):
+    model, _ = load_model(path, torch.device("cpu"))  # as `sample`: one process reads the shards
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_fsdp_gloo_two_processes_train_and_resume(tmp_path):
+    _learnable_tokens(tmp_path / "train.npy")
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    common = ["--vocab_size", "64", "--context_length", "16", "--d_model", "32", "--num_layers", "2",
+              "--num_heads", "4", "--d_ff", "64", "--batch_size", "8", "--learning_rate", "1e-2",
+              "--min_learning_rate", "1e-3", "--warmup_iters", "5", "--log_interval", "20",
+              "--eval_interval", "1000", "--checkpoint_interval", "40", "--checkpoint_path", ckpt,
+              # 3 validation batches on 2 ranks: the sharded forwards must stay in lockstep.
+              "--val_data", tmp_path / "train.npy", "--eval_iters", "3"]
+    run = _torchrun("train", "--fsdp", "--train_data", tmp_path / "train.npy", *common, "--max_iters", "80")
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert out.count("lmtools train") == 1 and "2 ranks" in out, out
+    losses = [float(line.split("Loss:")[1].split("|")[0]) for line in out.splitlines() if line.startswith("Iter")]
+    assert len(losses) == 4 and losses[-1] < 0.5 * losses[0], out
+    # One checkpoint stream: the plain-data file, its shard folder, the metrics.
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt.pt", "ckpt.pt.dcp", "metrics.jsonl"]
+    assert (ckpt.parent / "ckpt.pt.dcp" / ".metadata").is_file()
+    payload = read_checkpoint(ckpt)
+    assert payload["iteration"] == 80 and payload["dcp"] == "ckpt.pt.dcp" and "model_state_dict" not in payload
+    assert payload["config"]["fsdp"] is True
+    report = inspect_path(ckpt)
+    assert report["sound"] and report["iteration"] == 80 and report["shards"]["files"] == 3
+    assert report["parameters"]["total"] == TransformerLM.from_config(payload["model_config"]).num_parameters()
+    at_80 = _weights(ckpt)
+    saved_80 = tmp_path / "saved_80"
+    shutil.copytree(ckpt.parent, saved_80)
+
+    run = _torchrun("resume", ckpt, "--max_iters", "100")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Resumed from" in run.stdout and "at iter 80" in run.stdout and "Iter    100" in run.stdout
+    assert read_checkpoint(ckpt)["iteration"] == 100
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt.pt", "ckpt.pt.dcp", "metrics.jsonl"]
+    iters = [json.loads(line)["iter"] for line in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
+    assert iters == [20, 40, 60, 80, 100]
+
+    # A save cut between its folder renames: the file says 80, `.dcp` holds 100, `.dcp.old` 80.
+    shutil.move(saved_80 / "ckpt.pt.dcp", ckpt.parent / "ckpt.pt.dcp.old")
+    shutil.copy(saved_80 / "ckpt.pt", ckpt)
+    restored = _weights(ckpt)
+    assert all(torch.equal(restored[k], at_80[k]) for k in at_80)
+
+
+def test_fsdp_needs_torchrun(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    np.save(tmp_path / "t.npy", np.arange(2000, dtype=np.uint16) % 64)
+    result = CliRunner().invoke(app, [
+        "train", "--fsdp", "--train_data", str(tmp_path / "t.npy"), "--vocab_size", "64", "--context_length", "8",
+        "--d_model", "16", "--num_layers", "1", "--num_heads", "2", "--d_ff", "32", "--max_iters", "2",
+        "--checkpoint_path", str(tmp_path / "c.pt"),
+    ])
+    assert result.exit_code == 2
+    assert "--fsdp" in result.output and "torchrun" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "c.pt").exists()
+
+
+@pytest.mark.parametrize("flags", [{"keep_last": 2}, {"dtype": "float16"}])
+def test_fsdp_refuses_what_it_cannot_do(flags):
+    with pytest.raises(ConfigError, match="--fsdp"):
+        TrainConfig(train_data=["t.npy"], fsdp=True, **flags).validate()
