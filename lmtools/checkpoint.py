@@ -23,6 +23,7 @@ from typing import IO, Any
 import torch
 
 from lmtools.errors import CheckpointError
+from lmtools.fsutil import fsync_dir
 
 FORMAT_VERSION = 1
 _TMP_SUFFIX = ".tmp"
@@ -116,7 +117,7 @@ def save_sharded_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         payload = {"format_version": FORMAT_VERSION, "iteration": int(iteration), "dcp": final.name, **extra}
         _check_plain(payload, "checkpoint")
         write_atomic(path, lambda f: torch.save(payload, f))
@@ -228,20 +229,7 @@ def write_atomic(path: Path, write) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(folder)
 
 
 def read_checkpoint(src: str | os.PathLike | IO[bytes], *, suggest: bool = True) -> dict:

@@ -32,6 +32,7 @@ from lmtools.corpus import (
     resolve_sources,
 )
 from lmtools.errors import ConfigError, DataError
+from lmtools.fsutil import fsync_dir
 
 if TYPE_CHECKING:
     import numpy as np
@@ -560,19 +561,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _commit(out: Path, tmp: dict[str, Path]) -> None:
     """Rename the finished files into place, meta.json last.
 
@@ -580,7 +568,7 @@ def _commit(out: Path, tmp: dict[str, Path]) -> None:
     claim to be a dataset rather than one whose meta describes other token files.
     """
     (out / META_FILE).unlink(missing_ok=True)
-    _fsync_dir(out)
+    fsync_dir(out)
     for name in (TRAIN_FILE, VAL_FILE, TOKENIZER_FILE, META_FILE):
         os.replace(tmp[name], out / name)
-    _fsync_dir(out)
+    fsync_dir(out)

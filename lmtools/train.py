@@ -78,7 +78,12 @@ def resolve_data(cfg: TrainConfig, explicit_vocab: bool) -> TrainConfig:
         )
     cfg.vocab_size = meta_vocab
     folder = Path(train[0]).parent
-    if cfg.val_data is None and (folder / "val.npy").is_file() and Path(train[0]).name == "train.npy":
+    # The sibling val.npy, unless prepare left it too short for one window (tiny corpora).
+    val_tokens = int(meta.get("val_tokens", cfg.context_length + 1))
+    if (
+        cfg.val_data is None and (folder / "val.npy").is_file() and Path(train[0]).name == "train.npy"
+        and val_tokens > cfg.context_length
+    ):
         cfg.val_data = str(folder / "val.npy")
     if cfg.tokenizer is None and meta.get("tokenizer"):
         tok = Path(meta["dir"]) / meta["tokenizer"]

@@ -250,3 +250,15 @@ def test_mixture_with_weights_from_the_cli(stream_files, tmp_path):
     assert "weight 0.7" in result.output and "weight 0.3" in result.output
     stored = read_checkpoint(tmp_path / "c.pt")["config"]["train_data"]
     assert [s.rsplit(":", 1)[1] for s in stored] == ["0.7", "0.3"]
+
+
+def test_too_short_prepared_val_is_left_out(stream_files, tmp_path):
+    from lmtools.train import resolve_data
+
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    np.save(folder / "train.npy", np.load(stream_files / "train.npy"))
+    np.save(folder / "val.npy", np.zeros(0, dtype=np.uint16))
+    (folder / "meta.json").write_text(json.dumps({"vocab_size": 64, "val_tokens": 0}))
+    cfg = resolve_data(TrainConfig(train_data=[str(folder)], context_length=16), explicit_vocab=False)
+    assert cfg.train_data == [str(folder / "train.npy")] and cfg.val_data is None and cfg.vocab_size == 64

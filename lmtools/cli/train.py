@@ -162,6 +162,10 @@ def resume(
 
 
 def _finish(result) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return
     if result.stopped_by_signal or result.stopped_by_time:
         why = "by signal" if result.stopped_by_signal else "at the --max_minutes limit"
         typer.echo(f"Stopped {why} at iter {result.iteration}; resume with: lmtools resume {result.checkpoint_path}")
