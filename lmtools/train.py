@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import signal
 import threading
@@ -31,8 +32,8 @@ from lmtools.distributed import DistInfo, all_reduce_mean, any_rank, barrier, in
 from lmtools.errors import ConfigError, DataError, LMToolsError
 from lmtools.metrics import ExternalLoggers, MetricsWriter, SpikeDetector, format_log_line
 from lmtools.model import TransformerLM
-from lmtools.prepare import read_meta
 from lmtools.optim import cross_entropy, make_optimizer, run_get_lr_cosine_schedule, run_gradient_clipping
+from lmtools.prepare import read_meta
 
 
 class TrainingDiverged(LMToolsError):
@@ -159,8 +160,6 @@ class StopSignal:
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
             # Checkpoints are written by atomic rename, so stopping mid-write loses nothing.
-            import os
-
             os._exit(128 + signum)
         self.signum = signum
 
@@ -237,6 +236,16 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
+        # Checked first: a user mistake should not wait for the model to be built.
+        self.ckpt_path = Path(cfg.checkpoint_path)
+        if dist_info.is_main:
+            check_checkpoint_folder(self.ckpt_path)
+            if payload is None and self.ckpt_path.exists() and not cfg.overwrite:
+                raise ConfigError(
+                    f"{self.ckpt_path} already holds a checkpoint; continue it with --resume, "
+                    f"or pass --overwrite to start a new run over it"
+                )
+
         # Data: absolute paths, so that `resume` works from any folder.
         cfg.train_data = [_absolute(s) for s in cfg.train_data]
         self.loader = BatchLoader(
@@ -287,14 +296,8 @@ class Trainer:
         if cfg.compile:
             self.module = torch.compile(self.module)
 
-        self.ckpt_path = Path(cfg.checkpoint_path)
         if dist_info.is_main:
-            check_checkpoint_folder(self.ckpt_path)
-            if payload is None and self.ckpt_path.exists() and not cfg.overwrite:
-                raise ConfigError(
-                    f"{self.ckpt_path} already holds a checkpoint; continue it with --resume, "
-                    f"or pass --overwrite to start a new run over it"
-                )
+            self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsWriter(
             self.ckpt_path.with_name("metrics.jsonl") if cfg.metrics and dist_info.is_main else None
         )
@@ -540,14 +543,14 @@ def check_token_range(loader: BatchLoader, vocab_size: int, flag: str) -> None:
 
 
 def check_checkpoint_folder(path: Path) -> None:
+    """Fail early, without creating anything, when the checkpoint folder cannot be made or written."""
     folder = path.parent if str(path.parent) else Path(".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the checkpoint folder {folder}: {exc.strerror}; choose another --checkpoint_path") from None
-    import os
-
-    if not os.access(folder, os.W_OK):
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cannot create the checkpoint folder {folder}: {existing} is a file; choose another --checkpoint_path")
+    if not os.access(existing, os.W_OK):
         raise ConfigError(f"checkpoint folder {folder} is not writable; choose another --checkpoint_path")
 
 
