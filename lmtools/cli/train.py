@@ -98,7 +98,7 @@ def train(
     weight_decay: float = _opt(_D.weight_decay, "--weight_decay", "--weight-decay"),
     warmup_iters: int = _opt(_D.warmup_iters, "--warmup_iters", "--warmup-iters"),
     max_iters: int = _opt(_D.max_iters, "--max_iters", "--max-iters"),
-    cosine_cycle_iters: Optional[int] = _opt(None, "--cosine_cycle_iters", "--cosine-cycle-iters", help="Iteration where the cosine reaches --min_learning_rate [default: --max_iters]."),
+    cosine_cycle_iters: Optional[int] = _opt(None, "--cosine_cycle_iters", "--cosine-cycle-iters", help="Iteration where the cosine reaches --min_learning_rate; by default --max_iters."),
     gradient_clip_val: float = _opt(_D.gradient_clip_val, "--gradient_clip_val", "--gradient-clip-val"),
     eval_interval: int = _opt(_D.eval_interval, "--eval_interval", "--eval-interval"),
     eval_iters: int = _opt(_D.eval_iters, "--eval_iters", "--eval-iters", help="Validation batches per evaluation (the same windows every time)."),
