@@ -21,7 +21,7 @@ def sample(
     top_k: Optional[int] = typer.Option(None, "--top_k", "--top-k"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device"),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer.json [default: the one the checkpoint records]."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer.json; by default the one the checkpoint records."),
 ) -> None:
     """Generate text from a checkpoint; stops at <|endoftext|> or after --max_new_tokens."""
     import sys
