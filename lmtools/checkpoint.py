@@ -161,14 +161,75 @@ def _load_sharded(payload: dict, model: torch.nn.Module, optimizer: torch.optim.
 
 
 def _dcp_load(state: dict, folder: Path, *, no_dist: bool) -> None:
+    """dcp.load, but without unpickling code: the indexes are vetted, non-tensor items load weights-only."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
 
+    # Every index DCP may unpickle (the global one and per-rank ones) is checked first.
+    for index in sorted(folder.glob("*.metadata")):
+        _check_dcp_metadata(index)
     with warnings.catch_warnings():
         # One process reading shards (sample, inspect, the iteration check) is intended.
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
+        dcp.load(state, checkpoint_id=folder, planner=_safe_dcp_planner(folder), no_dist=no_dist)
+
+
+# DCP pickles its .metadata and loads non-tensor items with weights_only=False. Its own
+# classes, torch's dtypes and sizes, and plain containers are all a sound .metadata references.
+_DCP_SAFE_MODULES = ("torch.distributed.checkpoint.", "torch.distributed._shard.", "torch.distributed.tensor.")
+_DCP_SAFE_GLOBALS = {
+    ("torch", "Size"), ("torch", "device"), ("torch", "dtype"), ("torch", "layout"), ("torch", "memory_format"),
+    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+    ("builtins", "bytearray"), ("builtins", "complex"), ("datetime", "datetime"),
+    ("torch.serialization", "_get_layout"),  # looks a layout up by name
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+}
+
+
+class _DcpIndexUnpickler(pickle.Unpickler):
+    """Unpickles a DCP index, resolving only DCP's own classes and plain torch/builtin types."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        is_torch_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if module.startswith(_DCP_SAFE_MODULES) or (module, name) in _DCP_SAFE_GLOBALS or is_torch_dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def _check_dcp_metadata(path: Path) -> None:
+    """Refuse a .metadata pickle that names anything but DCP's own plain classes."""
+    try:
+        with open(path, "rb") as f:
+            _DcpIndexUnpickler(f).load()
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load {path}: it references {exc}, which a sharded checkpoint never holds "
+            f"(only load checkpoints written by lmtools)"
+        ) from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise CheckpointError(f"{path} is not a sound sharded-checkpoint index ({_first_line(exc)})") from None
+
+
+def _safe_dcp_planner(folder: Path):
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class WeightsOnlyPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError:
+                raise CheckpointError(
+                    f"refusing to load {folder}: a shard holds pickled code or objects, not plain data"
+                ) from None
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element
+
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return WeightsOnlyPlanner()
 
 
 def _sound_dcp_folder(payload: dict) -> Path:
@@ -182,6 +243,8 @@ def _sound_dcp_folder(payload: dict) -> Path:
         stored = {"iteration": torch.tensor(-1)}
         try:
             _dcp_load(stored, folder, no_dist=True)
+        except CheckpointError:  # refused as unsafe: never fall back past that
+            raise
         except Exception:  # a torn folder: try the next one
             continue
         if int(stored["iteration"]) == int(payload["iteration"]):

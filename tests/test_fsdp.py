@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 from lmtools.checkpoint import read_checkpoint
 from lmtools.cli import app
 from lmtools.config import TrainConfig
-from lmtools.errors import ConfigError
+from lmtools.errors import CheckpointError, ConfigError
 from lmtools.generate import load_model
 from lmtools.inspect import inspect_path
 from lmtools.model import TransformerLM
@@ -84,6 +85,19 @@ def test_fsdp_gloo_two_processes_train_and_resume(tmp_path):
     shutil.copy(saved_80 / "ckpt.pt", ckpt)
     restored = _weights(ckpt)
     assert all(torch.equal(restored[k], at_80[k]) for k in at_80)
+
+    # A hostile shard index: DCP would unpickle it; lmtools refuses and the command never runs.
+    marker = tmp_path / "PWNED"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (ckpt.parent / "ckpt.pt.dcp" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    shutil.rmtree(ckpt.parent / "ckpt.pt.dcp.old")
+    with pytest.raises(CheckpointError, match="refusing"):
+        _weights(ckpt)
+    assert not marker.exists()
 
 
 def test_fsdp_needs_torchrun(tmp_path, monkeypatch):
