@@ -262,3 +262,37 @@ def test_too_short_prepared_val_is_left_out(stream_files, tmp_path):
     (folder / "meta.json").write_text(json.dumps({"vocab_size": 64, "val_tokens": 0}))
     cfg = resolve_data(TrainConfig(train_data=[str(folder)], context_length=16), explicit_vocab=False)
     assert cfg.train_data == [str(folder / "train.npy")] and cfg.val_data is None and cfg.vocab_size == 64
+
+
+def test_terminal_gets_a_live_progress_bar_and_pipes_get_plain_lines(stream_files, tmp_path):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "lmtools.cli", "train", "--train_data", str(stream_files / "train.npy"), *TINY,
+            "--max_iters", "30", "--log_interval", "10", "--eval_interval", "1000", "--warmup_iters", "1"]
+    env = dict(os.environ, COLUMNS="120", TERM="xterm")
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(args + ["--checkpoint_path", str(tmp_path / "a.pt")], stdout=secondary,
+                            stderr=secondary, env=env)
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            data = os.read(primary, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=120) == 0
+    tty_out = b"".join(chunks).decode("utf-8", "replace")
+    assert "━" in tty_out and "30/30" in tty_out and "Iter     30 | Loss:" in tty_out
+
+    piped = subprocess.run(args + ["--checkpoint_path", str(tmp_path / "b.pt")], capture_output=True, text=True,
+                           env=env, timeout=120)
+    assert piped.returncode == 0
+    assert "━" not in piped.stdout and "\x1b[" not in piped.stdout
+    assert [line.split("|")[0].strip() for line in piped.stdout.splitlines() if line.startswith("Iter")] == [
+        "Iter     10", "Iter     20", "Iter     30"]
