@@ -2,6 +2,6 @@
 
 from lmtools.cli.app import app, main  # noqa: F401
 
-# Importing a command module registers its command.
-from lmtools.cli import demo, inspect, plot, sample, train  # noqa: F401,E402
-from lmtools.cli import prepare  # noqa: F401,E402
+# Importing a command module registers its command; `--help` lists them in this order,
+# the order of a user's work.
+from lmtools.cli import prepare, train, inspect, sample, plot, demo  # noqa: F401,E402,I001
