@@ -4,8 +4,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,22 +18,7 @@ from lmtools.generate import load_model
 from lmtools.inspect import inspect_path
 from lmtools.model import TransformerLM
 
-
-def _torchrun(*args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "lmtools.cli", *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def _learnable_tokens(path):
-    rng = np.random.default_rng(0)
-    tokens = np.empty(30000, dtype=np.uint16)
-    tok = 1
-    for i in range(len(tokens)):
-        tok = (5 * tok + 3) % 64 if rng.random() > 0.05 else int(rng.integers(0, 64))
-        tokens[i] = tok
-    np.save(path, tokens)
+from helpers import learnable_stream, torchrun
 
 
 def _weights(path):
@@ -45,7 +28,7 @@ def _weights(path):
 
 @pytest.mark.slow
 def test_fsdp_gloo_two_processes_train_and_resume(tmp_path):
-    _learnable_tokens(tmp_path / "train.npy")
+    np.save(tmp_path / "train.npy", learnable_stream(30000))
     ckpt = tmp_path / "run" / "ckpt.pt"
     common = ["--vocab_size", "64", "--context_length", "16", "--d_model", "32", "--num_layers", "2",
               "--num_heads", "4", "--d_ff", "64", "--batch_size", "8", "--learning_rate", "1e-2",
@@ -53,7 +36,7 @@ def test_fsdp_gloo_two_processes_train_and_resume(tmp_path):
               "--eval_interval", "1000", "--checkpoint_interval", "40", "--checkpoint_path", ckpt,
               # 3 validation batches on 2 ranks: the sharded forwards must stay in lockstep.
               "--val_data", tmp_path / "train.npy", "--eval_iters", "3"]
-    run = _torchrun("train", "--fsdp", "--train_data", tmp_path / "train.npy", *common, "--max_iters", "80")
+    run = torchrun("train", "--fsdp", "--train_data", tmp_path / "train.npy", *common, "--max_iters", "80")
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
     assert out.count("lmtools train") == 1 and "2 ranks" in out, out
@@ -72,7 +55,7 @@ def test_fsdp_gloo_two_processes_train_and_resume(tmp_path):
     saved_80 = tmp_path / "saved_80"
     shutil.copytree(ckpt.parent, saved_80)
 
-    run = _torchrun("resume", ckpt, "--max_iters", "100")
+    run = torchrun("resume", ckpt, "--max_iters", "100")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Resumed from" in run.stdout and "at iter 80" in run.stdout and "Iter    100" in run.stdout
     assert read_checkpoint(ckpt)["iteration"] == 100
@@ -100,7 +83,7 @@ def test_fsdp_gloo_two_processes_train_and_resume(tmp_path):
     assert not marker.exists()
 
 
-def test_fsdp_needs_torchrun(tmp_path, monkeypatch):
+def test_fsdp_needstorchrun(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     np.save(tmp_path / "t.npy", np.arange(2000, dtype=np.uint16) % 64)
     result = CliRunner().invoke(app, [

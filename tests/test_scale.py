@@ -1,9 +1,6 @@
 """Scaling up: gradient accumulation equals a bigger batch; DDP with gloo on two CPU processes."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,6 +8,8 @@ import torch
 
 from lmtools import TransformerLM, cross_entropy
 from lmtools.checkpoint import read_checkpoint
+
+from helpers import learnable_stream, torchrun
 
 
 def test_accumulated_gradients_equal_one_big_batch():
@@ -27,28 +26,15 @@ def test_accumulated_gradients_equal_one_big_batch():
         torch.testing.assert_close(p.grad, big[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
-def _torchrun(*args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "lmtools.cli", *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
 @pytest.mark.slow
 def test_ddp_gloo_two_processes(tmp_path):
-    rng = np.random.default_rng(0)
-    tokens = np.empty(30000, dtype=np.uint16)
-    tok = 1
-    for i in range(len(tokens)):
-        tok = (5 * tok + 3) % 64 if rng.random() > 0.05 else int(rng.integers(0, 64))
-        tokens[i] = tok
-    np.save(tmp_path / "train.npy", tokens)
+    np.save(tmp_path / "train.npy", learnable_stream(30000))
     ckpt = tmp_path / "run" / "ckpt.pt"
     common = ["--vocab_size", "64", "--context_length", "16", "--d_model", "32", "--num_layers", "1",
               "--num_heads", "4", "--d_ff", "64", "--batch_size", "8", "--learning_rate", "1e-2",
               "--min_learning_rate", "1e-3", "--warmup_iters", "5", "--log_interval", "20",
               "--eval_interval", "1000", "--checkpoint_interval", "40", "--checkpoint_path", ckpt]
-    run = _torchrun("train", "--train_data", tmp_path / "train.npy", *common, "--max_iters", "80")
+    run = torchrun("train", "--train_data", tmp_path / "train.npy", *common, "--max_iters", "80")
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
     assert out.count("lmtools train") == 1, out  # only rank 0 logs
@@ -59,7 +45,7 @@ def test_ddp_gloo_two_processes(tmp_path):
     iters = [json.loads(line)["iter"] for line in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
     assert iters == [20, 40, 60, 80]
 
-    run = _torchrun("resume", ckpt, "--max_iters", "100")
+    run = torchrun("resume", ckpt, "--max_iters", "100")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Resumed from" in run.stdout and "Iter    100" in run.stdout
     assert read_checkpoint(ckpt)["iteration"] == 100

@@ -14,21 +14,7 @@ from lmtools.cli import app
 from lmtools.config import TrainConfig
 from lmtools.train import train_model
 
-VOCAB = 64
-
-
-def learnable_stream(n: int, seed: int = 0) -> np.ndarray:
-    """A Markov chain that is almost deterministic: next = (5 * prev + 3) % VOCAB, 5% noise."""
-    rng = np.random.default_rng(seed)
-    out = np.empty(n, dtype=np.uint16)
-    tok = 1
-    noise = rng.random(n) < 0.05
-    rand = rng.integers(0, VOCAB, n)
-    for i in range(n):
-        tok = rand[i] if noise[i] else (5 * tok + 3) % VOCAB
-        out[i] = tok
-    return out
-
+from helpers import VOCAB, learnable_stream
 
 @pytest.fixture(scope="module")
 def stream_files(tmp_path_factory):
