@@ -282,3 +282,12 @@ def test_terminal_gets_a_live_progress_bar_and_pipes_get_plain_lines(stream_file
     assert "━" not in piped.stdout and "\x1b[" not in piped.stdout
     assert [line.split("|")[0].strip() for line in piped.stdout.splitlines() if line.startswith("Iter")] == [
         "Iter     10", "Iter     20", "Iter     30"]
+
+
+def test_resume_takes_a_new_time_budget(stream_files, tmp_path):
+    cfg = tiny_config(stream_files, tmp_path, max_iters=50, val_data=None, max_minutes=0.0001)
+    first = train_model(cfg, log=lambda _l: None)
+    assert first.stopped_by_time and first.iteration < 50
+    result = run_cli("resume", cfg.checkpoint_path, "--max_minutes", "10")
+    assert result.exit_code == 0, result.output
+    assert "Training finished at iter 50" in result.output

@@ -146,6 +146,7 @@ def resume(
     checkpoint: Path = typer.Argument(..., help="Checkpoint written by lmtools train."),
     max_iters: Optional[int] = _opt(None, "--max_iters", "--max-iters", help="New total iteration count."),
     device: Optional[str] = _opt(None, "--device", help="Override the stored device."),
+    max_minutes: Optional[float] = _opt(None, "--max_minutes", "--max-minutes", help="Stop with a checkpoint after training this many minutes (a budget per invocation)."),
 ) -> None:
     """Continue a run from its checkpoint alone: config, data, RNG and data position come from it."""
     from lmtools.checkpoint import snapshot_base
@@ -158,6 +159,9 @@ def resume(
     if device is not None:
         cfg.device = device
         explicit.add("device")
+    if max_minutes is not None:
+        cfg.max_minutes = max_minutes
+        explicit.add("max_minutes")
     _run(cfg, resume_from=str(checkpoint), explicit=frozenset(explicit))
 
 
