@@ -50,6 +50,16 @@ def test_ddp_gloo_two_processes(tmp_path):
     assert "Resumed from" in run.stdout and "Iter    100" in run.stdout
     assert read_checkpoint(ckpt)["iteration"] == 100
 
+    # A different world size: one process continues the two-rank run from its global step.
+    from typer.testing import CliRunner
+
+    from lmtools.cli import app
+
+    result = CliRunner().invoke(app, ["resume", str(ckpt), "--max_iters", "120"])
+    assert result.exit_code == 0, result.output
+    assert "Resumed from" in result.output and "at iter 100" in result.output and "ranks" not in result.output
+    assert read_checkpoint(ckpt)["iteration"] == 120
+
 
 def _tiny_cfg(tmp_path, tokens_path, **kw):
     from lmtools.config import TrainConfig
