@@ -4,7 +4,7 @@ The corpus is the Python standard library's own source code (test folders left o
 byte-level BPE of a few thousand tokens is trained on it, then a small Transformer trains on
 the CPU for a fixed time budget. The budget becomes an iteration count before training starts
 (a probe times a few steps of the real training loop), so the cosine schedule runs its whole
-course; a timer stops the run with a checkpoint if the machine turns out slower than the
+course; `max_minutes` stops the run with a checkpoint if the machine turns out slower than the
 probe promised.
 """
 
@@ -126,7 +126,10 @@ def run_demo(
         why = "at the time limit (this machine ran slower than the probe)" if result.stopped_by_time else "by a signal"
         log(f"      stopped {why}, iter {result.iteration} of {max_iters}")
 
-    train_curve, val_curve, _ = _curves(run_dir / "metrics.jsonl")
+    from lmtools.plot import read_curves
+
+    curves = read_curves(run_dir)
+    train_curve, val_curve = [loss for _, loss in curves.train], [loss for _, loss in curves.val]
     plot_path: Path | None = out / "loss.png"
     try:
         from lmtools.plot import plot_runs
@@ -243,11 +246,11 @@ def probe_step_seconds(cfg, warm: int = 3, timed: int = 4) -> float:
     cfg.eval_iters = 1  # the last step evaluates (after its timing is taken); keep that short
     try:
         train_model(cfg, log=lambda _line: None)
-        _, _, records = _curves(run_dir / "metrics.jsonl")
-        tok_s = [r["tokens_per_s"] for r in records if r.get("iter") == warm + timed and r.get("tokens_per_s")]
-        if not tok_s:
+        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        last = json.loads(lines[-1]) if lines else {}
+        if last.get("iter") != warm + timed or not last.get("tokens_per_s"):
             raise RuntimeError("the timing probe wrote no metrics")
-        return cfg.batch_size * cfg.context_length * cfg.grad_accum_steps / tok_s[-1]
+        return cfg.batch_size * cfg.context_length * cfg.grad_accum_steps / last["tokens_per_s"]
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -278,23 +281,6 @@ def sample_lines(checkpoint: Path, *, seed: int = 0, max_new_tokens: int = 60) -
         )
         samples.append((prompt, "".join(stream_text(tok, ids))))
     return samples
-
-
-def _curves(path: Path) -> tuple[list[float], list[float], list[dict]]:
-    """Train losses, val losses and all records of a metrics.jsonl."""
-    train, val, records = [], [], []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            records.append(record)
-            if isinstance(record.get("loss"), (int, float)):
-                train.append(float(record["loss"]))
-            if isinstance(record.get("val_loss"), (int, float)):
-                val.append(float(record["val_loss"]))
-    return train, val, records
 
 
 def _shell(path: Path) -> str:
