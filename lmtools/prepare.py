@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 __all__ = ["prepare_corpus", "read_meta", "Progress", "META_FILE"]
 
 META_FILE = "meta.json"
+# BPE training reads 2-3 MB/s and holds word counts in memory: past this it trains on a sample.
+DEFAULT_TOKENIZER_SAMPLE = 1_000_000_000
 TRAIN_FILE = "train.npy"
 VAL_FILE = "val.npy"
 TOKENIZER_FILE = "tokenizer.json"
@@ -242,7 +244,7 @@ def prepare_corpus(
     *,
     tokenizer: str | os.PathLike | None = None,
     vocab_size: int = 10000,
-    tokenizer_sample: int = 0,
+    tokenizer_sample: int = DEFAULT_TOKENIZER_SAMPLE,
     val_fraction: float = 0.01,
     seed: int = 0,
     text_field: str = "text",
@@ -260,7 +262,8 @@ def prepare_corpus(
     tokenizer: None trains a byte-level BPE of `vocab_size`; "bytes" uses the 256 bytes;
         otherwise a tokenizer.json, a vocab.json (merges.txt beside it), or a folder with them.
     tokenizer_sample: train the BPE on about this many bytes of whole documents, sampled
-        across the corpus (0: on all of it).
+        across the corpus (0: on all of it). The default, 1 GB, bounds the time and memory of
+        BPE training on multi-gigabyte corpora and changes nothing on smaller ones.
     separator: for text files, split each file into documents at this string (else one
         document per file).
     batch_chars, piece_chars: characters encoded per batch, and the size of the pieces long

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from lmtools.cli.app import app, user_errors
+from lmtools.prepare import DEFAULT_TOKENIZER_SAMPLE
 
 _ESCAPES = {"\\n": "\n", "\\r": "\r", "\\t": "\t", "\\\\": "\\"}
 
@@ -171,7 +172,7 @@ def prepare(
         10000, "--vocab_size", "--vocab-size", help="Size of the BPE to train (training only)."
     ),
     tokenizer_sample: int = typer.Option(
-        0, "--tokenizer_sample", "--tokenizer-sample",
+        DEFAULT_TOKENIZER_SAMPLE, "--tokenizer_sample", "--tokenizer-sample",
         help="Train the BPE on about this many bytes of whole documents sampled across the "
         "corpus (0: all of it). Training reads 2-3 MB/s; encoding is several times faster.",
     ),
