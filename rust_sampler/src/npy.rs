@@ -112,17 +112,18 @@ pub fn dtype_from_descr(descr: &str) -> std::result::Result<Dtype, String> {
         Some(b'<' | b'>' | b'|' | b'=') => (descr.as_bytes()[0], &descr[1..]),
         _ => (b'=', descr),
     };
-    let dtype =
-        match code {
-            "u2" => Dtype::U16,
-            "u4" => Dtype::U32,
-            "i4" => Dtype::I32,
-            "i8" => Dtype::I64,
-            c if c.starts_with('f') || c.starts_with('c') => return Err(format!(
+    let dtype = match code {
+        "u2" => Dtype::U16,
+        "u4" => Dtype::U32,
+        "i4" => Dtype::I32,
+        "i8" => Dtype::I64,
+        c if c.starts_with('f') || c.starts_with('c') => {
+            return Err(format!(
                 "holds floating-point data (dtype '{descr}'); {fix}, e.g. data.astype(np.uint16)"
-            )),
-            _ => return Err(format!("has dtype '{descr}'; {fix}")),
-        };
+            ))
+        }
+        _ => return Err(format!("has dtype '{descr}'; {fix}")),
+    };
     if order == b'>' {
         return Err(format!(
             "is big-endian (dtype '{descr}'); {fix}, e.g. data.astype('<u2')"
