@@ -176,3 +176,24 @@ def test_disk_full_during_checkpoint_keeps_previous(world, tmp_path):
 def test_matrix_is_wide():
     assert len(CASES) >= 30
     assert {c[1].split()[0] for c in CASES} == {"train", "resume", "sample", "inspect", "prepare"}
+
+
+@pytest.mark.parametrize(
+    "argv, word",
+    [
+        (["train", "--train_data", "x.npy", "--batch_size", "abc"], "--batch_size"),
+        (["train", "--bogus", "1"], "--bogus"),
+        (["sample"], "checkpoint"),
+        (["frobnicate"], "frobnicate"),
+    ],
+)
+def test_usage_mistakes_through_the_console_script_are_one_line(argv, word, tmp_path):
+    """Mistakes click itself catches (types, unknown flags, missing arguments), as a user sees them."""
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "lmtools", *argv], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=60)
+    assert result.returncode == 2, result
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and word in lines[0], result.stderr
+    assert result.stdout == ""

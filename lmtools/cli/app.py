@@ -29,11 +29,23 @@ def fail(message: str) -> "typer.Exit":
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point: usage mistakes too end in one line and exit code 2."""
     try:
-        app(args=argv, standalone_mode=True)
+        code = app(args=argv, standalone_mode=False)
     except LMToolsError as exc:  # raised outside a command body (rare)
-        raise SystemExit(_report(exc))
+        raise SystemExit(_report(exc)) from None
+    except Exception as exc:
+        # click's (or typer's bundled click's) own errors: bad flag values, unknown options.
+        if not hasattr(exc, "format_message") or not hasattr(exc, "exit_code"):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError" or not exc.format_message():
+            exc.show()  # `lmtools` alone prints the help
+            raise SystemExit(exc.exit_code) from None
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        fail(exc.format_message().replace("\n", " ") + hint)
+        raise SystemExit(exc.exit_code) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 def _report(exc: BaseException) -> int:
