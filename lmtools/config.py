@@ -76,6 +76,15 @@ class TrainConfig:
             rope_theta=self.rope_theta,
         )
 
+    def lr_at(self, update: int) -> float:
+        """The learning rate of update number `update` (1-based): the loop's and inspect's rule."""
+        from lmtools.optim import run_get_lr_cosine_schedule
+
+        return run_get_lr_cosine_schedule(
+            update, self.learning_rate, self.min_learning_rate, self.warmup_iters,
+            self.cosine_cycle_iters or self.max_iters,
+        )
+
     def to_dict(self) -> dict:
         return asdict(self)
 

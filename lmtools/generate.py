@@ -9,7 +9,7 @@ import torch
 
 from lmtools.checkpoint import load_state, read_checkpoint
 from lmtools.errors import CheckpointError, ConfigError
-from lmtools.model import KVCache, TransformerLM
+from lmtools.model import MODEL_FIELDS, KVCache, TransformerLM
 
 EOT = "<|endoftext|>"
 
@@ -19,8 +19,7 @@ def load_model(checkpoint: str | Path, device: torch.device) -> tuple[Transforme
     payload = read_checkpoint(checkpoint)
     model_cfg = payload.get("model_config") or (payload.get("config") or {})
     try:
-        model = TransformerLM.from_config({k: model_cfg[k] for k in (
-            "vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta")})
+        model = TransformerLM.from_config({k: model_cfg[k] for k in MODEL_FIELDS})
     except KeyError as exc:
         raise CheckpointError(f"{checkpoint} holds no model config ({exc} missing); it was not written by lmtools") from None
     load_state(payload, model)

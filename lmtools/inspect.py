@@ -56,6 +56,7 @@ def inspect_path(path: str | os.PathLike, *, dtype: str | None = None, excerpt_c
 def inspect_checkpoint(path: str | os.PathLike) -> dict:
     """Format, model, parameters, optimizer, schedule position, metrics, data and versions."""
     from lmtools.checkpoint import read_checkpoint
+    from lmtools.model import MODEL_FIELDS
 
     p = Path(path)
     head = _head(p)
@@ -66,8 +67,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     payload = read_checkpoint(p, suggest=False)
     config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
     model_config = payload.get("model_config") or {
-        k: config[k] for k in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta")
-        if k in config
+        k: config[k] for k in MODEL_FIELDS if k in config
     }
     sharded = "dcp" in payload
     # A sharded (--fsdp) checkpoint keeps its tensors in the .dcp folder: shapes come from the config.
@@ -165,7 +165,7 @@ def _optimizer(opt_state: Any) -> dict:
 
 
 def _schedule(iteration: int, config: dict) -> dict:
-    from lmtools.optim import run_get_lr_cosine_schedule
+    from lmtools.config import TrainConfig
 
     needed = ("max_iters", "warmup_iters", "learning_rate", "min_learning_rate")
     if not all(k in config for k in needed):
@@ -186,9 +186,7 @@ def _schedule(iteration: int, config: dict) -> dict:
         "max_lr": float(config["learning_rate"]),
         "min_lr": float(config["min_learning_rate"]),
         # The rate of the step that produced this checkpoint (the loop uses iteration 1..max_iters).
-        "lr": run_get_lr_cosine_schedule(
-            max(iteration, 1), float(config["learning_rate"]), float(config["min_learning_rate"]), warmup, max_iters
-        ),
+        "lr": TrainConfig.from_dict(config).lr_at(max(iteration, 1)),
         "remaining_iters": max(max_iters - iteration, 0),
     }
 

@@ -7,7 +7,7 @@ block, model. No biases anywhere; RMSNorm runs in float32 whatever the autocast 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,10 @@ class ModelConfig:
         n = non_embedding_params(self)
         attn = 12 * self.num_layers * self.d_model * self.context_length
         return 6 * n + attn
+
+
+# The hyperparameters a checkpoint carries to rebuild its model.
+MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig))
 
 
 def non_embedding_params(cfg: ModelConfig) -> int:

@@ -31,8 +31,8 @@ from lmtools.device import peak_flops, resolve_device
 from lmtools.distributed import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed, shutdown
 from lmtools.errors import ConfigError, DataError, LMToolsError
 from lmtools.metrics import ExternalLoggers, MetricsWriter, SpikeDetector, format_log_line
-from lmtools.model import TransformerLM
-from lmtools.optim import cross_entropy, make_optimizer, run_get_lr_cosine_schedule, run_gradient_clipping
+from lmtools.model import MODEL_FIELDS, TransformerLM
+from lmtools.optim import cross_entropy, make_optimizer, run_gradient_clipping
 from lmtools.prepare import read_meta
 
 
@@ -212,15 +212,14 @@ def merge_resume_config(payload: dict, cfg: TrainConfig, explicit: frozenset[str
     if not isinstance(stored, dict):
         raise ConfigError("the checkpoint holds no run config; it was not written by lmtools train")
     resumed = TrainConfig.from_dict(stored)
-    model_fields = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta")
     for name in explicit:
         ours, theirs = getattr(cfg, name, None), getattr(resumed, name, None)
-        if name in model_fields and ours != theirs:
+        if name in MODEL_FIELDS and ours != theirs:
             raise ConfigError(
                 f"--{name} {ours} contradicts the checkpoint, which was trained with {name}={theirs}; "
                 f"drop the flag to resume"
             )
-        if name not in model_fields and name not in ("train_data", "resume"):
+        if name not in MODEL_FIELDS and name not in ("train_data", "resume"):
             setattr(resumed, name, ours)
     return resumed
 
@@ -324,10 +323,7 @@ class Trainer:
         try:
             with StopSignal() as stop:
                 while self.iteration < cfg.max_iters:
-                    lr = run_get_lr_cosine_schedule(
-                        self.iteration + 1, cfg.learning_rate, cfg.min_learning_rate, cfg.warmup_iters,
-                        cfg.cosine_cycle_iters or cfg.max_iters,
-                    )
+                    lr = cfg.lr_at(self.iteration + 1)
                     loss, grad_norm = self.step(lr)
                     self.iteration += 1
                     result.losses.append(loss)

@@ -291,3 +291,12 @@ def test_resume_takes_a_new_time_budget(stream_files, tmp_path):
     result = run_cli("resume", cfg.checkpoint_path, "--max_minutes", "10")
     assert result.exit_code == 0, result.output
     assert "Training finished at iter 50" in result.output
+
+
+def test_inspect_reports_the_loops_learning_rate(stream_files, tmp_path):
+    from lmtools.inspect import inspect_path
+
+    cfg = tiny_config(stream_files, tmp_path, max_iters=6, cosine_cycle_iters=12, val_data=None)
+    train_model(cfg, log=lambda _l: None)
+    payload = read_checkpoint(cfg.checkpoint_path)
+    assert inspect_path(cfg.checkpoint_path)["schedule"]["lr"] == payload["metrics"]["lr"] == cfg.lr_at(6)
