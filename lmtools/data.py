@@ -469,6 +469,10 @@ class _Slot:
         self.copied: torch.cuda.Event | None = None
 
 
+# Steps the host may run ahead of the GPU before the pinned ring makes it wait.
+IN_FLIGHT_SLOTS = 4
+
+
 class _PinnedPrefetcher(_Prefetcher):
     """Fills a ring of pinned slots; the consumer copies a slot to the GPU asynchronously and
     the producer waits for that copy's event before filling the slot again."""
@@ -488,7 +492,9 @@ class _PinnedPrefetcher(_Prefetcher):
     ) -> None:
         self._device = device
         self._free: queue.Queue[_Slot] = queue.Queue()
-        for _ in range(depth + 1):
+        # `depth` ready, one being filled, and IN_FLIGHT_SLOTS whose copies the GPU has not
+        # reached yet: the host runs ahead of the GPU, and that must not read as data wait.
+        for _ in range(depth + 1 + IN_FLIGHT_SLOTS):
             self._free.put(_Slot(b, t))
 
         def produce(s: int, m: int) -> _Slot:

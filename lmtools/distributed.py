@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,9 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # Host-side flags travel over gloo even when tensors use nccl: agreeing on them then
+    # never waits for the GPU.
+    cpu_group: Any = field(default=None, compare=False)
 
     @property
     def enabled(self) -> bool:
@@ -39,7 +43,8 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
         backend = "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    return DistInfo(rank, world_size, local_rank), device
+    cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else None
+    return DistInfo(rank, world_size, local_rank, cpu_group), device
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -50,12 +55,12 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
-def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
+def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank when `flag` is true on any rank (so all ranks stop at the same step)."""
     if not info.enabled:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.cpu_group)
     return bool(t.item())
 
 

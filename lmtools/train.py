@@ -52,6 +52,10 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
+# A bound on steps left unread on the device when logs and checkpoints are far apart.
+MAX_PENDING_STEPS = 256
+
+
 # ---- set-up helpers -----------------------------------------------------------------------
 
 
@@ -177,13 +181,14 @@ def train_model(
     resume_from: str | None = None,
     explicit: frozenset[str] = frozenset(),
     log: Callable[[str], None] = print,
-    on_step: Callable[[int, int, float, float], None] | None = None,
+    on_step: Callable[[int, int, float | None, float], None] | None = None,
 ) -> TrainResult:
     """Train (or resume) a TransformerLM as `cfg` describes; returns where it stopped.
 
     `explicit` names the flags the user typed, so that a resumed run can tell an override
     (max_iters, log_interval, ...) from a contradiction (a different model shape).
-    `on_step(iteration, max_iters, loss, lr)` is called after every step (for a progress bar).
+    `on_step(iteration, max_iters, loss, lr)` is called after every step (for a progress bar);
+    `loss` is the newest one read from the device, which happens at log points and checkpoints.
     """
     payload = None
     if resume_from is not None:
@@ -270,6 +275,12 @@ class Trainer:
             self.model = TransformerLM.from_config(cfg.model_config()).to(device)
         self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, device)
         self.spikes = SpikeDetector(cfg.spike_zscore)
+        # Steps whose loss and gradient norm are still on the device: (iteration, loss, norm).
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.verdict_each_step = cfg.skip_nonfinite or cfg.skip_spikes
+        self.losses: list[float] = []
+        self.last_loss: float | None = None
+        self.last_grad_norm = 0.0
         self.iteration = 0
         self.skipped = 0
         self.last_metrics: dict = {}
@@ -287,10 +298,10 @@ class Trainer:
         self.dtype = autocast_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.amp = torch.autocast(device.type, dtype=self.dtype) if self.dtype != torch.float32 else contextlib.nullcontext()
-        self.module: torch.nn.Module = self.model
+        self.module: torch.nn.Module = NextTokenLoss(self.model)
         if dist_info.enabled and not cfg.fsdp:
             self.module = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None
+                self.module, device_ids=[device.index] if device.type == "cuda" else None
             )
         if cfg.compile:
             self.module = torch.compile(self.module)
@@ -324,20 +335,23 @@ class Trainer:
             with StopSignal() as stop:
                 while self.iteration < cfg.max_iters:
                     lr = cfg.lr_at(self.iteration + 1)
-                    loss, grad_norm = self.step(lr)
+                    self.step(lr)
                     self.iteration += 1
-                    result.losses.append(loss)
-                    if self.on_step is not None:
-                        self.on_step(self.iteration, cfg.max_iters, loss, lr)
                     last = self.iteration == cfg.max_iters
                     at_eval = self.val_loader is not None and (self.iteration % cfg.eval_interval == 0 or last)
-                    if self.iteration % cfg.log_interval == 0 or at_eval or last:
-                        self.report(lr, grad_norm, at_eval, result)
+                    at_log = self.iteration % cfg.log_interval == 0 or at_eval or last
                     out_of_time = (
                         cfg.max_minutes is not None and time.perf_counter() - self.run_start > 60 * cfg.max_minutes
                     )
-                    stopping = any_rank(stop.requested or out_of_time, self.dist, self.device)
-                    if self.iteration % cfg.checkpoint_interval == 0 or last or stopping:
+                    stopping = any_rank(stop.requested or out_of_time, self.dist)
+                    at_save = self.iteration % cfg.checkpoint_interval == 0 or last or stopping
+                    if at_log or at_save or len(self.pending) >= MAX_PENDING_STEPS:
+                        self.settle()
+                    if self.on_step is not None:
+                        self.on_step(self.iteration, cfg.max_iters, self.last_loss, lr)
+                    if at_log:
+                        self.report(lr, at_eval, result)
+                    if at_save:
                         self.save()
                     if stopping:
                         result.stopped_by_signal = stop.requested
@@ -347,10 +361,15 @@ class Trainer:
             self.close()
         result.iteration = self.iteration
         result.skipped_steps = self.skipped
+        result.losses = self.losses
         return result
 
-    def step(self, lr: float) -> tuple[float, float]:
-        """One optimizer step over grad_accum_steps micro-batches; returns (loss, grad norm)."""
+    def step(self, lr: float) -> None:
+        """One optimizer step over grad_accum_steps micro-batches.
+
+        Nothing here waits for the device unless --skip_nonfinite or --skip_spikes asks for a
+        verdict before the update: the loss and gradient norm stay on the device until `settle`.
+        """
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -365,16 +384,14 @@ class Trainer:
             no_sync = contextlib.nullcontext() if sync or cfg.fsdp else self.module.no_sync()
             with no_sync, self.amp:
                 # Scaled so that the accumulated gradient is that of one batch accum times larger.
-                loss = cross_entropy(self.module(x), y) / cfg.grad_accum_steps
+                loss = self.module(x, y) / cfg.grad_accum_steps
             self.scaler.scale(loss).backward()
             step_loss += loss.detach()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = float(run_gradient_clipping(self.model.parameters(), cfg.gradient_clip_val))
-        loss_value = float(all_reduce_mean(step_loss, self.dist))
-        self.window_loss += step_loss
-        self.window_steps += 1
+        grad_norm = run_gradient_clipping(self.model.parameters(), cfg.gradient_clip_val)
+        self.pending.append((self.iteration + 1, step_loss, grad_norm))
 
-        skip = self.check_numerics(loss_value, grad_norm)
+        skip = self.settle() if self.verdict_each_step else None
         if skip is None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -382,11 +399,30 @@ class Trainer:
             self.skipped += 1
             self.log(f"Skipped update at iter {self.iteration + 1}: {skip} ({self.skipped} skipped so far)")
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, grad_norm
 
-    def check_numerics(self, loss: float, grad_norm: float) -> str | None:
-        """Why this update must be skipped, or None; raises when a non-finite loss stops the run."""
-        it = self.iteration + 1
+    def settle(self) -> str | None:
+        """Read the losses and gradient norms of the steps not yet read, with one wait for the
+        device, and check them in order; returns why the newest step's update must be skipped.
+
+        Between reads the host runs ahead of the GPU, which is what keeps a fast GPU busy.
+        A non-finite step found here stops the run before any checkpoint after it is written.
+        """
+        if not self.pending:
+            return None
+        iters, losses, norms = zip(*self.pending)
+        self.pending.clear()
+        losses = all_reduce_mean(torch.stack(losses), self.dist)
+        values = torch.stack([losses, torch.stack([n.to(losses) for n in norms])]).tolist()
+        verdict = None
+        for it, loss, norm in zip(iters, *values):
+            verdict = self.check_numerics(it, loss, norm)
+            self.losses.append(loss)
+            self.window_losses.append(loss)
+            self.last_loss, self.last_grad_norm = loss, norm
+        return verdict
+
+    def check_numerics(self, it: int, loss: float, grad_norm: float) -> str | None:
+        """Why update `it` must be skipped, or None; raises when a non-finite loss stops the run."""
         # float16's gradient scaler skips overflowing steps by itself.
         if not (math.isfinite(loss) and math.isfinite(grad_norm)) and self.dtype != torch.float16:
             reason = f"non-finite loss ({loss}) or gradient norm ({grad_norm})"
@@ -404,17 +440,18 @@ class Trainer:
         return None
 
     def _start_window(self) -> None:
-        self.window_loss = torch.zeros((), device=self.device)
-        self.window_steps = 0
+        self.window_losses: list[float] = []
         self.loader.reset_wait()
         self.window_start = time.perf_counter()
 
-    def report(self, lr: float, grad_norm: float, at_eval: bool, result: TrainResult) -> None:
-        """The log line and metrics record for the steps since the last report."""
+    def report(self, lr: float, at_eval: bool, result: TrainResult) -> None:
+        """The log line and metrics record for the steps since the last report (all settled)."""
         now = time.perf_counter()
         elapsed = now - self.window_start
-        train_loss = float(all_reduce_mean(self.window_loss, self.dist)) / max(self.window_steps, 1)
-        tok_s = self.window_steps * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
+        steps = len(self.window_losses)
+        train_loss = sum(self.window_losses) / max(steps, 1)
+        grad_norm = self.last_grad_norm
+        tok_s = steps * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
         wait_share = self.loader.data_wait_seconds / elapsed if elapsed > 0 else 0.0
         record = {
             "iter": self.iteration, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
@@ -476,6 +513,18 @@ class Trainer:
         self.loader.close()
         if self.val_loader is not None:
             self.val_loader.close()
+
+
+class NextTokenLoss(torch.nn.Module):
+    """The model and its loss as one module: compiled together, the float32 log-softmax over
+    the vocabulary fuses into a few kernels instead of materialising several logit-sized copies."""
+
+    def __init__(self, model: TransformerLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, token_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(self.model(token_ids), targets)
 
 
 def build_sharded_model(cfg: TrainConfig, device: torch.device, dist_info: DistInfo) -> TransformerLM:

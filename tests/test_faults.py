@@ -150,3 +150,15 @@ def test_loss_spike_is_logged(tokens, tmp_path):
         explicit=frozenset({"max_iters", "checkpoint_path"}), log=lines.append,
     )
     assert any(line.startswith("Loss spike at iter 61") for line in lines), lines
+
+
+def test_nonfinite_loss_found_at_a_later_read_names_its_step_and_saves_nothing_after_it(tokens, tmp_path):
+    """Losses are read at log points and checkpoints; the first bad step is still the one reported."""
+    cfg = _exploding_config(tokens, tmp_path, max_iters=12, log_interval=5, checkpoint_interval=5)
+    lines = []
+    with pytest.raises(TrainingDiverged, match="non-finite") as info:
+        train_model(cfg, log=lines.append)
+    bad_iter = int(str(info.value).split("at iter ")[1].split(";")[0])
+    assert bad_iter < 5  # the first update already sends the weights past float32's range
+    assert not (tmp_path / "ckpt.pt").exists()
+    assert not any(line.startswith(("Iter", "Saved")) for line in lines), lines

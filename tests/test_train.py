@@ -300,3 +300,21 @@ def test_inspect_reports_the_loops_learning_rate(stream_files, tmp_path):
     train_model(cfg, log=lambda _l: None)
     payload = read_checkpoint(cfg.checkpoint_path)
     assert inspect_path(cfg.checkpoint_path)["schedule"]["lr"] == payload["metrics"]["lr"] == cfg.lr_at(6)
+
+
+def test_losses_are_read_from_the_device_only_at_log_points_and_checkpoints(stream_files, tmp_path):
+    """Between reads the host does not wait for the device; every step's loss still arrives, in order."""
+    seen = []
+    cfg = tiny_config(stream_files, tmp_path, log_interval=5, eval_interval=10, checkpoint_interval=7, max_iters=12)
+    result = train_model(cfg, log=lambda _l: None, on_step=lambda it, total, loss, lr: seen.append((it, loss)))
+    assert [it for it, _ in seen] == list(range(1, 13))
+    assert len(result.losses) == 12 and all(math.isfinite(v) for v in result.losses)
+    # Read at logs (5, 10), checkpoints (7) and the end (12); in between, the newest read value shows.
+    reads = [5, 7, 10, 12]
+    for it, shown in seen:
+        newest = max((r for r in reads if r <= it), default=None)
+        assert shown == (None if newest is None else result.losses[newest - 1]), (it, shown)
+
+    # The same run read at every step gives identical losses.
+    every = tiny_config(stream_files, tmp_path / "every", log_interval=1, eval_interval=10, max_iters=12)
+    assert train_model(every, log=lambda _l: None).losses == result.losses

@@ -38,7 +38,7 @@ class _Reporter:
 
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f} | lr {task.fields[lr]:.2e} | {task.fields[speed]}"),
+                TextColumn("loss {task.fields[loss]} | lr {task.fields[lr]:.2e} | {task.fields[speed]}"),
                 TimeRemainingColumn(),
             )
 
@@ -57,12 +57,14 @@ class _Reporter:
         else:
             typer.echo(line)
 
-    def step(self, iteration: int, total: int, loss: float, lr: float) -> None:
+    def step(self, iteration: int, total: int, loss: float | None, lr: float) -> None:
+        """`loss` is the newest one read from the device (they are read at log points)."""
         if self.progress is None:
             return
         import time
 
         now = time.perf_counter()
+        loss = "-" if loss is None else f"{loss:.4f}"
         if self.task is None:
             self.task = self.progress.add_task("train", total=total, completed=iteration, loss=loss, lr=lr, speed="")
             self._mark = (now, iteration)
