@@ -65,11 +65,21 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if d_head % 2:
             raise ValueError(f"RoPE needs an even head size, got {d_head}")
-        inv_freq = theta ** (-torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)
-        angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        self.d_head, self.max_len, self.theta = d_head, max_len, theta
         # Buffers are not saved: they are a function of the config.
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.register_buffer("cos", torch.empty(max_len, d_head // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_len, d_head // 2), persistent=False)
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """(Re)compute the tables in place, on whatever device the buffers live."""
+        if self.cos.is_meta:
+            return
+        inv_freq = self.theta ** (-torch.arange(0, self.d_head, 2, dtype=torch.float64) / self.d_head)
+        angles = torch.arange(self.max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        self.cos.copy_(angles.cos())
+        self.sin.copy_(angles.sin())
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (..., seq, d_head); positions: (seq,) integer positions."""
@@ -188,11 +198,7 @@ class TransformerLM(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(self.config) for _ in range(num_layers))
         self.ln_final = RMSNorm(d_model)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
-        self.apply(self._init_weights)
-        # Residual projections scaled down with depth (GPT-2), so deep stacks start stable.
-        for name, p in self.named_parameters():
-            if name.endswith(("output_proj.weight", "w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * num_layers))
+        self.reset_parameters()
 
     @classmethod
     def from_config(cls, cfg: ModelConfig | dict) -> "TransformerLM":
@@ -200,10 +206,32 @@ class TransformerLM(nn.Module):
             cfg = ModelConfig(**cfg)
         return cls(**asdict(cfg))
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    @torch.no_grad()
+    def reset_parameters(self, store=None) -> None:
+        """Draw every weight from torch's global RNG, in a fixed order, at its full shape.
+
+        `store(param, value)` writes a drawn value (default: copy it in). A sharded model passes
+        one that keeps only its own slice, so with the same seed its shards together equal the
+        weights one process would draw.
+        """
+        store = store or (lambda p, value: p.copy_(value))
+
+        def normal(p: torch.Tensor, std: float) -> None:
+            # Drawn on the host whatever the parameter's device, so every device gets the same
+            # weights. A meta model has no storage yet: it is initialised once it has.
+            if not p.is_meta:
+                store(p, torch.empty(p.shape, device="cpu").normal_(0.0, std))
+
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                normal(module.weight, 0.02)
+            elif isinstance(module, RMSNorm) and not module.weight.is_meta:
+                store(module.weight, torch.ones(module.weight.shape, device="cpu"))
+        # Residual projections scaled down with depth (GPT-2), so deep stacks start stable.
+        for name, p in self.named_parameters():
+            if name.endswith(("output_proj.weight", "w2.weight")):
+                normal(p, 0.02 / math.sqrt(2 * self.config.num_layers))
+        self.rope.reset()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

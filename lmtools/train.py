@@ -272,7 +272,7 @@ class Trainer:
         if cfg.fsdp:
             self.model = build_sharded_model(cfg, device, dist_info)
         else:
-            self.model = TransformerLM.from_config(cfg.model_config()).to(device)
+            self.model = build_model(cfg, device)
         self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, device)
         self.spikes = SpikeDetector(cfg.spike_zscore)
         # Steps whose loss and gradient norm are still on the device: (iteration, loss, norm).
@@ -527,22 +527,45 @@ class NextTokenLoss(torch.nn.Module):
         return cross_entropy(self.model(token_ids), targets)
 
 
-def build_sharded_model(cfg: TrainConfig, device: torch.device, dist_info: DistInfo) -> TransformerLM:
-    """The model built in host memory, then sharded with FSDP2 block by block onto `device`.
+def build_model(cfg: TrainConfig, device: torch.device) -> TransformerLM:
+    """The model built on the meta device, given storage straight on `device`, then initialised
+    from the run's seed (no full copy on the host first)."""
+    with torch.device("meta"):
+        model = TransformerLM.from_config(cfg.model_config())
+    model.to_empty(device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model.reset_parameters()
+    return model
 
-    Every rank builds it from the same seed, so the shards form the model one process would
-    build; fully_shard moves only each rank's shards to the device.
+
+def build_sharded_model(cfg: TrainConfig, device: torch.device, dist_info: DistInfo) -> TransformerLM:
+    """The model sharded with FSDP2 block by block, without any rank ever holding all of it.
+
+    As `build_model`, but sharded before it gets storage. Each rank then draws every weight at
+    its full shape, one at a time, from the run's seed, and keeps its own slice: the shards
+    together equal the weights `build_model` gives one process.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+    with torch.device("meta"):
         model = TransformerLM.from_config(cfg.model_config())
     mesh = init_device_mesh(device.type, (dist_info.world_size,))
     for block in model.layers:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    model.to_empty(device=device)
+
+    def keep_own_slice(param: torch.Tensor, value: torch.Tensor) -> None:
+        # src_data_rank=None: every rank holds the same value, so slicing needs no communication.
+        shard = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model.reset_parameters(keep_own_slice)
     return model
 
 

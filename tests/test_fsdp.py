@@ -4,6 +4,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -100,3 +102,45 @@ def test_fsdp_needstorchrun(tmp_path, monkeypatch):
 def test_fsdp_refuses_what_it_cannot_do(flags):
     with pytest.raises(ConfigError, match="--fsdp"):
         TrainConfig(train_data=["t.npy"], fsdp=True, **flags).validate()
+
+
+SHARDED_INIT = '''
+import sys, torch
+import torch.distributed as dist
+from lmtools.config import TrainConfig
+from lmtools.distributed import init_distributed
+from lmtools.train import build_model, build_sharded_model
+
+# 101 rows and 70 columns: uneven shards.
+cfg = TrainConfig(train_data=["unused"], vocab_size=101, context_length=16, d_model=36, num_layers=3,
+                  num_heads=6, d_ff=70, seed=7)
+info, device = init_distributed(torch.device("cpu"))
+torch.manual_seed(1000 + info.rank)  # the ranks' global RNGs differ; the weights must not
+model = build_sharded_model(cfg, device, info)
+local = {k: v.to_local().numel() for k, v in model.state_dict().items()}
+full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+reference = build_model(cfg, torch.device("cpu")).state_dict()
+assert full.keys() == reference.keys()
+for k, v in reference.items():
+    assert torch.equal(full[k], v), k
+    assert local[k] < v.numel(), k  # no rank holds a whole weight
+assert torch.equal(model.rope.cos, build_model(cfg, torch.device("cpu")).rope.cos)
+print("rank", info.rank, "ok", sum(local.values()), sum(v.numel() for v in reference.values()))
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_sharded_model_is_built_without_a_full_copy_and_equals_the_unsharded_one(tmp_path):
+    """Meta-device build, then each rank draws every weight and keeps its slice."""
+    script = tmp_path / "sharded_init.py"
+    script.write_text(SHARDED_INIT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = sorted(line for line in run.stdout.splitlines() if line.startswith("rank"))
+    assert [line.split()[:3] for line in lines] == [["rank", "0", "ok"], ["rank", "1", "ok"]], run.stdout
+    # The two ranks' slices add up to the whole model.
+    total = int(lines[0].split()[4])
+    assert int(lines[0].split()[3]) + int(lines[1].split()[3]) == total
