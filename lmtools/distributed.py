@@ -55,6 +55,13 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def all_reduce_max(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank when `flag` is true on any rank (so all ranks stop at the same step)."""
     if not info.enabled:

@@ -61,7 +61,11 @@ def run_get_lr_cosine_schedule(
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms' gains), fused on CUDA."""
+    """AdamW with weight decay on matrices only (not on norms' gains).
+
+    Fused (one kernel over all parameters) on CUDA and the CPU; the fused kernel can also skip
+    an update on the device when told the step was not finite.
+    """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -70,4 +74,4 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devic
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    return AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type in ("cuda", "cpu"))

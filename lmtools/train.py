@@ -28,7 +28,9 @@ from lmtools.checkpoint import (
 from lmtools.config import DEFAULT_VOCAB_SIZE, TrainConfig
 from lmtools.data import BatchLoader, parse_source_spec
 from lmtools.device import peak_flops, resolve_device
-from lmtools.distributed import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed, shutdown
+from lmtools.distributed import (
+    DistInfo, all_reduce_max, all_reduce_mean, any_rank, barrier, init_distributed, shutdown,
+)
 from lmtools.errors import ConfigError, DataError, LMToolsError
 from lmtools.metrics import ExternalLoggers, MetricsWriter, SpikeDetector, format_log_line
 from lmtools.model import MODEL_FIELDS, TransformerLM
@@ -277,7 +279,10 @@ class Trainer:
         self.spikes = SpikeDetector(cfg.spike_zscore)
         # Steps whose loss and gradient norm are still on the device: (iteration, loss, norm).
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        self.verdict_each_step = cfg.skip_nonfinite or cfg.skip_spikes
+        # A fused optimizer skips a non-finite update on the device, with no wait; the host
+        # must decide before the update only to skip spikes, or without a fused optimizer.
+        self.skips_on_device = bool(self.optimizer.defaults.get("fused"))
+        self.verdict_each_step = cfg.skip_spikes or (cfg.skip_nonfinite and not self.skips_on_device)
         self.losses: list[float] = []
         self.last_loss: float | None = None
         self.last_grad_norm = 0.0
@@ -367,8 +372,8 @@ class Trainer:
     def step(self, lr: float) -> None:
         """One optimizer step over grad_accum_steps micro-batches.
 
-        Nothing here waits for the device unless --skip_nonfinite or --skip_spikes asks for a
-        verdict before the update: the loss and gradient norm stay on the device until `settle`.
+        Nothing here waits for the device: the loss and gradient norm stay there until `settle`
+        reads them, unless --skip_spikes needs the host's verdict before the update.
         """
         cfg = self.cfg
         for group in self.optimizer.param_groups:
@@ -391,41 +396,59 @@ class Trainer:
         grad_norm = run_gradient_clipping(self.model.parameters(), cfg.gradient_clip_val)
         self.pending.append((self.iteration + 1, step_loss, grad_norm))
 
-        skip = self.settle() if self.verdict_each_step else None
-        if skip is None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.skipped += 1
-            self.log(f"Skipped update at iter {self.iteration + 1}: {skip} ({self.skipped} skipped so far)")
+        skipped_by_host = self.verdict_each_step and self.settle()
+        if not skipped_by_host:
+            self.update(step_loss, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
 
-    def settle(self) -> str | None:
+    def update(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """The optimizer step, skipped on the device when the step was not finite."""
+        if self.dtype == torch.float16:
+            self.scaler.step(self.optimizer)  # the scaler skips overflowing steps itself
+            self.scaler.update()
+        elif self.skips_on_device:
+            # Applied only if the loss and gradient norm are finite on every rank: decided on
+            # the device, so the host need not wait; `settle` reads the outcome later.
+            nonfinite = (~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))).float()
+            self.optimizer.found_inf = all_reduce_max(nonfinite, self.dist)
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        else:
+            self.optimizer.step()
+
+    def settle(self) -> bool:
         """Read the losses and gradient norms of the steps not yet read, with one wait for the
-        device, and check them in order; returns why the newest step's update must be skipped.
+        device, and check them in order; returns whether the newest step's update is skipped.
 
         Between reads the host runs ahead of the GPU, which is what keeps a fast GPU busy.
         A non-finite step found here stops the run before any checkpoint after it is written.
         """
         if not self.pending:
-            return None
+            return False
         iters, losses, norms = zip(*self.pending)
         self.pending.clear()
         losses = all_reduce_mean(torch.stack(losses), self.dist)
         values = torch.stack([losses, torch.stack([n.to(losses) for n in norms])]).tolist()
-        verdict = None
+        skipped = False
         for it, loss, norm in zip(iters, *values):
-            verdict = self.check_numerics(it, loss, norm)
+            reason = self.check_numerics(it, loss, norm)
+            skipped = reason is not None
+            if skipped:
+                self.skipped += 1
+                self.log(f"Skipped update at iter {it}: {reason} ({self.skipped} skipped so far)")
             self.losses.append(loss)
             self.window_losses.append(loss)
             self.last_loss, self.last_grad_norm = loss, norm
-        return verdict
+        return skipped
 
     def check_numerics(self, it: int, loss: float, grad_norm: float) -> str | None:
         """Why update `it` must be skipped, or None; raises when a non-finite loss stops the run."""
         # float16's gradient scaler skips overflowing steps by itself.
         if not (math.isfinite(loss) and math.isfinite(grad_norm)) and self.dtype != torch.float16:
-            reason = f"non-finite loss ({loss}) or gradient norm ({grad_norm})"
+            reason = "non-finite " + " and ".join(
+                f"{name} ({value})" for name, value in (("loss", loss), ("gradient norm", grad_norm))
+                if not math.isfinite(value)
+            )
             if self.cfg.skip_nonfinite:
                 return reason
             raise TrainingDiverged(

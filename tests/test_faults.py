@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lmtools.checkpoint import read_checkpoint
 from lmtools.config import TrainConfig
@@ -133,7 +134,8 @@ def test_skip_nonfinite_counts_skipped_steps(tokens, tmp_path):
     assert read_checkpoint(tmp_path / "ckpt.pt")["skipped_steps"] == result.skipped_steps
 
 
-def test_loss_spike_is_logged(tokens, tmp_path):
+@pytest.mark.parametrize("skip", [False, True])
+def test_loss_spike_is_logged_and_skipped_on_request(tokens, tmp_path, skip):
     """A stream that switches from a memorised pattern to noise makes the loss jump."""
     easy = np.tile(np.arange(16, dtype=np.uint16), 4000)
     path = tmp_path / "easy.npy"
@@ -143,13 +145,22 @@ def test_loss_spike_is_logged(tokens, tmp_path):
         checkpoint_interval=1000,
     )
     train_model(cfg, log=lambda _l: None)
+    before = read_checkpoint(cfg.checkpoint_path)["model_state_dict"]
     np.save(path, np.random.default_rng(0).integers(0, 64, len(easy)).astype(np.uint16))
     lines = []
-    train_model(
-        TrainConfig(max_iters=62, checkpoint_path=cfg.checkpoint_path), resume_from=cfg.checkpoint_path,
-        explicit=frozenset({"max_iters", "checkpoint_path"}), log=lines.append,
+    result = train_model(
+        TrainConfig(max_iters=61, checkpoint_path=cfg.checkpoint_path, skip_spikes=skip),
+        resume_from=cfg.checkpoint_path, explicit=frozenset({"max_iters", "checkpoint_path", "skip_spikes"}),
+        log=lines.append,
     )
     assert any(line.startswith("Loss spike at iter 61") for line in lines), lines
+    after = read_checkpoint(cfg.checkpoint_path)["model_state_dict"]
+    unchanged = all(torch.equal(before[k], after[k]) for k in before)
+    if skip:
+        assert "Skipped update at iter 61: loss spike (1 skipped so far)" in lines
+        assert result.skipped_steps == 1 and unchanged
+    else:
+        assert result.skipped_steps == 0 and not unchanged
 
 
 def test_nonfinite_loss_found_at_a_later_read_names_its_step_and_saves_nothing_after_it(tokens, tmp_path):
@@ -162,3 +173,24 @@ def test_nonfinite_loss_found_at_a_later_read_names_its_step_and_saves_nothing_a
     assert bad_iter < 5  # the first update already sends the weights past float32's range
     assert not (tmp_path / "ckpt.pt").exists()
     assert not any(line.startswith(("Iter", "Saved")) for line in lines), lines
+
+
+@pytest.mark.parametrize("read_every", [1, 4])
+def test_nonfinite_updates_are_skipped_on_the_device_between_reads(tokens, tmp_path, read_every):
+    """With --skip_nonfinite the skip needs no wait for the host: read every step or every
+    fourth, the same steps are skipped, counted and named, and the weights stay finite."""
+    cfg = _exploding_config(
+        tokens, tmp_path, skip_nonfinite=True, max_iters=8, log_interval=read_every, checkpoint_interval=read_every
+    )
+    lines = []
+    result = train_model(cfg, log=lines.append)
+    skipped_at = [int(line.split("at iter ")[1].split(":")[0]) for line in lines if line.startswith("Skipped update")]
+    # The first update sends the weights near float32's limit; every later step overflows.
+    assert skipped_at == list(range(2, 9)) and result.skipped_steps == 7
+    assert "non-finite" in next(line for line in lines if line.startswith("Skipped update"))
+    payload = read_checkpoint(tmp_path / "ckpt.pt")
+    assert payload["skipped_steps"] == 7
+    assert all(torch.isfinite(v).all() for v in payload["model_state_dict"].values())
+    # Skipped updates leave the optimizer's step count alone too.
+    steps = {int(s["step"]) for s in payload["optimizer_state_dict"]["state"].values()}
+    assert steps == {1}

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmtools import TransformerLM
+from lmtools import TransformerLM, cross_entropy
 from lmtools.errors import ConfigError
 from lmtools.model import KVCache, RMSNorm, RotaryEmbedding, SwiGLU
 
@@ -115,3 +115,25 @@ def test_bad_shapes_are_config_errors(kw, word):
 def test_too_long_sequence_is_an_error():
     with pytest.raises(ValueError, match="context length"):
         tiny()(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_flops_per_token_matches_torchs_flop_counter():
+    """MFU's numerator: 6 x the matmul weights (lm_head included, embedding lookup not) plus
+    attention at 3x its forward cost, checked against what torch counts for a real step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lmtools.model import ModelConfig, non_embedding_params
+
+    cfg = ModelConfig(vocab_size=256, context_length=64, d_model=64, num_layers=2, num_heads=4, d_ff=160)
+    model = TransformerLM.from_config(cfg)
+    x = torch.randint(0, cfg.vocab_size, (3, cfg.context_length))
+    with FlopCounterMode(display=False) as counter:
+        cross_entropy(model(x), x).backward()
+    counts = {str(op): flops / x.numel() for op, flops in counter.get_flop_counts()["Global"].items()}
+    matmul = sum(v for op, v in counts.items() if "scaled_dot_product" not in op)
+    attention_forward = sum(v for op, v in counts.items() if "scaled_dot_product" in op and "backward" not in op)
+    norm_weights = (2 * cfg.num_layers + 1) * cfg.d_model
+    assert matmul == 6 * (non_embedding_params(cfg) - norm_weights)
+    assert attention_forward == 4 * cfg.num_layers * cfg.d_model * cfg.context_length
+    assert cfg.flops_per_token() == 6 * non_embedding_params(cfg) + 3 * attention_forward
+    assert non_embedding_params(cfg) == model.num_parameters() - cfg.vocab_size * cfg.d_model
