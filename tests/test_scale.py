@@ -102,3 +102,24 @@ def test_compiled_run_resumes_uncompiled(tmp_path, pattern_tokens):
         log=lambda _l: None,
     )
     assert result.iteration == 20 and result.losses[-1] < 3.0
+
+
+@pytest.mark.slow
+def test_gpu_throughput_script_runs_on_the_cpu(tmp_path):
+    """The GPU benchmark script, checked end to end with a small model where there is no GPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "gpu_throughput.py"
+    cmd = [sys.executable, str(script), "--device", "cpu", "--dtype", "float32", "--no_compile",
+           "--d_model", "32", "--num_layers", "1", "--num_heads", "4", "--d_ff", "64", "--vocab_size", "64",
+           "--context_length", "16", "--tokens", "20000", "--iters", "12", "--windows", "3", "--batch_size", "2", "8"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and "tokens/s" not in line]
+    assert [r[0].strip() for r in rows] == ["2", "8"], run.stdout
+    for batch, tok_s, mfu, wait, mem in rows:
+        assert float(tok_s.replace(",", "")) > 0 and mfu.strip() == "n/a" and mem.strip() == "n/a"
+        assert 0.0 <= float(wait.strip().rstrip("%")) < 100.0
+    assert "d32 L1 H4" in run.stdout and "12 steps" in run.stdout
