@@ -239,8 +239,7 @@ class Trainer:
         self.cfg, self.device, self.dist, self.log, self.on_step = cfg, device, dist_info, log, on_step
         seed_everything(cfg.seed + dist_info.rank)
         if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls
 
         # Checked first: a user mistake should not wait for the model to be built.
         self.ckpt_path = Path(cfg.checkpoint_path)
