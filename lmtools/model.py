@@ -216,21 +216,22 @@ class TransformerLM(nn.Module):
         """
         store = store or (lambda p, value: p.copy_(value))
 
-        def normal(p: torch.Tensor, std: float) -> None:
-            # Drawn on the host whatever the parameter's device, so every device gets the same
+        def draw(p: torch.Tensor, fill) -> None:
+            # Made on the host whatever the parameter's device, so every device gets the same
             # weights. A meta model has no storage yet: it is initialised once it has.
             if not p.is_meta:
-                store(p, torch.empty(p.shape, device="cpu").normal_(0.0, std))
+                store(p, fill(torch.empty(p.shape, device="cpu")))
 
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                normal(module.weight, 0.02)
-            elif isinstance(module, RMSNorm) and not module.weight.is_meta:
-                store(module.weight, torch.ones(module.weight.shape, device="cpu"))
+                draw(module.weight, lambda t: t.normal_(0.0, 0.02))
+            elif isinstance(module, RMSNorm):
+                draw(module.weight, lambda t: t.fill_(1.0))
         # Residual projections scaled down with depth (GPT-2), so deep stacks start stable.
+        residual_std = 0.02 / math.sqrt(2 * self.config.num_layers)
         for name, p in self.named_parameters():
             if name.endswith(("output_proj.weight", "w2.weight")):
-                normal(p, 0.02 / math.sqrt(2 * self.config.num_layers))
+                draw(p, lambda t: t.normal_(0.0, residual_std))
         self.rope.reset()
 
     def num_parameters(self) -> int:
