@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 
 # Decoupled weight decay, torch's implementation; `make_optimizer` picks the fused kernel.
 AdamW = torch.optim.AdamW
@@ -14,15 +15,10 @@ AdamW = torch.optim.AdamW
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood of `targets` under `logits` (..., vocab).
 
-    Subtracting the row maximum before exponentiating (log-sum-exp) keeps it finite for logits
-    in the thousands; the arithmetic runs in float32 even under bf16 autocast.
+    torch's fused log-softmax and NLL, which subtract the row maximum (log-sum-exp) and so stay
+    finite for logits in the thousands; the arithmetic runs in float32 even under bf16 autocast.
     """
-    logits = logits.reshape(-1, logits.shape[-1]).float()
-    targets = targets.reshape(-1)
-    shifted = logits - logits.max(dim=-1, keepdim=True).values
-    log_z = shifted.exp().sum(dim=-1).log()
-    picked = shifted.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (log_z - picked).mean()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
 def run_gradient_clipping(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float) -> torch.Tensor:

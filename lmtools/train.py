@@ -283,6 +283,7 @@ class Trainer:
         self.skips_on_device = bool(self.optimizer.defaults.get("fused"))
         self.verdict_each_step = cfg.skip_spikes or (cfg.skip_nonfinite and not self.skips_on_device)
         self.losses: list[float] = []
+        self.window_losses: list[float] = []  # since the last report
         self.last_loss: float | None = None
         self.last_grad_norm = 0.0
         self.iteration = 0
@@ -462,7 +463,7 @@ class Trainer:
         return None
 
     def _start_window(self) -> None:
-        self.window_losses: list[float] = []
+        self.window_losses = []
         self.loader.reset_wait()
         self.window_start = time.perf_counter()
 

@@ -123,3 +123,26 @@ def test_gpu_throughput_script_runs_on_the_cpu(tmp_path):
         assert float(tok_s.replace(",", "")) > 0 and mfu.strip() == "n/a" and mem.strip() == "n/a"
         assert 0.0 <= float(wait.strip().rstrip("%")) < 100.0
     assert "d32 L1 H4" in run.stdout and "12 steps" in run.stdout
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA A100-SXM4-80GB", 312),
+    ("NVIDIA A10G", 70), ("NVIDIA A10", 125), ("NVIDIA L40S", 362), ("NVIDIA L4", 121),
+    ("NVIDIA GeForce RTX 4090", 165), ("NVIDIA GeForce GTX 1080", None),
+])
+def test_peak_flops_for_mfu_by_device_name(name, tflops, monkeypatch):
+    from lmtools.device import peak_flops_for_name
+
+    monkeypatch.delenv("LMTOOLS_PEAK_TFLOPS", raising=False)
+    assert peak_flops_for_name(name) == (None if tflops is None else tflops * 1e12)
+
+
+def test_peak_flops_override_for_gpus_not_in_the_table(monkeypatch):
+    from lmtools.device import peak_flops_for_name
+    from lmtools.errors import ConfigError
+
+    monkeypatch.setenv("LMTOOLS_PEAK_TFLOPS", "91.5")
+    assert peak_flops_for_name("NVIDIA GeForce GTX 1080") == 91.5e12
+    monkeypatch.setenv("LMTOOLS_PEAK_TFLOPS", "fast")
+    with pytest.raises(ConfigError, match="LMTOOLS_PEAK_TFLOPS"):
+        peak_flops_for_name("NVIDIA H100 80GB HBM3")
