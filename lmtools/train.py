@@ -539,8 +539,8 @@ class Trainer:
 
 
 class NextTokenLoss(torch.nn.Module):
-    """The model and its loss as one module: compiled together, the float32 log-softmax over
-    the vocabulary fuses into a few kernels instead of materialising several logit-sized copies."""
+    """The model and its loss as one module, so that `--compile` and DDP see the whole step:
+    compiled together, the float32 upcast of the logits fuses into the log-softmax."""
 
     def __init__(self, model: TransformerLM):
         super().__init__()

@@ -137,3 +137,25 @@ def test_flops_per_token_matches_torchs_flop_counter():
     assert attention_forward == 4 * cfg.num_layers * cfg.d_model * cfg.context_length
     assert cfg.flops_per_token() == 6 * non_embedding_params(cfg) + 3 * attention_forward
     assert non_embedding_params(cfg) == model.num_parameters() - cfg.vocab_size * cfg.d_model
+
+
+def test_reset_parameters_sets_every_weight_and_the_trainer_builds_from_the_seed_alone():
+    """The trainer builds on the meta device and relies on reset_parameters for every value."""
+    from lmtools.config import TrainConfig
+    from lmtools.train import build_model
+
+    cfg = TrainConfig(train_data=["unused"], vocab_size=97, context_length=16, d_model=32, num_layers=2,
+                      num_heads=4, d_ff=48, seed=11)
+    built = build_model(cfg, torch.device("cpu"))
+    poisoned = TransformerLM.from_config(cfg.model_config())
+    with torch.no_grad():
+        for t in [*poisoned.parameters(), *poisoned.buffers()]:
+            t.fill_(float("nan"))
+    torch.manual_seed(11)
+    poisoned.reset_parameters()
+    for (name, a), b in zip(built.state_dict().items(), poisoned.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(built.rope.cos, poisoned.rope.cos) and torch.equal(built.rope.sin, poisoned.rope.sin)
+    torch.manual_seed(12345)  # the global RNG does not matter, only the run's seed
+    again = build_model(cfg, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), again.state_dict().values()))
