@@ -144,3 +144,18 @@ def test_sharded_model_is_built_without_a_full_copy_and_equals_the_unsharded_one
     # The two ranks' slices add up to the whole model.
     total = int(lines[0].split()[4])
     assert int(lines[0].split()[3]) + int(lines[1].split()[3]) == total
+
+
+@pytest.mark.slow
+def test_fsdp_with_compile_learns(tmp_path):
+    np.save(tmp_path / "train.npy", learnable_stream(30000))
+    run = torchrun("train", "--fsdp", "--compile", "--train_data", tmp_path / "train.npy", "--vocab_size", "64",
+                   "--context_length", "16", "--d_model", "32", "--num_layers", "2", "--num_heads", "4",
+                   "--d_ff", "64", "--batch_size", "8", "--learning_rate", "1e-2", "--min_learning_rate", "1e-3",
+                   "--warmup_iters", "5", "--log_interval", "10", "--max_iters", "40",
+                   "--checkpoint_path", tmp_path / "run" / "ckpt.pt")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "compiled | 2 ranks" in run.stdout, run.stdout
+    losses = [float(line.split("Loss:")[1].split("|")[0]) for line in run.stdout.splitlines() if line.startswith("Iter")]
+    assert len(losses) == 4 and losses[-1] < 0.5 * losses[0], run.stdout
+    assert read_checkpoint(tmp_path / "run" / "ckpt.pt")["iteration"] == 40
