@@ -318,3 +318,15 @@ def test_losses_are_read_from_the_device_only_at_log_points_and_checkpoints(stre
     # The same run read at every step gives identical losses.
     every = tiny_config(stream_files, tmp_path / "every", log_interval=1, eval_interval=10, max_iters=12)
     assert train_model(every, log=lambda _l: None).losses == result.losses
+
+
+def test_losses_are_read_at_least_every_256_steps(stream_files, tmp_path):
+    from lmtools.train import MAX_PENDING_STEPS
+
+    seen = {}
+    cfg = tiny_config(stream_files, tmp_path, val_data=None, d_model=16, num_layers=1, batch_size=2,
+                      log_interval=10**6, checkpoint_interval=10**6, max_iters=MAX_PENDING_STEPS + 5)
+    result = train_model(cfg, log=lambda _l: None, on_step=lambda it, total, loss, lr: seen.__setitem__(it, loss))
+    assert seen[MAX_PENDING_STEPS - 1] is None
+    assert seen[MAX_PENDING_STEPS] == seen[MAX_PENDING_STEPS + 4] == result.losses[MAX_PENDING_STEPS - 1]
+    assert len(result.losses) == MAX_PENDING_STEPS + 5
