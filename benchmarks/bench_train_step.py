@@ -114,7 +114,7 @@ def test_train_step_interleaved(benchmark, tokens, tmp_path):
         benchmark.pedantic(rounds, rounds=1, iterations=1)
     finally:
         trainer.close()
-    # Both trained: the losses fell from ln(2048) on random tokens toward it (no divergence).
+    # Every lmtools step was read back, and none diverged.
     assert all(np.isfinite(trainer.losses)) and len(trainer.losses) == STEPS * (ROUNDS + 1)
 
 

@@ -553,12 +553,22 @@ class NextTokenLoss(torch.nn.Module):
 def build_model(cfg: TrainConfig, device: torch.device) -> TransformerLM:
     """The model built on the meta device, given storage straight on `device`, then initialised
     from the run's seed (no full copy on the host first)."""
+    return materialise(meta_model(cfg), device, cfg.seed)
+
+
+def meta_model(cfg: TrainConfig) -> TransformerLM:
+    """The model's structure, without storage."""
     with torch.device("meta"):
-        model = TransformerLM.from_config(cfg.model_config())
+        return TransformerLM.from_config(cfg.model_config())
+
+
+def materialise(model: TransformerLM, device: torch.device, seed: int, store=None) -> TransformerLM:
+    """Give a meta model storage on `device` and draw its weights from `seed` alone
+    (`store`: see TransformerLM.reset_parameters)."""
     model.to_empty(device=device)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model.reset_parameters()
+        torch.manual_seed(seed)
+        model.reset_parameters(store)
     return model
 
 
@@ -573,23 +583,18 @@ def build_sharded_model(cfg: TrainConfig, device: torch.device, dist_info: DistI
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
 
-    with torch.device("meta"):
-        model = TransformerLM.from_config(cfg.model_config())
+    model = meta_model(cfg)
     mesh = init_device_mesh(device.type, (dist_info.world_size,))
     for block in model.layers:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    model.to_empty(device=device)
 
     def keep_own_slice(param: torch.Tensor, value: torch.Tensor) -> None:
         # src_data_rank=None: every rank holds the same value, so slicing needs no communication.
         shard = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
         param.to_local().copy_(shard.to_local())
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model.reset_parameters(keep_own_slice)
-    return model
+    return materialise(model, device, cfg.seed, keep_own_slice)
 
 
 @torch.no_grad()

@@ -4,8 +4,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ from lmtools.generate import load_model
 from lmtools.inspect import inspect_path
 from lmtools.model import TransformerLM
 
-from helpers import learnable_stream, torchrun
+from helpers import TORCHRUN_MODEL, learnable_stream, logged_losses, torchrun
 
 
 def _weights(path):
@@ -32,9 +30,7 @@ def _weights(path):
 def test_fsdp_gloo_two_processes_train_and_resume(tmp_path):
     np.save(tmp_path / "train.npy", learnable_stream(30000))
     ckpt = tmp_path / "run" / "ckpt.pt"
-    common = ["--vocab_size", "64", "--context_length", "16", "--d_model", "32", "--num_layers", "2",
-              "--num_heads", "4", "--d_ff", "64", "--batch_size", "8", "--learning_rate", "1e-2",
-              "--min_learning_rate", "1e-3", "--warmup_iters", "5", "--log_interval", "20",
+    common = [*TORCHRUN_MODEL, "--num_layers", "2", "--log_interval", "20",
               "--eval_interval", "1000", "--checkpoint_interval", "40", "--checkpoint_path", ckpt,
               # 3 validation batches on 2 ranks: the sharded forwards must stay in lockstep.
               "--val_data", tmp_path / "train.npy", "--eval_iters", "3"]
@@ -42,7 +38,7 @@ def test_fsdp_gloo_two_processes_train_and_resume(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
     assert out.count("lmtools train") == 1 and "2 ranks" in out, out
-    losses = [float(line.split("Loss:")[1].split("|")[0]) for line in out.splitlines() if line.startswith("Iter")]
+    losses = logged_losses(out)
     assert len(losses) == 4 and losses[-1] < 0.5 * losses[0], out
     # One checkpoint stream: the plain-data file, its shard folder, the metrics.
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt.pt", "ckpt.pt.dcp", "metrics.jsonl"]
@@ -105,7 +101,7 @@ def test_fsdp_refuses_what_it_cannot_do(flags):
 
 
 SHARDED_INIT = '''
-import sys, torch
+import torch
 import torch.distributed as dist
 from lmtools.config import TrainConfig
 from lmtools.distributed import init_distributed
@@ -135,9 +131,7 @@ def test_sharded_model_is_built_without_a_full_copy_and_equals_the_unsharded_one
     """Meta-device build, then each rank draws every weight and keeps its slice."""
     script = tmp_path / "sharded_init.py"
     script.write_text(SHARDED_INIT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    run = torchrun(script=script)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = sorted(line for line in run.stdout.splitlines() if line.startswith("rank"))
     assert [line.split()[:3] for line in lines] == [["rank", "0", "ok"], ["rank", "1", "ok"]], run.stdout
@@ -149,13 +143,11 @@ def test_sharded_model_is_built_without_a_full_copy_and_equals_the_unsharded_one
 @pytest.mark.slow
 def test_fsdp_with_compile_learns(tmp_path):
     np.save(tmp_path / "train.npy", learnable_stream(30000))
-    run = torchrun("train", "--fsdp", "--compile", "--train_data", tmp_path / "train.npy", "--vocab_size", "64",
-                   "--context_length", "16", "--d_model", "32", "--num_layers", "2", "--num_heads", "4",
-                   "--d_ff", "64", "--batch_size", "8", "--learning_rate", "1e-2", "--min_learning_rate", "1e-3",
-                   "--warmup_iters", "5", "--log_interval", "10", "--max_iters", "40",
+    run = torchrun("train", "--fsdp", "--compile", "--train_data", tmp_path / "train.npy", *TORCHRUN_MODEL,
+                   "--num_layers", "2", "--log_interval", "10", "--max_iters", "40",
                    "--checkpoint_path", tmp_path / "run" / "ckpt.pt")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "compiled | 2 ranks" in run.stdout, run.stdout
-    losses = [float(line.split("Loss:")[1].split("|")[0]) for line in run.stdout.splitlines() if line.startswith("Iter")]
+    losses = logged_losses(run.stdout)
     assert len(losses) == 4 and losses[-1] < 0.5 * losses[0], run.stdout
     assert read_checkpoint(tmp_path / "run" / "ckpt.pt")["iteration"] == 40

@@ -9,7 +9,7 @@ import torch
 from lmtools import TransformerLM, cross_entropy
 from lmtools.checkpoint import read_checkpoint
 
-from helpers import learnable_stream, torchrun
+from helpers import TORCHRUN_MODEL, learnable_stream, logged_losses, torchrun
 
 
 def test_accumulated_gradients_equal_one_big_batch():
@@ -30,16 +30,14 @@ def test_accumulated_gradients_equal_one_big_batch():
 def test_ddp_gloo_two_processes(tmp_path):
     np.save(tmp_path / "train.npy", learnable_stream(30000))
     ckpt = tmp_path / "run" / "ckpt.pt"
-    common = ["--vocab_size", "64", "--context_length", "16", "--d_model", "32", "--num_layers", "1",
-              "--num_heads", "4", "--d_ff", "64", "--batch_size", "8", "--learning_rate", "1e-2",
-              "--min_learning_rate", "1e-3", "--warmup_iters", "5", "--log_interval", "20",
+    common = [*TORCHRUN_MODEL, "--num_layers", "1", "--log_interval", "20",
               "--eval_interval", "1000", "--checkpoint_interval", "40", "--checkpoint_path", ckpt]
     run = torchrun("train", "--train_data", tmp_path / "train.npy", *common, "--max_iters", "80")
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
     assert out.count("lmtools train") == 1, out  # only rank 0 logs
     assert "2 ranks" in out and "8 x context 16 = 256 tokens/step" in out
-    losses = [float(line.split("Loss:")[1].split("|")[0]) for line in out.splitlines() if line.startswith("Iter")]
+    losses = logged_losses(out)
     assert len(losses) == 4 and losses[-1] < 0.5 * losses[0], out
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt.pt", "metrics.jsonl"]
     iters = [json.loads(line)["iter"] for line in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
