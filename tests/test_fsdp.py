@@ -101,6 +101,7 @@ def test_fsdp_refuses_what_it_cannot_do(flags):
 
 
 SHARDED_INIT = '''
+import sys
 import torch
 import torch.distributed as dist
 from lmtools.config import TrainConfig
@@ -121,7 +122,8 @@ for k, v in reference.items():
     assert torch.equal(full[k], v), k
     assert local[k] < v.numel(), k  # no rank holds a whole weight
 assert torch.equal(model.rope.cos, build_model(cfg, torch.device("cpu")).rope.cos)
-print("rank", info.rank, "ok", sum(local.values()), sum(v.numel() for v in reference.values()))
+# One write per line: the two ranks share an unbuffered stdout.
+sys.stdout.write(f"rank {info.rank} ok {sum(local.values())} {sum(v.numel() for v in reference.values())}\\n")
 dist.destroy_process_group()
 '''
 
