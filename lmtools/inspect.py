@@ -53,6 +53,25 @@ def inspect_path(path: str | os.PathLike, *, dtype: str | None = None, excerpt_c
 # ---- checkpoints ---------------------------------------------------------------------------
 
 
+def check_checkpoint_file(path: Path, command: str) -> None:
+    """Refuse, in words, a path given where a checkpoint belongs that is something else: a
+    token file, a prepared folder, text. A missing file is left to `read_checkpoint`."""
+    fix = f"{command} needs a checkpoint written by lmtools train (e.g. runs/NAME/checkpoint.pt)"
+    if not path.exists():
+        return
+    if path.is_dir():
+        kind = "a prepared dataset folder" if (path / "meta.json").is_file() else "a folder"
+        raise CheckpointError(f"{path} is {kind}, not a checkpoint; {fix}")
+    head = _head(path)
+    if path.suffix.lower() in (".npy", ".bin") or head.startswith(_NPY_MAGIC):
+        raise CheckpointError(
+            f"{path} is a token file, not a checkpoint; {fix}, e.g. after lmtools train --train_data {path}"
+        )
+    if not (head.startswith(_ZIP_MAGIC) or head[:1] == bytes([_PICKLE_PROTO])):
+        raise CheckpointError(f"{path} is {_looks_like(path, head)}, not a checkpoint; {fix}")
+
+
+
 def inspect_checkpoint(path: str | os.PathLike) -> dict:
     """Format, model, parameters, optimizer, schedule position, metrics, data and versions."""
     from lmtools.checkpoint import read_checkpoint
