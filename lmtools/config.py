@@ -152,8 +152,8 @@ class TrainConfig:
         peak = self.lr_at(self.max_iters)
         return (
             f"Warning: --warmup_iters {self.warmup_iters} is not shorter than --max_iters {self.max_iters}: "
-            f"the learning rate only reaches {peak:.2e} of --learning_rate {self.learning_rate:.2e}; "
-            f"pass --warmup_iters {self.max_iters // 10} (a tenth of the run) or fewer"
+            f"the learning rate only reaches {peak:.2e}, never --learning_rate {self.learning_rate:.2e}; "
+            f"pass --warmup_iters {self.max_iters // 10} (a tenth of the run)"
         )
 
     def to_dict(self) -> dict:
