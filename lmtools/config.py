@@ -93,9 +93,10 @@ class TrainConfig:
             if update > ext["start"]:
                 progress = min((update - ext["start"]) / (ext["end"] - ext["start"]), 1.0)
                 return ext["to_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (ext["from_lr"] - ext["to_lr"])
+        # Before any extension, the cosine ends where it did when the run started.
+        end = self.schedule_extensions[0]["previous_end"] if self.schedule_extensions else self.max_iters
         return run_get_lr_cosine_schedule(
-            update, self.learning_rate, self.min_learning_rate, self.warmup_iters,
-            self.cosine_cycle_iters or self.max_iters,
+            update, self.learning_rate, self.min_learning_rate, self.warmup_iters, self.cosine_cycle_iters or end,
         )
 
     def extend_schedule(self, new_max_iters: int, iteration: int) -> str | None:
@@ -104,8 +105,8 @@ class TrainConfig:
         is unchanged (the rates of the steps still to come are the original schedule's)."""
         old_max = self.max_iters
         self.max_iters = new_max_iters
-        if new_max_iters <= old_max or self.cosine_cycle_iters is not None:
-            return None  # the cosine's end does not move
+        if new_max_iters == old_max or new_max_iters <= iteration or self.cosine_cycle_iters is not None:
+            return None  # the cosine's end does not move, or no step is left
         if not self.schedule_extensions and iteration <= self.warmup_iters:
             # Still warming up: the rates so far do not depend on where the cosine ends.
             return (
@@ -117,7 +118,8 @@ class TrainConfig:
         self.max_iters = new_max_iters
         self.schedule_extensions = [
             *self.schedule_extensions,
-            {"start": iteration, "end": new_max_iters, "from_lr": rate, "to_lr": self.min_learning_rate},
+            {"start": iteration, "end": new_max_iters, "from_lr": rate, "to_lr": self.min_learning_rate,
+             "previous_end": old_max},
         ]
         if math.isclose(rate, self.min_learning_rate, rel_tol=1e-9, abs_tol=0.0):
             return (
@@ -131,7 +133,9 @@ class TrainConfig:
 
     def describe_schedule(self) -> str:
         """The schedule in words, extensions included (for inspect)."""
-        end = self.cosine_cycle_iters or self.max_iters
+        end = self.cosine_cycle_iters or (
+            self.schedule_extensions[0]["previous_end"] if self.schedule_extensions else self.max_iters
+        )
         text = (
             f"warmup to {self.learning_rate:.2e} over {self.warmup_iters} iters, "
             f"cosine to {self.min_learning_rate:.2e} at iter {end}"

@@ -189,24 +189,29 @@ def _schedule(iteration: int, config: dict) -> dict:
     needed = ("max_iters", "warmup_iters", "learning_rate", "min_learning_rate")
     if not all(k in config for k in needed):
         return {"iteration": iteration}
-    max_iters, warmup = int(config["max_iters"]), int(config["warmup_iters"])
+    cfg = TrainConfig.from_dict(config)
+    max_iters, warmup = cfg.max_iters, cfg.warmup_iters
+    extended = [ext for ext in cfg.schedule_extensions if iteration > ext["start"]]
     if iteration < warmup:
         phase = "warmup"
-    elif iteration < max_iters:
-        phase = "cosine decay"
-    else:
+    elif iteration >= max_iters:
         phase = "finished"
+    elif extended:
+        phase = f"extended cosine (from iter {extended[-1]['start']})"
+    else:
+        phase = "cosine decay"
     return {
         "iteration": iteration,
         "max_iters": max_iters,
         "warmup_iters": warmup,
         "progress": iteration / max_iters if max_iters else None,
         "phase": phase,
-        "max_lr": float(config["learning_rate"]),
-        "min_lr": float(config["min_learning_rate"]),
+        "max_lr": cfg.learning_rate,
+        "min_lr": cfg.min_learning_rate,
         # The rate of the step that produced this checkpoint (the loop uses iteration 1..max_iters).
-        "lr": TrainConfig.from_dict(config).lr_at(max(iteration, 1)),
+        "lr": cfg.lr_at(max(iteration, 1)),
         "remaining_iters": max(max_iters - iteration, 0),
+        "description": cfg.describe_schedule(),
     }
 
 
