@@ -119,17 +119,24 @@ def tokenizer_file(meta: dict) -> Path | None:
 
 
 def tokenizer_identity(path: Path | None) -> Any:
-    """A tokenizer.json's parsed contents (formatting aside), or None when there is none."""
+    """What a tokenizer.json's ids mean (see `parse_tokenizer_text`), or None when there is none."""
     if path is None or not path.is_file():
         return None
     return parse_tokenizer_text(path.read_text(encoding="utf-8"), str(path))
 
 
 def parse_tokenizer_text(text: str, where: str) -> Any:
+    """The part of a tokenizer.json that gives ids their meaning: the model's type and
+    vocabulary and the added tokens. Formatting, and settings a re-save may rewrite, aside."""
     try:
-        return json.loads(text)
+        spec = json.loads(text)
     except json.JSONDecodeError:
         raise DataError(f"{where} is not a tokenizer.json (not JSON); run `lmtools prepare` again") from None
+    if not isinstance(spec, dict):
+        raise DataError(f"{where} is not a tokenizer.json; run `lmtools prepare` again")
+    model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
+    added = sorted((t.get("id"), t.get("content")) for t in spec.get("added_tokens") or [] if isinstance(t, dict))
+    return {"type": model.get("type"), "vocab": model.get("vocab"), "added": added}
 
 
 def check_same_tokenizer(prepared: list[tuple[Path, dict]]) -> None:

@@ -163,8 +163,9 @@ def train_model(
         notes += [note] if note else []
     else:
         cfg, init = resolve_new_run(cfg, explicit)
-        notes += [line for line in (cfg.warmup_warning(),) if line]
     cfg.validate()
+    if payload is None and cfg.warmup_warning():
+        notes.append(cfg.warmup_warning())
     device = resolve_device(cfg.device)
     dist_info, device = init_distributed(device)
     try:
