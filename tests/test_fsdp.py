@@ -59,7 +59,7 @@ def test_fsdp_gloo_two_processes_train_and_resume(tmp_path):
     assert read_checkpoint(ckpt)["iteration"] == 100
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt.pt", "ckpt.pt.dcp", "metrics.jsonl"]
     iters = [json.loads(line)["iter"] for line in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
-    assert iters == [20, 40, 60, 80, 100]
+    assert iters == [0, 20, 40, 60, 80, 100]  # iter 0: before the first update
 
     # A save cut between its folder renames: the file says 80, `.dcp` holds 100, `.dcp.old` 80.
     shutil.move(saved_80 / "ckpt.pt.dcp", ckpt.parent / "ckpt.pt.dcp.old")
