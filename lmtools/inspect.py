@@ -225,6 +225,10 @@ def _data(config: dict, sampler: Any) -> dict:
             out["missing"] = missing
     if config.get("val_data"):
         out["val_data"] = config["val_data"]
+    if config.get("val_sets"):
+        out["val_sets"] = dict(config["val_sets"])
+    if config.get("init_from"):
+        out["init_from"] = config["init_from"]
     if config.get("data_dtype"):
         out["data_dtype"] = config["data_dtype"]
     if isinstance(sampler, dict) and sampler:

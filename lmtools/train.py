@@ -158,6 +158,9 @@ def train_model(
     """
     payload, init, notes = None, None, []
     if resume_from is not None:
+        from lmtools.inspect import check_checkpoint_file
+
+        check_checkpoint_file(Path(resume_from), "resume")
         payload = read_checkpoint(resume_from)
         cfg, note = merge_resume_config(payload, cfg, explicit, resume_from)
         notes += [note] if note else []

@@ -93,3 +93,8 @@ def test_get_batch_on_a_missing_gpu_is_a_runtime_error_with_the_clear_message():
         assert "cuda:99" in str(info.value) and "CUDA device(s)" in str(info.value)
     else:
         assert "no usable CUDA GPU" in str(info.value)
+
+
+def test_resuming_a_token_file_says_resume_needs_a_checkpoint(data, capsys):
+    line = one_error(*run_main(["resume", data / "data" / "val.npy"], capsys)[::2])
+    assert "val.npy is a token file, not a checkpoint" in line and "resume needs a checkpoint" in line

@@ -68,6 +68,9 @@ def test_init_from_starts_a_new_run_from_the_weights(world, tmp_path):
     assert payload["model_config"] == base_payload["model_config"]
     assert payload["config"]["init_from"] == str(base) and payload["iteration"] == 4
     assert payload["config"]["train_data"] == [str(world / "fine" / "train.npy")]
+    from lmtools.inspect import inspect_path
+
+    assert inspect_path(ckpt)["data"]["init_from"] == str(base)
     # A fresh optimizer: 4 steps of its own, not 6 + 4.
     assert {int(s["step"]) for s in payload["optimizer_state_dict"]["state"].values()} == {4}
     # A fresh schedule: warmup from iter 0 again.

@@ -56,6 +56,9 @@ def test_prepared_folders_in_a_mixture_train_on_train_npy_and_validate_each(fold
     assert config["val_data"] is None
     assert config["val_sets"] == {"plays": str(plays / "val.npy"), "more_plays": str(more / "val.npy")}
     assert config["tokenizer"] == str(plays / "tokenizer.json")
+    from lmtools.inspect import inspect_path
+
+    assert inspect_path(ckpt)["data"]["val_sets"] == config["val_sets"]
 
     records = [json.loads(line) for line in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records] == [0, 2, 4]
