@@ -78,7 +78,8 @@ def read_init_source(path: str) -> InitSource:
 
 def _tokenizer_text(payload: dict, checkpoint: Path) -> str | None:
     """The checkpoint's tokenizer.json text: stored in it, or the file it names (if still there)."""
-    for value in (payload.get("tokenizer_json"), payload.get("tokenizer"), (payload.get("config") or {}).get("tokenizer")):
+    config = payload.get("config") or {}
+    for value in (payload.get("tokenizer_json"), payload.get("tokenizer"), config.get("tokenizer")):
         if isinstance(value, dict):
             import json
 
