@@ -68,7 +68,7 @@ class TrainConfig:
     init_from: str | None = None
     # With init_from: also take over the checkpoint's optimizer state.
     init_optimizer: bool = False
-    # Set when a resume moves max_iters past the schedule's end: from each `start`, a cosine from
+    # Set when a resume moves the schedule's end (max_iters): from each `start`, a cosine from
     # `from_lr` (the rate there, so the rate stays continuous) to `to_lr` at `end`.
     schedule_extensions: list[dict] = field(default_factory=list)
 
@@ -93,11 +93,15 @@ class TrainConfig:
             if update > ext["start"]:
                 progress = min((update - ext["start"]) / (ext["end"] - ext["start"]), 1.0)
                 return ext["to_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (ext["from_lr"] - ext["to_lr"])
-        # Before any extension, the cosine ends where it did when the run started.
-        end = self.schedule_extensions[0]["previous_end"] if self.schedule_extensions else self.max_iters
         return run_get_lr_cosine_schedule(
-            update, self.learning_rate, self.min_learning_rate, self.warmup_iters, self.cosine_cycle_iters or end,
+            update, self.learning_rate, self.min_learning_rate, self.warmup_iters, self._first_cosine_end(),
         )
+
+    def _first_cosine_end(self) -> int:
+        """Where the run's first cosine ends: before any extension, where it did when the run started."""
+        if self.cosine_cycle_iters is not None:
+            return self.cosine_cycle_iters
+        return self.schedule_extensions[0]["previous_end"] if self.schedule_extensions else self.max_iters
 
     def extend_schedule(self, new_max_iters: int, iteration: int) -> str | None:
         """Move max_iters to `new_max_iters` for a run resumed at `iteration`, keeping the rate
@@ -133,12 +137,9 @@ class TrainConfig:
 
     def describe_schedule(self) -> str:
         """The schedule in words, extensions included (for inspect)."""
-        end = self.cosine_cycle_iters or (
-            self.schedule_extensions[0]["previous_end"] if self.schedule_extensions else self.max_iters
-        )
         text = (
             f"warmup to {self.learning_rate:.2e} over {self.warmup_iters} iters, "
-            f"cosine to {self.min_learning_rate:.2e} at iter {end}"
+            f"cosine to {self.min_learning_rate:.2e} at iter {self._first_cosine_end()}"
         )
         if self.cosine_cycle_iters is not None and self.cosine_cycle_iters < self.max_iters:
             text += f", then constant until iter {self.max_iters}"
