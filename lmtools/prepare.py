@@ -285,7 +285,7 @@ def _apply_split(enc: _Encoded, val: NpyWriter, plan: dict, seed: int, eot_id: i
         return _split_documents(enc.writer, val, seed, plan["hash_threshold"], eot_id)
     if plan["method"] == "spans":
         start, cut_at = _tail_start(enc.writer, plan["target_tokens"], eot_id, line_ends())
-        plan.update(val_start=start, cut_at=cut_at)
+        plan.update(val_start=start, cut_at=cut_at, cuts_a_document=cut_at != "document")
         return _split_tail(enc.writer, val, start, eot_id, enc.documents)
     return {"train_documents": enc.documents, "val_documents": 0}
 
@@ -344,10 +344,10 @@ def _split_tail(stream: NpyWriter, val: NpyWriter, start: int, eot_id: int, docu
         ids = stream.read(at, min(chunk, stream.count - at))
         val.append(ids)
         val_docs += int((ids == eot_id).sum())
-    cut_inside = start > 0 and int(stream.read(start - 1, 1)[0]) != eot_id
     stream.truncate(start)
-    # A document cut in two has tokens in both splits and counts in both.
-    return {"train_documents": documents - val_docs + cut_inside, "val_documents": val_docs}
+    # A document counts where it ends (as counting end-of-text ids in each file does): one cut
+    # in two counts in val, and train holds its start.
+    return {"train_documents": documents - val_docs, "val_documents": val_docs}
 
 
 # ---------------------------------------------------------------------------------------------

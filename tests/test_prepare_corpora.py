@@ -68,7 +68,9 @@ def test_one_multimegabyte_text_file_gets_the_share_asked_for(tmp_path, tokenize
     head = tok.decode(train.tolist(), skip_special_tokens=False)
     assert head.endswith("\n") and (head + tok.decode(val.tolist(), skip_special_tokens=False)
                                     == text + EOT)
-    assert meta["documents"] == 1 and meta["train_documents"] == meta["val_documents"] == 1
+    # The document ends in val, where it counts; train holds its start.
+    assert meta["documents"] == 1 and (meta["train_documents"], meta["val_documents"]) == (0, 1)
+    assert split["cuts_a_document"] is True
 
 
 @pytest.mark.parametrize("sizes, fraction", [
@@ -92,6 +94,8 @@ def test_documents_too_big_for_the_share_give_a_tail_span(tmp_path, tokenizer_js
     expected = docs[:1] + ["\n" + d for d in docs[1:]]
     assert [tok.decode(d[:-1].tolist()) for d in split_docs(stream, meta["eot_id"])] == expected
     assert meta["val_documents"] == int((val == meta["eot_id"]).sum())
+    assert meta["train_documents"] == int((train == meta["eot_id"]).sum())
+    assert meta["split"]["cuts_a_document"] == (train[-1] != meta["eot_id"])
 
 
 def test_many_documents_split_by_whole_documents_close_to_the_share(tmp_path, tokenizer_json):

@@ -257,9 +257,13 @@ def summary(meta: dict, seconds: float) -> str:
         places = meta.get("empty_document_places") or []
         more = ", ..." if empty > len(places) else ""
         skipped = f"; {_docs(empty)} empty, skipped ({', '.join(places)}{more})"
+    train_docs = _docs(meta["train_documents"])
+    if split.get("cuts_a_document"):  # the tail starts inside a document
+        train_docs = (f"{train_docs} and the start of another" if meta["train_documents"]
+                      else "the start of 1 document")
     return (
         f"{meta['dir']}: {meta['train_tokens']:,} train tokens "
-        f"({_docs(meta['train_documents'])}), {meta['val_tokens']:,} val tokens "
+        f"({train_docs}), {meta['val_tokens']:,} val tokens "
         f"({_docs(meta['val_documents'])}){share}; vocab {meta['vocab_size']:,} "
         f"({meta['tokenizer_kind']}), {bpt if bpt is not None else '-'} bytes/token"
         f"{skipped}, {seconds:.1f} s"
