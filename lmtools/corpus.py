@@ -25,6 +25,7 @@ import io
 import itertools
 import json
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -331,7 +332,7 @@ class SourceReader:
             while len(buf) - keep > piece_chars:
                 cut = safe_cut(buf, piece_chars)
                 if not open_doc and sep is not None and len(buf) < 16 * piece_chars \
-                        and not _has_text(buf[: len(buf) - keep]):
+                        and not _has_text(buf, len(buf) - keep):
                     break  # maybe only whitespace between two separators: wait and see
                 yield Piece(buf[:cut], False)
                 buf = buf[cut:]
@@ -483,8 +484,12 @@ class SourceReader:
                 self.hasher = hashlib.file_digest(f, "sha256")
 
 
-def _has_text(text: str) -> bool:
-    return bool(text) and not text.isspace()
+_NON_SPACE = re.compile(r"\S")  # \s is what str.isspace calls whitespace
+
+
+def _has_text(text: str, end: int | None = None) -> bool:
+    """Whether text[:end] holds anything but whitespace (without copying it)."""
+    return _NON_SPACE.search(text, 0, len(text) if end is None else end) is not None
 
 
 def _check_encodable(text: str, where: str) -> None:

@@ -219,17 +219,13 @@ def doc_hashes(seed: int | str, start: int, count: int) -> np.ndarray:
 
 
 def val_flags(seed: int | str, start: int, count: int, fraction: float) -> np.ndarray:
-    """Which of documents start .. start+count-1 have a hash below `fraction` of the range."""
+    """Which of documents start .. start+count-1 have a hash below `fraction` of the range
+    (each with probability `fraction`; the tokenizer's training sample is drawn so)."""
     import numpy as np
 
     if fraction <= 0 or count <= 0:
         return np.zeros(max(count, 0), dtype=bool)
     return doc_hashes(seed, start, count) < np.uint64(_threshold(fraction))
-
-
-def in_val(seed: int, index: int, fraction: float) -> bool:
-    """Whether document `index` has a hash below `fraction` (see `val_flags`)."""
-    return bool(val_flags(seed, index, 1, fraction)[0])
 
 
 @dataclass

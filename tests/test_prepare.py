@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from lmtools.corpus import ReadOptions, SourceReader, resolve_sources, safe_cut
 from lmtools.errors import ConfigError, DataError
-from lmtools.prepare import NpyWriter, in_val, prepare_corpus, read_meta
+from lmtools.prepare import NpyWriter, prepare_corpus, read_meta
 from lmtools.tokenizer import EOT, Encoder, bytes_to_unicode, load_tokenizer, train_bpe
 
 PROSE = (

@@ -9,6 +9,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer
 from typer.testing import CliRunner
 
@@ -120,6 +122,39 @@ def test_many_documents_split_by_whole_documents_close_to_the_share(tmp_path, to
     prepare_corpus([tmp_path / "stories.txt"], tmp_path / "other", tokenizer=tokenizer_json,
                    val_fraction=0.02, seed=5)
     assert not np.array_equal(load(tmp_path / "other")[2], val)
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=60),
+       fraction=st.sampled_from([0.0, 0.001, 0.01, 0.1, 0.3, 0.7]), seed=st.integers(0, 5))
+def test_the_share_given_is_the_share_asked_for(tmp_path_factory, sizes, fraction, seed):
+    """Whatever the documents' sizes: the split is by documents within SHARE_TOLERANCE of the
+    share, by the tail within SPAN_SNAP of it, or empty only for a corpus under two windows;
+    and train followed by val is the corpus, token for token."""
+    tmp = tmp_path_factory.mktemp("share")
+    docs = [d for d in documents([max(n, 1) for n in sizes], seed=seed) if d.strip()]
+    write_jsonl(tmp / "c.jsonl", docs)
+    meta = prepare_corpus([tmp / "c.jsonl"], tmp / "out", tokenizer="bytes",
+                          val_fraction=fraction, seed=seed)
+    _, train, val = load(tmp / "out")
+    stream = np.concatenate([train, val])
+    total = len(stream)
+    target = max(fraction * total, MIN_VAL_TOKENS)
+    method = meta["split"]["method"]
+    in_order = np.concatenate([list(d.encode()) + [256] for d in docs]).astype(np.uint16)
+    if fraction == 0 or total < 2 * MIN_VAL_TOKENS:
+        assert method == "none" and len(val) == 0
+        assert np.array_equal(stream, in_order)
+    elif method == "documents":
+        assert abs(len(val) - target) <= SHARE_TOLERANCE * target
+        assert sorted(map(bytes, split_docs(stream, 256))) == sorted(
+            map(bytes, split_docs(in_order, 256)))
+    else:
+        assert method == "spans" and abs(len(val) - round(target)) <= SPAN_SNAP * target + 1
+        assert np.array_equal(stream, in_order)
+    assert int((stream == 256).sum()) == len(docs) == meta["documents"]
+    assert meta["train_documents"] + meta["val_documents"] == len(docs)
 
 
 def test_a_corpus_too_small_for_a_window_gets_no_split_and_says_so(tmp_path):
