@@ -270,7 +270,7 @@ def _plan_split(enc: _Encoded, fraction: float) -> dict[str, Any]:
             totals = np.cumsum(lengths[order])
             k = int(np.argmin(np.abs(totals - target)))
             if abs(totals[k] - target) <= SHARE_TOLERANCE * target:
-                return {"method": "documents", "hash_threshold": int(hashes[order[k]]) + 1}
+                return {"method": "documents", "max_hash": int(hashes[order[k]])}
     return {"method": "spans", "where": "tail", "target_tokens": round(target)}
 
 
@@ -278,7 +278,7 @@ def _apply_split(enc: _Encoded, val: NpyWriter, plan: dict, seed: int, eot_id: i
                  line_ends: Callable[[], np.ndarray]) -> dict[str, int]:
     """Move the validation tokens from the stream into `val`; the stream becomes train."""
     if plan["method"] == "documents":
-        return _split_documents(enc.writer, val, seed, plan["hash_threshold"], eot_id)
+        return _split_documents(enc.writer, val, seed, plan["max_hash"], eot_id)
     if plan["method"] == "spans":
         start, cut_at = _tail_start(enc.writer, plan["target_tokens"], eot_id, line_ends())
         plan.update(val_start=start, cut_at=cut_at, cuts_a_document=cut_at != "document")
@@ -286,9 +286,9 @@ def _apply_split(enc: _Encoded, val: NpyWriter, plan: dict, seed: int, eot_id: i
     return {"train_documents": enc.documents, "val_documents": 0}
 
 
-def _split_documents(stream: NpyWriter, val: NpyWriter, seed: int, threshold: int,
+def _split_documents(stream: NpyWriter, val: NpyWriter, seed: int, max_hash: int,
                      eot_id: int, chunk: int = 1 << 22) -> dict[str, int]:
-    """Documents whose hash is below `threshold` go to val; the rest is compacted in place
+    """Documents whose hash is at most `max_hash` go to val; the rest is compacted in place
     (the write position never passes the read position, so nothing unread is overwritten)."""
     import numpy as np
 
@@ -299,7 +299,7 @@ def _split_documents(stream: NpyWriter, val: NpyWriter, seed: int, threshold: in
         bounds = np.flatnonzero(ids == eot_id) + 1
         ends = len(bounds)
         # ends + 1 flags: the chunk may stop inside a document, which the next one finishes.
-        flags = doc_hashes(seed, doc, ends + 1) < np.uint64(threshold)
+        flags = doc_hashes(seed, doc, ends + 1) <= np.uint64(max_hash)
         to_val = np.repeat(flags, np.diff(bounds, prepend=0, append=len(ids)))
         val.append(ids[to_val])
         kept = ids[~to_val]

@@ -57,7 +57,7 @@ def check_split(out: Path, docs: list[str], seed: int) -> dict:
     split = meta["split"]
     if split["method"] == "documents":
         _, train, val = load_dataset_docs(out)
-        picked = prepare.doc_hashes(seed, 0, len(docs)) < np.uint64(split["hash_threshold"])
+        picked = prepare.doc_hashes(seed, 0, len(docs)) <= np.uint64(split["max_hash"])
         assert train == [d for d, p in zip(docs, picked) if not p]
         assert val == [d for d, p in zip(docs, picked) if p]
     else:

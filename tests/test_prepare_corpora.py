@@ -112,7 +112,7 @@ def test_many_documents_split_by_whole_documents_close_to_the_share(tmp_path, to
     given = len(val) / (len(train) + len(val))
     assert abs(given - 0.02) <= SHARE_TOLERANCE * 0.02
     # Whole documents, chosen by the seeded hash: the val documents are exactly those below it.
-    picked = doc_hashes(4, 0, len(docs)) < np.uint64(split["hash_threshold"])
+    picked = doc_hashes(4, 0, len(docs)) <= np.uint64(split["max_hash"])
     tok = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
     decoded = [tok.decode(d[:-1].tolist()) for d in split_docs(val, meta["eot_id"])]
     expected = docs[:1] + ["\n" + d for d in docs[1:]]  # the newline after each separator
