@@ -435,14 +435,17 @@ def _remove_if_empty(folder: Path) -> None:
 
 
 def _write_error(out: Path, exc: OSError) -> BaseException:
-    """A failed write to `out` as one line; other OSErrors (bugs, odd devices) stay as they are."""
+    """A full disk or a file that may not be read or written, as one line; other OSErrors
+    (failing hardware, bugs) stay as they are."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DataError(f"--out {out}: no space left on the device ({exc.strerror}); "
                          "free some space or choose another --out (nothing was changed)")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        where = exc.filename or out
-        return DataError(f"--out {out}: cannot write {where} ({exc.strerror}); "
-                         "choose another --out")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and exc.filename is not None:
+        where = Path(os.fsdecode(exc.filename))
+        if where == out or out in where.parents:
+            return DataError(f"--out {out}: cannot write {where} ({exc.strerror}); "
+                             "choose another --out")
+        return DataError(f"{where}: cannot read it ({exc.strerror})")
     return exc
 
 

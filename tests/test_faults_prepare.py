@@ -150,6 +150,22 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_dataset(tmp_path, corpus):
         subprocess.run(["umount", str(disk)], check=True)
 
 
+def test_a_read_only_out_is_one_line(tmp_path):
+    disk = tmp_path / "read-only"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({mounted.stderr.strip()})")
+    try:
+        (tmp_path / "c.txt").write_text("some text\n")
+        result = prepare(tmp_path / "c.txt", "--out", disk / "data", "--tokenizer", "bytes")
+        line = one_line_error(result, f"--out {disk / 'data'}: cannot write")
+        assert "Read-only file system" in line and "Traceback" not in result.stderr
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 def test_the_lock_is_exclusive_and_released(tmp_path):
     path = tmp_path / f"{uuid.uuid4().hex}.lock"
     with exclusive(path, "the thing", "try later"):
