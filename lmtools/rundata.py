@@ -15,12 +15,13 @@ from typing import Any
 from lmtools.config import DEFAULT_VOCAB_SIZE, TrainConfig
 from lmtools.data import parse_source_spec
 from lmtools.errors import ConfigError, DataError
-from lmtools.prepare import TRAIN_FILE, VAL_FILE, read_meta
+from lmtools.layout import META_FILE, TRAIN_FILE, VAL_FILE
+from lmtools.prepare import read_meta
 
 def prepared_folder(path: str | Path) -> Path | None:
     """The folder itself when `path` is a folder written by `lmtools prepare`, else None."""
     p = Path(path)
-    if p.is_dir() and (p / TRAIN_FILE).is_file() and (p / "meta.json").is_file():
+    if p.is_dir() and (p / TRAIN_FILE).is_file() and (p / META_FILE).is_file():
         return p
     return None
 
@@ -151,8 +152,8 @@ def check_same_tokenizer(prepared: list[tuple[Path, dict]]) -> None:
         other_id = tokenizer_identity(other_file)
         sizes_differ = int(meta["vocab_size"]) != int(first_meta["vocab_size"])
         if sizes_differ or (first_id is not None and other_id is not None and first_id != other_id):
-            a = first_file if first_id is not None else Path(first_meta["dir"]) / "meta.json"
-            b = other_file if other_id is not None else Path(meta["dir"]) / "meta.json"
+            a = first_file if first_id is not None else Path(first_meta["dir"]) / META_FILE
+            b = other_file if other_id is not None else Path(meta["dir"]) / META_FILE
             sizes = f" ({first_meta['vocab_size']} vs {meta['vocab_size']} ids)" if sizes_differ else ""
             raise ConfigError(
                 f"{a} and {b} are different tokenizers{sizes}: their token ids mean different things and "
