@@ -110,3 +110,23 @@ def test_the_plot_draws_each_named_validation_set(plays, tmp_path):
     assert [it for it, _ in curves.val_sets["other"]] == [0, 3, 6]
     out = plot_runs([tmp_path / "run"], tmp_path / "loss.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("layout", ["one text file", "<|endoftext|>-separated"])
+def test_the_quick_start_on_a_text_file_validates_from_the_first_step(tmp_path, layout):
+    """`lmtools prepare corpus.txt` then `train --train_data data`: validation from iter 0."""
+    docs = documents(400, 11)
+    corpus = tmp_path / "corpus.txt"
+    if layout == "one text file":
+        corpus.write_text("\n\n".join(docs), encoding="utf-8")
+    else:
+        write_eot_text(corpus, docs)
+    prepare(corpus, tmp_path / "data", "--vocab_size", 300)
+    result = CliRunner().invoke(app, [
+        "train", "--train_data", str(tmp_path / "data"), "--context_length", "16", "--d_model", "32",
+        "--num_layers", "1", "--num_heads", "4", "--d_ff", "64", "--batch_size", "8", "--warmup_iters", "1",
+        "--max_iters", "4", "--log_interval", "2", "--eval_interval", "2", "--eval_iters", "1",
+        "--checkpoint_path", str(tmp_path / "run" / "ckpt.pt")])
+    assert result.exit_code == 0, result.output
+    iters = [line for line in result.output.splitlines() if line.startswith("Iter")]
+    assert iters[0].startswith("Iter      0 |") and all("Val Loss:" in line for line in iters), result.output
