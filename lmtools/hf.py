@@ -207,8 +207,9 @@ def export_checkpoint(
     model_cfg = model.config.to_dict()
     state = model.state_dict()
     files: dict[str, str] = {}
-    if tok is not None:
-        files["tokenizer.json"] = tok.to_str()
+    if tok is not None:  # the stored text as it was written, else the loaded file's
+        stored = payload.get("tokenizer_json")
+        files["tokenizer.json"] = stored if stored and not tokenizer else tok.to_str(pretty=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -355,9 +356,10 @@ def model_config_from_llama(hf: dict, where: Path) -> dict:
         raise refuse(f"rms_norm_eps {hf.get('rms_norm_eps', 1e-6)} (lmtools' RMSNorm uses {NORM_EPS})")
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise refuse(f"scaled RoPE ({rope_type!r})")
+    # transformers 4 writes rope_scaling, 5 rope_parameters: either may name a scaling.
+    scaled = {rope.get("rope_type"), scaling.get("rope_type") or scaling.get("type")} - {None, "default"}
+    if scaled:
+        raise refuse(f"scaled RoPE ({', '.join(sorted(scaled))})")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     return {
         "vocab_size": int(hf["vocab_size"]),
