@@ -127,7 +127,8 @@ def llama_config(model_cfg: dict, eot_id: int | None, dtype: torch.dtype) -> dic
         "initializer_range": 0.02,
         "pretraining_tp": 1,
         "use_cache": True,
-        "torch_dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch_dtype": str(dtype).removeprefix("torch."),  # the name before transformers 5
     }
 
 

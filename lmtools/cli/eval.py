@@ -38,7 +38,7 @@ def eval_command(
         raise ConfigError(f"--batch_size must be a positive integer, got {batch_size}")
     dev = resolve_device(device)
     model, payload = load_model(checkpoint, dev)
-    stride = stride or model.config.context_length
+    stride = model.config.context_length if stride is None else stride
     cache: list = []
 
     def text_tokenizer():
@@ -81,7 +81,7 @@ def _table(results, checkpoint: Path, stride: int, val_windows: bool) -> None:
     title = f"{checkpoint.name}: " + ("training's validation windows" if val_windows else f"stride {stride}")
     table = Table(title=title)
     for col in ("file", "tokens", "scored", "loss", "perplexity", "bits/byte"):
-        table.add_column(col, justify="left" if col == "file" else "right")
+        table.add_column(col, justify="left" if col == "file" else "right", overflow="fold" if col == "file" else "ellipsis")
     for r in results:
         bpb = f"{r.bits_per_byte:.4f}" if r.bits_per_byte is not None else "-"
         table.add_row(r.path, f"{r.tokens:,}", f"{r.scored:,}", f"{r.loss:.4f}", f"{r.perplexity:.2f}", bpb)
