@@ -99,7 +99,9 @@ def _batches(plan: list, batch_size: int) -> Iterator[list]:
         yield group
 
 
-def read_file(path: Path, tokenizer_for_text: Callable[[], object], vocab_size: int) -> tuple[np.ndarray, str, float | None, str | None]:
+def read_file(
+    path: Path, tokenizer_for_text: Callable[[], object], vocab_size: int
+) -> tuple[np.ndarray, str, float | None, str | None]:
     """A file's token ids, its kind, its bytes per token and a note when bytes are unknown."""
     from lmtools.data import load_dataset
     from lmtools.prepare import read_meta
@@ -164,4 +166,5 @@ def score_validation_windows(model, path: Path, train_cfg: dict, device: torch.d
     model.eval()
     scored = cfg.eval_iters * cfg.batch_size * cfg.context_length
     windows = f"training's {cfg.eval_iters} validation batches of {cfg.batch_size} (seed {cfg.seed + 1})"
-    return FileScore(str(path), "tokens", len(ids), scored, loss * scored, bpt, "; ".join(x for x in (windows, note) if x))
+    note = "; ".join(x for x in (windows, note) if x)
+    return FileScore(str(path), "tokens", len(ids), scored, loss * scored, bpt, note)
