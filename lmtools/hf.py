@@ -180,8 +180,9 @@ def export_checkpoint(
     checkpoint: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "hf", tokenizer: str | None = None,
     overwrite: bool = False,
 ) -> list[Path]:
-    """Write a checkpoint (plain or sharded) as a Hugging Face folder (`fmt="hf"`) or as plain
-    lmtools weights with the model config as safetensors metadata (`fmt="safetensors"`).
+    """Write a checkpoint (plain or sharded) as a Hugging Face folder (`fmt="hf"`), as plain
+    lmtools weights with the model config as safetensors metadata (`fmt="safetensors"`), or as
+    one GGUF file for llama.cpp (`fmt="gguf"`).
 
     The folder is written beside `out` and renamed into place, so a failed export leaves nothing
     half written; an existing non-empty `out` is replaced only with `overwrite`.
@@ -192,17 +193,17 @@ def export_checkpoint(
     from lmtools.generate import model_from_payload
     from lmtools.tokenizer import EOT, tokenizer_from_checkpoint
 
-    if fmt not in ("hf", "safetensors"):
-        raise ConfigError(f"--format must be hf or safetensors, got {fmt!r}")
+    if fmt not in ("hf", "safetensors", "gguf"):
+        raise ConfigError(f"--format must be hf, safetensors or gguf, got {fmt!r}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
     payload = read_checkpoint(checkpoint)
     model_cfg = dict(payload.get("model_config") or {})
-    if fmt == "hf":
+    if fmt != "safetensors":
         check_exportable(model_cfg)
     tok = None
-    if fmt == "hf" or tokenizer or payload.get("tokenizer_json"):
+    if fmt != "safetensors" or tokenizer or payload.get("tokenizer_json"):
         tok = tokenizer_from_checkpoint(payload, tokenizer, checkpoint)
     model = model_from_payload(payload, checkpoint)
     model_cfg = model.config.to_dict()
@@ -223,6 +224,10 @@ def export_checkpoint(
             files["config.json"] = _json(llama_config(model_cfg, eot_id, dtype))
             files["generation_config.json"] = _json(generation_config(eot_id))
             files["README.md"] = model_card(payload, model_cfg, model.num_parameters())
+        elif fmt == "gguf":
+            from lmtools.llamacpp import write_gguf
+
+            write_gguf(tmp / "model.gguf", state, model_cfg, files.pop("tokenizer.json"), tok.token_to_id(EOT))
         else:
             meta = {"lmtools_model_config": json.dumps(model_cfg), "lmtools_iteration": str(payload.get("iteration", 0))}
             write_safetensors(tmp / "model.safetensors", dict(state), meta)

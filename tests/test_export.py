@@ -18,9 +18,9 @@ from lmtools.errors import ConfigError, DataError
 from lmtools.generate import EOT, generate_ids, load_model
 from lmtools.hf import check_exportable, export_checkpoint, halves_to_pairs, import_llama, pairs_to_halves
 from lmtools.model import RotaryEmbedding, TransformerLM
-from lmtools.tokenizer import bytes_tokenizer, tokenizer_from_checkpoint
+from lmtools.tokenizer import bytes_tokenizer, tokenizer_from_checkpoint, train_bpe
 
-from helpers import TINY_MODEL, prepare_mixed
+from helpers import TINY_MODEL, mixed_documents, prepare_mixed
 
 transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"  # every load below is from a local folder
@@ -50,8 +50,8 @@ def random_model(seed=0, **shape) -> TransformerLM:
 
 def write_checkpoint(path, model: TransformerLM, **extra):
     cfg = TrainConfig(train_data=["corpus/train.npy"], context_length=model.config.context_length)
-    save_checkpoint(model, None, 7, path, config=cfg.to_dict(), model_config=model.config.to_dict(),
-                    tokenizer_json=bytes_tokenizer().to_str(), **extra)
+    extra = {"tokenizer_json": bytes_tokenizer().to_str()} | extra
+    save_checkpoint(model, None, 7, path, config=cfg.to_dict(), model_config=model.config.to_dict(), **extra)
     return path
 
 
@@ -139,6 +139,39 @@ def test_safetensors_format_holds_plain_weights_and_the_config(tmp_path):
         assert set(f.keys()) == set(model.state_dict())
         for name, tensor in model.state_dict().items():
             assert torch.equal(f.get_tensor(name), tensor)
+
+
+def test_gguf_reads_back_and_loads_in_transformers_with_equal_logits_and_ids(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")  # transformers' GGUF loader needs it
+    bpe = train_bpe([mixed_documents(200)], 300)
+    model = random_model(num_heads=2, vocab_size=300)
+    ckpt = write_checkpoint(tmp_path / "ckpt.pt", model, tokenizer_json=bpe.to_str())
+    export_checkpoint(ckpt, tmp_path / "g", fmt="gguf")
+    reader = gguf.GGUFReader(tmp_path / "g" / "model.gguf")
+    fields = {name: f.contents() for name, f in reader.fields.items()}
+    assert fields["general.architecture"] == "llama" and fields["llama.attention.head_count"] == 2
+    # A float32 field, as llama.cpp (and lmtools' float32 RMSNorm) uses the eps.
+    assert fields["llama.rope.freq_base"] == 500.0 and fields["llama.attention.layer_norm_rms_epsilon"] == np.float32(1e-5)
+    eot = bpe.token_to_id(EOT)
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.eos_token_id"] == eot
+    assert fields["tokenizer.ggml.tokens"][eot] == EOT and len(fields["tokenizer.ggml.tokens"]) == 300
+    stored = {t.name: np.array(t.data) for t in reader.tensors}
+    state = model.state_dict()
+    assert np.array_equal(stored["blk.1.attn_q.weight"], state["layers.1.attn.q_proj.weight"].numpy())
+    assert np.array_equal(stored["output.weight"], state["lm_head.weight"].numpy()) and len(stored) == len(state)
+
+    # transformers reads GGUF as llama.cpp lays it out (its own q/k permutation included).
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file="model.gguf").eval()
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, model(ids), atol=1e-4, rtol=0)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "g", gguf_file="model.gguf")
+    assert tok(MIXED_TEXT)["input_ids"] == bpe.encode(MIXED_TEXT, add_special_tokens=False).ids
+
+    # The byte tokenizer has no merges, which llama.cpp cannot load: refused, not written.
+    with pytest.raises(ConfigError, match="merges"):
+        export_checkpoint(write_checkpoint(tmp_path / "b.pt", random_model()), tmp_path / "b", fmt="gguf")
 
 
 def test_model_options_beyond_llama_are_refused_by_name(tmp_path):
