@@ -17,6 +17,14 @@ from lmtools.errors import ConfigError
 from lmtools.hf import NORM_EPS
 
 
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ConfigError("--format gguf needs the gguf package: pip install 'lmtools[gguf]' (or gguf)") from None
+    return gguf
+
+
 def gguf_names(num_layers: int) -> list[tuple[str, str]]:
     """(lmtools name, GGUF tensor name) of every weight."""
     names = [("token_embeddings.weight", "token_embd.weight")]
@@ -39,8 +47,7 @@ def gguf_names(num_layers: int) -> list[tuple[str, str]]:
 
 def gguf_vocab(tokenizer_json: str, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """Tokens by id (padded to the model's vocabulary), their GGUF types, and the merges."""
-    import gguf
-
+    gguf = _gguf()
     from lmtools.tokenizer import _plain_byte_level
 
     spec = json.loads(tokenizer_json)
@@ -70,8 +77,7 @@ def gguf_vocab(tokenizer_json: str, vocab_size: int) -> tuple[list[str], list[in
 def write_gguf(path: Path, state: dict[str, torch.Tensor], model_cfg: dict, tokenizer_json: str,
                eot_id: int | None) -> None:
     """One float32 GGUF file: llama hyperparameters, the tokenizer, every weight."""
-    import gguf
-
+    gguf = _gguf()
     tokens, types, merges = gguf_vocab(tokenizer_json, int(model_cfg["vocab_size"]))
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(int(model_cfg["context_length"]))
