@@ -199,15 +199,14 @@ def export_checkpoint(
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
     payload = read_checkpoint(checkpoint)
-    model_cfg = dict(payload.get("model_config") or {})
-    if fmt != "safetensors":
-        check_exportable(model_cfg)
+    if fmt != "safetensors":  # before building: a newer option this model code lacks is named too
+        check_exportable(dict(payload.get("model_config") or {}))
     tok = None
     if fmt != "safetensors" or tokenizer or payload.get("tokenizer_json"):
         tok = tokenizer_from_checkpoint(payload, tokenizer, checkpoint)
     model = model_from_payload(payload, checkpoint)
-    model_cfg = model.config.to_dict()
-    state = model.state_dict()
+    if fmt != "safetensors":
+        check_exportable(model.config.to_dict())
     files: dict[str, str] = {}
     if tok is not None:  # the stored text as it was written, else the loaded file's
         stored = payload.get("tokenizer_json")
@@ -216,29 +215,35 @@ def export_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        if fmt == "hf":
-            eot_id = tok.token_to_id(EOT)
-            dtype = next(iter(state.values())).dtype
-            write_safetensors(tmp / "model.safetensors", to_hf_state(state, model_cfg), {})
-            files |= tokenizer_files(files["tokenizer.json"], EOT, model_cfg["context_length"])
-            files["config.json"] = _json(llama_config(model_cfg, eot_id, dtype))
-            files["generation_config.json"] = _json(generation_config(eot_id))
-            files["README.md"] = model_card(payload, model_cfg, model.num_parameters())
-        elif fmt == "gguf":
-            from lmtools.llamacpp import write_gguf
-
-            write_gguf(tmp / "model.gguf", state, model_cfg, files.pop("tokenizer.json"), tok.token_to_id(EOT))
-        else:
-            meta = {"lmtools_model_config": json.dumps(model_cfg), "lmtools_iteration": str(payload.get("iteration", 0))}
-            write_safetensors(tmp / "model.safetensors", dict(state), meta)
-        for name, text in files.items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        _write_export(tmp, fmt, payload, model, files, tok.token_to_id(EOT) if tok is not None else None)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return sorted(out.iterdir())
+
+
+def _write_export(folder: Path, fmt: str, payload: dict, model, files: dict[str, str], eot_id: int | None) -> None:
+    """The files of one export format, into `folder`."""
+    from lmtools.tokenizer import EOT
+
+    model_cfg, state = model.config.to_dict(), model.state_dict()
+    if fmt == "hf":
+        write_safetensors(folder / "model.safetensors", to_hf_state(state, model_cfg), {})
+        files |= tokenizer_files(files["tokenizer.json"], EOT, model_cfg["context_length"])
+        files["config.json"] = _json(llama_config(model_cfg, eot_id, next(iter(state.values())).dtype))
+        files["generation_config.json"] = _json(generation_config(eot_id))
+        files["README.md"] = model_card(payload, model_cfg, model.num_parameters())
+    elif fmt == "gguf":
+        from lmtools.llamacpp import write_gguf
+
+        write_gguf(folder / "model.gguf", state, model_cfg, files.pop("tokenizer.json"), eot_id)
+    else:
+        meta = {"lmtools_model_config": json.dumps(model_cfg), "lmtools_iteration": str(payload.get("iteration", 0))}
+        write_safetensors(folder / "model.safetensors", dict(state), meta)
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
 
 
 def model_card(payload: dict, model_cfg: dict, num_params: int) -> str:
