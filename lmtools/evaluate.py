@@ -105,7 +105,7 @@ def read_file(
     """A file's token ids, its kind, its bytes per token and a note when bytes are unknown."""
     from lmtools.data import load_dataset
     from lmtools.prepare import read_meta
-    from lmtools.tokenizer import EOT
+    from lmtools.layout import EOT
 
     if not path.is_file():
         raise DataError(f"{path}: no such file")

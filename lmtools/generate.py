@@ -9,9 +9,9 @@ import torch
 
 from lmtools.checkpoint import load_state, read_checkpoint
 from lmtools.errors import CheckpointError, ConfigError
+from lmtools.layout import EOT
 from lmtools.model import MODEL_FIELDS, KVCache, TransformerLM
 
-EOT = "<|endoftext|>"
 
 
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[TransformerLM, dict]:

@@ -191,7 +191,8 @@ def export_checkpoint(
 
     from lmtools.checkpoint import read_checkpoint
     from lmtools.generate import model_from_payload
-    from lmtools.tokenizer import EOT, tokenizer_from_checkpoint
+    from lmtools.layout import EOT
+    from lmtools.tokenizer import tokenizer_from_checkpoint
 
     if fmt not in ("hf", "safetensors", "gguf"):
         raise ConfigError(f"--format must be hf, safetensors or gguf, got {fmt!r}")
@@ -226,7 +227,7 @@ def export_checkpoint(
 
 def _write_export(folder: Path, fmt: str, payload: dict, model, files: dict[str, str], eot_id: int | None) -> None:
     """The files of one export format, into `folder`."""
-    from lmtools.tokenizer import EOT
+    from lmtools.layout import EOT
 
     model_cfg, state = model.config.to_dict(), model.state_dict()
     if fmt == "hf":

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from lmtools.errors import CheckpointError, DataError, LMToolsError
+from lmtools.layout import EOT
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 MODULE_ORDER = ("token_embeddings", "layers", "ln_final", "lm_head")
-EOT = "<|endoftext|>"
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _NPY_MAGIC = b"\x93NUMPY"
