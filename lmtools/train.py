@@ -38,6 +38,7 @@ from lmtools.model import MODEL_FIELDS, TransformerLM
 from lmtools.optim import cross_entropy, make_optimizer, run_gradient_clipping
 from lmtools.prepare import read_meta
 from lmtools.rundata import absolute_spec, data_tokenizer_identity, normalise_specs, resolve_data
+from lmtools.tokenizer import read_tokenizer_json
 
 if TYPE_CHECKING:
     from lmtools.init_from import InitSource
@@ -314,6 +315,11 @@ class Trainer:
         self.iteration = 0
         self.skipped = 0
         self.last_metrics: dict = {}
+        # Stored in every checkpoint, so that it needs no dataset folder to be sampled or exported.
+        self.tokenizer_json = (
+            read_tokenizer_json(cfg.tokenizer) or (payload or {}).get("tokenizer_json")
+            or (init.tokenizer_text if init is not None else None)
+        )
         if payload is not None:
             self.iteration = load_state(payload, self.model, self.optimizer)
             self.loader.load_state_dict(payload.get("sampler", {}))
@@ -594,6 +600,8 @@ class Trainer:
             skipped_steps=self.skipped,
             metrics=self.last_metrics,
             tokenizer=self.cfg.tokenizer,
+            tokenizer_json=self.tokenizer_json,
+            world_size=self.dist.world_size,
             lmtools_version=__version__,
             torch_version=str(torch.__version__),
             format_version=FORMAT_VERSION,
