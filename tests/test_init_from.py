@@ -134,17 +134,37 @@ def test_init_from_something_else_than_a_checkpoint(world, tmp_path, what):
     assert str(src) in line and ("not a checkpoint" in line or "config.json" in line), line
 
 
-def test_hugging_face_folder_is_dispatched_to_the_importer(world, tmp_path):
-    """A folder with config.json goes to lmtools.hf.import_llama (when this lmtools has it)."""
-    import importlib.util
-
-    folder = tmp_path / "hf"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    result = cli("train", "--init_from", folder, "--train_data", world / "fine", "--checkpoint_path", tmp_path / "c.pt")
-    assert result.exit_code != 0
-    if importlib.util.find_spec("lmtools.hf") is None:
-        assert "cannot import Hugging Face folders" in one_error_line(result)
+def test_init_from_a_hugging_face_folder(world, tmp_path):
+    """`lmtools export` writes a Llama folder; --init_from reads it back through lmtools.hf."""
+    base = world / "base" / "ckpt.pt"
+    hf = tmp_path / "hf"
+    result = cli("export", base, "--out", hf)
+    assert result.exit_code == 0, result.output
+    assert (hf / "config.json").is_file()
+    ckpt = tmp_path / "tuned" / "ckpt.pt"
+    result = cli("train", "--init_from", hf, "--train_data", world / "fine", *RUN, "--max_iters", 2,
+                 "--checkpoint_path", ckpt)
+    assert result.exit_code == 0, result.output
+    assert f"Initialised from Hugging Face folder {hf}" in result.output
+    payload, base_payload = read_checkpoint(ckpt), read_checkpoint(base)
+    assert payload["config"]["init_from"] == str(hf)
+    assert {k: payload["model_config"][k] for k in ("vocab_size", "d_model", "num_layers", "d_ff")} == {
+        k: base_payload["model_config"][k] for k in ("vocab_size", "d_model", "num_layers", "d_ff")}
+    # Export then import is exact: the iter-0 loss is the base model's on the new run's first batch.
+    records = [json.loads(line) for line in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
+    model = TransformerLM.from_config(base_payload["model_config"])
+    model.load_state_dict(base_payload["model_state_dict"])
+    x, y = BatchLoader([str(world / "fine" / "train.npy")], 8, 16, seed=0, prefetch=0).batch_at(0)
+    with torch.no_grad():
+        assert records[0]["loss"] == pytest.approx(float(cross_entropy(model(x), y)), rel=1e-5)
+    # Its optimizer state cannot be taken over: a Hugging Face folder holds none.
+    line = one_error_line(cli("train", "--init_from", hf, "--init_optimizer", "--train_data", world / "fine",
+                              "--checkpoint_path", tmp_path / "other.pt"))
+    assert "holds no optimizer state" in line
+    # Data tokenized otherwise is refused as from a checkpoint.
+    line = one_error_line(cli("train", "--init_from", hf, "--train_data", world / "code",
+                              "--checkpoint_path", tmp_path / "other.pt"))
+    assert "another tokenizer" in line
 
 
 @pytest.mark.parametrize(
