@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from lmtools.data import BatchLoader
 from lmtools.model import TransformerLM
 from lmtools.optim import cross_entropy
 
-from corpora import CODE_WORDS, documents, prepare, write_jsonl
+from corpora import documents, prepare, write_jsonl
 
 MODEL = ["--context_length", "16", "--d_model", "32", "--num_layers", "1", "--num_heads", "4", "--d_ff", "64"]
 RUN = ["--batch_size", "8", "--warmup_iters", "1", "--learning_rate", "3e-3", "--eval_iters", "2",
@@ -33,18 +34,18 @@ def one_error_line(result) -> str:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """`base`: a run trained 6 steps on `plays`; `fine`: new data with the same tokenizer;
+    """`base`: a run trained 20 steps on `plays`; `fine`: new data with the same tokenizer;
     `code`: another tokenizer of the same size; `wide`: a tokenizer of another size."""
     root = tmp_path_factory.mktemp("init")
     prepare(write_jsonl(root / "plays.jsonl", documents(300, 0)), root / "plays", "--vocab_size", 300,
             "--val_fraction", 0.1)
     prepare(write_jsonl(root / "fine.jsonl", documents(150, 5)), root / "fine",
             "--tokenizer", root / "plays" / "tokenizer.json", "--val_fraction", 0.1)
-    prepare(write_jsonl(root / "code.jsonl", documents(300, 2, CODE_WORDS)), root / "code", "--vocab_size", 300,
+    prepare(write_jsonl(root / "code.jsonl", documents(300, 2)), root / "code", "--vocab_size", 300,
             "--val_fraction", 0.1)
     prepare(write_jsonl(root / "wide.jsonl", documents(300, 4)), root / "wide", "--vocab_size", 320,
             "--val_fraction", 0.1)
-    result = cli("train", "--train_data", root / "plays", *MODEL, *RUN, "--max_iters", 6,
+    result = cli("train", "--train_data", root / "plays", *MODEL, *RUN, "--max_iters", 20,
                  "--checkpoint_path", root / "base" / "ckpt.pt")
     assert result.exit_code == 0, result.output
     return root
@@ -71,7 +72,7 @@ def test_init_from_starts_a_new_run_from_the_weights(world, tmp_path):
     from lmtools.inspect import inspect_path
 
     assert inspect_path(ckpt)["data"]["init_from"] == str(base)
-    # A fresh optimizer: 4 steps of its own, not 6 + 4.
+    # A fresh optimizer: 4 steps of its own, not 20 + 4.
     assert {int(s["step"]) for s in payload["optimizer_state_dict"]["state"].values()} == {4}
     # A fresh schedule: warmup from iter 0 again.
     records = [json.loads(line) for line in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
@@ -84,7 +85,8 @@ def test_init_from_starts_a_new_run_from_the_weights(world, tmp_path):
     with torch.no_grad():
         expected = float(cross_entropy(model(x), y))
     assert records[0]["loss"] == pytest.approx(expected, rel=1e-5)
-    assert records[0]["loss"] < 0.95 * torch.log(torch.tensor(300.0)).item()  # trained, not a new model
+    # Trained weights, not a new model's (whose loss is about ln(300) = 5.70).
+    assert records[0]["loss"] < math.log(300) - 0.3
     assert digest(base) == before
 
 
@@ -94,7 +96,7 @@ def test_init_optimizer_takes_over_the_optimizer_state(world, tmp_path):
                  world / "fine", *RUN, "--max_iters", 2, "--checkpoint_path", ckpt)
     assert result.exit_code == 0, result.output
     assert "its optimizer state" in result.output
-    assert {int(s["step"]) for s in read_checkpoint(ckpt)["optimizer_state_dict"]["state"].values()} == {8}
+    assert {int(s["step"]) for s in read_checkpoint(ckpt)["optimizer_state_dict"]["state"].values()} == {22}
 
 
 @pytest.mark.parametrize(
@@ -189,6 +191,6 @@ def test_resume_with_the_same_data_spelled_as_its_folder(world, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(world / "base", run)
     result = cli("train", "--resume", "--checkpoint_path", run / "ckpt.pt", "--train_data", world / "plays",
-                 "--max_iters", 8)
+                 "--max_iters", 22)
     assert result.exit_code == 0, result.output
-    assert read_checkpoint(run / "ckpt.pt")["iteration"] == 8
+    assert read_checkpoint(run / "ckpt.pt")["iteration"] == 22

@@ -12,7 +12,7 @@ from lmtools.cli import app
 from lmtools.config import TrainConfig
 from lmtools.rundata import resolve_data, unique_names
 
-from corpora import CODE_WORDS, documents, prepare, write_eot_text, write_jsonl
+from corpora import documents, prepare, write_eot_text, write_jsonl
 
 TINY = ["--context_length", "16", "--d_model", "32", "--num_layers", "1", "--num_heads", "4", "--d_ff", "64",
         "--batch_size", "8", "--warmup_iters", "1", "--learning_rate", "3e-3", "--eval_iters", "2"]
@@ -27,7 +27,7 @@ def folders(tmp_path_factory):
     more = prepare(write_eot_text(root / "more.txt", documents(200, 1)), root / "more_plays",
                    "--tokenizer", root / "plays" / "tokenizer.json", "--separator", "<|endoftext|>",
                    "--val_fraction", 0.1)
-    code = prepare(write_jsonl(root / "code.jsonl", documents(300, 2, CODE_WORDS)), root / "code",
+    code = prepare(write_jsonl(root / "code.jsonl", documents(300, 2)), root / "code",
                    "--vocab_size", 300, "--val_fraction", 0.1)
     assert plays["vocab_size"] == more["vocab_size"] == code["vocab_size"] == 300
     assert min(plays["val_tokens"], more["val_tokens"]) > 1000
