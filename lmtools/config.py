@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-
-from typing import TYPE_CHECKING
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 from lmtools.errors import ConfigError
 
@@ -16,61 +15,82 @@ DEFAULT_VOCAB_SIZE = 10000
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def option(default: Any = MISSING, help: str = "", *, flags: tuple[str, ...] = (), factory: Any = MISSING,
+           cli: bool = True) -> Any:
+    """A TrainConfig field with its help text: the one declaration the `train` flags, run configs
+    (TOML) and checkpoints are generated from. `flags` replaces the default spellings
+    (--snake_case and --kebab-case); `cli=False` marks state the run records but no flag sets."""
+    metadata = {"help": help, "flags": flags, "cli": cli}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
-    train_data: list[str] = field(default_factory=list)
-    val_data: str | None = None
-    # None: from the dataset's meta.json, else DEFAULT_VOCAB_SIZE.
-    vocab_size: int | None = None
-    context_length: int = 512
-    d_model: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    d_ff: int = 3072
-    rope_theta: float = 10000.0
-    batch_size: int = 32
-    learning_rate: float = 1e-4
-    min_learning_rate: float = 1e-5
-    weight_decay: float = 0.01
-    warmup_iters: int = 2000
-    max_iters: int = 100000
-    # The cosine reaches min_learning_rate here; None: at max_iters.
-    cosine_cycle_iters: int | None = None
-    gradient_clip_val: float = 1.0
-    eval_interval: int = 1000
-    eval_iters: int = 20
-    log_interval: int = 100
-    checkpoint_interval: int = 5000
-    checkpoint_path: str = "checkpoint.pt"
-    # Wall-clock budget: the run stops with a checkpoint once it has trained this long.
-    max_minutes: float | None = None
-    device: str = "cpu"
-    seed: int = 0
-    grad_accum_steps: int = 1
-    dtype: str = "auto"
-    compile: bool = False
-    # Shard parameters, gradients and optimizer state across ranks (FSDP2); needs torchrun.
-    fsdp: bool = False
-    keep_last: int = 0
-    data_dtype: str | None = None
-    skip_nonfinite: bool = False
-    skip_spikes: bool = False
-    spike_zscore: float = 6.0
-    metrics: bool = True
-    tensorboard: str | None = None
-    wandb: str | None = None
-    # A fresh run refuses to replace an existing checkpoint unless this is set.
-    overwrite: bool = False
-    tokenizer: str | None = None
-    # Validation files by name (one per prepared folder of a mixture), evaluated and logged apart.
-    val_sets: dict[str, str] = field(default_factory=dict)
-    # A new run that starts from these weights and model shape (a checkpoint or a Hugging Face folder).
-    init_from: str | None = None
-    # With init_from: also take over the checkpoint's optimizer state.
-    init_optimizer: bool = False
+    train_data: list[str] = option(
+        factory=list,
+        help="Token file (.npy/.bin), prepared folder, or PATH:WEIGHT for a mixture; repeat for several.",
+    )
+    val_data: str | None = option(None, "Validation token file (default: val.npy beside a prepared train.npy).")
+    vocab_size: int | None = option(
+        None, f"Vocabulary size; by default from the dataset's meta.json, else {DEFAULT_VOCAB_SIZE}."
+    )
+    context_length: int = option(512, "Tokens per training window (the model's maximum context).")
+    d_model: int = option(768, "Width of the residual stream.")
+    num_layers: int = option(12, "Number of Transformer blocks.")
+    num_heads: int = option(12, "Attention heads per block (must divide --d_model).")
+    d_ff: int = option(3072, "Hidden width of the feed-forward layers.")
+    rope_theta: float = option(10000.0, "Base of the rotary position embedding's frequencies.")
+    batch_size: int = option(32, "Windows per micro-batch (per rank under torchrun).")
+    learning_rate: float = option(1e-4, "Peak learning rate, reached at the end of warmup.")
+    min_learning_rate: float = option(1e-5, "Learning rate at the end of the cosine decay.")
+    weight_decay: float = option(0.01, "AdamW's decoupled weight decay.")
+    warmup_iters: int = option(2000, "Iterations of linear warmup to --learning_rate.")
+    max_iters: int = option(100000, "Total training iterations (optimizer updates).")
+    cosine_cycle_iters: int | None = option(
+        None, "Iteration where the cosine reaches --min_learning_rate; by default --max_iters."
+    )
+    gradient_clip_val: float = option(1.0, "Clip the gradients' global L2 norm to this value.")
+    eval_interval: int = option(1000, "Evaluate on the validation data every this many iterations.")
+    eval_iters: int = option(20, "Validation batches per evaluation (the same windows every time).")
+    log_interval: int = option(100, "Log the training loss every this many iterations.")
+    checkpoint_interval: int = option(5000, "Write a checkpoint every this many iterations.")
+    checkpoint_path: str = option("checkpoint.pt", "Where the checkpoint is written (and read by --resume).")
+    max_minutes: float | None = option(None, "Stop with a checkpoint after training this many minutes.")
+    device: str = option("cpu", "cpu, cuda, cuda:N or mps.")
+    seed: int = option(0, "Seed of the model's initialisation and the batch order.")
+    grad_accum_steps: int = option(1, "Micro-batches accumulated per optimizer update.")
+    dtype: str = option("auto", "auto (bfloat16 on CUDA, else float32), float32, bfloat16 or float16.")
+    compile: bool = option(False, "torch.compile the model.")
+    fsdp: bool = option(
+        False, "Shard the model across ranks with FSDP2 (under torchrun); checkpoints add a CHECKPOINT.dcp/ folder."
+    )
+    keep_last: int = option(0, "Also keep the K newest checkpoints as CHECKPOINT-NNNNNNNN.pt.")
+    data_dtype: str | None = option(None, "dtype of raw .bin token files (uint16, uint32, int32, int64).")
+    skip_nonfinite: bool = option(False, "Skip (and count) updates with a NaN/inf loss instead of stopping.")
+    skip_spikes: bool = option(False, "Skip updates whose loss is a spike (z-score above --spike_zscore).")
+    spike_zscore: float = option(6.0, "z-score of the loss against its recent window above which a step is a spike.")
+    metrics: bool = option(True, "Write metrics.jsonl beside the checkpoint.", cli=False)
+    tensorboard: str | None = option(None, "Also log metrics to TensorBoard in this folder (needs tensorboard).")
+    wandb: str | None = option(None, "Also log metrics to this Weights & Biases project (needs wandb).")
+    overwrite: bool = option(False, "Start a new run even if --checkpoint_path already exists.")
+    tokenizer: str | None = option(None, "The tokenizer.json of the run's data (resolved from it).", cli=False)
+    val_sets: dict[str, str] = option(
+        factory=dict, cli=False,
+        help="Validation files by name (one per prepared folder of a mixture), evaluated and logged apart.",
+    )
+    init_from: str | None = option(
+        None,
+        "Start a new run from these weights and model shape: a checkpoint or a Hugging Face model folder "
+        "(fine-tuning, continued pretraining on new data).",
+    )
+    init_optimizer: bool = option(False, "With --init_from CHECKPOINT: also take over its optimizer state.")
     # Set when a resume moves the schedule's end (max_iters): from each `start`, a cosine from
     # `from_lr` (the rate there, so the rate stays continuous) to `to_lr` at `end`.
-    schedule_extensions: list[dict] = field(default_factory=list)
+    schedule_extensions: list[dict] = option(
+        factory=list, cli=False, help="Where resumes moved the schedule's end (set by resume --max_iters)."
+    )
 
     def model_config(self) -> "ModelConfig":
         from lmtools.model import ModelConfig  # imports torch: only when a model is built

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Optional
 
@@ -9,13 +10,6 @@ import typer
 
 from lmtools.cli.app import app, user_errors
 from lmtools.config import TrainConfig
-
-_D = TrainConfig()
-
-
-def _opt(default, *names: str, help: str = "", **kw):
-    return typer.Option(default, *names, help=help, **kw)
-
 
 def _explicit(ctx: typer.Context) -> frozenset[str]:
     """The parameters the user typed (as opposed to defaults)."""
@@ -82,59 +76,73 @@ def _run(cfg, **kw):
     _finish(result)
 
 
-@app.command()
+# Options of `train` that steer the invocation rather than describe the run (not TrainConfig fields).
+_TRAIN_ONLY = {
+    "config": (Optional[Path], None, ("--config",), "TOML run config whose keys are these flags' names; flags typed here win."),
+    "resume": (bool, False, ("--resume",), "Continue from --checkpoint_path with the config stored in it."),
+}
+# The TrainConfig fields `resume` may override; None keeps the checkpoint's value.
+_RESUME_FIELDS = ("max_iters", "device", "max_minutes")
+
+
+def _flags(f) -> tuple[str, ...]:
+    """--snake_case and --kebab-case, unless the field names its own spellings."""
+    if f.metadata.get("flags"):
+        return tuple(f.metadata["flags"])
+    snake = f"--{f.name}"
+    return (snake, snake.replace("_", "-")) if "_" in f.name else (snake,)
+
+
+def _field_options(names=None, *, keep_defaults: bool = True) -> list[inspect.Parameter]:
+    """Typer parameters generated from TrainConfig's fields (all flag fields, or `names`)."""
+    from lmtools.runconfig import field_types, flag_fields
+
+    params = []
+    for f in flag_fields():
+        if names is not None and f.name not in names:
+            continue
+        kind, optional = field_types()[f.name]
+        annotation = list[str] if kind is list else kind
+        default = f.default if keep_defaults and kind is not list else None
+        if default is None:
+            annotation = Optional[annotation]
+        params.append(_param(f.name, annotation, default, _flags(f), f.metadata["help"]))
+    return params
+
+
+def _param(name: str, annotation, default, flags: tuple[str, ...], help: str) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(default, *flags, help=help))
+
+
+def _with_options(*params: inspect.Parameter):
+    """Give a `**kwargs` command the signature typer builds its options from."""
+
+    def decorate(fn):
+        fn.__signature__ = inspect.Signature(list(params))
+        fn.__annotations__ = {p.name: p.annotation for p in params}
+        return fn
+
+    return decorate
+
+
+def _ctx_param(name: str = "ctx") -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+
+
+@app.command(help="Train a Transformer LM on token files.")
 @user_errors
-def train(
-    ctx: typer.Context,
-    train_data: Optional[list[str]] = _opt(None, "--train_data", "--train-data", help="Token file (.npy/.bin), prepared folder, or PATH:WEIGHT for a mixture; repeat for several."),
-    val_data: Optional[str] = _opt(None, "--val_data", "--val-data", help="Validation token file (default: val.npy beside a prepared train.npy)."),
-    vocab_size: Optional[int] = _opt(None, "--vocab_size", "--vocab-size", help="Vocabulary size; by default from the dataset's meta.json, else 10000."),
-    context_length: int = _opt(_D.context_length, "--context_length", "--context-length"),
-    d_model: int = _opt(_D.d_model, "--d_model", "--d-model"),
-    num_layers: int = _opt(_D.num_layers, "--num_layers", "--num-layers"),
-    num_heads: int = _opt(_D.num_heads, "--num_heads", "--num-heads"),
-    d_ff: int = _opt(_D.d_ff, "--d_ff", "--d-ff"),
-    rope_theta: float = _opt(_D.rope_theta, "--rope_theta", "--rope-theta"),
-    batch_size: int = _opt(_D.batch_size, "--batch_size", "--batch-size"),
-    learning_rate: float = _opt(_D.learning_rate, "--learning_rate", "--learning-rate"),
-    min_learning_rate: float = _opt(_D.min_learning_rate, "--min_learning_rate", "--min-learning-rate"),
-    weight_decay: float = _opt(_D.weight_decay, "--weight_decay", "--weight-decay"),
-    warmup_iters: int = _opt(_D.warmup_iters, "--warmup_iters", "--warmup-iters"),
-    max_iters: int = _opt(_D.max_iters, "--max_iters", "--max-iters"),
-    cosine_cycle_iters: Optional[int] = _opt(None, "--cosine_cycle_iters", "--cosine-cycle-iters", help="Iteration where the cosine reaches --min_learning_rate; by default --max_iters."),
-    gradient_clip_val: float = _opt(_D.gradient_clip_val, "--gradient_clip_val", "--gradient-clip-val"),
-    eval_interval: int = _opt(_D.eval_interval, "--eval_interval", "--eval-interval"),
-    eval_iters: int = _opt(_D.eval_iters, "--eval_iters", "--eval-iters", help="Validation batches per evaluation (the same windows every time)."),
-    log_interval: int = _opt(_D.log_interval, "--log_interval", "--log-interval"),
-    checkpoint_interval: int = _opt(_D.checkpoint_interval, "--checkpoint_interval", "--checkpoint-interval"),
-    checkpoint_path: str = _opt(_D.checkpoint_path, "--checkpoint_path", "--checkpoint-path"),
-    max_minutes: Optional[float] = _opt(None, "--max_minutes", "--max-minutes", help="Stop with a checkpoint after training this many minutes."),
-    resume: bool = _opt(False, "--resume", help="Continue from --checkpoint_path with the config stored in it."),
-    init_from: Optional[str] = _opt(None, "--init_from", "--init-from", help="Start a new run from these weights and model shape: a checkpoint or a Hugging Face model folder (fine-tuning, continued pretraining on new data)."),
-    init_optimizer: bool = _opt(False, "--init_optimizer", "--init-optimizer", help="With --init_from CHECKPOINT: also take over its optimizer state."),
-    overwrite: bool = _opt(False, "--overwrite", help="Start a new run even if --checkpoint_path already exists."),
-    device: str = _opt(_D.device, "--device", help="cpu, cuda, cuda:N or mps."),
-    seed: int = _opt(_D.seed, "--seed"),
-    grad_accum_steps: int = _opt(_D.grad_accum_steps, "--grad_accum_steps", "--grad-accum-steps"),
-    dtype: str = _opt(_D.dtype, "--dtype", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16 or float16."),
-    compile: bool = _opt(_D.compile, "--compile", help="torch.compile the model."),
-    fsdp: bool = _opt(_D.fsdp, "--fsdp", help="Shard the model across ranks with FSDP2 (under torchrun); checkpoints add a CHECKPOINT.dcp/ folder."),
-    keep_last: int = _opt(_D.keep_last, "--keep_last", "--keep-last", help="Also keep the K newest checkpoints as CHECKPOINT-NNNNNNNN.pt."),
-    data_dtype: Optional[str] = _opt(None, "--data_dtype", "--data-dtype", help="dtype of raw .bin token files (uint16, uint32, int32, int64)."),
-    tensorboard: Optional[str] = _opt(None, "--tensorboard", help="Also log metrics to TensorBoard in this folder (needs tensorboard)."),
-    wandb: Optional[str] = _opt(None, "--wandb", help="Also log metrics to this Weights & Biases project (needs wandb)."),
-    skip_nonfinite: bool = _opt(False, "--skip_nonfinite", "--skip-nonfinite", help="Skip (and count) updates with a NaN/inf loss instead of stopping."),
-    skip_spikes: bool = _opt(False, "--skip_spikes", "--skip-spikes", help="Skip updates whose loss is a spike (z-score above --spike_zscore)."),
-    spike_zscore: float = _opt(_D.spike_zscore, "--spike_zscore", "--spike-zscore"),
-) -> None:
+@_with_options(
+    _ctx_param(),
+    *_field_options(),
+    *(_param(name, *spec) for name, spec in _TRAIN_ONLY.items()),
+)
+def train(ctx: typer.Context, **params) -> None:
     """Train a Transformer LM on token files."""
     from lmtools.errors import ConfigError
 
-    params = dict(ctx.params)
-    explicit = _explicit(ctx)
     resume_flag = params.pop("resume")
-    params["train_data"] = list(params["train_data"] or [])
-    cfg = TrainConfig(**params)
+    cfg, explicit = config_from_params(params, _explicit(ctx))
     resume_from = None
     if resume_flag:
         resume_from = cfg.checkpoint_path
@@ -145,29 +153,36 @@ def train(
     _run(cfg, resume_from=resume_from, explicit=explicit)
 
 
+def config_from_params(params: dict, typed: frozenset[str]) -> tuple[TrainConfig, frozenset[str]]:
+    """The run config from the flags and the --config file (a typed flag wins over the file), and
+    the names the user set (typed or in the file), which a resume treats as overrides."""
+    from lmtools.runconfig import read_run_config
+
+    params = dict(params)
+    path = params.pop("config", None)
+    from_file = read_run_config(path) if path is not None else {}
+    for name, value in from_file.items():
+        if name not in typed:
+            params[name] = value
+    params["train_data"] = list(params["train_data"] or [])
+    return TrainConfig(**params), frozenset(typed - {"config"}) | frozenset(from_file)
+
+
 @app.command()
 @user_errors
-def resume(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint written by lmtools train."),
-    max_iters: Optional[int] = _opt(None, "--max_iters", "--max-iters", help="New total iteration count."),
-    device: Optional[str] = _opt(None, "--device", help="Override the stored device."),
-    max_minutes: Optional[float] = _opt(None, "--max_minutes", "--max-minutes", help="Stop with a checkpoint after training this many minutes (a budget per invocation)."),
-) -> None:
-    """Continue a run from its checkpoint alone: config, data, RNG and data position come from it."""
+@_with_options(
+    inspect.Parameter("checkpoint", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
+                      default=typer.Argument(..., help="Checkpoint written by lmtools train.")),
+    *_field_options(_RESUME_FIELDS, keep_defaults=False),
+)
+def resume(checkpoint: Path, **overrides) -> None:
+    """Continue a run from its checkpoint alone: config, data, RNG and data position come from it.
+    --max_iters, --device and --max_minutes (a budget per invocation) override the stored values."""
     from lmtools.checkpoint import snapshot_base
 
-    cfg = TrainConfig(checkpoint_path=str(snapshot_base(checkpoint)))
-    explicit = {"checkpoint_path"}
-    if max_iters is not None:
-        cfg.max_iters = max_iters
-        explicit.add("max_iters")
-    if device is not None:
-        cfg.device = device
-        explicit.add("device")
-    if max_minutes is not None:
-        cfg.max_minutes = max_minutes
-        explicit.add("max_minutes")
-    _run(cfg, resume_from=str(checkpoint), explicit=frozenset(explicit))
+    given = {name: value for name, value in overrides.items() if value is not None}
+    cfg = TrainConfig(checkpoint_path=str(snapshot_base(checkpoint)), **given)
+    _run(cfg, resume_from=str(checkpoint), explicit=frozenset({"checkpoint_path", *given}))
 
 
 def _finish(result) -> None:
