@@ -158,11 +158,13 @@ def train_model(
     (for logs that go to a file, where no progress bar shows them).
     """
     payload, init, notes = None, None, []
+    user_config = cfg.to_dict()  # what the user passed, before the data resolves the rest
     if resume_from is not None:
         from lmtools.inspect import check_checkpoint_file
 
         check_checkpoint_file(Path(resume_from), "resume")
         payload = read_checkpoint(resume_from)
+        user_config = resumed_user_config(payload, cfg, explicit)
         cfg, note = merge_resume_config(payload, cfg, explicit, resume_from)
         notes += [note] if note else []
     else:
@@ -180,7 +182,8 @@ def train_model(
             )
         if not dist_info.is_main:
             log, on_step = (lambda _line: None), None
-        trainer = Trainer(cfg, payload, device, dist_info, log, on_step, init=init, notes=notes, log_times=log_times)
+        trainer = Trainer(cfg, payload, device, dist_info, log, on_step, init=init, notes=notes, log_times=log_times,
+                          user_config=user_config)
         return trainer.run()
     finally:
         shutdown(dist_info)
@@ -203,6 +206,13 @@ def resolve_new_run(cfg: TrainConfig, explicit: frozenset[str]) -> tuple[TrainCo
     cfg = resolve_data(cfg, explicit_vocab=False)
     check_vocabulary(cfg, init, data_tokenizer_identity(cfg))
     return cfg, init
+
+
+def resumed_user_config(payload: dict, cfg: TrainConfig, explicit: frozenset[str]) -> dict:
+    """The config the user passed for a resumed run: the first invocation's (older checkpoints
+    hold only the resolved one) with the values typed this time."""
+    stored = payload.get("user_config") or payload.get("config") or {}
+    return {**stored, **{name: getattr(cfg, name) for name in explicit if hasattr(cfg, name)}}
 
 
 # Flags a resumed run cannot honour: its data, batches and starting point are the checkpoint's.
@@ -258,8 +268,9 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, payload: dict | None, device: torch.device, dist_info: DistInfo,
                  log: Callable[[str], None], on_step, *, init: "InitSource | None" = None,
-                 notes: list[str] = (), log_times: bool = False):
+                 notes: list[str] = (), log_times: bool = False, user_config: dict | None = None):
         self.cfg, self.device, self.dist, self.log, self.on_step = cfg, device, dist_info, log, on_step
+        self.user_config = cfg.to_dict() if user_config is None else user_config
         self.log_times = log_times
         seed_everything(cfg.seed + dist_info.rank)
         if device.type == "cuda":
@@ -592,7 +603,8 @@ class Trainer:
 
     def save(self) -> None:
         extra = dict(
-            config=self.cfg.to_dict(),
+            config=self.cfg.to_dict(),  # resolved from the data: what the run trains with
+            user_config=self.user_config,  # as passed: what `inspect --config` reproduces
             model_config=self.model.config.to_dict(),
             sampler=self.loader.state_dict(),
             rng=rng_state(self.device),

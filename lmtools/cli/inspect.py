@@ -22,15 +22,35 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="dtype of a raw .bin token file (uint16, uint32, int32, int64)."),
     excerpt_chars: int = typer.Option(200, "--excerpt_chars", "--excerpt-chars", help="Characters of decoded text to show (0: none)."),
+    as_config: bool = typer.Option(False, "--config", help="Print the TOML run config that reproduces a checkpoint's run (for train --config)."),
 ) -> None:
     """Describe a checkpoint, a token file or a prepared folder, and whether it is sound."""
     from lmtools.inspect import inspect_path
+
+    if as_config:
+        typer.echo(run_config_toml(path), nl=False)
+        return
 
     report = inspect_path(path, dtype=dtype, excerpt_chars=max(excerpt_chars, 0))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
     render(report)
+
+
+def run_config_toml(path: Path) -> str:
+    """The run config a checkpoint records as the user passed it (older checkpoints: the resolved one)."""
+    from lmtools.checkpoint import read_checkpoint
+    from lmtools.errors import ConfigError
+    from lmtools.inspect import check_checkpoint_file
+    from lmtools.runconfig import to_toml
+
+    check_checkpoint_file(path, "inspect --config")
+    payload = read_checkpoint(path)
+    config = payload.get("user_config") or payload.get("config")
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} holds no run config; it was not written by lmtools train")
+    return to_toml(config)
 
 
 def render(report: dict) -> None:

@@ -1,0 +1,146 @@
+"""One declaration per option: the `train` flags generated from TrainConfig's fields, TOML run
+configs (`train --config`), and `inspect --config`, which prints the TOML that reproduces a run."""
+
+import re
+from dataclasses import fields
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from lmtools.checkpoint import read_checkpoint
+from lmtools.cli import app
+from lmtools.cli.app import main
+from lmtools.cli.train import _explicit, config_from_params
+from lmtools.config import TrainConfig
+from lmtools.errors import ConfigError
+from lmtools.runconfig import flag_fields, read_run_config, to_toml
+
+from helpers import VOCAB, learnable_stream
+
+# The flags of the original specification and their defaults (DESIGN.md, "Flags of train").
+SPEC_DEFAULTS = {
+    "context_length": 512, "d_model": 768, "num_layers": 12, "num_heads": 12, "d_ff": 3072, "rope_theta": 10000.0,
+    "batch_size": 32, "learning_rate": 1e-4, "min_learning_rate": 1e-5, "weight_decay": 0.01, "warmup_iters": 2000,
+    "max_iters": 100000, "gradient_clip_val": 1.0, "eval_interval": 1000, "log_interval": 100,
+    "checkpoint_interval": 5000, "checkpoint_path": "checkpoint.pt", "device": "cpu",
+}
+
+
+def train_command():
+    return typer.main.get_command(app).commands["train"]
+
+
+def parsed(*args) -> tuple[TrainConfig, frozenset[str]]:
+    """The TrainConfig and the user-set names that `lmtools train ARGS` builds, without training."""
+    ctx = train_command().make_context("train", [str(a) for a in args])
+    params = dict(ctx.params)
+    params.pop("resume")
+    return config_from_params(params, _explicit(ctx))
+
+
+def test_every_flag_has_help_both_spellings_and_the_spec_defaults():
+    options = {p.name: p for p in train_command().params}
+    for f in flag_fields():
+        opt = options[f.name]
+        assert opt.help, f.name
+        spellings = {o for o in opt.opts + opt.secondary_opts}
+        assert f"--{f.name}" in spellings
+        assert f"--{f.name.replace('_', '-')}" in spellings
+    for p in options.values():
+        assert p.help, p.name
+    cfg, explicit = parsed()
+    assert explicit == frozenset()
+    assert {name: getattr(cfg, name) for name in SPEC_DEFAULTS} == SPEC_DEFAULTS
+    assert cfg.vocab_size is None and cfg.train_data == []
+    assert "resume" in options and "config" in options
+
+
+def test_kebab_and_snake_spellings_set_the_same_field():
+    assert parsed("--learning-rate", "0.5")[0] == parsed("--learning_rate", "0.5")[0]
+    cfg, explicit = parsed("--train_data", "a.npy", "--train-data", "b.npy:2", "--compile")
+    assert cfg.train_data == ["a.npy", "b.npy:2"] and cfg.compile is True
+    assert explicit == {"train_data", "compile"}
+
+
+def test_flags_win_over_the_file_and_file_keys_count_as_set(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('train_data = ["x.npy"]\nlearning_rate = 3e-3\nmax_iters = 50\nd-model = 64\ncompile = true\n')
+    cfg, explicit = parsed("--config", path, "--max_iters", "70")
+    assert cfg.train_data == ["x.npy"] and cfg.learning_rate == 3e-3 and cfg.d_model == 64 and cfg.compile
+    assert cfg.max_iters == 70  # typed on the command line
+    assert explicit == {"train_data", "learning_rate", "max_iters", "d_model", "compile"}
+    assert cfg.num_layers == TrainConfig().num_layers
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("learning_rat = 1.0\n", "unknown key 'learning_rat'; did you mean learning_rate?"),
+        ("max_iters = 1.5\n", "max_iters must be a int, got 1.5"),
+        ("compile = 1\n", "compile must be a bool, got 1"),
+        ("train_data = [1]\n", "train_data must be a list of strings"),
+        ("schedule_extensions = []\n", "unknown key 'schedule_extensions'"),
+        ("max_iters = \n", "is not valid TOML"),
+    ],
+)
+def test_a_bad_run_config_is_one_line_and_exit_2(tmp_path, capsys, text, message):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        read_run_config(path)
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--config", str(path), "--checkpoint_path", str(tmp_path / "c.pt")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], err
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_a_missing_run_config_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_run_config(tmp_path / "nope.toml")
+
+
+def test_to_toml_round_trips_every_flag_field(tmp_path):
+    cfg = TrainConfig(train_data=["a b.npy", 'q"uote.npy:3'], val_data="v.npy", learning_rate=1e-5, max_minutes=2.5,
+                      compile=True, cosine_cycle_iters=7, wandb="proj")
+    path = tmp_path / "run.toml"
+    path.write_text(to_toml(cfg.to_dict()))
+    assert TrainConfig(**read_run_config(path)) == cfg
+    # State the run records, not a flag, never appears.
+    assert all(f.name not in path.read_text() for f in fields(TrainConfig) if not f.metadata["cli"])
+
+
+@pytest.mark.slow
+def test_inspect_config_reproduces_the_run(tmp_path):
+    np.save(tmp_path / "train.npy", learnable_stream(5000, 0))
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    args = ["train", "--train_data", tmp_path / "train.npy", "--context_length", "16", "--d_model", "16",
+            "--num_layers", "1", "--num_heads", "2", "--d_ff", "32", "--batch_size", "4", "--max_iters", "3",
+            "--warmup_iters", "1", "--eval_interval", "100", "--log_interval", "1", "--checkpoint_path", ckpt,
+            "--learning_rate", "2e-3", "--seed", "5"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    payload = read_checkpoint(ckpt)
+    user, resolved = payload["user_config"], payload["config"]
+    # What the user passed and what the data resolved are recorded apart.
+    assert user["vocab_size"] is None and resolved["vocab_size"] is not None
+    assert user["learning_rate"] == 2e-3 and user["seed"] == 5
+
+    shown = CliRunner().invoke(app, ["inspect", str(ckpt), "--config"])
+    assert shown.exit_code == 0, shown.output
+    path = tmp_path / "run.toml"
+    path.write_text(shown.output)
+    assert "vocab_size" not in shown.output and "learning_rate = 0.002" in shown.output
+    cfg, _ = parsed("--config", path)
+    assert cfg == TrainConfig.from_dict(user)
+
+    # A resume records the first run's config with its typed override.
+    result = CliRunner().invoke(app, ["resume", str(ckpt), "--max_iters", "4"])
+    assert result.exit_code == 0, result.output
+    again = read_checkpoint(ckpt)
+    assert again["user_config"] == {**user, "max_iters": 4, "checkpoint_path": str(ckpt)}
+    assert again["config"]["max_iters"] == 4
