@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-rust test-python test-fast bench clean
+.PHONY: setup demo test lint test-rust test-python test-fast bench clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,13 @@ $(STAMP): pyproject.toml Cargo.toml rust_sampler/Cargo.toml $(wildcard rust_samp
 demo: setup
 	$(BIN)/lmtools demo
 
-test: setup test-rust test-python
+test: setup lint test-rust test-python
+
+# Style and lint gates: ruff (rules and formatting, configured in pyproject.toml) and clippy.
+lint: setup
+	$(BIN)/ruff check lmtools tests benchmarks
+	$(BIN)/ruff format --check lmtools tests benchmarks
+	cargo clippy -p rust_sampler --all-targets -- -D warnings
 
 test-rust:
 	cargo test -p rust_sampler

@@ -267,7 +267,8 @@ def sample_lines(checkpoint: Path, *, seed: int = 0, max_new_tokens: int = 60) -
     """(prompt, continuation) for each demo prompt, sampled at temperature 0.8, top-p 0.95."""
     import torch
 
-    from lmtools.generate import EOT, generate_ids, load_model, load_tokenizer, stream_text
+    from lmtools.generate import generate_ids, load_model, load_tokenizer, stream_text
+    from lmtools.layout import EOT
 
     device = torch.device("cpu")
     model, payload = load_model(checkpoint, device)

@@ -9,7 +9,6 @@ import torch
 
 from lmtools.checkpoint import load_state, read_checkpoint
 from lmtools.errors import CheckpointError, ConfigError
-from lmtools.layout import EOT
 from lmtools.model import MODEL_FIELDS, KVCache, TransformerLM
 
 

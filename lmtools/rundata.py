@@ -145,7 +145,7 @@ def check_same_tokenizer(prepared: list[tuple[Path, dict]]) -> None:
     first_path, first_meta = prepared[0]
     first_file = tokenizer_file(first_meta)
     first_id = tokenizer_identity(first_file)
-    for path, meta in prepared[1:]:
+    for _path, meta in prepared[1:]:
         if Path(meta["dir"]) == Path(first_meta["dir"]):
             continue
         other_file = tokenizer_file(meta)

@@ -103,9 +103,9 @@ def test_bad_npy_files_raise_clear_errors(tmp_path: Path) -> None:
     for name, (_, pattern) in cases.items():
         path = tmp_path / name
         for open_it in (
-            lambda: load_dataset(path),
-            lambda: BatchLoader(path, 2, 4),
-            lambda: _sampler.TokenFile.open(str(path)),
+            lambda path=path: load_dataset(path),
+            lambda path=path: BatchLoader(path, 2, 4),
+            lambda path=path: _sampler.TokenFile.open(str(path)),
         ):
             with pytest.raises(DataError, match=pattern) as info:
                 open_it()

@@ -15,7 +15,8 @@ from lmtools.checkpoint import read_checkpoint, save_checkpoint
 from lmtools.cli import app
 from lmtools.config import TrainConfig
 from lmtools.errors import ConfigError, DataError
-from lmtools.generate import EOT, generate_ids, load_model
+from lmtools.generate import generate_ids, load_model
+from lmtools.layout import EOT
 from lmtools.hf import check_exportable, export_checkpoint, halves_to_pairs, import_llama, pairs_to_halves
 from lmtools.model import RotaryEmbedding, TransformerLM
 from lmtools.tokenizer import bytes_tokenizer, tokenizer_from_checkpoint, train_bpe

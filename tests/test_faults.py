@@ -82,7 +82,7 @@ def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tokens, tmp_path)
     rng = random.Random(1234)
     last = 0
     resume = False
-    for attempt in range(10):
+    for _attempt in range(10):
         extra = ["--checkpoint_interval", "1"]
         proc = (
             subprocess.Popen(

@@ -17,7 +17,7 @@ from lmtools.config import TrainConfig
 from lmtools.errors import ConfigError
 from lmtools.runconfig import flag_fields, read_run_config, to_toml
 
-from helpers import VOCAB, learnable_stream
+from helpers import learnable_stream
 
 # The flags of the original specification and their defaults (DESIGN.md, "Flags of train").
 SPEC_DEFAULTS = {

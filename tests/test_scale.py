@@ -117,7 +117,7 @@ def test_gpu_throughput_script_runs_on_the_cpu(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and "tokens/s" not in line]
     assert [r[0].strip() for r in rows] == ["2", "8"], run.stdout
-    for batch, tok_s, mfu, wait, mem in rows:
+    for _batch, tok_s, mfu, wait, mem in rows:
         assert float(tok_s.replace(",", "")) > 0 and mfu.strip() == "n/a" and mem.strip() == "n/a"
         assert 0.0 <= float(wait.strip().rstrip("%")) < 100.0
     assert "d32 L1 H4" in run.stdout and "12 steps" in run.stdout

@@ -30,7 +30,8 @@ def sample(
 
     from lmtools.device import resolve_device
     from lmtools.errors import ConfigError
-    from lmtools.generate import EOT, generate_ids, load_model, load_tokenizer, stream_text
+    from lmtools.generate import generate_ids, load_model, load_tokenizer, stream_text
+    from lmtools.layout import EOT
     from lmtools.inspect import check_checkpoint_file
 
     if max_new_tokens <= 0:
