@@ -81,3 +81,11 @@ def prepare_mixed(root, n_docs: int = 300) -> "os.PathLike":
                                       "--val_fraction", "0.1"])
     assert result.exit_code == 0, result.output
     return data
+
+
+def one_line_error(result, needle: str) -> None:
+    """A CLI result (click's) that failed as a user error: exit 2, one line on stderr naming `needle`."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert "Traceback" not in result.output

@@ -19,7 +19,8 @@ from lmtools import TransformerLM, save_checkpoint
 from lmtools.optim import make_optimizer
 from lmtools.cli import app
 
-TINY = ["--vocab_size", "64", "--context_length", "8", "--d_model", "16", "--num_layers", "1",
+# The smallest run that trains, evaluates and checkpoints: two steps, evaluated at each.
+TINY_TWO_STEP_RUN = ["--vocab_size", "64", "--context_length", "8", "--d_model", "16", "--num_layers", "1",
         "--num_heads", "2", "--d_ff", "32", "--batch_size", "2", "--max_iters", "2", "--warmup_iters", "1",
         "--eval_interval", "1", "--log_interval", "1", "--eval_iters", "1"]
 
@@ -135,7 +136,7 @@ def test_mistake_exits_2_with_one_line(world, tmp_path, name, argv, word, monkey
     if args[0] == "train":
         if "--resume" not in args:
             # The tiny model's flags, except those the case sets itself.
-            args += [x for flag, value in zip(TINY[::2], TINY[1::2]) if flag not in args for x in (flag, value)]
+            args += [x for flag, value in zip(TINY_TWO_STEP_RUN[::2], TINY_TWO_STEP_RUN[1::2]) if flag not in args for x in (flag, value)]
         if "--checkpoint_path" not in args:
             args += ["--checkpoint_path", str(tmp_path / "new" / "ckpt.pt")]
     result = CliRunner().invoke(app, args)

@@ -19,6 +19,8 @@ from lmtools.optim import run_get_lr_cosine_schedule
 from lmtools.prepare import prepare_corpus
 from lmtools.train import train_model
 
+from helpers import one_line_error
+
 MODEL = dict(context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=64)
 DOCS = [
     f"def function_{i}(x):\n    '''Document {i} of the inspect corpus.'''\n    return x * {i} + {i % 7}\n" * (3 + i % 4)
@@ -26,15 +28,6 @@ DOCS = [
 ]
 
 
-def run_cli(*args):
-    return CliRunner().invoke(app, ["inspect", *[str(a) for a in args]])
-
-
-def one_line_error(result, needle: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and needle in lines[0], result.stderr
-    assert "Traceback" not in result.output
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +119,9 @@ def test_parameter_counts_groups_by_top_module():
     assert counts["total"] == m.num_parameters() == sum(v for k, v in counts.items() if k != "total")
 
 
-def test_cli_json_is_the_report(run):
+def test_cli_json_is_the_report(run, run_cli):
     ckpt, _ = run
-    result = run_cli(ckpt, "--json")
+    result = run_cli("inspect", ckpt, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == json.loads(json.dumps(inspect_path(ckpt)))
 
@@ -172,15 +165,15 @@ def test_bare_token_file_counts_documents(dataset, tmp_path):
     assert r["vocab_size"] == meta["vocab_size"] and "bytes_per_token" not in r
 
 
-def test_raw_bin_needs_dtype(dataset, tmp_path):
+def test_raw_bin_needs_dtype(dataset, tmp_path, run_cli):
     arr = np.load(dataset / "val.npy")
     arr.tofile(tmp_path / "val.bin")
-    result = run_cli(tmp_path / "val.bin", "--json", "--dtype", "uint16")
+    result = run_cli("inspect", tmp_path / "val.bin", "--json", "--dtype", "uint16")
     assert result.exit_code == 0, result.output
     r = json.loads(result.stdout)
     assert r["format"] == "raw" and r["tokens"] == len(arr) and r["max_token"] == int(arr.max())
-    one_line_error(run_cli(tmp_path / "val.bin"), "--dtype")
-    one_line_error(run_cli(tmp_path / "val.bin", "--dtype", "float32"), "not a token dtype")
+    one_line_error(run_cli("inspect", tmp_path / "val.bin"), "--dtype")
+    one_line_error(run_cli("inspect", tmp_path / "val.bin", "--dtype", "float32"), "not a token dtype")
 
 
 def test_tokens_beyond_vocabulary(tmp_path):
@@ -199,9 +192,9 @@ def test_count_token_in_chunks(monkeypatch):
     assert count_token(data, 5) == int((data == 5).sum()) == 9
 
 
-def test_dataset_report(dataset):
+def test_dataset_report(dataset, run_cli):
     meta = json.loads((dataset / "meta.json").read_text())
-    result = run_cli(dataset, "--json")
+    result = run_cli("inspect", dataset, "--json")
     assert result.exit_code == 0, result.output
     r = json.loads(result.stdout)
     assert r["kind"] == "dataset" and r["sound"] is True
@@ -265,20 +258,20 @@ def _bad_files(tmp: Path) -> list[tuple[Path, str]]:
     ]
 
 
-def test_files_that_lie_are_one_line_errors(tmp_path, monkeypatch):
+def test_files_that_lie_are_one_line_errors(tmp_path, monkeypatch, run_cli):
     monkeypatch.chdir(tmp_path)
     for path, needle in _bad_files(tmp_path):
-        one_line_error(run_cli(path), needle)
-        one_line_error(run_cli(path, "--json"), needle)
+        one_line_error(run_cli("inspect", path), needle)
+        one_line_error(run_cli("inspect", path, "--json"), needle)
     assert not (tmp_path / "pwned").exists()  # the hostile pickle never ran
 
 
-def test_broken_meta_json_is_one_line_error(dataset, tmp_path):
+def test_broken_meta_json_is_one_line_error(dataset, tmp_path, run_cli):
     folder = tmp_path / "data"
     shutil.copytree(dataset, folder)
     (folder / "meta.json").write_text("{ not json")
-    one_line_error(run_cli(folder), "meta.json")
-    one_line_error(run_cli(folder / "train.npy"), "meta.json")
+    one_line_error(run_cli("inspect", folder), "meta.json")
+    one_line_error(run_cli("inspect", folder / "train.npy"), "meta.json")
 
 
 def test_cli_tables_for_data(dataset):

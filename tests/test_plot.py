@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from lmtools.cli import app
 from lmtools.errors import ConfigError, DataError
 from lmtools.plot import metrics_path, plot_runs, read_curves
+
+from helpers import one_line_error
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -39,8 +39,6 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def run_cli(*args):
-    return CliRunner().invoke(app, ["plot", *[str(a) for a in args]])
 
 
 def test_read_curves_values(tmp_path):
@@ -69,36 +67,29 @@ def test_png_written(tmp_path):
     assert not list(out.parent.glob(".*.tmp"))
 
 
-def test_cli_writes_png_and_names_it(tmp_path):
+def test_cli_writes_png_and_names_it(tmp_path, run_cli):
     a = write_run(tmp_path / "x" / "run", records())
     b = write_run(tmp_path / "y" / "run", records(scale=0.5))
     out = tmp_path / "cmp.png"
-    result = run_cli(a, b / "metrics.jsonl", "--out", out, "--log-y", "--title", "two runs")
+    result = run_cli("plot", a, b / "metrics.jsonl", "--out", out, "--log-y", "--title", "two runs")
     assert result.exit_code == 0, result.output
     assert f"Wrote {out}" in result.stdout
     assert png_size(out) == (880, 550) and out.stat().st_size > 10_000
 
 
-def one_line_error(result, needle: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and needle in lines[0], result.stderr
-    assert "Traceback" not in result.output
-
-
-def test_missing_and_empty_metrics_are_one_line_errors(tmp_path):
+def test_missing_and_empty_metrics_are_one_line_errors(tmp_path, run_cli):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
     (tmp_path / "junk.jsonl").write_text("not json\n{}\n")
     (tmp_path / "bare").mkdir()
     (tmp_path / "lonely.pt").write_bytes(b"x")
     out = tmp_path / "loss.png"
-    one_line_error(run_cli(tmp_path / "empty", "--out", out), "holds no loss records")
-    one_line_error(run_cli(tmp_path / "junk.jsonl", "--out", out), "no loss records (2 unreadable lines)")
-    one_line_error(run_cli(tmp_path / "bare", "--out", out), "holds no metrics.jsonl")
-    one_line_error(run_cli(tmp_path / "lonely.pt", "--out", out), "no metrics.jsonl beside")
-    one_line_error(run_cli(tmp_path / "nowhere", "--out", out), "does not exist")
-    one_line_error(run_cli(write_run(tmp_path / "ok", records()), "--out", tmp_path / "x.jpg"), "must end in .png")
+    one_line_error(run_cli("plot", tmp_path / "empty", "--out", out), "holds no loss records")
+    one_line_error(run_cli("plot", tmp_path / "junk.jsonl", "--out", out), "no loss records (2 unreadable lines)")
+    one_line_error(run_cli("plot", tmp_path / "bare", "--out", out), "holds no metrics.jsonl")
+    one_line_error(run_cli("plot", tmp_path / "lonely.pt", "--out", out), "no metrics.jsonl beside")
+    one_line_error(run_cli("plot", tmp_path / "nowhere", "--out", out), "does not exist")
+    one_line_error(run_cli("plot", write_run(tmp_path / "ok", records()), "--out", tmp_path / "x.jpg"), "must end in .png")
     assert not out.exists()
 
 

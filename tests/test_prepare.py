@@ -372,16 +372,12 @@ def test_one_document_goes_to_train(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_cli(*args: str):
-    from lmtools.cli import app
-
-    return CliRunner().invoke(app, ["prepare", *map(str, args)])
 
 
-def make_dataset(tmp_path: Path) -> Path:
+def make_dataset(tmp_path: Path, run_cli) -> Path:
     out = tmp_path / "ds"
     (tmp_path / "good.txt").write_text("good text")
-    result = run_cli(tmp_path / "good.txt", "--out", out, "--tokenizer", "bytes")
+    result = run_cli("prepare", tmp_path / "good.txt", "--out", out, "--tokenizer", "bytes")
     assert result.exit_code == 0, result.output
     return out
 
@@ -410,12 +406,12 @@ def make_dataset(tmp_path: Path) -> Path:
         (lambda p: None, ["nothing*.txt"], "no file matches"),
     ],
 )
-def test_user_errors_exit_2_and_keep_the_dataset(tmp_path, monkeypatch, setup, args, message):
+def test_user_errors_exit_2_and_keep_the_dataset(tmp_path, monkeypatch, setup, args, message, run_cli):
     monkeypatch.chdir(tmp_path)
-    out = make_dataset(tmp_path)
+    out = make_dataset(tmp_path, run_cli)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     setup(tmp_path)
-    result = run_cli(*args, "--out", out, "--force", "--quiet")
+    result = run_cli("prepare", *args, "--out", out, "--force", "--quiet")
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
@@ -423,14 +419,14 @@ def test_user_errors_exit_2_and_keep_the_dataset(tmp_path, monkeypatch, setup, a
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # intact, no temp files
 
 
-def test_existing_dataset_needs_force(tmp_path):
-    out = make_dataset(tmp_path)
+def test_existing_dataset_needs_force(tmp_path, run_cli):
+    out = make_dataset(tmp_path, run_cli)
     before = (out / "train.npy").read_bytes()
     (tmp_path / "new.txt").write_text("new and longer text")
-    result = run_cli(tmp_path / "new.txt", "--out", out, "--tokenizer", "bytes")
+    result = run_cli("prepare", tmp_path / "new.txt", "--out", out, "--tokenizer", "bytes")
     assert result.exit_code == 2 and "--force" in result.output
     assert (out / "train.npy").read_bytes() == before
-    result = run_cli(tmp_path / "new.txt", "--out", out, "--tokenizer", "bytes", "--force")
+    result = run_cli("prepare", tmp_path / "new.txt", "--out", out, "--tokenizer", "bytes", "--force")
     assert result.exit_code == 0, result.output
     assert read_meta(out)["train_tokens"] == len("new and longer text") + 1
 
@@ -463,10 +459,10 @@ def test_surrogates_in_json_are_a_data_error(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_cli_trains_and_reports(tmp_path):
+def test_cli_trains_and_reports(tmp_path, run_cli):
     for i in range(3):
         (tmp_path / f"{i}.txt").write_text(PROSE + str(i), encoding="utf-8")
-    result = run_cli(tmp_path, "--out", tmp_path / "out", "--vocab-size", "300",
+    result = run_cli("prepare", tmp_path, "--out", tmp_path / "out", "--vocab-size", "300",
                      "--separator", "\\n\\n", "--val_fraction", "0.2", "--seed", "3")
     assert result.exit_code == 0, result.output
     assert "prepare: encode" in result.output  # plain progress lines when not a terminal

@@ -12,7 +12,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
-from typer.testing import CliRunner
 
 import lmtools.corpus as corpus
 from lmtools.errors import DataError
@@ -40,10 +39,6 @@ def split_docs(ids: np.ndarray, eot_id: int) -> list[np.ndarray]:
     return np.split(ids, bounds + 1)[:-1] if len(bounds) else []
 
 
-def run_cli(*args):
-    from lmtools.cli import app
-
-    return CliRunner().invoke(app, ["prepare", *map(str, args)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,9 +152,9 @@ def test_the_share_given_is_the_share_asked_for(tmp_path_factory, sizes, fractio
     assert meta["train_documents"] + meta["val_documents"] == len(docs)
 
 
-def test_a_corpus_too_small_for_a_window_gets_no_split_and_says_so(tmp_path):
+def test_a_corpus_too_small_for_a_window_gets_no_split_and_says_so(tmp_path, run_cli):
     (tmp_path / "tiny.txt").write_text("a few words only\n", encoding="utf-8")
-    result = run_cli(tmp_path / "tiny.txt", "--out", tmp_path / "out", "--tokenizer", "bytes",
+    result = run_cli("prepare", tmp_path / "tiny.txt", "--out", tmp_path / "out", "--tokenizer", "bytes",
                      "--val_fraction", "0.1", "--quiet")
     assert result.exit_code == 0, result.output
     notes = [line for line in result.output.splitlines() if line.startswith("note:")]
@@ -169,10 +164,10 @@ def test_a_corpus_too_small_for_a_window_gets_no_split_and_says_so(tmp_path):
     assert meta["split"]["method"] == "none" and len(val) == 0 and len(train) == 18
 
 
-def test_a_small_share_still_gets_one_window(tmp_path):
+def test_a_small_share_still_gets_one_window(tmp_path, run_cli):
     """1% of 2,000 tokens is 20: too short to evaluate on, so val takes one window."""
     (tmp_path / "small.txt").write_text(prose(2_000, seed=2), encoding="utf-8")
-    result = run_cli(tmp_path / "small.txt", "--out", tmp_path / "out", "--tokenizer", "bytes",
+    result = run_cli("prepare", tmp_path / "small.txt", "--out", tmp_path / "out", "--tokenizer", "bytes",
                      "--quiet")
     assert result.exit_code == 0, result.output
     meta, train, val = load(tmp_path / "out")
@@ -208,13 +203,13 @@ def test_endoftext_separates_documents_and_the_tokenizer_agrees(tmp_path, tokeni
     assert int((stream == eot).sum()) == len(docs)
 
 
-def test_separator_none_and_other_separators_keep_the_literal_as_text(tmp_path):
+def test_separator_none_and_other_separators_keep_the_literal_as_text(tmp_path, run_cli):
     text = f"one{EOT}two\n\nthree"
     (tmp_path / "c.txt").write_text(text, encoding="utf-8")
     bytes_of = list(text.encode())
     for sep, docs in (("none", [text]), ("\\n\\n", [f"one{EOT}two", "three"])):
         out = tmp_path / f"out-{len(docs)}"
-        result = run_cli(tmp_path / "c.txt", "--out", out, "--tokenizer", "bytes",
+        result = run_cli("prepare", tmp_path / "c.txt", "--out", out, "--tokenizer", "bytes",
                          "--separator", sep, "--val_fraction", "0", "--quiet")
         assert result.exit_code == 0, result.output
         meta, train, _ = load(out)
@@ -269,7 +264,7 @@ def test_a_separator_across_read_blocks_is_found(tmp_path, tokenizer_json):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_empty_documents_are_skipped_and_counted(tmp_path):
+def test_empty_documents_are_skipped_and_counted(tmp_path, run_cli):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -282,7 +277,7 @@ def test_empty_documents_are_skipped_and_counted(tmp_path):
                                  '{"text": "four"}\n', encoding="utf-8")
     pq.write_table(pa.table({"text": ["r0", None, "", "r3"]}), src / "b.parquet")
     (src / "c.txt").write_text(f"x{EOT}\n{EOT}{EOT}y{EOT}\n")  # two empty parts between
-    result = run_cli(src, "--out", tmp_path / "out", "--tokenizer", "bytes", "--quiet",
+    result = run_cli("prepare", src, "--out", tmp_path / "out", "--tokenizer", "bytes", "--quiet",
                      "--val_fraction", "0")
     assert result.exit_code == 0, result.output
     meta, train, _ = load(tmp_path / "out")
@@ -298,12 +293,12 @@ def test_empty_documents_are_skipped_and_counted(tmp_path):
         str(src / "pkg" / "empty.txt")] == 1
 
 
-def test_a_corpus_without_text_is_one_line_exit_2(tmp_path):
+def test_a_corpus_without_text_is_one_line_exit_2(tmp_path, run_cli):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.txt").write_text("")
     (tmp_path / "d" / "b.jsonl").write_text('{"text": null}\n{"text": ""}\n')
     (tmp_path / "d" / "c.txt").write_text(f"{EOT}\n{EOT}\n")  # one empty part between two
-    result = run_cli(tmp_path / "d", "--out", tmp_path / "out", "--tokenizer", "bytes", "-q")
+    result = run_cli("prepare", tmp_path / "d", "--out", tmp_path / "out", "--tokenizer", "bytes", "-q")
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "holds no text: all 4 documents are empty" in lines[0], lines
@@ -326,20 +321,20 @@ def test_undecodable_bytes_name_the_file_and_offset(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_a_missing_input_is_reported_before_an_existing_out(tmp_path, monkeypatch):
+def test_a_missing_input_is_reported_before_an_existing_out(tmp_path, monkeypatch, run_cli):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "good.txt").write_text("good text")
-    assert run_cli("good.txt", "--tokenizer", "bytes", "-q").exit_code == 0  # data/ exists now
-    result = run_cli("missing.txt", "-q")
+    assert run_cli("prepare", "good.txt", "--tokenizer", "bytes", "-q").exit_code == 0  # data/ exists now
+    result = run_cli("prepare", "missing.txt", "-q")
     assert result.exit_code == 2
     assert "missing.txt: no such file" in result.output and "--force" not in result.output
-    result = run_cli("good.txt", "--tokenizer", "nope.json", "-q")
+    result = run_cli("prepare", "good.txt", "--tokenizer", "nope.json", "-q")
     assert result.exit_code == 2 and "nope.json" in result.output and "--force" not in result.output
 
 
-def test_a_vocabulary_larger_than_the_corpus_allows_is_named(tmp_path):
+def test_a_vocabulary_larger_than_the_corpus_allows_is_named(tmp_path, run_cli):
     (tmp_path / "c.txt").write_text(prose(20_000, seed=6), encoding="utf-8")
-    result = run_cli(tmp_path / "c.txt", "--out", tmp_path / "out", "--vocab_size", "70000", "-q")
+    result = run_cli("prepare", tmp_path / "c.txt", "--out", tmp_path / "out", "--vocab_size", "70000", "-q")
     assert result.exit_code == 0, result.output
     meta, _, _ = load(tmp_path / "out")
     assert 257 < meta["vocab_size"] < 70000 and meta["vocab_size_requested"] == 70000

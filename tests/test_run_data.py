@@ -14,7 +14,8 @@ from lmtools.rundata import resolve_data, unique_names
 
 from corpora import documents, prepare, write_eot_text, write_jsonl
 
-TINY = ["--context_length", "16", "--d_model", "32", "--num_layers", "1", "--num_heads", "4", "--d_ff", "64",
+# A small model whose vocabulary comes from the prepared folders (no --vocab_size).
+TINY_MIXTURE_RUN = ["--context_length", "16", "--d_model", "32", "--num_layers", "1", "--num_heads", "4", "--d_ff", "64",
         "--batch_size", "8", "--warmup_iters", "1", "--learning_rate", "3e-3", "--eval_iters", "2"]
 
 
@@ -43,7 +44,7 @@ def test_prepared_folders_in_a_mixture_train_on_train_npy_and_validate_each(fold
     plays, more = folders / "plays", folders / "more_plays"
     specs = [f"{plays}:0.7", f"{more}:0.3"] if weighted else [plays, more]
     ckpt = tmp_path / "run" / "ckpt.pt"
-    result = train("--train_data", specs[0], "--train_data", specs[1], *TINY, "--max_iters", 4,
+    result = train("--train_data", specs[0], "--train_data", specs[1], *TINY_MIXTURE_RUN, "--max_iters", 4,
                    "--log_interval", 2, "--eval_interval", 2, "--checkpoint_path", ckpt)
     assert result.exit_code == 0, result.output
     payload = read_checkpoint(ckpt)
@@ -92,7 +93,7 @@ def test_a_prepared_folder_beside_a_raw_token_file(folders, tmp_path):
 
 def test_sources_with_different_tokenizers_are_refused_naming_both(folders, tmp_path):
     ckpt = tmp_path / "c.pt"
-    result = train("--train_data", f"{folders / 'plays'}:0.5", "--train_data", f"{folders / 'code'}:0.5", *TINY,
+    result = train("--train_data", f"{folders / 'plays'}:0.5", "--train_data", f"{folders / 'code'}:0.5", *TINY_MIXTURE_RUN,
                    "--max_iters", 1, "--checkpoint_path", ckpt)
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -104,7 +105,7 @@ def test_sources_with_different_tokenizers_are_refused_naming_both(folders, tmp_
 def test_sources_with_different_vocabulary_sizes_are_refused(folders, tmp_path):
     small = tmp_path / "small"
     prepare(write_jsonl(tmp_path / "s.jsonl", documents(100, 3)), small, "--vocab_size", 280, "--val_fraction", 0.1)
-    result = train("--train_data", folders / "plays", "--train_data", small, *TINY, "--max_iters", 1,
+    result = train("--train_data", folders / "plays", "--train_data", small, *TINY_MIXTURE_RUN, "--max_iters", 1,
                    "--checkpoint_path", tmp_path / "c.pt")
     assert result.exit_code == 2 and "300 vs 280 ids" in result.stderr, result.output
 
@@ -118,11 +119,11 @@ def test_folder_names_are_told_apart():
 
 def test_a_text_file_as_training_data_gives_the_prepare_command(tmp_path):
     corpus = write_eot_text(tmp_path / "corpus.txt", documents(20, 0))
-    result = train("--train_data", corpus, *TINY, "--checkpoint_path", tmp_path / "c.pt")
+    result = train("--train_data", corpus, *TINY_MIXTURE_RUN, "--checkpoint_path", tmp_path / "c.pt")
     assert result.exit_code == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "is text, not token data" in lines[0] and f"lmtools prepare {corpus}" in lines[0]
     # The same for text with no telling suffix.
     (tmp_path / "shakespeare").write_text(corpus.read_text())
-    result = train("--train_data", tmp_path / "shakespeare", *TINY, "--checkpoint_path", tmp_path / "c.pt")
+    result = train("--train_data", tmp_path / "shakespeare", *TINY_MIXTURE_RUN, "--checkpoint_path", tmp_path / "c.pt")
     assert result.exit_code == 2 and "lmtools prepare" in result.stderr

@@ -17,7 +17,8 @@ from lmtools.optim import run_get_lr_cosine_schedule
 
 from helpers import learnable_stream
 
-TINY = ["--vocab_size", "64", "--context_length", "16", "--d_model", "16", "--num_layers", "1", "--num_heads", "2",
+# A small model logged at every step, so the schedule of each iteration shows.
+TINY_SCHEDULE_RUN = ["--vocab_size", "64", "--context_length", "16", "--d_model", "16", "--num_layers", "1", "--num_heads", "2",
         "--d_ff", "32", "--batch_size", "4", "--learning_rate", "1e-3", "--min_learning_rate", "1e-5",
         "--eval_interval", "1000", "--log_interval", "1"]
 
@@ -75,7 +76,7 @@ def test_a_finished_run_extended_stays_at_its_minimum_rate(tmp_path):
     """The trap: a finished run at 1e-5, resumed to twice its length, jumped back to 1.7e-4."""
     np.save(tmp_path / "train.npy", learnable_stream(5000))
     ckpt = tmp_path / "run" / "ckpt.pt"
-    result = cli("train", "--train_data", tmp_path / "train.npy", *TINY, "--warmup_iters", "2", "--max_iters", "10",
+    result = cli("train", "--train_data", tmp_path / "train.npy", *TINY_SCHEDULE_RUN, "--warmup_iters", "2", "--max_iters", "10",
                  "--checkpoint_path", ckpt)
     assert result.exit_code == 0, result.output
     result = cli("resume", ckpt, "--max_iters", "20")
@@ -92,7 +93,7 @@ def test_a_finished_run_extended_stays_at_its_minimum_rate(tmp_path):
 def test_a_stopped_run_extended_decays_from_its_current_rate_and_inspect_says_so(tmp_path):
     np.save(tmp_path / "train.npy", learnable_stream(5000))
     ckpt = tmp_path / "run" / "ckpt.pt"
-    result = cli("train", "--train_data", tmp_path / "train.npy", *TINY, "--warmup_iters", "0", "--max_iters", "20",
+    result = cli("train", "--train_data", tmp_path / "train.npy", *TINY_SCHEDULE_RUN, "--warmup_iters", "0", "--max_iters", "20",
                  "--max_minutes", "0.000001", "--checkpoint_path", ckpt)
     assert result.exit_code == 0, result.output
     stopped = read_checkpoint(ckpt)["iteration"]
@@ -113,7 +114,7 @@ def test_a_stopped_run_extended_decays_from_its_current_rate_and_inspect_says_so
 
 def test_warmup_longer_than_the_run_is_said_at_start(tmp_path):
     np.save(tmp_path / "train.npy", learnable_stream(5000))
-    result = cli("train", "--train_data", tmp_path / "train.npy", *TINY, "--max_iters", "300",
+    result = cli("train", "--train_data", tmp_path / "train.npy", *TINY_SCHEDULE_RUN, "--max_iters", "300",
                  "--max_minutes", "0.000001", "--checkpoint_path", tmp_path / "c.pt")
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("Warning:")]
@@ -121,6 +122,6 @@ def test_warmup_longer_than_the_run_is_said_at_start(tmp_path):
         "Warning: --warmup_iters 2000 is not shorter than --max_iters 300: the learning rate only reaches 1.50e-04, "
         "never --learning_rate 1.00e-03; pass --warmup_iters 30 (a tenth of the run)"
     ]
-    result = cli("train", "--train_data", tmp_path / "train.npy", *TINY, "--max_iters", "2", "--warmup_iters", "1",
+    result = cli("train", "--train_data", tmp_path / "train.npy", *TINY_SCHEDULE_RUN, "--max_iters", "2", "--warmup_iters", "1",
                  "--checkpoint_path", tmp_path / "d.pt")
     assert result.exit_code == 0 and "Warning:" not in result.output

@@ -7,10 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from lmtools.checkpoint import read_checkpoint
-from lmtools.cli import app
 from lmtools.config import TrainConfig
 from lmtools.train import train_model
 
@@ -24,7 +22,8 @@ def stream_files(tmp_path_factory):
     return folder
 
 
-TINY = [
+# A model small enough for seconds on a CPU and big enough to learn the learnable stream.
+TINY_LEARNER = [
     "--vocab_size", str(VOCAB), "--context_length", "16", "--d_model", "32", "--num_layers", "2",
     "--num_heads", "4", "--d_ff", "64", "--batch_size", "16",
 ]
@@ -41,16 +40,13 @@ def tiny_config(folder: Path, tmp_path: Path, **kw) -> TrainConfig:
     return TrainConfig(**args)
 
 
-def run_cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result
 
 
 @pytest.mark.slow
-def test_cli_learns_then_resumes(stream_files, tmp_path):
+def test_cli_learns_then_resumes(stream_files, tmp_path, run_cli):
     ckpt = tmp_path / "run" / "checkpoint.pt"
     result = run_cli(
-        "train", "--train_data", stream_files / "train.npy", "--val-data", stream_files / "val.npy", *TINY,
+        "train", "--train_data", stream_files / "train.npy", "--val-data", stream_files / "val.npy", *TINY_LEARNER,
         "--learning_rate", "1e-2", "--min_learning_rate", "1e-3", "--warmup_iters", "10",
         "--max_iters", "150", "--eval_interval", "50", "--log_interval", "25", "--checkpoint_interval", "100",
         "--checkpoint_path", ckpt, "--seed", "1",
@@ -120,8 +116,8 @@ def test_validation_windows_are_fixed(stream_files, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_both_flag_spellings(stream_files, tmp_path):
-    kebab = [a.replace("_", "-") if a.startswith("--") else a for a in TINY]
+def test_both_flag_spellings(stream_files, tmp_path, run_cli):
+    kebab = [a.replace("_", "-") if a.startswith("--") else a for a in TINY_LEARNER]
     result = run_cli(
         "train", "--train-data", stream_files / "train.npy", *kebab, "--max-iters", "2",
         "--log-interval", "1", "--eval-interval", "100", "--checkpoint-path", tmp_path / "k.pt",
@@ -131,7 +127,7 @@ def test_both_flag_spellings(stream_files, tmp_path):
     assert read_checkpoint(tmp_path / "k.pt")["config"]["d_model"] == 32
 
 
-def test_help_lists_every_documented_flag():
+def test_help_lists_every_documented_flag(run_cli):
     result = run_cli("train", "--help")
     documented = (
         "train_data val_data vocab_size context_length d_model num_layers num_heads d_ff rope_theta batch_size "
@@ -155,8 +151,8 @@ def test_help_lists_every_documented_flag():
         (["--context_length", "40000"], "a window needs"),
     ],
 )
-def test_bad_flags_exit_2_with_one_line(stream_files, tmp_path, extra, needle):
-    args = TINY + ["--max_iters", "1", "--checkpoint_path", str(tmp_path / "c.pt")]
+def test_bad_flags_exit_2_with_one_line(stream_files, tmp_path, extra, needle, run_cli):
+    args = TINY_LEARNER + ["--max_iters", "1", "--checkpoint_path", str(tmp_path / "c.pt")]
     for flag, value in zip(extra[::2], extra[1::2]):
         i = args.index(flag) if flag in args else None
         if i is not None:
@@ -171,7 +167,7 @@ def test_bad_flags_exit_2_with_one_line(stream_files, tmp_path, extra, needle):
     assert not (tmp_path / "c.pt").exists()
 
 
-def test_resume_contradicting_model_flag(stream_files, tmp_path):
+def test_resume_contradicting_model_flag(stream_files, tmp_path, run_cli):
     cfg = tiny_config(stream_files, tmp_path, max_iters=2)
     train_model(cfg, log=lambda _l: None)
     result = run_cli(
@@ -183,7 +179,7 @@ def test_resume_contradicting_model_flag(stream_files, tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.stderr
 
 
-def test_vocab_from_meta_json(stream_files, tmp_path):
+def test_vocab_from_meta_json(stream_files, tmp_path, run_cli):
     folder = tmp_path / "prepared"
     folder.mkdir()
     np.save(folder / "train.npy", np.load(stream_files / "train.npy"))
@@ -214,10 +210,10 @@ def test_max_minutes_stops_with_a_checkpoint(stream_files, tmp_path):
     assert lines[-1] == f"Saved checkpoint at iter {result.iteration} to {cfg.checkpoint_path}"
 
 
-def test_tensorboard_logs_when_installed_else_clear_error(stream_files, tmp_path):
+def test_tensorboard_logs_when_installed_else_clear_error(stream_files, tmp_path, run_cli):
     import importlib.util
 
-    args = ["train", "--train_data", stream_files / "train.npy", *TINY, "--max_iters", "2", "--log_interval", "1",
+    args = ["train", "--train_data", stream_files / "train.npy", *TINY_LEARNER, "--max_iters", "2", "--log_interval", "1",
             "--checkpoint_path", tmp_path / "c.pt", "--tensorboard", tmp_path / "tb"]
     result = run_cli(*args)
     if importlib.util.find_spec("tensorboard") is None:
@@ -227,11 +223,11 @@ def test_tensorboard_logs_when_installed_else_clear_error(stream_files, tmp_path
         assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
-def test_mixture_with_weights_from_the_cli(stream_files, tmp_path):
+def test_mixture_with_weights_from_the_cli(stream_files, tmp_path, run_cli):
     np.save(tmp_path / "other.npy", np.full(5000, 7, dtype=np.uint16))
     result = run_cli(
         "train", "--train_data", f"{stream_files / 'train.npy'}:0.7", "--train-data", f"{tmp_path / 'other.npy'}:0.3",
-        *TINY, "--max_iters", "2", "--log_interval", "1", "--checkpoint_path", tmp_path / "c.pt",
+        *TINY_LEARNER, "--max_iters", "2", "--log_interval", "1", "--checkpoint_path", tmp_path / "c.pt",
     )
     assert result.exit_code == 0, result.output
     assert "weight 0.7" in result.output and "weight 0.3" in result.output
@@ -257,7 +253,7 @@ def test_terminal_gets_a_live_progress_bar_and_pipes_get_plain_lines(stream_file
     import subprocess
     import sys
 
-    args = [sys.executable, "-m", "lmtools.cli", "train", "--train_data", str(stream_files / "train.npy"), *TINY,
+    args = [sys.executable, "-m", "lmtools.cli", "train", "--train_data", str(stream_files / "train.npy"), *TINY_LEARNER,
             "--max_iters", "30", "--log_interval", "10", "--eval_interval", "1000", "--warmup_iters", "1"]
     env = dict(os.environ, COLUMNS="120", TERM="xterm")
     primary, secondary = pty.openpty()
@@ -288,7 +284,7 @@ def test_terminal_gets_a_live_progress_bar_and_pipes_get_plain_lines(stream_file
     assert "elapsed:" not in tty_out
 
 
-def test_resume_takes_a_new_time_budget(stream_files, tmp_path):
+def test_resume_takes_a_new_time_budget(stream_files, tmp_path, run_cli):
     cfg = tiny_config(stream_files, tmp_path, max_iters=50, val_data=None, max_minutes=0.0001)
     first = train_model(cfg, log=lambda _l: None)
     assert first.stopped_by_time and first.iteration < 50
