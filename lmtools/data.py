@@ -28,16 +28,16 @@ import torch
 from lmtools import _sampler
 from lmtools.device import resolve_device
 from lmtools.errors import ConfigError, DataError
+from lmtools.layout import TOKEN_DTYPES_TEXT, token_dtype_name
 
 __all__ = ["BatchLoader", "get_batch", "load_dataset", "parse_source_spec"]
 
-_FILE_DTYPES = ("uint16", "uint32", "int32", "int64")
 # Corpus formats that `lmtools prepare` reads: passed where tokens belong, they get its command.
 _TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".jsonl", ".json", ".parquet", ".csv", ".tsv", ".gz", ".py", ".html")
 _U64 = (1 << 64) - 1
 _STATE_VERSION = 1
 
-Source = Union[str, "os.PathLike[str]", np.ndarray, torch.Tensor]
+TokenSource = Union[str, "os.PathLike[str]", np.ndarray, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -68,7 +68,7 @@ def load_dataset(
         mode = str(mmap_mode)
     else:
         raise DataError(f"mmap_mode={mmap_mode!r} is not valid; use True, False, 'r', 'r+' or 'c'")
-    want = _dtype_name(dtype, path) if dtype is not None else None
+    want = token_dtype_name(dtype, path) if dtype is not None else None
 
     if path.suffix.lower() == ".npy":
         name, count, offset = _sampler.read_npy_header(str(path))
@@ -78,7 +78,7 @@ def load_dataset(
         if want is None:
             refuse_text(path)
             raise DataError(
-                f"{path}: is a raw token file; pass its dtype (uint16, uint32, int32 or int64), "
+                f"{path}: is a raw token file; pass its dtype ({TOKEN_DTYPES_TEXT}), "
                 "or save it with numpy.save as .npy"
             )
         # The Rust opener checks the size is whole tokens and that it is no .npy in disguise.
@@ -161,7 +161,7 @@ class BatchLoader:
 
     def __init__(
         self,
-        sources: Source | Sequence[Source],
+        sources: TokenSource | Sequence[TokenSource],
         batch_size: int,
         context_length: int,
         device: str | torch.device = "cpu",
@@ -209,10 +209,8 @@ class BatchLoader:
             if self._ring is None:
                 self._ring = self._start_ring(*key)
             got, batch = self._ring.get()
-            if got != key:  # cannot happen while only next() moves the position; be safe
-                self._stop_ring()
-                self._ring = self._start_ring(*key)
-                got, batch = self._ring.get()
+            # Only next() and load_state_dict() (which restarts the ring) move the position.
+            assert got == key, f"prefetched batch {got} for position {key}"
         self._wait += time.perf_counter() - t0
         self.micro += 1
         if self.micro == self.grad_accum_steps:
@@ -562,16 +560,6 @@ def _non_negative_int(value: Any, name: str) -> int:
     return n
 
 
-def _dtype_name(dtype: Any, where: object) -> str:
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise DataError(f"{where}: dtype {dtype!r} is not a numpy dtype; use uint16, uint32, int32 or int64") from None
-    if dt.name not in _FILE_DTYPES or dt.byteorder == ">":
-        raise DataError(f"{where}: dtype {dtype!r} is not a token dtype; use uint16, uint32, int32 or int64")
-    return dt.name
-
-
 def _array_source(data: Any, name: str) -> _sampler.TokenFile:
     """A TokenFile over an in-memory array or memmap, without copying when possible."""
     if isinstance(data, torch.Tensor):
@@ -643,7 +631,7 @@ def _resolve_sources(
     entries = list(sources) if isinstance(sources, (list, tuple)) else [sources]
     if not entries:
         raise DataError("no token sources given; pass a token file, a folder or an array")
-    want = _dtype_name(dtype, "dtype") if dtype is not None else None
+    want = token_dtype_name(dtype, "dtype") if dtype is not None else None
 
     entry_files: list[list[_sampler.TokenFile]] = []
     spec_weights: list[float | None] = []

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmtools.errors import ConfigError, DataError
+from lmtools.layout import METRICS_FILE, TRAIN_FILE, VAL_FILE
 
 MARKER = ".lmtools-demo"
 # Tests, installed third-party packages, and codec tables (encodings/ is mostly generated data).
@@ -143,7 +144,7 @@ def run_demo(
     samples = sample_lines(Path(cfg.checkpoint_path), seed=seed)
     return DemoResult(
         out=out, corpus_files=n_files, corpus_bytes=n_bytes, data_dir=data_dir,
-        checkpoint=Path(cfg.checkpoint_path), metrics=run_dir / "metrics.jsonl", plot=plot_path,
+        checkpoint=Path(cfg.checkpoint_path), metrics=run_dir / METRICS_FILE, plot=plot_path,
         iterations=result.iteration, max_iters=max_iters,
         first_loss=result.losses[0], last_loss=train_curve[-1] if train_curve else result.losses[-1],
         first_val_loss=val_curve[0] if val_curve else None, last_val_loss=val_curve[-1] if val_curve else None,
@@ -222,7 +223,7 @@ def demo_config(data_dir: Path, run_dir: Path, max_iters: int, seed: int = 0):
     max_iters = max(max_iters, 1)
     log_interval = max(max_iters // 30, 1)
     return TrainConfig(
-        train_data=[str(data_dir / "train.npy")], val_data=str(data_dir / "val.npy"),
+        train_data=[str(data_dir / TRAIN_FILE)], val_data=str(data_dir / VAL_FILE),
         **MODEL, batch_size=BATCH_SIZE,
         learning_rate=LEARNING_RATE, min_learning_rate=MIN_LEARNING_RATE, weight_decay=0.1,
         warmup_iters=max(max_iters // 20, 1), max_iters=max_iters,
@@ -246,7 +247,7 @@ def probe_step_seconds(cfg, warm: int = 3, timed: int = 4) -> float:
     cfg.eval_iters = 1  # the last step evaluates (after its timing is taken); keep that short
     try:
         train_model(cfg, log=lambda _line: None)
-        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        lines = (run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()
         last = json.loads(lines[-1]) if lines else {}
         if last.get("iter") != warm + timed or not last.get("tokens_per_s"):
             raise RuntimeError("the timing probe wrote no metrics")
@@ -267,12 +268,13 @@ def sample_lines(checkpoint: Path, *, seed: int = 0, max_new_tokens: int = 60) -
     """(prompt, continuation) for each demo prompt, sampled at temperature 0.8, top-p 0.95."""
     import torch
 
-    from lmtools.generate import generate_ids, load_model, load_tokenizer, stream_text
+    from lmtools.generate import generate_ids, load_model, stream_text
     from lmtools.layout import EOT
+    from lmtools.tokenizer import tokenizer_from_checkpoint
 
     device = torch.device("cpu")
     model, payload = load_model(checkpoint, device)
-    tok = load_tokenizer(payload, checkpoint=checkpoint)
+    tok = tokenizer_from_checkpoint(payload, checkpoint=checkpoint)
     eot = tok.token_to_id(EOT)
     samples = []
     for i, prompt in enumerate(PROMPTS):

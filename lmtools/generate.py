@@ -104,10 +104,3 @@ def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
     text = tokenizer.decode(seen, skip_special_tokens=False)
     if len(text) > len(emitted):
         yield text[len(emitted):]
-
-
-def load_tokenizer(payload: dict, override: str | None = None, checkpoint: str | Path | None = None):
-    """The tokenizer of a checkpoint (or `override`), as a `tokenizers.Tokenizer`."""
-    from lmtools.tokenizer import tokenizer_from_checkpoint
-
-    return tokenizer_from_checkpoint(payload, override, checkpoint)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from lmtools.errors import CheckpointError, DataError, LMToolsError
-from lmtools.layout import EOT
+from lmtools.layout import EOT, META_FILE, TOKEN_DTYPES_TEXT, TOKENIZER_FILE, TRAIN_FILE, token_dtype_name
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 MODULE_ORDER = ("token_embeddings", "layers", "ln_final", "lm_head")
@@ -60,7 +60,7 @@ def check_checkpoint_file(path: Path, command: str) -> None:
     if not path.exists():
         return
     if path.is_dir():
-        kind = "a prepared dataset folder" if (path / "meta.json").is_file() else "a folder"
+        kind = "a prepared dataset folder" if (path / META_FILE).is_file() else "a folder"
         raise CheckpointError(f"{path} is {kind}, not a checkpoint; {fix}")
     head = _head(path)
     if path.suffix.lower() in (".npy", ".bin") or head.startswith(_NPY_MAGIC):
@@ -103,7 +103,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
         "iteration": iteration,
         "lmtools_version": payload.get("lmtools_version"),
         "torch_version": payload.get("torch_version"),
-        "model": dict(model_config, weights_dtype=", ".join(sorted({_dtype_name(t) for t in state.values()}))),
+        "model": dict(model_config, weights_dtype=", ".join(sorted({_tensor_dtype(t) for t in state.values()}))),
         "parameters": parameter_counts(state),
         "optimizer": _optimizer(payload.get("optimizer_state_dict")),
         "schedule": _schedule(iteration, config),
@@ -329,10 +329,10 @@ def inspect_token_file(
     if not is_npy and _head(p).startswith(_NPY_MAGIC):
         raise DataError(f"{p} holds a .npy array under another name; rename it to {p.stem}.npy")
     if not is_npy and dtype is None:
-        raise DataError(f"{p} is a raw token file; pass --dtype (uint16, uint32, int32 or int64)")
+        raise DataError(f"{p} is a raw token file; pass --dtype ({TOKEN_DTYPES_TEXT})")
     if is_npy:
         _sampler.read_npy_header(str(p))  # 2-D, float, big-endian or not-npy: a DataError naming the fix
-    token_file = _sampler.TokenFile.open(str(p), None if is_npy else _numpy_dtype_name(dtype))
+    token_file = _sampler.TokenFile.open(str(p), None if is_npy else token_dtype_name(dtype, "--dtype"))
     n = len(token_file)
     rng = token_file.token_range() if n else None
     if meta is None:
@@ -363,20 +363,17 @@ def inspect_token_file(
     eot_id = _meta_int(meta, "eot_id", "eot_token", "end_of_text_id")
     if eot_id is None and tokenizer is not None:
         eot_id = tokenizer.token_to_id(EOT)
-    split = _split_meta(meta, p)
-    documents = _meta_int(split, "documents") if split else _meta_int(meta, f"{p.stem}_documents")
+    documents = _meta_int(meta, f"{p.stem}_documents")  # prepare's train_documents / val_documents
     if documents is not None:
         report["documents"] = documents
-        report["documents_from"] = "meta.json"
+        report["documents_from"] = META_FILE
     elif eot_id is not None and n:
         data = _open_tokens(p, is_npy, token_file.dtype)
         report["documents"] = count_token(data, eot_id)
         report["documents_from"] = f"count of end-of-text id {eot_id}"
     if eot_id is not None:
         report["eot_id"] = eot_id
-    bpt = _meta_float(split, "bytes_per_token")
-    if bpt is None:
-        bpt = _meta_float(meta, "bytes_per_token")
+    bpt = _meta_float(meta, "bytes_per_token")
     if bpt is not None:
         report["bytes_per_token"] = bpt
     if tokenizer is not None and n and excerpt_chars > 0 and not problems:
@@ -393,7 +390,7 @@ def inspect_dataset(folder: str | os.PathLike, *, excerpt_chars: int = 200) -> d
     """A folder written by `lmtools prepare`: meta.json, tokenizer and each split's token file."""
     p = Path(folder)
     splits = {name: p / f"{name}.npy" for name in ("train", "val")}
-    meta_path, tok_path = p / "meta.json", p / "tokenizer.json"
+    meta_path, tok_path = p / META_FILE, p / TOKENIZER_FILE
     if not meta_path.is_file() and not any(f.is_file() for f in splits.values()):
         raise DataError(
             f"{p} is a folder but not a prepared dataset (no meta.json, train.npy or val.npy); "
@@ -402,8 +399,8 @@ def inspect_dataset(folder: str | os.PathLike, *, excerpt_chars: int = 200) -> d
     meta = _meta_beside(p) or None
     tokenizer = _tokenizer_beside(splits["train"], meta)
     problems = []
-    for name, f in (("meta.json", meta_path), ("train.npy", splits["train"]), ("tokenizer.json", tok_path)):
-        if not f.is_file() and not (name == "tokenizer.json" and tokenizer is not None):
+    for name, f in ((META_FILE, meta_path), (TRAIN_FILE, splits["train"]), (TOKENIZER_FILE, tok_path)):
+        if not f.is_file() and not (name == TOKENIZER_FILE and tokenizer is not None):
             problems.append(f"{name} is missing")
     report: dict[str, Any] = {
         "kind": "dataset",
@@ -449,32 +446,11 @@ def _open_tokens(p: Path, is_npy: bool, dtype: str) -> np.ndarray:
     return load_dataset(p, dtype=None if is_npy else dtype)
 
 
-def _numpy_dtype_name(dtype: str) -> str:
-    try:
-        name = np.dtype(dtype).name
-    except TypeError:
-        name = str(dtype)
-    if name not in ("uint16", "uint32", "int32", "int64"):
-        raise DataError(f"--dtype {dtype} is not a token dtype; use uint16, uint32, int32 or int64")
-    return name
-
-
 def _meta_beside(p: Path) -> dict:
     """meta.json of the folder holding `p` (or of the folder `p`); {} when there is none."""
     from lmtools.prepare import read_meta
 
     return read_meta(p) or {}
-
-
-def _split_meta(meta: dict | None, p: Path) -> dict:
-    """The part of meta.json about this file: `meta["train"]` / `meta["splits"]["train"]`, if any."""
-    if not meta:
-        return {}
-    name = p.stem
-    for holder in (meta, meta.get("splits") if isinstance(meta.get("splits"), dict) else {}):
-        if isinstance(holder.get(name), dict):
-            return holder[name]
-    return {}
 
 
 def _tokenizer_beside(p: Path, meta: dict | None):
@@ -483,7 +459,7 @@ def _tokenizer_beside(p: Path, meta: dict | None):
     if meta and isinstance(meta.get("tokenizer"), str):
         ref = Path(meta["tokenizer"])
         candidates += [p.parent / ref.name, ref]
-    candidates.append(p.parent / "tokenizer.json")
+    candidates.append(p.parent / TOKENIZER_FILE)
     for cand in candidates:
         if cand.is_file():
             try:
@@ -540,7 +516,7 @@ def _looks_like(p: Path, head: bytes) -> str:
     return "binary data of an unknown format"
 
 
-def _dtype_name(t) -> str:
+def _tensor_dtype(t) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
@@ -552,7 +528,7 @@ def _plain(obj: Any) -> Any:
         return [_plain(v) for v in obj]
     if hasattr(obj, "tolist") and hasattr(obj, "shape"):  # torch tensors and numpy arrays
         if getattr(obj, "numel", lambda: obj.size)() > 16:
-            return f"<{_dtype_name(obj)} tensor of shape {list(obj.shape)}>"
+            return f"<{_tensor_dtype(obj)} tensor of shape {list(obj.shape)}>"
         return _plain(obj.tolist())
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None

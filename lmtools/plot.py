@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmtools.errors import ConfigError, DataError
-
-METRICS_FILE = "metrics.jsonl"
+from lmtools.layout import METRICS_FILE
 
 
 @dataclass

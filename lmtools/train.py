@@ -33,6 +33,7 @@ from lmtools.distributed import (
     DistInfo, all_reduce_max, all_reduce_mean, any_rank, barrier, init_distributed, shutdown,
 )
 from lmtools.errors import ConfigError, DataError, LMToolsError
+from lmtools.layout import METRICS_FILE
 from lmtools.metrics import ExternalLoggers, MetricsWriter, SpikeDetector, format_log_line
 from lmtools.model import MODEL_FIELDS, TransformerLM
 from lmtools.optim import cross_entropy, make_optimizer, run_gradient_clipping
@@ -356,7 +357,7 @@ class Trainer:
         if dist_info.is_main:
             self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsWriter(
-            self.ckpt_path.with_name("metrics.jsonl") if cfg.metrics and dist_info.is_main else None
+            self.ckpt_path.with_name(METRICS_FILE) if cfg.metrics and dist_info.is_main else None
         )
         if payload is not None:
             self.metrics.truncate_after(self.iteration)

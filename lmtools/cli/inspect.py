@@ -103,6 +103,8 @@ def _flatten(section: dict, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _fmt(key: str, value: Any) -> str:
+    from rich.filesize import decimal
+
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -111,7 +113,7 @@ def _fmt(key: str, value: Any) -> str:
         if key.rsplit(".", 1)[-1] in _IDS:
             return str(value)
         if key.rsplit(".", 1)[-1] in _SIZES:
-            return f"{_human_bytes(value)} ({value:,} bytes)"
+            return f"{decimal(value)} ({value:,} bytes)" if value >= 1000 else f"{value:,} bytes"
         return f"{value:,}"
     if isinstance(value, float):
         if key in ("progress", "data_wait"):
@@ -122,12 +124,3 @@ def _fmt(key: str, value: Any) -> str:
     if isinstance(value, list):
         return ", ".join(_fmt(key, v) for v in value) if value else "-"
     return str(value)
-
-
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"

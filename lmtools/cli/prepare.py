@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.filesize import decimal
 
 from lmtools.cli.app import app, user_errors
 from lmtools.layout import EOT
@@ -32,14 +33,6 @@ def unescape(text: str) -> str:
     return "".join(out)
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def _human_count(n: float) -> str:
     for unit in ("", "k", "M", "G"):
         if abs(n) < 1000 or unit == "G":
@@ -62,7 +55,7 @@ def _progress(quiet: bool, console=None):
             self.name, self.total = name, total_bytes
             self.nbytes = self.tokens = 0
             self.start = self.last = time.monotonic()
-            size = f": {_human_bytes(total_bytes)} of input" if total_bytes is not None else ""
+            size = f": {decimal(total_bytes)} of input" if total_bytes is not None else ""
             sys.stderr.write(f"prepare: {name}{size}\n")
 
         def advance(self, nbytes: int = 0, tokens: int = 0) -> None:
@@ -84,7 +77,7 @@ def _progress(quiet: bool, console=None):
             tok = f", {_human_count(self.tokens / elapsed)} tokens/s" if self.tokens else ""
             sys.stderr.write(
                 f"prepare: {self.name}: {100 * min(self.nbytes, total) / total:5.1f}%"
-                f" {_human_bytes(rate)}/s{tok}, eta {eta:.0f} s\n"
+                f" {decimal(int(rate))}/s{tok}, eta {eta:.0f} s\n"
             )
 
         def done(self) -> None:

@@ -30,8 +30,9 @@ def sample(
 
     from lmtools.device import resolve_device
     from lmtools.errors import ConfigError
-    from lmtools.generate import generate_ids, load_model, load_tokenizer, stream_text
+    from lmtools.generate import generate_ids, load_model, stream_text
     from lmtools.layout import EOT
+    from lmtools.tokenizer import tokenizer_from_checkpoint
     from lmtools.inspect import check_checkpoint_file
 
     if max_new_tokens <= 0:
@@ -39,7 +40,7 @@ def sample(
     check_checkpoint_file(checkpoint, "sample")
     dev = resolve_device(device)
     model, payload = load_model(checkpoint, dev)
-    tok = load_tokenizer(payload, tokenizer, checkpoint)
+    tok = tokenizer_from_checkpoint(payload, tokenizer, checkpoint)
     torch.manual_seed(seed)
     gen = torch.Generator(device=dev).manual_seed(seed)
     prompt_ids = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
