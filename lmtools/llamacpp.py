@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from lmtools.errors import ConfigError
-from lmtools.hf import NORM_EPS
+from lmtools.hf import NORM_EPS, renamed_weights
 
 
 def _gguf():
@@ -27,22 +27,11 @@ def _gguf():
 
 def gguf_names(num_layers: int) -> list[tuple[str, str]]:
     """(lmtools name, GGUF tensor name) of every weight."""
-    names = [("token_embeddings.weight", "token_embd.weight")]
-    for i in range(num_layers):
-        ours, theirs = f"layers.{i}.", f"blk.{i}."
-        names += [
-            (ours + "ln1.weight", theirs + "attn_norm.weight"),
-            (ours + "attn.q_proj.weight", theirs + "attn_q.weight"),
-            (ours + "attn.k_proj.weight", theirs + "attn_k.weight"),
-            (ours + "attn.v_proj.weight", theirs + "attn_v.weight"),
-            (ours + "attn.output_proj.weight", theirs + "attn_output.weight"),
-            (ours + "ln2.weight", theirs + "ffn_norm.weight"),
-            (ours + "ffn.w1.weight", theirs + "ffn_gate.weight"),
-            (ours + "ffn.w3.weight", theirs + "ffn_up.weight"),
-            (ours + "ffn.w2.weight", theirs + "ffn_down.weight"),
-        ]
-    names += [("ln_final.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")]
-    return names
+    return renamed_weights(
+        num_layers, ("token_embd.weight", "output_norm.weight", "output.weight"), "blk.{i}.",
+        ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_norm.weight",
+         "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"),
+    )
 
 
 def gguf_vocab(tokenizer_json: str, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
