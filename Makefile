@@ -24,7 +24,7 @@ test: setup lint test-rust test-python
 lint: setup
 	$(BIN)/ruff check lmtools tests benchmarks
 	$(BIN)/ruff format --check lmtools tests benchmarks
-	cargo clippy -p rust_sampler --all-targets -- -D warnings
+	PYO3_PYTHON=$(BIN)/python cargo clippy -p rust_sampler --all-targets --all-features -- -D warnings
 
 test-rust:
 	cargo test -p rust_sampler
