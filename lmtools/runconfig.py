@@ -57,6 +57,10 @@ def read_run_config(path: str | Path) -> dict:
     return out
 
 
+_KIND_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               list: "a list of strings"}
+
+
 def _checked(path, key: str, value, kind: type):
     """`value` as field type `kind`, or a ConfigError that names the key."""
     if kind is list:
@@ -67,7 +71,7 @@ def _checked(path, key: str, value, kind: type):
         return float(value)
     elif isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
         return value
-    want = "a list of strings" if kind is list else f"a {kind.__name__}"
+    want = _KIND_WORDS[kind]
     raise ConfigError(f"--config: {path}: {key} must be {want}, got {value!r}")
 
 

@@ -78,8 +78,8 @@ def test_flags_win_over_the_file_and_file_keys_count_as_set(tmp_path):
     "text, message",
     [
         ("learning_rat = 1.0\n", "unknown key 'learning_rat'; did you mean learning_rate?"),
-        ("max_iters = 1.5\n", "max_iters must be a int, got 1.5"),
-        ("compile = 1\n", "compile must be a bool, got 1"),
+        ("max_iters = 1.5\n", "max_iters must be an integer, got 1.5"),
+        ("compile = 1\n", "compile must be true or false, got 1"),
         ("train_data = [1]\n", "train_data must be a list of strings"),
         ("schedule_extensions = []\n", "unknown key 'schedule_extensions'"),
         ("max_iters = \n", "is not valid TOML"),
@@ -144,3 +144,10 @@ def test_inspect_config_reproduces_the_run(tmp_path):
     again = read_checkpoint(ckpt)
     assert again["user_config"] == {**user, "max_iters": 4, "checkpoint_path": str(ckpt)}
     assert again["config"]["max_iters"] == 4
+
+
+def test_inspect_config_needs_a_checkpoint(tmp_path, run_cli):
+    np.save(tmp_path / "tokens.npy", np.arange(100, dtype=np.uint16))
+    result = run_cli("inspect", tmp_path / "tokens.npy", "--config")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "needs a checkpoint" in result.stderr
