@@ -12,7 +12,7 @@ from rich.filesize import decimal
 
 from lmtools.cli.app import app, user_errors
 from lmtools.layout import EOT
-from lmtools.prepare import DEFAULT_TOKENIZER_SAMPLE
+from lmtools.prepare import DEFAULT_TOKENIZER_SAMPLE, Progress
 
 NO_SEPARATOR = "none"  # --separator none: one document per text file
 
@@ -41,101 +41,104 @@ def _human_count(n: float) -> str:
     return f"{n:.1f}G"
 
 
-def _progress(quiet: bool, console=None):
-    """A rich bar on a terminal, a plain line every few seconds when stderr is piped."""
-    from lmtools.prepare import Progress
+class PlainProgress(Progress):
+    """Where stderr is a pipe or a file: a plain line every INTERVAL seconds (rich's bar would
+    only draw its last state there)."""
 
-    class Silent(Progress):
-        pass
+    INTERVAL = 5.0
 
-    class Plain(Progress):
-        INTERVAL = 5.0
+    def phase(self, name: str, total_bytes: int | None) -> None:
+        self.name, self.total = name, total_bytes
+        self.nbytes = self.tokens = 0
+        self.start = self.last = time.monotonic()
+        size = f": {decimal(total_bytes)} of input" if total_bytes is not None else ""
+        sys.stderr.write(f"prepare: {name}{size}\n")
 
-        def phase(self, name: str, total_bytes: int | None) -> None:
-            self.name, self.total = name, total_bytes
-            self.nbytes = self.tokens = 0
-            self.start = self.last = time.monotonic()
-            size = f": {decimal(total_bytes)} of input" if total_bytes is not None else ""
-            sys.stderr.write(f"prepare: {name}{size}\n")
+    def advance(self, nbytes: int = 0, tokens: int = 0) -> None:
+        self.nbytes += nbytes
+        self.tokens += tokens
+        now = time.monotonic()
+        if now - self.last >= self.INTERVAL:
+            self.last = now
+            self._line(now)
 
-        def advance(self, nbytes: int = 0, tokens: int = 0) -> None:
-            self.nbytes += nbytes
+    def _line(self, now: float) -> None:
+        if self.total is None:
+            sys.stderr.write(f"prepare: {self.name}: {now - self.start:.0f} s\n")
+            return
+        total = max(1, self.total)
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.nbytes / elapsed
+        eta = (total - self.nbytes) / rate if rate > 0 else 0.0
+        tok = f", {_human_count(self.tokens / elapsed)} tokens/s" if self.tokens else ""
+        sys.stderr.write(
+            f"prepare: {self.name}: {100 * min(self.nbytes, total) / total:5.1f}%"
+            f" {decimal(int(rate))}/s{tok}, eta {eta:.0f} s\n"
+        )
+
+    def done(self) -> None:
+        self._line(time.monotonic())
+
+
+class BarProgress(Progress):
+    """On a terminal: rich's progress bar, one task per phase, with the token rate."""
+
+    def __init__(self, console) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            Progress as RichProgress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self.bar = RichProgress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TransferSpeedColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=console or Console(stderr=True),
+            transient=False,
+        )
+        self.task = None
+
+    def phase(self, name: str, total_bytes: int | None) -> None:
+        if self.task is None:
+            self.bar.start()
+        self.task = self.bar.add_task(name, total=total_bytes, rate="")
+        self.tokens, self.start = 0, time.monotonic()
+
+    def advance(self, nbytes: int = 0, tokens: int = 0) -> None:
+        fields = {}
+        if tokens:
             self.tokens += tokens
-            now = time.monotonic()
-            if now - self.last >= self.INTERVAL:
-                self.last = now
-                self._line(now)
+            rate = self.tokens / max(time.monotonic() - self.start, 1e-9)
+            fields["rate"] = f"{_human_count(rate)} tok/s"
+        self.bar.update(self.task, advance=nbytes, **fields)
 
-        def _line(self, now: float) -> None:
-            if self.total is None:
-                sys.stderr.write(f"prepare: {self.name}: {now - self.start:.0f} s\n")
-                return
-            total = max(1, self.total)
-            elapsed = max(now - self.start, 1e-9)
-            rate = self.nbytes / elapsed
-            eta = (total - self.nbytes) / rate if rate > 0 else 0.0
-            tok = f", {_human_count(self.tokens / elapsed)} tokens/s" if self.tokens else ""
-            sys.stderr.write(
-                f"prepare: {self.name}: {100 * min(self.nbytes, total) / total:5.1f}%"
-                f" {decimal(int(rate))}/s{tok}, eta {eta:.0f} s\n"
-            )
-
-        def done(self) -> None:
-            self._line(time.monotonic())
-
-    class Bar(Progress):
-        def __init__(self, console) -> None:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                Progress as RichProgress,
-                TaskProgressColumn,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            self.bar = RichProgress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TaskProgressColumn(),
-                TransferSpeedColumn(),
-                TextColumn("{task.fields[rate]}"),
-                TimeRemainingColumn(),
-                console=console or Console(stderr=True),
-                transient=False,
-            )
-            self.task = None
-
-        def phase(self, name: str, total_bytes: int | None) -> None:
-            if self.task is None:
-                self.bar.start()
-            self.task = self.bar.add_task(name, total=total_bytes, rate="")
-            self.tokens, self.start = 0, time.monotonic()
-
-        def advance(self, nbytes: int = 0, tokens: int = 0) -> None:
-            fields = {}
-            if tokens:
-                self.tokens += tokens
-                rate = self.tokens / max(time.monotonic() - self.start, 1e-9)
-                fields["rate"] = f"{_human_count(rate)} tok/s"
-            self.bar.update(self.task, advance=nbytes, **fields)
-
-        def done(self) -> None:
-            task = self.bar.tasks[-1]
-            if task.total is None:
-                self.bar.update(self.task, total=1, completed=1)
-            else:
-                self.bar.update(self.task, completed=task.total)
-            if task.description == "encode":
-                self.bar.stop()
-
-        def stop(self) -> None:
+    def done(self) -> None:
+        task = self.bar.tasks[-1]
+        if task.total is None:
+            self.bar.update(self.task, total=1, completed=1)
+        else:
+            self.bar.update(self.task, completed=task.total)
+        if task.description == "encode":
             self.bar.stop()
 
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+def _progress(quiet: bool, console=None) -> Progress:
+    """A rich bar on a terminal, a plain line every few seconds when stderr is piped."""
     if quiet:
-        return Silent()
-    return Bar(console) if sys.stderr.isatty() else Plain()
+        return Progress()
+    return BarProgress(console) if sys.stderr.isatty() else PlainProgress()
+
 
 
 @app.command(
