@@ -62,6 +62,17 @@ class TrainConfig:
     # A fresh run refuses to replace an existing checkpoint unless this is set.
     overwrite: bool = False
     tokenizer: str | None = None
+    # A named set of the options below (lmtools/recipe.py); "spec" is the specification's run.
+    recipe: str = "spec"
+    optimizer: str = "adamw"
+    # Muon's peak learning rate (it follows the same schedule as --learning_rate).
+    muon_lr: float = 0.02
+    qk_norm: bool = False
+    ffn: str = "swiglu"
+    zero_init_proj: bool = False
+    logit_softcap: float = 0.0
+    # Training windows start at document starts (needs the end-of-text id from meta.json).
+    doc_aligned: bool = False
 
     def model_config(self) -> "ModelConfig":
         from lmtools.model import ModelConfig  # imports torch: only when a model is built
@@ -74,6 +85,10 @@ class TrainConfig:
             num_heads=self.num_heads,
             d_ff=self.d_ff,
             rope_theta=self.rope_theta,
+            qk_norm=self.qk_norm,
+            ffn=self.ffn,
+            zero_init_proj=self.zero_init_proj,
+            logit_softcap=self.logit_softcap,
         )
 
     def lr_at(self, update: int) -> float:
@@ -135,5 +150,7 @@ class TrainConfig:
         if self.fsdp and self.dtype == "float16":
             raise ConfigError("--fsdp does not support --dtype float16 (its gradient scaler); use bfloat16")
         from lmtools.model import validate_config
+        from lmtools.recipe import validate_recipe_options
 
+        validate_recipe_options(self)
         validate_config(self.model_config())

@@ -19,7 +19,8 @@ def load_model(checkpoint: str | Path, device: torch.device) -> tuple[Transforme
     payload = read_checkpoint(checkpoint)
     model_cfg = payload.get("model_config") or (payload.get("config") or {})
     try:
-        model = TransformerLM.from_config({k: model_cfg[k] for k in MODEL_FIELDS})
+        # Options a checkpoint predates keep their defaults (the specification's model).
+        model = TransformerLM.from_config({k: model_cfg[k] for k in MODEL_FIELDS[:6]} | model_cfg)
     except KeyError as exc:
         raise CheckpointError(f"{checkpoint} holds no model config ({exc} missing); it was not written by lmtools") from None
     load_state(payload, model)

@@ -244,7 +244,7 @@ def _shape_problems(model_config: dict, state: dict) -> list[str]:
         return ["no complete model config: the checkpoint cannot be loaded by lmtools sample or resume"]
     try:
         with torch.device("meta"):
-            model = TransformerLM(**{k: model_config[k] for k in (*fields, "rope_theta") if k in model_config})
+            model = TransformerLM.from_config(model_config)
     except Exception as exc:  # a config that validate_config refuses
         return [f"model config is invalid: {exc}"]
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

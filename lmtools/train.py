@@ -36,6 +36,7 @@ from lmtools.metrics import ExternalLoggers, MetricsWriter, SpikeDetector, forma
 from lmtools.model import MODEL_FIELDS, TransformerLM
 from lmtools.optim import cross_entropy, make_optimizer, run_gradient_clipping
 from lmtools.prepare import read_meta
+from lmtools.recipe import apply_recipe, document_eot
 
 
 class TrainingDiverged(LMToolsError):
@@ -197,7 +198,7 @@ def train_model(
         payload = read_checkpoint(resume_from)
         cfg = merge_resume_config(payload, cfg, explicit)
     else:
-        cfg = resolve_data(cfg, explicit_vocab="vocab_size" in explicit)
+        cfg = resolve_data(apply_recipe(cfg, explicit), explicit_vocab="vocab_size" in explicit)
     cfg.validate()
     device = resolve_device(cfg.device)
     dist_info, device = init_distributed(device)
@@ -256,6 +257,7 @@ class Trainer:
         self.loader = BatchLoader(
             cfg.train_data, cfg.batch_size, cfg.context_length, device,
             seed=cfg.seed, rank=dist_info.rank, grad_accum_steps=cfg.grad_accum_steps, dtype=cfg.data_dtype,
+            doc_eot=document_eot(cfg),
         )
         self.val_loader = None
         if cfg.val_data:
@@ -274,7 +276,9 @@ class Trainer:
             self.model = build_sharded_model(cfg, device, dist_info)
         else:
             self.model = build_model(cfg, device)
-        self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, device)
+        self.optimizer = make_optimizer(
+            self.model, cfg.learning_rate, cfg.weight_decay, device, optimizer=cfg.optimizer, muon_lr=cfg.muon_lr
+        )
         self.spikes = SpikeDetector(cfg.spike_zscore)
         # Steps whose loss and gradient norm are still on the device: (iteration, loss, norm).
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
@@ -377,7 +381,7 @@ class Trainer:
         """
         cfg = self.cfg
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups keep their own peak
         self.module.train()
         step_loss = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum_steps):

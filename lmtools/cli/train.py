@@ -123,6 +123,14 @@ def train(
     skip_nonfinite: bool = _opt(False, "--skip_nonfinite", "--skip-nonfinite", help="Skip (and count) updates with a NaN/inf loss instead of stopping."),
     skip_spikes: bool = _opt(False, "--skip_spikes", "--skip-spikes", help="Skip updates whose loss is a spike (z-score above --spike_zscore)."),
     spike_zscore: float = _opt(_D.spike_zscore, "--spike_zscore", "--spike-zscore"),
+    recipe: str = _opt(_D.recipe, "--recipe", help="spec: the specification's model and optimizer; modern: the options that measured best (see README, Recipes). Flags below override it."),
+    optimizer: str = _opt(_D.optimizer, "--optimizer", help="adamw, or muon: Muon for the blocks' matrices, AdamW for embeddings, head and gains."),
+    muon_lr: float = _opt(_D.muon_lr, "--muon_lr", "--muon-lr", help="Muon's peak learning rate (same schedule as --learning_rate)."),
+    qk_norm: bool = _opt(_D.qk_norm, "--qk_norm/--no_qk_norm", "--qk-norm/--no-qk-norm", help="RMSNorm on queries and keys."),
+    ffn: str = _opt(_D.ffn, "--ffn", help="Feed-forward: swiglu or relu2."),
+    zero_init_proj: bool = _opt(_D.zero_init_proj, "--zero_init_proj/--no_zero_init_proj", "--zero-init-proj/--no-zero-init-proj", help="Start the residual output projections at zero."),
+    logit_softcap: float = _opt(_D.logit_softcap, "--logit_softcap", "--logit-softcap", help="Cap logits smoothly at +-this value (0: off)."),
+    doc_aligned: bool = _opt(_D.doc_aligned, "--doc_aligned/--no_doc_aligned", "--doc-aligned/--no-doc-aligned", help="Training windows start at document starts (needs the data's meta.json)."),
 ) -> None:
     """Train a Transformer LM on token files."""
     from lmtools.errors import ConfigError

@@ -1,0 +1,72 @@
+"""Recipes: named sets of the training and architecture options beyond the specification.
+
+`spec` (the default) is the specification's model and optimizer. `modern` is the set of
+options that measured best on the CPU benchmark (benchmarks/RESULTS_recipe.md). A flag the
+user gives always wins over the recipe.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+from lmtools.config import TrainConfig
+from lmtools.errors import ConfigError
+from lmtools.optim import OPTIMIZERS
+
+RECIPES: dict[str, dict] = {
+    "spec": {},
+    "modern": {
+        "optimizer": "muon",
+        "qk_norm": True,
+        "ffn": "relu2",
+        "zero_init_proj": True,
+        "logit_softcap": 30.0,
+    },
+}
+
+
+
+def apply_recipe(cfg: TrainConfig, explicit: frozenset[str] = frozenset()) -> TrainConfig:
+    """Set the recipe's options on `cfg`, except those the user named (`explicit`) or already
+    moved off their default."""
+    validate_recipe_options(cfg)
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    for name, value in RECIPES[cfg.recipe].items():
+        if name not in explicit and getattr(cfg, name) == defaults[name]:
+            setattr(cfg, name, value)
+    return cfg
+
+
+def validate_recipe_options(cfg: TrainConfig) -> None:
+    if cfg.recipe not in RECIPES:
+        raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, got {cfg.recipe!r}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    if not (math.isfinite(cfg.muon_lr) and cfg.muon_lr > 0):
+        raise ConfigError(f"--muon_lr must be a positive number, got {cfg.muon_lr}")
+    if cfg.optimizer == "muon" and cfg.fsdp:
+        raise ConfigError("--optimizer muon does not work with --fsdp (Muon needs whole matrices); drop one")
+
+
+def document_eot(cfg: TrainConfig) -> int | None:
+    """The end-of-text id that --doc_aligned windows start after, from the data's meta.json;
+    None when windows are not aligned."""
+    if not cfg.doc_aligned:
+        return None
+    from lmtools.data import parse_source_spec
+    from lmtools.prepare import read_meta
+
+    ids = set()
+    for spec in cfg.train_data:
+        path = parse_source_spec(spec)[0]
+        meta = read_meta(path)
+        if meta is None or meta.get("eot_id") is None:
+            raise ConfigError(
+                f"--doc_aligned needs the end-of-text id from a meta.json beside {path}; "
+                f"prepare the data with lmtools prepare, or drop --doc_aligned"
+            )
+        ids.add(int(meta["eot_id"]))
+    if len(ids) > 1:
+        raise ConfigError(f"--doc_aligned: the training files disagree on the end-of-text id ({sorted(ids)}); drop --doc_aligned")
+    return ids.pop()
