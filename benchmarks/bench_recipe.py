@@ -7,12 +7,14 @@ Run (not part of the test suite; about `len(arms) * seeds * steps * 0.3 s` on 2 
 
 The corpus is the Python standard library's sources, gathered as `lmtools demo` does (one
 document per module), with the demo's tokenizer size, model shape, batch and learning rates.
-Every arm trains the same number of steps on the same schedule; each run is its own process,
-and the runs go round-robin over the arms (the order rotated per round), so that load from
-other work on the machine hits every arm alike. Reported per arm, as mean ± standard deviation
-over the seeds: final validation bits per byte, its ratio to the default's at the same seed,
-training seconds (evaluations left out), and the training seconds it took to first reach the
-default's final validation loss of the same seed, as a fraction of the default's own time
+Every arm trains the same number of steps on the same schedule, each in its own process on one
+thread. The arms of one seed run side by side (launched in an order rotated per seed), so
+that load from other work on the machine hits every arm alike, and time is measured as each
+process's own CPU seconds, evaluations left out: on one thread that is the wall-clock time the
+run takes on an idle core, whatever else the machine does. Reported per arm, as mean ±
+standard deviation over the seeds: final validation bits per byte, its ratio to the default's
+at the same seed, training CPU seconds, and the CPU seconds it took to first reach the
+default's final validation loss of the same seed, as a fraction of the default's own
 (interpolated between evaluations; "-" when it never got there).
 """
 
@@ -51,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench-recipe"))
     p.add_argument("--corpus_mb", type=float, default=4.0)
     p.add_argument("--eval_iters", type=int, default=8)
-    p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--parallel", type=int, default=0, help="runs at a time (0: all arms of a seed together)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and corpus: checks the script itself")
     p.add_argument("--results", type=Path, default=None, help="also write the Markdown table here")
     p.add_argument("--one", type=str, default=None, help=argparse.SUPPRESS)  # one run, in a child
@@ -107,25 +110,44 @@ def run_one(spec: str) -> None:
     from lmtools.config import TrainConfig
     from lmtools.train import train_model
 
+    import time
+
+    import lmtools.train
+
     job = json.loads(spec)
-    if job["threads"]:
-        torch.set_num_threads(job["threads"])
+    torch.set_num_threads(job["threads"])
     cfg = TrainConfig(**job["config"])
-    train_model(cfg, explicit=frozenset(job["options"]), log=lambda _line: None)
+    # CPU seconds of training alone: evaluation's share is counted and taken out.
+    evaluate, eval_cpu = lmtools.train.evaluate, [0.0]
+
+    def timed_evaluate(*args, **kw):
+        t0 = time.process_time()
+        try:
+            return evaluate(*args, **kw)
+        finally:
+            eval_cpu[0] += time.process_time() - t0
+
+    lmtools.train.evaluate = timed_evaluate
+    start, cpu = time.process_time(), {}
+
+    def on_step(iteration, _max_iters, _loss, _lr):
+        cpu[iteration] = time.process_time() - start - eval_cpu[0]
+
+    train_model(cfg, explicit=frozenset(job["options"]), log=lambda _line: None, on_step=on_step)
+    (Path(cfg.checkpoint_path).parent / "cpu.json").write_text(json.dumps(cpu))
 
 
-def curve(run_dir: Path, tokens_per_step: int) -> list[dict]:
-    """Evaluations in order: iter, val loss, val bpb, training seconds so far (no evaluations)."""
-    points, train_s = [], 0.0
-    last_iter = 0
+def curve(run_dir: Path) -> list[dict]:
+    """Evaluations in order: iter, val loss, val bpb, training CPU seconds so far, wall seconds."""
+    cpu = {int(k): v for k, v in json.loads((run_dir / "cpu.json").read_text()).items()}
+    points = []
     for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
-        steps = rec["iter"] - last_iter
-        last_iter = rec["iter"]
-        # A window's time starts after the previous evaluation: tokens / rate is training alone.
-        train_s += steps * tokens_per_step / rec["tokens_per_s"]
         if "val_loss" in rec:
-            points.append({"iter": rec["iter"], "val_loss": rec["val_loss"], "val_bpb": rec.get("val_bpb"), "train_s": train_s})
+            points.append({
+                "iter": rec["iter"], "val_loss": rec["val_loss"], "val_bpb": rec.get("val_bpb"),
+                "train_s": cpu[rec["iter"]], "wall_s": rec["elapsed_s"],
+            })
     return points
 
 
@@ -147,15 +169,23 @@ def run_all(args: argparse.Namespace) -> dict:
     results: dict[str, dict[int, list[dict]]] = {arm_name(a): {} for a in args.arms}
     for round_no, seed in enumerate(args.seeds):
         shift = round_no % len(args.arms)
-        for arm in args.arms[shift:] + args.arms[:shift]:
-            name, options = arm_name(arm), arm_options(arm)
-            run_dir = args.out / "runs" / f"{name}-seed{seed}"
-            cfg = run_config(args, data, run_dir, seed, options)
-            job = {"config": cfg.to_dict(), "options": sorted(options), "threads": args.threads}
-            subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], check=True)
-            points = curve(run_dir, cfg.batch_size * cfg.context_length)
-            results[name][seed] = points
-            print(f"{name:>16} seed {seed}: val bpb {points[-1]['val_bpb']:.4f}, {points[-1]['train_s']:.1f}s", flush=True)
+        order = args.arms[shift:] + args.arms[:shift]
+        width = args.parallel or len(order)
+        for first in range(0, len(order), width):
+            running = []
+            for arm in order[first:first + width]:
+                name, options = arm_name(arm), arm_options(arm)
+                run_dir = args.out / "runs" / f"{name}-seed{seed}"
+                cfg = run_config(args, data, run_dir, seed, options)
+                job = {"config": cfg.to_dict(), "options": sorted(options), "threads": args.threads}
+                running.append((name, run_dir, subprocess.Popen([sys.executable, __file__, "--one", json.dumps(job)])))
+            for name, run_dir, proc in running:
+                if proc.wait() != 0:
+                    raise SystemExit(f"the {name} run of seed {seed} failed")
+                points = curve(run_dir)
+                results[name][seed] = points
+                print(f"{name:>16} seed {seed}: val bpb {points[-1]['val_bpb']:.4f}, "
+                      f"{points[-1]['train_s']:.1f} CPU s, {points[-1]['wall_s']:.0f} s wall", flush=True)
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
     return results
 
@@ -172,7 +202,7 @@ def table(results: dict, steps: int) -> str:
     base = results["default"]
     seeds = sorted(base)
     lines = [
-        f"| arm | final val bpb ({steps} steps) | vs default | train s | time to default's final val loss | reached |",
+        f"| arm | final val bpb ({steps} steps) | vs default | train CPU s | CPU time to default's final val loss | reached |",
         "|---|---|---|---|---|---|",
     ]
     for name, runs in results.items():

@@ -95,6 +95,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
             k: config[k] for k in (
                 "batch_size", "context_length", "grad_accum_steps", "gradient_clip_val", "seed", "device", "dtype",
                 "compile", "fsdp", "checkpoint_interval", "eval_interval", "log_interval",
+                "recipe", "optimizer", "muon_lr", "doc_aligned",
             ) if k in config
         },
         "problems": problems,
@@ -146,6 +147,8 @@ def parameter_counts(state: dict) -> dict[str, int]:
 
 
 def _optimizer(opt_state: Any) -> dict:
+    if isinstance(opt_state, dict) and set(opt_state) == {"adamw", "muon"}:  # --optimizer muon
+        return {"muon": _optimizer(opt_state["muon"]), "adamw": _optimizer(opt_state["adamw"])}
     if not isinstance(opt_state, dict) or not opt_state.get("param_groups"):
         return {}
     groups = opt_state["param_groups"]

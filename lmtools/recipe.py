@@ -38,6 +38,26 @@ def apply_recipe(cfg: TrainConfig, explicit: frozenset[str] = frozenset()) -> Tr
     return cfg
 
 
+def describe_options(cfg: TrainConfig) -> str | None:
+    """The run's options beyond the specification, for its header; None when there are none."""
+    parts = []
+    if cfg.optimizer == "muon":
+        parts.append(f"Muon (lr {cfg.muon_lr:g}) + AdamW")
+    if cfg.qk_norm:
+        parts.append("QK-norm")
+    if cfg.ffn != "swiglu":
+        parts.append(f"{cfg.ffn} feed-forward")
+    if cfg.zero_init_proj:
+        parts.append("zero-init projections")
+    if cfg.logit_softcap:
+        parts.append(f"logit soft-cap {cfg.logit_softcap:g}")
+    if cfg.doc_aligned:
+        parts.append("document-aligned windows")
+    if not parts and cfg.recipe == "spec":
+        return None
+    return f"recipe : {cfg.recipe} | " + (" | ".join(parts) or "no options")
+
+
 def validate_recipe_options(cfg: TrainConfig) -> None:
     if cfg.recipe not in RECIPES:
         raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, got {cfg.recipe!r}")

@@ -36,7 +36,7 @@ from lmtools.metrics import ExternalLoggers, MetricsWriter, SpikeDetector, forma
 from lmtools.model import MODEL_FIELDS, TransformerLM
 from lmtools.optim import cross_entropy, make_optimizer, run_gradient_clipping
 from lmtools.prepare import read_meta
-from lmtools.recipe import apply_recipe, document_eot
+from lmtools.recipe import apply_recipe, describe_options, document_eot
 
 
 class TrainingDiverged(LMToolsError):
@@ -682,6 +682,8 @@ def header_lines(cfg, loader, val_loader, model, device, dtype, dist_info) -> li
         f"model  : {mc.num_layers} layers | d_model {mc.d_model} | {mc.num_heads} heads | d_ff {mc.d_ff} | "
         f"vocab {mc.vocab_size} | {n_params / 1e6:.2f}M parameters"
     )
+    if options := describe_options(cfg):
+        lines.append(options)
     ranks = f" | {dist_info.world_size} ranks" if dist_info.enabled else ""
     lines.append(f"device : {device} | {str(dtype).removeprefix('torch.')}{' | compiled' if cfg.compile else ''}{ranks}")
     per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum_steps * dist_info.world_size

@@ -271,6 +271,8 @@ def test_modern_recipe_end_to_end(prepared, tmp_path):
         "--recipe", "modern", "--no-qk-norm", "--learning_rate", "3e-3",
     ])
     assert result.exit_code == 0, result.output
+    assert "recipe : modern | Muon (lr 0.02) + AdamW | relu2 feed-forward" in result.output
+    assert "QK-norm" not in result.output
     payload = read_checkpoint(ckpt)
     assert payload["config"]["recipe"] == "modern" and payload["model_config"]["qk_norm"] is False
     for name, value in RECIPES["modern"].items():
@@ -286,6 +288,8 @@ def test_modern_recipe_end_to_end(prepared, tmp_path):
 
     report = json.loads(result.output)
     assert report["model"]["ffn"] == "relu2" and report["model"]["qk_norm"] is False and not report.get("problems")
+    assert report["training"]["recipe"] == "modern" and report["training"]["optimizer"] == "muon"
+    assert report["optimizer"]["adamw"]["step"] == 8 and report["optimizer"]["muon"]["lr"] > 0
 
     from lmtools.generate import load_model
 
