@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=0, help="runs at a time (0: all arms of a seed together)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and corpus: checks the script itself")
     p.add_argument("--results", type=Path, default=None, help="also write the Markdown table here")
+    p.add_argument("--combine", type=Path, nargs="+", default=None,
+                   help="print one table from the results.json of earlier runs (e.g. one per seed)")
     p.add_argument("--one", type=str, default=None, help=argparse.SUPPRESS)  # one run, in a child
     return p.parse_args(argv)
 
@@ -190,6 +192,15 @@ def run_all(args: argparse.Namespace) -> dict:
     return results
 
 
+def combine(paths: list[Path]) -> dict:
+    """The runs of several results.json files as one {arm: {seed: points}}."""
+    merged: dict[str, dict[int, list[dict]]] = {}
+    for path in paths:
+        for name, runs in json.loads(path.read_text())["results"].items():
+            merged.setdefault(name, {}).update({int(seed): points for seed, points in runs.items()})
+    return merged
+
+
 def _mean_sd(values: list[float], fmt: str) -> str:
     if not values:
         return "-"
@@ -198,9 +209,10 @@ def _mean_sd(values: list[float], fmt: str) -> str:
     return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
 
 
-def table(results: dict, steps: int) -> str:
+def table(results: dict) -> str:
     base = results["default"]
     seeds = sorted(base)
+    steps = base[seeds[0]][-1]["iter"]
     lines = [
         f"| arm | final val bpb ({steps} steps) | vs default | train CPU s | CPU time to default's final val loss | reached |",
         "|---|---|---|---|---|---|",
@@ -227,16 +239,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.one is not None:
         run_one(args.one)
         return
-    if "default" not in [arm_name(a) for a in args.arms]:
-        args.arms = ["default", *args.arms]
-    results = run_all(args)
+    if args.combine:
+        results = combine(args.combine)
+        args.seeds = sorted({seed for runs in results.values() for seed in runs})
+    else:
+        if "default" not in [arm_name(a) for a in args.arms]:
+            args.arms = ["default", *args.arms]
+        results = run_all(args)
     import torch
 
     header = (
         f"{datetime.date.today()} · {platform.processor() or platform.machine()} · {os.cpu_count()} CPUs · "
         f"torch {torch.__version__} · seeds {' '.join(map(str, args.seeds))}"
     )
-    text = f"{header}\n\n{table(results, args.steps)}\n"
+    text = f"{header}\n\n{table(results)}\n"
     print(text)
     if args.results is not None:
         args.results.write_text(text, encoding="utf-8")

@@ -5,8 +5,10 @@ Run on a CUDA machine (no network needed; not part of the test suite):
 
     python benchmarks/gpu_recipe.py --seconds 90 [--data PREPARED_FOLDER_OR_TOKENS.npy]
 
-Without `--data` the corpus is the Python standard library's sources (as `lmtools demo`
-gathers them), tokenized here with a byte-level BPE of `--vocab_size` tokens. A bare `.npy`
+Without `--data` the corpus is Python source that ships with the machine: the standard
+library (as `lmtools demo` gathers it) and the installed packages' modules (torch's among
+them), one document per module, up to `--corpus_mb`, tokenized here with a byte-level BPE of
+`--vocab_size` tokens. The table's header says how many epochs of it each arm saw. A bare `.npy`
 token file gives its last 2% as validation. Each arm first times a few steps (which also warms
 torch.compile's cache), turns the budget into a step count so that its cosine schedule runs
 its whole course, then trains (bf16, compiled, as `benchmarks/gpu_throughput.py` does).
@@ -43,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=6e-4)
-    p.add_argument("--corpus_mb", type=float, default=24.0, help="stdlib text to tokenize when --data is not given")
+    p.add_argument("--corpus_mb", type=float, default=64.0, help="Python source to tokenize when --data is not given")
     p.add_argument("--vocab_size", type=int, default=8192, help="BPE size when --data is not given")
     p.add_argument("--probe_steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
@@ -56,24 +58,35 @@ def data_folder(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, float 
     from lmtools.prepare import read_meta
 
     if args.data is None:
+        import sysconfig
+
         from lmtools.demo import write_stdlib_corpus
         from lmtools.prepare import prepare_corpus
 
-        corpus = tmp / "corpus.jsonl"
-        write_stdlib_corpus(corpus, int(args.corpus_mb * 1e6), seed=0)
-        prepare_corpus([corpus], tmp / "data", vocab_size=args.vocab_size, val_fraction=0.02, seed=0, force=True)
+        budget = int(args.corpus_mb * 1e6)
+        _, stdlib_bytes = write_stdlib_corpus(tmp / "stdlib.jsonl", budget, seed=0)
+        corpora = [tmp / "stdlib.jsonl"]
+        if budget > stdlib_bytes:
+            packages = Path(sysconfig.get_paths()["purelib"])
+            write_stdlib_corpus(tmp / "packages.jsonl", budget - stdlib_bytes, seed=0, root=packages)
+            corpora.append(tmp / "packages.jsonl")
+        prepare_corpus(corpora, tmp / "data", vocab_size=args.vocab_size, val_fraction=0.02, seed=0, force=True)
         args.data = tmp / "data"
     if args.data.is_dir():
         meta = read_meta(args.data)
+        args.train_tokens = int(np.load(args.data / "train.npy", mmap_mode="r").shape[0])
         return args.data / "train.npy", args.data / "val.npy", (meta or {}).get("bytes_per_token")
     tokens = np.load(args.data, mmap_mode="r")
     args.model_vocab = -(-(int(tokens.max()) + 1) // 64) * 64  # no meta.json: from the ids, padded
     cut = len(tokens) - max(len(tokens) // 50, 4096)
+    args.train_tokens = cut
+    # Train on the head only, so that no validation window was trained on.
+    np.save(tmp / "train.npy", np.asarray(tokens[:cut]))
     np.save(tmp / "val.npy", np.asarray(tokens[cut:]))
     meta = read_meta(args.data) if (args.data.parent / "meta.json").is_file() else None
     if meta:
         args.model_vocab = int(meta["vocab_size"])
-    return args.data, tmp / "val.npy", (meta or {}).get("bytes_per_token")
+    return tmp / "train.npy", tmp / "val.npy", (meta or {}).get("bytes_per_token")
 
 
 def arm_config(args, train: Path, val: Path, folder: Path, options: dict, max_iters: int) -> TrainConfig:
@@ -122,6 +135,7 @@ def run_arm(args, name: str, train: Path, val: Path, tmp: Path, bytes_per_token)
     val_loss = result.last_val_loss
     return {
         "arm": name, "steps": result.iteration, "planned": max_iters, "wall_s": wall,
+        "epochs": result.iteration * cfg.batch_size * cfg.context_length / args.train_tokens,
         "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady),
         "val_loss": val_loss,
         "val_bpb": val_loss / math.log(2) / bytes_per_token if val_loss is not None and bytes_per_token else None,
@@ -137,15 +151,15 @@ def table(args, rows: list[dict]) -> str:
         f"d{shape['d_model']} L{shape['num_layers']} T{shape['context_length']} batch {args.batch_size}"
         f"{'' if args.tiny else ' bf16 compiled'}, {args.seconds:g} s per arm, data {args.data}",
         "",
-        "| arm | steps | tokens/s | val loss | val bpb | vs default | wall s |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | steps | epochs | tokens/s | val loss | val bpb | vs default | wall s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     base = next((r for r in rows if r["arm"] == "default"), None)
     for r in rows:
         bpb = "n/a" if r["val_bpb"] is None else f"{r['val_bpb']:.4f}"
         ratio = f"{r['val_loss'] / base['val_loss']:.3f}x" if base and base["val_loss"] and r["val_loss"] else "n/a"
         lines.append(
-            f"| {r['arm']} | {r['steps']} | {r['tokens_per_s']:,.0f} | {r['val_loss']:.4f} | {bpb} | {ratio} | {r['wall_s']:.0f} |"
+            f"| {r['arm']} | {r['steps']} | {r['epochs']:.2f} | {r['tokens_per_s']:,.0f} | {r['val_loss']:.4f} | {bpb} | {ratio} | {r['wall_s']:.0f} |"
         )
     return "\n".join(lines)
 

@@ -318,6 +318,9 @@ def test_gpu_recipe_script_runs_tiny_on_the_cpu(prepared, tmp_path, bare):
     assert len(rows) == 2, text
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        steps, tok_s, val_loss = int(cells[1]), float(cells[2].replace(",", "")), float(cells[3])
+        steps, epochs, tok_s, val_loss = int(cells[1]), float(cells[2]), float(cells[3].replace(",", "")), float(cells[4])
         assert steps >= 4 and tok_s > 0 and 0 < val_loss < math.log(320) + 1
-    assert "vs default" in text and rows[0].split("|")[6].strip() == "1.000x"
+        n = len(np.load(prepared / "train.npy"))
+        train_tokens = n - max(n // 50, 4096) if bare else n
+        assert epochs == pytest.approx(steps * 4 * 32 / train_tokens, abs=0.01)
+    assert "vs default" in text and rows[0].split("|")[7].strip() == "1.000x"
