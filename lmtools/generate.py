@@ -9,14 +9,19 @@ import torch
 
 from lmtools.checkpoint import load_state, read_checkpoint
 from lmtools.errors import CheckpointError, ConfigError
+from lmtools.layout import EOT
 from lmtools.model import MODEL_FIELDS, KVCache, TransformerLM
 
-EOT = "<|endoftext|>"
 
 
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[TransformerLM, dict]:
     """The model of a checkpoint, in eval mode on `device`, and the checkpoint's contents."""
     payload = read_checkpoint(checkpoint)
+    return model_from_payload(payload, checkpoint).to(device).eval(), payload
+
+
+def model_from_payload(payload: dict, checkpoint: str | Path = "the checkpoint") -> TransformerLM:
+    """The model a loaded checkpoint holds (plain or sharded), on the CPU."""
     model_cfg = payload.get("model_config") or (payload.get("config") or {})
     try:
         # Options a checkpoint predates keep their defaults (the specification's model).
@@ -24,7 +29,7 @@ def load_model(checkpoint: str | Path, device: torch.device) -> tuple[Transforme
     except KeyError as exc:
         raise CheckpointError(f"{checkpoint} holds no model config ({exc} missing); it was not written by lmtools") from None
     load_state(payload, model)
-    return model.to(device).eval(), payload
+    return model
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -104,22 +109,7 @@ def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
 
 
 def load_tokenizer(payload: dict, override: str | None = None, checkpoint: str | Path | None = None):
-    """The tokenizer recorded in a checkpoint (or `override`), as a `tokenizers.Tokenizer`."""
-    from tokenizers import Tokenizer
+    """The tokenizer of a checkpoint (or `override`), as a `tokenizers.Tokenizer`."""
+    from lmtools.tokenizer import tokenizer_from_checkpoint
 
-    candidates = [override] if override else []
-    ref = payload.get("tokenizer") or (payload.get("config") or {}).get("tokenizer")
-    if ref:
-        candidates.append(ref)
-        if checkpoint is not None:
-            candidates.append(str(Path(checkpoint).parent / Path(ref).name))
-    for cand in candidates:
-        if cand and Path(cand).is_file():
-            try:
-                return Tokenizer.from_file(str(cand))
-            except Exception as exc:  # tokenizers raises its own Exception type
-                raise ConfigError(f"{cand} is not a tokenizer.json ({str(exc).splitlines()[0]})") from None
-    where = f" (it names {ref}, which is gone)" if ref else ""
-    raise ConfigError(
-        f"no tokenizer for this checkpoint{where}; pass --tokenizer PATH/tokenizer.json from lmtools prepare"
-    )
+    return tokenizer_from_checkpoint(payload, override, checkpoint)

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from lmtools.errors import CheckpointError, DataError
+from lmtools.errors import CheckpointError, DataError, LMToolsError
+from lmtools.layout import EOT
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 MODULE_ORDER = ("token_embeddings", "layers", "ln_final", "lm_head")
-EOT = "<|endoftext|>"
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _NPY_MAGIC = b"\x93NUMPY"
@@ -90,7 +90,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
         "schedule": _schedule(iteration, config),
         "metrics": payload.get("metrics") or {},
         "data": _data(config, payload.get("sampler")),
-        "tokenizer": _tokenizer_ref(payload.get("tokenizer") or config.get("tokenizer"), p),
+        "tokenizer": _tokenizer_ref(payload, config, p),
         "training": {
             k: config[k] for k in (
                 "batch_size", "context_length", "grad_accum_steps", "gradient_clip_val", "seed", "device", "dtype",
@@ -227,13 +227,22 @@ def _strip_weight(spec: str) -> str:
     return str(spec)
 
 
-def _tokenizer_ref(ref: Any, checkpoint: Path) -> dict:
-    if not ref:
-        return {"path": None}
-    path = Path(str(ref))
-    beside = checkpoint.parent / path.name
-    found = path if path.is_file() else beside if beside.is_file() else None
-    return {"path": str(ref), "found": str(found) if found else None}
+def _tokenizer_ref(payload: dict, config: dict, checkpoint: Path) -> dict:
+    """Where the checkpoint's tokenizer comes from: stored in it, or the file it names."""
+    from lmtools.tokenizer import tokenizer_from_checkpoint
+
+    ref = payload.get("tokenizer") or config.get("tokenizer")
+    report: dict[str, Any] = {"path": str(ref) if ref else None, "stored": bool(payload.get("tokenizer_json"))}
+    if ref:
+        path = Path(str(ref))
+        beside = checkpoint.parent / path.name
+        found = path if path.is_file() else beside if beside.is_file() else None
+        report["found"] = str(found) if found else None
+    try:
+        report["vocab_size"] = tokenizer_from_checkpoint(payload, checkpoint=checkpoint).get_vocab_size()
+    except LMToolsError:
+        report["vocab_size"] = None  # no usable tokenizer: sample and eval of text need --tokenizer
+    return report
 
 
 def _shape_problems(model_config: dict, state: dict) -> list[str]:

@@ -7,8 +7,9 @@ about 3x faster than `tokenizers`' `encode_batch`, and a byte-level BPE converts
 (ranks in merge order). Anything else (a normalizer, another pre-tokenizer, BPE dropout...)
 is encoded by `tokenizers` itself.
 
-Text that spells `<|endoftext|>` is always encoded as ordinary text: the end-of-text id only
-ever comes from a document boundary.
+The end-of-text id only ever comes from a document boundary: text that still spells
+`<|endoftext|>` once the corpus reader has split it into documents (a jsonl or parquet text, or
+a text file split at another separator) is encoded as ordinary text.
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmtools.errors import ConfigError, DataError
+from lmtools.layout import EOT, TOKENIZER_FILE
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
     import numpy as np
     from tokenizers import Tokenizer
-
-EOT = "<|endoftext|>"
 
 # GPT-2's pre-tokenizer pattern, as tiktoken spells it; the same one `tokenizers`' ByteLevel
 # pre-tokenizer uses with use_regex=True.
@@ -152,8 +152,8 @@ def load_tokenizer(spec: str | os.PathLike) -> tuple[Tokenizer, str]:
         return bytes_tokenizer(), "bytes"
     path = Path(spec).expanduser()
     if path.is_dir():
-        if (path / "tokenizer.json").is_file():
-            path = path / "tokenizer.json"
+        if (path / TOKENIZER_FILE).is_file():
+            path = path / TOKENIZER_FILE
         elif (path / "vocab.json").is_file():
             path = path / "vocab.json"
         else:
@@ -245,6 +245,18 @@ class Encoder:
         """One more than the largest id (ids need not be contiguous in a loaded tokenizer)."""
         vocab = self.tokenizer.get_vocab(with_added_tokens=True)
         return max(vocab.values()) + 1
+
+    def line_ends(self) -> np.ndarray:
+        """A boolean per id: does the token's text end with a newline (a clean place to cut)."""
+        import numpy as np
+
+        n = self.vocab_size
+        if self.engine == "bytes":
+            table = np.zeros(n, dtype=bool)
+            table[ord("\n")] = True
+            return table
+        texts = self.tokenizer.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
+        return np.fromiter((t.endswith("\n") for t in texts), dtype=bool, count=n)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -485,3 +497,55 @@ def _plain_byte_level(spec: dict, model: dict) -> bool:
         return False
     # Added tokens other than special ones would be split out of the text by `tokenizers`.
     return all(t.get("special") for t in spec.get("added_tokens") or [])
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer a checkpoint carries
+# ---------------------------------------------------------------------------------------------
+
+
+def read_tokenizer_json(path: str | os.PathLike | None) -> str | None:
+    """The text of a tokenizer.json to store in a checkpoint; None when there is none to read."""
+    if not path or not Path(path).is_file():
+        return None
+    return Path(path).read_text(encoding="utf-8")
+
+
+def tokenizer_from_checkpoint(
+    payload: dict, override: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None
+) -> Tokenizer:
+    """The tokenizer of a checkpoint: `override`, else the tokenizer.json text stored in it, else
+    (checkpoints written before it was stored) the file it names, or one of that name beside it."""
+    from tokenizers import Tokenizer
+
+    if override:
+        return _tokenizer_file(Path(override))
+    text = payload.get("tokenizer_json")
+    if isinstance(text, str) and text:
+        try:
+            return Tokenizer.from_str(text)
+        except Exception as exc:  # tokenizers raises its own Exception type
+            raise ConfigError(f"the checkpoint's stored tokenizer does not load ({str(exc).splitlines()[0]}); "
+                              f"pass --tokenizer PATH/tokenizer.json") from None
+    ref = payload.get("tokenizer") or (payload.get("config") or {}).get("tokenizer")
+    candidates = [Path(ref)] if ref else []
+    if ref and checkpoint is not None:
+        candidates.append(Path(checkpoint).parent / Path(ref).name)
+    for cand in candidates:
+        if cand.is_file():
+            return _tokenizer_file(cand)
+    where = f" (it names {ref}, which is gone)" if ref else ""
+    raise ConfigError(
+        f"no tokenizer for this checkpoint{where}; pass --tokenizer PATH/tokenizer.json from lmtools prepare"
+    )
+
+
+def _tokenizer_file(path: Path) -> Tokenizer:
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise ConfigError(f"--tokenizer {path}: no such file; give the tokenizer.json from lmtools prepare")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises its own Exception type
+        raise ConfigError(f"{path} is not a tokenizer.json ({str(exc).splitlines()[0]})") from None

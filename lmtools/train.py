@@ -37,6 +37,7 @@ from lmtools.model import MODEL_FIELDS, TransformerLM
 from lmtools.optim import cross_entropy, make_optimizer, run_gradient_clipping
 from lmtools.prepare import read_meta
 from lmtools.recipe import apply_recipe, describe_options, document_eot
+from lmtools.tokenizer import read_tokenizer_json
 
 
 class TrainingDiverged(LMToolsError):
@@ -293,6 +294,8 @@ class Trainer:
         self.iteration = 0
         self.skipped = 0
         self.last_metrics: dict = {}
+        # Stored in every checkpoint, so that it needs no dataset folder to be sampled or exported.
+        self.tokenizer_json = read_tokenizer_json(cfg.tokenizer) or (payload or {}).get("tokenizer_json")
         if payload is not None:
             self.iteration = load_state(payload, self.model, self.optimizer)
             self.loader.load_state_dict(payload.get("sampler", {}))
@@ -517,6 +520,8 @@ class Trainer:
             skipped_steps=self.skipped,
             metrics=self.last_metrics,
             tokenizer=self.cfg.tokenizer,
+            tokenizer_json=self.tokenizer_json,
+            world_size=self.dist.world_size,
             lmtools_version=__version__,
             torch_version=str(torch.__version__),
             format_version=FORMAT_VERSION,
