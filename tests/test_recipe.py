@@ -297,6 +297,13 @@ def test_modern_recipe_end_to_end(prepared, tmp_path):
     assert model.config == ModelConfig.from_dict(payload["model_config"]) and model.config.ffn == "relu2"
     result = runner.invoke(app, ["sample", str(ckpt), "--prompt", "the model", "--max_new_tokens", "5"])
     assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["eval", str(ckpt), str(prepared / "val.npy"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert 0 < json.loads(result.output)["files"][0]["loss"] < 10
+    # A Llama folder cannot hold a ReLU² model: refused in one line, nothing written.
+    result = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "hf")])
+    assert result.exit_code == 2 and "ffn='relu2'" in result.output, result.output
+    assert not (tmp_path / "hf" / "config.json").exists()
 
 
 @pytest.mark.parametrize("bare", [False, True], ids=["prepared", "bare-npy"])
