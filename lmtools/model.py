@@ -35,7 +35,13 @@ class ModelConfig:
     logit_softcap: float = 0.0  # 0: no cap
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, with each option beyond the specification's model only when it is set:
+        a specification model's config reads exactly as it always has."""
+        out = asdict(self)
+        for name in OPTION_FIELDS:
+            if out[name] == OPTION_DEFAULTS[name]:
+                del out[name]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
@@ -51,6 +57,9 @@ class ModelConfig:
 
 # The hyperparameters a checkpoint carries to rebuild its model.
 MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig))
+# The architecture options beyond the specification's model, and their defaults (which are it).
+OPTION_FIELDS = ("qk_norm", "ffn", "zero_init_proj", "logit_softcap")
+OPTION_DEFAULTS = {f.name: f.default for f in fields(ModelConfig) if f.name in OPTION_FIELDS}
 FFN_KINDS = ("swiglu", "relu2")
 
 

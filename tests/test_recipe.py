@@ -123,6 +123,14 @@ def test_default_options_draw_the_specifications_weights():
             assert torch.equal(value, zero[key]), key
 
 
+def test_model_config_lists_only_the_options_that_are_set():
+    shape = dict(vocab_size=50, context_length=8, d_model=16, num_layers=2, num_heads=2, d_ff=32, rope_theta=10000.0)
+    assert ModelConfig(**shape).to_dict() == shape
+    cfg = ModelConfig(**shape, ffn="relu2", logit_softcap=15.0)
+    assert cfg.to_dict() == {**shape, "ffn": "relu2", "logit_softcap": 15.0}
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
 def test_architecture_options_shape_the_model():
     shape = dict(vocab_size=50, context_length=8, d_model=16, num_layers=2, num_heads=2, d_ff=32)
     relu2 = TransformerLM(**shape, ffn="relu2")
@@ -274,7 +282,8 @@ def test_modern_recipe_end_to_end(prepared, tmp_path):
     assert "recipe : modern | Muon (lr 0.02) + AdamW | relu2 feed-forward" in result.output
     assert "QK-norm" not in result.output
     payload = read_checkpoint(ckpt)
-    assert payload["config"]["recipe"] == "modern" and payload["model_config"]["qk_norm"] is False
+    # Options at their defaults are left out of the model config (a spec model's reads as always).
+    assert payload["config"]["recipe"] == "modern" and "qk_norm" not in payload["model_config"]
     for name, value in RECIPES["modern"].items():
         if name != "qk_norm":
             assert payload["config"][name] == value
@@ -287,7 +296,7 @@ def test_modern_recipe_end_to_end(prepared, tmp_path):
     import json
 
     report = json.loads(result.output)
-    assert report["model"]["ffn"] == "relu2" and report["model"]["qk_norm"] is False and not report.get("problems")
+    assert report["model"]["ffn"] == "relu2" and "qk_norm" not in report["model"] and not report.get("problems")
     assert report["training"]["recipe"] == "modern" and report["training"]["optimizer"] == "muon"
     assert report["optimizer"]["adamw"]["step"] == 8 and report["optimizer"]["muon"]["lr"] > 0
 

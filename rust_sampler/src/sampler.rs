@@ -462,7 +462,10 @@ mod tests {
 
     /// A u32 source from explicit tokens.
     fn tokens(name: &str, ids: Vec<u32>) -> Arc<TokenFile> {
-        Arc::new(TokenFile::from_storage(name.into(), Box::new(VecStorage(ids))))
+        Arc::new(TokenFile::from_storage(
+            name.into(),
+            Box::new(VecStorage(ids)),
+        ))
     }
 
     #[test]
@@ -541,10 +544,20 @@ mod tests {
             .unwrap()
             .align_to_documents(0)
         };
-        assert_eq!(make().windows(64, 1, 2, 3, 0), make().windows(64, 1, 2, 3, 0));
-        assert_ne!(make().windows(64, 1, 2, 3, 0), make().windows(64, 1, 2, 4, 0));
+        assert_eq!(
+            make().windows(64, 1, 2, 3, 0),
+            make().windows(64, 1, 2, 3, 0)
+        );
+        assert_ne!(
+            make().windows(64, 1, 2, 3, 0),
+            make().windows(64, 1, 2, 4, 0)
+        );
         let n = 40_000;
-        let in_a = make().windows(n, 7, 0, 0, 0).iter().filter(|w| w.file == 0).count();
+        let in_a = make()
+            .windows(n, 7, 0, 0, 0)
+            .iter()
+            .filter(|w| w.file == 0)
+            .count();
         assert!((in_a as f64 / n as f64 - 0.25).abs() < 0.01);
     }
 
