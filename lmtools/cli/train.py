@@ -126,17 +126,25 @@ def train(
     recipe: str = _opt(_D.recipe, "--recipe", help="spec: the specification's model and optimizer; modern: the options that measured best (see README, Recipes). Flags below override it."),
     optimizer: str = _opt(_D.optimizer, "--optimizer", help="adamw, or muon: Muon for the blocks' matrices, AdamW for embeddings, head and gains."),
     muon_lr: float = _opt(_D.muon_lr, "--muon_lr", "--muon-lr", help="Muon's peak learning rate (same schedule as --learning_rate)."),
-    qk_norm: bool = _opt(_D.qk_norm, "--qk_norm/--no_qk_norm", "--qk-norm/--no-qk-norm", help="RMSNorm on queries and keys."),
+    qk_norm: bool = _opt(_D.qk_norm, "--qk_norm", "--qk-norm", help="RMSNorm on queries and keys (--no_qk_norm: off, under a recipe)."),
+    no_qk_norm: bool = _opt(False, "--no_qk_norm", "--no-qk-norm", hidden=True),
     ffn: str = _opt(_D.ffn, "--ffn", help="Feed-forward: swiglu or relu2."),
-    zero_init_proj: bool = _opt(_D.zero_init_proj, "--zero_init_proj/--no_zero_init_proj", "--zero-init-proj/--no-zero-init-proj", help="Start the residual output projections at zero."),
+    zero_init_proj: bool = _opt(_D.zero_init_proj, "--zero_init_proj", "--zero-init-proj", help="Start the residual output projections at zero (--no_zero_init_proj: off)."),
+    no_zero_init_proj: bool = _opt(False, "--no_zero_init_proj", "--no-zero-init-proj", hidden=True),
     logit_softcap: float = _opt(_D.logit_softcap, "--logit_softcap", "--logit-softcap", help="Cap logits smoothly at +-this value (0: off)."),
-    doc_aligned: bool = _opt(_D.doc_aligned, "--doc_aligned/--no_doc_aligned", "--doc-aligned/--no-doc-aligned", help="Training windows start at document starts (needs the data's meta.json)."),
+    doc_aligned: bool = _opt(_D.doc_aligned, "--doc_aligned", "--doc-aligned", help="Training windows start at document starts (needs the data's meta.json; --no_doc_aligned: off)."),
+    no_doc_aligned: bool = _opt(False, "--no_doc_aligned", "--no-doc-aligned", hidden=True),
 ) -> None:
     """Train a Transformer LM on token files."""
     from lmtools.errors import ConfigError
 
     params = dict(ctx.params)
     explicit = _explicit(ctx)
+    # --no_X turns an option off explicitly, over a recipe that turns it on.
+    for name in ("qk_norm", "zero_init_proj", "doc_aligned"):
+        if params.pop(f"no_{name}"):
+            params[name] = False
+            explicit |= {name}
     resume_flag = params.pop("resume")
     params["train_data"] = list(params["train_data"] or [])
     cfg = TrainConfig(**params)
