@@ -32,6 +32,8 @@ from lmtools.errors import ConfigError, DataError
 __all__ = ["BatchLoader", "get_batch", "load_dataset", "parse_source_spec"]
 
 _FILE_DTYPES = ("uint16", "uint32", "int32", "int64")
+# Corpus formats that `lmtools prepare` reads: passed where tokens belong, they get its command.
+_TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".jsonl", ".json", ".parquet", ".csv", ".tsv", ".gz", ".py", ".html")
 _U64 = (1 << 64) - 1
 _STATE_VERSION = 1
 
@@ -74,6 +76,7 @@ def load_dataset(
             raise DataError(f"{path}: holds {name} tokens but dtype={want} was given; drop the dtype argument")
     else:
         if want is None:
+            refuse_text(path)
             raise DataError(
                 f"{path}: is a raw token file; pass its dtype (uint16, uint32, int32 or int64), "
                 "or save it with numpy.save as .npy"
@@ -595,6 +598,30 @@ def _array_source(data: Any, name: str) -> _sampler.TokenFile:
     return _sampler.TokenFile.from_buffer(data, name)
 
 
+def refuse_text(path: Path) -> None:
+    """Text given where tokens belong (a corpus file by its suffix, or any file but .npy/.bin
+    whose start is UTF-8 without NUL bytes): an error that gives the command to tokenize it."""
+    suffix = path.suffix.lower()
+    if suffix in (".npy", ".bin") or not path.is_file():
+        return
+    is_text = suffix in _TEXT_SUFFIXES
+    if not is_text:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        try:
+            head.decode("utf-8")
+            is_text = bool(head) and b"\0" not in head
+        except UnicodeDecodeError as exc:
+            is_text = b"\0" not in head and exc.start >= len(head) - 4  # a character cut at the end
+    if is_text:
+        import shlex
+
+        raise DataError(
+            f"{path} is text, not token data; tokenize it first: lmtools prepare {shlex.quote(str(path))} --out data, "
+            f"then train with --train_data data"
+        )
+
+
 def _expand_path(path: str, dtype: Any) -> list[Path]:
     """A file, a folder (its .npy files, else its .bin files) or a glob, as sorted files."""
     if any(c in path for c in "*?["):
@@ -637,6 +664,8 @@ def _resolve_sources(
         path, w = parse_source_spec(os.fspath(entry)) if isinstance(entry, str) else (os.fspath(entry), None)
         files = []
         for f in _expand_path(path, want):
+            if want is None:
+                refuse_text(f)
             files.append(_sampler.TokenFile.open(str(f), want))
         entry_files.append(files)
         spec_weights.append(w)

@@ -53,6 +53,25 @@ def inspect_path(path: str | os.PathLike, *, dtype: str | None = None, excerpt_c
 # ---- checkpoints ---------------------------------------------------------------------------
 
 
+def check_checkpoint_file(path: Path, command: str) -> None:
+    """Refuse, in words, a path given where a checkpoint belongs that is something else: a
+    token file, a prepared folder, text. A missing file is left to `read_checkpoint`."""
+    fix = f"{command} needs a checkpoint written by lmtools train (e.g. runs/NAME/checkpoint.pt)"
+    if not path.exists():
+        return
+    if path.is_dir():
+        kind = "a prepared dataset folder" if (path / "meta.json").is_file() else "a folder"
+        raise CheckpointError(f"{path} is {kind}, not a checkpoint; {fix}")
+    head = _head(path)
+    if path.suffix.lower() in (".npy", ".bin") or head.startswith(_NPY_MAGIC):
+        raise CheckpointError(
+            f"{path} is a token file, not a checkpoint; {fix}, e.g. after lmtools train --train_data {path}"
+        )
+    if not (head.startswith(_ZIP_MAGIC) or head[:1] == bytes([_PICKLE_PROTO])):
+        raise CheckpointError(f"{path} is {_looks_like(path, head)}, not a checkpoint; {fix}")
+
+
+
 def inspect_checkpoint(path: str | os.PathLike) -> dict:
     """Format, model, parameters, optimizer, schedule position, metrics, data and versions."""
     from lmtools.checkpoint import read_checkpoint
@@ -173,24 +192,29 @@ def _schedule(iteration: int, config: dict) -> dict:
     needed = ("max_iters", "warmup_iters", "learning_rate", "min_learning_rate")
     if not all(k in config for k in needed):
         return {"iteration": iteration}
-    max_iters, warmup = int(config["max_iters"]), int(config["warmup_iters"])
+    cfg = TrainConfig.from_dict(config)
+    max_iters, warmup = cfg.max_iters, cfg.warmup_iters
+    extended = [ext for ext in cfg.schedule_extensions if iteration > ext["start"]]
     if iteration < warmup:
         phase = "warmup"
-    elif iteration < max_iters:
-        phase = "cosine decay"
-    else:
+    elif iteration >= max_iters:
         phase = "finished"
+    elif extended:
+        phase = f"extended cosine (from iter {extended[-1]['start']})"
+    else:
+        phase = "cosine decay"
     return {
         "iteration": iteration,
         "max_iters": max_iters,
         "warmup_iters": warmup,
         "progress": iteration / max_iters if max_iters else None,
         "phase": phase,
-        "max_lr": float(config["learning_rate"]),
-        "min_lr": float(config["min_learning_rate"]),
+        "max_lr": cfg.learning_rate,
+        "min_lr": cfg.min_learning_rate,
         # The rate of the step that produced this checkpoint (the loop uses iteration 1..max_iters).
-        "lr": TrainConfig.from_dict(config).lr_at(max(iteration, 1)),
+        "lr": cfg.lr_at(max(iteration, 1)),
         "remaining_iters": max(max_iters - iteration, 0),
+        "description": cfg.describe_schedule(),
     }
 
 
@@ -204,6 +228,10 @@ def _data(config: dict, sampler: Any) -> dict:
             out["missing"] = missing
     if config.get("val_data"):
         out["val_data"] = config["val_data"]
+    if config.get("val_sets"):
+        out["val_sets"] = dict(config["val_sets"])
+    if config.get("init_from"):
+        out["init_from"] = config["init_from"]
     if config.get("data_dtype"):
         out["data_dtype"] = config["data_dtype"]
     if isinstance(sampler, dict) and sampler:

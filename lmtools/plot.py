@@ -24,6 +24,8 @@ class RunCurves:
     metrics_path: Path
     train: list[tuple[int, float]] = field(default_factory=list)
     val: list[tuple[int, float]] = field(default_factory=list)
+    # Named validation sets (one per prepared folder of a mixture): name -> points.
+    val_sets: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
 def metrics_path(run: str | os.PathLike) -> Path:
@@ -51,6 +53,7 @@ def read_curves(run: str | os.PathLike) -> RunCurves:
     name = p.name if p.is_dir() else path.parent.name or str(path)
     train: dict[int, float] = {}
     val: dict[int, float] = {}
+    val_sets: dict[str, dict[int, float]] = {}
     bad = 0
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -69,10 +72,14 @@ def read_curves(run: str | os.PathLike) -> RunCurves:
             train[it] = float(record["loss"])
         if isinstance(record.get("val_loss"), (int, float)):
             val[it] = float(record["val_loss"])
+        for key, value in record.items():
+            if key.startswith("val/") and isinstance(value, (int, float)):
+                val_sets.setdefault(key.removeprefix("val/"), {})[it] = float(value)
     if not train and not val:
         what = f"no loss records ({bad} unreadable lines)" if bad else "no loss records"
         raise DataError(f"{path} holds {what}; train for at least --log_interval steps first")
-    return RunCurves(name, path, sorted(train.items()), sorted(val.items()))
+    sets = {k: sorted(points.items()) for k, points in val_sets.items()}
+    return RunCurves(name, path, sorted(train.items()), sorted(val.items()), sets)
 
 
 def plot_runs(
@@ -108,6 +115,10 @@ def plot_runs(
         if run.val:
             xs, ys = zip(*run.val)
             ax.plot(xs, ys, color=color, linestyle="--", marker="o", markersize=3, linewidth=1.2, label=f"{run.name} val")
+        for (set_name, points), marker in zip(run.val_sets.items(), "sv^Dpx*"):
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, color=color, linestyle=":", marker=marker, markersize=3, linewidth=1,
+                    label=f"{run.name} val/{set_name}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (nats per token)")

@@ -340,3 +340,16 @@ def test_gpu_recipe_script_runs_tiny_on_the_cpu(prepared, tmp_path, bare):
         train_tokens = n - max(n // 50, 4096) if bare else n
         assert epochs == pytest.approx(steps * 4 * 32 / train_tokens, abs=0.01)
     assert "vs default" in text and rows[0].split("|")[7].strip() == "1.000x"
+
+
+def test_init_from_keeps_the_sources_model_under_a_recipe(prepared, tmp_path):
+    source = config(prepared, tmp_path / "src.pt", max_iters=2)
+    train_model(source, log=lambda _line: None)
+    cfg = config(prepared, tmp_path / "new.pt", max_iters=2, recipe="modern", init_from=str(tmp_path / "src.pt"))
+    train_model(cfg, explicit=frozenset({"recipe", "init_from"}), log=lambda _line: None)
+    payload = read_checkpoint(tmp_path / "new.pt")
+    # The architecture is the source's (the recipe's options would not fit its weights);
+    # the recipe's optimizer applies.
+    assert payload["config"]["ffn"] == "swiglu" and payload["config"]["qk_norm"] is False
+    assert payload["model_config"] == read_checkpoint(tmp_path / "src.pt")["model_config"]
+    assert payload["config"]["optimizer"] == "muon"

@@ -77,7 +77,8 @@ def _run(cfg, **kw):
     from lmtools.train import train_model
 
     with _Reporter() as reporter:
-        result = train_model(cfg, log=reporter.log, on_step=reporter.step, **kw)
+        # Without a progress bar (a pipe, a file), the log lines carry the elapsed and remaining time.
+        result = train_model(cfg, log=reporter.log, on_step=reporter.step, log_times=reporter.progress is None, **kw)
     _finish(result)
 
 
@@ -109,6 +110,8 @@ def train(
     checkpoint_path: str = _opt(_D.checkpoint_path, "--checkpoint_path", "--checkpoint-path"),
     max_minutes: Optional[float] = _opt(None, "--max_minutes", "--max-minutes", help="Stop with a checkpoint after training this many minutes."),
     resume: bool = _opt(False, "--resume", help="Continue from --checkpoint_path with the config stored in it."),
+    init_from: Optional[str] = _opt(None, "--init_from", "--init-from", help="Start a new run from these weights and model shape: a checkpoint or a Hugging Face model folder (fine-tuning, continued pretraining on new data)."),
+    init_optimizer: bool = _opt(False, "--init_optimizer", "--init-optimizer", help="With --init_from CHECKPOINT: also take over its optimizer state."),
     overwrite: bool = _opt(False, "--overwrite", help="Start a new run even if --checkpoint_path already exists."),
     device: str = _opt(_D.device, "--device", help="cpu, cuda, cuda:N or mps."),
     seed: int = _opt(_D.seed, "--seed"),
