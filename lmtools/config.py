@@ -15,12 +15,13 @@ DEFAULT_VOCAB_SIZE = 10000
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def option(default: Any = MISSING, help: str = "", *, flags: tuple[str, ...] = (), factory: Any = MISSING,
-           cli: bool = True) -> Any:
-    """A TrainConfig field with its help text: the one declaration the `train` flags, run configs
-    (TOML) and checkpoints are generated from. `flags` replaces the default spellings
-    (--snake_case and --kebab-case); `cli=False` marks state the run records but no flag sets."""
-    metadata = {"help": help, "flags": flags, "cli": cli}
+def option(default: Any = MISSING, help: str = "", *, factory: Any = MISSING, cli: bool = True,
+           negatable: bool = False) -> Any:
+    """A TrainConfig field with its help text: the one declaration the `train` flags (--snake_case
+    and --kebab-case), run configs (TOML) and checkpoints are generated from. `cli=False` marks
+    state the run records but no flag sets; `negatable` adds a hidden --no_NAME, which turns the
+    option off explicitly (over a recipe that turns it on)."""
+    metadata = {"help": help, "cli": cli, "negatable": negatable}
     if factory is not MISSING:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -91,6 +92,26 @@ class TrainConfig:
     schedule_extensions: list[dict] = option(
         factory=list, cli=False, help="Where resumes moved the schedule's end (set by resume --max_iters)."
     )
+    # A named set of the options below (lmtools/recipe.py); "spec" is the specification's run.
+    recipe: str = option(
+        "spec",
+        "spec: the specification's model and optimizer; modern: the options that measured best (see README, "
+        "Recipes). Flags below override it.",
+    )
+    optimizer: str = option(
+        "adamw", "adamw, or muon: Muon for the blocks' matrices, AdamW for embeddings, head and gains."
+    )
+    muon_lr: float = option(0.02, "Muon's peak learning rate (same schedule as --learning_rate).")
+    qk_norm: bool = option(False, "RMSNorm on queries and keys (--no_qk_norm: off, under a recipe).", negatable=True)
+    ffn: str = option("swiglu", "Feed-forward: swiglu or relu2.")
+    zero_init_proj: bool = option(
+        False, "Start the residual output projections at zero (--no_zero_init_proj: off).", negatable=True
+    )
+    logit_softcap: float = option(0.0, "Cap logits smoothly at +-this value (0: off).")
+    doc_aligned: bool = option(
+        False, "Training windows start at document starts (needs the data's meta.json; --no_doc_aligned: off).",
+        negatable=True,
+    )
 
     def model_config(self) -> "ModelConfig":
         from lmtools.model import ModelConfig  # imports torch: only when a model is built
@@ -103,6 +124,10 @@ class TrainConfig:
             num_heads=self.num_heads,
             d_ff=self.d_ff,
             rope_theta=self.rope_theta,
+            qk_norm=self.qk_norm,
+            ffn=self.ffn,
+            zero_init_proj=self.zero_init_proj,
+            logit_softcap=self.logit_softcap,
         )
 
     def lr_at(self, update: int) -> float:
@@ -231,5 +256,7 @@ class TrainConfig:
         if self.fsdp and self.dtype == "float16":
             raise ConfigError("--fsdp does not support --dtype float16 (its gradient scaler); use bfloat16")
         from lmtools.model import validate_config
+        from lmtools.recipe import validate_recipe_options
 
+        validate_recipe_options(self)
         validate_config(self.model_config())

@@ -173,6 +173,7 @@ class BatchLoader:
         dtype: Any = None,
         prefetch: int = 2,
         num_threads: int | None = None,
+        doc_eot: int | None = None,
     ) -> None:
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.context_length = _positive_int(context_length, "context_length")
@@ -185,7 +186,13 @@ class BatchLoader:
         self.device = resolve_device(device)
 
         groups, self._weights = _resolve_sources(sources, weights, dtype)
-        self._sampler = _sampler.Sampler(groups, self.context_length, num_threads)
+        # doc_eot: windows start only at document starts (0 and after each end-of-text id).
+        self._sampler = _sampler.Sampler(groups, self.context_length, num_threads, doc_eot)
+        if doc_eot is not None and self._sampler.num_windows == sum(len(files) for _, files in groups):
+            raise DataError(
+                f"no end-of-text id {doc_eot} in the training data: document-aligned windows would all "
+                f"start at 0; prepare the data with document separators, or drop --doc_aligned"
+            )
         self._files: list[_sampler.TokenFile] = list(self._sampler.files)
         self._file_weights = [w for w, (_, files) in zip(self._weights, groups) for _ in files]
 

@@ -23,7 +23,8 @@ def model_from_payload(payload: dict, checkpoint: str | Path = "the checkpoint")
     """The model a loaded checkpoint holds (plain or sharded), on the CPU."""
     model_cfg = payload.get("model_config") or (payload.get("config") or {})
     try:
-        model = TransformerLM.from_config({k: model_cfg[k] for k in MODEL_FIELDS})
+        # Options a checkpoint predates keep their defaults (the specification's model).
+        model = TransformerLM.from_config({k: model_cfg[k] for k in MODEL_FIELDS[:6]} | model_cfg)
     except KeyError as exc:
         raise CheckpointError(f"{checkpoint} holds no model config ({exc} missing); it was not written by lmtools") from None
     load_state(payload, model)

@@ -114,6 +114,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
             k: config[k] for k in (
                 "batch_size", "context_length", "grad_accum_steps", "gradient_clip_val", "seed", "device", "dtype",
                 "compile", "fsdp", "checkpoint_interval", "eval_interval", "log_interval",
+                "recipe", "optimizer", "muon_lr", "doc_aligned",
             ) if k in config
         },
         "problems": problems,
@@ -165,6 +166,8 @@ def parameter_counts(state: dict) -> dict[str, int]:
 
 
 def _optimizer(opt_state: Any) -> dict:
+    if isinstance(opt_state, dict) and set(opt_state) == {"adamw", "muon"}:  # --optimizer muon
+        return {"muon": _optimizer(opt_state["muon"]), "adamw": _optimizer(opt_state["adamw"])}
     if not isinstance(opt_state, dict) or not opt_state.get("param_groups"):
         return {}
     groups = opt_state["param_groups"]
@@ -281,7 +284,7 @@ def _shape_problems(model_config: dict, state: dict) -> list[str]:
         return ["no complete model config: the checkpoint cannot be loaded by lmtools sample or resume"]
     try:
         with torch.device("meta"):
-            model = TransformerLM(**{k: model_config[k] for k in (*fields, "rope_theta") if k in model_config})
+            model = TransformerLM.from_config(model_config)
     except Exception as exc:  # a config that validate_config refuses
         return [f"model config is invalid: {exc}"]
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

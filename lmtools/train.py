@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,9 +35,10 @@ from lmtools.distributed import (
 from lmtools.errors import ConfigError, DataError, LMToolsError
 from lmtools.layout import METRICS_FILE
 from lmtools.metrics import ExternalLoggers, MetricsWriter, SpikeDetector, format_log_line
-from lmtools.model import MODEL_FIELDS, TransformerLM
+from lmtools.model import MODEL_FIELDS, ModelConfig, TransformerLM
 from lmtools.optim import cross_entropy, make_optimizer, run_gradient_clipping
 from lmtools.prepare import read_meta
+from lmtools.recipe import apply_recipe, describe_options, document_eot
 from lmtools.rundata import absolute_spec, data_tokenizer_identity, normalise_specs, resolve_data
 from lmtools.tokenizer import read_tokenizer_json
 
@@ -169,7 +170,7 @@ def train_model(
         cfg, note = merge_resume_config(payload, cfg, explicit, resume_from)
         notes += [note] if note else []
     else:
-        cfg, init = resolve_new_run(cfg, explicit)
+        cfg, init = resolve_new_run(apply_recipe(cfg, explicit), explicit)
     cfg.validate()
     if payload is None and cfg.warmup_warning():
         notes.append(cfg.warmup_warning())
@@ -201,6 +202,8 @@ def resolve_new_run(cfg: TrainConfig, explicit: frozenset[str]) -> tuple[TrainCo
     if cfg.fsdp:
         raise ConfigError("--init_from does not work with --fsdp yet; start the run without --fsdp")
     init = read_init_source(cfg.init_from)
+    # Every architecture option spelled out, so the source's model overrides a recipe's.
+    init.model_config = asdict(ModelConfig.from_dict(init.model_config))
     cfg.init_from = init.path
     check_init_flags(cfg, init)
     apply_model_shape(cfg, init, explicit)
@@ -292,6 +295,7 @@ class Trainer:
         self.loader = BatchLoader(
             cfg.train_data, cfg.batch_size, cfg.context_length, device,
             seed=cfg.seed, rank=dist_info.rank, grad_accum_steps=cfg.grad_accum_steps, dtype=cfg.data_dtype,
+            doc_eot=document_eot(cfg),
         )
         # (name, loader) per validation set; a lone --val_data has no name.
         self.val_sets: list[tuple[str | None, BatchLoader]] = []
@@ -310,7 +314,9 @@ class Trainer:
             self.model = build_sharded_model(cfg, device, dist_info)
         else:
             self.model = build_model(cfg, device)
-        self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, device)
+        self.optimizer = make_optimizer(
+            self.model, cfg.learning_rate, cfg.weight_decay, device, optimizer=cfg.optimizer, muon_lr=cfg.muon_lr
+        )
         if init is not None:
             init.load_into(self.model, self.optimizer if cfg.init_optimizer else None)
         self.spikes = SpikeDetector(cfg.spike_zscore)
@@ -435,7 +441,7 @@ class Trainer:
         """
         cfg = self.cfg
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups keep their own peak
         self.module.train()
         step_loss = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum_steps):
@@ -786,6 +792,8 @@ def header_lines(cfg, loader, val_sets, model, device, dtype, dist_info) -> list
         f"model  : {mc.num_layers} layers | d_model {mc.d_model} | {mc.num_heads} heads | d_ff {mc.d_ff} | "
         f"vocab {mc.vocab_size} | {n_params / 1e6:.2f}M parameters"
     )
+    if options := describe_options(cfg):
+        lines.append(options)
     ranks = f" | {dist_info.world_size} ranks" if dist_info.enabled else ""
     lines.append(f"device : {device} | {str(dtype).removeprefix('torch.')}{' | compiled' if cfg.compile else ''}{ranks}")
     per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum_steps * dist_info.world_size

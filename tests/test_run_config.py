@@ -151,3 +151,11 @@ def test_inspect_config_needs_a_checkpoint(tmp_path, run_cli):
     result = run_cli("inspect", tmp_path / "tokens.npy", "--config")
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "needs a checkpoint" in result.stderr
+
+
+def test_a_hidden_negative_sets_the_option_off_explicitly():
+    cfg, explicit = parsed("--recipe", "modern", "--no_qk_norm", "--no-doc-aligned")
+    assert cfg.qk_norm is False and cfg.doc_aligned is False and cfg.recipe == "modern"
+    assert explicit == {"recipe", "qk_norm", "doc_aligned"}
+    help_text = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    assert "--qk_norm" in help_text and "--no_qk_norm," not in help_text

@@ -85,12 +85,10 @@ _TRAIN_ONLY = {
 _RESUME_FIELDS = ("max_iters", "device", "max_minutes")
 
 
-def _flags(f) -> tuple[str, ...]:
-    """--snake_case and --kebab-case, unless the field names its own spellings."""
-    if f.metadata.get("flags"):
-        return tuple(f.metadata["flags"])
-    snake = f"--{f.name}"
-    return (snake, snake.replace("_", "-")) if "_" in f.name else (snake,)
+def _flags(name: str) -> tuple[str, ...]:
+    """--snake_case (as the specification spells it) and --kebab-case."""
+    snake = f"--{name}"
+    return (snake, snake.replace("_", "-")) if "_" in name else (snake,)
 
 
 def _field_options(names=None, *, keep_defaults: bool = True) -> list[inspect.Parameter]:
@@ -106,13 +104,17 @@ def _field_options(names=None, *, keep_defaults: bool = True) -> list[inspect.Pa
         default = f.default if keep_defaults and kind is not list else None
         if default is None:
             annotation = Optional[annotation]
-        params.append(_param(f.name, annotation, default, _flags(f), f.metadata["help"]))
+        params.append(_param(f.name, annotation, default, _flags(f.name), f.metadata["help"]))
+        if f.metadata["negatable"] and keep_defaults:
+            # Hidden, so that the help's name column keeps its width; the field's help names it.
+            params.append(_param(f"no_{f.name}", bool, False, _flags(f"no_{f.name}"), f"Turn --{f.name} off.",
+                                 hidden=True))
     return params
 
 
-def _param(name: str, annotation, default, flags: tuple[str, ...], help: str) -> inspect.Parameter:
+def _param(name: str, annotation, default, flags: tuple[str, ...], help: str, **kw) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                             default=typer.Option(default, *flags, help=help))
+                             default=typer.Option(default, *flags, help=help, **kw))
 
 
 def _with_options(*params: inspect.Parameter):
@@ -159,6 +161,11 @@ def config_from_params(params: dict, typed: frozenset[str]) -> tuple[TrainConfig
     from lmtools.runconfig import read_run_config
 
     params = dict(params)
+    for name in [key for key in params if key.startswith("no_")]:
+        # --no_X turns an option off explicitly, over a recipe that turns it on.
+        if params.pop(name):
+            params[name[3:]] = False
+            typed = (typed - {name}) | {name[3:]}
     path = params.pop("config", None)
     from_file = read_run_config(path) if path is not None else {}
     for name, value in from_file.items():
