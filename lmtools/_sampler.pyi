@@ -5,6 +5,7 @@ Every error the extension raises for bad data or arguments is `lmtools.errors.Da
 
 from collections.abc import Sequence
 from os import PathLike
+from pathlib import Path
 from typing import Any
 
 __version__: str
@@ -22,6 +23,9 @@ class TokenFile:
         """A 1-D, C-contiguous, native-endian integer array, without copying."""
     @property
     def name(self) -> str: ...
+    @property
+    def path(self) -> Path | None:
+        """The file's path; None for an array."""
     @property
     def dtype(self) -> str:
         """numpy name: "uint16", "uint32", "int32", "int64" (arrays: any integer type)."""

@@ -35,8 +35,9 @@ def train_command():
 def parsed(*args) -> tuple[TrainConfig, frozenset[str]]:
     """The TrainConfig and the user-set names that `lmtools train ARGS` builds, without training."""
     ctx = train_command().make_context("train", [str(a) for a in args])
-    params = dict(ctx.params)
-    params.pop("resume")
+    fields_ = {f.name for f in fields(TrainConfig)}
+    # What steers the invocation (--resume, ...), not the run's config.
+    params = {k: v for k, v in ctx.params.items() if k in fields_ or k == "config" or k.startswith("no_")}
     return config_from_params(params, _explicit(ctx))
 
 

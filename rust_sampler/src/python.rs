@@ -143,6 +143,10 @@ impl PyTokenFile {
         self.inner.name()
     }
     #[getter]
+    fn path(&self) -> Option<PathBuf> {
+        self.inner.path().map(|p| p.to_path_buf())
+    }
+    #[getter]
     fn dtype(&self) -> &'static str {
         self.inner.dtype().name()
     }

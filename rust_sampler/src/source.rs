@@ -213,7 +213,7 @@ fn read_npy_header_from(file: &mut File, file_len: u64, path: &Path) -> Result<n
 /// A named source of tokens.
 pub struct TokenFile {
     name: String,
-    path: Option<PathBuf>, // None for an array lent by Python (not memory-mapped)
+    path: Option<PathBuf>,
     storage: Box<dyn TokenStorage>,
     dtype: Dtype,
     len: usize,
@@ -342,6 +342,9 @@ impl TokenFile {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
     }
     pub fn dtype(&self) -> Dtype {
         self.dtype
