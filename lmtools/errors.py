@@ -24,3 +24,7 @@ class CheckpointError(LMToolsError):
 
 class DeviceError(LMToolsError):
     """The requested device does not exist on this machine."""
+
+
+class DataChanged(DataError):
+    """A data file a run reads changed (rewritten, truncated, replaced) since it was fingerprinted."""

@@ -11,8 +11,6 @@ import contextlib
 import math
 import os
 import random
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ import torch
 from lmtools import __version__
 from lmtools.checkpoint import (
     FORMAT_VERSION, keep_snapshot, load_state, read_checkpoint, save_checkpoint, save_sharded_checkpoint,
+    snapshot_base,
 )
 from lmtools.config import DEFAULT_VOCAB_SIZE, TrainConfig
 from lmtools.data import BatchLoader, parse_source_spec
@@ -31,11 +30,15 @@ from lmtools.device import peak_flops, resolve_device
 from lmtools.distributed import (
     DistInfo, all_reduce_max, all_reduce_mean, any_rank, barrier, init_distributed, shutdown,
 )
-from lmtools.errors import ConfigError, DataError, LMToolsError
+from lmtools.errors import ConfigError, DataChanged, DataError, LMToolsError
+from lmtools.fingerprint import DataIdentity, verify_resume_data
 from lmtools.metrics import ExternalLoggers, MetricsWriter, SpikeDetector, format_log_line
 from lmtools.model import MODEL_FIELDS, TransformerLM
 from lmtools.optim import cross_entropy, make_optimizer, run_gradient_clipping
+from lmtools.preflight import MemoryEstimate, check_training_run
 from lmtools.prepare import read_meta
+from lmtools.runguard import RunGuard, check_new_run_target, check_rollback, start_fresh_metrics
+from lmtools.signals import StopSignal, stop_requested
 
 
 class TrainingDiverged(LMToolsError):
@@ -102,7 +105,8 @@ def resolve_data(cfg: TrainConfig, explicit_vocab: bool) -> TrainConfig:
 def _absolute(spec: str) -> str:
     """Absolute path of a data spec (keeping a `:weight` suffix), so resume works from anywhere."""
     path, weight = parse_source_spec(spec)
-    return str(Path(path).resolve()) + (f":{weight}" if weight is not None else "")
+    # Not resolved: a `.npy` link to an extensionless blob (a Hugging Face cache) is judged by its name.
+    return os.path.abspath(path) + (f":{weight}" if weight is not None else "")
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -146,34 +150,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class StopSignal:
-    """SIGTERM/SIGINT: the first asks for a checkpoint and a clean exit; a second exits at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-
-    def __enter__(self) -> "StopSignal":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            # Checkpoints are written by atomic rename, so stopping mid-write loses nothing.
-            os._exit(128 + signum)
-        self.signum = signum
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-
 # ---- the core -----------------------------------------------------------------------------
 
 
@@ -184,6 +160,8 @@ def train_model(
     explicit: frozenset[str] = frozenset(),
     log: Callable[[str], None] = print,
     on_step: Callable[[int, int, float | None, float], None] | None = None,
+    rollback: bool = False,
+    allow_data_change: bool = False,
 ) -> TrainResult:
     """Train (or resume) a TransformerLM as `cfg` describes; returns where it stopped.
 
@@ -191,27 +169,62 @@ def train_model(
     (max_iters, log_interval, ...) from a contradiction (a different model shape).
     `on_step(iteration, max_iters, loss, lr)` is called after every step (for a progress bar);
     `loss` is the newest one read from the device, which happens at log points and checkpoints.
+    `rollback` allows resuming from a snapshot older than the run's newest checkpoint;
+    `allow_data_change` allows resuming on data whose fingerprint differs from the checkpoint's.
     """
-    payload = None
-    if resume_from is not None:
-        payload = read_checkpoint(resume_from)
-        cfg = merge_resume_config(payload, cfg, explicit)
-    else:
-        cfg = resolve_data(cfg, explicit_vocab="vocab_size" in explicit)
-    cfg.validate()
-    device = resolve_device(cfg.device)
-    dist_info, device = init_distributed(device)
+    guard = RunGuard()
     try:
-        if cfg.fsdp and not dist_info.enabled:
-            raise ConfigError(
-                "--fsdp shards the model across ranks: launch with torchrun --nproc_per_node N (N > 1), "
-                "or drop --fsdp"
-            )
-        if not dist_info.is_main:
-            log, on_step = (lambda _line: None), None
-        return Trainer(cfg, payload, device, dist_info, log, on_step).run()
+        payload = None
+        if resume_from is not None:
+            # Locked before reading: a second run or resume on this path fails at once.
+            target = cfg.checkpoint_path if "checkpoint_path" in explicit else snapshot_base(resume_from)
+            _lock(guard, Path(target))
+            payload = read_checkpoint(resume_from)
+            cfg = merge_resume_config(payload, cfg, explicit)
+            _lock(guard, Path(cfg.checkpoint_path))
+            check_resume_point(payload, cfg, Path(resume_from), rollback, log)
+        else:
+            check_checkpoint_folder(Path(cfg.checkpoint_path))
+            _lock(guard, Path(cfg.checkpoint_path))
+            check_new_run_target(Path(cfg.checkpoint_path), cfg.overwrite)
+            cfg = resolve_data(cfg, explicit_vocab="vocab_size" in explicit)
+        cfg.validate()
+        device = resolve_device(cfg.device)
+        dist_info, device = init_distributed(device)
+        try:
+            if cfg.fsdp and not dist_info.enabled:
+                raise ConfigError(
+                    "--fsdp shards the model across ranks: launch with torchrun --nproc_per_node N (N > 1), "
+                    "or drop --fsdp"
+                )
+            memory = check_training_run(cfg, device, dist_info.world_size)
+            if not dist_info.is_main:
+                log, on_step = (lambda _line: None), None
+            trainer = Trainer(cfg, payload, device, dist_info, log, on_step,
+                              memory=memory, allow_data_change=allow_data_change,
+                              started_from=Path(resume_from) if resume_from else None)
+            return trainer.run()
+        finally:
+            shutdown(dist_info)
     finally:
-        shutdown(dist_info)
+        guard.release()
+
+
+def _lock(guard: RunGuard, path: Path) -> None:
+    """Only the process that writes checkpoints (rank 0 under torchrun) holds the locks."""
+    if os.environ.get("RANK", "0") == "0":
+        guard.lock(path)
+
+
+def check_resume_point(payload: dict, cfg: TrainConfig, resume_from: Path, rollback: bool, log) -> None:
+    """A resume must have steps left, and may go back past newer checkpoints only when asked."""
+    iteration = int(payload.get("iteration", 0))
+    if iteration >= cfg.max_iters:
+        raise ConfigError(
+            f"{resume_from} is at iter {iteration}, at or past --max_iters {cfg.max_iters}: nothing left to train; "
+            f"pass --max_iters above {iteration} to continue"
+        )
+    check_rollback(resume_from, Path(cfg.checkpoint_path), iteration, rollback, log)
 
 
 def merge_resume_config(payload: dict, cfg: TrainConfig, explicit: frozenset[str]) -> TrainConfig:
@@ -235,21 +248,16 @@ class Trainer:
     """One run: set-up in `__init__`, the loop in `run`, one method per thing the loop does."""
 
     def __init__(self, cfg: TrainConfig, payload: dict | None, device: torch.device, dist_info: DistInfo,
-                 log: Callable[[str], None], on_step):
+                 log: Callable[[str], None], on_step, *, memory: MemoryEstimate | None = None,
+                 allow_data_change: bool = False, started_from: Path | None = None):
         self.cfg, self.device, self.dist, self.log, self.on_step = cfg, device, dist_info, log, on_step
         seed_everything(cfg.seed + dist_info.rank)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls
 
-        # Checked first: a user mistake should not wait for the model to be built.
         self.ckpt_path = Path(cfg.checkpoint_path)
-        if dist_info.is_main:
-            check_checkpoint_folder(self.ckpt_path)
-            if payload is None and self.ckpt_path.exists() and not cfg.overwrite:
-                raise ConfigError(
-                    f"{self.ckpt_path} already holds a checkpoint; continue it with --resume, "
-                    f"or pass --overwrite to start a new run over it"
-                )
+        self.started_from = started_from  # never pruned as a snapshot
+        self.saved_at = int(payload["iteration"]) if payload is not None else None
 
         # Data: absolute paths, so that `resume` works from any folder.
         cfg.train_data = [_absolute(s) for s in cfg.train_data]
@@ -265,6 +273,12 @@ class Trainer:
                 [cfg.val_data], cfg.batch_size, cfg.context_length, device, seed=cfg.seed + 1, prefetch=0,
                 dtype=cfg.data_dtype,
             )
+        self.identity = DataIdentity(
+            self.loader.paths + (self.val_loader.paths if self.val_loader is not None else []), cfg.tokenizer
+        )
+        sampler_state = dict(payload.get("sampler") or {}) if payload is not None else {}
+        if payload is not None and verify_resume_data(self.identity, payload, allow_data_change, log):
+            sampler_state.pop("num_tokens", None)  # the new data's size is wanted
         check_token_range(self.loader, cfg.vocab_size, "--train_data")
         if self.val_loader is not None:
             check_token_range(self.val_loader, cfg.vocab_size, "--val_data")
@@ -291,7 +305,7 @@ class Trainer:
         self.last_metrics: dict = {}
         if payload is not None:
             self.iteration = load_state(payload, self.model, self.optimizer)
-            self.loader.load_state_dict(payload.get("sampler", {}))
+            self.loader.load_state_dict(sampler_state)
             self.spikes.load_state_dict(payload.get("spikes", {}))
             self.skipped = int(payload.get("skipped_steps", 0))
             self.last_metrics = dict(payload.get("metrics") or {})
@@ -313,11 +327,13 @@ class Trainer:
 
         if dist_info.is_main:
             self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            if payload is None and cfg.metrics:
+                start_fresh_metrics(self.ckpt_path, log)
         self.metrics = MetricsWriter(
             self.ckpt_path.with_name("metrics.jsonl") if cfg.metrics and dist_info.is_main else None
         )
-        if payload is not None:
-            self.metrics.truncate_after(self.iteration)
+        if payload is not None and (damaged := self.metrics.truncate_after(self.iteration)):
+            log(f"warning: skipped {damaged} damaged line(s) in {self.metrics.path}")
         self.external = ExternalLoggers(
             cfg.tensorboard if dist_info.is_main else None, cfg.wandb if dist_info.is_main else None, cfg.to_dict()
         )
@@ -328,6 +344,8 @@ class Trainer:
 
         for line in header_lines(cfg, self.loader, self.val_loader, self.model, device, self.dtype, dist_info):
             log(line)
+        if memory is not None:
+            log(f"memory : {memory.describe()}")
         if payload is not None:
             log(f"Resumed from {self.ckpt_path} at iter {self.iteration}")
 
@@ -340,7 +358,11 @@ class Trainer:
             with StopSignal() as stop:
                 while self.iteration < cfg.max_iters:
                     lr = cfg.lr_at(self.iteration + 1)
-                    self.step(lr)
+                    if not self.step(lr):  # a stop request between micro-batches: the step is dropped
+                        self.settle()
+                        self.save()
+                        result.stopped_by_signal = True
+                        break
                     self.iteration += 1
                     last = self.iteration == cfg.max_iters
                     at_eval = self.val_loader is not None and (self.iteration % cfg.eval_interval == 0 or last)
@@ -362,6 +384,8 @@ class Trainer:
                         result.stopped_by_signal = stop.requested
                         result.stopped_by_time = not stop.requested
                         break
+        except DataChanged as exc:
+            raise DataChanged(f"{exc}; {self.last_checkpoint_note()}") from None
         finally:
             self.close()
         result.iteration = self.iteration
@@ -369,8 +393,15 @@ class Trainer:
         result.losses = self.losses
         return result
 
-    def step(self, lr: float) -> None:
-        """One optimizer step over grad_accum_steps micro-batches.
+    def last_checkpoint_note(self) -> str:
+        if self.saved_at is None:
+            return "no checkpoint was written yet"
+        return f"the last checkpoint, {self.ckpt_path} at iter {self.saved_at}, was written before it"
+
+    def step(self, lr: float) -> bool:
+        """One optimizer step over grad_accum_steps micro-batches; False when a stop signal
+        came between micro-batches (one process only: ranks must agree on every step), in which
+        case the step is dropped and the loader put back at its start.
 
         Nothing here waits for the device: the loss and gradient norm stay there until `settle`
         reads them, unless --skip_spikes needs the host's verdict before the update.
@@ -381,6 +412,10 @@ class Trainer:
         self.module.train()
         step_loss = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum_steps):
+            if micro and not self.dist.enabled and stop_requested():
+                self.optimizer.zero_grad(set_to_none=True)
+                self.loader.load_state_dict(dict(self.loader.state_dict(), micro=0))
+                return False
             x, y = self.loader.next()
             # DDP averages gradients across ranks only on the last micro-batch.
             sync = micro == cfg.grad_accum_steps - 1 or not self.dist.enabled
@@ -400,6 +435,7 @@ class Trainer:
         if not skipped_by_host:
             self.update(step_loss, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
+        return True
 
     def update(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """The optimizer step, skipped on the device when the step was not finite."""
@@ -493,7 +529,7 @@ class Trainer:
                 self.model, self.val_loader, self.cfg.eval_iters, self.amp, self.dist, lockstep=self.cfg.fsdp
             )
             record["val_loss"] = val_loss
-            if self.bytes_per_token:
+            if self.bytes_per_token and val_loss is not None:
                 record["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
             result.last_val_loss = val_loss
         self.log(format_log_line(self.iteration, train_loss, lr, val_loss, **extra))
@@ -504,6 +540,11 @@ class Trainer:
         self._start_window()
 
     def save(self) -> None:
+        # The data is checked before every checkpoint: one written after a silent change would
+        # resume on data it was not trained on.
+        changed = self.identity.changed_during_run()
+        if any_rank(changed is not None, self.dist):
+            raise DataChanged(f"{changed or 'a data file changed on another rank'} during the run; stopped")
         extra = dict(
             config=self.cfg.to_dict(),
             model_config=self.model.config.to_dict(),
@@ -516,6 +557,7 @@ class Trainer:
             lmtools_version=__version__,
             torch_version=str(torch.__version__),
             format_version=FORMAT_VERSION,
+            data_fingerprint=self.identity.state_dict(),
         )
         if self.cfg.fsdp:
             # Every rank writes its shards; rank 0 the file beside them.
@@ -523,12 +565,14 @@ class Trainer:
                 self.model, self.optimizer, self.iteration, self.ckpt_path, is_main=self.dist.is_main, **extra
             )
             self.log(f"Saved checkpoint at iter {self.iteration} to {self.ckpt_path} (+ .dcp shards)")
+            self.saved_at = self.iteration
             return
         if self.dist.is_main:
             save_checkpoint(self.model, self.optimizer, self.iteration, self.ckpt_path, **extra)
-            keep_snapshot(self.ckpt_path, self.iteration, self.cfg.keep_last)
+            keep_snapshot(self.ckpt_path, self.iteration, self.cfg.keep_last, protect=self.started_from)
             self.log(f"Saved checkpoint at iter {self.iteration} to {self.ckpt_path}")
         barrier(self.dist)
+        self.saved_at = self.iteration
 
     def close(self) -> None:
         self.metrics.close()
@@ -599,18 +643,23 @@ def build_sharded_model(cfg: TrainConfig, device: torch.device, dist_info: DistI
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: BatchLoader, eval_iters: int, amp, dist_info: DistInfo,
-             *, lockstep: bool = False) -> float:
+             *, lockstep: bool = False) -> float | None:
     """Mean loss over the same `eval_iters` validation batches every time (split across ranks).
 
     `lockstep`: a sharded model's forward is a collective, so every rank runs as many forwards
-    as the busiest one (the surplus ones count for nothing).
+    as the busiest one (the surplus ones count for nothing). Otherwise a stop signal ends the
+    evaluation between batches, and it returns None (no partial value is reported).
     """
     model.eval()
     total = torch.zeros((), device=next(model.parameters()).device)
     count = 0
+    interrupted = False
     for j in range(-(-eval_iters // dist_info.world_size)):
         i = dist_info.rank + j * dist_info.world_size
         if i >= eval_iters and not lockstep:
+            break
+        if not lockstep and stop_requested():
+            interrupted = True
             break
         x, y = loader.batch_at(i % eval_iters)
         with amp:
@@ -624,8 +673,8 @@ def evaluate(model: torch.nn.Module, loader: BatchLoader, eval_iters: int, amp, 
 
         packed = torch.stack([total, torch.tensor(float(count), device=total.device)])
         dist.all_reduce(packed)
-        return float(packed[0] / packed[1])
-    return float(total) / max(count, 1)
+        return None if interrupted else float(packed[0] / packed[1])
+    return None if interrupted else float(total) / max(count, 1)
 
 
 def check_token_range(loader: BatchLoader, vocab_size: int, flag: str) -> None:

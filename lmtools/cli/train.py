@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from lmtools.cli.app import app, user_errors
+from lmtools.cli.console import console_guard
 from lmtools.config import TrainConfig
 
 _D = TrainConfig()
@@ -49,13 +51,15 @@ class _Reporter:
 
     def __exit__(self, *exc):
         if self.progress is not None:
-            self.progress.stop()
+            with console_guard():
+                self.progress.stop()
 
     def log(self, line: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(line, markup=False, highlight=False)
-        else:
-            typer.echo(line)
+        with console_guard():
+            if self.progress is not None:
+                self.progress.console.print(line, markup=False, highlight=False)
+            else:
+                typer.echo(line)
 
     def step(self, iteration: int, total: int, loss: float | None, lr: float) -> None:
         """`loss` is the newest one read from the device (they are read at log points)."""
@@ -109,6 +113,9 @@ def train(
     checkpoint_path: str = _opt(_D.checkpoint_path, "--checkpoint_path", "--checkpoint-path"),
     max_minutes: Optional[float] = _opt(None, "--max_minutes", "--max-minutes", help="Stop with a checkpoint after training this many minutes."),
     resume: bool = _opt(False, "--resume", help="Continue from --checkpoint_path with the config stored in it."),
+    auto_resume: bool = _opt(False, "--auto_resume", "--auto-resume", help="Resume when --checkpoint_path exists, else start a new run (safe under torchrun restarts)."),
+    rollback: bool = _opt(False, "--rollback", help="Allow resuming from a snapshot older than the run's newest checkpoint (the later steps are discarded)."),
+    allow_data_change: bool = _opt(False, "--allow_data_change", "--allow-data-change", help="Resume although the data or tokenizer differ from the checkpoint's fingerprint."),
     overwrite: bool = _opt(False, "--overwrite", help="Start a new run even if --checkpoint_path already exists."),
     device: str = _opt(_D.device, "--device", help="cpu, cuda, cuda:N or mps."),
     seed: int = _opt(_D.seed, "--seed"),
@@ -130,16 +137,37 @@ def train(
     params = dict(ctx.params)
     explicit = _explicit(ctx)
     resume_flag = params.pop("resume")
+    choices = {name: params.pop(name) for name in ("rollback", "allow_data_change")}
+    auto = params.pop("auto_resume")
     params["train_data"] = list(params["train_data"] or [])
     cfg = TrainConfig(**params)
     resume_from = None
-    if resume_flag:
+    if auto and (finished := _finished_run(cfg, explicit)) is not None:
+        with console_guard():
+            typer.echo(f"Training already finished at iter {finished}. Final checkpoint: {cfg.checkpoint_path}")
+        return
+    if resume_flag or (auto and os.path.lexists(cfg.checkpoint_path)):
         resume_from = cfg.checkpoint_path
         if not Path(resume_from).exists():
             raise ConfigError(
                 f"--resume: checkpoint {resume_from} does not exist; check --checkpoint_path or start without --resume"
             )
-    _run(cfg, resume_from=resume_from, explicit=explicit)
+    _run(cfg, resume_from=resume_from, explicit=explicit, **choices)
+
+
+def _finished_run(cfg: TrainConfig, explicit) -> int | None:
+    """The iteration of the checkpoint at --checkpoint_path when it already reached max_iters
+    (so that a restarted --auto_resume job ends at once instead of failing)."""
+    from lmtools.runguard import peek_checkpoint
+
+    path = Path(cfg.checkpoint_path)
+    payload = peek_checkpoint(path) if path.is_file() else None
+    if payload is None:
+        return None
+    stored = payload.get("config") if isinstance(payload.get("config"), dict) else {}
+    max_iters = cfg.max_iters if "max_iters" in explicit else stored.get("max_iters", cfg.max_iters)
+    iteration = int(payload["iteration"])
+    return iteration if iteration >= int(max_iters) else None
 
 
 @app.command()
@@ -149,6 +177,8 @@ def resume(
     max_iters: Optional[int] = _opt(None, "--max_iters", "--max-iters", help="New total iteration count."),
     device: Optional[str] = _opt(None, "--device", help="Override the stored device."),
     max_minutes: Optional[float] = _opt(None, "--max_minutes", "--max-minutes", help="Stop with a checkpoint after training this many minutes (a budget per invocation)."),
+    rollback: bool = _opt(False, "--rollback", help="Allow resuming from a snapshot older than the run's newest checkpoint (the later steps are discarded)."),
+    allow_data_change: bool = _opt(False, "--allow_data_change", "--allow-data-change", help="Resume although the data or tokenizer differ from the checkpoint's fingerprint."),
 ) -> None:
     """Continue a run from its checkpoint alone: config, data, RNG and data position come from it."""
     from lmtools.checkpoint import snapshot_base
@@ -164,7 +194,8 @@ def resume(
     if max_minutes is not None:
         cfg.max_minutes = max_minutes
         explicit.add("max_minutes")
-    _run(cfg, resume_from=str(checkpoint), explicit=frozenset(explicit))
+    _run(cfg, resume_from=str(checkpoint), explicit=frozenset(explicit), rollback=rollback,
+         allow_data_change=allow_data_change)
 
 
 def _finish(result) -> None:
@@ -172,8 +203,9 @@ def _finish(result) -> None:
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return
-    if result.stopped_by_signal or result.stopped_by_time:
-        why = "by signal" if result.stopped_by_signal else "at the --max_minutes limit"
-        typer.echo(f"Stopped {why} at iter {result.iteration}; resume with: lmtools resume {result.checkpoint_path}")
-    else:
-        typer.echo(f"Training finished at iter {result.iteration}. Final checkpoint: {result.checkpoint_path}")
+    with console_guard():
+        if result.stopped_by_signal or result.stopped_by_time:
+            why = "by signal" if result.stopped_by_signal else "at the --max_minutes limit"
+            typer.echo(f"Stopped {why} at iter {result.iteration}; resume with: lmtools resume {result.checkpoint_path}")
+        else:
+            typer.echo(f"Training finished at iter {result.iteration}. Final checkpoint: {result.checkpoint_path}")
