@@ -354,7 +354,7 @@ def load_state(payload: dict, model: torch.nn.Module, optimizer: torch.optim.Opt
         unwrap_model(model).load_state_dict(payload["model_state_dict"])
     except RuntimeError as exc:
         raise CheckpointError(
-            f"checkpoint does not match the model: {_first_line(exc)}; use the model flags it was trained with"
+            f"checkpoint does not match the model: {_state_dict_problem(exc)}; use the model flags it was trained with"
         ) from None
     if optimizer is not None and payload.get("optimizer_state_dict") is not None:
         try:
@@ -369,6 +369,15 @@ def load_state(payload: dict, model: torch.nn.Module, optimizer: torch.optim.Opt
 def _is_unsafe(exc: Exception) -> bool:
     text = str(exc)
     return "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text
+
+
+def _state_dict_problem(exc: BaseException) -> str:
+    """The line of load_state_dict's error that names a tensor (its first line names none)."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line.startswith(("size mismatch for", "Missing key(s)", "Unexpected key(s)")):
+            return line[:300]
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -269,7 +269,7 @@ class BatchLoader:
                     f"sampler state has {key}={state[key]} but this loader has {getattr(self, key)}; "
                     "resume with the same data and batch settings"
                 )
-        if step < 0 or not 0 <= micro < self.grad_accum_steps:
+        if not 0 <= step < 2**63 or not 0 <= micro < self.grad_accum_steps:
             raise DataError(f"sampler state has step={step}, micro={micro}; they must be >= 0 and micro < grad_accum_steps")
         self._stop_ring()  # its batches belong to the old position
         self.step, self.micro, self.seed = step, micro, seed

@@ -9,7 +9,8 @@ import torch
 
 from lmtools.checkpoint import load_state, read_checkpoint
 from lmtools.errors import CheckpointError, ConfigError
-from lmtools.model import MODEL_FIELDS, KVCache, TransformerLM
+from lmtools.model import MODEL_FIELDS, KVCache, ModelConfig, TransformerLM, validate_config
+from lmtools.preflight import check_inference_model
 
 EOT = "<|endoftext|>"
 
@@ -19,10 +20,18 @@ def load_model(checkpoint: str | Path, device: torch.device) -> tuple[Transforme
     payload = read_checkpoint(checkpoint)
     model_cfg = payload.get("model_config") or (payload.get("config") or {})
     try:
-        model = TransformerLM.from_config({k: model_cfg[k] for k in MODEL_FIELDS})
-    except KeyError as exc:
+        config = ModelConfig(**{k: model_cfg[k] for k in MODEL_FIELDS})
+    except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{checkpoint} holds no model config ({exc} missing); it was not written by lmtools") from None
+    validate_config(config)
+    check_inference_model(config, checkpoint, device)  # before allocating: a stored config is input too
+    model = TransformerLM.from_config(config)
     load_state(payload, model)
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"{checkpoint} holds non-finite weights ({name}); sample from an earlier checkpoint of the run"
+            )
     return model.to(device).eval(), payload
 
 

@@ -30,12 +30,12 @@ from lmtools.device import peak_flops, resolve_device
 from lmtools.distributed import (
     DistInfo, all_reduce_max, all_reduce_mean, any_rank, barrier, init_distributed, shutdown,
 )
-from lmtools.errors import ConfigError, DataChanged, DataError, LMToolsError
+from lmtools.errors import CheckpointError, ConfigError, DataChanged, DataError, LMToolsError
 from lmtools.fingerprint import DataIdentity, verify_resume_data
 from lmtools.metrics import ExternalLoggers, MetricsWriter, SpikeDetector, format_log_line
 from lmtools.model import MODEL_FIELDS, TransformerLM
 from lmtools.optim import cross_entropy, make_optimizer, run_gradient_clipping
-from lmtools.preflight import MemoryEstimate, check_training_run
+from lmtools.preflight import MemoryEstimate, check_stored_config, check_training_run
 from lmtools.prepare import read_meta
 from lmtools.runguard import RunGuard, check_new_run_target, check_rollback, start_fresh_metrics
 from lmtools.signals import StopSignal, stop_requested
@@ -180,6 +180,7 @@ def train_model(
             target = cfg.checkpoint_path if "checkpoint_path" in explicit else snapshot_base(resume_from)
             _lock(guard, Path(target))
             payload = read_checkpoint(resume_from)
+            check_stored_config(payload.get("config") if isinstance(payload.get("config"), dict) else {}, resume_from)
             cfg = merge_resume_config(payload, cfg, explicit)
             _lock(guard, Path(cfg.checkpoint_path))
             check_resume_point(payload, cfg, Path(resume_from), rollback, log)
@@ -305,12 +306,20 @@ class Trainer:
         self.last_metrics: dict = {}
         if payload is not None:
             self.iteration = load_state(payload, self.model, self.optimizer)
-            self.loader.load_state_dict(sampler_state)
-            self.spikes.load_state_dict(payload.get("spikes", {}))
-            self.skipped = int(payload.get("skipped_steps", 0))
-            self.last_metrics = dict(payload.get("metrics") or {})
-            if "rng" in payload:
-                set_rng_state(payload["rng"], device)
+            try:
+                self.loader.load_state_dict(sampler_state)
+                self.spikes.load_state_dict(payload.get("spikes", {}))
+                self.skipped = int(payload.get("skipped_steps", 0))
+                self.last_metrics = dict(payload.get("metrics") or {})
+                if "rng" in payload:
+                    set_rng_state(payload["rng"], device)
+            except LMToolsError:
+                raise
+            except (TypeError, ValueError, KeyError, IndexError, RuntimeError, OverflowError, AttributeError) as exc:
+                raise CheckpointError(
+                    f"the checkpoint's run state (sampler, RNG or spike window) is damaged ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); resume from another checkpoint"
+                ) from None
 
         # Precision, DDP and compilation wrap the module that trains; checkpoints save `self.model`.
         # An FSDP model needs no wrapper: fully_shard made it reduce its own gradients.
