@@ -387,6 +387,9 @@ class Trainer:
                         self.on_step(self.iteration, cfg.max_iters, self.last_loss, lr)
                     if at_log:
                         self.report(lr, at_eval, result)
+                    if at_eval and not stopping:  # a signal during the evaluation stops here
+                        stopping = any_rank(stop.requested, self.dist)
+                        at_save = at_save or stopping
                     if at_save:
                         self.save()
                     if stopping:
