@@ -2,8 +2,13 @@
 
 A corpus is a list of inputs: `.txt`, `.jsonl` and `.parquet` files (`.txt.gz`, `.jsonl.gz`
 too), folders (searched recursively for files with those suffixes, in sorted order) and glob
-patterns. A document is one jsonl line, one parquet row, or one whole text file (or, with a
-separator, each part of a text file between separators).
+patterns. A document is one jsonl line, one parquet row, or each part of a text file between
+separators (by default the literal `<|endoftext|>`; with no separator, the whole file).
+
+Empty documents are skipped and counted, with their places (`SourceReader.empty`): an empty file,
+a null or "" text, and, in a text file split by a separator, a part that holds only whitespace
+between two separators (before the first or after the last separator such a part is just the
+layout around the separators, and is dropped without being counted).
 
 Documents are yielded as `Piece`s: a long document arrives as several pieces, cut only where
 a cut cannot change how GPT-2's pre-tokenizer splits the text (see `safe_cut`), so memory stays
@@ -17,8 +22,10 @@ import glob
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -26,6 +33,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from lmtools.errors import DataError
+from lmtools.layout import EOT
 
 # Suffixes picked up when searching a folder (an explicitly named file is read whatever its name).
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
@@ -33,6 +41,7 @@ CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
 READ_BLOCK = 1 << 20  # bytes read from a text file at a time
 JSON_BLOCK = 4 << 20  # bytes pyarrow parses at a time (a longer line takes the slow path)
 PIECE_CHARS = 1 << 20  # a document longer than this is cut into pieces of about this size
+EMPTY_EXAMPLES = 5  # places of empty documents remembered for the report
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,7 @@ class Piece(NamedTuple):
 class ReadOptions:
     text_field: str = "text"  # jsonl
     text_column: str = "text"  # parquet
-    separator: str | None = None  # text files: split into documents on this string
+    separator: str | None = EOT  # text files: split into documents here (None: one per file)
     piece_chars: int = PIECE_CHARS
 
 
@@ -93,8 +102,8 @@ def _in_folder(folder: Path) -> list[Path]:
 def resolve_sources(inputs: Iterable[str | os.PathLike]) -> list[Source]:
     """Expand files, folders and globs into the ordered list of input files.
 
-    Raises DataError for an input that names nothing, a folder without corpus files, a
-    parquet file that is gzipped, or an empty file.
+    Raises DataError for an input that names nothing, a folder without corpus files, or a
+    parquet file that is gzipped. Empty files are kept: the reader counts them as empty documents.
     """
     paths: list[Path] = []
     for item in inputs:
@@ -135,10 +144,7 @@ def resolve_sources(inputs: Iterable[str | os.PathLike]) -> list[Source]:
         kind, compressed = _kind_of(path)
         if kind == "parquet" and compressed:
             raise DataError(f"{path}: gzipped parquet is not supported; parquet compresses itself")
-        size = path.stat().st_size
-        if size == 0:
-            raise DataError(f"{path}: the file is empty")
-        sources.append(Source(path, kind, compressed, size))
+        sources.append(Source(path, kind, compressed, path.stat().st_size))
     return sources
 
 
@@ -240,6 +246,8 @@ class SourceReader:
         self.on_bytes = on_bytes
         self.hasher = hashlib.sha256() if hash_file else None
         self.documents = 0
+        self.empty = 0  # empty documents skipped
+        self.empty_places: list[str] = []  # where the first few of them are
         self._position = self._reported = 0  # bytes read in this pass / reported so far
 
     def _advance(self, n: int) -> None:
@@ -263,8 +271,11 @@ class SourceReader:
             if piece.doc_end:
                 self.documents += 1
             yield piece
-        if self.documents == 0:
-            raise DataError(f"{self.source.path}: holds no documents")
+
+    def _skip_empty(self, place: str) -> None:
+        self.empty += 1
+        if len(self.empty_places) < EMPTY_EXAMPLES:
+            self.empty_places.append(place)
 
     # -- text ---------------------------------------------------------------------------------
 
@@ -295,6 +306,7 @@ class SourceReader:
         buf = ""
         offset = 0
         open_doc = False  # pieces of the current document have been yielded already
+        parts_seen = 0  # separators met so far
         blocks = self._blocks()
         while True:
             block = next(blocks, None)
@@ -311,18 +323,26 @@ class SourceReader:
                 parts = buf.split(sep)
                 buf = parts.pop()
                 for part in parts:
-                    if part or open_doc:
+                    if open_doc or _has_text(part):
                         yield Piece(part, True)
+                    elif parts_seen:  # between two separators
+                        self._skip_empty(f"{self.source.path}: part {parts_seen + 1}")
                     open_doc = False
+                    parts_seen += 1
             while len(buf) - keep > piece_chars:
                 cut = safe_cut(buf, piece_chars)
+                if not open_doc and sep is not None and len(buf) < 16 * piece_chars \
+                        and not _has_text(buf, len(buf) - keep):
+                    break  # maybe only whitespace between two separators: wait and see
                 yield Piece(buf[:cut], False)
                 buf = buf[cut:]
                 open_doc = True
             if final:
                 break
-        if buf or open_doc or (sep is None and offset > 0):
+        if open_doc or (buf if sep is None else _has_text(buf)):
             yield Piece(buf, True)
+        elif not parts_seen:  # the whole file is empty
+            self._skip_empty(str(self.source.path))
 
     # -- jsonl --------------------------------------------------------------------------------
 
@@ -330,7 +350,8 @@ class SourceReader:
         """jsonl through pyarrow's JSON reader (a C++ parser, several times faster than
         `json.loads` per line, which matters: the reader shares the cores with the encoder).
         Anything it rejects or finds odd sends the file through `json.loads` from the start,
-        which skips the documents already yielded and names the exact line of an error."""
+        which skips the documents already yielded and names the exact line of an error. Null and
+        empty texts take that path too, so that they are reported by line."""
         done = 0
         try:
             for text in self._jsonl_arrow():
@@ -341,9 +362,12 @@ class SourceReader:
             if isinstance(exc, DataError):
                 raise
         self._restart()
-        for n, text in enumerate(self._jsonl_python()):
-            if n >= done:
+        records = itertools.islice(self._jsonl_python(), done, None)
+        for lineno, text in records:
+            if text:
                 yield from _pieces_of(text, self.options.piece_chars)
+            else:
+                self._skip_empty(f"{self.source.path}:{lineno}")
 
     def _jsonl_arrow(self) -> Iterator[str]:
         import pyarrow as pa
@@ -363,12 +387,15 @@ class SourceReader:
                     raise ValueError("missing or null text field")
                 texts = values.to_pylist()  # raises on invalid UTF-8
                 for text in texts:
+                    if not text:
+                        raise ValueError("an empty text")
                     if not text.isascii():
                         text.encode("utf-8")  # raises on surrogates
                 yield from texts
             counting.drain()
 
-    def _jsonl_python(self) -> Iterator[str]:
+    def _jsonl_python(self) -> Iterator[tuple[int, str | None]]:
+        """(line number, text) of each JSON line; text None for a null."""
         field = self.options.text_field
         raw, counting, stream = self._open()
         with raw:
@@ -397,13 +424,16 @@ class SourceReader:
                             f"(fields: {names}); choose one with --text_field"
                         )
                     text = obj[field]
+                    if text is None:
+                        yield lineno, None
+                        continue
                     if not isinstance(text, str):
                         raise DataError(
                             f"{self.source.path}:{lineno}: field {field!r} holds "
                             f"{type(text).__name__}, not a string"
                         )
                     _check_encodable(text, f"{self.source.path}:{lineno}")
-                    yield text
+                    yield lineno, text
             except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
                 raise _bad_gzip(self.source, exc) from None
             counting.drain()
@@ -435,15 +465,14 @@ class SourceReader:
         row = 0
         try:
             for batch in pf.iter_batches(batch_size=4096, columns=[column]):
-                values = batch.column(0)
-                if values.null_count:
-                    first = row + values.is_null().to_pylist().index(True)
-                    raise DataError(f"{path}: row {first} has no {column!r} (null)")
-                for text in values.to_pylist():
-                    _check_encodable(text, f"{path}: row {row}")
+                for text in batch.column(0).to_pylist():
+                    if text:
+                        _check_encodable(text, f"{path}: row {row}")
+                        yield from _pieces_of(text, self.options.piece_chars)
+                    else:
+                        self._skip_empty(f"{path}: row {row}")
                     row += 1
-                    yield from _pieces_of(text, self.options.piece_chars)
-                rows += len(values)
+                rows += batch.num_rows
                 if self.on_bytes is not None:
                     done = self.source.size * rows // total_rows
                     self.on_bytes(done - reported)
@@ -453,6 +482,14 @@ class SourceReader:
         if self.hasher is not None:
             with open(path, "rb") as f:
                 self.hasher = hashlib.file_digest(f, "sha256")
+
+
+_NON_SPACE = re.compile(r"\S")  # \s is what str.isspace calls whitespace
+
+
+def _has_text(text: str, end: int | None = None) -> bool:
+    """Whether text[:end] holds anything but whitespace (without copying it)."""
+    return _NON_SPACE.search(text, 0, len(text) if end is None else end) is not None
 
 
 def _check_encodable(text: str, where: str) -> None:

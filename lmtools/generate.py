@@ -9,10 +9,10 @@ import torch
 
 from lmtools.checkpoint import load_state, read_checkpoint
 from lmtools.errors import CheckpointError, ConfigError
+from lmtools.layout import EOT
 from lmtools.model import MODEL_FIELDS, KVCache, ModelConfig, TransformerLM, validate_config
 from lmtools.preflight import check_inference_model
 
-EOT = "<|endoftext|>"
 
 
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[TransformerLM, dict]:

@@ -19,11 +19,11 @@ import numpy as np
 
 from lmtools.errors import CheckpointError, DataError
 from lmtools.fsutil import regular_file_problem
+from lmtools.layout import EOT
 from lmtools.preflight import check_stored_config
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 MODULE_ORDER = ("token_embeddings", "layers", "ln_final", "lm_head")
-EOT = "<|endoftext|>"
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _NPY_MAGIC = b"\x93NUMPY"

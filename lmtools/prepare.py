@@ -2,28 +2,40 @@
 
 The corpus is streamed twice at most (once to train the tokenizer, once to encode it), in
 batches of documents, so memory stays bounded whatever its size. Each document is followed
-by the end-of-text id; the validation split takes whole documents, chosen by a hash of
-(seed, document index). Token files are written as .npy by streaming: the header is written
-with the length left open and patched at the end.
+by the end-of-text id, and the whole corpus is written in order into one token file, which
+then becomes train.npy once the validation tokens are moved out of it:
 
-Nothing looks complete before it is: every file is written under a temporary name in the
-output folder, flushed, fsynced and renamed, and meta.json comes last. A folder without
-meta.json is not a dataset, and a failed run leaves an existing dataset as it was.
+- by whole documents, picked in the order of a seeded hash of their index until they hold
+  about `val_fraction` of the tokens, when the corpus has documents enough for that;
+- otherwise (one text file, a few huge documents) by the tail of the token stream, cut at a
+  document boundary or a line end near `val_fraction` of the tokens;
+- not at all for a corpus too small for one validation window (meta.json says why).
+
+Token files are written as .npy by streaming: the header is written with the length left open
+and patched at the end.
+
+One process writes a folder at a time: it holds a lock on the folder (see `lmtools.lock`) for
+the whole run, and a second prepare into the same folder is refused at once. Every file is
+written under a temporary name of the writing process, flushed, fsynced and renamed, and
+meta.json comes last. A folder without meta.json is not a dataset, and a failed run leaves an
+existing dataset as it was; temporary files of a run that was killed are removed by the next.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmtools.corpus import (
+    EMPTY_EXAMPLES,
     PIECE_CHARS,
     Piece,
     ReadOptions,
@@ -33,22 +45,29 @@ from lmtools.corpus import (
 )
 from lmtools.errors import ConfigError, DataError
 from lmtools.fsutil import fsync_dir
+from lmtools.layout import EOT, LOCK_FILE, META_FILE, TOKENIZER_FILE, TRAIN_FILE, VAL_FILE
+from lmtools.lock import exclusive
 
 if TYPE_CHECKING:
     import numpy as np
 
 __all__ = ["prepare_corpus", "read_meta", "Progress", "META_FILE"]
 
-META_FILE = "meta.json"
 # BPE training reads 2-3 MB/s and holds word counts in memory: past this it trains on a sample.
 DEFAULT_TOKENIZER_SAMPLE = 1_000_000_000
-TRAIN_FILE = "train.npy"
-VAL_FILE = "val.npy"
-TOKENIZER_FILE = "tokenizer.json"
 FORMAT = "lmtools.prepare/1"
 
 BATCH_CHARS = 8 << 20  # characters of text encoded per batch
 CHECK_CHARS = 256 << 10  # characters of the first batch encoded both ways to check the fast path
+
+# The split. A validation split shorter than this is no use (one window of a small context).
+MIN_VAL_TOKENS = 64
+# Whole documents are used when some of them hold the share asked for within this (relative).
+SHARE_TOLERANCE = 0.1
+# A tail cut moves by at most this share of the target to land on a boundary.
+SPAN_SNAP = 0.05
+# Documents whose hash is below CANDIDATE_FACTOR * val_fraction are remembered for the split.
+CANDIDATE_FACTOR = 4
 
 
 class Progress:
@@ -106,6 +125,8 @@ class NpyWriter:
 
     The header is written for the largest possible length, so the final header (written by
     numpy's own helper, then padded with spaces as the format allows) always fits in place.
+    The tokens written so far can be read back and rewritten (`read`, `write_at`, `truncate`):
+    the split moves tokens within the file before it is finished.
     """
 
     def __init__(self, path: Path, dtype: np.dtype):
@@ -137,34 +158,20 @@ class NpyWriter:
             self._file.write(tokens.astype(self.dtype, copy=False).data)
             self.count += len(tokens)
 
-    def tail(self, n: int, chunk: int = 1 << 22) -> Iterator[np.ndarray]:
-        """The last n tokens, in chunks (for moving the last document to the other split)."""
+    def read(self, start: int, n: int) -> np.ndarray:
+        """Tokens start .. start+n-1 (then the file position is back at the end)."""
         import numpy as np
 
-        start = self.count - n
-        while start < self.count:
-            m = min(chunk, self.count - start)
-            self._file.seek(self._header_len + start * self.dtype.itemsize)
-            yield np.frombuffer(self._file.read(m * self.dtype.itemsize), dtype=self.dtype)
-            start += m
+        self._file.seek(self._header_len + start * self.dtype.itemsize)
+        out = np.frombuffer(self._file.read(n * self.dtype.itemsize), dtype=self.dtype)
         self._file.seek(0, os.SEEK_END)
+        return out
 
-    def last_document_start(self, eot_id: int, chunk: int = 1 << 20) -> int:
-        """Where the last document starts: after the second-to-last end-of-text id."""
-        import numpy as np
-
-        end = self.count - 1  # the last token is the last document's end-of-text id
-        while end > 0:
-            start = max(0, end - chunk)
-            self._file.seek(self._header_len + start * self.dtype.itemsize)
-            ids = np.frombuffer(self._file.read((end - start) * self.dtype.itemsize), self.dtype)
-            hits = np.flatnonzero(ids == eot_id)
-            if len(hits):
-                self._file.seek(0, os.SEEK_END)
-                return start + int(hits[-1]) + 1
-            end = start
+    def write_at(self, start: int, tokens: np.ndarray) -> None:
+        """Overwrite tokens from `start` on (within what is written already)."""
+        self._file.seek(self._header_len + start * self.dtype.itemsize)
+        self._file.write(tokens.astype(self.dtype, copy=False).data)
         self._file.seek(0, os.SEEK_END)
-        return 0
 
     def truncate(self, n: int) -> None:
         self.count = n
@@ -179,7 +186,11 @@ class NpyWriter:
         self._file.close()
 
     def close(self) -> None:
-        self._file.close()
+        """Close without caring about unwritten data (the file is being thrown away)."""
+        try:
+            self._file.close()
+        except OSError:  # flushing failed (a full disk): the original error is what matters
+            pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,50 +198,152 @@ class NpyWriter:
 # ---------------------------------------------------------------------------------------------
 
 
-def val_flags(seed: int | str, start: int, count: int, fraction: float) -> np.ndarray:
-    """Which of documents start .. start+count-1 go to the validation split.
+def _threshold(fraction: float) -> int:
+    return min(int(fraction * 2.0**64), 2**64 - 1)
 
-    Document i is in val when splitmix64(i * golden + key(seed)) < fraction * 2**64: a hash of
-    (seed, document index), so the split needs no document count in advance, and a corpus
-    that grows at the end keeps the split of its first documents.
-    """
+
+def doc_hashes(seed: int | str, start: int, count: int) -> np.ndarray:
+    """splitmix64(i * golden + key(seed)) for documents start .. start+count-1: a uniform,
+    seeded hash of the document index, which needs no document count in advance."""
     import numpy as np
 
-    if fraction <= 0 or count <= 0:
-        return np.zeros(max(count, 0), dtype=bool)
     key = int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=8).digest(), "little")
-    z = np.arange(start, start + count, dtype=np.uint64)
+    z = np.arange(start, start + max(count, 0), dtype=np.uint64)
     z = z * np.uint64(0x9E3779B97F4A7C15) + np.uint64(key)  # wraps modulo 2**64, on purpose
     z ^= z >> np.uint64(30)
     z *= np.uint64(0xBF58476D1CE4E5B9)
     z ^= z >> np.uint64(27)
     z *= np.uint64(0x94D049BB133111EB)
     z ^= z >> np.uint64(31)
-    return z < np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
+    return z
 
 
-def in_val(seed: int, index: int, fraction: float) -> bool:
-    """Whether document `index` goes to the validation split (see `val_flags`)."""
-    return bool(val_flags(seed, index, 1, fraction)[0])
+def val_flags(seed: int | str, start: int, count: int, fraction: float) -> np.ndarray:
+    """Which of documents start .. start+count-1 have a hash below `fraction` of the range
+    (each with probability `fraction`; the tokenizer's training sample is drawn so)."""
+    import numpy as np
+
+    if fraction <= 0 or count <= 0:
+        return np.zeros(max(count, 0), dtype=bool)
+    return doc_hashes(seed, start, count) < np.uint64(_threshold(fraction))
 
 
 @dataclass
-class _Split:
+class _Encoded:
+    """The encoded corpus, in order, in one token file, and what the split needs to know."""
+
     writer: NpyWriter
     tokens: int = 0
     documents: int = 0
-
-
-@dataclass
-class _Stats:
     text_bytes: int = 0
     min_id: int | None = None
     max_id: int | None = None
     sources: list[dict] = field(default_factory=list)
+    empty: int = 0
+    empty_places: list[str] = field(default_factory=list)
+    # Hash and length of every document whose hash is low enough to be picked for val.
+    hashes: list = field(default_factory=list)
+    lengths: list = field(default_factory=list)
+    open_length: int = 0  # tokens of the document that the last batch ended inside
 
 
-def _utf8_len(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
+def _plan_split(enc: _Encoded, fraction: float) -> dict[str, Any]:
+    """How to split: by whole documents when some set of them holds about `fraction` of the
+    tokens, else by the tail of the token stream; nothing when there is too little text.
+
+    Documents are taken in the order of their seeded hash until they hold the share asked
+    for: whole documents chosen at random, as close to the share as their sizes allow.
+    """
+    import numpy as np
+
+    n = enc.tokens
+    if fraction == 0:
+        return {"method": "none", "reason": "--val_fraction 0"}
+    if n < 2 * MIN_VAL_TOKENS:
+        return {"method": "none",
+                "reason": f"{n} tokens are too few for a {MIN_VAL_TOKENS}-token validation window"}
+    target = max(fraction * n, MIN_VAL_TOKENS)
+    if enc.hashes:
+        hashes, lengths = np.concatenate(enc.hashes), np.concatenate(enc.lengths)
+        order = np.argsort(hashes, kind="stable")[: enc.documents - 1]  # train keeps one
+        if len(order):
+            totals = np.cumsum(lengths[order])
+            k = int(np.argmin(np.abs(totals - target)))
+            if abs(totals[k] - target) <= SHARE_TOLERANCE * target:
+                return {"method": "documents", "max_hash": int(hashes[order[k]])}
+    return {"method": "spans", "where": "tail", "target_tokens": round(target)}
+
+
+def _apply_split(enc: _Encoded, val: NpyWriter, plan: dict, seed: int, eot_id: int,
+                 line_ends: Callable[[], np.ndarray]) -> dict[str, int]:
+    """Move the validation tokens from the stream into `val`; the stream becomes train."""
+    if plan["method"] == "documents":
+        return _split_documents(enc.writer, val, seed, plan["max_hash"], eot_id)
+    if plan["method"] == "spans":
+        start, cut_at = _tail_start(enc.writer, plan["target_tokens"], eot_id, line_ends())
+        plan.update(val_start=start, cut_at=cut_at, cuts_a_document=cut_at != "document")
+        return _split_tail(enc.writer, val, start, eot_id, enc.documents)
+    return {"train_documents": enc.documents, "val_documents": 0}
+
+
+def _split_documents(stream: NpyWriter, val: NpyWriter, seed: int, max_hash: int,
+                     eot_id: int, chunk: int = 1 << 22) -> dict[str, int]:
+    """Documents whose hash is at most `max_hash` go to val; the rest is compacted in place
+    (the write position never passes the read position, so nothing unread is overwritten)."""
+    import numpy as np
+
+    read = write = doc = val_docs = 0
+    total = stream.count
+    while read < total:
+        ids = stream.read(read, min(chunk, total - read))
+        bounds = np.flatnonzero(ids == eot_id) + 1
+        ends = len(bounds)
+        # ends + 1 flags: the chunk may stop inside a document, which the next one finishes.
+        flags = doc_hashes(seed, doc, ends + 1) <= np.uint64(max_hash)
+        to_val = np.repeat(flags, np.diff(bounds, prepend=0, append=len(ids)))
+        val.append(ids[to_val])
+        kept = ids[~to_val]
+        stream.write_at(write, kept)
+        write += len(kept)
+        read += len(ids)
+        doc += ends
+        val_docs += int(flags[:ends].sum())
+    stream.truncate(write)
+    return {"train_documents": doc - val_docs, "val_documents": val_docs}
+
+
+def _tail_start(stream: NpyWriter, target: int, eot_id: int,
+                line_ends: np.ndarray) -> tuple[int, str]:
+    """Where the validation tail starts: the document boundary nearest to `target` tokens
+    from the end within +-SPAN_SNAP of it, else the nearest line end, else exactly there."""
+    import numpy as np
+
+    n = stream.count
+    ideal = n - target
+    reach = int(SPAN_SNAP * target)
+    lo, hi = max(MIN_VAL_TOKENS, ideal - reach), min(n - MIN_VAL_TOKENS, ideal + reach)
+    if lo > hi:
+        return ideal, "token"
+    before = stream.read(lo - 1, hi - lo + 1)  # before[i]: the token ending just before lo + i
+    positions = np.arange(lo, hi + 1)
+    for name, ok in (("document", before == eot_id), ("line", line_ends[before])):
+        if ok.any():
+            candidates = positions[ok]
+            return int(candidates[np.argmin(np.abs(candidates - ideal))]), name
+    return ideal, "token"
+
+
+def _split_tail(stream: NpyWriter, val: NpyWriter, start: int, eot_id: int, documents: int,
+                chunk: int = 1 << 22) -> dict[str, int]:
+    val_docs = 0
+    for at in range(start, stream.count, chunk):
+        ids = stream.read(at, min(chunk, stream.count - at))
+        val.append(ids)
+        val_docs += int((ids == eot_id).sum())
+    stream.truncate(start)
+    # A document counts where it ends (as counting end-of-text ids in each file does): one cut
+    # in two counts in val, and train holds its start.
+    return {"train_documents": documents - val_docs, "val_documents": val_docs}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +362,7 @@ def prepare_corpus(
     seed: int = 0,
     text_field: str = "text",
     text_column: str = "text",
-    separator: str | None = None,
+    separator: str | None = EOT,
     force: bool = False,
     threads: int | None = None,
     batch_chars: int = BATCH_CHARS,
@@ -264,18 +377,18 @@ def prepare_corpus(
     tokenizer_sample: train the BPE on about this many bytes of whole documents, sampled
         across the corpus (0: on all of it). The default, 1 GB, bounds the time and memory of
         BPE training on multi-gigabyte corpora and changes nothing on smaller ones.
-    separator: for text files, split each file into documents at this string (else one
-        document per file).
+    separator: text files are split into documents at this string (default <|endoftext|>);
+        None makes each text file one document.
     batch_chars, piece_chars: characters encoded per batch, and the size of the pieces long
         documents are cut into (tuning knobs; they never change the tokens).
     Raises DataError / ConfigError for anything the user can fix; leaves `out` untouched then.
     """
-    from lmtools.tokenizer import Encoder, check_vocab_size, default_threads, load_tokenizer
+    from lmtools.tokenizer import check_vocab_size, default_threads, load_tokenizer
 
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"--val_fraction {val_fraction} must be in [0, 1)")
     if separator == "":
-        raise ConfigError("--separator must not be empty")
+        raise ConfigError("--separator must not be empty (`none` turns splitting off)")
     threads = threads or default_threads()
     if threads < 1:
         raise ConfigError(f"--threads {threads} must be at least 1")
@@ -283,104 +396,186 @@ def prepare_corpus(
         check_vocab_size(vocab_size)
     if tokenizer_sample < 0:
         raise ConfigError(f"--tokenizer_sample {tokenizer_sample} must be >= 0 (0: all)")
+    # The inputs first: a missing corpus is the first thing to hear about.
+    sources = resolve_sources(inputs)
+    loaded = load_tokenizer(tokenizer) if tokenizer is not None else None
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a folder")
-    if (out / META_FILE).exists() and not force:
-        raise DataError(
-            f"{out} already holds a prepared dataset; pass --force to overwrite it "
-            "or choose another --out"
-        )
-
-    sources = resolve_sources(inputs)
-    options = ReadOptions(text_field=text_field, text_column=text_column, separator=separator,
-                          piece_chars=piece_chars)
-    progress = progress or Progress()
-    total_bytes = sum(s.size for s in sources)
-
-    if tokenizer is None:
-        tok = _train(sources, options, vocab_size, progress, total_bytes, tokenizer_sample, seed)
-        kind = "bpe"
-    else:
-        tok, kind = load_tokenizer(tokenizer)
-    encoder = Encoder(tok, kind, threads=threads)
-
-    import numpy as np
-
-    vocab = encoder.vocab_size
-    dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
     created_out = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = {name: out / f".{name}.tmp" for name in (TRAIN_FILE, VAL_FILE, TOKENIZER_FILE, META_FILE)}
-    splits: dict[str, _Split] = {}
     try:
-        splits = {
-            "train": _Split(NpyWriter(tmp[TRAIN_FILE], dtype)),
-            "val": _Split(NpyWriter(tmp[VAL_FILE], dtype)),
-        }
-        progress.phase("encode", total_bytes)
-        stats = _encode(sources, options, encoder, splits, seed, val_fraction, batch_chars,
-                        progress)
-        progress.done()
-        _ensure_both_splits(splits, val_fraction, encoder.eot_id)
-        for s in splits.values():
-            s.writer.finish()
-        tok.save(str(tmp[TOKENIZER_FILE]))
-        _fsync_file(tmp[TOKENIZER_FILE])
+        out.mkdir(parents=True, exist_ok=True)
+        with exclusive(out / LOCK_FILE, f"--out {out}",
+                       "wait for that prepare to finish or choose another --out"):
+            if (out / META_FILE).exists() and not force:
+                raise DataError(f"{out} already holds a prepared dataset; pass --force to "
+                                "overwrite it or choose another --out")
+            _remove_stale_temporaries(out)
+            options = ReadOptions(text_field=text_field, text_column=text_column,
+                                  separator=separator, piece_chars=piece_chars)
+            run = _Run(sources, options, out, seed, val_fraction, progress or Progress())
+            meta = run.write(loaded, tokenizer, vocab_size, tokenizer_sample, threads, batch_chars)
+    except OSError as exc:
+        if created_out:
+            _remove_if_empty(out)
+        raise _write_error(out, exc) from None
+    except BaseException:
+        if created_out:
+            _remove_if_empty(out)
+        raise
+    meta["dir"] = str(out.resolve())
+    return meta
 
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _write_error(out: Path, exc: OSError) -> BaseException:
+    """A full disk or a file that may not be read or written, as one line; other OSErrors
+    (failing hardware, bugs) stay as they are."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DataError(f"--out {out}: no space left on the device ({exc.strerror}); "
+                         "free some space or choose another --out (nothing was changed)")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and exc.filename is not None:
+        where = Path(os.fsdecode(exc.filename))
+        if where == out or out in where.parents:
+            return DataError(f"--out {out}: cannot write {where} ({exc.strerror}); "
+                             "choose another --out")
+        return DataError(f"{where}: cannot read it ({exc.strerror})")
+    return exc
+
+
+def _temporary(out: Path, name: str) -> Path:
+    """A name no other process uses (the PID), hidden, and recognisable as left over."""
+    return out / f".{name}.{os.getpid()}.tmp"
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary files of a prepare that died in this folder (it held the lock we now hold)."""
+    for name in (TRAIN_FILE, VAL_FILE, TOKENIZER_FILE, META_FILE):
+        for path in out.glob(f".{name}*.tmp"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+
+
+class _Run:
+    """One prepare into a folder whose lock it holds: tokenizer, encode, split, write, commit.
+
+    Every file is written under a temporary name of this process; on any failure exactly
+    those are removed, and the folder is as it was.
+    """
+
+    def __init__(self, sources: list, options: ReadOptions, out: Path, seed: int,
+                 val_fraction: float, progress: Progress):
+        self.sources, self.options, self.out = sources, options, out
+        self.seed, self.val_fraction, self.progress = seed, val_fraction, progress
+        self.tmp = {name: _temporary(out, name)
+                    for name in (TRAIN_FILE, VAL_FILE, TOKENIZER_FILE, META_FILE)}
+
+    def write(self, loaded, tokenizer_spec, vocab_size: int, tokenizer_sample: int,
+              threads: int, batch_chars: int) -> dict[str, Any]:
+        import numpy as np
+
+        from lmtools.tokenizer import Encoder
+
+        total_bytes = sum(s.size for s in self.sources)
+        if loaded is None:
+            tok = _train(self.sources, self.options, vocab_size, self.progress, total_bytes,
+                         tokenizer_sample, self.seed)
+            kind = "bpe"
+        else:
+            tok, kind = loaded
+        encoder = Encoder(tok, kind, threads=threads)
+        dtype = np.dtype(np.uint16 if encoder.vocab_size <= 1 << 16 else np.uint32)
+        writers: list[NpyWriter] = []
+        try:
+            stream = NpyWriter(self.tmp[TRAIN_FILE], dtype)
+            writers.append(stream)
+            val = NpyWriter(self.tmp[VAL_FILE], dtype)
+            writers.append(val)
+            self.progress.phase("encode", total_bytes)
+            enc = _encode(self.sources, self.options, encoder, stream, self.seed,
+                          self.val_fraction, batch_chars, self.progress)
+            self.progress.done()
+            if enc.documents == 0:
+                raise _no_text(enc)
+            plan = _plan_split(enc, self.val_fraction)
+            counts = _apply_split(enc, val, plan, self.seed, encoder.eot_id, encoder.line_ends)
+            stream.finish()
+            val.finish()
+            self.tmp[TOKENIZER_FILE].write_text(tok.to_str(pretty=True), encoding="utf-8")
+            _fsync_file(self.tmp[TOKENIZER_FILE])
+            meta = self._meta(enc, plan, counts, encoder, kind, tokenizer_spec, vocab_size,
+                              tokenizer_sample, val.count)
+            self.tmp[META_FILE].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            _fsync_file(self.tmp[META_FILE])
+            _commit(self.out, self.tmp)
+        except BaseException:
+            for w in writers:
+                w.close()
+            for path in self.tmp.values():
+                path.unlink(missing_ok=True)
+            raise
+        finally:
+            encoder.close()
+        return meta
+
+    def _meta(self, enc: _Encoded, plan: dict, counts: dict, encoder, kind: str,
+              tokenizer_spec, vocab_size: int, tokenizer_sample: int,
+              val_tokens: int) -> dict[str, Any]:
         from lmtools import __version__
 
-        train, val = splits["train"], splits["val"]
-        text_tokens = train.tokens + val.tokens - train.documents - val.documents
-        meta = {
+        text_tokens = enc.tokens - enc.documents
+        split = {"method": plan.pop("method"), "val_fraction_requested": self.val_fraction,
+                 "val_fraction_given": round(val_tokens / enc.tokens, 6), **plan}
+        trained = tokenizer_spec is None
+        return {
             "format": FORMAT,
-            "vocab_size": vocab,
-            "dtype": dtype.name,
+            "vocab_size": encoder.vocab_size,
+            "vocab_size_requested": vocab_size if trained else None,
+            "dtype": "uint16" if encoder.vocab_size <= 1 << 16 else "uint32",
             "train_file": TRAIN_FILE,
             "val_file": VAL_FILE,
-            "train_tokens": train.tokens,
-            "val_tokens": val.tokens,
-            "train_documents": train.documents,
-            "val_documents": val.documents,
+            "train_tokens": enc.tokens - val_tokens,
+            "val_tokens": val_tokens,
+            "documents": enc.documents,
+            **counts,
+            "split": split,
+            "empty_documents": enc.empty,
+            "empty_document_places": enc.empty_places,
             "eot_id": encoder.eot_id,
-            "eot_token": "<|endoftext|>",
+            "eot_token": EOT,
             "tokenizer": TOKENIZER_FILE,
             "tokenizer_kind": kind,
-            "tokenizer_source": (str(Path(tokenizer).expanduser().resolve())
+            "tokenizer_source": (str(Path(tokenizer_spec).expanduser().resolve())
                                  if kind not in ("bpe", "bytes") else None),
             "encoder": encoder.engine,
-            "text_bytes": stats.text_bytes,
-            "bytes_per_token": round(stats.text_bytes / text_tokens, 4) if text_tokens else None,
-            "min_token_id": stats.min_id,
-            "max_token_id": stats.max_id,
-            "sources": stats.sources,
-            "seed": seed,
-            "val_fraction": val_fraction,
-            "tokenizer_sample": tokenizer_sample if tokenizer is None else None,
-            "separator": separator,
-            "text_field": text_field,
-            "text_column": text_column,
+            "text_bytes": enc.text_bytes,
+            "bytes_per_token": round(enc.text_bytes / text_tokens, 4) if text_tokens else None,
+            "min_token_id": enc.min_id,
+            "max_token_id": enc.max_id,
+            "sources": enc.sources,
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "tokenizer_sample": tokenizer_sample if trained else None,
+            "separator": self.options.separator,
+            "text_field": self.options.text_field,
+            "text_column": self.options.text_column,
             "lmtools_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        tmp[META_FILE].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _fsync_file(tmp[META_FILE])
-        _commit(out, tmp)
-    except BaseException:
-        for s in splits.values():
-            s.writer.close()
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
-        if created_out:
-            try:
-                out.rmdir()
-            except OSError:
-                pass
-        raise
-    finally:
-        encoder.close()
-    meta["dir"] = str(out.resolve())
-    return meta
+
+
+def _no_text(enc: _Encoded) -> DataError:
+    if enc.empty == 0:
+        return DataError("the corpus holds no documents")
+    places = ", ".join(enc.empty_places) + (", ..." if enc.empty > len(enc.empty_places) else "")
+    noun = "its 1 document is" if enc.empty == 1 else f"all {enc.empty} documents are"
+    return DataError(f"the corpus holds no text: {noun} empty ({places})")
 
 
 def _train(sources, options, vocab_size, progress: Progress, total_bytes: int,
@@ -456,63 +651,6 @@ def _piece_batches(pieces: Iterable[Piece], chars: int) -> Iterator[list[Piece]]
         yield batch
 
 
-def _encode(sources, options, encoder, splits, seed, val_fraction, batch_chars, progress):
-    """The encode pass: read, encode in the background, split, write; returns statistics."""
-    import numpy as np
-
-    stats = _Stats()
-
-    def source_done(reader: SourceReader) -> None:
-        stats.sources.append({**reader.source.describe(), "sha256": reader.sha256(),
-                              "documents": reader.documents})
-
-    pieces = iter_pieces(sources, options, on_bytes=lambda n: progress.advance(n),
-                         hash_files=True, on_source_done=source_done)
-    eot_id = encoder.eot_id
-    next_doc = 0  # index of the document that the next batch starts in
-
-    def write(ids: np.ndarray, ends: int) -> None:
-        """Route a batch's tokens to train or val, document by document."""
-        nonlocal next_doc
-        if len(ids):
-            lo, hi = int(ids.min()), int(ids.max())
-            stats.min_id = lo if stats.min_id is None else min(stats.min_id, lo)
-            stats.max_id = hi if stats.max_id is None else max(stats.max_id, hi)
-        # ends + 1 flags: the batch may stop inside a document, which the next batch finishes.
-        flags = val_flags(seed, next_doc, ends + 1, val_fraction)
-        if flags.any():
-            # Each document's tokens, its end-of-text id included, follow its flag.
-            bounds = np.flatnonzero(ids == eot_id) + 1
-            lengths = np.diff(bounds, prepend=0, append=len(ids))
-            to_val = np.repeat(flags, lengths)
-            val_docs = int(flags[:ends].sum())
-            routed = {"train": (ids[~to_val], ends - val_docs), "val": (ids[to_val], val_docs)}
-        else:
-            routed = {"train": (ids, ends)}
-        for name, (part, documents) in routed.items():
-            splits[name].writer.append(part)
-            splits[name].tokens += len(part)
-            splits[name].documents += documents
-        next_doc += ends
-        progress.advance(tokens=len(ids))
-
-    pending = None  # (waiter, document ends) of the batch being encoded
-    checked = False
-    for batch in _piece_batches(pieces, batch_chars):
-        for piece in batch:
-            stats.text_bytes += _utf8_len(piece.text)
-        if not checked and encoder.engine == "tiktoken":
-            _check_fast_path(encoder, batch)
-            checked = True
-        waiter = encoder.submit_documents(batch)
-        if pending is not None:
-            write(pending[0](), pending[1])
-        pending = (waiter, sum(p.doc_end for p in batch))
-    if pending is not None:
-        write(pending[0](), pending[1])
-    return stats
-
-
 def _check_fast_path(encoder, batch: list[Piece]) -> None:
     """Compare tiktoken with `tokenizers` on a sample; fall back to `tokenizers` on a mismatch."""
     import numpy as np
@@ -529,29 +667,66 @@ def _check_fast_path(encoder, batch: list[Piece]) -> None:
         encoder.use_tokenizers()
 
 
-def _ensure_both_splits(splits: dict[str, _Split], val_fraction: float, eot_id: int) -> None:
-    """Train is never empty, and with two or more documents val is not either (if asked for).
+def _encode(sources, options, encoder, stream: NpyWriter, seed: int, val_fraction: float,
+            batch_chars: int, progress: Progress) -> _Encoded:
+    """The encode pass: read, encode in the background, append to `stream` in corpus order,
+    and note what the split needs (the length of each document that val may take)."""
+    import numpy as np
 
-    Moves the last document of one split to the other; deterministic, and it costs one
-    document's worth of I/O.
-    """
-    train, val = splits["train"], splits["val"]
-    if train.documents == 0 and val.documents > 0:
-        _move_last_document(val, train, eot_id)
-    if train.documents >= 2 and val.documents == 0 and val_fraction > 0:
-        _move_last_document(train, val, eot_id)
+    enc = _Encoded(stream)
+    low = np.uint64(_threshold(min(1.0, CANDIDATE_FACTOR * val_fraction)))
+
+    def source_done(reader: SourceReader) -> None:
+        enc.sources.append({**reader.source.describe(), "sha256": reader.sha256(),
+                            "documents": reader.documents, "empty_documents": reader.empty})
+        enc.empty += reader.empty
+        enc.empty_places.extend(reader.empty_places[: EMPTY_EXAMPLES - len(enc.empty_places)])
+
+    pieces = iter_pieces(sources, options, on_bytes=lambda n: progress.advance(n),
+                         hash_files=True, on_source_done=source_done)
+    eot_id = encoder.eot_id
+
+    def write(ids: np.ndarray) -> None:
+        stream.append(ids)
+        enc.tokens += len(ids)
+        if len(ids):
+            lo, hi = int(ids.min()), int(ids.max())
+            enc.min_id = lo if enc.min_id is None else min(enc.min_id, lo)
+            enc.max_id = hi if enc.max_id is None else max(enc.max_id, hi)
+        bounds = np.flatnonzero(ids == eot_id) + 1
+        if not len(bounds):
+            enc.open_length += len(ids)
+        else:
+            lengths = np.diff(bounds, prepend=0)
+            lengths[0] += enc.open_length
+            enc.open_length = len(ids) - int(bounds[-1])
+            if val_fraction > 0:
+                hashes = doc_hashes(seed, enc.documents, len(bounds))
+                keep = hashes < low
+                enc.hashes.append(hashes[keep])
+                enc.lengths.append(lengths[keep])
+            enc.documents += len(bounds)
+        progress.advance(tokens=len(ids))
+
+    pending = None  # waiter of the batch being encoded
+    checked = False
+    for batch in _piece_batches(pieces, batch_chars):
+        for piece in batch:
+            enc.text_bytes += _utf8_len(piece.text)
+        if not checked and encoder.engine == "tiktoken":
+            _check_fast_path(encoder, batch)
+            checked = True
+        waiter = encoder.submit_documents(batch)
+        if pending is not None:
+            write(pending())
+        pending = waiter
+    if pending is not None:
+        write(pending())
+    return enc
 
 
-def _move_last_document(src: _Split, dst: _Split, eot_id: int) -> None:
-    start = src.writer.last_document_start(eot_id)
-    n = src.tokens - start
-    for chunk in src.writer.tail(n):
-        dst.writer.append(chunk)
-    src.writer.truncate(start)
-    src.tokens -= n
-    src.documents -= 1
-    dst.tokens += n
-    dst.documents += 1
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,7 +743,8 @@ def _commit(out: Path, tmp: dict[str, Path]) -> None:
     """Rename the finished files into place, meta.json last.
 
     An old meta.json goes first, so a crash between the renames leaves a folder that does not
-    claim to be a dataset rather than one whose meta describes other token files.
+    claim to be a dataset rather than one whose meta describes other token files. Only the
+    dataset's own four names are replaced; nothing else in the folder is touched.
     """
     (out / META_FILE).unlink(missing_ok=True)
     fsync_dir(out)

@@ -11,13 +11,15 @@ files that killed writers left in the folder are removed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from lmtools.errors import CheckpointError, ConfigError
-from lmtools.fsutil import LockHeld, PathLock, regular_file_problem, remove_stale_temp_files
+from lmtools.fsutil import regular_file_problem, remove_stale_temp_files
+from lmtools.lock import exclusive, lock_path_for
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -60,12 +62,13 @@ class RunGuard:
     (or by the kernel when the process dies)."""
 
     def __init__(self):
-        self._locks: list[PathLock] = []
+        self._locks = contextlib.ExitStack()
+        self._held: set[Path] = set()
         self._created: list[Path] = []  # folders made for the locks: removed again if left empty
 
     def lock(self, ckpt_path: Path, *, metrics: bool = True) -> None:
         ckpt_path = Path(os.path.abspath(ckpt_path))
-        if any(lock.path.parent == ckpt_path.parent and lock.path.name == f".{ckpt_path.name}.lock" for lock in self._locks):
+        if ckpt_path in self._held:
             return
         folder = ckpt_path.parent
         missing = [p for p in (folder, *folder.parents) if not p.exists()]
@@ -74,27 +77,23 @@ class RunGuard:
         except OSError as exc:
             raise ConfigError(f"cannot create the checkpoint folder {folder}: {exc.strerror or exc}") from None
         self._created += missing
-        targets = [(ckpt_path, "checkpoint")]
+        targets = [(ckpt_path, f"the checkpoint {ckpt_path}")]
         if metrics:
-            targets.append((folder / METRICS_FILE, "metrics file"))
+            targets.append((folder / METRICS_FILE, f"the metrics file {folder / METRICS_FILE}"))
+        fix = "wait for that run to finish, stop it, or choose another --checkpoint_path"
         for target, what in targets:
-            lock = PathLock(target)
+            if target in self._held:
+                continue
             try:
-                lock.acquire()
-            except LockHeld as held:
-                raise ConfigError(
-                    f"the {what} {target} is in use by another run (process {held.pid}, lock {held.path}); "
-                    f"wait for it to finish, stop it, or choose another --checkpoint_path"
-                ) from None
+                self._locks.enter_context(exclusive(lock_path_for(target), what, fix))
             except OSError as exc:
                 raise ConfigError(f"cannot lock {target}: {exc.strerror or exc}; choose a writable --checkpoint_path") from None
-            self._locks.append(lock)
+            self._held.add(target)
         remove_stale_temp_files(folder)
 
     def release(self) -> None:
-        for lock in reversed(self._locks):
-            lock.release()
-        self._locks.clear()
+        self._locks.close()
+        self._held.clear()
         for folder in self._created:  # innermost first
             try:
                 folder.rmdir()

@@ -7,8 +7,9 @@ about 3x faster than `tokenizers`' `encode_batch`, and a byte-level BPE converts
 (ranks in merge order). Anything else (a normalizer, another pre-tokenizer, BPE dropout...)
 is encoded by `tokenizers` itself.
 
-Text that spells `<|endoftext|>` is always encoded as ordinary text: the end-of-text id only
-ever comes from a document boundary.
+The end-of-text id only ever comes from a document boundary: text that still spells
+`<|endoftext|>` once the corpus reader has split it into documents (a jsonl or parquet text, or
+a text file split at another separator) is encoded as ordinary text.
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmtools.errors import ConfigError, DataError
+from lmtools.layout import EOT, TOKENIZER_FILE
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
     import numpy as np
     from tokenizers import Tokenizer
-
-EOT = "<|endoftext|>"
 
 # GPT-2's pre-tokenizer pattern, as tiktoken spells it; the same one `tokenizers`' ByteLevel
 # pre-tokenizer uses with use_regex=True.
@@ -152,8 +152,8 @@ def load_tokenizer(spec: str | os.PathLike) -> tuple[Tokenizer, str]:
         return bytes_tokenizer(), "bytes"
     path = Path(spec).expanduser()
     if path.is_dir():
-        if (path / "tokenizer.json").is_file():
-            path = path / "tokenizer.json"
+        if (path / TOKENIZER_FILE).is_file():
+            path = path / TOKENIZER_FILE
         elif (path / "vocab.json").is_file():
             path = path / "vocab.json"
         else:
@@ -245,6 +245,18 @@ class Encoder:
         """One more than the largest id (ids need not be contiguous in a loaded tokenizer)."""
         vocab = self.tokenizer.get_vocab(with_added_tokens=True)
         return max(vocab.values()) + 1
+
+    def line_ends(self) -> np.ndarray:
+        """A boolean per id: does the token's text end with a newline (a clean place to cut)."""
+        import numpy as np
+
+        n = self.vocab_size
+        if self.engine == "bytes":
+            table = np.zeros(n, dtype=bool)
+            table[ord("\n")] = True
+            return table
+        texts = self.tokenizer.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
+        return np.fromiter((t.endswith("\n") for t in texts), dtype=bool, count=n)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -12,7 +12,7 @@ import pytest
 
 from lmtools.checkpoint import read_checkpoint, snapshot_path
 from lmtools.config import TrainConfig
-from lmtools.fsutil import LockHeld, PathLock, lock_path_for
+from lmtools.lock import Busy, exclusive, lock_path_for
 from lmtools.train import train_model
 
 from fault_tools import TINY, cli, error_line, spawn, train_process, wait_for_line, write_tokens
@@ -56,24 +56,25 @@ def test_overwrite_replaces_a_checkpoint_and_starts_fresh_metrics(tmp_path):
     assert read_checkpoint(ckpt)["iteration"] == 4
 
 
-def test_path_lock_names_the_holder_and_the_kernel_releases_it(tmp_path):
-    target = tmp_path / "ckpt.pt"
+def test_the_lock_names_the_holder_and_the_kernel_releases_it(tmp_path):
+    lock_file = lock_path_for(tmp_path / "ckpt.pt")
     # A real second process holds the lock; then it is killed with SIGKILL (no clean-up runs).
     code = (
-        "import sys, time; from lmtools.fsutil import PathLock; PathLock(sys.argv[1]).acquire(); "
-        "print('locked', flush=True); time.sleep(600)"
+        "import sys, time; from pathlib import Path; from lmtools.lock import exclusive; "
+        "ctx = exclusive(Path(sys.argv[1]), 'x', 'y'); ctx.__enter__(); print('locked', flush=True); time.sleep(600)"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(lock_file)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
-    with pytest.raises(LockHeld) as info:
-        PathLock(target).acquire()
-    assert info.value.pid == proc.pid
+    with pytest.raises(Busy) as info:
+        with exclusive(lock_file, "the checkpoint", "wait"):
+            pass
+    assert info.value.pid == proc.pid and f"PID {proc.pid}" in str(info.value)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert lock_path_for(target).exists()  # left behind by the kill ...
-    with PathLock(target) as lock:  # ... but no longer held by anyone
-        assert lock.held and int(lock_path_for(target).read_text()) == os.getpid()
-    assert not lock_path_for(target).exists()
+    assert lock_file.exists()  # left behind by the kill ...
+    with exclusive(lock_file, "the checkpoint", "wait"):  # ... but no longer held by anyone
+        assert int(lock_file.read_text()) == os.getpid()
+    assert not lock_file.exists()
 
 
 @pytest.mark.slow
@@ -91,7 +92,7 @@ def test_a_second_run_or_resume_on_a_busy_checkpoint_fails_at_once_naming_the_ho
             second = spawn(*args)
             out, err = second.communicate(timeout=120)
             assert second.returncode == 2, (args, out, err)
-            assert f"process {first.pid}" in err and "in use by another run" in err, err
+            assert f"the checkpoint {ckpt} is in use by another process (PID {first.pid})" in err, err
             assert "Traceback" not in err
         assert first.poll() is None  # the first run is untouched and still training
     finally:

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from lmtools.corpus import ReadOptions, SourceReader, resolve_sources, safe_cut
 from lmtools.errors import ConfigError, DataError
-from lmtools.prepare import NpyWriter, in_val, prepare_corpus, read_meta
+from lmtools.prepare import NpyWriter, prepare_corpus, read_meta
 from lmtools.tokenizer import EOT, Encoder, bytes_to_unicode, load_tokenizer, train_bpe
 
 PROSE = (
@@ -36,6 +36,40 @@ def decode_docs(tok, ids: np.ndarray, eot_id: int) -> list[str]:
         start = end + 1
     assert start == len(ids), "token file does not end with the end-of-text id"
     return docs
+
+
+def load_stream_docs(out: Path) -> tuple[dict, list[str]]:
+    """The documents of train.npy followed by val.npy, decoded as one stream (a tail split
+    cuts a document in two: the stream is whole again)."""
+    from tokenizers import Tokenizer
+
+    meta = read_meta(out)
+    tok = Tokenizer.from_file(str(out / meta["tokenizer"]))
+    ids = np.concatenate([np.load(out / "train.npy"), np.load(out / "val.npy")])
+    return meta, decode_docs(tok, ids, meta["eot_id"])
+
+
+def check_split(out: Path, docs: list[str], seed: int) -> dict:
+    """Whatever the method meta.json names, train and val hold exactly `docs` as it says."""
+    import lmtools.prepare as prepare
+
+    meta = read_meta(out)
+    split = meta["split"]
+    if split["method"] == "documents":
+        _, train, val = load_dataset_docs(out)
+        picked = prepare.doc_hashes(seed, 0, len(docs)) <= np.uint64(split["max_hash"])
+        assert train == [d for d, p in zip(docs, picked) if not p]
+        assert val == [d for d, p in zip(docs, picked) if p]
+    else:
+        assert load_stream_docs(out)[1] == docs
+        if split["method"] == "none":
+            assert meta["val_tokens"] == 0
+        else:
+            assert split["val_start"] == meta["train_tokens"]
+    total = meta["train_tokens"] + meta["val_tokens"]
+    assert split["val_fraction_given"] == round(meta["val_tokens"] / total, 6)
+    assert meta["documents"] == len(docs)
+    return meta
 
 
 def load_dataset_docs(out: Path) -> tuple[dict, list[str], list[str]]:
@@ -78,7 +112,7 @@ def test_all_input_kinds_round_trip(tmp_path):
     (corpus / "a.txt").write_text("plain text file\n", encoding="utf-8")
     with gzip.open(corpus / "sub" / "b.txt.gz", "wt", encoding="utf-8") as f:
         f.write("gzipped text ✓")
-    write_jsonl(corpus / "c.jsonl", ["jsonl one", "", "jsonl three"])
+    write_jsonl(corpus / "c.jsonl", ["jsonl one", "", "jsonl three"])  # "" is skipped
     with gzip.open(corpus / "d.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write(json.dumps({"text": "gz jsonl"}) + "\n\n")
     pq.write_table(pa.table({"text": [f"row {i}" for i in range(10)], "n": list(range(10))}),
@@ -89,10 +123,12 @@ def test_all_input_kinds_round_trip(tmp_path):
     meta = prepare_corpus([corpus], tmp_path / "out", tokenizer="bytes", val_fraction=0.0)
     _, train, val = load_dataset_docs(tmp_path / "out")
     # Folder order is sorted by path: a.txt, c.jsonl, d.jsonl.gz, e.parquet, sub/b.txt.gz.
-    assert train == (["plain text file\n", "jsonl one", "", "jsonl three", "gz jsonl"]
+    assert train == (["plain text file\n", "jsonl one", "jsonl three", "gz jsonl"]
                      + [f"row {i}" for i in range(10)] + ["gzipped text ✓"])
     assert val == []
-    assert meta["train_documents"] == 16
+    assert meta["train_documents"] == 15
+    assert meta["empty_documents"] == 1
+    assert meta["empty_document_places"] == [f"{corpus / 'c.jsonl'}:2"]
     assert [Path(s["path"]).name for s in meta["sources"]] == [
         "a.txt", "c.jsonl", "d.jsonl.gz", "e.parquet", "b.txt.gz"]
     import hashlib
@@ -146,9 +182,6 @@ def test_reader_pieces_rebuild_documents(tmp_path_factory, text, sep):
         source = resolve_sources([path])[0]
         docs, current = [], []
         pieces = list(SourceReader(source, options))
-    except DataError:
-        assert sep is not None and all(not d for d in text.split(sep))
-        return
     finally:
         corpus.READ_BLOCK = old
     for piece in pieces:
@@ -157,7 +190,8 @@ def test_reader_pieces_rebuild_documents(tmp_path_factory, text, sep):
             docs.append("".join(current))
             current = []
     assert current == []
-    expected = [text] if sep is None else [d for d in text.split(sep) if d]
+    # Parts holding only whitespace are the layout around separators, not documents.
+    expected = [text] if sep is None else [d for d in text.split(sep) if d.strip()]
     assert docs == expected
 
 
@@ -238,20 +272,16 @@ documents = st.lists(
 def test_round_trip_is_exact(tmp_path_factory, trained, docs, seed, tokenizer):
     tmp = tmp_path_factory.mktemp("rt")
     write_jsonl(tmp / "c.jsonl", docs)
+    kept = [d for d in docs if d]  # empty documents are skipped
+    tokenizer = str(trained) if tokenizer == "trained" else "bytes"
+    if not kept:
+        with pytest.raises(DataError, match="no text"):
+            prepare_corpus([tmp / "c.jsonl"], tmp / "out", seed=seed, tokenizer=tokenizer)
+        return
     meta = prepare_corpus([tmp / "c.jsonl"], tmp / "out", seed=seed, val_fraction=0.3,
-                          tokenizer=str(trained) if tokenizer == "trained" else "bytes",
-                          batch_chars=64)
-    _, train, val = load_dataset_docs(tmp / "out")
-    assert sorted(train + val) == sorted(docs)
-    in_val_ = [in_val(seed, i, 0.3) for i in range(len(docs))]
-    expected_val = [d for d, v in zip(docs, in_val_) if v]
-    expected_train = [d for d, v in zip(docs, in_val_) if not v]
-    if not expected_train:
-        expected_train, expected_val = expected_val[-1:], expected_val[:-1]
-    if len(docs) >= 2 and not expected_val:
-        expected_val, expected_train = expected_train[-1:], expected_train[:-1]
-    assert (train, val) == (expected_train, expected_val)
-    assert meta["train_documents"] == len(train) and meta["val_documents"] == len(val)
+                          tokenizer=tokenizer, batch_chars=64)
+    check_split(tmp / "out", kept, seed)
+    assert meta["empty_documents"] == len(docs) - len(kept)
     text_bytes = sum(len(d.encode()) for d in docs)
     assert meta["text_bytes"] == text_bytes
 
@@ -264,8 +294,8 @@ def test_trained_round_trip_with_long_documents(tmp_path):
     meta = prepare_corpus([tmp_path / f"{i}.txt" for i in range(3)], tmp_path / "out",
                           vocab_size=320, val_fraction=0.5, batch_chars=1000, piece_chars=500)
     assert meta["tokenizer_kind"] == "bpe" and meta["vocab_size"] == 320
-    _, train, val = load_dataset_docs(tmp_path / "out")
-    assert sorted(train + val) == sorted(docs) and train and val
+    check_split(tmp_path / "out", docs, 0)
+    assert meta["train_tokens"] and meta["val_tokens"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +320,8 @@ def test_meta_and_files(tmp_path, trained):
     val = np.load(out / "val.npy", mmap_mode="r")
     assert isinstance(train, np.memmap) and train.dtype == np.uint16
     assert len(train) == meta["train_tokens"] and len(val) == meta["val_tokens"]
-    assert meta["val_documents"] == 1  # 1% of 4 documents, but at least one
+    # 1% of the tokens is less than a validation window: val gets one window, from the tail.
+    assert meta["split"]["method"] == "spans" and meta["val_tokens"] >= 64
     both = np.concatenate([train, val])
     assert both.min() == meta["min_token_id"] and both.max() == meta["max_token_id"]
     assert meta["max_token_id"] == meta["eot_id"] < meta["vocab_size"]
@@ -333,6 +364,7 @@ def test_one_document_goes_to_train(tmp_path):
                           val_fraction=0.5)
     assert (meta["train_documents"], meta["val_documents"]) == (1, 0)
     assert np.load(tmp_path / "out" / "val.npy").shape == (0,)
+    assert meta["split"]["method"] == "none" and "too few" in meta["split"]["reason"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,7 +534,6 @@ def test_jsonl_fast_path_falls_back_without_losing_or_repeating_documents(
     [
         ('{"body": "x"}', ":3: no field 'text'"),
         ('{"text": 5}', ":3: field 'text' holds int"),
-        ('{"text": null}', ":3: field 'text' holds NoneType"),
         ('{"text": "a\\ud800"}', ":3: the text holds an unpaired surrogate"),
         ('{"text": "a"', ":3: not a JSON line"),
         ('["text"]', ":3: no field 'text'"),
@@ -580,10 +611,17 @@ def test_round_trip_of_text_and_parquet_files(tmp_path_factory, trained, docs, f
     else:
         data = "\x1e".join(docs).encode("utf-8")
         path.write_bytes(gzip.compress(data) if form.endswith(".gz") else data)
-    prepare_corpus([path], tmp / "out", tokenizer=str(trained), val_fraction=0.0,
-                   separator="\x1e", piece_chars=piece_chars, batch_chars=128)
+    # Between separators, a part of only whitespace is an empty document (a row is not).
+    kept = [d for d in docs if form == "parquet" or d.strip()]
+    args = dict(tokenizer=str(trained), val_fraction=0.0, separator="\x1e",
+                piece_chars=piece_chars, batch_chars=128)
+    if not kept:
+        with pytest.raises(DataError, match="no text"):
+            prepare_corpus([path], tmp / "out", **args)
+        return
+    prepare_corpus([path], tmp / "out", **args)
     _, train, _ = load_dataset_docs(tmp / "out")
-    assert train == docs
+    assert train == kept
 
 
 def test_tokenizer_sample_trains_on_part_of_the_corpus(tmp_path):

@@ -10,7 +10,10 @@ from typing import Optional
 import typer
 
 from lmtools.cli.app import app, user_errors
+from lmtools.layout import EOT
 from lmtools.prepare import DEFAULT_TOKENIZER_SAMPLE
+
+NO_SEPARATOR = "none"  # --separator none: one document per text file
 
 _ESCAPES = {"\\n": "\n", "\\r": "\r", "\\t": "\t", "\\\\": "\\"}
 
@@ -144,10 +147,14 @@ def _progress(quiet: bool, console=None):
 
 @app.command(
     epilog=(
-        "Documents: one per jsonl line or parquet row; one per text file, or with --separator "
-        "each part of a text file between separators (empty parts are skipped). An "
-        "<|endoftext|> id follows every document; text that spells <|endoftext|> is encoded "
-        "as ordinary text."
+        "Documents: one per jsonl line or parquet row; in text files, the parts between "
+        "separators (the literal <|endoftext|> unless --separator says otherwise; "
+        "--separator none: one per text file). An <|endoftext|> id follows every "
+        "document. In jsonl and parquet text, and in text files split at another separator, "
+        "text that spells <|endoftext|> is encoded as ordinary text. Empty documents are "
+        "skipped and counted. Validation: whole documents when they can make up about "
+        "--val_fraction of the tokens, else the tail of the token stream, cut at a document "
+        "boundary or a line end."
     )
 )
 @user_errors
@@ -178,7 +185,8 @@ def prepare(
     ),
     val_fraction: float = typer.Option(
         0.01, "--val_fraction", "--val-fraction",
-        help="Share of documents held out in val.npy (at least one when there are two).",
+        help="Share of the tokens held out in val.npy: whole documents when they can make "
+        "it up, else the tail of the corpus.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the validation split."),
     text_field: str = typer.Option(
@@ -188,12 +196,11 @@ def prepare(
         "text", "--text_column", "--text-column",
         help="Column holding the text in .parquet files.",
     ),
-    separator: Optional[str] = typer.Option(
-        None,
+    separator: str = typer.Option(
+        EOT,
         "--separator",
         help="Split text files into documents at this string (\\n, \\t, \\r, \\\\ are "
-        "understood, so '\\n\\n' splits at blank lines). Default: one document per file.",
-        show_default=False,
+        "understood, so '\\n\\n' splits at blank lines); `none`: one document per file.",
     ),
     force: bool = typer.Option(
         False, "--force", help="Overwrite a dataset already prepared in --out."
@@ -219,7 +226,7 @@ def prepare(
             seed=seed,
             text_field=text_field,
             text_column=text_column,
-            separator=unescape(separator) if separator is not None else None,
+            separator=None if separator == NO_SEPARATOR else unescape(separator),
             force=force,
             threads=threads or None,
             progress=progress,
@@ -228,15 +235,53 @@ def prepare(
         if hasattr(progress, "stop"):
             progress.stop()
     seconds = time.monotonic() - started
+    typer.echo(summary(meta, seconds))
+    for line in notes(meta):
+        typer.echo(line, err=True)
+
+
+def _docs(n: int) -> str:
+    return f"{n:,} document" + ("" if n == 1 else "s")
+
+
+def summary(meta: dict, seconds: float) -> str:
+    """The one line that says what was written."""
     bpt = meta["bytes_per_token"]
-
-    def docs(n: int) -> str:
-        return f"{n:,} document" + ("" if n == 1 else "s")
-
-    typer.echo(
+    split = meta.get("split") or {}
+    given = 100 * split.get("val_fraction_given", 0.0)
+    how = {"documents": "whole documents", "spans": "the tail"}.get(split.get("method"))
+    share = f"; val {given:.2f}% of tokens by {how}" if how else ""
+    empty = meta.get("empty_documents") or 0
+    skipped = ""
+    if empty:
+        places = meta.get("empty_document_places") or []
+        more = ", ..." if empty > len(places) else ""
+        skipped = f"; {_docs(empty)} empty, skipped ({', '.join(places)}{more})"
+    train_docs = _docs(meta["train_documents"])
+    if split.get("cuts_a_document"):  # the tail starts inside a document
+        train_docs = (f"{train_docs} and the start of another" if meta["train_documents"]
+                      else "the start of 1 document")
+    return (
         f"{meta['dir']}: {meta['train_tokens']:,} train tokens "
-        f"({docs(meta['train_documents'])}), {meta['val_tokens']:,} val tokens "
-        f"({docs(meta['val_documents'])}); vocab {meta['vocab_size']:,} "
-        f"({meta['tokenizer_kind']}), {bpt if bpt is not None else '-'} bytes/token, "
-        f"{seconds:.1f} s"
+        f"({train_docs}), {meta['val_tokens']:,} val tokens "
+        f"({_docs(meta['val_documents'])}){share}; vocab {meta['vocab_size']:,} "
+        f"({meta['tokenizer_kind']}), {bpt if bpt is not None else '-'} bytes/token"
+        f"{skipped}, {seconds:.1f} s"
     )
+
+
+def notes(meta: dict) -> list[str]:
+    """One line for each thing that is not what was asked for."""
+    out = []
+    split = meta.get("split") or {}
+    if split.get("method") == "none" and meta["val_fraction"] > 0:
+        out.append(f"note: val.npy is empty: {split.get('reason')}; train will run without "
+                   "validation (use a larger corpus)")
+    requested = meta.get("vocab_size_requested")
+    if requested and meta["vocab_size"] < requested:
+        out.append(
+            f"note: the corpus ran out of merges: the tokenizer has {meta['vocab_size']:,} ids "
+            f"of the {requested:,} asked for (--vocab_size); every pair of tokens that occurs "
+            "is merged already"
+        )
+    return out
