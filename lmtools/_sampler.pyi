@@ -40,7 +40,8 @@ class Sampler:
 
     `groups` is a list of `(weight, files)`: a row picks a group by weight, then a window
     uniformly among all windows of the group's files. Window starts in a file of length n run
-    over 0..=n - context_length - 1.
+    over 0..=n - context_length - 1; with `doc_eot`, only over the document starts among them
+    (0 and every position after a token equal to `doc_eot`), each equally likely.
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class Sampler:
         groups: Sequence[tuple[float, Sequence[TokenFile]]],
         context_length: int,
         num_threads: int | None = None,
+        doc_eot: int | None = None,
     ) -> None: ...
     def fill(
         self,
@@ -71,6 +73,8 @@ class Sampler:
     def num_tokens(self) -> int: ...
     @property
     def num_windows(self) -> int: ...
+    @property
+    def document_aligned(self) -> bool: ...
     @property
     def files(self) -> list[TokenFile]: ...
 

@@ -34,6 +34,8 @@ from lmtools.fsutil import regular_file_problem
 __all__ = ["BatchLoader", "get_batch", "load_dataset", "parse_source_spec"]
 
 _FILE_DTYPES = ("uint16", "uint32", "int32", "int64")
+# Corpus formats that `lmtools prepare` reads: passed where tokens belong, they get its command.
+_TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".jsonl", ".json", ".parquet", ".csv", ".tsv", ".gz", ".py", ".html")
 _U64 = (1 << 64) - 1
 _STATE_VERSION = 1
 
@@ -77,6 +79,7 @@ def load_dataset(
             raise DataError(f"{path}: holds {name} tokens but dtype={want} was given; drop the dtype argument")
     else:
         if want is None:
+            refuse_text(path)
             raise DataError(
                 f"{path}: is a raw token file; pass its dtype (uint16, uint32, int32 or int64), "
                 "or save it with numpy.save as .npy"
@@ -173,6 +176,7 @@ class BatchLoader:
         dtype: Any = None,
         prefetch: int = 2,
         num_threads: int | None = None,
+        doc_eot: int | None = None,
     ) -> None:
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.context_length = _positive_int(context_length, "context_length")
@@ -185,8 +189,14 @@ class BatchLoader:
         self.device = resolve_device(device)
 
         groups, self._weights = _resolve_sources(sources, weights, dtype)
-        # Checks that no file it reads was truncated under its memory map (a bus error).
-        self._sampler = SizeGuardedSampler(_sampler.Sampler(groups, self.context_length, num_threads))
+        # doc_eot: windows start only at document starts (0 and after each end-of-text id).
+        # The guard checks that no file it reads was truncated under its memory map (a bus error).
+        self._sampler = SizeGuardedSampler(_sampler.Sampler(groups, self.context_length, num_threads, doc_eot))
+        if doc_eot is not None and self._sampler.num_windows == sum(len(files) for _, files in groups):
+            raise DataError(
+                f"no end-of-text id {doc_eot} in the training data: document-aligned windows would all "
+                f"start at 0; prepare the data with document separators, or drop --doc_aligned"
+            )
         self._files: list[_sampler.TokenFile] = list(self._sampler.files)
         self._file_weights = [w for w, (_, files) in zip(self._weights, groups) for _ in files]
 
@@ -597,6 +607,30 @@ def _array_source(data: Any, name: str) -> _sampler.TokenFile:
     return _sampler.TokenFile.from_buffer(data, name)
 
 
+def refuse_text(path: Path) -> None:
+    """Text given where tokens belong (a corpus file by its suffix, or any file but .npy/.bin
+    whose start is UTF-8 without NUL bytes): an error that gives the command to tokenize it."""
+    suffix = path.suffix.lower()
+    if suffix in (".npy", ".bin") or not path.is_file():
+        return
+    is_text = suffix in _TEXT_SUFFIXES
+    if not is_text:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        try:
+            head.decode("utf-8")
+            is_text = bool(head) and b"\0" not in head
+        except UnicodeDecodeError as exc:
+            is_text = b"\0" not in head and exc.start >= len(head) - 4  # a character cut at the end
+    if is_text:
+        import shlex
+
+        raise DataError(
+            f"{path} is text, not token data; tokenize it first: lmtools prepare {shlex.quote(str(path))} --out data, "
+            f"then train with --train_data data"
+        )
+
+
 def _expand_path(path: str, dtype: Any) -> list[Path]:
     """A file, a folder (its .npy files, else its .bin files) or a glob, as sorted files."""
     if any(c in path for c in "*?["):
@@ -640,6 +674,8 @@ def _resolve_sources(
         path, w = parse_source_spec(os.fspath(entry)) if isinstance(entry, str) else (os.fspath(entry), None)
         files = []
         for f in _expand_path(path, want):
+            if want is None:
+                refuse_text(f)
             files.append(_sampler.TokenFile.open(str(f), want))
         entry_files.append(files)
         spec_weights.append(w)

@@ -256,8 +256,9 @@ def probe_step_seconds(cfg, warm: int = 3, timed: int = 4) -> float:
 
 
 def iterations_for(budget_s: float, step_s: float) -> int:
-    """Steps that fit the budget once evaluation (forward only, ~1/3 of a step) is paid for."""
-    eval_s = EVALS * EVAL_ITERS * step_s / 3
+    """Steps that fit the budget once evaluation (forward only, ~1/3 of a step) is paid for,
+    the one before training (iter 0) included."""
+    eval_s = (EVALS + 1) * EVAL_ITERS * step_s / 3
     overhead = 0.06  # logging, data wait, checkpoint writes
     return max(int((budget_s - eval_s) / (step_s * (1 + overhead))), 10)
 

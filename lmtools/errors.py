@@ -22,8 +22,8 @@ class CheckpointError(LMToolsError):
     """A checkpoint is missing, torn, unsafe, or does not match the model."""
 
 
-class DeviceError(LMToolsError):
-    """The requested device does not exist on this machine."""
+class DeviceError(LMToolsError, RuntimeError):
+    """The requested device does not exist on this machine (a RuntimeError, as torch's own is)."""
 
 
 class DataChanged(DataError):

@@ -18,13 +18,19 @@ from lmtools.preflight import check_inference_model
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[TransformerLM, dict]:
     """The model of a checkpoint, in eval mode on `device`, and the checkpoint's contents."""
     payload = read_checkpoint(checkpoint)
+    return model_from_payload(payload, checkpoint).to(device).eval(), payload
+
+
+def model_from_payload(payload: dict, checkpoint: str | Path = "the checkpoint") -> TransformerLM:
+    """The model a loaded checkpoint holds (plain or sharded), on the CPU."""
     model_cfg = payload.get("model_config") or (payload.get("config") or {})
     try:
-        config = ModelConfig(**{k: model_cfg[k] for k in MODEL_FIELDS})
+        # Options a checkpoint predates keep their defaults (the specification's model).
+        config = ModelConfig.from_dict({k: model_cfg[k] for k in MODEL_FIELDS[:6]} | model_cfg)
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{checkpoint} holds no model config ({exc} missing); it was not written by lmtools") from None
     validate_config(config)
-    check_inference_model(config, checkpoint, device)  # before allocating: a stored config is input too
+    check_inference_model(config, checkpoint)  # before allocating: a stored config is input too
     model = TransformerLM.from_config(config)
     load_state(payload, model)
     for name, tensor in model.state_dict().items():
@@ -32,7 +38,7 @@ def load_model(checkpoint: str | Path, device: torch.device) -> tuple[Transforme
             raise CheckpointError(
                 f"{checkpoint} holds non-finite weights ({name}); sample from an earlier checkpoint of the run"
             )
-    return model.to(device).eval(), payload
+    return model
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -112,22 +118,7 @@ def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
 
 
 def load_tokenizer(payload: dict, override: str | None = None, checkpoint: str | Path | None = None):
-    """The tokenizer recorded in a checkpoint (or `override`), as a `tokenizers.Tokenizer`."""
-    from tokenizers import Tokenizer
+    """The tokenizer of a checkpoint (or `override`), as a `tokenizers.Tokenizer`."""
+    from lmtools.tokenizer import tokenizer_from_checkpoint
 
-    candidates = [override] if override else []
-    ref = payload.get("tokenizer") or (payload.get("config") or {}).get("tokenizer")
-    if ref:
-        candidates.append(ref)
-        if checkpoint is not None:
-            candidates.append(str(Path(checkpoint).parent / Path(ref).name))
-    for cand in candidates:
-        if cand and Path(cand).is_file():
-            try:
-                return Tokenizer.from_file(str(cand))
-            except Exception as exc:  # tokenizers raises its own Exception type
-                raise ConfigError(f"{cand} is not a tokenizer.json ({str(exc).splitlines()[0]})") from None
-    where = f" (it names {ref}, which is gone)" if ref else ""
-    raise ConfigError(
-        f"no tokenizer for this checkpoint{where}; pass --tokenizer PATH/tokenizer.json from lmtools prepare"
-    )
+    return tokenizer_from_checkpoint(payload, override, checkpoint)

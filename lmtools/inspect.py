@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lmtools.errors import CheckpointError, DataError
+from lmtools.errors import CheckpointError, DataError, LMToolsError
 from lmtools.fsutil import regular_file_problem
 from lmtools.layout import EOT
 from lmtools.preflight import check_stored_config
@@ -58,6 +58,25 @@ def inspect_path(path: str | os.PathLike, *, dtype: str | None = None, excerpt_c
 # ---- checkpoints ---------------------------------------------------------------------------
 
 
+def check_checkpoint_file(path: Path, command: str) -> None:
+    """Refuse, in words, a path given where a checkpoint belongs that is something else: a
+    token file, a prepared folder, text. A missing file is left to `read_checkpoint`."""
+    fix = f"{command} needs a checkpoint written by lmtools train (e.g. runs/NAME/checkpoint.pt)"
+    if not path.exists():
+        return
+    if path.is_dir():
+        kind = "a prepared dataset folder" if (path / "meta.json").is_file() else "a folder"
+        raise CheckpointError(f"{path} is {kind}, not a checkpoint; {fix}")
+    head = _head(path)
+    if path.suffix.lower() in (".npy", ".bin") or head.startswith(_NPY_MAGIC):
+        raise CheckpointError(
+            f"{path} is a token file, not a checkpoint; {fix}, e.g. after lmtools train --train_data {path}"
+        )
+    if not (head.startswith(_ZIP_MAGIC) or head[:1] == bytes([_PICKLE_PROTO])):
+        raise CheckpointError(f"{path} is {_looks_like(path, head)}, not a checkpoint; {fix}")
+
+
+
 def inspect_checkpoint(path: str | os.PathLike) -> dict:
     """Format, model, parameters, optimizer, schedule position, metrics, data and versions."""
     from lmtools.checkpoint import read_checkpoint
@@ -96,11 +115,12 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
         "schedule": _schedule(iteration, config),
         "metrics": payload.get("metrics") or {},
         "data": _data(config, payload.get("sampler")),
-        "tokenizer": _tokenizer_ref(payload.get("tokenizer") or config.get("tokenizer"), p),
+        "tokenizer": _tokenizer_ref(payload, config, p),
         "training": {
             k: config[k] for k in (
                 "batch_size", "context_length", "grad_accum_steps", "gradient_clip_val", "seed", "device", "dtype",
                 "compile", "fsdp", "checkpoint_interval", "eval_interval", "log_interval",
+                "recipe", "optimizer", "muon_lr", "doc_aligned",
             ) if k in config
         },
         "problems": problems,
@@ -152,6 +172,8 @@ def parameter_counts(state: dict) -> dict[str, int]:
 
 
 def _optimizer(opt_state: Any) -> dict:
+    if isinstance(opt_state, dict) and set(opt_state) == {"adamw", "muon"}:  # --optimizer muon
+        return {"muon": _optimizer(opt_state["muon"]), "adamw": _optimizer(opt_state["adamw"])}
     if not isinstance(opt_state, dict) or not opt_state.get("param_groups"):
         return {}
     groups = opt_state["param_groups"]
@@ -176,24 +198,29 @@ def _schedule(iteration: int, config: dict) -> dict:
     needed = ("max_iters", "warmup_iters", "learning_rate", "min_learning_rate")
     if not all(k in config for k in needed):
         return {"iteration": iteration}
-    max_iters, warmup = int(config["max_iters"]), int(config["warmup_iters"])
+    cfg = TrainConfig.from_dict(config)
+    max_iters, warmup = cfg.max_iters, cfg.warmup_iters
+    extended = [ext for ext in cfg.schedule_extensions if iteration > ext["start"]]
     if iteration < warmup:
         phase = "warmup"
-    elif iteration < max_iters:
-        phase = "cosine decay"
-    else:
+    elif iteration >= max_iters:
         phase = "finished"
+    elif extended:
+        phase = f"extended cosine (from iter {extended[-1]['start']})"
+    else:
+        phase = "cosine decay"
     return {
         "iteration": iteration,
         "max_iters": max_iters,
         "warmup_iters": warmup,
         "progress": iteration / max_iters if max_iters else None,
         "phase": phase,
-        "max_lr": float(config["learning_rate"]),
-        "min_lr": float(config["min_learning_rate"]),
+        "max_lr": cfg.learning_rate,
+        "min_lr": cfg.min_learning_rate,
         # The rate of the step that produced this checkpoint (the loop uses iteration 1..max_iters).
-        "lr": TrainConfig.from_dict(config).lr_at(max(iteration, 1)),
+        "lr": cfg.lr_at(max(iteration, 1)),
         "remaining_iters": max(max_iters - iteration, 0),
+        "description": cfg.describe_schedule(),
     }
 
 
@@ -207,6 +234,10 @@ def _data(config: dict, sampler: Any) -> dict:
             out["missing"] = missing
     if config.get("val_data"):
         out["val_data"] = config["val_data"]
+    if config.get("val_sets"):
+        out["val_sets"] = dict(config["val_sets"])
+    if config.get("init_from"):
+        out["init_from"] = config["init_from"]
     if config.get("data_dtype"):
         out["data_dtype"] = config["data_dtype"]
     if isinstance(sampler, dict) and sampler:
@@ -230,13 +261,22 @@ def _strip_weight(spec: str) -> str:
     return str(spec)
 
 
-def _tokenizer_ref(ref: Any, checkpoint: Path) -> dict:
-    if not ref:
-        return {"path": None}
-    path = Path(str(ref))
-    beside = checkpoint.parent / path.name
-    found = path if path.is_file() else beside if beside.is_file() else None
-    return {"path": str(ref), "found": str(found) if found else None}
+def _tokenizer_ref(payload: dict, config: dict, checkpoint: Path) -> dict:
+    """Where the checkpoint's tokenizer comes from: stored in it, or the file it names."""
+    from lmtools.tokenizer import tokenizer_from_checkpoint
+
+    ref = payload.get("tokenizer") or config.get("tokenizer")
+    report: dict[str, Any] = {"path": str(ref) if ref else None, "stored": bool(payload.get("tokenizer_json"))}
+    if ref:
+        path = Path(str(ref))
+        beside = checkpoint.parent / path.name
+        found = path if path.is_file() else beside if beside.is_file() else None
+        report["found"] = str(found) if found else None
+    try:
+        report["vocab_size"] = tokenizer_from_checkpoint(payload, checkpoint=checkpoint).get_vocab_size()
+    except LMToolsError:
+        report["vocab_size"] = None  # no usable tokenizer: sample and eval of text need --tokenizer
+    return report
 
 
 def _shape_problems(model_config: dict, state: dict) -> list[str]:
@@ -250,7 +290,7 @@ def _shape_problems(model_config: dict, state: dict) -> list[str]:
         return ["no complete model config: the checkpoint cannot be loaded by lmtools sample or resume"]
     try:
         with torch.device("meta"):
-            model = TransformerLM(**{k: model_config[k] for k in (*fields, "rope_theta") if k in model_config})
+            model = TransformerLM.from_config(model_config)
     except Exception as exc:  # a config that validate_config refuses
         return [f"model config is invalid: {exc}"]
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -2,6 +2,11 @@
 
 Data flows top to bottom through this file: RMSNorm, rotary embedding, attention, feed-forward,
 block, model. No biases anywhere; RMSNorm runs in float32 whatever the autocast dtype.
+
+Beyond the specification's model, a few architecture options (off by default, so the default
+model is the specification's): RMSNorm on queries and keys (`qk_norm`), a ReLU² feed-forward
+(`ffn="relu2"`), zero-initialised residual output projections (`zero_init_proj`) and a tanh
+cap on the logits (`logit_softcap`).
 """
 
 from __future__ import annotations
@@ -23,9 +28,25 @@ class ModelConfig:
     num_heads: int
     d_ff: int
     rope_theta: float = 10000.0
+    # Architecture options; each default is the specification's model.
+    qk_norm: bool = False
+    ffn: str = "swiglu"
+    zero_init_proj: bool = False
+    logit_softcap: float = 0.0  # 0: no cap
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, with each option beyond the specification's model only when it is set:
+        a specification model's config reads exactly as it always has."""
+        out = asdict(self)
+        for name in OPTION_FIELDS:
+            if out[name] == OPTION_DEFAULTS[name]:
+                del out[name]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        """From a checkpoint's dict; fields it lacks (older checkpoints) keep their defaults."""
+        return cls(**{k: data[k] for k in MODEL_FIELDS if k in data})
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward), attention included (PaLM appendix B)."""
@@ -36,10 +57,16 @@ class ModelConfig:
 
 # The hyperparameters a checkpoint carries to rebuild its model.
 MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig))
+# The architecture options beyond the specification's model, and their defaults (which are it).
+OPTION_FIELDS = ("qk_norm", "ffn", "zero_init_proj", "logit_softcap")
+OPTION_DEFAULTS = {f.name: f.default for f in fields(ModelConfig) if f.name in OPTION_FIELDS}
+FFN_KINDS = ("swiglu", "relu2")
 
 
 def non_embedding_params(cfg: ModelConfig) -> int:
-    per_layer = 4 * cfg.d_model * cfg.d_model + 3 * cfg.d_model * cfg.d_ff + 2 * cfg.d_model
+    ffn_matrices = 3 if cfg.ffn == "swiglu" else 2
+    qk_gains = 2 * (cfg.d_model // cfg.num_heads) if cfg.qk_norm else 0
+    per_layer = 4 * cfg.d_model * cfg.d_model + ffn_matrices * cfg.d_model * cfg.d_ff + 2 * cfg.d_model + qk_gains
     # The output head does matmul work per token; the embedding lookup does not.
     return cfg.num_layers * per_layer + cfg.d_model + cfg.vocab_size * cfg.d_model
 
@@ -123,6 +150,10 @@ class CausalSelfAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.output_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        # QK-norm: queries and keys normalised per head before RoPE, which bounds the attention
+        # logits (the gains learn their scale).
+        self.q_norm = RMSNorm(self.d_head) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.d_head) if cfg.qk_norm else nn.Identity()
 
     def forward(
         self,
@@ -137,8 +168,8 @@ class CausalSelfAttention(nn.Module):
         def heads(proj: nn.Linear) -> torch.Tensor:
             return proj(x).view(b, t, self.num_heads, self.d_head).transpose(1, 2)
 
-        q = rope(heads(self.q_proj), positions)
-        k = rope(heads(self.k_proj), positions)
+        q = rope(self.q_norm(heads(self.q_proj)), positions)
+        k = rope(self.k_norm(heads(self.k_proj)), positions)
         v = heads(self.v_proj)
         if cache is not None:
             past = cache.layer_length(layer)
@@ -166,13 +197,25 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class ReLU2(nn.Module):
+    """W2 relu(W1 x)²: two matrices instead of SwiGLU's three, so cheaper at the same d_ff."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=False)
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.relu(self.w1(x)).square())
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln1 = RMSNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = RMSNorm(cfg.d_model)
-        self.ffn = SwiGLU(cfg.d_model, cfg.d_ff)
+        self.ffn = (SwiGLU if cfg.ffn == "swiglu" else ReLU2)(cfg.d_model, cfg.d_ff)
 
     def forward(self, x, rope, positions, cache=None, layer=0):
         x = x + self.attn(self.ln1(x), rope, positions, cache, layer)
@@ -189,9 +232,16 @@ class TransformerLM(nn.Module):
         num_heads: int,
         d_ff: int,
         rope_theta: float = 10000.0,
+        qk_norm: bool = False,
+        ffn: str = "swiglu",
+        zero_init_proj: bool = False,
+        logit_softcap: float = 0.0,
     ):
         super().__init__()
-        self.config = ModelConfig(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, rope_theta)
+        self.config = ModelConfig(
+            vocab_size, context_length, d_model, num_layers, num_heads, d_ff, rope_theta,
+            qk_norm, ffn, zero_init_proj, logit_softcap,
+        )
         validate_config(self.config)
         self.token_embeddings = nn.Embedding(vocab_size, d_model)
         self.rope = RotaryEmbedding(d_model // num_heads, context_length, rope_theta)
@@ -203,7 +253,7 @@ class TransformerLM(nn.Module):
     @classmethod
     def from_config(cls, cfg: ModelConfig | dict) -> "TransformerLM":
         if isinstance(cfg, dict):
-            cfg = ModelConfig(**cfg)
+            cfg = ModelConfig.from_dict(cfg)
         return cls(**asdict(cfg))
 
     @torch.no_grad()
@@ -227,11 +277,14 @@ class TransformerLM(nn.Module):
                 draw(module.weight, lambda t: t.normal_(0.0, 0.02))
             elif isinstance(module, RMSNorm):
                 draw(module.weight, lambda t: t.fill_(1.0))
-        # Residual projections scaled down with depth (GPT-2), so deep stacks start stable.
+        # Residual projections scaled down with depth (GPT-2), so deep stacks start stable; or
+        # zero, so that every block starts as the identity. Drawn last: the option leaves
+        # every other weight as it was.
         residual_std = 0.02 / math.sqrt(2 * self.config.num_layers)
+        residual = (lambda t: t.zero_()) if self.config.zero_init_proj else (lambda t: t.normal_(0.0, residual_std))
         for name, p in self.named_parameters():
             if name.endswith(("output_proj.weight", "w2.weight")):
-                draw(p, lambda t: t.normal_(0.0, residual_std))
+                draw(p, residual)
         self.rope.reset()
 
     def num_parameters(self) -> int:
@@ -249,7 +302,12 @@ class TransformerLM(nn.Module):
         x = self.token_embeddings(token_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, self.rope, positions, cache, i)
-        return self.lm_head(self.ln_final(x))
+        logits = self.lm_head(self.ln_final(x))
+        if self.config.logit_softcap:
+            # Logits squashed smoothly into (-cap, cap): no logit can run away.
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
 
 def validate_config(cfg: ModelConfig) -> None:
@@ -271,3 +329,7 @@ def validate_config(cfg: ModelConfig) -> None:
         )
     if not cfg.rope_theta > 0:
         raise ConfigError(f"--rope_theta must be positive, got {cfg.rope_theta}")
+    if cfg.ffn not in FFN_KINDS:
+        raise ConfigError(f"--ffn must be one of {', '.join(FFN_KINDS)}, got {cfg.ffn!r}")
+    if not (math.isfinite(cfg.logit_softcap) and cfg.logit_softcap >= 0):
+        raise ConfigError(f"--logit_softcap must be zero (off) or a positive number, got {cfg.logit_softcap}")

@@ -25,6 +25,8 @@ class RunCurves:
     metrics_path: Path
     train: list[tuple[int, float]] = field(default_factory=list)
     val: list[tuple[int, float]] = field(default_factory=list)
+    # Named validation sets (one per prepared folder of a mixture): name -> points.
+    val_sets: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     damaged: int = 0  # lines skipped as unreadable
 
 
@@ -53,6 +55,7 @@ def read_curves(run: str | os.PathLike) -> RunCurves:
     name = p.name if p.is_dir() else path.parent.name or str(path)
     train: dict[int, float] = {}
     val: dict[int, float] = {}
+    val_sets: dict[str, dict[int, float]] = {}
     try:
         records, bad = read_records(path)
     except OSError as exc:
@@ -63,10 +66,14 @@ def read_curves(run: str | os.PathLike) -> RunCurves:
             train[it] = float(record["loss"])
         if _finite_number(record.get("val_loss")):
             val[it] = float(record["val_loss"])
+        for key, value in record.items():
+            if key.startswith("val/") and _finite_number(value):
+                val_sets.setdefault(key.removeprefix("val/"), {})[it] = float(value)
     if not train and not val:
         what = f"no loss records ({bad} unreadable lines)" if bad else "no loss records"
         raise DataError(f"{path} holds {what}; train for at least --log_interval steps first")
-    return RunCurves(name, path, sorted(train.items()), sorted(val.items()), bad)
+    sets = {k: sorted(points.items()) for k, points in val_sets.items()}
+    return RunCurves(name, path, sorted(train.items()), sorted(val.items()), sets, bad)
 
 
 def _finite_number(value) -> bool:
@@ -110,6 +117,10 @@ def plot_runs(
         if run.val:
             xs, ys = zip(*run.val)
             ax.plot(xs, ys, color=color, linestyle="--", marker="o", markersize=3, linewidth=1.2, label=f"{run.name} val")
+        for (set_name, points), marker in zip(run.val_sets.items(), "sv^Dpx*"):
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, color=color, linestyle=":", marker=marker, markersize=3, linewidth=1,
+                    label=f"{run.name} val/{set_name}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (nats per token)")

@@ -497,3 +497,55 @@ def _plain_byte_level(spec: dict, model: dict) -> bool:
         return False
     # Added tokens other than special ones would be split out of the text by `tokenizers`.
     return all(t.get("special") for t in spec.get("added_tokens") or [])
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer a checkpoint carries
+# ---------------------------------------------------------------------------------------------
+
+
+def read_tokenizer_json(path: str | os.PathLike | None) -> str | None:
+    """The text of a tokenizer.json to store in a checkpoint; None when there is none to read."""
+    if not path or not Path(path).is_file():
+        return None
+    return Path(path).read_text(encoding="utf-8")
+
+
+def tokenizer_from_checkpoint(
+    payload: dict, override: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None
+) -> Tokenizer:
+    """The tokenizer of a checkpoint: `override`, else the tokenizer.json text stored in it, else
+    (checkpoints written before it was stored) the file it names, or one of that name beside it."""
+    from tokenizers import Tokenizer
+
+    if override:
+        return _tokenizer_file(Path(override))
+    text = payload.get("tokenizer_json")
+    if isinstance(text, str) and text:
+        try:
+            return Tokenizer.from_str(text)
+        except Exception as exc:  # tokenizers raises its own Exception type
+            raise ConfigError(f"the checkpoint's stored tokenizer does not load ({str(exc).splitlines()[0]}); "
+                              f"pass --tokenizer PATH/tokenizer.json") from None
+    ref = payload.get("tokenizer") or (payload.get("config") or {}).get("tokenizer")
+    candidates = [Path(ref)] if ref else []
+    if ref and checkpoint is not None:
+        candidates.append(Path(checkpoint).parent / Path(ref).name)
+    for cand in candidates:
+        if cand.is_file():
+            return _tokenizer_file(cand)
+    where = f" (it names {ref}, which is gone)" if ref else ""
+    raise ConfigError(
+        f"no tokenizer for this checkpoint{where}; pass --tokenizer PATH/tokenizer.json from lmtools prepare"
+    )
+
+
+def _tokenizer_file(path: Path) -> Tokenizer:
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise ConfigError(f"--tokenizer {path}: no such file; give the tokenizer.json from lmtools prepare")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises its own Exception type
+        raise ConfigError(f"{path} is not a tokenizer.json ({str(exc).splitlines()[0]})") from None

@@ -13,8 +13,9 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from lmtools.checkpoint import (
     FORMAT_VERSION, keep_snapshot, load_state, read_checkpoint, save_checkpoint, save_sharded_checkpoint,
     snapshot_base,
 )
-from lmtools.config import DEFAULT_VOCAB_SIZE, TrainConfig
+from lmtools.config import TrainConfig
 from lmtools.data import BatchLoader, parse_source_spec
 from lmtools.device import peak_flops, resolve_device
 from lmtools.distributed import (
@@ -33,12 +34,18 @@ from lmtools.distributed import (
 from lmtools.errors import CheckpointError, ConfigError, DataChanged, DataError, LMToolsError
 from lmtools.fingerprint import DataIdentity, verify_resume_data
 from lmtools.metrics import ExternalLoggers, MetricsWriter, SpikeDetector, format_log_line
-from lmtools.model import MODEL_FIELDS, TransformerLM
+from lmtools.model import MODEL_FIELDS, ModelConfig, TransformerLM
 from lmtools.optim import cross_entropy, make_optimizer, run_gradient_clipping
 from lmtools.preflight import MemoryEstimate, check_stored_config, check_training_run
 from lmtools.prepare import read_meta
 from lmtools.runguard import RunGuard, check_new_run_target, check_rollback, start_fresh_metrics
 from lmtools.signals import StopSignal, stop_requested
+from lmtools.recipe import apply_recipe, describe_options, document_eot
+from lmtools.rundata import absolute_spec, data_tokenizer_identity, normalise_specs, resolve_data
+from lmtools.tokenizer import read_tokenizer_json
+
+if TYPE_CHECKING:
+    from lmtools.init_from import InitSource
 
 
 class TrainingDiverged(LMToolsError):
@@ -62,51 +69,6 @@ MAX_PENDING_STEPS = 256
 
 
 # ---- set-up helpers -----------------------------------------------------------------------
-
-
-def resolve_data(cfg: TrainConfig, explicit_vocab: bool) -> TrainConfig:
-    """Fill vocab size, validation file and tokenizer from a prepared dataset's meta.json.
-
-    A prepared folder given as --train_data means its train.npy.
-    """
-    train = []
-    for spec in cfg.train_data:
-        path = Path(spec)
-        if path.is_dir() and (path / "train.npy").is_file() and (path / "meta.json").is_file():
-            spec = str(path / "train.npy")
-        train.append(spec)
-    cfg.train_data = train
-    meta = read_meta(parse_source_spec(train[0])[0]) if len(train) == 1 else None
-    if meta is None:
-        if cfg.vocab_size is None:
-            cfg.vocab_size = DEFAULT_VOCAB_SIZE
-        return cfg
-    meta_vocab = int(meta["vocab_size"])
-    if explicit_vocab and cfg.vocab_size is not None and cfg.vocab_size != meta_vocab:
-        raise ConfigError(
-            f"--vocab_size {cfg.vocab_size} contradicts the dataset's meta.json ({meta_vocab}); drop the flag"
-        )
-    cfg.vocab_size = meta_vocab
-    folder = Path(train[0]).parent
-    # The sibling val.npy, unless prepare left it too short for one window (tiny corpora).
-    val_tokens = int(meta.get("val_tokens", cfg.context_length + 1))
-    if (
-        cfg.val_data is None and (folder / "val.npy").is_file() and Path(train[0]).name == "train.npy"
-        and val_tokens > cfg.context_length
-    ):
-        cfg.val_data = str(folder / "val.npy")
-    if cfg.tokenizer is None and meta.get("tokenizer"):
-        tok = Path(meta["dir"]) / meta["tokenizer"]
-        if tok.is_file():
-            cfg.tokenizer = str(tok.resolve())
-    return cfg
-
-
-def _absolute(spec: str) -> str:
-    """Absolute path of a data spec (keeping a `:weight` suffix), so resume works from anywhere."""
-    path, weight = parse_source_spec(spec)
-    # Not resolved: a `.npy` link to an extensionless blob (a Hugging Face cache) is judged by its name.
-    return os.path.abspath(path) + (f":{weight}" if weight is not None else "")
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -162,34 +124,43 @@ def train_model(
     on_step: Callable[[int, int, float | None, float], None] | None = None,
     rollback: bool = False,
     allow_data_change: bool = False,
+    log_times: bool = False,
 ) -> TrainResult:
     """Train (or resume) a TransformerLM as `cfg` describes; returns where it stopped.
 
     `explicit` names the flags the user typed, so that a resumed run can tell an override
-    (max_iters, log_interval, ...) from a contradiction (a different model shape).
+    (max_iters, log_interval, ...) from a contradiction (a different model shape or data).
     `on_step(iteration, max_iters, loss, lr)` is called after every step (for a progress bar);
     `loss` is the newest one read from the device, which happens at log points and checkpoints.
     `rollback` allows resuming from a snapshot older than the run's newest checkpoint;
     `allow_data_change` allows resuming on data whose fingerprint differs from the checkpoint's.
+    `log_times`: each log line also gives the elapsed time and an estimate of the time left
+    (for logs that go to a file, where no progress bar shows them).
     """
     guard = RunGuard()
     try:
-        payload = None
+        payload, init, notes = None, None, []
         if resume_from is not None:
+            from lmtools.inspect import check_checkpoint_file
+
             # Locked before reading: a second run or resume on this path fails at once.
             target = cfg.checkpoint_path if "checkpoint_path" in explicit else snapshot_base(resume_from)
             _lock(guard, Path(target))
+            check_checkpoint_file(Path(resume_from), "resume")
             payload = read_checkpoint(resume_from)
             check_stored_config(payload.get("config") if isinstance(payload.get("config"), dict) else {}, resume_from)
-            cfg = merge_resume_config(payload, cfg, explicit)
+            cfg, note = merge_resume_config(payload, cfg, explicit, resume_from)
+            notes += [note] if note else []
             _lock(guard, Path(cfg.checkpoint_path))
             check_resume_point(payload, cfg, Path(resume_from), rollback, log)
         else:
             check_checkpoint_folder(Path(cfg.checkpoint_path))
             _lock(guard, Path(cfg.checkpoint_path))
             check_new_run_target(Path(cfg.checkpoint_path), cfg.overwrite)
-            cfg = resolve_data(cfg, explicit_vocab="vocab_size" in explicit)
+            cfg, init = resolve_new_run(apply_recipe(cfg, explicit), explicit)
         cfg.validate()
+        if payload is None and cfg.warmup_warning():
+            notes.append(cfg.warmup_warning())
         device = resolve_device(cfg.device)
         dist_info, device = init_distributed(device)
         try:
@@ -201,8 +172,8 @@ def train_model(
             memory = check_training_run(cfg, device, dist_info.world_size)
             if not dist_info.is_main:
                 log, on_step = (lambda _line: None), None
-            trainer = Trainer(cfg, payload, device, dist_info, log, on_step,
-                              memory=memory, allow_data_change=allow_data_change,
+            trainer = Trainer(cfg, payload, device, dist_info, log, on_step, init=init, notes=notes,
+                              log_times=log_times, memory=memory, allow_data_change=allow_data_change,
                               started_from=Path(resume_from) if resume_from else None)
             return trainer.run()
         finally:
@@ -228,30 +199,84 @@ def check_resume_point(payload: dict, cfg: TrainConfig, resume_from: Path, rollb
     check_rollback(resume_from, Path(cfg.checkpoint_path), iteration, rollback, log)
 
 
-def merge_resume_config(payload: dict, cfg: TrainConfig, explicit: frozenset[str]) -> TrainConfig:
+def resolve_new_run(cfg: TrainConfig, explicit: frozenset[str]) -> tuple[TrainConfig, "InitSource | None"]:
+    """A fresh run's data, vocabulary and, with --init_from, the model it starts from."""
+    if not cfg.init_from:
+        if cfg.init_optimizer:
+            raise ConfigError("--init_optimizer takes the optimizer state of --init_from CHECKPOINT; add that flag")
+        return resolve_data(cfg, explicit_vocab="vocab_size" in explicit), None
+    from lmtools.init_from import apply_model_shape, check_init_flags, check_vocabulary, read_init_source
+
+    if cfg.fsdp:
+        raise ConfigError("--init_from does not work with --fsdp yet; start the run without --fsdp")
+    init = read_init_source(cfg.init_from)
+    # Every architecture option spelled out, so the source's model overrides a recipe's.
+    init.model_config = asdict(ModelConfig.from_dict(init.model_config))
+    cfg.init_from = init.path
+    check_init_flags(cfg, init)
+    apply_model_shape(cfg, init, explicit)
+    cfg = resolve_data(cfg, explicit_vocab=False)
+    check_vocabulary(cfg, init, data_tokenizer_identity(cfg))
+    return cfg, init
+
+
+# Flags a resumed run cannot honour: its data, batches and starting point are the checkpoint's.
+RESUME_FIXED = ("train_data", "val_data", "data_dtype", "seed", "batch_size", "grad_accum_steps", "init_from",
+                "init_optimizer")
+
+
+def merge_resume_config(
+    payload: dict, cfg: TrainConfig, explicit: frozenset[str], source: str = "CHECKPOINT"
+) -> tuple[TrainConfig, str | None]:
+    """The stored run config with the typed overrides applied, and the line that says how the
+    schedule changed (when --max_iters moves its end), or None."""
     stored = payload.get("config")
     if not isinstance(stored, dict):
         raise ConfigError("the checkpoint holds no run config; it was not written by lmtools train")
     resumed = TrainConfig.from_dict(stored)
-    for name in explicit:
+    note = None
+    for name in sorted(explicit):
         ours, theirs = getattr(cfg, name, None), getattr(resumed, name, None)
         if name in MODEL_FIELDS and ours != theirs:
             raise ConfigError(
                 f"--{name} {ours} contradicts the checkpoint, which was trained with {name}={theirs}; "
                 f"drop the flag to resume"
             )
-        if name not in MODEL_FIELDS and name not in ("train_data", "resume"):
+        if name in RESUME_FIXED:
+            check_resume_keeps(name, ours, theirs, source)
+        elif name == "max_iters":
+            note = resumed.extend_schedule(ours, int(payload.get("iteration", 0)))
+        elif name not in MODEL_FIELDS and name != "resume":
             setattr(resumed, name, ours)
-    return resumed
+    return resumed, note
+
+
+def check_resume_keeps(name: str, ours, theirs, source: str) -> None:
+    """A resumed run keeps what fixes its batches; asking for another is an error naming the way."""
+    if name == "train_data":
+        ours, theirs = normalise_specs(list(ours)), list(theirs or [])
+    elif name == "val_data" and ours is not None:
+        ours = absolute_spec(ours)
+    if ours == theirs or (name == "init_optimizer" and not ours):
+        return
+    if name in ("init_from", "init_optimizer"):
+        raise ConfigError(f"--{name} starts a new run and --resume continues one; drop one of them")
+    shown = " ".join(ours) if isinstance(ours, list) else ours
+    raise ConfigError(
+        f"--{name} {shown}: a resumed run keeps its checkpoint's {name} ({theirs}); to train these weights "
+        f"with it, start a new run: lmtools train --init_from {source} --{name} ... --checkpoint_path NEW.pt"
+    )
 
 
 class Trainer:
     """One run: set-up in `__init__`, the loop in `run`, one method per thing the loop does."""
 
     def __init__(self, cfg: TrainConfig, payload: dict | None, device: torch.device, dist_info: DistInfo,
-                 log: Callable[[str], None], on_step, *, memory: MemoryEstimate | None = None,
+                 log: Callable[[str], None], on_step, *, init: "InitSource | None" = None,
+                 notes: list[str] = (), log_times: bool = False, memory: MemoryEstimate | None = None,
                  allow_data_change: bool = False, started_from: Path | None = None):
         self.cfg, self.device, self.dist, self.log, self.on_step = cfg, device, dist_info, log, on_step
+        self.log_times = log_times
         seed_everything(cfg.seed + dist_info.rank)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls
@@ -261,35 +286,40 @@ class Trainer:
         self.saved_at = int(payload["iteration"]) if payload is not None else None
 
         # Data: absolute paths, so that `resume` works from any folder.
-        cfg.train_data = [_absolute(s) for s in cfg.train_data]
+        cfg.train_data = [absolute_spec(s) for s in cfg.train_data]
         self.loader = BatchLoader(
             cfg.train_data, cfg.batch_size, cfg.context_length, device,
             seed=cfg.seed, rank=dist_info.rank, grad_accum_steps=cfg.grad_accum_steps, dtype=cfg.data_dtype,
+            doc_eot=document_eot(cfg),
         )
-        self.val_loader = None
+        # (name, loader) per validation set; a lone --val_data has no name.
+        self.val_sets: list[tuple[str | None, BatchLoader]] = []
         if cfg.val_data:
-            cfg.val_data = _absolute(cfg.val_data)
-            # A fixed seed and batch_at(i): every evaluation sees the same windows.
-            self.val_loader = BatchLoader(
-                [cfg.val_data], cfg.batch_size, cfg.context_length, device, seed=cfg.seed + 1, prefetch=0,
-                dtype=cfg.data_dtype,
-            )
+            cfg.val_data = absolute_spec(cfg.val_data)
+            self.val_sets.append((None, self.make_val_loader(cfg.val_data)))
+        else:
+            cfg.val_sets = {name: absolute_spec(path) for name, path in cfg.val_sets.items()}
+            self.val_sets += [(name, self.make_val_loader(path)) for name, path in cfg.val_sets.items()]
         self.identity = DataIdentity(
-            self.loader.paths + (self.val_loader.paths if self.val_loader is not None else []), cfg.tokenizer
+            self.loader.paths + [p for _name, ld in self.val_sets for p in ld.paths], cfg.tokenizer
         )
         sampler_state = dict(payload.get("sampler") or {}) if payload is not None else {}
         if payload is not None and verify_resume_data(self.identity, payload, allow_data_change, log):
             sampler_state.pop("num_tokens", None)  # the new data's size is wanted
         check_token_range(self.loader, cfg.vocab_size, "--train_data")
-        if self.val_loader is not None:
-            check_token_range(self.val_loader, cfg.vocab_size, "--val_data")
+        for name, val_loader in self.val_sets:
+            check_token_range(val_loader, cfg.vocab_size, "--val_data" if name is None else f"val set {name}")
 
         # Model, optimizer, and the state a checkpoint restores.
         if cfg.fsdp:
             self.model = build_sharded_model(cfg, device, dist_info)
         else:
             self.model = build_model(cfg, device)
-        self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, device)
+        self.optimizer = make_optimizer(
+            self.model, cfg.learning_rate, cfg.weight_decay, device, optimizer=cfg.optimizer, muon_lr=cfg.muon_lr
+        )
+        if init is not None:
+            init.load_into(self.model, self.optimizer if cfg.init_optimizer else None)
         self.spikes = SpikeDetector(cfg.spike_zscore)
         # Steps whose loss and gradient norm are still on the device: (iteration, loss, norm).
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
@@ -304,6 +334,11 @@ class Trainer:
         self.iteration = 0
         self.skipped = 0
         self.last_metrics: dict = {}
+        # Stored in every checkpoint, so that it needs no dataset folder to be sampled or exported.
+        self.tokenizer_json = (
+            read_tokenizer_json(cfg.tokenizer) or (payload or {}).get("tokenizer_json")
+            or (init.tokenizer_text if init is not None else None)
+        )
         if payload is not None:
             self.iteration = load_state(payload, self.model, self.optimizer)
             try:
@@ -351,20 +386,35 @@ class Trainer:
         self.peak_flops = peak_flops(device)
         self.bytes_per_token = _bytes_per_token(cfg)
 
-        for line in header_lines(cfg, self.loader, self.val_loader, self.model, device, self.dtype, dist_info):
+        for line in header_lines(cfg, self.loader, self.val_sets, self.model, device, self.dtype, dist_info):
             log(line)
         if memory is not None:
             log(f"memory : {memory.describe()}")
         if payload is not None:
             log(f"Resumed from {self.ckpt_path} at iter {self.iteration}")
+        if init is not None:
+            optimizer = "its optimizer state" if cfg.init_optimizer else "a fresh optimizer"
+            log(f"Initialised from {init.kind} {init.path}: its weights, a new schedule from iter 0, {optimizer}")
+        for line in notes:
+            log(line)
+
+    def make_val_loader(self, path: str) -> BatchLoader:
+        # A fixed seed and batch_at(i): every evaluation sees the same windows.
+        return BatchLoader(
+            [path], self.cfg.batch_size, self.cfg.context_length, self.device, seed=self.cfg.seed + 1, prefetch=0,
+            dtype=self.cfg.data_dtype,
+        )
 
     def run(self) -> TrainResult:
         cfg = self.cfg
         result = TrainResult(iteration=self.iteration, checkpoint_path=str(self.ckpt_path))
-        self._start_window()
-        self.run_start = self.window_start
+        self.run_start = time.perf_counter()
         try:
             with StopSignal() as stop:
+                if self.iteration == 0:
+                    self.report_start(result)
+                self._start_window()
+                self.start_iteration, self.train_start = self.iteration, self.window_start
                 while self.iteration < cfg.max_iters:
                     lr = cfg.lr_at(self.iteration + 1)
                     if not self.step(lr):  # a stop request between micro-batches: the step is dropped
@@ -374,7 +424,7 @@ class Trainer:
                         break
                     self.iteration += 1
                     last = self.iteration == cfg.max_iters
-                    at_eval = self.val_loader is not None and (self.iteration % cfg.eval_interval == 0 or last)
+                    at_eval = bool(self.val_sets) and (self.iteration % cfg.eval_interval == 0 or last)
                     at_log = self.iteration % cfg.log_interval == 0 or at_eval or last
                     out_of_time = (
                         cfg.max_minutes is not None and time.perf_counter() - self.run_start > 60 * cfg.max_minutes
@@ -420,7 +470,7 @@ class Trainer:
         """
         cfg = self.cfg
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups keep their own peak
         self.module.train()
         step_loss = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum_steps):
@@ -535,21 +585,64 @@ class Trainer:
         if self.peak_flops:
             record["mfu"] = tok_s * self.flops_per_token / self.dist.world_size / self.peak_flops
             extra["MFU"] = f"{100 * record['mfu']:.1f}%"
+        if self.log_times:
+            extra.update(self.times(now))
+        self.log_and_record(record, extra, at_eval, result)
+        result.last_loss = train_loss
+        self._start_window()
+
+    def report_start(self, result: TrainResult) -> None:
+        """Iter 0: the loss of the first step's batches under the initial weights (about
+        ln(vocab_size) for a new model: the first sanity check) and the validation loss before
+        training. Forward passes only, on batches recomputed by position: the run's batches,
+        RNG and losses are the same as without it."""
+        with torch.no_grad():
+            self.model.eval()
+            total = torch.zeros((), device=self.device)
+            for micro in range(self.cfg.grad_accum_steps):
+                x, y = self.loader.batch_at(0, micro)
+                with self.amp:
+                    total += cross_entropy(self.model(x), y)
+            self.model.train()
+        loss = float(all_reduce_mean(total / self.cfg.grad_accum_steps, self.dist))
+        record = {"iter": 0, "loss": loss, "lr": self.cfg.lr_at(0)}
+        self.log_and_record(record, {}, bool(self.val_sets), result)
+
+    def log_and_record(self, record: dict, extra: dict, at_eval: bool, result: TrainResult) -> None:
+        """Evaluate (when asked), then one log line and one metrics record."""
         val_loss = None
         if at_eval:
-            val_loss = evaluate(
-                self.model, self.val_loader, self.cfg.eval_iters, self.amp, self.dist, lockstep=self.cfg.fsdp
-            )
+            val_loss, per_set = self.evaluate_sets()
             record["val_loss"] = val_loss
+            record.update({f"val/{name}": value for name, value in per_set.items()})
             if self.bytes_per_token and val_loss is not None:
                 record["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
+            extra = {**{f"val/{name}": f"{value:.4f}" for name, value in per_set.items()}, **extra}
             result.last_val_loss = val_loss
-        self.log(format_log_line(self.iteration, train_loss, lr, val_loss, **extra))
+        self.log(format_log_line(record["iter"], record["loss"], record["lr"], val_loss, **extra))
         self.metrics.write(record)
         self.external.write(record)
         self.last_metrics = record
-        result.last_loss = train_loss
-        self._start_window()
+
+    def evaluate_sets(self) -> tuple[float | None, dict[str, float]]:
+        """The validation loss (the token-weighted mean over named sets) and each named set's loss."""
+        losses = {
+            name: evaluate(self.model, loader, self.cfg.eval_iters, self.amp, self.dist, lockstep=self.cfg.fsdp)
+            for name, loader in self.val_sets
+        }
+        if None in losses:
+            return losses[None], {}
+        if any(loss is None for loss in losses.values()):  # a stop signal ended the evaluation
+            return None, {}
+        sizes = {name: loader.num_tokens for name, loader in self.val_sets}
+        mean = sum(losses[name] * sizes[name] for name in losses) / sum(sizes.values())
+        return mean, losses
+
+    def times(self, now: float) -> dict[str, str]:
+        """Elapsed time and an estimate of the time left, for logs without a progress bar."""
+        done = self.iteration - self.start_iteration
+        left = (now - self.train_start) / done * (self.cfg.max_iters - self.iteration) if done > 0 else None
+        return {"elapsed": _clock(now - self.run_start), "left": "-" if left is None else _clock(left)}
 
     def save(self) -> None:
         # The data is checked before every checkpoint: one written after a silent change would
@@ -566,6 +659,8 @@ class Trainer:
             skipped_steps=self.skipped,
             metrics=self.last_metrics,
             tokenizer=self.cfg.tokenizer,
+            tokenizer_json=self.tokenizer_json,
+            world_size=self.dist.world_size,
             lmtools_version=__version__,
             torch_version=str(torch.__version__),
             format_version=FORMAT_VERSION,
@@ -590,8 +685,8 @@ class Trainer:
         self.metrics.close()
         self.external.close()
         self.loader.close()
-        if self.val_loader is not None:
-            self.val_loader.close()
+        for _name, val_loader in self.val_sets:
+            val_loader.close()
 
 
 class NextTokenLoss(torch.nn.Module):
@@ -689,6 +784,12 @@ def evaluate(model: torch.nn.Module, loader: BatchLoader, eval_iters: int, amp, 
     return None if interrupted else float(total) / max(count, 1)
 
 
+def _clock(seconds: float) -> str:
+    """h:mm:ss"""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def check_token_range(loader: BatchLoader, vocab_size: int, flag: str) -> None:
     lo, hi = loader.token_range()
     if lo < 0:
@@ -716,7 +817,7 @@ def _bytes_per_token(cfg: TrainConfig) -> float | None:
     return float(meta["bytes_per_token"]) if meta and meta.get("bytes_per_token") else None
 
 
-def header_lines(cfg, loader, val_loader, model, device, dtype, dist_info) -> list[str]:
+def header_lines(cfg, loader, val_sets, model, device, dtype, dist_info) -> list[str]:
     def describe(name: str, ld: BatchLoader) -> list[str]:
         d = ld.describe()
         lines = []
@@ -733,12 +834,14 @@ def header_lines(cfg, loader, val_loader, model, device, dtype, dist_info) -> li
     n_params = model.num_parameters()
     lines = ["lmtools train"]
     lines += describe("data", loader)
-    if val_loader is not None:
-        lines += describe("val", val_loader)
+    for name, val_loader in val_sets:
+        lines += describe("val" if name is None else f"val/{name}", val_loader)
     lines.append(
         f"model  : {mc.num_layers} layers | d_model {mc.d_model} | {mc.num_heads} heads | d_ff {mc.d_ff} | "
         f"vocab {mc.vocab_size} | {n_params / 1e6:.2f}M parameters"
     )
+    if options := describe_options(cfg):
+        lines.append(options)
     ranks = f" | {dist_info.world_size} ranks" if dist_info.enabled else ""
     lines.append(f"device : {device} | {str(dtype).removeprefix('torch.')}{' | compiled' if cfg.compile else ''}{ranks}")
     per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum_steps * dist_info.world_size

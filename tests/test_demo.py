@@ -43,8 +43,9 @@ def test_corpus_is_capped_and_jsonl(tmp_path):
 def test_iterations_fit_the_budget():
     step = 0.5
     n = iterations_for(180, step)
-    assert n == int((180 - EVALS * EVAL_ITERS * step / 3) / (step * 1.06))
-    assert n * step * 1.06 + EVALS * EVAL_ITERS * step / 3 <= 180
+    # EVALS evaluations during the run and one before it (iter 0).
+    assert n == int((180 - (EVALS + 1) * EVAL_ITERS * step / 3) / (step * 1.06))
+    assert n * step * 1.06 + (EVALS + 1) * EVAL_ITERS * step / 3 <= 180
     assert iterations_for(360, step) > 2 * n - 5
     assert iterations_for(1, 10.0) == 10  # never fewer than 10 steps
 

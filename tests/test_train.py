@@ -60,9 +60,10 @@ def test_cli_learns_then_resumes(stream_files, tmp_path):
     assert "train.npy" in out and "20,000 tokens" in out and "uint16" in out and "memory-mapped" in out
     assert "2 layers" in out and "device : cpu" in out and "16 x context 16" in out
     iters = [line for line in out.splitlines() if line.startswith("Iter ")]
-    assert [int(line.split("|")[0].split()[1]) for line in iters] == [25, 50, 75, 100, 125, 150]
+    # Iter 0: the initial loss, about ln(64) = 4.16, and the validation loss before training.
+    assert [int(line.split("|")[0].split()[1]) for line in iters] == [0, 25, 50, 75, 100, 125, 150]
     val = [float(line.split("Val Loss:")[1].split("|")[0]) for line in iters if "Val Loss" in line]
-    assert len(val) == 3
+    assert len(val) == 4 and abs(val[0] - math.log(64)) < 0.5
     last_loss = float(iters[-1].split("Loss:")[1].split("|")[0])
     # ln(64) = 4.16; the chain's entropy is about 0.3 nats.
     assert last_loss < 1.2 and val[-1] < 1.2, out
@@ -70,9 +71,9 @@ def test_cli_learns_then_resumes(stream_files, tmp_path):
     assert f"Final checkpoint: {ckpt}" in out
 
     metrics = [json.loads(line) for line in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
-    assert [m["iter"] for m in metrics] == [25, 50, 75, 100, 125, 150]
-    assert all(m["tokens_per_s"] > 0 and 0 <= m["data_wait"] < 1 for m in metrics)
-    assert "val_loss" in metrics[1] and "val_loss" not in metrics[0]
+    assert [m["iter"] for m in metrics] == [0, 25, 50, 75, 100, 125, 150]
+    assert all(m["tokens_per_s"] > 0 and 0 <= m["data_wait"] < 1 for m in metrics[1:])
+    assert "val_loss" in metrics[0] and "val_loss" in metrics[2] and "val_loss" not in metrics[1]
 
     result = run_cli("resume", ckpt, "--max_iters", "175")
     assert result.exit_code == 0, result.output
@@ -280,8 +281,11 @@ def test_terminal_gets_a_live_progress_bar_and_pipes_get_plain_lines(stream_file
                            env=env, timeout=120)
     assert piped.returncode == 0
     assert "━" not in piped.stdout and "\x1b[" not in piped.stdout
-    assert [line.split("|")[0].strip() for line in piped.stdout.splitlines() if line.startswith("Iter")] == [
-        "Iter     10", "Iter     20", "Iter     30"]
+    piped_iters = [line for line in piped.stdout.splitlines() if line.startswith("Iter")]
+    assert [line.split("|")[0].strip() for line in piped_iters] == ["Iter      0", "Iter     10", "Iter     20", "Iter     30"]
+    # Without a progress bar, each step's line carries the elapsed time and an estimate of the time left.
+    assert all(" | elapsed: 0:0" in line and " | left: 0:0" in line for line in piped_iters[1:]), piped.stdout
+    assert "elapsed:" not in tty_out
 
 
 def test_resume_takes_a_new_time_budget(stream_files, tmp_path):

@@ -14,7 +14,23 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from lmtools import __version__
+
+        typer.echo(f"lmtools {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """From raw text to a trained Transformer language model."""
 
 # Exit code for user mistakes: click's usage-error code.
 USER_ERROR = 2
@@ -43,9 +59,37 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(exc.exit_code) from None
         ctx = getattr(exc, "ctx", None)
         hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
-        fail(exc.format_message().replace("\n", " ") + hint)
+        message = exc.format_message().replace("\n", " ")
+        if type(exc).__name__ == "NoSuchOption" and ctx is not None:
+            names = [n for param in ctx.command.params for n in getattr(param, "opts", [])]
+            best = closest_option(exc.option_name, names)
+            message = f"no such option {exc.option_name}" + (f"; did you mean {best}?" if best else "")
+        fail(message + hint)
         raise SystemExit(exc.exit_code) from None
     raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def closest_option(typed: str, names: list[str]) -> str | None:
+    """The flag a mistyped one most likely meant: the one whose words' initials it spells
+    (--lr: --learning_rate), else the one it begins, else difflib's closest name."""
+    import difflib
+
+    def key(name: str) -> str:
+        return name.lstrip("-").replace("-", "_").lower()
+
+    spelled: dict[str, str] = {}
+    for name in names:
+        if name.startswith("--") and name != "--help" and (key(name) not in spelled or "_" in name):
+            spelled[key(name)] = name  # the documented --snake_case spelling wins
+    want = key(typed)
+    if not want or not spelled:
+        return None
+    initials = [k for k in spelled if "".join(word[0] for word in k.split("_") if word) == want]
+    begins = [k for k in spelled if k.startswith(want)]
+    for found in (initials, begins, difflib.get_close_matches(want, list(spelled), n=1, cutoff=0.6)):
+        if found:
+            return spelled[found[0]]
+    return None
 
 
 def _report(exc: BaseException) -> int:

@@ -31,9 +31,11 @@ def sample(
     from lmtools.device import resolve_device
     from lmtools.errors import ConfigError
     from lmtools.generate import EOT, generate_ids, load_model, load_tokenizer, stream_text
+    from lmtools.inspect import check_checkpoint_file
 
     if max_new_tokens <= 0:
         raise ConfigError(f"--max_new_tokens must be a positive integer, got {max_new_tokens}")
+    check_checkpoint_file(checkpoint, "sample")
     dev = resolve_device(device)
     model, payload = load_model(checkpoint, dev)
     tok = load_tokenizer(payload, tokenizer, checkpoint)

@@ -81,7 +81,8 @@ def _run(cfg, **kw):
     from lmtools.train import train_model
 
     with _Reporter() as reporter:
-        result = train_model(cfg, log=reporter.log, on_step=reporter.step, **kw)
+        # Without a progress bar (a pipe, a file), the log lines carry the elapsed and remaining time.
+        result = train_model(cfg, log=reporter.log, on_step=reporter.step, log_times=reporter.progress is None, **kw)
     _finish(result)
 
 
@@ -116,6 +117,8 @@ def train(
     auto_resume: bool = _opt(False, "--auto_resume", "--auto-resume", help="Resume when --checkpoint_path exists, else start a new run (safe under torchrun restarts)."),
     rollback: bool = _opt(False, "--rollback", help="Allow resuming from a snapshot older than the run's newest checkpoint (the later steps are discarded)."),
     allow_data_change: bool = _opt(False, "--allow_data_change", "--allow-data-change", help="Resume although the data or tokenizer differ from the checkpoint's fingerprint."),
+    init_from: Optional[str] = _opt(None, "--init_from", "--init-from", help="Start a new run from these weights and model shape: a checkpoint or a Hugging Face model folder (fine-tuning, continued pretraining on new data)."),
+    init_optimizer: bool = _opt(False, "--init_optimizer", "--init-optimizer", help="With --init_from CHECKPOINT: also take over its optimizer state."),
     overwrite: bool = _opt(False, "--overwrite", help="Start a new run even if --checkpoint_path already exists."),
     device: str = _opt(_D.device, "--device", help="cpu, cuda, cuda:N or mps."),
     seed: int = _opt(_D.seed, "--seed"),
@@ -130,12 +133,28 @@ def train(
     skip_nonfinite: bool = _opt(False, "--skip_nonfinite", "--skip-nonfinite", help="Skip (and count) updates with a NaN/inf loss instead of stopping."),
     skip_spikes: bool = _opt(False, "--skip_spikes", "--skip-spikes", help="Skip updates whose loss is a spike (z-score above --spike_zscore)."),
     spike_zscore: float = _opt(_D.spike_zscore, "--spike_zscore", "--spike-zscore"),
+    recipe: str = _opt(_D.recipe, "--recipe", help="spec: the specification's model and optimizer; modern: the options that measured best (see README, Recipes). Flags below override it."),
+    optimizer: str = _opt(_D.optimizer, "--optimizer", help="adamw, or muon: Muon for the blocks' matrices, AdamW for embeddings, head and gains."),
+    muon_lr: float = _opt(_D.muon_lr, "--muon_lr", "--muon-lr", help="Muon's peak learning rate (same schedule as --learning_rate)."),
+    qk_norm: bool = _opt(_D.qk_norm, "--qk_norm", "--qk-norm", help="RMSNorm on queries and keys (--no_qk_norm: off, under a recipe)."),
+    no_qk_norm: bool = _opt(False, "--no_qk_norm", "--no-qk-norm", hidden=True),
+    ffn: str = _opt(_D.ffn, "--ffn", help="Feed-forward: swiglu or relu2."),
+    zero_init_proj: bool = _opt(_D.zero_init_proj, "--zero_init_proj", "--zero-init-proj", help="Start the residual output projections at zero (--no_zero_init_proj: off)."),
+    no_zero_init_proj: bool = _opt(False, "--no_zero_init_proj", "--no-zero-init-proj", hidden=True),
+    logit_softcap: float = _opt(_D.logit_softcap, "--logit_softcap", "--logit-softcap", help="Cap logits smoothly at +-this value (0: off)."),
+    doc_aligned: bool = _opt(_D.doc_aligned, "--doc_aligned", "--doc-aligned", help="Training windows start at document starts (needs the data's meta.json; --no_doc_aligned: off)."),
+    no_doc_aligned: bool = _opt(False, "--no_doc_aligned", "--no-doc-aligned", hidden=True),
 ) -> None:
     """Train a Transformer LM on token files."""
     from lmtools.errors import ConfigError
 
     params = dict(ctx.params)
     explicit = _explicit(ctx)
+    # --no_X turns an option off explicitly, over a recipe that turns it on.
+    for name in ("qk_norm", "zero_init_proj", "doc_aligned"):
+        if params.pop(f"no_{name}"):
+            params[name] = False
+            explicit |= {name}
     resume_flag = params.pop("resume")
     choices = {name: params.pop(name) for name in ("rollback", "allow_data_change")}
     auto = params.pop("auto_resume")

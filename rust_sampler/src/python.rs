@@ -215,12 +215,16 @@ pub struct PySampler {
 
 #[pymethods]
 impl PySampler {
+    /// `doc_eot`: when given, windows start only at document starts (0 and every position
+    /// after this end-of-text id); the index of starts is built here, without the GIL.
     #[new]
-    #[pyo3(signature = (groups, context_length, num_threads = None))]
+    #[pyo3(signature = (groups, context_length, num_threads = None, doc_eot = None))]
     fn new(
+        py: Python<'_>,
         groups: Vec<(f64, Vec<Bound<'_, PyTokenFile>>)>,
         context_length: i64,
         num_threads: Option<usize>,
+        doc_eot: Option<i64>,
     ) -> PyResult<Self> {
         let context_length = usize::try_from(context_length)
             .ok()
@@ -240,6 +244,9 @@ impl PySampler {
             })
             .collect();
         let mut inner = Sampler::new(core_groups, context_length)?;
+        if let Some(eot) = doc_eot {
+            inner = py.detach(move || inner.align_to_documents(eot));
+        }
         if let Some(n) = num_threads {
             inner = inner.with_threads(n)?;
         }
@@ -328,6 +335,10 @@ impl PySampler {
     #[getter]
     fn num_windows(&self) -> u64 {
         self.inner.num_windows()
+    }
+    #[getter]
+    fn document_aligned(&self) -> bool {
+        self.inner.is_document_aligned()
     }
     /// The sources in order, groups flattened: `windows()` file indices point into this list.
     #[getter]

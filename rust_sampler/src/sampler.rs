@@ -4,10 +4,14 @@
 //! (shards); across groups a row first picks a group by weight (mixtures). A window lies in one
 //! file: starts run over `0..=len - T - 1` in each file, so the T + 1 tokens that make the
 //! inputs and their shifted targets never straddle two files.
+//!
+//! Document-aligned sampling (`align_to_documents`) narrows the starts to the document starts
+//! (0 and every position after an end-of-text id), each equally likely; a window may still run
+//! on past its document's end.
 
 use crate::error::{Result, SamplerError};
 use crate::rng::{batch_key, Stream};
-use crate::source::{with_slice, Token, TokenFile, TokenView};
+use crate::source::{document_starts, with_slice, Token, TokenFile, TokenView};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -44,6 +48,8 @@ pub struct Sampler {
     context_length: usize,
     /// A pool of its own (`with_threads`); None runs on rayon's global pool.
     pool: Option<rayon::ThreadPool>,
+    /// Per file, the allowed window starts when aligned to documents; None: every start.
+    doc_starts: Option<Vec<Vec<u64>>>,
 }
 
 impl Sampler {
@@ -115,7 +121,33 @@ impl Sampler {
             cum_weights,
             context_length,
             pool: None,
+            doc_starts: None,
         })
+    }
+
+    /// Windows start only at document starts: 0 and every position after a token equal to
+    /// `eot`. The index of starts is built once, by a parallel scan of each file.
+    pub fn align_to_documents(mut self, eot: i64) -> Sampler {
+        let t = self.context_length;
+        let starts: Vec<Vec<u64>> = self
+            .files
+            .iter()
+            .map(|f| document_starts(f.view(), eot, t))
+            .collect();
+        for g in &mut self.groups {
+            g.windows = 0;
+            for (slot, &f) in g.files.iter().enumerate() {
+                g.first_window[slot] = g.windows;
+                // Never empty: `new` checked that every file holds one window, at 0.
+                g.windows += starts[f].len() as u64;
+            }
+        }
+        self.doc_starts = Some(starts);
+        self
+    }
+
+    pub fn is_document_aligned(&self) -> bool {
+        self.doc_starts.is_some()
     }
 
     /// Gathers large batches on a pool of `threads` threads of its own instead of rayon's
@@ -169,10 +201,13 @@ impl Sampler {
         let w = stream.bounded(group.windows);
         // Last file whose first window is <= w.
         let i = group.first_window.partition_point(|&f| f <= w) - 1;
-        Window {
-            file: group.files[i],
-            start: w - group.first_window[i],
-        }
+        let file = group.files[i];
+        let local = w - group.first_window[i];
+        let start = match &self.doc_starts {
+            Some(starts) => starts[file][local as usize],
+            None => local,
+        };
+        Window { file, start }
     }
 
     /// The windows of one batch, row by row.
@@ -423,6 +458,107 @@ mod tests {
         assert_ne!(s.windows(8, 1, 0, 7, 0), s.windows(8, 2, 0, 7, 0));
         // A row's window does not depend on the batch size.
         assert_eq!(s.windows(8, 1, 0, 7, 0)[..4], s.windows(4, 1, 0, 7, 0)[..]);
+    }
+
+    /// A u32 source from explicit tokens.
+    fn tokens(name: &str, ids: Vec<u32>) -> Arc<TokenFile> {
+        Arc::new(TokenFile::from_storage(
+            name.into(),
+            Box::new(VecStorage(ids)),
+        ))
+    }
+
+    #[test]
+    fn document_starts_are_zero_and_after_each_eot_that_fits() {
+        // eot = 9 at 2, 5, 6 and 10; T = 3 so starts run up to 11 - 4 = 7.
+        let ids = vec![1, 2, 9, 3, 4, 9, 9, 5, 6, 7, 9];
+        let starts = document_starts(TokenView::U32(&ids), 9, 3);
+        assert_eq!(starts, vec![0, 3, 6, 7]);
+        assert!(document_starts(TokenView::U32(&ids[..3]), 9, 3).is_empty());
+    }
+
+    #[test]
+    fn document_starts_across_scan_chunks() {
+        // Boundaries on both sides of the 2^20 chunk edge.
+        let n = (1 << 20) + 10;
+        let mut ids = vec![1u32; n];
+        for p in [0, (1 << 20) - 1, 1 << 20, n - 2] {
+            ids[p] = 0;
+        }
+        let starts = document_starts(TokenView::U32(&ids), 0, 4);
+        assert_eq!(starts, vec![0, 1, 1 << 20, (1 << 20) + 1]);
+        let starts = document_starts(TokenView::U32(&ids), 0, 0);
+        assert_eq!(starts, vec![0, 1, 1 << 20, (1 << 20) + 1, n as u64 - 1]);
+    }
+
+    #[test]
+    fn aligned_windows_start_at_documents_and_cover_them_all() {
+        // Documents of lengths 3, 5, 1, 7 in file a; 2, 9 in file b (eot = 0 ends each).
+        let doc = |len: u32| (1..len).chain([0]).collect::<Vec<u32>>();
+        let a: Vec<u32> = [3, 5, 1, 7].into_iter().flat_map(doc).collect();
+        let b: Vec<u32> = [2, 9].into_iter().flat_map(doc).collect();
+        let s = Sampler::new(
+            vec![(1.0, vec![tokens("a", a.clone()), tokens("b", b.clone())])],
+            4,
+        )
+        .unwrap()
+        .align_to_documents(0);
+        assert!(s.is_document_aligned());
+        // a: starts 0, 3, 8, 9 (16 tokens, last start 11); b: 0, 2 (11 tokens, last start 6).
+        assert_eq!(s.num_windows(), 6);
+        let mut seen = std::collections::BTreeSet::new();
+        for step in 0..100 {
+            for w in s.windows(8, 5, 0, step, 0) {
+                let src = if w.file == 0 { &a } else { &b };
+                let st = w.start as usize;
+                assert!(st == 0 || src[st - 1] == 0, "{w:?}");
+                seen.insert((w.file, w.start));
+            }
+        }
+        let all: std::collections::BTreeSet<_> =
+            [(0, 0), (0, 3), (0, 8), (0, 9), (1, 0), (1, 2)].into();
+        assert_eq!(seen, all);
+        // The gather copies the aligned windows.
+        let (mut x, mut y) = (vec![0i64; 8 * 4], vec![0i64; 8 * 4]);
+        s.fill(&mut x, &mut y, 5, 0, 3, 0).unwrap();
+        for (r, w) in s.windows(8, 5, 0, 3, 0).iter().enumerate() {
+            let src = if w.file == 0 { &a } else { &b };
+            let st = w.start as usize;
+            assert_eq!(x[r * 4], src[st] as i64);
+            assert_eq!(y[r * 4 + 3], src[st + 4] as i64);
+        }
+    }
+
+    #[test]
+    fn aligned_windows_are_deterministic_and_keep_mixture_weights() {
+        let doc = |len: u32| (1..len).chain([0]).collect::<Vec<u32>>();
+        let a: Vec<u32> = (0..500).flat_map(|i| doc(3 + i % 11)).collect();
+        let make = || {
+            Sampler::new(
+                vec![
+                    (0.25, vec![tokens("a", a.clone())]),
+                    (0.75, vec![tokens("b", a.clone())]),
+                ],
+                16,
+            )
+            .unwrap()
+            .align_to_documents(0)
+        };
+        assert_eq!(
+            make().windows(64, 1, 2, 3, 0),
+            make().windows(64, 1, 2, 3, 0)
+        );
+        assert_ne!(
+            make().windows(64, 1, 2, 3, 0),
+            make().windows(64, 1, 2, 4, 0)
+        );
+        let n = 40_000;
+        let in_a = make()
+            .windows(n, 7, 0, 0, 0)
+            .iter()
+            .filter(|w| w.file == 0)
+            .count();
+        assert!((in_a as f64 / n as f64 - 0.25).abs() < 0.01);
     }
 
     #[test]

@@ -371,6 +371,44 @@ impl TokenFile {
     }
 }
 
+/// Offsets at which a document starts and a window of `context_length` + 1 tokens still fits:
+/// 0 and every position right after an `eot` token, ascending. A parallel scan in chunks; only
+/// the offsets are kept (8 bytes a document), never a copy of the tokens.
+pub fn document_starts(view: TokenView<'_>, eot: i64, context_length: usize) -> Vec<u64> {
+    let len = view.len();
+    if len <= context_length {
+        return Vec::new();
+    }
+    let last_start = (len - context_length - 1) as u64;
+    let after_eot = with_slice!(view, s => positions_after(s, eot));
+    let mut starts = Vec::with_capacity(after_eot.len() + 1);
+    starts.push(0);
+    starts.extend(after_eot.into_iter().filter(|&p| p <= last_start));
+    starts
+}
+
+fn positions_after<T: Token>(s: &[T], eot: i64) -> Vec<u64> {
+    const CHUNK: usize = 1 << 20;
+    let per_chunk: Vec<Vec<u64>> = s
+        .par_chunks(CHUNK)
+        .enumerate()
+        .map(|(c, chunk)| {
+            let base = (c * CHUNK) as u64 + 1;
+            chunk
+                .iter()
+                .enumerate()
+                .filter(|(_, &v)| v.widen() == eot)
+                .map(|(i, _)| base + i as u64)
+                .collect()
+        })
+        .collect();
+    let mut out = Vec::with_capacity(per_chunk.iter().map(Vec::len).sum());
+    for part in per_chunk {
+        out.extend(part);
+    }
+    out
+}
+
 fn min_max<T: Token + Ord>(s: &[T]) -> Option<(i64, i64)> {
     const CHUNK: usize = 1 << 20;
     s.par_chunks(CHUNK)

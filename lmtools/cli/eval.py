@@ -1,0 +1,92 @@
+"""`lmtools eval`: loss, perplexity and bits per byte of a checkpoint on text or token files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lmtools.cli.app import app, user_errors
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint written by lmtools train."),
+    files: list[Path] = typer.Argument(..., help="Text files (tokenized with the checkpoint's tokenizer) or .npy token files."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Tokens between windows (default: the context length; smaller gives more left context)."),
+    val_windows: bool = typer.Option(
+        False, "--val_windows", "--val-windows",
+        help="Score a .npy on the same windows the training run validated on (its seed, batch size, eval_iters).",
+    ),
+    batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="Windows per forward pass."),
+    device: str = typer.Option("cpu", "--device"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer.json; by default the checkpoint's own."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Loss, perplexity and bits per byte of a model on whole files, in sliding windows."""
+    import json
+
+    from lmtools.device import resolve_device
+    from lmtools.errors import ConfigError
+    from lmtools.evaluate import score_file, score_validation_windows
+    from lmtools.generate import load_model
+    from lmtools.tokenizer import tokenizer_from_checkpoint
+
+    if batch_size <= 0:
+        raise ConfigError(f"--batch_size must be a positive integer, got {batch_size}")
+    dev = resolve_device(device)
+    model, payload = load_model(checkpoint, dev)
+    stride = model.config.context_length if stride is None else stride
+    cache: list = []
+
+    def text_tokenizer():
+        if not cache:  # only text files need it
+            cache.append(tokenizer_from_checkpoint(payload, tokenizer, checkpoint))
+        return cache[0]
+
+    results = []
+    with _progress(disable=as_json) as progress:
+        for path in files:
+            if val_windows:
+                results.append(score_validation_windows(model, path, payload.get("config") or {}, dev))
+                continue
+            task = progress.add_task(path.name, total=None)
+            results.append(score_file(
+                model, path, text_tokenizer, stride=stride, batch_size=batch_size,
+                advance=lambda n, t=task: progress.advance(t, n),
+                on_plan=lambda n, t=task: progress.update(t, total=n),
+            ))
+    if as_json:
+        typer.echo(json.dumps({"checkpoint": str(checkpoint), "stride": stride, "files": [r.to_dict() for r in results]}, indent=2))
+    else:
+        _table(results, checkpoint, stride, val_windows)
+
+
+def _progress(disable: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
+        TimeRemainingColumn(), console=Console(stderr=True), transient=True, disable=disable,
+    )
+
+
+def _table(results, checkpoint: Path, stride: int, val_windows: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = f"{checkpoint.name}: " + ("training's validation windows" if val_windows else f"stride {stride}")
+    table = Table(title=title)
+    for col in ("file", "tokens", "scored", "loss", "perplexity", "bits/byte"):
+        table.add_column(col, justify="left" if col == "file" else "right", overflow="fold" if col == "file" else "ellipsis")
+    for r in results:
+        bpb = f"{r.bits_per_byte:.4f}" if r.bits_per_byte is not None else "-"
+        table.add_row(r.path, f"{r.tokens:,}", f"{r.scored:,}", f"{r.loss:.4f}", f"{r.perplexity:.2f}", bpb)
+    console = Console(soft_wrap=True)
+    console.print(table)
+    for r in results:
+        if r.note:
+            console.print(f"{r.path}: {r.note}", highlight=False)

@@ -1,0 +1,150 @@
+"""`lmtools eval`: sliding windows, loss, perplexity and bits per byte, and agreement with training."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from lmtools.checkpoint import read_checkpoint, save_checkpoint
+from lmtools.cli import app
+from lmtools.errors import ConfigError, DataError
+from lmtools.evaluate import score_file, score_sequence, window_plan
+from lmtools.model import TransformerLM
+from lmtools.tokenizer import EOT, bytes_tokenizer
+
+from helpers import TINY_MODEL, prepare_mixed
+
+
+def cli(*args, code=0):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, (args, result.output)
+    return result.output
+
+
+def tiny_model(ctx=8, vocab=257) -> TransformerLM:
+    torch.manual_seed(0)
+    return TransformerLM(vocab, ctx, 16, 1, 2, 32).eval()
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(2, 300), ctx=st.integers(1, 40), data=st.data())
+def test_every_token_is_scored_once_with_the_context_the_stride_allows(n, ctx, data):
+    stride = data.draw(st.integers(1, ctx))
+    scored = []
+    for start, end, k in window_plan(n, ctx, stride):
+        assert 0 <= start < end <= n - 1 and end - start <= ctx and 1 <= k <= end - start
+        for target in range(end - k + 1, end + 1):
+            scored.append(target)
+            assert target - start >= min(target, ctx - stride + 1)  # tokens of left context
+    assert scored == list(range(1, n))
+
+
+def test_bad_strides_are_refused():
+    for stride in (0, 9):
+        with pytest.raises(ConfigError, match="--stride"):
+            window_plan(100, 8, stride)
+
+
+def _nll(model, context, target) -> float:
+    with torch.no_grad():
+        logits = model(torch.tensor([context]))[0, -1]
+    return float(F.cross_entropy(logits.float()[None], torch.tensor([target])))
+
+
+def test_stride_one_scores_each_token_on_its_full_context():
+    model = tiny_model()
+    ids = np.random.default_rng(0).integers(0, 257, 30)
+    nll, scored = score_sequence(model, ids, stride=1, batch_size=4)
+    expected = sum(_nll(model, ids[max(0, j - 8):j].tolist(), int(ids[j])) for j in range(1, 30))
+    assert scored == 29 and nll == pytest.approx(expected, rel=1e-5)
+
+
+def test_stride_equal_to_context_scores_disjoint_windows():
+    model = tiny_model()
+    ids = np.random.default_rng(1).integers(0, 257, 3 * 8 + 1)
+    nll, scored = score_sequence(model, ids, stride=8, batch_size=2)
+    x = torch.from_numpy(ids[:-1]).view(3, 8)
+    y = torch.from_numpy(ids[1:]).view(3, 8)
+    with torch.no_grad():
+        expected = float(F.cross_entropy(model(x).transpose(1, 2), y, reduction="sum"))
+    assert scored == 24 and nll == pytest.approx(expected, rel=1e-5)
+
+
+def test_text_is_scored_after_an_end_of_text_id_and_counted_in_bytes(tmp_path):
+    # With the byte tokenizer every UTF-8 byte is one token: bits per byte is the loss in bits.
+    model, tok = tiny_model(ctx=16), bytes_tokenizer()
+    text = "naïve café 東京\n" * 5 + "def f(x):\n    return x\n"
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    r = score_file(model, path, lambda: tok, stride=16, batch_size=3)
+    assert r.kind == "text" and r.scored == r.tokens == len(text.encode("utf-8"))
+    ids = [tok.token_to_id(EOT), *tok.encode(text, add_special_tokens=False).ids]
+    nll, _ = score_sequence(model, np.array(ids), 16, 3)
+    assert r.nll == pytest.approx(nll) and r.perplexity == pytest.approx(math.exp(r.loss))
+    assert r.bits_per_byte == pytest.approx(r.loss / math.log(2))
+
+
+def test_token_files_use_bytes_per_token_from_meta_json(tmp_path):
+    model = tiny_model()
+    np.save(tmp_path / "val.npy", np.random.default_rng(2).integers(0, 257, 100).astype(np.uint16))
+    r = score_file(model, tmp_path / "val.npy", None, stride=8, batch_size=8)
+    assert r.kind == "tokens" and r.tokens == 100 and r.scored == 99
+    assert r.bits_per_byte is None and "no bits per byte" in r.note
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 257, "bytes_per_token": 2.5}))
+    r2 = score_file(model, tmp_path / "val.npy", None, stride=8, batch_size=8)
+    assert r2.loss == r.loss and r2.bits_per_byte == pytest.approx(r.loss / math.log(2) / 2.5)
+
+
+def test_bad_files_are_refused(tmp_path):
+    model = tiny_model(vocab=100)
+    np.save(tmp_path / "big.npy", np.array([1, 2, 300], dtype=np.uint16))
+    with pytest.raises(DataError, match="token id 300"):
+        score_file(model, tmp_path / "big.npy", None, stride=8, batch_size=1)
+    (tmp_path / "bin.txt").write_bytes(b"ok\xff\xfe")
+    with pytest.raises(DataError, match="not UTF-8"):
+        score_file(model, tmp_path / "bin.txt", bytes_tokenizer, stride=8, batch_size=1)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="nothing to score"):
+        score_file(model, tmp_path / "empty.txt", bytes_tokenizer, stride=8, batch_size=1)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    model = tiny_model()
+    save_checkpoint(model, None, 1, tmp_path / "c.pt", model_config=model.config.to_dict(),
+                    tokenizer_json=bytes_tokenizer().to_str())
+    (tmp_path / "a.txt").write_text("hello there")
+    for args, says in (((tmp_path / "missing.txt",), "no such file"), ((tmp_path / "a.txt", "--stride", "0"), "--stride")):
+        out = cli("eval", tmp_path / "c.pt", *args, code=2)
+        assert says in out and "Traceback" not in out and len(out.strip().splitlines()) == 1
+    report = json.loads(cli("eval", tmp_path / "c.pt", tmp_path / "a.txt", "--json"))
+    assert report["files"][0]["scored"] == len("hello there") and report["stride"] == 8
+
+
+@pytest.mark.slow
+def test_eval_agrees_with_training_validation(tmp_path, monkeypatch):
+    data = prepare_mixed(tmp_path)
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    cli("train", "--train_data", data, *TINY_MODEL, "--max_iters", "20", "--eval_interval", "20",
+        "--log_interval", "10", "--eval_iters", "3", "--checkpoint_path", ckpt)
+    metrics = read_checkpoint(ckpt)["metrics"]
+    report = json.loads(cli("eval", ckpt, data / "val.npy", "--val_windows", "--json"))["files"][0]
+    assert report["loss"] == pytest.approx(metrics["val_loss"], abs=1e-5)
+    assert report["bits_per_byte"] == pytest.approx(metrics["val_bpb"], abs=1e-5)
+    assert report["scored"] == 3 * 8 * 64
+
+    # Whole files: a table with each file's figures; a text file gets bits per byte from its bytes.
+    text = tmp_path / "story.txt"
+    text.write_text("the cat sat on a mat and the dog ran to the café\n" * 40, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    table = cli("eval", ckpt, "data/val.npy", "story.txt", "--stride", "32")
+    assert "data/val.npy" in table and "story.txt" in table and "bits/byte" in table and "stride 32" in table
+    whole = json.loads(cli("eval", ckpt, data / "val.npy", text, "--json"))["files"]
+    assert whole[0]["scored"] == whole[0]["tokens"] - 1 and whole[1]["bits_per_byte"] > 0
+    # Trained on such text, the model beats uniform guessing over the vocabulary.
+    assert whole[1]["loss"] < math.log(read_checkpoint(ckpt)["model_config"]["vocab_size"])
