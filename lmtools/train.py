@@ -600,6 +600,9 @@ class Trainer:
             self.model.eval()
             total = torch.zeros((), device=self.device)
             for micro in range(self.cfg.grad_accum_steps):
+                if not self.dist.enabled and stop_requested():  # the loop stops before its first step
+                    self.model.train()
+                    return
                 x, y = self.loader.batch_at(0, micro)
                 with self.amp:
                     total += cross_entropy(self.model(x), y)

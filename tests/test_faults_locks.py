@@ -49,9 +49,9 @@ def test_overwrite_replaces_a_checkpoint_and_starts_fresh_metrics(tmp_path):
     lines = []
     train_model(tiny_config(tokens, ckpt, max_iters=4, overwrite=True, seed=7), log=lines.append)
     records = [json.loads(line) for line in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in records] == [1, 2, 3, 4]  # the new run only, not mixed with the old one
+    assert [r["iter"] for r in records] == [0, 1, 2, 3, 4]  # the new run only (from its first-step record)
     moved = [p for p in ckpt.parent.glob("metrics-*.jsonl")]
-    assert len(moved) == 1 and [json.loads(x)["iter"] for x in moved[0].read_text().splitlines()] == list(range(1, 7))
+    assert len(moved) == 1 and [json.loads(x)["iter"] for x in moved[0].read_text().splitlines()] == list(range(0, 7))
     assert any("moved to " + moved[0].name in line for line in lines)
     assert read_checkpoint(ckpt)["iteration"] == 4
 
@@ -125,7 +125,7 @@ def test_rollback_to_an_older_snapshot_is_explicit_announced_and_keeps_its_sourc
     assert read_checkpoint(ckpt)["iteration"] == 14
     assert old.exists()  # the file the run started from is never pruned
     iters = [json.loads(x)["iter"] for x in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
-    assert iters == list(range(1, 15))  # the discarded records 7..10 are gone, each step logged once
+    assert iters == list(range(0, 15))  # the discarded records 7..10 are gone, each step logged once
 
 
 def test_resume_past_max_iters_says_so(tmp_path):

@@ -150,7 +150,7 @@ def test_damaged_metrics_lines_are_skipped_with_a_warning_on_resume_and_plot(tok
                 log=lines.append)
     assert any("skipped 5 damaged line(s)" in line for line in lines), lines
     iters = [json.loads(x)["iter"] for x in metrics.read_text().splitlines()]
-    assert iters == [1, 2, 3, 4, 2, 5, 6]  # the NaN record of iter 2 is a record; the rest is gone
+    assert iters == [0, 1, 2, 3, 4, 2, 5, 6]  # the NaN record of iter 2 is a record; the rest is gone
 
 
 def test_temp_files_of_dead_writers_are_removed_by_the_next_run(tokens, tmp_path):
