@@ -111,7 +111,7 @@ def test_a_killed_worker_is_restarted_and_the_job_ends_as_an_uninterrupted_one(t
     # At most one checkpoint interval is trained twice.
     assert seen - INTERVAL < resumed_at <= seen + INTERVAL and resumed_at % INTERVAL == 0
     assert "Training finished at iter 60" in out
-    assert _iters(ckpt.parent / "metrics.jsonl") == list(range(1, MAX_ITERS + 1))  # each step logged once
+    assert _iters(ckpt.parent / "metrics.jsonl") == list(range(0, MAX_ITERS + 1))  # each step logged once (0: the first-step record)
 
     clean = tmp_path / "clean" / "ckpt.pt"
     run = torchrun("train", *common, "--checkpoint_path", clean)
