@@ -354,7 +354,7 @@ def load_state(payload: dict, model: torch.nn.Module, optimizer: torch.optim.Opt
         unwrap_model(model).load_state_dict(payload["model_state_dict"])
     except RuntimeError as exc:
         raise CheckpointError(
-            f"checkpoint does not match the model: {_first_line(exc)}; use the model flags it was trained with"
+            f"checkpoint does not match the model: {_state_dict_problem(exc)}; use the model flags it was trained with"
         ) from None
     if optimizer is not None and payload.get("optimizer_state_dict") is not None:
         try:
@@ -371,6 +371,15 @@ def _is_unsafe(exc: Exception) -> bool:
     return "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text
 
 
+def _state_dict_problem(exc: BaseException) -> str:
+    """The line of load_state_dict's error that names a tensor (its first line names none)."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line.startswith(("size mismatch for", "Missing key(s)", "Unexpected key(s)")):
+            return line[:300]
+    return _first_line(exc)
+
+
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0][:200] if lines else type(exc).__name__
@@ -385,6 +394,10 @@ def snapshot_path(path: Path, iteration: int) -> Path:
 
 def snapshots(path: Path) -> list[Path]:
     """Snapshots of `path` (stem-NNNNNNNN.suffix), newest first."""
+    return [p for _, p in _numbered_snapshots(path)]
+
+
+def _numbered_snapshots(path: Path) -> list[tuple[int, Path]]:
     pattern = re.compile(re.escape(path.stem) + r"-(\d{8})" + re.escape(path.suffix) + "$")
     found = []
     if path.parent.is_dir():
@@ -392,15 +405,18 @@ def snapshots(path: Path) -> list[Path]:
             m = pattern.match(p.name)
             if m:
                 found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found, reverse=True)]
+    return sorted(found, reverse=True)
 
 
-def keep_snapshot(path: Path, iteration: int, keep_last: int) -> None:
-    """Hard-link the new checkpoint as a snapshot and prune all but the `keep_last` newest."""
+def keep_snapshot(path: Path, iteration: int, keep_last: int, protect: Path | None = None) -> None:
+    """Hard-link the new checkpoint as a snapshot and prune all but the `keep_last` newest up
+    to `iteration`. Never pruned: `protect` (the file a run started from), and snapshots past
+    `iteration` (left by a run rolled back to an older one: each is replaced when the run
+    reaches its iteration)."""
     if keep_last <= 0:
         return
     snap = snapshot_path(path, iteration)
-    tmp = snap.with_name(snap.name + _TMP_SUFFIX)
+    tmp = snap.with_name(f".{snap.name}.{os.getpid()}{_TMP_SUFFIX}")
     tmp.unlink(missing_ok=True)
     try:
         os.link(path, tmp)
@@ -410,8 +426,11 @@ def keep_snapshot(path: Path, iteration: int, keep_last: int) -> None:
             dst.flush()
             os.fsync(dst.fileno())
     os.replace(tmp, snap)
-    for old in snapshots(path)[keep_last:]:
-        old.unlink(missing_ok=True)
+    current = [p for it, p in _numbered_snapshots(path) if it <= iteration]
+    keep = os.path.abspath(protect) if protect is not None else None
+    for old in current[keep_last:]:
+        if os.path.abspath(old) != keep:
+            old.unlink(missing_ok=True)
 
 
 def newest_sound(path: Path, exclude: Path | None = None) -> Path | None:

@@ -29,6 +29,8 @@ from lmtools import _sampler
 from lmtools.device import resolve_device
 from lmtools.errors import ConfigError, DataError
 from lmtools.layout import TOKEN_DTYPES_TEXT, token_dtype_name
+from lmtools.fingerprint import SizeGuardedSampler
+from lmtools.fsutil import regular_file_problem
 
 __all__ = ["BatchLoader", "get_batch", "load_dataset", "parse_source_spec"]
 
@@ -56,10 +58,11 @@ def load_dataset(
     "c") the result is a read-only `np.memmap`; with False the tokens are read into memory.
     """
     path = Path(file_path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found; check the path")
-    if path.is_dir():
+    problem = regular_file_problem(path)
+    if problem == "is a folder":
         raise DataError(f"{path}: is a folder; pass one token file (BatchLoader takes folders)")
+    if problem is not None:
+        raise DataError(f"{path}: {problem}; pass a token file")
     if mmap_mode is True:
         mode: str | None = "r"
     elif mmap_mode in (False, None):
@@ -187,7 +190,8 @@ class BatchLoader:
 
         groups, self._weights = _resolve_sources(sources, weights, dtype)
         # doc_eot: windows start only at document starts (0 and after each end-of-text id).
-        self._sampler = _sampler.Sampler(groups, self.context_length, num_threads, doc_eot)
+        # The guard checks that no file it reads was truncated under its memory map (a bus error).
+        self._sampler = SizeGuardedSampler(_sampler.Sampler(groups, self.context_length, num_threads, doc_eot))
         if doc_eot is not None and self._sampler.num_windows == sum(len(files) for _, files in groups):
             raise DataError(
                 f"no end-of-text id {doc_eot} in the training data: document-aligned windows would all "
@@ -273,7 +277,7 @@ class BatchLoader:
                     f"sampler state has {key}={state[key]} but this loader has {getattr(self, key)}; "
                     "resume with the same data and batch settings"
                 )
-        if step < 0 or not 0 <= micro < self.grad_accum_steps:
+        if not 0 <= step < 2**63 or not 0 <= micro < self.grad_accum_steps:
             raise DataError(f"sampler state has step={step}, micro={micro}; they must be >= 0 and micro < grad_accum_steps")
         self._stop_ring()  # its batches belong to the old position
         self.step, self.micro, self.seed = step, micro, seed
@@ -283,6 +287,11 @@ class BatchLoader:
     @property
     def num_tokens(self) -> int:
         return int(self._sampler.num_tokens)
+
+    @property
+    def paths(self) -> list[str]:
+        """The token files read (arrays have none)."""
+        return [str(f.path) for f in self._files if f.path is not None]
 
     @property
     def tokens_per_step(self) -> int:
@@ -625,8 +634,9 @@ def _expand_path(path: str, dtype: Any) -> list[Path]:
         if not files:
             raise DataError(f"{p}: the folder holds no .npy token files; run `lmtools prepare` or pass the files")
         return files
-    if not p.exists():
-        raise DataError(f"{p}: file not found; check the path")
+    problem = regular_file_problem(p)
+    if problem is not None:
+        raise DataError(f"{p}: {problem}; {'check the path' if problem == 'file not found' else 'pass a token file'}")
     return [p]
 
 
@@ -676,6 +686,9 @@ def _resolve_sources(
     for w in ws:
         if not (math.isfinite(w) and w > 0):
             raise DataError(f"mixture weight {w} is not a positive number; give each source a weight > 0")
+    if ws and not math.isfinite(sum(ws)):
+        top = max(ws)  # only the ratios matter; huge weights would sum to infinity
+        ws = [w / top for w in ws]
 
     if not ws:
         return [(1.0, [f for files in entry_files for f in files])], [1.0]

@@ -24,3 +24,7 @@ class CheckpointError(LMToolsError):
 
 class DeviceError(LMToolsError, RuntimeError):
     """The requested device does not exist on this machine (a RuntimeError, as torch's own is)."""
+
+
+class DataChanged(DataError):
+    """A data file a run reads changed (rewritten, truncated, replaced) since it was fingerprinted."""

@@ -1,8 +1,12 @@
-"""Durable file operations shared by checkpoints and prepared datasets."""
+"""Durable file operations shared by checkpoints and prepared datasets: directory fsync,
+temporary files left by dead writers, and the regular-file check for inputs."""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import stat
 from pathlib import Path
 
 
@@ -18,3 +22,67 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (ours or another user's)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# Temporary files named `.NAME.PID.tmp` (files) or `NAME.PID.tmp` (folders).
+_TEMP_NAME = re.compile(r"^\.?(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, names: set[str] | None = None) -> list[Path]:
+    """Remove `.NAME.PID.tmp` files in `folder` whose writer PID is no longer alive
+    (left by a kill or a crash mid-write); `names` limits it to those target names.
+    Returns what was removed. Files of live processes are never touched."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_NAME.match(entry.name)
+        if m is None or (names is not None and m["name"] not in names) or pid_alive(int(m["pid"])):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                import shutil
+
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+        except OSError:
+            pass
+    return removed
+
+
+def regular_file_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be read as a data file, or None when it is a regular file (through
+    symlinks). A FIFO or device would block or never end a read, and a symlink loop or a
+    dangling link has no file behind it."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop"
+        if exc.errno == errno.ENOENT:
+            return "is a dangling symlink" if path.is_symlink() else "file not found"
+        return exc.strerror or str(exc)
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder"
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+        return f"is {kind}, not a regular file"
+    return None

@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from lmtools.errors import CheckpointError, DataError, LMToolsError
+from lmtools.fsutil import regular_file_problem
 from lmtools.layout import EOT, META_FILE, TOKEN_DTYPES_TEXT, TOKENIZER_FILE, TRAIN_FILE, token_dtype_name
+from lmtools.preflight import check_stored_config
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 MODULE_ORDER = ("token_embeddings", "layers", "ln_final", "lm_head")
@@ -34,8 +36,11 @@ _BESIDE = object()  # default: look for the tokenizer beside the file
 def inspect_path(path: str | os.PathLike, *, dtype: str | None = None, excerpt_chars: int = 200) -> dict:
     """Describe a checkpoint, a token file (`.npy`, or raw with `dtype`) or a prepared folder."""
     p = Path(path)
-    if not p.exists():
+    problem = None if p.is_dir() else regular_file_problem(p)
+    if problem == "file not found":
         raise DataError(f"{p} does not exist; pass a checkpoint, a token file or a prepared folder")
+    if problem is not None:  # a FIFO would block the first read forever
+        raise DataError(f"{p} {problem}; pass a checkpoint, a token file or a prepared folder")
     if p.is_dir():
         return inspect_dataset(p, excerpt_chars=excerpt_chars)
     suffix = p.suffix.lower()
@@ -88,6 +93,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     model_config = payload.get("model_config") or {
         k: config[k] for k in MODEL_FIELDS if k in config
     }
+    check_stored_config(model_config if isinstance(model_config, dict) else {}, p)
     sharded = "dcp" in payload
     # A sharded (--fsdp) checkpoint keeps its tensors in the .dcp folder: shapes come from the config.
     state = _config_shapes(model_config) if sharded else payload["model_state_dict"]

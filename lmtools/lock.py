@@ -28,7 +28,8 @@ class Busy(DataError):
 def exclusive(lock_path: Path, what: str, fix: str) -> Iterator[None]:
     """Hold `lock_path` for the body, or raise `Busy` at once ("{what} is in use ...; {fix}")."""
     while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        # Close-on-exec: a child process started by the holder must not keep the lock alive.
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -54,6 +55,11 @@ def exclusive(lock_path: Path, what: str, fix: str) -> Iterator[None]:
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def lock_path_for(target: Path) -> Path:
+    """The hidden lock file guarding `target` (a file or a folder): `.NAME.lock` beside it."""
+    return target.with_name(f".{target.name}.lock")
 
 
 def _read_pid(fd: int) -> int | None:

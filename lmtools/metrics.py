@@ -19,6 +19,38 @@ def format_log_line(iteration: int, loss: float, lr: float, val_loss: float | No
     return line
 
 
+def parse_record(line: bytes) -> dict | None:
+    """One metrics.jsonl line as a record (a JSON object with a non-negative integer "iter"),
+    or None for a damaged line: torn, not UTF-8, not an object, nested past the parser's limit."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    it = record.get("iter")
+    if type(it) is not int or it < 0:
+        return None
+    return record
+
+
+def read_records(path: Path) -> tuple[list[tuple[bytes, dict]], int]:
+    """The records of a metrics file as (raw line, record), and the count of damaged lines.
+    The file is a log: a damaged line is skipped, never fatal."""
+    records, damaged = [], 0
+    with open(path, "rb") as f:
+        for raw in f:
+            raw = raw.rstrip(b"\r\n")
+            if not raw.strip():
+                continue
+            record = parse_record(raw)
+            if record is None:
+                damaged += 1
+            else:
+                records.append((raw, record))
+    return records, damaged
+
+
 class MetricsWriter:
     """Appends one JSON object per line; each line is flushed so a crash loses at most one."""
 
@@ -40,24 +72,20 @@ class MetricsWriter:
             # A full disk must not kill the run over a log line; checkpoints report their own errors.
             self.close()
 
-    def truncate_after(self, iteration: int) -> None:
-        """Drop lines past `iteration` (left by a run that died after its last checkpoint)."""
+    def truncate_after(self, iteration: int) -> int:
+        """Drop lines past `iteration` (left by a run that died after its last checkpoint), and
+        damaged lines; returns how many damaged lines were dropped (for a warning)."""
         if self.path is None or not self.path.exists():
-            return
-        kept = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    if json.loads(line).get("iter", 0) <= iteration:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
+            return 0
+        records, damaged = read_records(self.path)
+        kept = [raw for raw, record in records if record["iter"] <= iteration]
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(b"".join(raw + b"\n" for raw in kept))
         os.replace(tmp, self.path)
         if self._file is not None:
             self._file.close()
             self._file = open(self.path, "a", encoding="utf-8")
+        return damaged
 
     def close(self) -> None:
         if self._file is not None:

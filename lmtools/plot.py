@@ -8,13 +8,14 @@ touched.
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmtools.errors import ConfigError, DataError
 from lmtools.layout import METRICS_FILE
+from lmtools.metrics import read_records
 
 
 @dataclass
@@ -25,6 +26,7 @@ class RunCurves:
     val: list[tuple[int, float]] = field(default_factory=list)
     # Named validation sets (one per prepared folder of a mixture): name -> points.
     val_sets: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    damaged: int = 0  # lines skipped as unreadable
 
 
 def metrics_path(run: str | os.PathLike) -> Path:
@@ -53,32 +55,28 @@ def read_curves(run: str | os.PathLike) -> RunCurves:
     train: dict[int, float] = {}
     val: dict[int, float] = {}
     val_sets: dict[str, dict[int, float]] = {}
-    bad = 0
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            it = int(record["iter"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            bad += 1  # a torn last line, or not a metrics record
-            continue
-        if isinstance(record.get("loss"), (int, float)):
+        records, bad = read_records(path)
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    for _raw, record in records:
+        it = record["iter"]
+        if _finite_number(record.get("loss")):
             train[it] = float(record["loss"])
-        if isinstance(record.get("val_loss"), (int, float)):
+        if _finite_number(record.get("val_loss")):
             val[it] = float(record["val_loss"])
         for key, value in record.items():
-            if key.startswith("val/") and isinstance(value, (int, float)):
+            if key.startswith("val/") and _finite_number(value):
                 val_sets.setdefault(key.removeprefix("val/"), {})[it] = float(value)
     if not train and not val:
         what = f"no loss records ({bad} unreadable lines)" if bad else "no loss records"
         raise DataError(f"{path} holds {what}; train for at least --log_interval steps first")
     sets = {k: sorted(points.items()) for k, points in val_sets.items()}
-    return RunCurves(name, path, sorted(train.items()), sorted(val.items()), sets)
+    return RunCurves(name, path, sorted(train.items()), sorted(val.items()), sets, bad)
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def plot_runs(
@@ -87,6 +85,7 @@ def plot_runs(
     *,
     title: str | None = None,
     log_y: bool = False,
+    warn=None,
 ) -> Path:
     """Draw the loss curves of `runs` into the PNG `out`; returns its path."""
     if not runs:
@@ -95,6 +94,9 @@ def plot_runs(
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out {out} must end in .png")
     curves = [read_curves(r) for r in runs]
+    for c in curves:
+        if c.damaged and warn is not None:
+            warn(f"warning: skipped {c.damaged} damaged line(s) in {c.metrics_path}")
     _unique_names(curves)
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg

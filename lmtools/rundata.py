@@ -9,6 +9,7 @@ prepared folders, each folder's val.npy becomes a named validation set.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ def train_file_spec(spec: str) -> str:
 def absolute_spec(spec: str) -> str:
     """Absolute path of a data spec (keeping a `:weight` suffix), so resume works from anywhere."""
     path, weight = parse_source_spec(spec)
-    return str(Path(path).resolve()) + (f":{weight}" if weight is not None else "")
+    # Not resolved: a `.npy` link to an extensionless blob (a Hugging Face cache) is judged by its name.
+    return os.path.abspath(path) + (f":{weight}" if weight is not None else "")
 
 
 def normalise_specs(specs: list[str]) -> list[str]:

@@ -11,8 +11,6 @@ import contextlib
 import math
 import os
 import random
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,6 +23,7 @@ import torch
 from lmtools import __version__
 from lmtools.checkpoint import (
     FORMAT_VERSION, keep_snapshot, load_state, read_checkpoint, save_checkpoint, save_sharded_checkpoint,
+    snapshot_base,
 )
 from lmtools.config import TrainConfig
 from lmtools.data import BatchLoader, parse_source_spec
@@ -32,12 +31,16 @@ from lmtools.device import peak_flops, resolve_device
 from lmtools.distributed import (
     DistInfo, all_reduce_max, all_reduce_mean, any_rank, barrier, init_distributed, shutdown,
 )
-from lmtools.errors import ConfigError, DataError, LMToolsError
+from lmtools.errors import CheckpointError, ConfigError, DataChanged, DataError, LMToolsError
+from lmtools.fingerprint import DataIdentity, verify_resume_data
 from lmtools.layout import METRICS_FILE
 from lmtools.metrics import ExternalLoggers, MetricsWriter, SpikeDetector, format_log_line
 from lmtools.model import MODEL_FIELDS, ModelConfig, TransformerLM
 from lmtools.optim import cross_entropy, make_optimizer, run_gradient_clipping
+from lmtools.preflight import MemoryEstimate, check_stored_config, check_training_run
 from lmtools.prepare import read_meta
+from lmtools.runguard import RunGuard, check_new_run_target, check_rollback, start_fresh_metrics
+from lmtools.signals import StopSignal, stop_requested
 from lmtools.recipe import apply_recipe, describe_options, document_eot
 from lmtools.rundata import absolute_spec, data_tokenizer_identity, normalise_specs, resolve_data
 from lmtools.tokenizer import read_tokenizer_json
@@ -110,34 +113,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class StopSignal:
-    """SIGTERM/SIGINT: the first asks for a checkpoint and a clean exit; a second exits at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-
-    def __enter__(self) -> "StopSignal":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            # Checkpoints are written by atomic rename, so stopping mid-write loses nothing.
-            os._exit(128 + signum)
-        self.signum = signum
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-
 # ---- the core -----------------------------------------------------------------------------
 
 
@@ -148,6 +123,8 @@ def train_model(
     explicit: frozenset[str] = frozenset(),
     log: Callable[[str], None] = print,
     on_step: Callable[[int, int, float | None, float], None] | None = None,
+    rollback: bool = False,
+    allow_data_change: bool = False,
     log_times: bool = False,
 ) -> TrainResult:
     """Train (or resume) a TransformerLM as `cfg` describes; returns where it stopped.
@@ -156,39 +133,73 @@ def train_model(
     (max_iters, log_interval, ...) from a contradiction (a different model shape or data).
     `on_step(iteration, max_iters, loss, lr)` is called after every step (for a progress bar);
     `loss` is the newest one read from the device, which happens at log points and checkpoints.
+    `rollback` allows resuming from a snapshot older than the run's newest checkpoint;
+    `allow_data_change` allows resuming on data whose fingerprint differs from the checkpoint's.
     `log_times`: each log line also gives the elapsed time and an estimate of the time left
     (for logs that go to a file, where no progress bar shows them).
     """
-    payload, init, notes = None, None, []
-    user_config = cfg.to_dict()  # what the user passed, before the data resolves the rest
-    if resume_from is not None:
-        from lmtools.inspect import check_checkpoint_file
-
-        check_checkpoint_file(Path(resume_from), "resume")
-        payload = read_checkpoint(resume_from)
-        user_config = resumed_user_config(payload, cfg, explicit)
-        cfg, note = merge_resume_config(payload, cfg, explicit, resume_from)
-        notes += [note] if note else []
-    else:
-        cfg, init = resolve_new_run(apply_recipe(cfg, explicit), explicit)
-    cfg.validate()
-    if payload is None and cfg.warmup_warning():
-        notes.append(cfg.warmup_warning())
-    device = resolve_device(cfg.device)
-    dist_info, device = init_distributed(device)
+    guard = RunGuard()
     try:
-        if cfg.fsdp and not dist_info.enabled:
-            raise ConfigError(
-                "--fsdp shards the model across ranks: launch with torchrun --nproc_per_node N (N > 1), "
-                "or drop --fsdp"
-            )
-        if not dist_info.is_main:
-            log, on_step = (lambda _line: None), None
-        trainer = Trainer(cfg, payload, device, dist_info, log, on_step, init=init, notes=notes, log_times=log_times,
-                          user_config=user_config)
-        return trainer.run()
+        payload, init, notes = None, None, []
+        user_config = cfg.to_dict()  # what the user passed, before the data resolves the rest
+        if resume_from is not None:
+            from lmtools.inspect import check_checkpoint_file
+
+            # Locked before reading: a second run or resume on this path fails at once.
+            target = cfg.checkpoint_path if "checkpoint_path" in explicit else snapshot_base(resume_from)
+            _lock(guard, Path(target))
+            check_checkpoint_file(Path(resume_from), "resume")
+            payload = read_checkpoint(resume_from)
+            check_stored_config(payload.get("config") if isinstance(payload.get("config"), dict) else {}, resume_from)
+            user_config = resumed_user_config(payload, cfg, explicit)
+            cfg, note = merge_resume_config(payload, cfg, explicit, resume_from)
+            notes += [note] if note else []
+            _lock(guard, Path(cfg.checkpoint_path))
+            check_resume_point(payload, cfg, Path(resume_from), rollback, log)
+        else:
+            check_checkpoint_folder(Path(cfg.checkpoint_path))
+            _lock(guard, Path(cfg.checkpoint_path))
+            check_new_run_target(Path(cfg.checkpoint_path), cfg.overwrite)
+            cfg, init = resolve_new_run(apply_recipe(cfg, explicit), explicit)
+        cfg.validate()
+        if payload is None and cfg.warmup_warning():
+            notes.append(cfg.warmup_warning())
+        device = resolve_device(cfg.device)
+        dist_info, device = init_distributed(device)
+        try:
+            if cfg.fsdp and not dist_info.enabled:
+                raise ConfigError(
+                    "--fsdp shards the model across ranks: launch with torchrun --nproc_per_node N (N > 1), "
+                    "or drop --fsdp"
+                )
+            memory = check_training_run(cfg, device, dist_info.world_size)
+            if not dist_info.is_main:
+                log, on_step = (lambda _line: None), None
+            trainer = Trainer(cfg, payload, device, dist_info, log, on_step, init=init, notes=notes,
+                              log_times=log_times, memory=memory, allow_data_change=allow_data_change,
+                              started_from=Path(resume_from) if resume_from else None, user_config=user_config)
+            return trainer.run()
+        finally:
+            shutdown(dist_info)
     finally:
-        shutdown(dist_info)
+        guard.release()
+
+
+def _lock(guard: RunGuard, path: Path) -> None:
+    """Only the process that writes checkpoints (rank 0 under torchrun) holds the locks."""
+    if os.environ.get("RANK", "0") == "0":
+        guard.lock(path)
+
+
+def check_resume_point(payload: dict, cfg: TrainConfig, resume_from: Path, rollback: bool, log) -> None:
+    """A resume must have steps left, and may go back past newer checkpoints only when asked."""
+    iteration = int(payload.get("iteration", 0))
+    if iteration >= cfg.max_iters:
+        raise ConfigError(
+            f"{resume_from} is at iter {iteration}, at or past --max_iters {cfg.max_iters}: nothing left to train; "
+            f"pass --max_iters above {iteration} to continue"
+        )
+    check_rollback(resume_from, Path(cfg.checkpoint_path), iteration, rollback, log)
 
 
 def resolve_new_run(cfg: TrainConfig, explicit: frozenset[str]) -> tuple[TrainConfig, "InitSource | None"]:
@@ -272,7 +283,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, payload: dict | None, device: torch.device, dist_info: DistInfo,
                  log: Callable[[str], None], on_step, *, init: "InitSource | None" = None,
-                 notes: list[str] = (), log_times: bool = False, user_config: dict | None = None):
+                 notes: list[str] = (), log_times: bool = False, memory: MemoryEstimate | None = None,
+                 allow_data_change: bool = False, started_from: Path | None = None, user_config: dict | None = None):
         self.cfg, self.device, self.dist, self.log, self.on_step = cfg, device, dist_info, log, on_step
         self.user_config = cfg.to_dict() if user_config is None else user_config
         self.log_times = log_times
@@ -280,15 +292,9 @@ class Trainer:
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls
 
-        # Checked first: a user mistake should not wait for the model to be built.
         self.ckpt_path = Path(cfg.checkpoint_path)
-        if dist_info.is_main:
-            check_checkpoint_folder(self.ckpt_path)
-            if payload is None and self.ckpt_path.exists() and not cfg.overwrite:
-                raise ConfigError(
-                    f"{self.ckpt_path} already holds a checkpoint; continue it with --resume, "
-                    f"or pass --overwrite to start a new run over it"
-                )
+        self.started_from = started_from  # never pruned as a snapshot
+        self.saved_at = int(payload["iteration"]) if payload is not None else None
 
         # Data: absolute paths, so that `resume` works from any folder.
         cfg.train_data = [absolute_spec(s) for s in cfg.train_data]
@@ -305,6 +311,12 @@ class Trainer:
         else:
             cfg.val_sets = {name: absolute_spec(path) for name, path in cfg.val_sets.items()}
             self.val_sets += [(name, self.make_val_loader(path)) for name, path in cfg.val_sets.items()]
+        self.identity = DataIdentity(
+            self.loader.paths + [p for _name, ld in self.val_sets for p in ld.paths], cfg.tokenizer
+        )
+        sampler_state = dict(payload.get("sampler") or {}) if payload is not None else {}
+        if payload is not None and verify_resume_data(self.identity, payload, allow_data_change, log):
+            sampler_state.pop("num_tokens", None)  # the new data's size is wanted
         check_token_range(self.loader, cfg.vocab_size, "--train_data")
         for name, val_loader in self.val_sets:
             check_token_range(val_loader, cfg.vocab_size, "--val_data" if name is None else f"val set {name}")
@@ -340,12 +352,20 @@ class Trainer:
         )
         if payload is not None:
             self.iteration = load_state(payload, self.model, self.optimizer)
-            self.loader.load_state_dict(payload.get("sampler", {}))
-            self.spikes.load_state_dict(payload.get("spikes", {}))
-            self.skipped = int(payload.get("skipped_steps", 0))
-            self.last_metrics = dict(payload.get("metrics") or {})
-            if "rng" in payload:
-                set_rng_state(payload["rng"], device)
+            try:
+                self.loader.load_state_dict(sampler_state)
+                self.spikes.load_state_dict(payload.get("spikes", {}))
+                self.skipped = int(payload.get("skipped_steps", 0))
+                self.last_metrics = dict(payload.get("metrics") or {})
+                if "rng" in payload:
+                    set_rng_state(payload["rng"], device)
+            except LMToolsError:
+                raise
+            except (TypeError, ValueError, KeyError, IndexError, RuntimeError, OverflowError, AttributeError) as exc:
+                raise CheckpointError(
+                    f"the checkpoint's run state (sampler, RNG or spike window) is damaged ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); resume from another checkpoint"
+                ) from None
 
         # Precision, DDP and compilation wrap the module that trains; checkpoints save `self.model`.
         # An FSDP model needs no wrapper: fully_shard made it reduce its own gradients.
@@ -362,11 +382,13 @@ class Trainer:
 
         if dist_info.is_main:
             self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            if payload is None and cfg.metrics:
+                start_fresh_metrics(self.ckpt_path, log)
         self.metrics = MetricsWriter(
             self.ckpt_path.with_name(METRICS_FILE) if cfg.metrics and dist_info.is_main else None
         )
-        if payload is not None:
-            self.metrics.truncate_after(self.iteration)
+        if payload is not None and (damaged := self.metrics.truncate_after(self.iteration)):
+            log(f"warning: skipped {damaged} damaged line(s) in {self.metrics.path}")
         self.external = ExternalLoggers(
             cfg.tensorboard if dist_info.is_main else None, cfg.wandb if dist_info.is_main else None, cfg.to_dict()
         )
@@ -377,6 +399,8 @@ class Trainer:
 
         for line in header_lines(cfg, self.loader, self.val_sets, self.model, device, self.dtype, dist_info):
             log(line)
+        if memory is not None:
+            log(f"memory : {memory.describe()}")
         if payload is not None:
             log(f"Resumed from {self.ckpt_path} at iter {self.iteration}")
         if init is not None:
@@ -404,7 +428,11 @@ class Trainer:
                 self.start_iteration, self.train_start = self.iteration, self.window_start
                 while self.iteration < cfg.max_iters:
                     lr = cfg.lr_at(self.iteration + 1)
-                    self.step(lr)
+                    if not self.step(lr):  # a stop request between micro-batches: the step is dropped
+                        self.settle()
+                        self.save()
+                        result.stopped_by_signal = True
+                        break
                     self.iteration += 1
                     last = self.iteration == cfg.max_iters
                     at_eval = bool(self.val_sets) and (self.iteration % cfg.eval_interval == 0 or last)
@@ -420,12 +448,17 @@ class Trainer:
                         self.on_step(self.iteration, cfg.max_iters, self.last_loss, lr)
                     if at_log:
                         self.report(lr, at_eval, result)
+                    if at_eval and not stopping:  # a signal during the evaluation stops here
+                        stopping = any_rank(stop.requested, self.dist)
+                        at_save = at_save or stopping
                     if at_save:
                         self.save()
                     if stopping:
                         result.stopped_by_signal = stop.requested
                         result.stopped_by_time = not stop.requested
                         break
+        except DataChanged as exc:
+            raise DataChanged(f"{exc}; {self.last_checkpoint_note()}") from None
         finally:
             self.close()
         result.iteration = self.iteration
@@ -433,8 +466,15 @@ class Trainer:
         result.losses = self.losses
         return result
 
-    def step(self, lr: float) -> None:
-        """One optimizer step over grad_accum_steps micro-batches.
+    def last_checkpoint_note(self) -> str:
+        if self.saved_at is None:
+            return "no checkpoint was written yet"
+        return f"the last checkpoint, {self.ckpt_path} at iter {self.saved_at}, was written before it"
+
+    def step(self, lr: float) -> bool:
+        """One optimizer step over grad_accum_steps micro-batches; False when a stop signal
+        came between micro-batches (one process only: ranks must agree on every step), in which
+        case the step is dropped and the loader put back at its start.
 
         Nothing here waits for the device: the loss and gradient norm stay there until `settle`
         reads them, unless --skip_spikes needs the host's verdict before the update.
@@ -445,6 +485,10 @@ class Trainer:
         self.module.train()
         step_loss = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum_steps):
+            if micro and not self.dist.enabled and stop_requested():
+                self.optimizer.zero_grad(set_to_none=True)
+                self.loader.load_state_dict(dict(self.loader.state_dict(), micro=0))
+                return False
             x, y = self.loader.next()
             # DDP averages gradients across ranks only on the last micro-batch.
             sync = micro == cfg.grad_accum_steps - 1 or not self.dist.enabled
@@ -464,6 +508,7 @@ class Trainer:
         if not skipped_by_host:
             self.update(step_loss, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
+        return True
 
     def update(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """The optimizer step, skipped on the device when the step was not finite."""
@@ -566,6 +611,9 @@ class Trainer:
             self.model.eval()
             total = torch.zeros((), device=self.device)
             for micro in range(self.cfg.grad_accum_steps):
+                if not self.dist.enabled and stop_requested():  # the loop stops before its first step
+                    self.model.train()
+                    return
                 x, y = self.loader.batch_at(0, micro)
                 with self.amp:
                     total += cross_entropy(self.model(x), y)
@@ -581,7 +629,7 @@ class Trainer:
             val_loss, per_set = self.evaluate_sets()
             record["val_loss"] = val_loss
             record.update({f"val/{name}": value for name, value in per_set.items()})
-            if self.bytes_per_token:
+            if self.bytes_per_token and val_loss is not None:
                 record["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
             extra = {**{f"val/{name}": f"{value:.4f}" for name, value in per_set.items()}, **extra}
             result.last_val_loss = val_loss
@@ -590,7 +638,7 @@ class Trainer:
         self.external.write(record)
         self.last_metrics = record
 
-    def evaluate_sets(self) -> tuple[float, dict[str, float]]:
+    def evaluate_sets(self) -> tuple[float | None, dict[str, float]]:
         """The validation loss (the token-weighted mean over named sets) and each named set's loss."""
         losses = {
             name: evaluate(self.model, loader, self.cfg.eval_iters, self.amp, self.dist, lockstep=self.cfg.fsdp)
@@ -598,6 +646,8 @@ class Trainer:
         }
         if None in losses:
             return losses[None], {}
+        if any(loss is None for loss in losses.values()):  # a stop signal ended the evaluation
+            return None, {}
         sizes = {name: loader.num_tokens for name, loader in self.val_sets}
         mean = sum(losses[name] * sizes[name] for name in losses) / sum(sizes.values())
         return mean, losses
@@ -609,6 +659,11 @@ class Trainer:
         return {"elapsed": _clock(now - self.run_start), "left": "-" if left is None else _clock(left)}
 
     def save(self) -> None:
+        # The data is checked before every checkpoint: one written after a silent change would
+        # resume on data it was not trained on.
+        changed = self.identity.changed_during_run()
+        if any_rank(changed is not None, self.dist):
+            raise DataChanged(f"{changed or 'a data file changed on another rank'} during the run; stopped")
         extra = dict(
             config=self.cfg.to_dict(),  # resolved from the data: what the run trains with
             user_config=self.user_config,  # as passed: what `inspect --config` reproduces
@@ -624,6 +679,7 @@ class Trainer:
             lmtools_version=__version__,
             torch_version=str(torch.__version__),
             format_version=FORMAT_VERSION,
+            data_fingerprint=self.identity.state_dict(),
         )
         if self.cfg.fsdp:
             # Every rank writes its shards; rank 0 the file beside them.
@@ -631,12 +687,14 @@ class Trainer:
                 self.model, self.optimizer, self.iteration, self.ckpt_path, is_main=self.dist.is_main, **extra
             )
             self.log(f"Saved checkpoint at iter {self.iteration} to {self.ckpt_path} (+ .dcp shards)")
+            self.saved_at = self.iteration
             return
         if self.dist.is_main:
             save_checkpoint(self.model, self.optimizer, self.iteration, self.ckpt_path, **extra)
-            keep_snapshot(self.ckpt_path, self.iteration, self.cfg.keep_last)
+            keep_snapshot(self.ckpt_path, self.iteration, self.cfg.keep_last, protect=self.started_from)
             self.log(f"Saved checkpoint at iter {self.iteration} to {self.ckpt_path}")
         barrier(self.dist)
+        self.saved_at = self.iteration
 
     def close(self) -> None:
         self.metrics.close()
@@ -707,18 +765,23 @@ def build_sharded_model(cfg: TrainConfig, device: torch.device, dist_info: DistI
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: BatchLoader, eval_iters: int, amp, dist_info: DistInfo,
-             *, lockstep: bool = False) -> float:
+             *, lockstep: bool = False) -> float | None:
     """Mean loss over the same `eval_iters` validation batches every time (split across ranks).
 
     `lockstep`: a sharded model's forward is a collective, so every rank runs as many forwards
-    as the busiest one (the surplus ones count for nothing).
+    as the busiest one (the surplus ones count for nothing). Otherwise a stop signal ends the
+    evaluation between batches, and it returns None (no partial value is reported).
     """
     model.eval()
     total = torch.zeros((), device=next(model.parameters()).device)
     count = 0
+    interrupted = False
     for j in range(-(-eval_iters // dist_info.world_size)):
         i = dist_info.rank + j * dist_info.world_size
         if i >= eval_iters and not lockstep:
+            break
+        if not lockstep and stop_requested():
+            interrupted = True
             break
         x, y = loader.batch_at(i % eval_iters)
         with amp:
@@ -732,8 +795,8 @@ def evaluate(model: torch.nn.Module, loader: BatchLoader, eval_iters: int, amp, 
 
         packed = torch.stack([total, torch.tensor(float(count), device=total.device)])
         dist.all_reduce(packed)
-        return float(packed[0] / packed[1])
-    return float(total) / max(count, 1)
+        return None if interrupted else float(packed[0] / packed[1])
+    return None if interrupted else float(total) / max(count, 1)
 
 
 def _clock(seconds: float) -> str:

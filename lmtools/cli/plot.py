@@ -21,5 +21,5 @@ def plot(
     """Plot train and val loss of runs into a PNG (needs the optional matplotlib)."""
     from lmtools.plot import plot_runs
 
-    path = plot_runs(list(runs), out, title=title, log_y=log_y)
+    path = plot_runs(list(runs), out, title=title, log_y=log_y, warn=lambda line: typer.echo(line, err=True))
     typer.echo(f"Wrote {path}")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from lmtools.cli.app import app, user_errors
+from lmtools.cli.console import console_guard
 from lmtools.config import TrainConfig
 
 def _explicit(ctx: typer.Context) -> frozenset[str]:
@@ -43,13 +45,15 @@ class _Reporter:
 
     def __exit__(self, *exc):
         if self.progress is not None:
-            self.progress.stop()
+            with console_guard():
+                self.progress.stop()
 
     def log(self, line: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(line, markup=False, highlight=False)
-        else:
-            typer.echo(line)
+        with console_guard():
+            if self.progress is not None:
+                self.progress.console.print(line, markup=False, highlight=False)
+            else:
+                typer.echo(line)
 
     def step(self, iteration: int, total: int, loss: float | None, lr: float) -> None:
         """`loss` is the newest one read from the device (they are read at log points)."""
@@ -80,6 +84,12 @@ def _run(cfg, **kw):
 _TRAIN_ONLY = {
     "config": (Optional[Path], None, ("--config",), "TOML run config whose keys are these flags' names; flags typed here win."),
     "resume": (bool, False, ("--resume",), "Continue from --checkpoint_path with the config stored in it."),
+    "auto_resume": (bool, False, ("--auto_resume", "--auto-resume"), "Resume when --checkpoint_path exists, else start a new run (safe under torchrun restarts)."),
+}
+# What a resume (train --resume, or resume) may accept that it would otherwise refuse.
+_RESUME_CHOICES = {
+    "rollback": (bool, False, ("--rollback",), "Allow resuming from a snapshot older than the run's newest checkpoint (the later steps are discarded)."),
+    "allow_data_change": (bool, False, ("--allow_data_change", "--allow-data-change"), "Resume although the data or tokenizer differ from the checkpoint's fingerprint."),
 }
 # The TrainConfig fields `resume` may override; None keeps the checkpoint's value.
 _RESUME_FIELDS = ("max_iters", "device", "max_minutes")
@@ -137,22 +147,42 @@ def _ctx_param(name: str = "ctx") -> inspect.Parameter:
 @_with_options(
     _ctx_param(),
     *_field_options(),
-    *(_param(name, *spec) for name, spec in _TRAIN_ONLY.items()),
+    *(_param(name, *spec) for name, spec in {**_TRAIN_ONLY, **_RESUME_CHOICES}.items()),
 )
 def train(ctx: typer.Context, **params) -> None:
     """Train a Transformer LM on token files."""
     from lmtools.errors import ConfigError
 
-    resume_flag = params.pop("resume")
+    resume_flag, auto = params.pop("resume"), params.pop("auto_resume")
+    choices = {name: params.pop(name) for name in _RESUME_CHOICES}
     cfg, explicit = config_from_params(params, _explicit(ctx))
     resume_from = None
-    if resume_flag:
+    if auto and (finished := _finished_run(cfg, explicit)) is not None:
+        with console_guard():
+            typer.echo(f"Training already finished at iter {finished}. Final checkpoint: {cfg.checkpoint_path}")
+        return
+    if resume_flag or (auto and os.path.lexists(cfg.checkpoint_path)):
         resume_from = cfg.checkpoint_path
         if not Path(resume_from).exists():
             raise ConfigError(
                 f"--resume: checkpoint {resume_from} does not exist; check --checkpoint_path or start without --resume"
             )
-    _run(cfg, resume_from=resume_from, explicit=explicit)
+    _run(cfg, resume_from=resume_from, explicit=explicit, **choices)
+
+
+def _finished_run(cfg: TrainConfig, explicit) -> int | None:
+    """The iteration of the checkpoint at --checkpoint_path when it already reached max_iters
+    (so that a restarted --auto_resume job ends at once instead of failing)."""
+    from lmtools.runguard import peek_checkpoint
+
+    path = Path(cfg.checkpoint_path)
+    payload = peek_checkpoint(path) if path.is_file() else None
+    if payload is None:
+        return None
+    stored = payload.get("config") if isinstance(payload.get("config"), dict) else {}
+    max_iters = cfg.max_iters if "max_iters" in explicit else stored.get("max_iters", cfg.max_iters)
+    iteration = int(payload["iteration"])
+    return iteration if iteration >= int(max_iters) else None
 
 
 def config_from_params(params: dict, typed: frozenset[str]) -> tuple[TrainConfig, frozenset[str]]:
@@ -181,15 +211,17 @@ def config_from_params(params: dict, typed: frozenset[str]) -> tuple[TrainConfig
     inspect.Parameter("checkpoint", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
                       default=typer.Argument(..., help="Checkpoint written by lmtools train.")),
     *_field_options(_RESUME_FIELDS, keep_defaults=False),
+    *(_param(name, *spec) for name, spec in _RESUME_CHOICES.items()),
 )
 def resume(checkpoint: Path, **overrides) -> None:
     """Continue a run from its checkpoint alone: config, data, RNG and data position come from it.
     --max_iters, --device and --max_minutes (a budget per invocation) override the stored values."""
     from lmtools.checkpoint import snapshot_base
 
+    choices = {name: overrides.pop(name) for name in _RESUME_CHOICES}
     given = {name: value for name, value in overrides.items() if value is not None}
     cfg = TrainConfig(checkpoint_path=str(snapshot_base(checkpoint)), **given)
-    _run(cfg, resume_from=str(checkpoint), explicit=frozenset({"checkpoint_path", *given}))
+    _run(cfg, resume_from=str(checkpoint), explicit=frozenset({"checkpoint_path", *given}), **choices)
 
 
 def _finish(result) -> None:
@@ -197,8 +229,9 @@ def _finish(result) -> None:
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return
-    if result.stopped_by_signal or result.stopped_by_time:
-        why = "by signal" if result.stopped_by_signal else "at the --max_minutes limit"
-        typer.echo(f"Stopped {why} at iter {result.iteration}; resume with: lmtools resume {result.checkpoint_path}")
-    else:
-        typer.echo(f"Training finished at iter {result.iteration}. Final checkpoint: {result.checkpoint_path}")
+    with console_guard():
+        if result.stopped_by_signal or result.stopped_by_time:
+            why = "by signal" if result.stopped_by_signal else "at the --max_minutes limit"
+            typer.echo(f"Stopped {why} at iter {result.iteration}; resume with: lmtools resume {result.checkpoint_path}")
+        else:
+            typer.echo(f"Training finished at iter {result.iteration}. Final checkpoint: {result.checkpoint_path}")
