@@ -124,22 +124,32 @@ def _measure(name: str, benchmark, nbytes: int, fn, rounds: int, warmup: int = 0
 
 
 def test_train_bpe_50k(benchmark, corpus):
-    _measure("train_bpe_50k", benchmark, corpus["bytes"],
-             lambda: train_bpe(_batches(corpus["docs"]), 50257), rounds=1)
+    _measure("train_bpe_50k", benchmark, corpus["bytes"], lambda: train_bpe(_batches(corpus["docs"]), 50257), rounds=1)
 
 
 def test_tiktoken_batch(benchmark, corpus, tokenizer_json):
     encoding = Encoder(*load_tokenizer(tokenizer_json))._tiktoken
     assert encoding is not None
-    _measure("tiktoken_batch", benchmark, corpus["bytes"],
-             lambda: encoding.encode_ordinary_batch(corpus["docs"]), rounds=3, warmup=1)
+    _measure(
+        "tiktoken_batch",
+        benchmark,
+        corpus["bytes"],
+        lambda: encoding.encode_ordinary_batch(corpus["docs"]),
+        rounds=3,
+        warmup=1,
+    )
 
 
 def test_tokenizers_batch(benchmark, corpus, tokenizer_json):
     tok, _ = load_tokenizer(tokenizer_json)
     docs = corpus["docs"][: len(corpus["docs"]) // 4]
-    _measure("tokenizers_batch", benchmark, sum(len(d.encode()) for d in docs),
-             lambda: tok.encode_batch(docs, add_special_tokens=False), rounds=2)
+    _measure(
+        "tokenizers_batch",
+        benchmark,
+        sum(len(d.encode()) for d in docs),
+        lambda: tok.encode_batch(docs, add_special_tokens=False),
+        rounds=2,
+    )
 
 
 @pytest.mark.parametrize("source", ["jsonl", "txt"])
@@ -148,8 +158,7 @@ def test_prepare(benchmark, corpus, tokenizer_json, tmp_path, source):
     kwargs = {"separator": "\n\n"} if source == "txt" else {}
 
     def run():
-        meta = prepare_corpus([corpus[source]], out, tokenizer=str(tokenizer_json), force=True,
-                              **kwargs)
+        meta = prepare_corpus([corpus[source]], out, tokenizer=str(tokenizer_json), force=True, **kwargs)
         assert meta["encoder"] == "tiktoken"
         return meta
 
@@ -162,9 +171,13 @@ def test_prepare(benchmark, corpus, tokenizer_json, tmp_path, source):
 def test_prepare_train_10k(benchmark, corpus, tmp_path, sample):
     out = tmp_path / "out"
     name = "prepare_train_10k" + (f"_sample_{sample // 1_000_000}MB" if sample else "")
-    _measure(name, benchmark, corpus["bytes"],
-             lambda: prepare_corpus([corpus["jsonl"]], out, force=True,
-                                    tokenizer_sample=sample), rounds=1)
+    _measure(
+        name,
+        benchmark,
+        corpus["bytes"],
+        lambda: prepare_corpus([corpus["jsonl"]], out, force=True, tokenizer_sample=sample),
+        rounds=1,
+    )
 
 
 def test_interleaved_ratios(benchmark, corpus, tokenizer_json, tmp_path):
@@ -173,10 +186,12 @@ def test_interleaved_ratios(benchmark, corpus, tokenizer_json, tmp_path):
     encoding = Encoder(*load_tokenizer(tokenizer_json))._tiktoken
     runs = {
         "tiktoken_batch": lambda: encoding.encode_ordinary_batch(corpus["docs"]),
-        "prepare_jsonl": lambda: prepare_corpus([corpus["jsonl"]], tmp_path / "j",
-                                                tokenizer=str(tokenizer_json), force=True),
-        "prepare_txt": lambda: prepare_corpus([corpus["txt"]], tmp_path / "t", separator="\n\n",
-                                              tokenizer=str(tokenizer_json), force=True),
+        "prepare_jsonl": lambda: prepare_corpus(
+            [corpus["jsonl"]], tmp_path / "j", tokenizer=str(tokenizer_json), force=True
+        ),
+        "prepare_txt": lambda: prepare_corpus(
+            [corpus["txt"]], tmp_path / "t", separator="\n\n", tokenizer=str(tokenizer_json), force=True
+        ),
     }
     best: dict[str, tuple[float, float]] = {}
 
@@ -210,9 +225,14 @@ class _Summary:
         if os.environ.get("LMTOOLS_WRITE_RESULTS"):
             legend = "\n\n".join(__doc__.split("\n\n")[2:4])  # the methods, from the docstring
             (Path(__file__).parent / "RESULTS_prepare.md").write_text(
-                "# `lmtools prepare` throughput\n\n" + "\n".join(lines) + "\n\n" + legend
+                "# `lmtools prepare` throughput\n\n"
+                + "\n".join(lines)
+                + "\n\n"
+                + legend
                 + "\n\nReproduce: `LMTOOLS_WRITE_RESULTS=1 python -m pytest "
-                "benchmarks/bench_prepare.py`\n", encoding="utf-8")
+                "benchmarks/bench_prepare.py`\n",
+                encoding="utf-8",
+            )
 
 
 def summary(corpus: dict) -> list[str]:
@@ -223,26 +243,27 @@ def summary(corpus: dict) -> list[str]:
         f"{os.getloadavg()[0]:.1f} (other work shares the machine, so absolute numbers are "
         "noisy; CPU time is the steadier measure)",
     ]
-    for title, results in (("pytest-benchmark runs (best round)", RESULTS),
-                           (f"interleaved rounds (best of {INTERLEAVED_ROUNDS})", INTERLEAVED)):
+    for title, results in (
+        ("pytest-benchmark runs (best round)", RESULTS),
+        (f"interleaved rounds (best of {INTERLEAVED_ROUNDS})", INTERLEAVED),
+    ):
         if not results:
             continue
         lines += [
             "",
             f"{title}:",
             "",
-            "| method | wall s | MB/s | vs tiktoken_batch | CPU s | MB per CPU s "
-            "| vs tiktoken_batch (CPU) |",
+            "| method | wall s | MB/s | vs tiktoken_batch | CPU s | MB per CPU s | vs tiktoken_batch (CPU) |",
             "|---|---|---|---|---|---|---|",
         ]
         base = results.get(BASELINE)
-        for name, (wall, cpu, nbytes) in sorted(results.items(),
-                                                key=lambda kv: kv[1][0] / kv[1][2]):
+        for name, (wall, cpu, nbytes) in sorted(results.items(), key=lambda kv: kv[1][0] / kv[1][2]):
             rate, cpu_rate = nbytes / wall, nbytes / cpu
             ratio = f"{rate / (base[2] / base[0]):.2f}x" if base else "-"
             cpu_ratio = f"{cpu_rate / (base[2] / base[1]):.2f}x" if base else "-"
-            lines.append(f"| {name} | {wall:.2f} | {rate / 1e6:.2f} | {ratio} | {cpu:.2f} "
-                         f"| {cpu_rate / 1e6:.2f} | {cpu_ratio} |")
+            lines.append(
+                f"| {name} | {wall:.2f} | {rate / 1e6:.2f} | {ratio} | {cpu:.2f} | {cpu_rate / 1e6:.2f} | {cpu_ratio} |"
+            )
     return lines
 
 

@@ -49,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--arms", nargs="+", default=list(ARMS), help=f"from {', '.join(ARMS)}, or NAME=JSON for a custom arm")
+    p.add_argument(
+        "--arms", nargs="+", default=list(ARMS), help=f"from {', '.join(ARMS)}, or NAME=JSON for a custom arm"
+    )
     p.add_argument("--out", type=Path, default=Path("bench-recipe"))
     p.add_argument("--corpus_mb", type=float, default=4.0)
     p.add_argument("--eval_iters", type=int, default=8)
@@ -57,8 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=0, help="runs at a time (0: all arms of a seed together)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and corpus: checks the script itself")
     p.add_argument("--results", type=Path, default=None, help="also write the Markdown table here")
-    p.add_argument("--combine", type=Path, nargs="+", default=None,
-                   help="print one table from the results.json of earlier runs (e.g. one per seed)")
+    p.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="print one table from the results.json of earlier runs (e.g. one per seed)",
+    )
     p.add_argument("--one", type=str, default=None, help=argparse.SUPPRESS)  # one run, in a child
     return p.parse_args(argv)
 
@@ -107,14 +114,13 @@ def run_config(args: argparse.Namespace, data: Path, run_dir: Path, seed: int, o
 
 def run_one(spec: str) -> None:
     """In a child process: one training run, from a JSON spec."""
-    import torch
-
-    from lmtools.config import TrainConfig
-    from lmtools.train import train_model
-
     import time
 
+    import torch
+
     import lmtools.train
+    from lmtools.config import TrainConfig
+    from lmtools.train import train_model
 
     job = json.loads(spec)
     torch.set_num_threads(job["threads"])
@@ -146,10 +152,15 @@ def curve(run_dir: Path) -> list[dict]:
     for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
         if "val_loss" in rec:
-            points.append({
-                "iter": rec["iter"], "val_loss": rec["val_loss"], "val_bpb": rec.get("val_bpb"),
-                "train_s": cpu[rec["iter"]], "wall_s": rec["elapsed_s"],
-            })
+            points.append(
+                {
+                    "iter": rec["iter"],
+                    "val_loss": rec["val_loss"],
+                    "val_bpb": rec.get("val_bpb"),
+                    "train_s": cpu[rec["iter"]],
+                    "wall_s": rec["elapsed_s"],
+                }
+            )
     return points
 
 
@@ -175,7 +186,7 @@ def run_all(args: argparse.Namespace) -> dict:
         width = args.parallel or len(order)
         for first in range(0, len(order), width):
             running = []
-            for arm in order[first:first + width]:
+            for arm in order[first : first + width]:
                 name, options = arm_name(arm), arm_options(arm)
                 run_dir = args.out / "runs" / f"{name}-seed{seed}"
                 cfg = run_config(args, data, run_dir, seed, options)
@@ -186,9 +197,14 @@ def run_all(args: argparse.Namespace) -> dict:
                     raise SystemExit(f"the {name} run of seed {seed} failed")
                 points = curve(run_dir)
                 results[name][seed] = points
-                print(f"{name:>16} seed {seed}: val bpb {points[-1]['val_bpb']:.4f}, "
-                      f"{points[-1]['train_s']:.1f} CPU s, {points[-1]['wall_s']:.0f} s wall", flush=True)
-    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
+                print(
+                    f"{name:>16} seed {seed}: val bpb {points[-1]['val_bpb']:.4f}, "
+                    f"{points[-1]['train_s']:.1f} CPU s, {points[-1]['wall_s']:.0f} s wall",
+                    flush=True,
+                )
+    (args.out / "results.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1)
+    )
     return results
 
 
@@ -227,8 +243,13 @@ def table(results: dict) -> str:
             f"| {name} | {_mean_sd(bpb, '.4f')} | {_mean_sd(ratio, '.3f')}x | {_mean_sd(secs, '.0f')} | "
             f"{_mean_sd(reach_ratio, '.2f') + ('x' if reach_ratio else '')} | {len(reach_ratio)}/{len(seeds)} |"
         )
-    per_seed = ["", "Per seed, final val bpb:", "", "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-                "|---|" + "---|" * len(seeds)]
+    per_seed = [
+        "",
+        "Per seed, final val bpb:",
+        "",
+        "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
     for name, runs in results.items():
         per_seed.append(f"| {name} | " + " | ".join(f"{runs[s][-1]['val_bpb']:.4f}" for s in seeds) + " |")
     return "\n".join(lines + per_seed)

@@ -87,5 +87,7 @@ def test_gather(benchmark, token_memmap: np.ndarray, results: dict, method: str,
     assert torch.equal(x[:, 1:], y[:, :-1])
     benchmark.group = f"{b}x{t}"
     benchmark.extra_info["tokens_per_batch"] = b * t
-    benchmark.pedantic(run, rounds=30 if method in ("spec_python_loop", "nanogpt") else 200, warmup_rounds=5, iterations=1)
+    benchmark.pedantic(
+        run, rounds=30 if method in ("spec_python_loop", "nanogpt") else 200, warmup_rounds=5, iterations=1
+    )
     results[(shape, method)] = benchmark.stats.stats.median

@@ -52,8 +52,15 @@ def tokens(tmp_path_factory) -> Path:
 
 def make_trainer(tokens: Path, folder: Path) -> Trainer:
     cfg = TrainConfig(
-        train_data=[str(tokens)], **MODEL, batch_size=BATCH, learning_rate=1e-3, min_learning_rate=1e-4,
-        warmup_iters=0, max_iters=10**9, checkpoint_path=str(folder / "ckpt.pt"), metrics=False,
+        train_data=[str(tokens)],
+        **MODEL,
+        batch_size=BATCH,
+        learning_rate=1e-3,
+        min_learning_rate=1e-4,
+        warmup_iters=0,
+        max_iters=10**9,
+        checkpoint_path=str(folder / "ckpt.pt"),
+        metrics=False,
     )
     return Trainer(cfg, None, torch.device("cpu"), DistInfo(), lambda _line: None, None)
 
@@ -146,7 +153,10 @@ class _Summary:
         if os.environ.get("LMTOOLS_WRITE_RESULTS"):
             legend = "\n\n".join(__doc__.split("\n\n")[1:4])
             (Path(__file__).parent / "RESULTS_train_step.md").write_text(
-                "# Training step on the CPU\n\n" + "\n".join(lines) + "\n\n" + legend
+                "# Training step on the CPU\n\n"
+                + "\n".join(lines)
+                + "\n\n"
+                + legend
                 + "\n\nReproduce: `LMTOOLS_WRITE_RESULTS=1 python -m pytest benchmarks/bench_train_step.py`\n",
                 encoding="utf-8",
             )

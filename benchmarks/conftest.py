@@ -49,8 +49,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     methods = sorted({m for _, m in RESULTS}, key=lambda m: -max(RESULTS.get((s, m), 0) for s in shapes))
     write = terminalreporter.write_line
     write("")
-    write(f"sampler throughput, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
-          f"{time.strftime('%Y-%m-%d')}; tokens = batch_size * context_length per batch")
+    write(
+        f"sampler throughput, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"{time.strftime('%Y-%m-%d')}; tokens = batch_size * context_length per batch"
+    )
     header = "| method | " + " | ".join(f"({b}, {t})" for b, t in shapes) + " |"
     write(header)
     write("|" + "---|" * (len(shapes) + 1))
@@ -81,5 +83,3 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Mod
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Keep the per-shape rows together in the report, in a stable order.
     items.sort(key=lambda item: item.nodeid)
-
-

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import math
-import platform
 import shutil
 import tempfile
 import time
@@ -93,12 +92,24 @@ def arm_config(args, train: Path, val: Path, folder: Path, options: dict, max_it
     shape = TINY if args.tiny else GPT2_SMALL
     interval = max(max_iters // 4, 1)
     cfg = TrainConfig(
-        train_data=[str(train)], val_data=str(val), **shape, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, min_learning_rate=args.learning_rate / 10, weight_decay=0.1,
-        warmup_iters=max(min(max_iters // 20, 100), 1), max_iters=max_iters, eval_interval=interval,
-        eval_iters=4 if args.tiny else 20, log_interval=interval, checkpoint_interval=10**9,
-        checkpoint_path=str(folder / "ckpt.pt"), device="cpu" if args.tiny else "cuda",
-        compile=not args.tiny, seed=args.seed, overwrite=True,
+        train_data=[str(train)],
+        val_data=str(val),
+        **shape,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        min_learning_rate=args.learning_rate / 10,
+        weight_decay=0.1,
+        warmup_iters=max(min(max_iters // 20, 100), 1),
+        max_iters=max_iters,
+        eval_interval=interval,
+        eval_iters=4 if args.tiny else 20,
+        log_interval=interval,
+        checkpoint_interval=10**9,
+        checkpoint_path=str(folder / "ckpt.pt"),
+        device="cpu" if args.tiny else "cuda",
+        compile=not args.tiny,
+        seed=args.seed,
+        overwrite=True,
         # A safety net: a slower machine than the probe promised still stops near the budget.
         max_minutes=1.25 * args.seconds / 60 + 1.0,
     )
@@ -134,7 +145,10 @@ def run_arm(args, name: str, train: Path, val: Path, tmp: Path, bytes_per_token)
     steady = records[1:] or records
     val_loss = result.last_val_loss
     return {
-        "arm": name, "steps": result.iteration, "planned": max_iters, "wall_s": wall,
+        "arm": name,
+        "steps": result.iteration,
+        "planned": max_iters,
+        "wall_s": wall,
         "epochs": result.iteration * cfg.batch_size * cfg.context_length / args.train_tokens,
         "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady),
         "val_loss": val_loss,

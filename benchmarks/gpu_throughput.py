@@ -49,12 +49,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace, batch_size: int, data: Path, folder: Path) -> dict:
     """One training run; the averages of its steady-state log windows."""
     cfg = TrainConfig(
-        train_data=[str(data)], vocab_size=args.vocab_size, context_length=args.context_length,
-        d_model=args.d_model, num_layers=args.num_layers, num_heads=args.num_heads, d_ff=args.d_ff,
-        batch_size=batch_size, learning_rate=6e-4, min_learning_rate=6e-5, warmup_iters=10,
-        max_iters=args.iters, log_interval=max(args.iters // args.windows, 1), eval_interval=10**9,
-        checkpoint_interval=10**9, checkpoint_path=str(folder / "ckpt.pt"), device=args.device,
-        dtype=args.dtype, compile=not args.no_compile, metrics=True,
+        train_data=[str(data)],
+        vocab_size=args.vocab_size,
+        context_length=args.context_length,
+        d_model=args.d_model,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        d_ff=args.d_ff,
+        batch_size=batch_size,
+        learning_rate=6e-4,
+        min_learning_rate=6e-5,
+        warmup_iters=10,
+        max_iters=args.iters,
+        log_interval=max(args.iters // args.windows, 1),
+        eval_interval=10**9,
+        checkpoint_interval=10**9,
+        checkpoint_path=str(folder / "ckpt.pt"),
+        device=args.device,
+        dtype=args.dtype,
+        compile=not args.no_compile,
+        metrics=True,
     )
     train_model(cfg, log=print)
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]

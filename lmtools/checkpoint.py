@@ -129,7 +129,10 @@ def _load_sharded(payload: dict, model: torch.nn.Module, optimizer: torch.optim.
     """Restore DCP shards into `model` (sharded or not) and `optimizer`; every rank calls this."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
     )
 
     folder = _sound_dcp_folder(payload)
@@ -179,11 +182,23 @@ def _dcp_load(state: dict, folder: Path, *, no_dist: bool) -> None:
 # classes, torch's dtypes and sizes, and plain containers are all a sound .metadata references.
 _DCP_SAFE_MODULES = ("torch.distributed.checkpoint.", "torch.distributed._shard.", "torch.distributed.tensor.")
 _DCP_SAFE_GLOBALS = {
-    ("torch", "Size"), ("torch", "device"), ("torch", "dtype"), ("torch", "layout"), ("torch", "memory_format"),
-    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
-    ("builtins", "bytearray"), ("builtins", "complex"), ("datetime", "datetime"),
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("torch", "dtype"),
+    ("torch", "layout"),
+    ("torch", "memory_format"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+    ("builtins", "bytearray"),
+    ("builtins", "complex"),
+    ("datetime", "datetime"),
     ("torch.serialization", "_get_layout"),  # looks a layout up by name
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
 }
 
 
@@ -274,7 +289,9 @@ def write_atomic(path: Path, write) -> None:
     """Call write(file) on a temp file beside `path`, fsync, and rename it over `path`."""
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist; create it or choose another --checkpoint_path")
+        raise CheckpointError(
+            f"checkpoint folder {folder} does not exist; create it or choose another --checkpoint_path"
+        )
     tmp = folder / f".{path.name}.{os.getpid()}{_TMP_SUFFIX}"
     try:
         with open(tmp, "wb") as f:
@@ -455,7 +472,6 @@ def _way_on(name) -> str:
     path = Path(name)
     sound = newest_sound(path, exclude=path)
     return f"; the newest sound checkpoint beside it is {sound}" if sound else ""
-
 
 
 def snapshot_base(path: str | os.PathLike) -> Path:

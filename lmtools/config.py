@@ -15,8 +15,9 @@ DEFAULT_VOCAB_SIZE = 10000
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def option(default: Any = MISSING, help: str = "", *, factory: Any = MISSING, cli: bool = True,
-           negatable: bool = False) -> Any:
+def option(
+    default: Any = MISSING, help: str = "", *, factory: Any = MISSING, cli: bool = True, negatable: bool = False
+) -> Any:
     """A TrainConfig field with its help text: the one declaration the `train` flags (--snake_case
     and --kebab-case), run configs (TOML) and checkpoints are generated from. `cli=False` marks
     state the run records but no flag sets; `negatable` adds a hidden --no_NAME, which turns the
@@ -78,7 +79,8 @@ class TrainConfig:
     overwrite: bool = option(False, "Start a new run even if --checkpoint_path already exists.")
     tokenizer: str | None = option(None, "The tokenizer.json of the run's data (resolved from it).", cli=False)
     val_sets: dict[str, str] = option(
-        factory=dict, cli=False,
+        factory=dict,
+        cli=False,
         help="Validation files by name (one per prepared folder of a mixture), evaluated and logged apart.",
     )
     init_from: str | None = option(
@@ -109,11 +111,12 @@ class TrainConfig:
     )
     logit_softcap: float = option(0.0, "Cap logits smoothly at +-this value (0: off).")
     doc_aligned: bool = option(
-        False, "Training windows start at document starts (needs the data's meta.json; --no_doc_aligned: off).",
+        False,
+        "Training windows start at document starts (needs the data's meta.json; --no_doc_aligned: off).",
         negatable=True,
     )
 
-    def model_config(self) -> "ModelConfig":
+    def model_config(self) -> ModelConfig:
         from lmtools.model import ModelConfig  # imports torch: only when a model is built
 
         return ModelConfig(
@@ -139,7 +142,11 @@ class TrainConfig:
                 progress = min((update - ext["start"]) / (ext["end"] - ext["start"]), 1.0)
                 return ext["to_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (ext["from_lr"] - ext["to_lr"])
         return run_get_lr_cosine_schedule(
-            update, self.learning_rate, self.min_learning_rate, self.warmup_iters, self._first_cosine_end(),
+            update,
+            self.learning_rate,
+            self.min_learning_rate,
+            self.warmup_iters,
+            self._first_cosine_end(),
         )
 
     def _first_cosine_end(self) -> int:
@@ -167,8 +174,13 @@ class TrainConfig:
         self.max_iters = new_max_iters
         self.schedule_extensions = [
             *self.schedule_extensions,
-            {"start": iteration, "end": new_max_iters, "from_lr": rate, "to_lr": self.min_learning_rate,
-             "previous_end": old_max},
+            {
+                "start": iteration,
+                "end": new_max_iters,
+                "from_lr": rate,
+                "to_lr": self.min_learning_rate,
+                "previous_end": old_max,
+            },
         ]
         if math.isclose(rate, self.min_learning_rate, rel_tol=1e-9, abs_tol=0.0):
             return (
@@ -210,7 +222,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -219,8 +231,14 @@ class TrainConfig:
         if not self.train_data:
             raise ConfigError("--train_data is required: pass a token file (.npy or .bin) or a prepared folder")
         positive_ints = (
-            "context_length", "batch_size", "max_iters", "eval_interval", "eval_iters",
-            "log_interval", "checkpoint_interval", "grad_accum_steps",
+            "context_length",
+            "batch_size",
+            "max_iters",
+            "eval_interval",
+            "eval_iters",
+            "log_interval",
+            "checkpoint_interval",
+            "grad_accum_steps",
         )
         for name in positive_ints:
             value = getattr(self, name)

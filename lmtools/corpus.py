@@ -112,9 +112,7 @@ def resolve_sources(inputs: Iterable[str | os.PathLike]) -> list[Source]:
         if path.is_dir():
             found = _in_folder(path)
             if not found:
-                raise DataError(
-                    f"{text}: the folder holds no {', '.join(CORPUS_SUFFIXES)} files"
-                )
+                raise DataError(f"{text}: the folder holds no {', '.join(CORPUS_SUFFIXES)} files")
             paths.extend(found)
         elif path.is_file():
             paths.append(path)
@@ -218,8 +216,7 @@ class _CountingReader(io.RawIOBase):
 def _not_utf8(source: Source, offset: int) -> DataError:
     where = "decompressed byte" if source.compressed else "byte"
     return DataError(
-        f"{source.path}: not UTF-8 text (undecodable {where} near offset {offset}); "
-        "convert it to UTF-8 or leave it out"
+        f"{source.path}: not UTF-8 text (undecodable {where} near offset {offset}); convert it to UTF-8 or leave it out"
     )
 
 
@@ -331,8 +328,12 @@ class SourceReader:
                     parts_seen += 1
             while len(buf) - keep > piece_chars:
                 cut = safe_cut(buf, piece_chars)
-                if not open_doc and sep is not None and len(buf) < 16 * piece_chars \
-                        and not _has_text(buf, len(buf) - keep):
+                if (
+                    not open_doc
+                    and sep is not None
+                    and len(buf) < 16 * piece_chars
+                    and not _has_text(buf, len(buf) - keep)
+                ):
                     break  # maybe only whitespace between two separators: wait and see
                 yield Piece(buf[:cut], False)
                 buf = buf[cut:]
@@ -410,13 +411,9 @@ class SourceReader:
                     try:
                         obj = json.loads(line.decode("utf-8"))
                     except UnicodeDecodeError:
-                        raise DataError(
-                            f"{self.source.path}:{lineno}: not UTF-8 text; convert the file"
-                        ) from None
+                        raise DataError(f"{self.source.path}:{lineno}: not UTF-8 text; convert the file") from None
                     except json.JSONDecodeError as exc:
-                        raise DataError(
-                            f"{self.source.path}:{lineno}: not a JSON line ({exc.msg})"
-                        ) from None
+                        raise DataError(f"{self.source.path}:{lineno}: not a JSON line ({exc.msg})") from None
                     if not isinstance(obj, dict) or field not in obj:
                         names = ", ".join(map(repr, obj)) if isinstance(obj, dict) else "none"
                         raise DataError(
@@ -429,8 +426,7 @@ class SourceReader:
                         continue
                     if not isinstance(text, str):
                         raise DataError(
-                            f"{self.source.path}:{lineno}: field {field!r} holds "
-                            f"{type(text).__name__}, not a string"
+                            f"{self.source.path}:{lineno}: field {field!r} holds {type(text).__name__}, not a string"
                         )
                     _check_encodable(text, f"{self.source.path}:{lineno}")
                     yield lineno, text
@@ -453,12 +449,14 @@ class SourceReader:
         names = pf.schema_arrow.names
         if column not in names:
             raise DataError(
-                f"{path}: no column {column!r} (columns: {', '.join(map(repr, names))}); "
-                "choose one with --text_column"
+                f"{path}: no column {column!r} (columns: {', '.join(map(repr, names))}); choose one with --text_column"
             )
         kind = pf.schema_arrow.field(column).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
-                or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        if not (
+            pa.types.is_string(kind)
+            or pa.types.is_large_string(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)
+        ):
             raise DataError(f"{path}: column {column!r} holds {kind}, not strings")
         total_rows = max(1, pf.metadata.num_rows)
         rows = reported = 0
@@ -498,9 +496,7 @@ def _check_encodable(text: str, where: str) -> None:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise DataError(
-                f"{where}: the text holds an unpaired surrogate, which is not valid Unicode"
-            ) from None
+            raise DataError(f"{where}: the text holds an unpaired surrogate, which is not valid Unicode") from None
 
 
 def iter_pieces(

@@ -28,9 +28,9 @@ import torch
 from lmtools import _sampler
 from lmtools.device import resolve_device
 from lmtools.errors import ConfigError, DataError
-from lmtools.layout import TOKEN_DTYPES_TEXT, token_dtype_name
 from lmtools.fingerprint import SizeGuardedSampler
 from lmtools.fsutil import regular_file_problem
+from lmtools.layout import TOKEN_DTYPES_TEXT, token_dtype_name
 
 __all__ = ["BatchLoader", "get_batch", "load_dataset", "parse_source_spec"]
 
@@ -47,9 +47,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 # Files
 
 
-def load_dataset(
-    file_path: str | os.PathLike[str], mmap_mode: bool | str = True, dtype: Any = None
-) -> np.ndarray:
+def load_dataset(file_path: str | os.PathLike[str], mmap_mode: bool | str = True, dtype: Any = None) -> np.ndarray:
     """Opens a token file as a 1-D integer array.
 
     `.npy` files take their dtype from the header (which is checked: 1-D, C order,
@@ -81,8 +79,7 @@ def load_dataset(
         if want is None:
             refuse_text(path)
             raise DataError(
-                f"{path}: is a raw token file; pass its dtype ({TOKEN_DTYPES_TEXT}), "
-                "or save it with numpy.save as .npy"
+                f"{path}: is a raw token file; pass its dtype ({TOKEN_DTYPES_TEXT}), or save it with numpy.save as .npy"
             )
         # The Rust opener checks the size is whole tokens and that it is no .npy in disguise.
         count = len(_sampler.TokenFile.open(str(path), want))
@@ -278,7 +275,9 @@ class BatchLoader:
                     "resume with the same data and batch settings"
                 )
         if not 0 <= step < 2**63 or not 0 <= micro < self.grad_accum_steps:
-            raise DataError(f"sampler state has step={step}, micro={micro}; they must be >= 0 and micro < grad_accum_steps")
+            raise DataError(
+                f"sampler state has step={step}, micro={micro}; they must be >= 0 and micro < grad_accum_steps"
+            )
         self._stop_ring()  # its batches belong to the old position
         self.step, self.micro, self.seed = step, micro, seed
 
@@ -587,7 +586,9 @@ def _array_source(data: Any, name: str) -> _sampler.TokenFile:
     if data.ndim != 1:
         raise DataError(f"{name}: token data must be 1-D; got shape {data.shape}; pass data.reshape(-1)")
     if data.dtype.kind not in "iu":
-        raise DataError(f"{name}: token data must hold integers; got dtype {data.dtype}; convert with data.astype(np.int64)")
+        raise DataError(
+            f"{name}: token data must hold integers; got dtype {data.dtype}; convert with data.astype(np.int64)"
+        )
     if not data.dtype.isnative:
         data = data.astype(data.dtype.newbyteorder("="))
     if not data.flags.c_contiguous:

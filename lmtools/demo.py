@@ -143,13 +143,23 @@ def run_demo(
     log("[4/4] sample:")
     samples = sample_lines(Path(cfg.checkpoint_path), seed=seed)
     return DemoResult(
-        out=out, corpus_files=n_files, corpus_bytes=n_bytes, data_dir=data_dir,
-        checkpoint=Path(cfg.checkpoint_path), metrics=run_dir / METRICS_FILE, plot=plot_path,
-        iterations=result.iteration, max_iters=max_iters,
-        first_loss=result.losses[0], last_loss=train_curve[-1] if train_curve else result.losses[-1],
-        first_val_loss=val_curve[0] if val_curve else None, last_val_loss=val_curve[-1] if val_curve else None,
-        train_seconds=train_seconds, total_seconds=time.perf_counter() - start,
-        stopped_early=result.stopped_by_signal or result.stopped_by_time, samples=samples,
+        out=out,
+        corpus_files=n_files,
+        corpus_bytes=n_bytes,
+        data_dir=data_dir,
+        checkpoint=Path(cfg.checkpoint_path),
+        metrics=run_dir / METRICS_FILE,
+        plot=plot_path,
+        iterations=result.iteration,
+        max_iters=max_iters,
+        first_loss=result.losses[0],
+        last_loss=train_curve[-1] if train_curve else result.losses[-1],
+        first_val_loss=val_curve[0] if val_curve else None,
+        last_val_loss=val_curve[-1] if val_curve else None,
+        train_seconds=train_seconds,
+        total_seconds=time.perf_counter() - start,
+        stopped_early=result.stopped_by_signal or result.stopped_by_time,
+        samples=samples,
     )
 
 
@@ -223,13 +233,22 @@ def demo_config(data_dir: Path, run_dir: Path, max_iters: int, seed: int = 0):
     max_iters = max(max_iters, 1)
     log_interval = max(max_iters // 30, 1)
     return TrainConfig(
-        train_data=[str(data_dir / TRAIN_FILE)], val_data=str(data_dir / VAL_FILE),
-        **MODEL, batch_size=BATCH_SIZE,
-        learning_rate=LEARNING_RATE, min_learning_rate=MIN_LEARNING_RATE, weight_decay=0.1,
-        warmup_iters=max(max_iters // 20, 1), max_iters=max_iters,
-        eval_interval=log_interval * -(-max_iters // (EVALS * log_interval)), eval_iters=EVAL_ITERS,
-        log_interval=log_interval, checkpoint_interval=max_iters,
-        checkpoint_path=str(run_dir / "checkpoint.pt"), device="cpu", seed=seed,
+        train_data=[str(data_dir / TRAIN_FILE)],
+        val_data=str(data_dir / VAL_FILE),
+        **MODEL,
+        batch_size=BATCH_SIZE,
+        learning_rate=LEARNING_RATE,
+        min_learning_rate=MIN_LEARNING_RATE,
+        weight_decay=0.1,
+        warmup_iters=max(max_iters // 20, 1),
+        max_iters=max_iters,
+        eval_interval=log_interval * -(-max_iters // (EVALS * log_interval)),
+        eval_iters=EVAL_ITERS,
+        log_interval=log_interval,
+        checkpoint_interval=max_iters,
+        checkpoint_path=str(run_dir / "checkpoint.pt"),
+        device="cpu",
+        seed=seed,
     )
 
 
@@ -280,8 +299,13 @@ def sample_lines(checkpoint: Path, *, seed: int = 0, max_new_tokens: int = 60) -
     for i, prompt in enumerate(PROMPTS):
         gen = torch.Generator().manual_seed(seed + i)
         ids = generate_ids(
-            model, tok.encode(prompt, add_special_tokens=False).ids, max_new_tokens,
-            temperature=0.8, top_p=0.95, eot_id=eot, generator=gen,
+            model,
+            tok.encode(prompt, add_special_tokens=False).ids,
+            max_new_tokens,
+            temperature=0.8,
+            top_p=0.95,
+            eot_id=eot,
+            generator=gen,
         )
         samples.append((prompt, "".join(stream_text(tok, ids))))
     return samples

@@ -19,7 +19,9 @@ def resolve_device(name: str | torch.device) -> torch.device:
         return device
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"--device {name} was requested but this machine has no usable CUDA GPU; use --device cpu")
+            raise DeviceError(
+                f"--device {name} was requested but this machine has no usable CUDA GPU; use --device cpu"
+            )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             raise DeviceError(f"--device {name}: this machine has {count} CUDA device(s), numbered 0..{count - 1}")

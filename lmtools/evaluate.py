@@ -66,7 +66,10 @@ def window_plan(n: int, context_length: int, stride: int) -> list[tuple[int, int
 
 @torch.no_grad()
 def score_sequence(
-    model: torch.nn.Module, ids: np.ndarray, stride: int, batch_size: int,
+    model: torch.nn.Module,
+    ids: np.ndarray,
+    stride: int,
+    batch_size: int,
     advance: Callable[[int], None] = lambda n: None,
 ) -> tuple[float, int]:
     """(summed nll in nats, tokens scored) of `ids` under `model`, in sliding windows."""
@@ -74,7 +77,7 @@ def score_sequence(
     plan = window_plan(len(ids), model.config.context_length, stride)
     total, scored = 0.0, 0
     for group in _batches(plan, batch_size):
-        rows = np.stack([np.asarray(ids[s:e + 1], dtype=np.int64) for s, e, _ in group])
+        rows = np.stack([np.asarray(ids[s : e + 1], dtype=np.int64) for s, e, _ in group])
         x = torch.from_numpy(rows[:, :-1]).to(device)
         y = torch.from_numpy(rows[:, 1:]).to(device)
         nll = F.cross_entropy(model(x).float().transpose(1, 2), y, reduction="none")
@@ -104,8 +107,8 @@ def read_file(
 ) -> tuple[np.ndarray, str, float | None, str | None]:
     """A file's token ids, its kind, its bytes per token and a note when bytes are unknown."""
     from lmtools.data import load_dataset
-    from lmtools.prepare import read_meta
     from lmtools.layout import EOT
+    from lmtools.prepare import read_meta
 
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -128,13 +131,23 @@ def read_file(
         raise DataError(f"{path}: holds {'no text' if kind == 'text' else f'{len(ids)} tokens'}; nothing to score")
     hi = int(ids.max())
     if hi >= vocab_size or int(ids.min()) < 0:
-        raise DataError(f"{path}: holds token id {hi}, beyond the model's vocabulary of {vocab_size}; "
-                        f"it was tokenized for another model")
+        raise DataError(
+            f"{path}: holds token id {hi}, beyond the model's vocabulary of {vocab_size}; "
+            f"it was tokenized for another model"
+        )
     return ids, kind, bpt, note
 
 
-def score_file(model, path: Path, tokenizer_for_text, *, stride: int, batch_size: int, advance=lambda n: None,
-               on_plan=lambda n: None) -> FileScore:
+def score_file(
+    model,
+    path: Path,
+    tokenizer_for_text,
+    *,
+    stride: int,
+    batch_size: int,
+    advance=lambda n: None,
+    on_plan=lambda n: None,
+) -> FileScore:
     """Score one whole file; `on_plan(windows)` is called once its window count is known."""
     ids, kind, bpt, note = read_file(path, tokenizer_for_text, model.config.vocab_size)
     on_plan(len(window_plan(len(ids), model.config.context_length, stride)))
@@ -157,8 +170,9 @@ def score_validation_windows(model, path: Path, train_cfg: dict, device: torch.d
     if path.suffix.lower() != ".npy":
         raise ConfigError(f"--val_windows scores token files (.npy) as training validates them; {path} is text")
     ids, _, bpt, note = read_file(path, lambda: None, model.config.vocab_size)
-    loader = BatchLoader([str(path)], cfg.batch_size, cfg.context_length, device, seed=cfg.seed + 1, prefetch=0,
-                         dtype=cfg.data_dtype)
+    loader = BatchLoader(
+        [str(path)], cfg.batch_size, cfg.context_length, device, seed=cfg.seed + 1, prefetch=0, dtype=cfg.data_dtype
+    )
     try:
         loss = evaluate(model, loader, cfg.eval_iters, contextlib.nullcontext(), DistInfo())
     finally:

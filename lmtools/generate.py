@@ -13,7 +13,6 @@ from lmtools.model import MODEL_FIELDS, KVCache, ModelConfig, TransformerLM, val
 from lmtools.preflight import check_inference_model
 
 
-
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[TransformerLM, dict]:
     """The model of a checkpoint, in eval mode on `device`, and the checkpoint's contents."""
     payload = read_checkpoint(checkpoint)
@@ -27,7 +26,9 @@ def model_from_payload(payload: dict, checkpoint: str | Path = "the checkpoint")
         # Options a checkpoint predates keep their defaults (the specification's model).
         config = ModelConfig.from_dict({k: model_cfg[k] for k in MODEL_FIELDS[:6]} | model_cfg)
     except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{checkpoint} holds no model config ({exc} missing); it was not written by lmtools") from None
+        raise CheckpointError(
+            f"{checkpoint} holds no model config ({exc} missing); it was not written by lmtools"
+        ) from None
     validate_config(config)
     check_inference_model(config, checkpoint)  # before allocating: a stored config is input too
     model = TransformerLM.from_config(config)
@@ -93,7 +94,7 @@ def generate_ids(
         yield next_id
         tokens.append(next_id)
         if cache.length >= ctx:
-            tokens = tokens[-(ctx // 2):]
+            tokens = tokens[-(ctx // 2) :]
             cache = KVCache(model.config.num_layers)
             logits = model(torch.tensor([tokens], device=device), cache)[0, -1]
         else:
@@ -109,8 +110,8 @@ def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
         text = tokenizer.decode(seen, skip_special_tokens=False)
         if text.endswith("\ufffd"):
             continue
-        yield text[len(emitted):]
+        yield text[len(emitted) :]
         emitted = text
     text = tokenizer.decode(seen, skip_special_tokens=False)
     if len(text) > len(emitted):
-        yield text[len(emitted):]
+        yield text[len(emitted) :]

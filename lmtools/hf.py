@@ -27,28 +27,51 @@ _ROTATED = ("attn.q_proj.weight", "attn.k_proj.weight")
 
 
 # Each lmtools weight of a block (without its "layers.{i}." prefix), in the model's order.
-BLOCK_WEIGHTS = ("ln1", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.output_proj", "ln2", "ffn.w1", "ffn.w3",
-                 "ffn.w2")
+BLOCK_WEIGHTS = (
+    "ln1",
+    "attn.q_proj",
+    "attn.k_proj",
+    "attn.v_proj",
+    "attn.output_proj",
+    "ln2",
+    "ffn.w1",
+    "ffn.w3",
+    "ffn.w2",
+)
 
 
-def renamed_weights(num_layers: int, outer: tuple[str, str, str], block: str, names: tuple[str, ...]) -> list[tuple[str, str]]:
+def renamed_weights(
+    num_layers: int, outer: tuple[str, str, str], block: str, names: tuple[str, ...]
+) -> list[tuple[str, str]]:
     """(lmtools name, other name) of every weight, in the model's order. `outer`: the other names
     of the token embedding, final norm and head; `block`: a layer's prefix with `{i}`; `names`:
     the other names of BLOCK_WEIGHTS."""
     embed, norm, head = outer
     pairs = [("token_embeddings.weight", embed)]
     for i in range(num_layers):
-        pairs += [(f"layers.{i}.{ours}.weight", block.format(i=i) + theirs) for ours, theirs in zip(BLOCK_WEIGHTS, names)]
+        pairs += [
+            (f"layers.{i}.{ours}.weight", block.format(i=i) + theirs) for ours, theirs in zip(BLOCK_WEIGHTS, names)
+        ]
     return pairs + [("ln_final.weight", norm), ("lm_head.weight", head)]
 
 
 def weight_names(num_layers: int) -> list[tuple[str, str]]:
     """(lmtools name, transformers name) of every weight, in the model's order."""
     return renamed_weights(
-        num_layers, ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"), "model.layers.{i}.",
-        ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-         "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-         "mlp.down_proj.weight"),
+        num_layers,
+        ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"),
+        "model.layers.{i}.",
+        (
+            "input_layernorm.weight",
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight",
+            "post_attention_layernorm.weight",
+            "mlp.gate_proj.weight",
+            "mlp.up_proj.weight",
+            "mlp.down_proj.weight",
+        ),
     )
 
 
@@ -183,7 +206,11 @@ def _json(obj: Any) -> str:
 
 
 def export_checkpoint(
-    checkpoint: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "hf", tokenizer: str | None = None,
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    fmt: str = "hf",
+    tokenizer: str | None = None,
     overwrite: bool = False,
 ) -> list[Path]:
     """Write a checkpoint (plain or sharded) as a Hugging Face folder (`fmt="hf"`), as plain

@@ -39,7 +39,9 @@ class InitSource:
             model.load_state_dict(self.state_dict)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0]
-            raise CheckpointError(f"--init_from {self.path}: its weights do not fit its own model config ({first})") from None
+            raise CheckpointError(
+                f"--init_from {self.path}: its weights do not fit its own model config ({first})"
+            ) from None
 
 
 def read_init_source(path: str) -> InitSource:
@@ -61,8 +63,9 @@ def read_init_source(path: str) -> InitSource:
                 f"pass a checkpoint written by lmtools train"
             ) from None
         model_config, state_dict, tokenizer_text = import_llama(p)
-        return InitSource(str(p.resolve()), "Hugging Face folder", dict(model_config), tokenizer_text,
-                          state_dict=state_dict)
+        return InitSource(
+            str(p.resolve()), "Hugging Face folder", dict(model_config), tokenizer_text, state_dict=state_dict
+        )
     check_checkpoint_file(p, "--init_from")
     from lmtools.checkpoint import read_checkpoint
     from lmtools.model import MODEL_FIELDS
@@ -72,8 +75,7 @@ def read_init_source(path: str) -> InitSource:
     model_config = payload.get("model_config") or {k: config[k] for k in MODEL_FIELDS if k in config}
     if "vocab_size" not in model_config:
         raise CheckpointError(f"--init_from {p} records no model config; it was not written by lmtools train")
-    return InitSource(str(p.resolve()), "checkpoint", dict(model_config), _tokenizer_text(payload, p),
-                      payload=payload)
+    return InitSource(str(p.resolve()), "checkpoint", dict(model_config), _tokenizer_text(payload, p), payload=payload)
 
 
 def _tokenizer_text(payload: dict, checkpoint: Path) -> str | None:

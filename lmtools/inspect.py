@@ -76,7 +76,6 @@ def check_checkpoint_file(path: Path, command: str) -> None:
         raise CheckpointError(f"{path} is {_looks_like(path, head)}, not a checkpoint; {fix}")
 
 
-
 def inspect_checkpoint(path: str | os.PathLike) -> dict:
     """Format, model, parameters, optimizer, schedule position, metrics, data and versions."""
     from lmtools.checkpoint import read_checkpoint
@@ -85,14 +84,14 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     p = Path(path)
     head = _head(p)
     if not (head.startswith(_ZIP_MAGIC) or head[:1] == bytes([_PICKLE_PROTO])):
-        raise CheckpointError(f"{p} is not a checkpoint: it is {_looks_like(p, head)}; checkpoints come from lmtools train")
+        raise CheckpointError(
+            f"{p} is not a checkpoint: it is {_looks_like(p, head)}; checkpoints come from lmtools train"
+        )
     if head.startswith(_ZIP_MAGIC) and not _is_torch_zip(p):
         raise CheckpointError(f"{p} is not a checkpoint: it is a zip archive without PyTorch's data.pkl")
     payload = read_checkpoint(p, suggest=False)
     config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
-    model_config = payload.get("model_config") or {
-        k: config[k] for k in MODEL_FIELDS if k in config
-    }
+    model_config = payload.get("model_config") or {k: config[k] for k in MODEL_FIELDS if k in config}
     check_stored_config(model_config if isinstance(model_config, dict) else {}, p)
     sharded = "dcp" in payload
     # A sharded (--fsdp) checkpoint keeps its tensors in the .dcp folder: shapes come from the config.
@@ -117,11 +116,26 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
         "data": _data(config, payload.get("sampler")),
         "tokenizer": _tokenizer_ref(payload, config, p),
         "training": {
-            k: config[k] for k in (
-                "batch_size", "context_length", "grad_accum_steps", "gradient_clip_val", "seed", "device", "dtype",
-                "compile", "fsdp", "checkpoint_interval", "eval_interval", "log_interval",
-                "recipe", "optimizer", "muon_lr", "doc_aligned",
-            ) if k in config
+            k: config[k]
+            for k in (
+                "batch_size",
+                "context_length",
+                "grad_accum_steps",
+                "gradient_clip_val",
+                "seed",
+                "device",
+                "dtype",
+                "compile",
+                "fsdp",
+                "checkpoint_interval",
+                "eval_interval",
+                "log_interval",
+                "recipe",
+                "optimizer",
+                "muon_lr",
+                "doc_aligned",
+            )
+            if k in config
         },
         "problems": problems,
     }
@@ -243,7 +257,9 @@ def _data(config: dict, sampler: Any) -> dict:
     if isinstance(sampler, dict) and sampler:
         out["sampler"] = {k: sampler[k] for k in ("step", "micro", "seed", "rank", "num_tokens") if k in sampler}
         try:
-            per_step = int(sampler["batch_size"]) * int(sampler["context_length"]) * int(sampler.get("grad_accum_steps", 1))
+            per_step = (
+                int(sampler["batch_size"]) * int(sampler["context_length"]) * int(sampler.get("grad_accum_steps", 1))
+            )
             out["sampler"]["tokens_seen"] = int(sampler["step"]) * per_step
         except (KeyError, TypeError, ValueError):
             pass
@@ -428,12 +444,18 @@ def inspect_dataset(folder: str | os.PathLike, *, excerpt_chars: int = 200) -> d
         report["sources"] = {"files": len(sources), "bytes": sum(int(s) for s in sizes if isinstance(s, (int, float)))}
     for name, f in splits.items():
         if f.is_file():
-            sub = inspect_token_file(f, meta=meta or {}, tokenizer=tokenizer, excerpt_chars=excerpt_chars if name == "train" else 0)
-            report[name] = {k: v for k, v in sub.items() if k not in ("kind", "path", "vocab_size", "problems", "sound")}
+            sub = inspect_token_file(
+                f, meta=meta or {}, tokenizer=tokenizer, excerpt_chars=excerpt_chars if name == "train" else 0
+            )
+            report[name] = {
+                k: v for k, v in sub.items() if k not in ("kind", "path", "vocab_size", "problems", "sound")
+            }
             problems.extend(f"{name}.npy: {msg}" for msg in sub["problems"])
             claimed = _meta_int(meta, f"{name}_tokens")
             if claimed is not None and claimed != sub["tokens"]:
-                problems.append(f"{name}.npy holds {sub['tokens']:,} tokens but meta.json says {claimed:,}; re-run lmtools prepare")
+                problems.append(
+                    f"{name}.npy holds {sub['tokens']:,} tokens but meta.json says {claimed:,}; re-run lmtools prepare"
+                )
     if "train" in report and "excerpt" in report["train"]:
         report["excerpt"] = report["train"].pop("excerpt")
     report["problems"] = problems

@@ -28,9 +28,20 @@ def _gguf():
 def gguf_names(num_layers: int) -> list[tuple[str, str]]:
     """(lmtools name, GGUF tensor name) of every weight."""
     return renamed_weights(
-        num_layers, ("token_embd.weight", "output_norm.weight", "output.weight"), "blk.{i}.",
-        ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_norm.weight",
-         "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"),
+        num_layers,
+        ("token_embd.weight", "output_norm.weight", "output.weight"),
+        "blk.{i}.",
+        (
+            "attn_norm.weight",
+            "attn_q.weight",
+            "attn_k.weight",
+            "attn_v.weight",
+            "attn_output.weight",
+            "ffn_norm.weight",
+            "ffn_gate.weight",
+            "ffn_up.weight",
+            "ffn_down.weight",
+        ),
     )
 
 
@@ -42,8 +53,10 @@ def gguf_vocab(tokenizer_json: str, vocab_size: int) -> tuple[list[str], list[in
     spec = json.loads(tokenizer_json)
     model = spec.get("model") or {}
     if not _plain_byte_level(spec, model):
-        raise ConfigError("--format gguf needs a plain byte-level BPE tokenizer (as lmtools prepare trains); "
-                          "this checkpoint's tokenizer is another kind")
+        raise ConfigError(
+            "--format gguf needs a plain byte-level BPE tokenizer (as lmtools prepare trains); "
+            "this checkpoint's tokenizer is another kind"
+        )
     by_id = {int(i): tok for tok, i in model["vocab"].items()}
     special = set()
     for added in spec.get("added_tokens") or []:
@@ -54,17 +67,21 @@ def gguf_vocab(tokenizer_json: str, vocab_size: int) -> tuple[list[str], list[in
     tokens, types = [], []
     for i in range(vocab_size):
         tokens.append(by_id.get(i, f"[PAD{i}]"))
-        types.append(gguf.TokenType.CONTROL if i in special else
-                     gguf.TokenType.NORMAL if i in by_id else gguf.TokenType.UNUSED)
+        types.append(
+            gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL if i in by_id else gguf.TokenType.UNUSED
+        )
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     if not merges:
-        raise ConfigError("--format gguf needs a BPE with merges (llama.cpp loads no byte-level vocabulary "
-                          "without them); this checkpoint's tokenizer has none")
+        raise ConfigError(
+            "--format gguf needs a BPE with merges (llama.cpp loads no byte-level vocabulary "
+            "without them); this checkpoint's tokenizer has none"
+        )
     return tokens, types, merges
 
 
-def write_gguf(path: Path, state: dict[str, torch.Tensor], model_cfg: dict, tokenizer_json: str,
-               eot_id: int | None) -> None:
+def write_gguf(
+    path: Path, state: dict[str, torch.Tensor], model_cfg: dict, tokenizer_json: str, eot_id: int | None
+) -> None:
     """One float32 GGUF file: llama hyperparameters, the tokenizer, every weight."""
     gguf = _gguf()
     tokens, types, merges = gguf_vocab(tokenizer_json, int(model_cfg["vocab_size"]))

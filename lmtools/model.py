@@ -44,7 +44,7 @@ class ModelConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> ModelConfig:
         """From a checkpoint's dict; fields it lacks (older checkpoints) keep their defaults."""
         return cls(**{k: data[k] for k in MODEL_FIELDS if k in data})
 
@@ -239,8 +239,17 @@ class TransformerLM(nn.Module):
     ):
         super().__init__()
         self.config = ModelConfig(
-            vocab_size, context_length, d_model, num_layers, num_heads, d_ff, rope_theta,
-            qk_norm, ffn, zero_init_proj, logit_softcap,
+            vocab_size,
+            context_length,
+            d_model,
+            num_layers,
+            num_heads,
+            d_ff,
+            rope_theta,
+            qk_norm,
+            ffn,
+            zero_init_proj,
+            logit_softcap,
         )
         validate_config(self.config)
         self.token_embeddings = nn.Embedding(vocab_size, d_model)
@@ -251,7 +260,7 @@ class TransformerLM(nn.Module):
         self.reset_parameters()
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig | dict) -> "TransformerLM":
+    def from_config(cls, cfg: ModelConfig | dict) -> TransformerLM:
         if isinstance(cfg, dict):
             cfg = ModelConfig.from_dict(cfg)
         return cls(**asdict(cfg))
@@ -295,9 +304,7 @@ class TransformerLM(nn.Module):
         start = cache.length if cache is not None else 0
         t = token_ids.shape[-1]
         if start + t > self.config.context_length:
-            raise ValueError(
-                f"sequence of {start + t} tokens exceeds the context length {self.config.context_length}"
-            )
+            raise ValueError(f"sequence of {start + t} tokens exceeds the context length {self.config.context_length}")
         positions = torch.arange(start, start + t, device=token_ids.device)
         x = self.token_embeddings(token_ids)
         for i, layer in enumerate(self.layers):
@@ -324,9 +331,7 @@ def validate_config(cfg: ModelConfig) -> None:
             f"pick a head count that divides the width"
         )
     if (cfg.d_model // cfg.num_heads) % 2:
-        raise ConfigError(
-            f"head size d_model/num_heads = {cfg.d_model // cfg.num_heads} must be even for RoPE"
-        )
+        raise ConfigError(f"head size d_model/num_heads = {cfg.d_model // cfg.num_heads} must be even for RoPE")
     if not cfg.rope_theta > 0:
         raise ConfigError(f"--rope_theta must be positive, got {cfg.rope_theta}")
     if cfg.ffn not in FFN_KINDS:

@@ -60,9 +60,14 @@ OPTIMIZERS = ("adamw", "muon")
 
 
 def make_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
-    *, optimizer: str = "adamw", muon_lr: float = 0.02,
-) -> "torch.optim.AdamW | MuonWithAdamW":
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    device: torch.device,
+    *,
+    optimizer: str = "adamw",
+    muon_lr: float = 0.02,
+) -> torch.optim.AdamW | MuonWithAdamW:
     """AdamW with weight decay on matrices only (not on norms' gains); or, with
     `optimizer="muon"`, Muon for the blocks' 2-D weights and that AdamW for the rest.
 
@@ -85,7 +90,10 @@ def make_optimizer(
         return adamw
     muon = torch.optim.Muon(
         [{"params": [p for p in hidden_matrices(model)], "lr_scale": muon_lr / lr}],
-        lr=muon_lr, weight_decay=weight_decay, momentum=0.95, nesterov=True,
+        lr=muon_lr,
+        weight_decay=weight_decay,
+        momentum=0.95,
+        nesterov=True,
     )
     return MuonWithAdamW(muon, adamw)
 

@@ -103,7 +103,9 @@ def plot_runs(
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError:
-        raise ConfigError("plotting needs matplotlib: pip install 'lmtools[plot]' (or pip install matplotlib)") from None
+        raise ConfigError(
+            "plotting needs matplotlib: pip install 'lmtools[plot]' (or pip install matplotlib)"
+        ) from None
 
     fig = Figure(figsize=(8, 5), dpi=110)
     FigureCanvasAgg(fig)
@@ -115,11 +117,21 @@ def plot_runs(
             ax.plot(xs, ys, color=color, linewidth=1.5, label=f"{run.name} train")
         if run.val:
             xs, ys = zip(*run.val)
-            ax.plot(xs, ys, color=color, linestyle="--", marker="o", markersize=3, linewidth=1.2, label=f"{run.name} val")
+            ax.plot(
+                xs, ys, color=color, linestyle="--", marker="o", markersize=3, linewidth=1.2, label=f"{run.name} val"
+            )
         for (set_name, points), marker in zip(run.val_sets.items(), "sv^Dpx*"):
             xs, ys = zip(*points)
-            ax.plot(xs, ys, color=color, linestyle=":", marker=marker, markersize=3, linewidth=1,
-                    label=f"{run.name} val/{set_name}")
+            ax.plot(
+                xs,
+                ys,
+                color=color,
+                linestyle=":",
+                marker=marker,
+                markersize=3,
+                linewidth=1,
+                label=f"{run.name} val/{set_name}",
+            )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (nats per token)")

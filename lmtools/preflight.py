@@ -59,10 +59,14 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         parts = ", ".join(
-            f"{name} {_gib(v)}" for name, v in (
-                ("weights", self.weights), ("gradients", self.gradients), ("optimizer", self.optimizer),
+            f"{name} {_gib(v)}"
+            for name, v in (
+                ("weights", self.weights),
+                ("gradients", self.gradients),
+                ("optimizer", self.optimizer),
                 ("activations", self.activations),
-            ) if v
+            )
+            if v
         )
         of = f" of {_gib(self.available)} {self.where}" if self.available else ""
         return f"~{_gib(self.total)} estimated ({parts}){of}"
@@ -78,8 +82,9 @@ def parameter_count(mc) -> int:
     return 2 * mc.vocab_size * mc.d_model + mc.num_layers * per_layer + mc.d_model
 
 
-def estimate_training_memory(mc, batch_size: int, act_bytes: int, shards: int = 1,
-                             training: bool = True, device=None) -> MemoryEstimate:
+def estimate_training_memory(
+    mc, batch_size: int, act_bytes: int, shards: int = 1, training: bool = True, device=None
+) -> MemoryEstimate:
     """Weights in float32, AdamW's two moments, gradients, and the activations a micro-batch
     keeps for the backward pass (about 10 d_model + 4 d_ff values per token and layer, plus the
     logits and their float32 copies); with `shards` (FSDP) the first three are split."""

@@ -260,8 +260,7 @@ def _plan_split(enc: _Encoded, fraction: float) -> dict[str, Any]:
     if fraction == 0:
         return {"method": "none", "reason": "--val_fraction 0"}
     if n < 2 * MIN_VAL_TOKENS:
-        return {"method": "none",
-                "reason": f"{n} tokens are too few for a {MIN_VAL_TOKENS}-token validation window"}
+        return {"method": "none", "reason": f"{n} tokens are too few for a {MIN_VAL_TOKENS}-token validation window"}
     target = max(fraction * n, MIN_VAL_TOKENS)
     if enc.hashes:
         hashes, lengths = np.concatenate(enc.hashes), np.concatenate(enc.lengths)
@@ -274,8 +273,9 @@ def _plan_split(enc: _Encoded, fraction: float) -> dict[str, Any]:
     return {"method": "spans", "where": "tail", "target_tokens": round(target)}
 
 
-def _apply_split(enc: _Encoded, val: NpyWriter, plan: dict, seed: int, eot_id: int,
-                 line_ends: Callable[[], np.ndarray]) -> dict[str, int]:
+def _apply_split(
+    enc: _Encoded, val: NpyWriter, plan: dict, seed: int, eot_id: int, line_ends: Callable[[], np.ndarray]
+) -> dict[str, int]:
     """Move the validation tokens from the stream into `val`; the stream becomes train."""
     if plan["method"] == "documents":
         return _split_documents(enc.writer, val, seed, plan["max_hash"], eot_id)
@@ -286,8 +286,9 @@ def _apply_split(enc: _Encoded, val: NpyWriter, plan: dict, seed: int, eot_id: i
     return {"train_documents": enc.documents, "val_documents": 0}
 
 
-def _split_documents(stream: NpyWriter, val: NpyWriter, seed: int, max_hash: int,
-                     eot_id: int, chunk: int = 1 << 22) -> dict[str, int]:
+def _split_documents(
+    stream: NpyWriter, val: NpyWriter, seed: int, max_hash: int, eot_id: int, chunk: int = 1 << 22
+) -> dict[str, int]:
     """Documents whose hash is at most `max_hash` go to val; the rest is compacted in place
     (the write position never passes the read position, so nothing unread is overwritten)."""
     import numpy as np
@@ -312,8 +313,7 @@ def _split_documents(stream: NpyWriter, val: NpyWriter, seed: int, max_hash: int
     return {"train_documents": doc - val_docs, "val_documents": val_docs}
 
 
-def _tail_start(stream: NpyWriter, target: int, eot_id: int,
-                line_ends: np.ndarray) -> tuple[int, str]:
+def _tail_start(stream: NpyWriter, target: int, eot_id: int, line_ends: np.ndarray) -> tuple[int, str]:
     """Where the validation tail starts: the document boundary nearest to `target` tokens
     from the end within +-SPAN_SNAP of it, else the nearest line end, else exactly there."""
     import numpy as np
@@ -333,8 +333,9 @@ def _tail_start(stream: NpyWriter, target: int, eot_id: int,
     return ideal, "token"
 
 
-def _split_tail(stream: NpyWriter, val: NpyWriter, start: int, eot_id: int, documents: int,
-                chunk: int = 1 << 22) -> dict[str, int]:
+def _split_tail(
+    stream: NpyWriter, val: NpyWriter, start: int, eot_id: int, documents: int, chunk: int = 1 << 22
+) -> dict[str, int]:
     val_docs = 0
     for at in range(start, stream.count, chunk):
         ids = stream.read(at, min(chunk, stream.count - at))
@@ -405,14 +406,15 @@ def prepare_corpus(
     created_out = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with exclusive(out / LOCK_FILE, f"--out {out}",
-                       "wait for that prepare to finish or choose another --out"):
+        with exclusive(out / LOCK_FILE, f"--out {out}", "wait for that prepare to finish or choose another --out"):
             if (out / META_FILE).exists() and not force:
-                raise DataError(f"{out} already holds a prepared dataset; pass --force to "
-                                "overwrite it or choose another --out")
+                raise DataError(
+                    f"{out} already holds a prepared dataset; pass --force to overwrite it or choose another --out"
+                )
             _remove_stale_temporaries(out)
-            options = ReadOptions(text_field=text_field, text_column=text_column,
-                                  separator=separator, piece_chars=piece_chars)
+            options = ReadOptions(
+                text_field=text_field, text_column=text_column, separator=separator, piece_chars=piece_chars
+            )
             run = _Run(sources, options, out, seed, val_fraction, progress or Progress())
             meta = run.write(loaded, tokenizer, vocab_size, tokenizer_sample, threads, batch_chars)
     except OSError as exc:
@@ -438,13 +440,14 @@ def _write_error(out: Path, exc: OSError) -> BaseException:
     """A full disk or a file that may not be read or written, as one line; other OSErrors
     (failing hardware, bugs) stay as they are."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DataError(f"--out {out}: no space left on the device ({exc.strerror}); "
-                         "free some space or choose another --out (nothing was changed)")
+        return DataError(
+            f"--out {out}: no space left on the device ({exc.strerror}); "
+            "free some space or choose another --out (nothing was changed)"
+        )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and exc.filename is not None:
         where = Path(os.fsdecode(exc.filename))
         if where == out or out in where.parents:
-            return DataError(f"--out {out}: cannot write {where} ({exc.strerror}); "
-                             "choose another --out")
+            return DataError(f"--out {out}: cannot write {where} ({exc.strerror}); choose another --out")
         return DataError(f"{where}: cannot read it ({exc.strerror})")
     return exc
 
@@ -469,23 +472,25 @@ class _Run:
     those are removed, and the folder is as it was.
     """
 
-    def __init__(self, sources: list, options: ReadOptions, out: Path, seed: int,
-                 val_fraction: float, progress: Progress):
+    def __init__(
+        self, sources: list, options: ReadOptions, out: Path, seed: int, val_fraction: float, progress: Progress
+    ):
         self.sources, self.options, self.out = sources, options, out
         self.seed, self.val_fraction, self.progress = seed, val_fraction, progress
-        self.tmp = {name: _temporary(out, name)
-                    for name in (TRAIN_FILE, VAL_FILE, TOKENIZER_FILE, META_FILE)}
+        self.tmp = {name: _temporary(out, name) for name in (TRAIN_FILE, VAL_FILE, TOKENIZER_FILE, META_FILE)}
 
-    def write(self, loaded, tokenizer_spec, vocab_size: int, tokenizer_sample: int,
-              threads: int, batch_chars: int) -> dict[str, Any]:
+    def write(
+        self, loaded, tokenizer_spec, vocab_size: int, tokenizer_sample: int, threads: int, batch_chars: int
+    ) -> dict[str, Any]:
         import numpy as np
 
         from lmtools.tokenizer import Encoder
 
         total_bytes = sum(s.size for s in self.sources)
         if loaded is None:
-            tok = _train(self.sources, self.options, vocab_size, self.progress, total_bytes,
-                         tokenizer_sample, self.seed)
+            tok = _train(
+                self.sources, self.options, vocab_size, self.progress, total_bytes, tokenizer_sample, self.seed
+            )
             kind = "bpe"
         else:
             tok, kind = loaded
@@ -498,8 +503,9 @@ class _Run:
             val = NpyWriter(self.tmp[VAL_FILE], dtype)
             writers.append(val)
             self.progress.phase("encode", total_bytes)
-            enc = _encode(self.sources, self.options, encoder, stream, self.seed,
-                          self.val_fraction, batch_chars, self.progress)
+            enc = _encode(
+                self.sources, self.options, encoder, stream, self.seed, self.val_fraction, batch_chars, self.progress
+            )
             self.progress.done()
             if enc.documents == 0:
                 raise _no_text(enc)
@@ -509,8 +515,7 @@ class _Run:
             val.finish()
             self.tmp[TOKENIZER_FILE].write_text(tok.to_str(pretty=True), encoding="utf-8")
             _fsync_file(self.tmp[TOKENIZER_FILE])
-            meta = self._meta(enc, plan, counts, encoder, kind, tokenizer_spec, vocab_size,
-                              tokenizer_sample, val.count)
+            meta = self._meta(enc, plan, counts, encoder, kind, tokenizer_spec, vocab_size, tokenizer_sample, val.count)
             self.tmp[META_FILE].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
             _fsync_file(self.tmp[META_FILE])
             _commit(self.out, self.tmp)
@@ -524,14 +529,27 @@ class _Run:
             encoder.close()
         return meta
 
-    def _meta(self, enc: _Encoded, plan: dict, counts: dict, encoder, kind: str,
-              tokenizer_spec, vocab_size: int, tokenizer_sample: int,
-              val_tokens: int) -> dict[str, Any]:
+    def _meta(
+        self,
+        enc: _Encoded,
+        plan: dict,
+        counts: dict,
+        encoder,
+        kind: str,
+        tokenizer_spec,
+        vocab_size: int,
+        tokenizer_sample: int,
+        val_tokens: int,
+    ) -> dict[str, Any]:
         from lmtools import __version__
 
         text_tokens = enc.tokens - enc.documents
-        split = {"method": plan.pop("method"), "val_fraction_requested": self.val_fraction,
-                 "val_fraction_given": round(val_tokens / enc.tokens, 6), **plan}
+        split = {
+            "method": plan.pop("method"),
+            "val_fraction_requested": self.val_fraction,
+            "val_fraction_given": round(val_tokens / enc.tokens, 6),
+            **plan,
+        }
         trained = tokenizer_spec is None
         return {
             "format": FORMAT,
@@ -551,8 +569,9 @@ class _Run:
             "eot_token": EOT,
             "tokenizer": TOKENIZER_FILE,
             "tokenizer_kind": kind,
-            "tokenizer_source": (str(Path(tokenizer_spec).expanduser().resolve())
-                                 if kind not in ("bpe", "bytes") else None),
+            "tokenizer_source": (
+                str(Path(tokenizer_spec).expanduser().resolve()) if kind not in ("bpe", "bytes") else None
+            ),
             "encoder": encoder.engine,
             "text_bytes": enc.text_bytes,
             "bytes_per_token": round(enc.text_bytes / text_tokens, 4) if text_tokens else None,
@@ -566,7 +585,7 @@ class _Run:
             "text_field": self.options.text_field,
             "text_column": self.options.text_column,
             "lmtools_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
 
 
@@ -578,8 +597,7 @@ def _no_text(enc: _Encoded) -> DataError:
     return DataError(f"the corpus holds no text: {noun} empty ({places})")
 
 
-def _train(sources, options, vocab_size, progress: Progress, total_bytes: int,
-           sample_bytes: int, seed: int):
+def _train(sources, options, vocab_size, progress: Progress, total_bytes: int, sample_bytes: int, seed: int):
     from lmtools.tokenizer import train_bpe
 
     progress.phase("train tokenizer", total_bytes)
@@ -667,8 +685,9 @@ def _check_fast_path(encoder, batch: list[Piece]) -> None:
         encoder.use_tokenizers()
 
 
-def _encode(sources, options, encoder, stream: NpyWriter, seed: int, val_fraction: float,
-            batch_chars: int, progress: Progress) -> _Encoded:
+def _encode(
+    sources, options, encoder, stream: NpyWriter, seed: int, val_fraction: float, batch_chars: int, progress: Progress
+) -> _Encoded:
     """The encode pass: read, encode in the background, append to `stream` in corpus order,
     and note what the split needs (the length of each document that val may take)."""
     import numpy as np
@@ -677,13 +696,20 @@ def _encode(sources, options, encoder, stream: NpyWriter, seed: int, val_fractio
     low = np.uint64(_threshold(min(1.0, CANDIDATE_FACTOR * val_fraction)))
 
     def source_done(reader: SourceReader) -> None:
-        enc.sources.append({**reader.source.describe(), "sha256": reader.sha256(),
-                            "documents": reader.documents, "empty_documents": reader.empty})
+        enc.sources.append(
+            {
+                **reader.source.describe(),
+                "sha256": reader.sha256(),
+                "documents": reader.documents,
+                "empty_documents": reader.empty,
+            }
+        )
         enc.empty += reader.empty
         enc.empty_places.extend(reader.empty_places[: EMPTY_EXAMPLES - len(enc.empty_places)])
 
-    pieces = iter_pieces(sources, options, on_bytes=lambda n: progress.advance(n),
-                         hash_files=True, on_source_done=source_done)
+    pieces = iter_pieces(
+        sources, options, on_bytes=lambda n: progress.advance(n), hash_files=True, on_source_done=source_done
+    )
     eot_id = encoder.eot_id
 
     def write(ids: np.ndarray) -> None:

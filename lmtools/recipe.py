@@ -27,7 +27,6 @@ RECIPES: dict[str, dict] = {
 }
 
 
-
 def apply_recipe(cfg: TrainConfig, explicit: frozenset[str] = frozenset()) -> TrainConfig:
     """Set the recipe's options on `cfg`, except those the user named (`explicit`) or already
     moved off their default."""
@@ -89,5 +88,7 @@ def document_eot(cfg: TrainConfig) -> int | None:
             )
         ids.add(int(meta["eot_id"]))
     if len(ids) > 1:
-        raise ConfigError(f"--doc_aligned: the training files disagree on the end-of-text id ({sorted(ids)}); drop --doc_aligned")
+        raise ConfigError(
+            f"--doc_aligned: the training files disagree on the end-of-text id ({sorted(ids)}); drop --doc_aligned"
+        )
     return ids.pop()

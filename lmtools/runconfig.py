@@ -57,8 +57,7 @@ def read_run_config(path: str | Path) -> dict:
     return out
 
 
-_KIND_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-               list: "a list of strings"}
+_KIND_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list of strings"}
 
 
 def _checked(path, key: str, value, kind: type):

@@ -19,6 +19,7 @@ from lmtools.errors import ConfigError, DataError
 from lmtools.layout import META_FILE, TRAIN_FILE, VAL_FILE
 from lmtools.prepare import read_meta
 
+
 def prepared_folder(path: str | Path) -> Path | None:
     """The folder itself when `path` is a folder written by `lmtools prepare`, else None."""
     p = Path(path)
@@ -95,7 +96,8 @@ def _fill_validation(cfg: TrainConfig, prepared: list[tuple[Path, dict]]) -> Non
         if path.name == TRAIN_FILE:
             folders.setdefault(path.parent.resolve(), meta)
     usable = {
-        folder: folder / VAL_FILE for folder, meta in folders.items()
+        folder: folder / VAL_FILE
+        for folder, meta in folders.items()
         if (folder / VAL_FILE).is_file() and int(meta.get("val_tokens", cfg.context_length + 1)) > cfg.context_length
     }
     if len(folders) == 1:

@@ -87,7 +87,9 @@ class RunGuard:
             try:
                 self._locks.enter_context(exclusive(lock_path_for(target), what, fix))
             except OSError as exc:
-                raise ConfigError(f"cannot lock {target}: {exc.strerror or exc}; choose a writable --checkpoint_path") from None
+                raise ConfigError(
+                    f"cannot lock {target}: {exc.strerror or exc}; choose a writable --checkpoint_path"
+                ) from None
             self._held.add(target)
         remove_stale_temp_files(folder)
 
@@ -117,8 +119,9 @@ def start_fresh_metrics(ckpt_path: Path, log: Callable[[str], None]) -> None:
     log(f"The previous run's {path.name} was moved to {aside.name}")
 
 
-def check_rollback(resume_from: Path, ckpt_path: Path, iteration: int, rollback: bool,
-                   log: Callable[[str], None]) -> None:
+def check_rollback(
+    resume_from: Path, ckpt_path: Path, iteration: int, rollback: bool, log: Callable[[str], None]
+) -> None:
     """Resuming from an older snapshot than the run's newest checkpoint discards steps: that
     must be asked for (--rollback), and is announced."""
     if not ckpt_path.is_file() or os.path.abspath(resume_from) == os.path.abspath(ckpt_path):

@@ -26,7 +26,7 @@ STOP_SIGNALS = tuple(
 )
 DISTRIBUTED_STOP_GRACE_S = 30.0
 
-_active: "StopSignal | None" = None
+_active: StopSignal | None = None
 
 
 def stop_requested() -> bool:
@@ -44,7 +44,7 @@ class StopSignal:
         self._previous_wakeup = -1
         self._grace: threading.Timer | None = None
 
-    def __enter__(self) -> "StopSignal":
+    def __enter__(self) -> StopSignal:
         global _active
         _active = self
         if threading.current_thread() is threading.main_thread():

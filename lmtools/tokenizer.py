@@ -136,8 +136,7 @@ def train_bpe(batches: Iterable[list[str]], vocab_size: int) -> Tokenizer:
 
 def _merges(model: dict) -> list[tuple[str, str]]:
     """A BPE model's merges as pairs (tokenizers writes "a b" strings or [a, b] lists)."""
-    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
-            for m in model.get("merges") or []]
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
 
 
 def load_tokenizer(spec: str | os.PathLike) -> tuple[Tokenizer, str]:
@@ -341,8 +340,7 @@ class Encoder:
         if self.engine == "tokenizers":
             return self._encode_tokenizers(texts)
         chunks = _balanced_chunks(texts, self.threads, len)
-        return [a for f in [self._executor().submit(self._encode_tiktoken, c) for c in chunks]
-                for a in f.result()]
+        return [a for f in [self._executor().submit(self._encode_tiktoken, c) for c in chunks] for a in f.result()]
 
     def encode_reference(self, texts: list[str]) -> list[np.ndarray]:
         """The same texts through `tokenizers` itself, to check the fast path against."""
@@ -491,9 +489,7 @@ def _plain_byte_level(spec: dict, model: dict) -> bool:
     pre = spec.get("pre_tokenizer") or {}
     if pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 1:
         pre = pre["pretokenizers"][0]
-    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get(
-        "use_regex", True
-    ):
+    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
         return False
     # Added tokens other than special ones would be split out of the text by `tokenizers`.
     return all(t.get("special") for t in spec.get("added_tokens") or [])
@@ -525,8 +521,10 @@ def tokenizer_from_checkpoint(
         try:
             return Tokenizer.from_str(text)
         except Exception as exc:  # tokenizers raises its own Exception type
-            raise ConfigError(f"the checkpoint's stored tokenizer does not load ({str(exc).splitlines()[0]}); "
-                              f"pass --tokenizer PATH/tokenizer.json") from None
+            raise ConfigError(
+                f"the checkpoint's stored tokenizer does not load ({str(exc).splitlines()[0]}); "
+                f"pass --tokenizer PATH/tokenizer.json"
+            ) from None
     ref = payload.get("tokenizer") or (payload.get("config") or {}).get("tokenizer")
     candidates = [Path(ref)] if ref else []
     if ref and checkpoint is not None:

@@ -22,14 +22,25 @@ import torch
 
 from lmtools import __version__
 from lmtools.checkpoint import (
-    FORMAT_VERSION, keep_snapshot, load_state, read_checkpoint, save_checkpoint, save_sharded_checkpoint,
+    FORMAT_VERSION,
+    keep_snapshot,
+    load_state,
+    read_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
     snapshot_base,
 )
 from lmtools.config import TrainConfig
 from lmtools.data import BatchLoader, parse_source_spec
 from lmtools.device import peak_flops, resolve_device
 from lmtools.distributed import (
-    DistInfo, all_reduce_max, all_reduce_mean, any_rank, barrier, init_distributed, shutdown,
+    DistInfo,
+    all_reduce_max,
+    all_reduce_mean,
+    any_rank,
+    barrier,
+    init_distributed,
+    shutdown,
 )
 from lmtools.errors import CheckpointError, ConfigError, DataChanged, DataError, LMToolsError
 from lmtools.fingerprint import DataIdentity, verify_resume_data
@@ -39,10 +50,10 @@ from lmtools.model import MODEL_FIELDS, ModelConfig, TransformerLM
 from lmtools.optim import cross_entropy, make_optimizer, run_gradient_clipping
 from lmtools.preflight import MemoryEstimate, check_stored_config, check_training_run
 from lmtools.prepare import read_meta
-from lmtools.runguard import RunGuard, check_new_run_target, check_rollback, start_fresh_metrics
-from lmtools.signals import StopSignal, stop_requested
 from lmtools.recipe import apply_recipe, describe_options, document_eot
 from lmtools.rundata import absolute_spec, data_tokenizer_identity, normalise_specs, resolve_data
+from lmtools.runguard import RunGuard, check_new_run_target, check_rollback, start_fresh_metrics
+from lmtools.signals import StopSignal, stop_requested
 from lmtools.tokenizer import read_tokenizer_json
 
 if TYPE_CHECKING:
@@ -175,9 +186,21 @@ def train_model(
             memory = check_training_run(cfg, device, dist_info.world_size)
             if not dist_info.is_main:
                 log, on_step = (lambda _line: None), None
-            trainer = Trainer(cfg, payload, device, dist_info, log, on_step, init=init, notes=notes,
-                              log_times=log_times, memory=memory, allow_data_change=allow_data_change,
-                              started_from=Path(resume_from) if resume_from else None, user_config=user_config)
+            trainer = Trainer(
+                cfg,
+                payload,
+                device,
+                dist_info,
+                log,
+                on_step,
+                init=init,
+                notes=notes,
+                log_times=log_times,
+                memory=memory,
+                allow_data_change=allow_data_change,
+                started_from=Path(resume_from) if resume_from else None,
+                user_config=user_config,
+            )
             return trainer.run()
         finally:
             shutdown(dist_info)
@@ -202,7 +225,7 @@ def check_resume_point(payload: dict, cfg: TrainConfig, resume_from: Path, rollb
     check_rollback(resume_from, Path(cfg.checkpoint_path), iteration, rollback, log)
 
 
-def resolve_new_run(cfg: TrainConfig, explicit: frozenset[str]) -> tuple[TrainConfig, "InitSource | None"]:
+def resolve_new_run(cfg: TrainConfig, explicit: frozenset[str]) -> tuple[TrainConfig, InitSource | None]:
     """A fresh run's data, vocabulary and, with --init_from, the model it starts from."""
     if not cfg.init_from:
         if cfg.init_optimizer:
@@ -231,8 +254,16 @@ def resumed_user_config(payload: dict, cfg: TrainConfig, explicit: frozenset[str
 
 
 # Flags a resumed run cannot honour: its data, batches and starting point are the checkpoint's.
-RESUME_FIXED = ("train_data", "val_data", "data_dtype", "seed", "batch_size", "grad_accum_steps", "init_from",
-                "init_optimizer")
+RESUME_FIXED = (
+    "train_data",
+    "val_data",
+    "data_dtype",
+    "seed",
+    "batch_size",
+    "grad_accum_steps",
+    "init_from",
+    "init_optimizer",
+)
 
 
 def merge_resume_config(
@@ -281,10 +312,23 @@ def check_resume_keeps(name: str, ours, theirs, source: str) -> None:
 class Trainer:
     """One run: set-up in `__init__`, the loop in `run`, one method per thing the loop does."""
 
-    def __init__(self, cfg: TrainConfig, payload: dict | None, device: torch.device, dist_info: DistInfo,
-                 log: Callable[[str], None], on_step, *, init: "InitSource | None" = None,
-                 notes: list[str] = (), log_times: bool = False, memory: MemoryEstimate | None = None,
-                 allow_data_change: bool = False, started_from: Path | None = None, user_config: dict | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        payload: dict | None,
+        device: torch.device,
+        dist_info: DistInfo,
+        log: Callable[[str], None],
+        on_step,
+        *,
+        init: InitSource | None = None,
+        notes: list[str] = (),
+        log_times: bool = False,
+        memory: MemoryEstimate | None = None,
+        allow_data_change: bool = False,
+        started_from: Path | None = None,
+        user_config: dict | None = None,
+    ):
         self.cfg, self.device, self.dist, self.log, self.on_step = cfg, device, dist_info, log, on_step
         self.user_config = cfg.to_dict() if user_config is None else user_config
         self.log_times = log_times
@@ -299,8 +343,14 @@ class Trainer:
         # Data: absolute paths, so that `resume` works from any folder.
         cfg.train_data = [absolute_spec(s) for s in cfg.train_data]
         self.loader = BatchLoader(
-            cfg.train_data, cfg.batch_size, cfg.context_length, device,
-            seed=cfg.seed, rank=dist_info.rank, grad_accum_steps=cfg.grad_accum_steps, dtype=cfg.data_dtype,
+            cfg.train_data,
+            cfg.batch_size,
+            cfg.context_length,
+            device,
+            seed=cfg.seed,
+            rank=dist_info.rank,
+            grad_accum_steps=cfg.grad_accum_steps,
+            dtype=cfg.data_dtype,
             doc_eot=document_eot(cfg),
         )
         # (name, loader) per validation set; a lone --val_data has no name.
@@ -347,7 +397,8 @@ class Trainer:
         self.last_metrics: dict = {}
         # Stored in every checkpoint, so that it needs no dataset folder to be sampled or exported.
         self.tokenizer_json = (
-            read_tokenizer_json(cfg.tokenizer) or (payload or {}).get("tokenizer_json")
+            read_tokenizer_json(cfg.tokenizer)
+            or (payload or {}).get("tokenizer_json")
             or (init.tokenizer_text if init is not None else None)
         )
         if payload is not None:
@@ -371,7 +422,9 @@ class Trainer:
         # An FSDP model needs no wrapper: fully_shard made it reduce its own gradients.
         self.dtype = autocast_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        self.amp = torch.autocast(device.type, dtype=self.dtype) if self.dtype != torch.float32 else contextlib.nullcontext()
+        self.amp = (
+            torch.autocast(device.type, dtype=self.dtype) if self.dtype != torch.float32 else contextlib.nullcontext()
+        )
         self.module: torch.nn.Module = NextTokenLoss(self.model)
         if dist_info.enabled and not cfg.fsdp:
             self.module = torch.nn.parallel.DistributedDataParallel(
@@ -412,7 +465,12 @@ class Trainer:
     def make_val_loader(self, path: str) -> BatchLoader:
         # A fixed seed and batch_at(i): every evaluation sees the same windows.
         return BatchLoader(
-            [path], self.cfg.batch_size, self.cfg.context_length, self.device, seed=self.cfg.seed + 1, prefetch=0,
+            [path],
+            self.cfg.batch_size,
+            self.cfg.context_length,
+            self.device,
+            seed=self.cfg.seed + 1,
+            prefetch=0,
             dtype=self.cfg.data_dtype,
         )
 
@@ -555,7 +613,8 @@ class Trainer:
         # float16's gradient scaler skips overflowing steps by itself.
         if not (math.isfinite(loss) and math.isfinite(grad_norm)) and self.dtype != torch.float16:
             reason = "non-finite " + " and ".join(
-                f"{name} ({value})" for name, value in (("loss", loss), ("gradient norm", grad_norm))
+                f"{name} ({value})"
+                for name, value in (("loss", loss), ("gradient norm", grad_norm))
                 if not math.isfinite(value)
             )
             if self.cfg.skip_nonfinite:
@@ -586,8 +645,13 @@ class Trainer:
         tok_s = steps * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
         wait_share = self.loader.data_wait_seconds / elapsed if elapsed > 0 else 0.0
         record = {
-            "iter": self.iteration, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_s": tok_s, "data_wait": wait_share, "elapsed_s": now - self.run_start,
+            "iter": self.iteration,
+            "loss": train_loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tok_s,
+            "data_wait": wait_share,
+            "elapsed_s": now - self.run_start,
             "skipped_steps": self.skipped,
         }
         extra = {"tok/s": f"{tok_s:,.0f}", "data wait": f"{100 * wait_share:.1f}%"}
@@ -764,8 +828,9 @@ def build_sharded_model(cfg: TrainConfig, device: torch.device, dist_info: DistI
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: BatchLoader, eval_iters: int, amp, dist_info: DistInfo,
-             *, lockstep: bool = False) -> float | None:
+def evaluate(
+    model: torch.nn.Module, loader: BatchLoader, eval_iters: int, amp, dist_info: DistInfo, *, lockstep: bool = False
+) -> float | None:
     """Mean loss over the same `eval_iters` validation batches every time (split across ranks).
 
     `lockstep`: a sharded model's forward is a collective, so every rank runs as many forwards
@@ -822,7 +887,9 @@ def check_checkpoint_folder(path: Path) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise ConfigError(f"cannot create the checkpoint folder {folder}: {existing} is a file; choose another --checkpoint_path")
+        raise ConfigError(
+            f"cannot create the checkpoint folder {folder}: {existing} is a file; choose another --checkpoint_path"
+        )
     if not os.access(existing, os.W_OK):
         raise ConfigError(f"checkpoint folder {folder} is not writable; choose another --checkpoint_path")
 
@@ -840,7 +907,7 @@ def header_lines(cfg, loader, val_sets, model, device, dtype, dist_info) -> list
             lines.append(
                 f"{name:<7}: {src['path']} | {src['tokens']:,} tokens | {src['dtype']} | "
                 f"{'memory-mapped' if src.get('mmap') else 'in memory'}"
-                + (f" | weight {src['weight']:.3g}" if src.get("weight") is not None and len(d['sources']) > 1 else "")
+                + (f" | weight {src['weight']:.3g}" if src.get("weight") is not None and len(d["sources"]) > 1 else "")
             )
         lines.append(f"{'':<7}  token ids {d['min_token']}..{d['max_token']}")
         return lines
@@ -858,7 +925,9 @@ def header_lines(cfg, loader, val_sets, model, device, dtype, dist_info) -> list
     if options := describe_options(cfg):
         lines.append(options)
     ranks = f" | {dist_info.world_size} ranks" if dist_info.enabled else ""
-    lines.append(f"device : {device} | {str(dtype).removeprefix('torch.')}{' | compiled' if cfg.compile else ''}{ranks}")
+    lines.append(
+        f"device : {device} | {str(dtype).removeprefix('torch.')}{' | compiled' if cfg.compile else ''}{ranks}"
+    )
     per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum_steps * dist_info.world_size
     lines.append(
         f"batch  : {cfg.batch_size} x context {cfg.context_length}"

@@ -11,9 +11,30 @@ from typer.testing import CliRunner
 
 from lmtools.cli import app
 
-TINY = ["--vocab_size", "64", "--context_length", "16", "--d_model", "32", "--num_layers", "1",
-        "--num_heads", "4", "--d_ff", "64", "--batch_size", "4", "--warmup_iters", "2",
-        "--learning_rate", "1e-3", "--eval_interval", "1000000", "--log_interval", "1"]
+TINY = [
+    "--vocab_size",
+    "64",
+    "--context_length",
+    "16",
+    "--d_model",
+    "32",
+    "--num_layers",
+    "1",
+    "--num_heads",
+    "4",
+    "--d_ff",
+    "64",
+    "--batch_size",
+    "4",
+    "--warmup_iters",
+    "2",
+    "--learning_rate",
+    "1e-3",
+    "--eval_interval",
+    "1000000",
+    "--log_interval",
+    "1",
+]
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 

@@ -23,17 +23,42 @@ def learnable_stream(n: int, seed: int = 0) -> np.ndarray:
 
 
 # A tiny model and schedule for the two-process runs (learns learnable_stream in tens of steps).
-TORCHRUN_MODEL = ["--vocab_size", "64", "--context_length", "16", "--d_model", "32", "--num_heads", "4",
-                  "--d_ff", "64", "--batch_size", "8", "--learning_rate", "1e-2", "--min_learning_rate", "1e-3",
-                  "--warmup_iters", "5"]
+TORCHRUN_MODEL = [
+    "--vocab_size",
+    "64",
+    "--context_length",
+    "16",
+    "--d_model",
+    "32",
+    "--num_heads",
+    "4",
+    "--d_ff",
+    "64",
+    "--batch_size",
+    "8",
+    "--learning_rate",
+    "1e-2",
+    "--min_learning_rate",
+    "1e-3",
+    "--warmup_iters",
+    "5",
+]
 
 
 def torchrun(*args, script=None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node 2 -m lmtools.cli ARGS` on the CPU (gloo), or
     the Python file `script` instead of the CLI."""
     target = [str(script)] if script is not None else ["-m", "lmtools.cli"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           *target, *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *target,
+        *map(str, args),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -44,8 +69,10 @@ def logged_losses(output: str) -> list[float]:
 
 
 # Prose, code and non-ASCII text, as the documents of a jsonl corpus.
-_WORDS = ("the cat sat on a mat and the dog ran to the café über naïve Straße 東京 日本語 "
-          "once upon a time there was a small model").split()
+_WORDS = (
+    "the cat sat on a mat and the dog ran to the café über naïve Straße 東京 日本語 "
+    "once upon a time there was a small model"
+).split()
 _CODE = ("def f(x):\n    return x + 1\n", "for i in range(10):\n    print(i)\n", "if a == b:\n    c = {'k': [1, 2]}\n")
 
 
@@ -60,8 +87,26 @@ def mixed_documents(n: int, seed: int = 0) -> list[str]:
 
 # A tiny model the CLI trains in seconds on a prepared mixed corpus (context 64: room for a
 # prompt and 50 generated tokens).
-TINY_MODEL = ["--context_length", "64", "--d_model", "32", "--num_layers", "2", "--num_heads", "4", "--d_ff", "64",
-              "--batch_size", "8", "--warmup_iters", "2", "--learning_rate", "3e-3", "--eval_iters", "2"]
+TINY_MODEL = [
+    "--context_length",
+    "64",
+    "--d_model",
+    "32",
+    "--num_layers",
+    "2",
+    "--num_heads",
+    "4",
+    "--d_ff",
+    "64",
+    "--batch_size",
+    "8",
+    "--warmup_iters",
+    "2",
+    "--learning_rate",
+    "3e-3",
+    "--eval_iters",
+    "2",
+]
 
 
 def prepare_mixed(root, n_docs: int = 300) -> "os.PathLike":
@@ -77,8 +122,9 @@ def prepare_mixed(root, n_docs: int = 300) -> "os.PathLike":
         for doc in mixed_documents(n_docs):
             f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
     data = root / "data"
-    result = CliRunner().invoke(app, ["prepare", str(corpus), "--out", str(data), "--vocab_size", "400",
-                                      "--val_fraction", "0.1"])
+    result = CliRunner().invoke(
+        app, ["prepare", str(corpus), "--out", str(data), "--vocab_size", "400", "--val_fraction", "0.1"]
+    )
     assert result.exit_code == 0, result.output
     return data
 

@@ -16,13 +16,36 @@ import torch
 from typer.testing import CliRunner
 
 from lmtools import TransformerLM, save_checkpoint
-from lmtools.optim import make_optimizer
 from lmtools.cli import app
+from lmtools.optim import make_optimizer
 
 # The smallest run that trains, evaluates and checkpoints: two steps, evaluated at each.
-TINY_TWO_STEP_RUN = ["--vocab_size", "64", "--context_length", "8", "--d_model", "16", "--num_layers", "1",
-        "--num_heads", "2", "--d_ff", "32", "--batch_size", "2", "--max_iters", "2", "--warmup_iters", "1",
-        "--eval_interval", "1", "--log_interval", "1", "--eval_iters", "1"]
+TINY_TWO_STEP_RUN = [
+    "--vocab_size",
+    "64",
+    "--context_length",
+    "8",
+    "--d_model",
+    "16",
+    "--num_layers",
+    "1",
+    "--num_heads",
+    "2",
+    "--d_ff",
+    "32",
+    "--batch_size",
+    "2",
+    "--max_iters",
+    "2",
+    "--warmup_iters",
+    "1",
+    "--eval_interval",
+    "1",
+    "--log_interval",
+    "1",
+    "--eval_iters",
+    "1",
+]
 
 
 class Evil:
@@ -51,11 +74,26 @@ def build_world(root: Path) -> None:
     run.mkdir()
     torch.manual_seed(0)
     model = TransformerLM(vocab_size=64, context_length=8, d_model=16, num_layers=1, num_heads=2, d_ff=32)
-    cfg = {"train_data": [str(root / "good.npy")], "vocab_size": 64, "context_length": 8, "d_model": 16,
-           "num_layers": 1, "num_heads": 2, "d_ff": 32, "batch_size": 2, "max_iters": 2,
-           "checkpoint_path": str(run / "ckpt.pt")}
-    save_checkpoint(model, make_optimizer(model, 1e-3, 0.01, torch.device("cpu")), 1, run / "ckpt.pt", config=cfg,
-                    model_config=model.config.to_dict())
+    cfg = {
+        "train_data": [str(root / "good.npy")],
+        "vocab_size": 64,
+        "context_length": 8,
+        "d_model": 16,
+        "num_layers": 1,
+        "num_heads": 2,
+        "d_ff": 32,
+        "batch_size": 2,
+        "max_iters": 2,
+        "checkpoint_path": str(run / "ckpt.pt"),
+    }
+    save_checkpoint(
+        model,
+        make_optimizer(model, 1e-3, 0.01, torch.device("cpu")),
+        1,
+        run / "ckpt.pt",
+        config=cfg,
+        model_config=model.config.to_dict(),
+    )
     (root / "corrupt.pt").write_bytes((run / "ckpt.pt").read_bytes()[:300])
     torch.save({"model_state_dict": {}, "iteration": 1, "x": Evil()}, root / "evil.pt")
 
@@ -81,7 +119,11 @@ CASES = [
     ("train: min lr above max", "train --train_data {r}/good.npy --min_learning_rate 1", "min_learning_rate"),
     ("train: zero log interval", "train --train_data {r}/good.npy --log_interval 0", "log_interval"),
     ("train: zero eval interval", "train --train_data {r}/good.npy --eval_interval 0", "eval_interval"),
-    ("train: zero checkpoint interval", "train --train_data {r}/good.npy --checkpoint_interval 0", "checkpoint_interval"),
+    (
+        "train: zero checkpoint interval",
+        "train --train_data {r}/good.npy --checkpoint_interval 0",
+        "checkpoint_interval",
+    ),
     ("train: negative warmup", "train --train_data {r}/good.npy --warmup_iters -1", "warmup_iters"),
     ("train: zero max iters", "train --train_data {r}/good.npy --max_iters 0", "max_iters"),
     ("train: negative clip", "train --train_data {r}/good.npy --gradient_clip_val -1", "gradient_clip_val"),
@@ -89,11 +131,27 @@ CASES = [
     ("train: unknown device", "train --train_data {r}/good.npy --device tpu", "device"),
     ("train: cuda without a GPU", "train --train_data {r}/good.npy --device cuda", "CUDA"),
     ("train: bad mixture weight", "train --train_data {r}/good.npy:-1", "weight"),
-    ("train: checkpoint folder is a file", "train --train_data {r}/good.npy --checkpoint_path {r}/not_a_folder/c.pt", "not_a_folder"),
+    (
+        "train: checkpoint folder is a file",
+        "train --train_data {r}/good.npy --checkpoint_path {r}/not_a_folder/c.pt",
+        "not_a_folder",
+    ),
     ("train: would overwrite a run", "train --train_data {r}/good.npy --checkpoint_path {r}/run/ckpt.pt", "--resume"),
-    ("train --resume: missing checkpoint", "train --resume --train_data {r}/good.npy --checkpoint_path {r}/absent.pt", "absent.pt"),
-    ("train --resume: contradicting model", "train --resume --train_data {r}/good.npy --checkpoint_path {r}/run/ckpt.pt --d_model 32", "contradicts"),
-    ("train --resume: hostile checkpoint", "train --resume --train_data {r}/good.npy --checkpoint_path {r}/evil.pt", "refusing"),
+    (
+        "train --resume: missing checkpoint",
+        "train --resume --train_data {r}/good.npy --checkpoint_path {r}/absent.pt",
+        "absent.pt",
+    ),
+    (
+        "train --resume: contradicting model",
+        "train --resume --train_data {r}/good.npy --checkpoint_path {r}/run/ckpt.pt --d_model 32",
+        "contradicts",
+    ),
+    (
+        "train --resume: hostile checkpoint",
+        "train --resume --train_data {r}/good.npy --checkpoint_path {r}/evil.pt",
+        "refusing",
+    ),
     ("resume: missing checkpoint", "resume {r}/absent.pt", "absent.pt"),
     ("resume: corrupted checkpoint", "resume {r}/corrupt.pt", "corrupt"),
     ("resume: hostile checkpoint", "resume {r}/evil.pt", "refusing"),
@@ -115,7 +173,8 @@ CASES = [
 def _digest(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -136,7 +195,12 @@ def test_mistake_exits_2_with_one_line(world, tmp_path, name, argv, word, monkey
     if args[0] == "train":
         if "--resume" not in args:
             # The tiny model's flags, except those the case sets itself.
-            args += [x for flag, value in zip(TINY_TWO_STEP_RUN[::2], TINY_TWO_STEP_RUN[1::2]) if flag not in args for x in (flag, value)]
+            args += [
+                x
+                for flag, value in zip(TINY_TWO_STEP_RUN[::2], TINY_TWO_STEP_RUN[1::2])
+                if flag not in args
+                for x in (flag, value)
+            ]
         if "--checkpoint_path" not in args:
             args += ["--checkpoint_path", str(tmp_path / "new" / "ckpt.pt")]
     result = CliRunner().invoke(app, args)
@@ -155,8 +219,10 @@ def test_disk_full_during_checkpoint_keeps_previous(world, tmp_path):
     """A 64 KiB tmpfs holds the previous checkpoint; the next write runs out of space."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         shutil.copy(world / "run" / "ckpt.pt", mnt / "ckpt.pt")
@@ -192,8 +258,9 @@ def test_usage_mistakes_through_the_console_script_are_one_line(argv, word, tmp_
     """Mistakes click itself catches (types, unknown flags, missing arguments), as a user sees them."""
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "lmtools", *argv], capture_output=True, text=True,
-                            cwd=tmp_path, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "lmtools", *argv], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
     assert result.returncode == 2, result
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and word in lines[0], result.stderr

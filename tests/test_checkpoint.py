@@ -56,8 +56,13 @@ def test_round_trip(tmp_path, through):
     iteration=st.integers(0, 2**40),
     extra=st.dictionaries(
         st.text(min_size=1, max_size=8),
-        st.one_of(st.integers(-(2**60), 2**60), st.floats(allow_nan=False), st.text(max_size=20), st.none(),
-                  st.lists(st.integers(0, 10), max_size=5)),
+        st.one_of(
+            st.integers(-(2**60), 2**60),
+            st.floats(allow_nan=False),
+            st.text(max_size=20),
+            st.none(),
+            st.lists(st.integers(0, 10), max_size=5),
+        ),
         max_size=5,
     ),
 )

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import lmtools
+from corpora import documents, prepare, write_eot_text
 from lmtools.cli.app import closest_option, main
 from lmtools.errors import DeviceError, LMToolsError
-
-from corpora import documents, prepare, write_eot_text
 
 
 def run_main(argv, capsys) -> tuple[int, str, str]:
@@ -30,14 +29,23 @@ def one_error(code: int, err: str) -> str:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("messages")
-    prepare(write_eot_text(root / "corpus.txt", documents(100, 0)), root / "data", "--vocab_size", 280,
-            "--separator", "<|endoftext|>", "--val_fraction", 0.1)
+    prepare(
+        write_eot_text(root / "corpus.txt", documents(100, 0)),
+        root / "data",
+        "--vocab_size",
+        280,
+        "--separator",
+        "<|endoftext|>",
+        "--val_fraction",
+        0.1,
+    )
     return root
 
 
 def test_training_on_a_text_file_gives_the_prepare_command(data, capsys, tmp_path):
-    line = one_error(*run_main(["train", "--train_data", data / "corpus.txt", "--checkpoint_path", tmp_path / "c.pt"],
-                               capsys)[::2])
+    line = one_error(
+        *run_main(["train", "--train_data", data / "corpus.txt", "--checkpoint_path", tmp_path / "c.pt"], capsys)[::2]
+    )
     assert "corpus.txt is text, not token data" in line and f"lmtools prepare {data / 'corpus.txt'} --out data" in line
     assert "dtype" not in line
 
@@ -52,9 +60,15 @@ def test_sampling_a_token_file_says_sample_needs_a_checkpoint(data, capsys):
 
 @pytest.mark.parametrize(
     "typed, meant",
-    [("--lr", "--learning_rate"), ("--learning-rte", "--learning_rate"), ("--max_iter", "--max_iters"),
-     ("--mlr", "--min_learning_rate"), ("--warmup", "--warmup_iters"), ("--batchsize", "--batch_size"),
-     ("--ctx", None)],
+    [
+        ("--lr", "--learning_rate"),
+        ("--learning-rte", "--learning_rate"),
+        ("--max_iter", "--max_iters"),
+        ("--mlr", "--min_learning_rate"),
+        ("--warmup", "--warmup_iters"),
+        ("--batchsize", "--batch_size"),
+        ("--ctx", None),
+    ],
 )
 def test_an_unknown_flag_suggests_the_closest(typed, meant, capsys, tmp_path):
     code, _out, err = run_main(["train", typed, "1e-3", "--train_data", tmp_path / "x.npy"], capsys)

@@ -183,7 +183,10 @@ def test_cuda_batches_match_cpu_batches() -> None:
     data = np.arange(100_000, dtype=np.uint16)
     x, y = get_batch(data, 4, 8, "cuda")
     assert x.device.type == "cuda" and torch.equal(x + 1, y)
-    with BatchLoader(data, 16, 64, "cpu", seed=3, prefetch=0) as cpu, BatchLoader(data, 16, 64, "cuda", seed=3, prefetch=2) as gpu:
+    with (
+        BatchLoader(data, 16, 64, "cpu", seed=3, prefetch=0) as cpu,
+        BatchLoader(data, 16, 64, "cuda", seed=3, prefetch=2) as gpu,
+    ):
         for _ in range(20):  # more batches than pinned slots: slots are reused after their copy
             (cx, cy), (gx, gy) = cpu.next(), gpu.next()
             assert torch.equal(cx, gx.cpu()) and torch.equal(cy, gy.cpu())
@@ -226,7 +229,9 @@ def test_loader_sources_folders_globs_and_bins(tmp_path: Path) -> None:
         np.save(tmp_path / "npy" / f"part{i}.npy", np.arange(100, dtype=np.uint16) + 1000 * i)
     with BatchLoader(tmp_path / "npy", 2, 8) as a, BatchLoader(str(tmp_path / "npy" / "part*.npy"), 2, 8) as b:
         assert a.num_tokens == b.num_tokens == 300
-        assert [s["path"] for s in a.describe()["sources"]] == [str(tmp_path / "npy" / f"part{i}.npy") for i in range(3)]
+        assert [s["path"] for s in a.describe()["sources"]] == [
+            str(tmp_path / "npy" / f"part{i}.npy") for i in range(3)
+        ]
     (tmp_path / "bin").mkdir()
     np.arange(100, dtype=np.uint32).tofile(tmp_path / "bin" / "a.bin")
     with pytest.raises(DataError, match="no .npy token files"):
@@ -460,7 +465,10 @@ def test_pinned_ring_reuses_a_slot_only_after_its_copy(monkeypatch: pytest.Monke
 
 def test_own_thread_pool_draws_the_same_batches(tokens_npy: Path) -> None:
     big = np.arange(2_000_000, dtype=np.int32)
-    with BatchLoader(big, 64, 4096, seed=2, prefetch=0) as shared, BatchLoader(big, 64, 4096, seed=2, prefetch=0, num_threads=1) as own:
+    with (
+        BatchLoader(big, 64, 4096, seed=2, prefetch=0) as shared,
+        BatchLoader(big, 64, 4096, seed=2, prefetch=0, num_threads=1) as own,
+    ):
         assert torch.equal(shared.batch_at(3)[0], own.batch_at(3)[0])
     x, _ = get_batch(np.arange(100), 2, 4, torch.device("cpu"))
     assert x.shape == (2, 4)

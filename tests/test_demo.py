@@ -10,7 +10,16 @@ from typer.testing import CliRunner
 
 from lmtools.checkpoint import read_checkpoint
 from lmtools.cli import app
-from lmtools.demo import EVAL_ITERS, EVALS, MARKER, SKIP_DIRS, claim_folder, iterations_for, stdlib_sources, write_stdlib_corpus
+from lmtools.demo import (
+    EVAL_ITERS,
+    EVALS,
+    MARKER,
+    SKIP_DIRS,
+    claim_folder,
+    iterations_for,
+    stdlib_sources,
+    write_stdlib_corpus,
+)
 from lmtools.errors import ConfigError
 from lmtools.generate import load_model
 
@@ -81,8 +90,16 @@ def test_demo_end_to_end(tmp_path):
         app, ["demo", "--minutes", "0.2", "--max_corpus_mb", "0.4", "--vocab-size", "512", "--out", str(out)]
     )
     assert result.exit_code == 0, result.output
-    for name in ("corpus.jsonl", "data/train.npy", "data/val.npy", "data/meta.json", "data/tokenizer.json",
-                 "run/checkpoint.pt", "run/metrics.jsonl", "loss.png"):
+    for name in (
+        "corpus.jsonl",
+        "data/train.npy",
+        "data/val.npy",
+        "data/meta.json",
+        "data/tokenizer.json",
+        "run/checkpoint.pt",
+        "run/metrics.jsonl",
+        "loss.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

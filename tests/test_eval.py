@@ -11,14 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from helpers import TINY_MODEL, prepare_mixed
 from lmtools.checkpoint import read_checkpoint, save_checkpoint
 from lmtools.cli import app
 from lmtools.errors import ConfigError, DataError
 from lmtools.evaluate import score_file, score_sequence, window_plan
 from lmtools.model import TransformerLM
 from lmtools.tokenizer import EOT, bytes_tokenizer
-
-from helpers import TINY_MODEL, prepare_mixed
 
 
 def cli(*args, code=0):
@@ -61,7 +60,7 @@ def test_stride_one_scores_each_token_on_its_full_context():
     model = tiny_model()
     ids = np.random.default_rng(0).integers(0, 257, 30)
     nll, scored = score_sequence(model, ids, stride=1, batch_size=4)
-    expected = sum(_nll(model, ids[max(0, j - 8):j].tolist(), int(ids[j])) for j in range(1, 30))
+    expected = sum(_nll(model, ids[max(0, j - 8) : j].tolist(), int(ids[j])) for j in range(1, 30))
     assert scored == 29 and nll == pytest.approx(expected, rel=1e-5)
 
 
@@ -116,10 +115,19 @@ def test_bad_files_are_refused(tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path):
     model = tiny_model()
-    save_checkpoint(model, None, 1, tmp_path / "c.pt", model_config=model.config.to_dict(),
-                    tokenizer_json=bytes_tokenizer().to_str())
+    save_checkpoint(
+        model,
+        None,
+        1,
+        tmp_path / "c.pt",
+        model_config=model.config.to_dict(),
+        tokenizer_json=bytes_tokenizer().to_str(),
+    )
     (tmp_path / "a.txt").write_text("hello there")
-    for args, says in (((tmp_path / "missing.txt",), "no such file"), ((tmp_path / "a.txt", "--stride", "0"), "--stride")):
+    for args, says in (
+        ((tmp_path / "missing.txt",), "no such file"),
+        ((tmp_path / "a.txt", "--stride", "0"), "--stride"),
+    ):
         out = cli("eval", tmp_path / "c.pt", *args, code=2)
         assert says in out and "Traceback" not in out and len(out.strip().splitlines()) == 1
     report = json.loads(cli("eval", tmp_path / "c.pt", tmp_path / "a.txt", "--json"))
@@ -130,8 +138,22 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_eval_agrees_with_training_validation(tmp_path, monkeypatch):
     data = prepare_mixed(tmp_path)
     ckpt = tmp_path / "run" / "ckpt.pt"
-    cli("train", "--train_data", data, *TINY_MODEL, "--max_iters", "20", "--eval_interval", "20",
-        "--log_interval", "10", "--eval_iters", "3", "--checkpoint_path", ckpt)
+    cli(
+        "train",
+        "--train_data",
+        data,
+        *TINY_MODEL,
+        "--max_iters",
+        "20",
+        "--eval_interval",
+        "20",
+        "--log_interval",
+        "10",
+        "--eval_iters",
+        "3",
+        "--checkpoint_path",
+        ckpt,
+    )
     metrics = read_checkpoint(ckpt)["metrics"]
     report = json.loads(cli("eval", ckpt, data / "val.npy", "--val_windows", "--json"))["files"][0]
     assert report["loss"] == pytest.approx(metrics["val_loss"], abs=1e-5)

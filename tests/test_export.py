@@ -11,17 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from helpers import TINY_MODEL, mixed_documents, prepare_mixed
 from lmtools.checkpoint import read_checkpoint, save_checkpoint
 from lmtools.cli import app
 from lmtools.config import TrainConfig
 from lmtools.errors import ConfigError, DataError
 from lmtools.generate import generate_ids, load_model
-from lmtools.layout import EOT
 from lmtools.hf import check_exportable, export_checkpoint, halves_to_pairs, import_llama, pairs_to_halves
+from lmtools.layout import EOT
 from lmtools.model import RotaryEmbedding, TransformerLM
 from lmtools.tokenizer import bytes_tokenizer, tokenizer_from_checkpoint, train_bpe
-
-from helpers import TINY_MODEL, mixed_documents, prepare_mixed
 
 transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"  # every load below is from a local folder
@@ -74,7 +73,7 @@ def test_pair_and_half_layouts_are_inverse_permutations(heads, half, width):
     assert sorted(out[:, 0].tolist()) == sorted(w[:, 0].tolist())
     assert torch.equal(halves_to_pairs(out, heads), w)
     # Within a head: row 2i goes to i, row 2i+1 to i + half.
-    assert torch.equal(out[:half], w[0:2 * half:2]) and torch.equal(out[half:2 * half], w[1:2 * half:2])
+    assert torch.equal(out[:half], w[0 : 2 * half : 2]) and torch.equal(out[half : 2 * half], w[1 : 2 * half : 2])
 
 
 def test_adjacent_pair_rope_equals_rotate_half_rope_on_permuted_rows():
@@ -101,8 +100,13 @@ def test_exported_folder_loads_offline_and_gives_lmtools_logits(tmp_path):
     ckpt = write_checkpoint(tmp_path / "ckpt.pt", model, metrics={"iter": 7, "val_loss": 2.5, "val_bpb": 1.25})
     files = export_checkpoint(ckpt, tmp_path / "hf")
     assert {f.name for f in files} == {
-        "config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-        "special_tokens_map.json", "README.md",
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "README.md",
     }
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["rms_norm_eps"] == 1e-5 and config["max_position_embeddings"] == 32
@@ -155,7 +159,9 @@ def test_gguf_reads_back_and_loads_in_transformers_with_equal_logits_and_ids(tmp
     fields = {name: f.contents() for name, f in reader.fields.items()}
     assert fields["general.architecture"] == "llama" and fields["llama.attention.head_count"] == 2
     # A float32 field, as llama.cpp (and lmtools' float32 RMSNorm) uses the eps.
-    assert fields["llama.rope.freq_base"] == 500.0 and fields["llama.attention.layer_norm_rms_epsilon"] == np.float32(1e-5)
+    assert fields["llama.rope.freq_base"] == 500.0 and fields["llama.attention.layer_norm_rms_epsilon"] == np.float32(
+        1e-5
+    )
     eot = bpe.token_to_id(EOT)
     assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.eos_token_id"] == eot
     assert fields["tokenizer.ggml.tokens"][eot] == EOT and len(fields["tokenizer.ggml.tokens"]) == 300
@@ -215,11 +221,22 @@ def test_export_keeps_an_existing_folder_and_needs_a_tokenizer(tmp_path):
 def save_llama(path, sharded=False, **overrides):
     """A randomly initialised LlamaForCausalLM (gains away from 1), saved as transformers saves it."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**({
-        "vocab_size": 97, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 40,
-        "rms_norm_eps": 1e-5, "rope_theta": 2000.0,
-    } | overrides))
+    cfg = transformers.LlamaConfig(
+        **(
+            {
+                "vocab_size": 97,
+                "hidden_size": 48,
+                "intermediate_size": 80,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 4,
+                "max_position_embeddings": 40,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 2000.0,
+            }
+            | overrides
+        )
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -232,8 +249,9 @@ def save_llama(path, sharded=False, **overrides):
 def assert_same_logits(model_cfg, state, theirs):
     ours = TransformerLM.from_config(model_cfg)
     ours.load_state_dict(state)  # strict: every weight, no extras
-    ids = torch.randint(0, model_cfg["vocab_size"], (2, model_cfg["context_length"]),
-                        generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(
+        0, model_cfg["vocab_size"], (2, model_cfg["context_length"]), generator=torch.Generator().manual_seed(2)
+    )
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(ids), theirs(ids).logits, atol=1e-4, rtol=0)
 
@@ -243,8 +261,9 @@ def test_random_llama_imports_and_gives_transformers_logits(tmp_path, sharded):
     theirs = save_llama(tmp_path, sharded)
     assert (tmp_path / "model.safetensors.index.json").is_file() == sharded
     model_cfg, state, tokenizer_json = import_llama(tmp_path)
-    assert model_cfg == dict(vocab_size=97, context_length=40, d_model=48, num_layers=2, num_heads=4, d_ff=80,
-                             rope_theta=2000.0)
+    assert model_cfg == dict(
+        vocab_size=97, context_length=40, d_model=48, num_layers=2, num_heads=4, d_ff=80, rope_theta=2000.0
+    )
     assert tokenizer_json is None
     assert_same_logits(model_cfg, state, theirs)
 
@@ -256,16 +275,19 @@ def test_tied_embeddings_are_untied_by_copy(tmp_path):
     assert_same_logits(model_cfg, state, theirs)
 
 
-@pytest.mark.parametrize("change, named", [
-    ({"num_key_value_heads": 2}, "grouped-query attention"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"mlp_bias": True}, "mlp_bias"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "scaled RoPE"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "scaled RoPE"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"rms_norm_eps": 1e-6}, "rms_norm_eps"),
-    ({"model_type": "mistral"}, "not a Llama model"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"num_key_value_heads": 2}, "grouped-query attention"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "scaled RoPE"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "scaled RoPE"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rms_norm_eps": 1e-6}, "rms_norm_eps"),
+        ({"model_type": "mistral"}, "not a Llama model"),
+    ],
+)
 def test_features_lmtools_lacks_are_refused_by_name(tmp_path, change, named):
     save_llama(tmp_path)
     spec = json.loads((tmp_path / "config.json").read_text()) | change
@@ -291,8 +313,20 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     data = prepare_mixed(root)
     ckpt = root / "run" / "ckpt.pt"
-    cli("train", "--train_data", data, *TINY_MODEL, "--max_iters", "60", "--eval_interval", "30",
-        "--log_interval", "30", "--checkpoint_path", ckpt)
+    cli(
+        "train",
+        "--train_data",
+        data,
+        *TINY_MODEL,
+        "--max_iters",
+        "60",
+        "--eval_interval",
+        "30",
+        "--log_interval",
+        "30",
+        "--checkpoint_path",
+        ckpt,
+    )
     cli("export", ckpt, "--out", root / "hf")
     return data, ckpt, root / "hf"
 
@@ -301,7 +335,7 @@ def trained(tmp_path_factory):
 def test_trained_model_exports_with_equal_logits_and_greedy_text(trained):
     data, ckpt, hf = trained
     model, payload = load_model(ckpt, torch.device("cpu"))
-    val = torch.from_numpy(np.load(data / "val.npy")[:4 * 64].astype(np.int64)).view(4, 64)
+    val = torch.from_numpy(np.load(data / "val.npy")[: 4 * 64].astype(np.int64)).view(4, 64)
     with torch.no_grad():
         torch.testing.assert_close(hf_logits(hf, val), model(val), atol=1e-4, rtol=0)
 
@@ -310,12 +344,12 @@ def test_trained_model_exports_with_equal_logits_and_greedy_text(trained):
     ours = list(generate_ids(model, prompt, 50, temperature=0))  # no stop token: all 50
     theirs_model = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
     out = theirs_model.generate(torch.tensor([prompt]), max_new_tokens=50, min_new_tokens=50, do_sample=False)
-    assert out[0, len(prompt):].tolist() == ours and len(ours) == 50
+    assert out[0, len(prompt) :].tolist() == ours and len(ours) == 50
     # `lmtools sample` at temperature 0 writes the text transformers generates (both stop at <|endoftext|>).
     sampled = cli("sample", ckpt, "--prompt", "the cat", "--temperature", "0", "--max_new_tokens", "50")
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf)
     out = theirs_model.generate(torch.tensor([prompt]), max_new_tokens=50, do_sample=False)
-    assert sampled == "the cat" + hf_tok.decode(out[0, len(prompt):], skip_special_tokens=True) + "\n"
+    assert sampled == "the cat" + hf_tok.decode(out[0, len(prompt) :], skip_special_tokens=True) + "\n"
 
     card = (hf / "README.md").read_text()
     assert f"{payload['metrics']['val_loss']:.4f}" in card and "bits per byte" in card
@@ -339,8 +373,20 @@ def test_auto_tokenizer_gives_lmtools_ids(trained):
 def test_checkpoint_travels_without_its_dataset(tmp_path):
     data = prepare_mixed(tmp_path, n_docs=120)
     ckpt = tmp_path / "run" / "ckpt.pt"
-    cli("train", "--train_data", data, *TINY_MODEL, "--max_iters", "6", "--eval_interval", "6",
-        "--log_interval", "3", "--checkpoint_path", ckpt)
+    cli(
+        "train",
+        "--train_data",
+        data,
+        *TINY_MODEL,
+        "--max_iters",
+        "6",
+        "--eval_interval",
+        "6",
+        "--log_interval",
+        "3",
+        "--checkpoint_path",
+        ckpt,
+    )
     stored = read_checkpoint(ckpt)["tokenizer_json"]
     assert stored == (data / "tokenizer.json").read_text(encoding="utf-8")
     before = cli("sample", ckpt, "--prompt", "the café", "--temperature", "0", "--max_new_tokens", "20")
@@ -362,8 +408,21 @@ def test_sharded_checkpoint_exports(tmp_path):
 
     data = prepare_mixed(tmp_path, n_docs=120)
     ckpt = tmp_path / "run" / "ckpt.pt"
-    run = torchrun("train", "--fsdp", "--train_data", data, *TINY_MODEL, "--max_iters", "4", "--eval_interval", "4",
-                   "--log_interval", "2", "--checkpoint_path", ckpt)
+    run = torchrun(
+        "train",
+        "--fsdp",
+        "--train_data",
+        data,
+        *TINY_MODEL,
+        "--max_iters",
+        "4",
+        "--eval_interval",
+        "4",
+        "--log_interval",
+        "2",
+        "--checkpoint_path",
+        ckpt,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "dcp" in read_checkpoint(ckpt)
     cli("export", ckpt, "--out", tmp_path / "hf")

@@ -18,9 +18,30 @@ from lmtools.train import TrainingDiverged, train_model
 
 pytestmark = pytest.mark.slow
 
-MODEL = ["--vocab_size", "64", "--context_length", "16", "--d_model", "32", "--num_layers", "1",
-         "--num_heads", "4", "--d_ff", "64", "--batch_size", "4", "--warmup_iters", "2",
-         "--learning_rate", "1e-3", "--eval_interval", "1000000", "--log_interval", "1"]
+MODEL = [
+    "--vocab_size",
+    "64",
+    "--context_length",
+    "16",
+    "--d_model",
+    "32",
+    "--num_layers",
+    "1",
+    "--num_heads",
+    "4",
+    "--d_ff",
+    "64",
+    "--batch_size",
+    "4",
+    "--warmup_iters",
+    "2",
+    "--learning_rate",
+    "1e-3",
+    "--eval_interval",
+    "1000000",
+    "--log_interval",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +52,20 @@ def tokens(tmp_path_factory):
 
 
 def start_training(tokens: Path, ckpt: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "lmtools.cli", "train", "--train_data", str(tokens), *MODEL,
-           "--max_iters", "1000000", "--checkpoint_path", str(ckpt), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmtools.cli",
+        "train",
+        "--train_data",
+        str(tokens),
+        *MODEL,
+        "--max_iters",
+        "1000000",
+        "--checkpoint_path",
+        str(ckpt),
+        *extra,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -87,7 +120,9 @@ def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tokens, tmp_path)
         proc = (
             subprocess.Popen(
                 [sys.executable, "-m", "lmtools.cli", "resume", str(ckpt), "--max_iters", "1000000"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
                 env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
             )
             if resume
@@ -108,7 +143,10 @@ def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tokens, tmp_path)
     # The next run takes the released locks and removes the dead writers' temp files.
     done = subprocess.run(
         [sys.executable, "-m", "lmtools.cli", "resume", str(ckpt), "--max_iters", str(last + 2)],
-        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "metrics.jsonl"]
@@ -117,9 +155,22 @@ def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tokens, tmp_path)
 def _exploding_config(tokens: Path, tmp_path: Path, **kw) -> TrainConfig:
     # A learning rate of 1e30 sends the weights past float32's range after one update.
     args = dict(
-        train_data=[str(tokens)], vocab_size=64, context_length=16, d_model=32, num_layers=1, num_heads=4,
-        d_ff=64, batch_size=4, learning_rate=1e30, min_learning_rate=1e30, warmup_iters=0, max_iters=6,
-        log_interval=1, eval_interval=100, checkpoint_interval=1, checkpoint_path=str(tmp_path / "ckpt.pt"),
+        train_data=[str(tokens)],
+        vocab_size=64,
+        context_length=16,
+        d_model=32,
+        num_layers=1,
+        num_heads=4,
+        d_ff=64,
+        batch_size=4,
+        learning_rate=1e30,
+        min_learning_rate=1e30,
+        warmup_iters=0,
+        max_iters=6,
+        log_interval=1,
+        eval_interval=100,
+        checkpoint_interval=1,
+        checkpoint_path=str(tmp_path / "ckpt.pt"),
         gradient_clip_val=1e30,
     )
     args.update(kw)
@@ -149,7 +200,12 @@ def test_loss_spike_is_logged_and_skipped_on_request(tokens, tmp_path, skip):
     path = tmp_path / "easy.npy"
     np.save(path, easy)
     cfg = _exploding_config(
-        path, tmp_path, learning_rate=1e-2, min_learning_rate=1e-2, max_iters=60, gradient_clip_val=1.0,
+        path,
+        tmp_path,
+        learning_rate=1e-2,
+        min_learning_rate=1e-2,
+        max_iters=60,
+        gradient_clip_val=1.0,
         checkpoint_interval=1000,
     )
     train_model(cfg, log=lambda _l: None)
@@ -158,8 +214,10 @@ def test_loss_spike_is_logged_and_skipped_on_request(tokens, tmp_path, skip):
     lines = []
     result = train_model(
         TrainConfig(max_iters=61, checkpoint_path=cfg.checkpoint_path, skip_spikes=skip),
-        resume_from=cfg.checkpoint_path, explicit=frozenset({"max_iters", "checkpoint_path", "skip_spikes"}),
-        log=lines.append, allow_data_change=True,  # the switch to noise is the point
+        resume_from=cfg.checkpoint_path,
+        explicit=frozenset({"max_iters", "checkpoint_path", "skip_spikes"}),
+        log=lines.append,
+        allow_data_change=True,  # the switch to noise is the point
     )
     assert any(line.startswith("Loss spike at iter 61") for line in lines), lines
     after = read_checkpoint(cfg.checkpoint_path)["model_state_dict"]

@@ -3,26 +3,34 @@ truncation during a run that ends in a message naming the file, not a bus error.
 
 import json
 import os
-import signal
-import subprocess
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fault_tools import cli, error_line, train_process, wait_for_line, write_tokens
 from lmtools.checkpoint import read_checkpoint
 from lmtools.config import TrainConfig
 from lmtools.fingerprint import BLOCK_BYTES, file_fingerprint, meta_hash
 from lmtools.train import train_model
 
-from fault_tools import cli, error_line, train_process, wait_for_line, write_tokens
-
 
 def _config(tokens, ckpt, **kw) -> TrainConfig:
     args = dict(
-        train_data=[str(tokens)], vocab_size=64, context_length=16, d_model=32, num_layers=1, num_heads=4, d_ff=64,
-        batch_size=4, warmup_iters=2, max_iters=4, log_interval=1, eval_interval=2, checkpoint_interval=2,
+        train_data=[str(tokens)],
+        vocab_size=64,
+        context_length=16,
+        d_model=32,
+        num_layers=1,
+        num_heads=4,
+        d_ff=64,
+        batch_size=4,
+        warmup_iters=2,
+        max_iters=4,
+        log_interval=1,
+        eval_interval=2,
+        checkpoint_interval=2,
         checkpoint_path=str(ckpt),
     )
     args.update(kw)

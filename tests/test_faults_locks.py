@@ -10,19 +10,30 @@ import sys
 import numpy as np
 import pytest
 
+from fault_tools import TINY, cli, error_line, spawn, train_process, wait_for_line, write_tokens
 from lmtools.checkpoint import read_checkpoint, snapshot_path
 from lmtools.config import TrainConfig
 from lmtools.lock import Busy, exclusive, lock_path_for
 from lmtools.train import train_model
 
-from fault_tools import TINY, cli, error_line, spawn, train_process, wait_for_line, write_tokens
-
 
 def tiny_config(tokens, ckpt, **kw) -> TrainConfig:
     args = dict(
-        train_data=[str(tokens)], vocab_size=64, context_length=16, d_model=32, num_layers=1, num_heads=4, d_ff=64,
-        batch_size=4, warmup_iters=2, learning_rate=1e-3, max_iters=10, log_interval=1, eval_interval=1000,
-        checkpoint_interval=2, checkpoint_path=str(ckpt),
+        train_data=[str(tokens)],
+        vocab_size=64,
+        context_length=16,
+        d_model=32,
+        num_layers=1,
+        num_heads=4,
+        d_ff=64,
+        batch_size=4,
+        warmup_iters=2,
+        learning_rate=1e-3,
+        max_iters=10,
+        log_interval=1,
+        eval_interval=1000,
+        checkpoint_interval=2,
+        checkpoint_path=str(ckpt),
     )
     args.update(kw)
     return TrainConfig(**args)
@@ -112,7 +123,10 @@ def test_rollback_to_an_older_snapshot_is_explicit_announced_and_keeps_its_sourc
     train_model(tiny_config(tokens, ckpt, max_iters=10, keep_last=3), log=lambda _l: None)
     old = snapshot_path(ckpt, 6)
     assert sorted(p.name for p in ckpt.parent.glob("ckpt-*.pt")) == [
-        "ckpt-00000006.pt", "ckpt-00000008.pt", "ckpt-00000010.pt"]
+        "ckpt-00000006.pt",
+        "ckpt-00000008.pt",
+        "ckpt-00000010.pt",
+    ]
 
     refused = cli("resume", old, "--max_iters", "14")
     line = error_line(refused)

@@ -38,8 +38,9 @@ def corpus(tmp_path_factory) -> tuple[Path, Path]:
 
 def start_prepare(*args) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "lmtools.cli", "prepare", *map(str, args), "--threads", "1", "-q"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1")
+    )
 
 
 def prepare(*args) -> subprocess.CompletedProcess:
@@ -129,8 +130,9 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_dataset(tmp_path, corpus):
     text, tok = corpus
     disk = tmp_path / "small-disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()})")
     try:
@@ -153,8 +155,9 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_dataset(tmp_path, corpus):
 def test_a_read_only_out_is_one_line(tmp_path):
     disk = tmp_path / "read-only"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a read-only tmpfs here ({mounted.stderr.strip()})")
     try:
@@ -171,8 +174,11 @@ def test_the_lock_is_exclusive_and_released(tmp_path):
     with exclusive(path, "the thing", "try later"):
         assert path.read_text().strip() == str(os.getpid())
         # A second open file description conflicts even in the same process.
-        with pytest.raises(Busy, match=rf"the thing is in use by another process \(PID "
-                                       rf"{os.getpid()}\); try later") as info:
+        with pytest.raises(
+            Busy,
+            match=rf"the thing is in use by another process \(PID "
+            rf"{os.getpid()}\); try later",
+        ) as info:
             with exclusive(path, "the thing", "try later"):
                 pass
         assert info.value.pid == os.getpid() and isinstance(info.value, DataError)

@@ -9,11 +9,10 @@ import time
 
 import pytest
 
+from fault_tools import cli, dead_pid, train_process, wait_for, wait_for_line, write_tokens
 from lmtools.checkpoint import read_checkpoint
 from lmtools.config import TrainConfig
 from lmtools.train import train_model
-
-from fault_tools import TINY, cli, dead_pid, train_process, wait_for, wait_for_line, write_tokens
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +45,22 @@ def test_a_second_signal_ends_a_long_native_step_at_once(tokens, tmp_path):
     default action, restored by the first, ends the process (killed by the signal itself)."""
     ckpt = tmp_path / "ckpt.pt"
     proc = train_process(
-        tokens, ckpt, "--d_model", "256", "--num_heads", "4", "--d_ff", "1024", "--num_layers", "4",
-        "--context_length", "256", "--batch_size", "32", "--checkpoint_interval", "1",
+        tokens,
+        ckpt,
+        "--d_model",
+        "256",
+        "--num_heads",
+        "4",
+        "--d_ff",
+        "1024",
+        "--num_layers",
+        "4",
+        "--context_length",
+        "256",
+        "--batch_size",
+        "32",
+        "--checkpoint_interval",
+        "1",
     )
     wait_for_line(proc, "memory :")
     time.sleep(1.0)  # inside the first step
@@ -65,8 +78,18 @@ def test_a_signal_ends_a_long_evaluation_between_batches(tokens, tmp_path):
     ckpt = tmp_path / "ckpt.pt"
     val = write_tokens(tmp_path / "val.npy", seed=1)
     proc = train_process(
-        tokens, ckpt, "--val_data", val, "--eval_interval", "1", "--eval_iters", "100000", "--batch_size", "64",
-        "--checkpoint_interval", "1000000",
+        tokens,
+        ckpt,
+        "--val_data",
+        val,
+        "--eval_interval",
+        "1",
+        "--eval_iters",
+        "100000",
+        "--batch_size",
+        "64",
+        "--checkpoint_interval",
+        "1000000",
     )
     wait_for_line(proc, "memory :")
     time.sleep(2.0)  # step 1 takes milliseconds; its evaluation, 100000 batches, would take minutes
@@ -121,8 +144,19 @@ def test_a_closed_stdout_pipe_does_not_stop_training(tokens, tmp_path):
 
 def _config(tokens, ckpt, **kw) -> TrainConfig:
     args = dict(
-        train_data=[str(tokens)], vocab_size=64, context_length=16, d_model=32, num_layers=1, num_heads=4, d_ff=64,
-        batch_size=4, warmup_iters=2, max_iters=4, log_interval=1, eval_interval=1000, checkpoint_interval=2,
+        train_data=[str(tokens)],
+        vocab_size=64,
+        context_length=16,
+        d_model=32,
+        num_layers=1,
+        num_heads=4,
+        d_ff=64,
+        batch_size=4,
+        warmup_iters=2,
+        max_iters=4,
+        log_interval=1,
+        eval_interval=1000,
+        checkpoint_interval=2,
         checkpoint_path=str(ckpt),
     )
     args.update(kw)
@@ -146,8 +180,9 @@ def test_damaged_metrics_lines_are_skipped_with_a_warning_on_resume_and_plot(tok
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
     lines = []
-    train_model(_config(tokens, ckpt, max_iters=6), resume_from=str(ckpt), explicit=frozenset({"max_iters"}),
-                log=lines.append)
+    train_model(
+        _config(tokens, ckpt, max_iters=6), resume_from=str(ckpt), explicit=frozenset({"max_iters"}), log=lines.append
+    )
     assert any("skipped 5 damaged line(s)" in line for line in lines), lines
     iters = [json.loads(x)["iter"] for x in metrics.read_text().splitlines()]
     assert iters == [0, 1, 2, 3, 4, 2, 5, 6]  # the NaN record of iter 2 is a record; the rest is gone
@@ -156,8 +191,11 @@ def test_damaged_metrics_lines_are_skipped_with_a_warning_on_resume_and_plot(tok
 def test_temp_files_of_dead_writers_are_removed_by_the_next_run(tokens, tmp_path):
     ckpt = tmp_path / "ckpt.pt"
     gone = dead_pid()
-    stale = [tmp_path / f".ckpt.pt.{gone}.tmp", tmp_path / f".ckpt-00000002.pt.{gone}.tmp",
-             tmp_path / f".metrics.jsonl.{gone}.tmp"]
+    stale = [
+        tmp_path / f".ckpt.pt.{gone}.tmp",
+        tmp_path / f".ckpt-00000002.pt.{gone}.tmp",
+        tmp_path / f".metrics.jsonl.{gone}.tmp",
+    ]
     live = tmp_path / f".other.pt.{os.getpid()}.tmp"  # a live writer's: never touched
     for path in (*stale, live):
         path.write_bytes(b"\0" * 1000)

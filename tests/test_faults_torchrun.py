@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from lmtools.checkpoint import read_checkpoint
-
 from fault_tools import wait_for
 from helpers import TORCHRUN_MODEL, learnable_stream, torchrun
+from lmtools.checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -35,10 +34,30 @@ def _free_port() -> int:
 
 def _node(rank: int, port: int, args: list, log: Path) -> subprocess.Popen:
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-        "--node_rank", str(rank), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
-        "--rdzv_id", "faults", "--rdzv_conf", f"is_host={int(rank == 0)}", "--max_restarts", "3",
-        "--monitor_interval", "0.2", "-m", "lmtools.cli", *map(str, args),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--node_rank",
+        str(rank),
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv_id",
+        "faults",
+        "--rdzv_conf",
+        f"is_host={int(rank == 0)}",
+        "--max_restarts",
+        "3",
+        "--monitor_interval",
+        "0.2",
+        "-m",
+        "lmtools.cli",
+        *map(str, args),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # Output to a file and a session of its own: whatever happens, the test can read the log
@@ -94,8 +113,21 @@ def _faulted_job(tmp_path: Path, common: list, ckpt: Path):
 
 def test_a_killed_worker_is_restarted_and_the_job_ends_as_an_uninterrupted_one(tmp_path):
     np.save(tmp_path / "train.npy", learnable_stream(20000))
-    common = ["--train_data", tmp_path / "train.npy", *TORCHRUN_MODEL, "--num_layers", "1", "--log_interval", "1",
-              "--eval_interval", "1000", "--checkpoint_interval", INTERVAL, "--max_iters", MAX_ITERS]
+    common = [
+        "--train_data",
+        tmp_path / "train.npy",
+        *TORCHRUN_MODEL,
+        "--num_layers",
+        "1",
+        "--log_interval",
+        "1",
+        "--eval_interval",
+        "1000",
+        "--checkpoint_interval",
+        INTERVAL,
+        "--max_iters",
+        MAX_ITERS,
+    ]
 
     # Restarted gloo workers on one host sometimes fail to connect to each other (connection
     # refused, or waiting for good: a torchrun restart race, not lmtools'): such a job runs once more.
@@ -111,7 +143,9 @@ def test_a_killed_worker_is_restarted_and_the_job_ends_as_an_uninterrupted_one(t
     # At most one checkpoint interval is trained twice.
     assert seen - INTERVAL < resumed_at <= seen + INTERVAL and resumed_at % INTERVAL == 0
     assert "Training finished at iter 60" in out
-    assert _iters(ckpt.parent / "metrics.jsonl") == list(range(0, MAX_ITERS + 1))  # each step logged once (0: the first-step record)
+    assert _iters(ckpt.parent / "metrics.jsonl") == list(
+        range(0, MAX_ITERS + 1)
+    )  # each step logged once (0: the first-step record)
 
     clean = tmp_path / "clean" / "ckpt.pt"
     run = torchrun("train", *common, "--checkpoint_path", clean)

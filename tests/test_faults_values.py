@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from fault_tools import ENV, TINY, cli, error_line, write_tokens
 from lmtools import load_dataset
 from lmtools.checkpoint import read_checkpoint
 from lmtools.config import TrainConfig
 from lmtools.data import BatchLoader
 from lmtools.train import train_model
-
-from fault_tools import ENV, TINY, cli, error_line, write_tokens
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +26,18 @@ def tokens(tmp_path_factory):
 def checkpoint(tmp_path_factory, tokens):
     ckpt = tmp_path_factory.mktemp("run") / "ckpt.pt"
     cfg = TrainConfig(
-        train_data=[str(tokens)], vocab_size=64, context_length=16, d_model=32, num_layers=1, num_heads=4, d_ff=64,
-        batch_size=4, max_iters=2, log_interval=1, eval_interval=100, checkpoint_interval=2,
+        train_data=[str(tokens)],
+        vocab_size=64,
+        context_length=16,
+        d_model=32,
+        num_layers=1,
+        num_heads=4,
+        d_ff=64,
+        batch_size=4,
+        max_iters=2,
+        log_interval=1,
+        eval_interval=100,
+        checkpoint_interval=2,
         checkpoint_path=str(ckpt),
     )
     train_model(cfg, log=lambda _l: None)
@@ -44,13 +53,16 @@ def _damaged(checkpoint, tmp_path, edit) -> str:
     return out
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--batch_size", "100000"], ["cannot fit", "activations", "GiB", "--batch_size"]),
-    (["--d_model", "65536", "--num_heads", "16"], ["cannot fit", "weights", "optimizer", "--fsdp"]),
-    (["--num_layers", "100000"], ["--num_layers 100,000 is beyond the sane bound"]),
-    (["--grad_accum_steps", "1000000000"], ["--grad_accum_steps 1,000,000,000 is beyond"]),
-    (["--eval_iters", "1000000000"], ["--eval_iters 1,000,000,000 is beyond"]),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--batch_size", "100000"], ["cannot fit", "activations", "GiB", "--batch_size"]),
+        (["--d_model", "65536", "--num_heads", "16"], ["cannot fit", "weights", "optimizer", "--fsdp"]),
+        (["--num_layers", "100000"], ["--num_layers 100,000 is beyond the sane bound"]),
+        (["--grad_accum_steps", "1000000000"], ["--grad_accum_steps 1,000,000,000 is beyond"]),
+        (["--eval_iters", "1000000000"], ["--eval_iters 1,000,000,000 is beyond"]),
+    ],
+)
 def test_absurd_flags_end_in_one_line(tokens, tmp_path, flags, words):
     result = cli("train", "--train_data", tokens, "--max_iters", "2", "--checkpoint_path", tmp_path / "c.pt", *flags)
     line = error_line(result)
@@ -64,7 +76,10 @@ def test_absurd_flags_end_in_one_line(tokens, tmp_path, flags, words):
 def test_a_float_count_is_a_usage_error_in_one_line(tokens, tmp_path, flag):
     done = subprocess.run(
         [sys.executable, "-m", "lmtools.cli", "train", "--train_data", str(tokens), flag, "1e9"],
-        capture_output=True, text=True, env=ENV, timeout=120,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
     )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
@@ -109,13 +124,16 @@ def test_a_wrong_shaped_tensor_is_named(checkpoint, tmp_path):
         assert "size mismatch for layers.0.ffn.w1.weight" in line, line
 
 
-@pytest.mark.parametrize("part, damage", [
-    ("rng", lambda p: p["rng"].update(numpy="garbage")),
-    ("rng", lambda p: p["rng"].update(torch=torch.zeros(3, dtype=torch.uint8))),
-    ("sampler", lambda p: p["sampler"].update(step=2**70)),
-    ("sampler", lambda p: p["sampler"].update(step="two")),
-    ("spikes", lambda p: p["spikes"].update(values=["x"])),
-])
+@pytest.mark.parametrize(
+    "part, damage",
+    [
+        ("rng", lambda p: p["rng"].update(numpy="garbage")),
+        ("rng", lambda p: p["rng"].update(torch=torch.zeros(3, dtype=torch.uint8))),
+        ("sampler", lambda p: p["sampler"].update(step=2**70)),
+        ("sampler", lambda p: p["sampler"].update(step="two")),
+        ("spikes", lambda p: p["spikes"].update(values=["x"])),
+    ],
+)
 def test_a_damaged_run_state_is_one_line(checkpoint, tmp_path, part, damage):
     damaged = _damaged(checkpoint, tmp_path, damage)
     line = error_line(cli("resume", damaged, "--max_iters", "4"))
@@ -125,7 +143,9 @@ def test_a_damaged_run_state_is_one_line(checkpoint, tmp_path, part, damage):
 def test_a_symlink_loop_is_one_line(tmp_path):
     loop = tmp_path / "loop.npy"
     os.symlink(loop, loop)
-    line = error_line(cli("train", "--train_data", loop, *TINY, "--max_iters", "1", "--checkpoint_path", tmp_path / "c.pt"))
+    line = error_line(
+        cli("train", "--train_data", loop, *TINY, "--max_iters", "1", "--checkpoint_path", tmp_path / "c.pt")
+    )
     assert "symlink loop" in line
     assert "symlink loop" in error_line(cli("inspect", loop))
 
@@ -136,8 +156,9 @@ def test_a_fifo_named_train_npy_is_refused_not_read(tmp_path):
     os.mkfifo(fifo)
     # Real processes with a deadline: opening a FIFO for reading would block forever.
     for args in (["train", "--train_data", fifo, *TINY, "--checkpoint_path", tmp_path / "c.pt"], ["inspect", fifo]):
-        done = subprocess.run([sys.executable, "-m", "lmtools.cli", *map(str, args)], capture_output=True, text=True,
-                              env=ENV, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "lmtools.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=120
+        )
         assert done.returncode == 2, done.stderr
         assert "is a FIFO, not a regular file" in done.stderr and "Traceback" not in done.stderr
     with pytest.raises(Exception, match="FIFO"):

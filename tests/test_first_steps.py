@@ -9,12 +9,11 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
+from corpora import documents, prepare, write_eot_text
 from lmtools.cli import app
+from lmtools.config import TrainConfig
 from lmtools.plot import read_curves
 from lmtools.train import train_model
-from lmtools.config import TrainConfig
-
-from corpora import documents, prepare, write_eot_text
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +27,22 @@ def plays(tmp_path_factory):
 
 
 def config(data, tmp_path, **kw) -> TrainConfig:
-    args = dict(train_data=[str(data)], context_length=16, d_model=32, num_layers=1, num_heads=4, d_ff=64,
-                batch_size=8, warmup_iters=2, learning_rate=3e-3, max_iters=6, log_interval=3, eval_interval=3,
-                eval_iters=2, checkpoint_path=str(tmp_path / "run" / "ckpt.pt"))
+    args = dict(
+        train_data=[str(data)],
+        context_length=16,
+        d_model=32,
+        num_layers=1,
+        num_heads=4,
+        d_ff=64,
+        batch_size=8,
+        warmup_iters=2,
+        learning_rate=3e-3,
+        max_iters=6,
+        log_interval=3,
+        eval_interval=3,
+        eval_iters=2,
+        checkpoint_path=str(tmp_path / "run" / "ckpt.pt"),
+    )
     args.update(kw)
     return TrainConfig(**args)
 
@@ -72,18 +84,49 @@ def test_iter_0_without_validation_and_not_again_on_resume(tmp_path, plays):
     result = CliRunner().invoke(app, ["resume", str(tmp_path / "run" / "ckpt.pt"), "--max_iters", "6"])
     assert result.exit_code == 0, result.output
     assert [line.split("|")[0].strip() for line in result.output.splitlines() if line.startswith("Iter")] == [
-        "Iter      6"]
+        "Iter      6"
+    ]
 
 
 def test_a_log_written_to_a_file_carries_elapsed_and_remaining_time(plays, tmp_path):
     log = tmp_path / "train.log"
     with open(log, "w") as f:
         proc = subprocess.run(
-            [sys.executable, "-m", "lmtools.cli", "train", "--train_data", str(plays), "--context_length", "16",
-             "--d_model", "32", "--num_layers", "1", "--num_heads", "4", "--d_ff", "64", "--batch_size", "8",
-             "--warmup_iters", "1", "--max_iters", "4", "--log_interval", "2", "--eval_interval", "2",
-             "--eval_iters", "1", "--checkpoint_path", str(tmp_path / "run" / "ckpt.pt")],
-            stdout=f, stderr=subprocess.STDOUT, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "lmtools.cli",
+                "train",
+                "--train_data",
+                str(plays),
+                "--context_length",
+                "16",
+                "--d_model",
+                "32",
+                "--num_layers",
+                "1",
+                "--num_heads",
+                "4",
+                "--d_ff",
+                "64",
+                "--batch_size",
+                "8",
+                "--warmup_iters",
+                "1",
+                "--max_iters",
+                "4",
+                "--log_interval",
+                "2",
+                "--eval_interval",
+                "2",
+                "--eval_iters",
+                "1",
+                "--checkpoint_path",
+                str(tmp_path / "run" / "ckpt.pt"),
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=300,
         )
     assert proc.returncode == 0, log.read_text()
     iters = [line for line in log.read_text().splitlines() if line.startswith("Iter")]
@@ -100,8 +143,16 @@ def test_the_plot_draws_each_named_validation_set(plays, tmp_path):
     from lmtools.plot import plot_runs
 
     other = tmp_path / "other"
-    prepare(write_eot_text(tmp_path / "other.txt", documents(150, 7)), other, "--tokenizer", plays / "tokenizer.json",
-            "--separator", "<|endoftext|>", "--val_fraction", 0.1)
+    prepare(
+        write_eot_text(tmp_path / "other.txt", documents(150, 7)),
+        other,
+        "--tokenizer",
+        plays / "tokenizer.json",
+        "--separator",
+        "<|endoftext|>",
+        "--val_fraction",
+        0.1,
+    )
     cfg = config(plays, tmp_path)
     cfg.train_data = [str(plays), str(other)]
     train_model(cfg, log=lambda _l: None)
@@ -122,11 +173,38 @@ def test_the_quick_start_on_a_text_file_validates_from_the_first_step(tmp_path, 
     else:
         write_eot_text(corpus, docs)
     prepare(corpus, tmp_path / "data", "--vocab_size", 300)
-    result = CliRunner().invoke(app, [
-        "train", "--train_data", str(tmp_path / "data"), "--context_length", "16", "--d_model", "32",
-        "--num_layers", "1", "--num_heads", "4", "--d_ff", "64", "--batch_size", "8", "--warmup_iters", "1",
-        "--max_iters", "4", "--log_interval", "2", "--eval_interval", "2", "--eval_iters", "1",
-        "--checkpoint_path", str(tmp_path / "run" / "ckpt.pt")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--train_data",
+            str(tmp_path / "data"),
+            "--context_length",
+            "16",
+            "--d_model",
+            "32",
+            "--num_layers",
+            "1",
+            "--num_heads",
+            "4",
+            "--d_ff",
+            "64",
+            "--batch_size",
+            "8",
+            "--warmup_iters",
+            "1",
+            "--max_iters",
+            "4",
+            "--log_interval",
+            "2",
+            "--eval_interval",
+            "2",
+            "--eval_iters",
+            "1",
+            "--checkpoint_path",
+            str(tmp_path / "run" / "ckpt.pt"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     iters = [line for line in result.output.splitlines() if line.startswith("Iter")]
     assert iters[0].startswith("Iter      0 |") and all("Val Loss:" in line for line in iters), result.output

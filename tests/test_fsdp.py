@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from helpers import TORCHRUN_MODEL, learnable_stream, logged_losses, torchrun
 from lmtools.checkpoint import read_checkpoint
 from lmtools.cli import app
 from lmtools.config import TrainConfig
@@ -17,8 +18,6 @@ from lmtools.errors import CheckpointError, ConfigError
 from lmtools.generate import load_model
 from lmtools.inspect import inspect_path
 from lmtools.model import TransformerLM
-
-from helpers import TORCHRUN_MODEL, learnable_stream, logged_losses, torchrun
 
 
 def _weights(path):
@@ -30,10 +29,24 @@ def _weights(path):
 def test_fsdp_gloo_two_processes_train_and_resume(tmp_path):
     np.save(tmp_path / "train.npy", learnable_stream(30000))
     ckpt = tmp_path / "run" / "ckpt.pt"
-    common = [*TORCHRUN_MODEL, "--num_layers", "2", "--log_interval", "20",
-              "--eval_interval", "1000", "--checkpoint_interval", "40", "--checkpoint_path", ckpt,
-              # 3 validation batches on 2 ranks: the sharded forwards must stay in lockstep.
-              "--val_data", tmp_path / "train.npy", "--eval_iters", "3"]
+    common = [
+        *TORCHRUN_MODEL,
+        "--num_layers",
+        "2",
+        "--log_interval",
+        "20",
+        "--eval_interval",
+        "1000",
+        "--checkpoint_interval",
+        "40",
+        "--checkpoint_path",
+        ckpt,
+        # 3 validation batches on 2 ranks: the sharded forwards must stay in lockstep.
+        "--val_data",
+        tmp_path / "train.npy",
+        "--eval_iters",
+        "3",
+    ]
     run = torchrun("train", "--fsdp", "--train_data", tmp_path / "train.npy", *common, "--max_iters", "80")
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
@@ -84,11 +97,31 @@ def test_fsdp_gloo_two_processes_train_and_resume(tmp_path):
 def test_fsdp_needstorchrun(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     np.save(tmp_path / "t.npy", np.arange(2000, dtype=np.uint16) % 64)
-    result = CliRunner().invoke(app, [
-        "train", "--fsdp", "--train_data", str(tmp_path / "t.npy"), "--vocab_size", "64", "--context_length", "8",
-        "--d_model", "16", "--num_layers", "1", "--num_heads", "2", "--d_ff", "32", "--max_iters", "2",
-        "--checkpoint_path", str(tmp_path / "c.pt"),
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--fsdp",
+            "--train_data",
+            str(tmp_path / "t.npy"),
+            "--vocab_size",
+            "64",
+            "--context_length",
+            "8",
+            "--d_model",
+            "16",
+            "--num_layers",
+            "1",
+            "--num_heads",
+            "2",
+            "--d_ff",
+            "32",
+            "--max_iters",
+            "2",
+            "--checkpoint_path",
+            str(tmp_path / "c.pt"),
+        ],
+    )
     assert result.exit_code == 2
     assert "--fsdp" in result.output and "torchrun" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "c.pt").exists()
@@ -100,7 +133,7 @@ def test_fsdp_refuses_what_it_cannot_do(flags):
         TrainConfig(train_data=["t.npy"], fsdp=True, **flags).validate()
 
 
-SHARDED_INIT = '''
+SHARDED_INIT = """
 import sys
 import torch
 import torch.distributed as dist
@@ -125,7 +158,7 @@ assert torch.equal(model.rope.cos, build_model(cfg, torch.device("cpu")).rope.co
 # One write per line: the two ranks share an unbuffered stdout.
 sys.stdout.write(f"rank {info.rank} ok {sum(local.values())} {sum(v.numel() for v in reference.values())}\\n")
 dist.destroy_process_group()
-'''
+"""
 
 
 @pytest.mark.slow
@@ -145,9 +178,22 @@ def test_sharded_model_is_built_without_a_full_copy_and_equals_the_unsharded_one
 @pytest.mark.slow
 def test_fsdp_with_compile_learns(tmp_path):
     np.save(tmp_path / "train.npy", learnable_stream(30000))
-    run = torchrun("train", "--fsdp", "--compile", "--train_data", tmp_path / "train.npy", *TORCHRUN_MODEL,
-                   "--num_layers", "2", "--log_interval", "10", "--max_iters", "40",
-                   "--checkpoint_path", tmp_path / "run" / "ckpt.pt")
+    run = torchrun(
+        "train",
+        "--fsdp",
+        "--compile",
+        "--train_data",
+        tmp_path / "train.npy",
+        *TORCHRUN_MODEL,
+        "--num_layers",
+        "2",
+        "--log_interval",
+        "10",
+        "--max_iters",
+        "40",
+        "--checkpoint_path",
+        tmp_path / "run" / "ckpt.pt",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "compiled | 2 ranks" in run.stdout, run.stdout
     losses = logged_losses(run.stdout)

@@ -37,7 +37,9 @@ def test_fixed_seed_same_tokens_and_eot_stops():
     c = list(generate_ids(m, [1, 2], 30, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(8)))
     assert a == b and a != c
     eot = a[3]
-    d = list(generate_ids(m, [1, 2], 30, temperature=1.0, top_p=0.9, eot_id=eot, generator=torch.Generator().manual_seed(7)))
+    d = list(
+        generate_ids(m, [1, 2], 30, temperature=1.0, top_p=0.9, eot_id=eot, generator=torch.Generator().manual_seed(7))
+    )
     assert d == a[: a.index(eot)]
 
 

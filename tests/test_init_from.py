@@ -8,17 +8,28 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from corpora import documents, prepare, write_jsonl
 from lmtools.checkpoint import read_checkpoint
 from lmtools.cli import app
 from lmtools.data import BatchLoader
 from lmtools.model import TransformerLM
 from lmtools.optim import cross_entropy
 
-from corpora import documents, prepare, write_jsonl
-
 MODEL = ["--context_length", "16", "--d_model", "32", "--num_layers", "1", "--num_heads", "4", "--d_ff", "64"]
-RUN = ["--batch_size", "8", "--warmup_iters", "1", "--learning_rate", "3e-3", "--eval_iters", "2",
-       "--log_interval", "2", "--eval_interval", "2"]
+RUN = [
+    "--batch_size",
+    "8",
+    "--warmup_iters",
+    "1",
+    "--learning_rate",
+    "3e-3",
+    "--eval_iters",
+    "2",
+    "--log_interval",
+    "2",
+    "--eval_interval",
+    "2",
+]
 
 
 def cli(*args):
@@ -37,16 +48,34 @@ def world(tmp_path_factory):
     """`base`: a run trained 20 steps on `plays`; `fine`: new data with the same tokenizer;
     `code`: another tokenizer of the same size; `wide`: a tokenizer of another size."""
     root = tmp_path_factory.mktemp("init")
-    prepare(write_jsonl(root / "plays.jsonl", documents(300, 0)), root / "plays", "--vocab_size", 300,
-            "--val_fraction", 0.1)
-    prepare(write_jsonl(root / "fine.jsonl", documents(150, 5)), root / "fine",
-            "--tokenizer", root / "plays" / "tokenizer.json", "--val_fraction", 0.1)
-    prepare(write_jsonl(root / "code.jsonl", documents(300, 2)), root / "code", "--vocab_size", 300,
-            "--val_fraction", 0.1)
-    prepare(write_jsonl(root / "wide.jsonl", documents(300, 4)), root / "wide", "--vocab_size", 320,
-            "--val_fraction", 0.1)
-    result = cli("train", "--train_data", root / "plays", *MODEL, *RUN, "--max_iters", 20,
-                 "--checkpoint_path", root / "base" / "ckpt.pt")
+    prepare(
+        write_jsonl(root / "plays.jsonl", documents(300, 0)), root / "plays", "--vocab_size", 300, "--val_fraction", 0.1
+    )
+    prepare(
+        write_jsonl(root / "fine.jsonl", documents(150, 5)),
+        root / "fine",
+        "--tokenizer",
+        root / "plays" / "tokenizer.json",
+        "--val_fraction",
+        0.1,
+    )
+    prepare(
+        write_jsonl(root / "code.jsonl", documents(300, 2)), root / "code", "--vocab_size", 300, "--val_fraction", 0.1
+    )
+    prepare(
+        write_jsonl(root / "wide.jsonl", documents(300, 4)), root / "wide", "--vocab_size", 320, "--val_fraction", 0.1
+    )
+    result = cli(
+        "train",
+        "--train_data",
+        root / "plays",
+        *MODEL,
+        *RUN,
+        "--max_iters",
+        20,
+        "--checkpoint_path",
+        root / "base" / "ckpt.pt",
+    )
     assert result.exit_code == 0, result.output
     return root
 
@@ -60,8 +89,9 @@ def test_init_from_starts_a_new_run_from_the_weights(world, tmp_path):
     before = digest(base)
     ckpt = tmp_path / "fine" / "ckpt.pt"
     # No model flags: the shape comes from the checkpoint (the defaults would be d_model 768, 12 layers).
-    result = cli("train", "--init_from", base, "--train_data", world / "fine", *RUN, "--max_iters", 4,
-                 "--checkpoint_path", ckpt)
+    result = cli(
+        "train", "--init_from", base, "--train_data", world / "fine", *RUN, "--max_iters", 4, "--checkpoint_path", ckpt
+    )
     assert result.exit_code == 0, result.output
     assert f"Initialised from checkpoint {base}" in result.output
     payload = read_checkpoint(ckpt)
@@ -92,8 +122,19 @@ def test_init_from_starts_a_new_run_from_the_weights(world, tmp_path):
 
 def test_init_optimizer_takes_over_the_optimizer_state(world, tmp_path):
     ckpt = tmp_path / "c.pt"
-    result = cli("train", "--init_from", world / "base" / "ckpt.pt", "--init_optimizer", "--train_data",
-                 world / "fine", *RUN, "--max_iters", 2, "--checkpoint_path", ckpt)
+    result = cli(
+        "train",
+        "--init_from",
+        world / "base" / "ckpt.pt",
+        "--init_optimizer",
+        "--train_data",
+        world / "fine",
+        *RUN,
+        "--max_iters",
+        2,
+        "--checkpoint_path",
+        ckpt,
+    )
     assert result.exit_code == 0, result.output
     assert "its optimizer state" in result.output
     assert {int(s["step"]) for s in read_checkpoint(ckpt)["optimizer_state_dict"]["state"].values()} == {22}
@@ -114,25 +155,43 @@ def test_init_from_refuses_what_does_not_fit(world, tmp_path, data, extra, needl
     if "--resume" in extra:
         ckpt = base
     before = digest(base)
-    line = one_error_line(cli("train", "--init_from", base, "--train_data", world / data, *RUN, *extra,
-                              "--max_iters", 2, "--checkpoint_path", ckpt))
+    line = one_error_line(
+        cli(
+            "train",
+            "--init_from",
+            base,
+            "--train_data",
+            world / data,
+            *RUN,
+            *extra,
+            "--max_iters",
+            2,
+            "--checkpoint_path",
+            ckpt,
+        )
+    )
     assert needle in line, line
     assert digest(base) == before and (ckpt == base or not ckpt.exists())
 
 
 def test_init_from_into_its_own_checkpoint_path_is_refused(world):
     base = world / "base" / "ckpt.pt"
-    line = one_error_line(cli("train", "--init_from", base, "--train_data", world / "fine", "--overwrite",
-                              "--checkpoint_path", base))
+    line = one_error_line(
+        cli("train", "--init_from", base, "--train_data", world / "fine", "--overwrite", "--checkpoint_path", base)
+    )
     assert "its own --checkpoint_path" in line
 
 
 @pytest.mark.parametrize("what", ["token file", "prepared folder", "folder without config.json"])
 def test_init_from_something_else_than_a_checkpoint(world, tmp_path, what):
-    src = {"token file": world / "fine" / "train.npy", "prepared folder": world / "fine",
-           "folder without config.json": tmp_path}[what]
-    line = one_error_line(cli("train", "--init_from", src, "--train_data", world / "fine",
-                              "--checkpoint_path", tmp_path / "c.pt"))
+    src = {
+        "token file": world / "fine" / "train.npy",
+        "prepared folder": world / "fine",
+        "folder without config.json": tmp_path,
+    }[what]
+    line = one_error_line(
+        cli("train", "--init_from", src, "--train_data", world / "fine", "--checkpoint_path", tmp_path / "c.pt")
+    )
     assert str(src) in line and ("not a checkpoint" in line or "config.json" in line), line
 
 
@@ -144,14 +203,16 @@ def test_init_from_a_hugging_face_folder(world, tmp_path):
     assert result.exit_code == 0, result.output
     assert (hf / "config.json").is_file()
     ckpt = tmp_path / "tuned" / "ckpt.pt"
-    result = cli("train", "--init_from", hf, "--train_data", world / "fine", *RUN, "--max_iters", 2,
-                 "--checkpoint_path", ckpt)
+    result = cli(
+        "train", "--init_from", hf, "--train_data", world / "fine", *RUN, "--max_iters", 2, "--checkpoint_path", ckpt
+    )
     assert result.exit_code == 0, result.output
     assert f"Initialised from Hugging Face folder {hf}" in result.output
     payload, base_payload = read_checkpoint(ckpt), read_checkpoint(base)
     assert payload["config"]["init_from"] == str(hf)
     assert {k: payload["model_config"][k] for k in ("vocab_size", "d_model", "num_layers", "d_ff")} == {
-        k: base_payload["model_config"][k] for k in ("vocab_size", "d_model", "num_layers", "d_ff")}
+        k: base_payload["model_config"][k] for k in ("vocab_size", "d_model", "num_layers", "d_ff")
+    }
     # Export then import is exact: the iter-0 loss is the base model's on the new run's first batch.
     records = [json.loads(line) for line in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
     model = TransformerLM.from_config(base_payload["model_config"])
@@ -160,12 +221,23 @@ def test_init_from_a_hugging_face_folder(world, tmp_path):
     with torch.no_grad():
         assert records[0]["loss"] == pytest.approx(float(cross_entropy(model(x), y)), rel=1e-5)
     # Its optimizer state cannot be taken over: a Hugging Face folder holds none.
-    line = one_error_line(cli("train", "--init_from", hf, "--init_optimizer", "--train_data", world / "fine",
-                              "--checkpoint_path", tmp_path / "other.pt"))
+    line = one_error_line(
+        cli(
+            "train",
+            "--init_from",
+            hf,
+            "--init_optimizer",
+            "--train_data",
+            world / "fine",
+            "--checkpoint_path",
+            tmp_path / "other.pt",
+        )
+    )
     assert "holds no optimizer state" in line
     # Data tokenized otherwise is refused as from a checkpoint.
-    line = one_error_line(cli("train", "--init_from", hf, "--train_data", world / "code",
-                              "--checkpoint_path", tmp_path / "other.pt"))
+    line = one_error_line(
+        cli("train", "--init_from", hf, "--train_data", world / "code", "--checkpoint_path", tmp_path / "other.pt")
+    )
     assert "another tokenizer" in line
 
 
@@ -190,7 +262,8 @@ def test_resume_with_the_same_data_spelled_as_its_folder(world, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(world / "base", run)
-    result = cli("train", "--resume", "--checkpoint_path", run / "ckpt.pt", "--train_data", world / "plays",
-                 "--max_iters", 22)
+    result = cli(
+        "train", "--resume", "--checkpoint_path", run / "ckpt.pt", "--train_data", world / "plays", "--max_iters", 22
+    )
     assert result.exit_code == 0, result.output
     assert read_checkpoint(run / "ckpt.pt")["iteration"] == 22

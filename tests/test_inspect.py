@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from helpers import one_line_error
 from lmtools import TransformerLM
 from lmtools.cli import app
 from lmtools.config import TrainConfig
@@ -19,15 +20,11 @@ from lmtools.optim import run_get_lr_cosine_schedule
 from lmtools.prepare import prepare_corpus
 from lmtools.train import train_model
 
-from helpers import one_line_error
-
 MODEL = dict(context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=64)
 DOCS = [
     f"def function_{i}(x):\n    '''Document {i} of the inspect corpus.'''\n    return x * {i} + {i % 7}\n" * (3 + i % 4)
     for i in range(40)
 ]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +40,21 @@ def dataset(tmp_path_factory) -> Path:
 def run(dataset, tmp_path_factory) -> tuple[Path, TrainConfig]:
     folder = tmp_path_factory.mktemp("run")
     cfg = TrainConfig(
-        train_data=[str(dataset / "train.npy")], **MODEL, batch_size=4, learning_rate=3e-3,
-        min_learning_rate=3e-4, weight_decay=0.05, warmup_iters=4, max_iters=20, eval_interval=10, eval_iters=2,
-        log_interval=5, checkpoint_interval=10, keep_last=2, checkpoint_path=str(folder / "ckpt.pt"), seed=3,
+        train_data=[str(dataset / "train.npy")],
+        **MODEL,
+        batch_size=4,
+        learning_rate=3e-3,
+        min_learning_rate=3e-4,
+        weight_decay=0.05,
+        warmup_iters=4,
+        max_iters=20,
+        eval_interval=10,
+        eval_iters=2,
+        log_interval=5,
+        checkpoint_interval=10,
+        keep_last=2,
+        checkpoint_path=str(folder / "ckpt.pt"),
+        seed=3,
     )
     train_model(cfg, log=lambda _line: None)
     return folder / "ckpt.pt", cfg
@@ -77,7 +86,13 @@ def test_checkpoint_report(run, dataset):
     assert o["weight_decay"] == [0.05, 0.0] and o["param_groups"] == 2 and o["step"] == 20
 
     s = r["schedule"]
-    assert (s["max_iters"], s["warmup_iters"], s["phase"], s["progress"], s["remaining_iters"]) == (20, 4, "finished", 1.0, 0)
+    assert (s["max_iters"], s["warmup_iters"], s["phase"], s["progress"], s["remaining_iters"]) == (
+        20,
+        4,
+        "finished",
+        1.0,
+        0,
+    )
     assert s["lr"] == pytest.approx(3e-4)
 
     assert r["metrics"]["iter"] == 20 and r["metrics"]["loss"] > 0

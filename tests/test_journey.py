@@ -32,10 +32,37 @@ def test_prepare_train_resume_sample_inspect_plot(tmp_path):
 
     ckpt = tmp_path / "run" / "ckpt.pt"
     # No --vocab_size and no --val_data: both come from the prepared folder.
-    out = cli("train", "--train_data", data / "train.npy", "--context_length", "32", "--d_model", "32",
-              "--num_layers", "1", "--num_heads", "4", "--d_ff", "64", "--batch_size", "8", "--max_iters", "20",
-              "--warmup_iters", "2", "--learning_rate", "3e-3", "--eval_interval", "10", "--eval_iters", "2",
-              "--log_interval", "10", "--checkpoint_path", ckpt)
+    out = cli(
+        "train",
+        "--train_data",
+        data / "train.npy",
+        "--context_length",
+        "32",
+        "--d_model",
+        "32",
+        "--num_layers",
+        "1",
+        "--num_heads",
+        "4",
+        "--d_ff",
+        "64",
+        "--batch_size",
+        "8",
+        "--max_iters",
+        "20",
+        "--warmup_iters",
+        "2",
+        "--learning_rate",
+        "3e-3",
+        "--eval_interval",
+        "10",
+        "--eval_iters",
+        "2",
+        "--log_interval",
+        "10",
+        "--checkpoint_path",
+        ckpt,
+    )
     assert "val.npy" in out and f"vocab {meta['vocab_size']}" in out and "Val Loss" in out
     payload = read_checkpoint(ckpt)
     assert payload["tokenizer"].endswith("tokenizer.json")

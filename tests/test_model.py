@@ -144,8 +144,9 @@ def test_reset_parameters_sets_every_weight_and_the_trainer_builds_from_the_seed
     from lmtools.config import TrainConfig
     from lmtools.train import build_model
 
-    cfg = TrainConfig(train_data=["unused"], vocab_size=97, context_length=16, d_model=32, num_layers=2,
-                      num_heads=4, d_ff=48, seed=11)
+    cfg = TrainConfig(
+        train_data=["unused"], vocab_size=97, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=48, seed=11
+    )
     built = build_model(cfg, torch.device("cpu"))
     poisoned = TransformerLM.from_config(cfg.model_config())
     with torch.no_grad():

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import one_line_error
 from lmtools.errors import ConfigError, DataError
 from lmtools.plot import metrics_path, plot_runs, read_curves
-
-from helpers import one_line_error
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -37,8 +36,6 @@ def png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR"
     return struct.unpack(">II", data[16:24])
-
-
 
 
 def test_read_curves_values(tmp_path):
@@ -89,7 +86,9 @@ def test_missing_and_empty_metrics_are_one_line_errors(tmp_path, run_cli):
     one_line_error(run_cli("plot", tmp_path / "bare", "--out", out), "holds no metrics.jsonl")
     one_line_error(run_cli("plot", tmp_path / "lonely.pt", "--out", out), "no metrics.jsonl beside")
     one_line_error(run_cli("plot", tmp_path / "nowhere", "--out", out), "does not exist")
-    one_line_error(run_cli("plot", write_run(tmp_path / "ok", records()), "--out", tmp_path / "x.jpg"), "must end in .png")
+    one_line_error(
+        run_cli("plot", write_run(tmp_path / "ok", records()), "--out", tmp_path / "x.jpg"), "must end in .png"
+    )
     assert not out.exists()
 
 

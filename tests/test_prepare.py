@@ -115,22 +115,33 @@ def test_all_input_kinds_round_trip(tmp_path):
     write_jsonl(corpus / "c.jsonl", ["jsonl one", "", "jsonl three"])  # "" is skipped
     with gzip.open(corpus / "d.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write(json.dumps({"text": "gz jsonl"}) + "\n\n")
-    pq.write_table(pa.table({"text": [f"row {i}" for i in range(10)], "n": list(range(10))}),
-                   corpus / "e.parquet", row_group_size=3)
+    pq.write_table(
+        pa.table({"text": [f"row {i}" for i in range(10)], "n": list(range(10))}),
+        corpus / "e.parquet",
+        row_group_size=3,
+    )
     (corpus / "ignored.md").write_text("not picked up from a folder")
     (corpus / ".hidden.txt").write_text("hidden files are skipped")
 
     meta = prepare_corpus([corpus], tmp_path / "out", tokenizer="bytes", val_fraction=0.0)
     _, train, val = load_dataset_docs(tmp_path / "out")
     # Folder order is sorted by path: a.txt, c.jsonl, d.jsonl.gz, e.parquet, sub/b.txt.gz.
-    assert train == (["plain text file\n", "jsonl one", "jsonl three", "gz jsonl"]
-                     + [f"row {i}" for i in range(10)] + ["gzipped text ✓"])
+    assert train == (
+        ["plain text file\n", "jsonl one", "jsonl three", "gz jsonl"]
+        + [f"row {i}" for i in range(10)]
+        + ["gzipped text ✓"]
+    )
     assert val == []
     assert meta["train_documents"] == 15
     assert meta["empty_documents"] == 1
     assert meta["empty_document_places"] == [f"{corpus / 'c.jsonl'}:2"]
     assert [Path(s["path"]).name for s in meta["sources"]] == [
-        "a.txt", "c.jsonl", "d.jsonl.gz", "e.parquet", "b.txt.gz"]
+        "a.txt",
+        "c.jsonl",
+        "d.jsonl.gz",
+        "e.parquet",
+        "b.txt.gz",
+    ]
     import hashlib
 
     for s in meta["sources"]:
@@ -146,9 +157,15 @@ def test_globs_fields_columns_and_separator(tmp_path):
     write_jsonl(tmp_path / "x2.jsonl", ["three"], field="body")
     pq.write_table(pa.table({"content": ["four"]}), tmp_path / "y.parquet")
     (tmp_path / "z.txt").write_text("five<SEP>six<SEP><SEP>seven<SEP>", encoding="utf-8")
-    prepare_corpus([str(tmp_path / "x*.jsonl"), tmp_path / "y.parquet", tmp_path / "z.txt"],
-                   tmp_path / "out", tokenizer="bytes", val_fraction=0.0, text_field="body",
-                   text_column="content", separator="<SEP>")
+    prepare_corpus(
+        [str(tmp_path / "x*.jsonl"), tmp_path / "y.parquet", tmp_path / "z.txt"],
+        tmp_path / "out",
+        tokenizer="bytes",
+        val_fraction=0.0,
+        text_field="body",
+        text_column="content",
+        separator="<SEP>",
+    )
     _, train, _ = load_dataset_docs(tmp_path / "out")
     assert train == ["one", "two", "three", "four", "five", "six", "seven"]
 
@@ -165,9 +182,10 @@ def test_long_documents_are_cut_only_where_tokens_do_not_change(trained):
 
 
 @settings(max_examples=60, deadline=None)
-@given(text=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
-                   max_size=300),
-       sep=st.sampled_from([None, "\n\n", "<|endoftext|>", "é"]))
+@given(
+    text=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=300),
+    sep=st.sampled_from([None, "\n\n", "<|endoftext|>", "é"]),
+)
 def test_reader_pieces_rebuild_documents(tmp_path_factory, text, sep):
     path = tmp_path_factory.mktemp("r") / "t.txt"
     path.write_bytes(text.encode("utf-8"))
@@ -220,8 +238,7 @@ def test_gpt2_vocab_and_merges_files(tmp_path, trained):
         assert enc.engine == "tiktoken"
         assert np.array_equal(enc.encode_batch([PROSE])[0], enc.encode_reference([PROSE])[0])
     write_jsonl(tmp_path / "c.jsonl", [PROSE, EOT + " x", "é"])
-    meta = prepare_corpus([tmp_path / "c.jsonl"], tmp_path / "out", tokenizer=str(folder),
-                          val_fraction=0.0)
+    meta = prepare_corpus([tmp_path / "c.jsonl"], tmp_path / "out", tokenizer=str(folder), val_fraction=0.0)
     assert meta["tokenizer_kind"] == "gpt2" and meta["encoder"] == "tiktoken"
     _, train, _ = load_dataset_docs(tmp_path / "out")
     assert train == [PROSE, EOT + " x", "é"]
@@ -235,8 +252,7 @@ def test_tokenizer_json_with_a_normalizer_falls_back_to_tokenizers(tmp_path, tra
     path = tmp_path / "lower.json"
     tok.save(str(path))
     write_jsonl(tmp_path / "c.jsonl", ["Hello World", "ABC"])
-    meta = prepare_corpus([tmp_path / "c.jsonl"], tmp_path / "out", tokenizer=str(path),
-                          val_fraction=0.0)
+    meta = prepare_corpus([tmp_path / "c.jsonl"], tmp_path / "out", tokenizer=str(path), val_fraction=0.0)
     assert meta["encoder"] == "tokenizers"
     _, train, _ = load_dataset_docs(tmp_path / "out")
     assert train == ["hello world", "abc"]
@@ -266,8 +282,9 @@ documents = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-          HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(docs=documents, seed=st.integers(0, 3), tokenizer=st.sampled_from(["trained", "bytes"]))
 def test_round_trip_is_exact(tmp_path_factory, trained, docs, seed, tokenizer):
     tmp = tmp_path_factory.mktemp("rt")
@@ -278,8 +295,9 @@ def test_round_trip_is_exact(tmp_path_factory, trained, docs, seed, tokenizer):
         with pytest.raises(DataError, match="no text"):
             prepare_corpus([tmp / "c.jsonl"], tmp / "out", seed=seed, tokenizer=tokenizer)
         return
-    meta = prepare_corpus([tmp / "c.jsonl"], tmp / "out", seed=seed, val_fraction=0.3,
-                          tokenizer=tokenizer, batch_chars=64)
+    meta = prepare_corpus(
+        [tmp / "c.jsonl"], tmp / "out", seed=seed, val_fraction=0.3, tokenizer=tokenizer, batch_chars=64
+    )
     check_split(tmp / "out", kept, seed)
     assert meta["empty_documents"] == len(docs) - len(kept)
     text_bytes = sum(len(d.encode()) for d in docs)
@@ -291,8 +309,14 @@ def test_trained_round_trip_with_long_documents(tmp_path):
     docs = [PROSE * 30, "short", PROSE[::-1] * 7]
     for i, d in enumerate(docs):
         (tmp_path / f"{i}.txt").write_text(d, encoding="utf-8", newline="")
-    meta = prepare_corpus([tmp_path / f"{i}.txt" for i in range(3)], tmp_path / "out",
-                          vocab_size=320, val_fraction=0.5, batch_chars=1000, piece_chars=500)
+    meta = prepare_corpus(
+        [tmp_path / f"{i}.txt" for i in range(3)],
+        tmp_path / "out",
+        vocab_size=320,
+        val_fraction=0.5,
+        batch_chars=1000,
+        piece_chars=500,
+    )
     assert meta["tokenizer_kind"] == "bpe" and meta["vocab_size"] == 320
     check_split(tmp_path / "out", docs, 0)
     assert meta["train_tokens"] and meta["val_tokens"]
@@ -305,16 +329,29 @@ def test_trained_round_trip_with_long_documents(tmp_path):
 
 def test_meta_and_files(tmp_path, trained):
     write_jsonl(tmp_path / "c.jsonl", [PROSE, "b", "c", "d"])
-    meta = prepare_corpus([tmp_path / "c.jsonl"], tmp_path / "out", tokenizer=str(trained),
-                          seed=5)
+    meta = prepare_corpus([tmp_path / "c.jsonl"], tmp_path / "out", tokenizer=str(trained), seed=5)
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == [
-        "meta.json", "tokenizer.json", "train.npy", "val.npy"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.json", "train.npy", "val.npy"]
     on_disk = json.loads((out / "meta.json").read_text())
-    for key in ("vocab_size", "dtype", "train_tokens", "val_tokens", "train_documents",
-                "val_documents", "eot_id", "tokenizer", "tokenizer_kind", "bytes_per_token",
-                "min_token_id", "max_token_id", "sources", "seed", "val_fraction",
-                "lmtools_version", "created"):
+    for key in (
+        "vocab_size",
+        "dtype",
+        "train_tokens",
+        "val_tokens",
+        "train_documents",
+        "val_documents",
+        "eot_id",
+        "tokenizer",
+        "tokenizer_kind",
+        "bytes_per_token",
+        "min_token_id",
+        "max_token_id",
+        "sources",
+        "seed",
+        "val_fraction",
+        "lmtools_version",
+        "created",
+    ):
         assert key in on_disk, key
     train = np.load(out / "train.npy", mmap_mode="r")
     val = np.load(out / "val.npy", mmap_mode="r")
@@ -349,8 +386,7 @@ def test_val_split_is_deterministic_and_seeded(tmp_path):
     write_jsonl(tmp_path / "c.jsonl", docs)
     runs = []
     for seed, name in ((1, "a"), (1, "b"), (2, "c")):
-        prepare_corpus([tmp_path / "c.jsonl"], tmp_path / name, tokenizer="bytes", seed=seed,
-                       val_fraction=0.1)
+        prepare_corpus([tmp_path / "c.jsonl"], tmp_path / name, tokenizer="bytes", seed=seed, val_fraction=0.1)
         runs.append(load_dataset_docs(tmp_path / name)[2])
     assert runs[0] == runs[1] and runs[0] != runs[2]
     assert 5 <= len(runs[0]) <= 40
@@ -360,8 +396,7 @@ def test_val_split_is_deterministic_and_seeded(tmp_path):
 
 def test_one_document_goes_to_train(tmp_path):
     (tmp_path / "a.txt").write_text("only one")
-    meta = prepare_corpus([tmp_path / "a.txt"], tmp_path / "out", tokenizer="bytes",
-                          val_fraction=0.5)
+    meta = prepare_corpus([tmp_path / "a.txt"], tmp_path / "out", tokenizer="bytes", val_fraction=0.5)
     assert (meta["train_documents"], meta["val_documents"]) == (1, 0)
     assert np.load(tmp_path / "out" / "val.npy").shape == (0,)
     assert meta["split"]["method"] == "none" and "too few" in meta["split"]["reason"]
@@ -370,8 +405,6 @@ def test_one_document_goes_to_train(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Errors: one line, exit code 2, nothing half-written
 # ---------------------------------------------------------------------------------------------
-
-
 
 
 def make_dataset(tmp_path: Path, run_cli) -> Path:
@@ -391,17 +424,18 @@ def make_dataset(tmp_path: Path, run_cli) -> Path:
         (lambda p: (p / "u.txt").write_bytes(b"caf\xe9 latin-1"), ["u.txt"], "UTF-8"),
         (lambda p: write_jsonl(p / "f.jsonl", ["x"], field="body"), ["f.jsonl"], "'text'"),
         (lambda p: (p / "j.jsonl").write_text('{"text": "a"}\n{oops\n'), ["j.jsonl"], ":2:"),
-        (lambda p: __import__("pyarrow.parquet").parquet.write_table(
-            __import__("pyarrow").table({"body": ["x"]}), p / "c.parquet"),
-         ["c.parquet"], "column 'text'"),
+        (
+            lambda p: __import__("pyarrow.parquet").parquet.write_table(
+                __import__("pyarrow").table({"body": ["x"]}), p / "c.parquet"
+            ),
+            ["c.parquet"],
+            "column 'text'",
+        ),
         (lambda p: (p / "x.parquet").write_text("not parquet"), ["x.parquet"], "parquet"),
         (lambda p: (p / "g.txt.gz").write_bytes(b"not gzip at all"), ["g.txt.gz"], "gzip"),
-        (lambda p: (p / "ok.txt").write_text("x"), ["ok.txt", "--vocab_size", "100"],
-         "too small"),
-        (lambda p: (p / "ok.txt").write_text("x"), ["ok.txt", "--tokenizer", "nope.json"],
-         "no such file"),
-        (lambda p: (p / "ok.txt").write_text("x"), ["ok.txt", "--val-fraction", "1.5"],
-         "val_fraction"),
+        (lambda p: (p / "ok.txt").write_text("x"), ["ok.txt", "--vocab_size", "100"], "too small"),
+        (lambda p: (p / "ok.txt").write_text("x"), ["ok.txt", "--tokenizer", "nope.json"], "no such file"),
+        (lambda p: (p / "ok.txt").write_text("x"), ["ok.txt", "--val-fraction", "1.5"], "val_fraction"),
         (lambda p: (p / "empty").mkdir(), ["empty"], "holds no"),
         (lambda p: None, ["nothing*.txt"], "no file matches"),
     ],
@@ -435,8 +469,7 @@ def test_failure_midway_leaves_no_files(tmp_path):
     (tmp_path / "a.txt").write_text("fine")
     (tmp_path / "b.txt").write_bytes(b"\xff\xfe bad")
     with pytest.raises(DataError, match="b.txt"):
-        prepare_corpus([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "out",
-                       tokenizer="bytes")
+        prepare_corpus([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "out", tokenizer="bytes")
     assert not (tmp_path / "out").exists()
 
 
@@ -462,8 +495,20 @@ def test_surrogates_in_json_are_a_data_error(tmp_path):
 def test_cli_trains_and_reports(tmp_path, run_cli):
     for i in range(3):
         (tmp_path / f"{i}.txt").write_text(PROSE + str(i), encoding="utf-8")
-    result = run_cli("prepare", tmp_path, "--out", tmp_path / "out", "--vocab-size", "300",
-                     "--separator", "\\n\\n", "--val_fraction", "0.2", "--seed", "3")
+    result = run_cli(
+        "prepare",
+        tmp_path,
+        "--out",
+        tmp_path / "out",
+        "--vocab-size",
+        "300",
+        "--separator",
+        "\\n\\n",
+        "--val_fraction",
+        "0.2",
+        "--seed",
+        "3",
+    )
     assert result.exit_code == 0, result.output
     assert "prepare: encode" in result.output  # plain progress lines when not a terminal
     meta = read_meta(tmp_path / "out")
@@ -497,15 +542,20 @@ def test_prepare_modules_import_no_heavy_libraries():
 def test_round_trip_when_cuts_fall_inside_the_special_spelling(tmp_path, trained, tokenizer):
     docs = [EOT * 40, "a" + EOT * 25 + "  b", "x" * 333, PROSE + EOT + PROSE]
     write_jsonl(tmp_path / "c.jsonl", docs)
-    prepare_corpus([tmp_path / "c.jsonl"], tmp_path / "out", val_fraction=0.0, piece_chars=37,
-                   batch_chars=100, tokenizer=str(trained) if tokenizer == "trained" else "bytes")
+    prepare_corpus(
+        [tmp_path / "c.jsonl"],
+        tmp_path / "out",
+        val_fraction=0.0,
+        piece_chars=37,
+        batch_chars=100,
+        tokenizer=str(trained) if tokenizer == "trained" else "bytes",
+    )
     _, train, _ = load_dataset_docs(tmp_path / "out")
     assert train == docs
 
 
 @pytest.mark.parametrize("block", [64, 1 << 20])
-def test_jsonl_fast_path_falls_back_without_losing_or_repeating_documents(
-        tmp_path, monkeypatch, block):
+def test_jsonl_fast_path_falls_back_without_losing_or_repeating_documents(tmp_path, monkeypatch, block):
     import lmtools.corpus as corpus
 
     monkeypatch.setattr(corpus, "JSON_BLOCK", block)
@@ -588,15 +638,19 @@ def test_progress_displays(monkeypatch, capsys):
     assert "tok/s" in console.file.getvalue()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-          HealthCheck.function_scoped_fixture])
-@given(docs=st.lists(st.text(st.characters(blacklist_categories=("Cs",),
-                                           blacklist_characters="\x00\x1e"), min_size=1,
-                             max_size=200), min_size=1, max_size=8),
-       form=st.sampled_from(["txt", "txt.gz", "parquet"]),
-       piece_chars=st.sampled_from([8, 64, 1 << 20]))
-def test_round_trip_of_text_and_parquet_files(tmp_path_factory, trained, docs, form,
-                                              piece_chars):
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(
+    docs=st.lists(
+        st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\x1e"), min_size=1, max_size=200),
+        min_size=1,
+        max_size=8,
+    ),
+    form=st.sampled_from(["txt", "txt.gz", "parquet"]),
+    piece_chars=st.sampled_from([8, 64, 1 << 20]),
+)
+def test_round_trip_of_text_and_parquet_files(tmp_path_factory, trained, docs, form, piece_chars):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -609,8 +663,7 @@ def test_round_trip_of_text_and_parquet_files(tmp_path_factory, trained, docs, f
         path.write_bytes(gzip.compress(data) if form.endswith(".gz") else data)
     # Between separators, a part of only whitespace is an empty document (a row is not).
     kept = [d for d in docs if form == "parquet" or d.strip()]
-    args = dict(tokenizer=str(trained), val_fraction=0.0, separator="\x1e",
-                piece_chars=piece_chars, batch_chars=128)
+    args = dict(tokenizer=str(trained), val_fraction=0.0, separator="\x1e", piece_chars=piece_chars, batch_chars=128)
     if not kept:
         with pytest.raises(DataError, match="no text"):
             prepare_corpus([path], tmp / "out", **args)
@@ -636,8 +689,7 @@ def test_tokenizer_sample_trains_on_part_of_the_corpus(tmp_path):
     prepare._text_batches = spy
     try:
         size = (tmp_path / "c.jsonl").stat().st_size
-        meta = prepare_corpus([tmp_path / "c.jsonl"], tmp_path / "out", vocab_size=300,
-                              tokenizer_sample=size // 4)
+        meta = prepare_corpus([tmp_path / "c.jsonl"], tmp_path / "out", vocab_size=300, tokenizer_sample=size // 4)
     finally:
         prepare._text_batches = original
     assert docs[0] in seen and 50 < len(seen) < 150  # about a quarter, spread out

@@ -39,8 +39,6 @@ def split_docs(ids: np.ndarray, eot_id: int) -> list[np.ndarray]:
     return np.split(ids, bounds + 1)[:-1] if len(bounds) else []
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # The validation split
 # ---------------------------------------------------------------------------------------------
@@ -50,8 +48,7 @@ def split_docs(ids: np.ndarray, eot_id: int) -> list[np.ndarray]:
 def test_one_multimegabyte_text_file_gets_the_share_asked_for(tmp_path, tokenizer_json, fraction):
     text = prose(3_000_000, seed=1)
     (tmp_path / "plays.txt").write_text(text, encoding="utf-8")
-    meta = prepare_corpus([tmp_path / "plays.txt"], tmp_path / "out", tokenizer=tokenizer_json,
-                          val_fraction=fraction)
+    meta = prepare_corpus([tmp_path / "plays.txt"], tmp_path / "out", tokenizer=tokenizer_json, val_fraction=fraction)
     meta, train, val = load(tmp_path / "out")
     split = meta["split"]
     assert split["method"] == "spans" and split["where"] == "tail"
@@ -63,23 +60,23 @@ def test_one_multimegabyte_text_file_gets_the_share_asked_for(tmp_path, tokenize
     tok = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
     assert split["cut_at"] == "line" and split["val_start"] == len(train)
     head = tok.decode(train.tolist(), skip_special_tokens=False)
-    assert head.endswith("\n") and (head + tok.decode(val.tolist(), skip_special_tokens=False)
-                                    == text + EOT)
+    assert head.endswith("\n") and (head + tok.decode(val.tolist(), skip_special_tokens=False) == text + EOT)
     # The document ends in val, where it counts; train holds its start.
     assert meta["documents"] == 1 and (meta["train_documents"], meta["val_documents"]) == (0, 1)
     assert split["cuts_a_document"] is True
 
 
-@pytest.mark.parametrize("sizes, fraction", [
-    ([1_000_000, 500_000, 200_000], 0.05),  # a few huge documents
-    ([40_000] * 42, 0.01),  # each document is 2.4% of the corpus: none makes up 1%
-])
-def test_documents_too_big_for_the_share_give_a_tail_span(tmp_path, tokenizer_json, sizes,
-                                                          fraction):
+@pytest.mark.parametrize(
+    "sizes, fraction",
+    [
+        ([1_000_000, 500_000, 200_000], 0.05),  # a few huge documents
+        ([40_000] * 42, 0.01),  # each document is 2.4% of the corpus: none makes up 1%
+    ],
+)
+def test_documents_too_big_for_the_share_give_a_tail_span(tmp_path, tokenizer_json, sizes, fraction):
     docs = documents(sizes, seed=3)
     (tmp_path / "c.txt").write_text(eot_joined(docs), encoding="utf-8")
-    prepare_corpus([tmp_path / "c.txt"], tmp_path / "out", tokenizer=tokenizer_json,
-                   val_fraction=fraction)
+    prepare_corpus([tmp_path / "c.txt"], tmp_path / "out", tokenizer=tokenizer_json, val_fraction=fraction)
     meta, train, val = load(tmp_path / "out")
     assert meta["split"]["method"] == "spans" and meta["documents"] == len(docs)
     given = len(val) / (len(train) + len(val))
@@ -99,8 +96,7 @@ def test_many_documents_split_by_whole_documents_close_to_the_share(tmp_path, to
     rng = np.random.default_rng(5)
     docs = documents([int(x) for x in rng.integers(200, 4000, 1500)], seed=11)
     (tmp_path / "stories.txt").write_text(eot_joined(docs), encoding="utf-8")
-    prepare_corpus([tmp_path / "stories.txt"], tmp_path / "out", tokenizer=tokenizer_json,
-                   val_fraction=0.02, seed=4)
+    prepare_corpus([tmp_path / "stories.txt"], tmp_path / "out", tokenizer=tokenizer_json, val_fraction=0.02, seed=4)
     meta, train, val = load(tmp_path / "out")
     split = meta["split"]
     assert split["method"] == "documents"
@@ -114,15 +110,18 @@ def test_many_documents_split_by_whole_documents_close_to_the_share(tmp_path, to
     assert decoded == [d for d, p in zip(expected, picked) if p]
     assert meta["val_documents"] == picked.sum() and meta["train_documents"] == (~picked).sum()
     # Another seed picks other documents.
-    prepare_corpus([tmp_path / "stories.txt"], tmp_path / "other", tokenizer=tokenizer_json,
-                   val_fraction=0.02, seed=5)
+    prepare_corpus([tmp_path / "stories.txt"], tmp_path / "other", tokenizer=tokenizer_json, val_fraction=0.02, seed=5)
     assert not np.array_equal(load(tmp_path / "other")[2], val)
 
 
-@settings(max_examples=30, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=60),
-       fraction=st.sampled_from([0.0, 0.001, 0.01, 0.1, 0.3, 0.7]), seed=st.integers(0, 5))
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(
+    sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=60),
+    fraction=st.sampled_from([0.0, 0.001, 0.01, 0.1, 0.3, 0.7]),
+    seed=st.integers(0, 5),
+)
 def test_the_share_given_is_the_share_asked_for(tmp_path_factory, sizes, fraction, seed):
     """Whatever the documents' sizes: the split is by documents within SHARE_TOLERANCE of the
     share, by the tail within SPAN_SNAP of it, or empty only for a corpus under two windows;
@@ -130,8 +129,7 @@ def test_the_share_given_is_the_share_asked_for(tmp_path_factory, sizes, fractio
     tmp = tmp_path_factory.mktemp("share")
     docs = [d for d in documents([max(n, 1) for n in sizes], seed=seed) if d.strip()]
     write_jsonl(tmp / "c.jsonl", docs)
-    meta = prepare_corpus([tmp / "c.jsonl"], tmp / "out", tokenizer="bytes",
-                          val_fraction=fraction, seed=seed)
+    meta = prepare_corpus([tmp / "c.jsonl"], tmp / "out", tokenizer="bytes", val_fraction=fraction, seed=seed)
     _, train, val = load(tmp / "out")
     stream = np.concatenate([train, val])
     total = len(stream)
@@ -143,8 +141,7 @@ def test_the_share_given_is_the_share_asked_for(tmp_path_factory, sizes, fractio
         assert np.array_equal(stream, in_order)
     elif method == "documents":
         assert abs(len(val) - target) <= SHARE_TOLERANCE * target
-        assert sorted(map(bytes, split_docs(stream, 256))) == sorted(
-            map(bytes, split_docs(in_order, 256)))
+        assert sorted(map(bytes, split_docs(stream, 256))) == sorted(map(bytes, split_docs(in_order, 256)))
     else:
         assert method == "spans" and abs(len(val) - round(target)) <= SPAN_SNAP * target + 1
         assert np.array_equal(stream, in_order)
@@ -154,8 +151,17 @@ def test_the_share_given_is_the_share_asked_for(tmp_path_factory, sizes, fractio
 
 def test_a_corpus_too_small_for_a_window_gets_no_split_and_says_so(tmp_path, run_cli):
     (tmp_path / "tiny.txt").write_text("a few words only\n", encoding="utf-8")
-    result = run_cli("prepare", tmp_path / "tiny.txt", "--out", tmp_path / "out", "--tokenizer", "bytes",
-                     "--val_fraction", "0.1", "--quiet")
+    result = run_cli(
+        "prepare",
+        tmp_path / "tiny.txt",
+        "--out",
+        tmp_path / "out",
+        "--tokenizer",
+        "bytes",
+        "--val_fraction",
+        "0.1",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     notes = [line for line in result.output.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "val.npy is empty" in notes[0], result.output
@@ -167,8 +173,7 @@ def test_a_corpus_too_small_for_a_window_gets_no_split_and_says_so(tmp_path, run
 def test_a_small_share_still_gets_one_window(tmp_path, run_cli):
     """1% of 2,000 tokens is 20: too short to evaluate on, so val takes one window."""
     (tmp_path / "small.txt").write_text(prose(2_000, seed=2), encoding="utf-8")
-    result = run_cli("prepare", tmp_path / "small.txt", "--out", tmp_path / "out", "--tokenizer", "bytes",
-                     "--quiet")
+    result = run_cli("prepare", tmp_path / "small.txt", "--out", tmp_path / "out", "--tokenizer", "bytes", "--quiet")
     assert result.exit_code == 0, result.output
     meta, train, val = load(tmp_path / "out")
     assert meta["split"]["method"] == "spans"
@@ -186,8 +191,7 @@ def test_endoftext_separates_documents_and_the_tokenizer_agrees(tmp_path, tokeni
     docs = documents([3000, 10, 5000, 700], seed=21) + ["tail words"]
     text = EOT.join(docs) + EOT  # no newline after the separator: the stream is the file
     (tmp_path / "c.txt").write_text(text, encoding="utf-8")
-    meta = prepare_corpus([tmp_path / "c.txt"], tmp_path / "out", tokenizer=tokenizer_json,
-                          val_fraction=0.0)
+    meta = prepare_corpus([tmp_path / "c.txt"], tmp_path / "out", tokenizer=tokenizer_json, val_fraction=0.0)
     _, stream, _ = load(tmp_path / "out")
     assert meta["documents"] == len(docs) and meta["separator"] == EOT
     written = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
@@ -209,8 +213,19 @@ def test_separator_none_and_other_separators_keep_the_literal_as_text(tmp_path, 
     bytes_of = list(text.encode())
     for sep, docs in (("none", [text]), ("\\n\\n", [f"one{EOT}two", "three"])):
         out = tmp_path / f"out-{len(docs)}"
-        result = run_cli("prepare", tmp_path / "c.txt", "--out", out, "--tokenizer", "bytes",
-                         "--separator", sep, "--val_fraction", "0", "--quiet")
+        result = run_cli(
+            "prepare",
+            tmp_path / "c.txt",
+            "--out",
+            out,
+            "--tokenizer",
+            "bytes",
+            "--separator",
+            sep,
+            "--val_fraction",
+            "0",
+            "--quiet",
+        )
         assert result.exit_code == 0, result.output
         meta, train, _ = load(out)
         assert meta["separator"] == (None if sep == "none" else "\n\n")
@@ -223,14 +238,12 @@ def test_jsonl_text_that_spells_the_separator_stays_text(tmp_path, tokenizer_jso
     `tokenizers` encodes such text the same way with encode_special_tokens=True."""
     docs = [f"before {EOT} after", "plain"]
     write_jsonl(tmp_path / "c.jsonl", docs)
-    meta = prepare_corpus([tmp_path / "c.jsonl"], tmp_path / "out", tokenizer=tokenizer_json,
-                          val_fraction=0.0)
+    meta = prepare_corpus([tmp_path / "c.jsonl"], tmp_path / "out", tokenizer=tokenizer_json, val_fraction=0.0)
     _, stream, _ = load(tmp_path / "out")
     written = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
     assert int((stream == meta["eot_id"]).sum()) == 2
     written.encode_special_tokens = True
-    assert [written.encode(d).ids for d in docs] == [
-        d[:-1].tolist() for d in split_docs(stream, meta["eot_id"])]
+    assert [written.encode(d).ids for d in docs] == [d[:-1].tolist() for d in split_docs(stream, meta["eot_id"])]
     assert written.decode(stream.tolist(), skip_special_tokens=False) == EOT.join(docs) + EOT
 
 
@@ -248,11 +261,9 @@ def test_a_separator_across_read_blocks_is_found(tmp_path, tokenizer_json):
     docs.append(filler[pos : 5 * block])
     parts.append(docs[-1])
     text = "".join(parts)
-    assert all(text[(k + 1) * block - s : (k + 1) * block - s + len(EOT)] == EOT
-               for k, s in enumerate([1, 5, 12, 7]))
+    assert all(text[(k + 1) * block - s : (k + 1) * block - s + len(EOT)] == EOT for k, s in enumerate([1, 5, 12, 7]))
     (tmp_path / "big.txt").write_text(text, encoding="ascii")
-    meta = prepare_corpus([tmp_path / "big.txt"], tmp_path / "out", tokenizer=tokenizer_json,
-                          val_fraction=0.0)
+    meta = prepare_corpus([tmp_path / "big.txt"], tmp_path / "out", tokenizer=tokenizer_json, val_fraction=0.0)
     _, stream, _ = load(tmp_path / "out")
     written = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
     got = [written.decode(d[:-1].tolist()) for d in split_docs(stream, meta["eot_id"])]
@@ -273,24 +284,27 @@ def test_empty_documents_are_skipped_and_counted(tmp_path, run_cli):
     for name in ("pkg/__init__.txt", "pkg/empty.txt"):
         (src / name).write_text("")
     (src / "pkg" / "mod.txt").write_text("def f():\n    return 1\n")
-    (src / "a.jsonl").write_text('{"text": "one"}\n{"text": null}\n{"text": ""}\n'
-                                 '{"text": "four"}\n', encoding="utf-8")
+    (src / "a.jsonl").write_text('{"text": "one"}\n{"text": null}\n{"text": ""}\n{"text": "four"}\n', encoding="utf-8")
     pq.write_table(pa.table({"text": ["r0", None, "", "r3"]}), src / "b.parquet")
     (src / "c.txt").write_text(f"x{EOT}\n{EOT}{EOT}y{EOT}\n")  # two empty parts between
-    result = run_cli("prepare", src, "--out", tmp_path / "out", "--tokenizer", "bytes", "--quiet",
-                     "--val_fraction", "0")
+    result = run_cli(
+        "prepare", src, "--out", tmp_path / "out", "--tokenizer", "bytes", "--quiet", "--val_fraction", "0"
+    )
     assert result.exit_code == 0, result.output
     meta, train, _ = load(tmp_path / "out")
     docs = [bytes(d[:-1].astype(np.uint8)).decode() for d in split_docs(train, 256)]
     assert docs == ["one", "four", "r0", "r3", "x", "y", "def f():\n    return 1\n"]
     assert meta["empty_documents"] == 8
     assert meta["empty_document_places"] == [
-        f"{src / 'a.jsonl'}:2", f"{src / 'a.jsonl'}:3", f"{src / 'b.parquet'}: row 1",
-        f"{src / 'b.parquet'}: row 2", f"{src / 'c.txt'}: part 2"]
+        f"{src / 'a.jsonl'}:2",
+        f"{src / 'a.jsonl'}:3",
+        f"{src / 'b.parquet'}: row 1",
+        f"{src / 'b.parquet'}: row 2",
+        f"{src / 'c.txt'}: part 2",
+    ]
     summary = result.output.splitlines()[0]
     assert "8 documents empty, skipped (" in summary and f"{src / 'a.jsonl'}:2" in summary
-    assert {s["path"]: s["empty_documents"] for s in meta["sources"]}[
-        str(src / "pkg" / "empty.txt")] == 1
+    assert {s["path"]: s["empty_documents"] for s in meta["sources"]}[str(src / "pkg" / "empty.txt")] == 1
 
 
 def test_a_corpus_without_text_is_one_line_exit_2(tmp_path, run_cli):

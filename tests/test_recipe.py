@@ -3,6 +3,7 @@ logit soft-capping, document-aligned windows) and the recipes that bundle them."
 
 import math
 import random
+
 import numpy as np
 import pytest
 import torch
@@ -39,9 +40,22 @@ def prepared(tmp_path_factory):
 
 def config(data, ckpt, **kw) -> TrainConfig:
     args = dict(
-        train_data=[str(data)], context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=64,
-        batch_size=8, learning_rate=3e-3, min_learning_rate=3e-4, warmup_iters=2, max_iters=8,
-        cosine_cycle_iters=8, eval_interval=4, eval_iters=2, log_interval=1, checkpoint_interval=1000,
+        train_data=[str(data)],
+        context_length=16,
+        d_model=32,
+        num_layers=2,
+        num_heads=4,
+        d_ff=64,
+        batch_size=8,
+        learning_rate=3e-3,
+        min_learning_rate=3e-4,
+        warmup_iters=2,
+        max_iters=8,
+        cosine_cycle_iters=8,
+        eval_interval=4,
+        eval_iters=2,
+        log_interval=1,
+        checkpoint_interval=1000,
         checkpoint_path=str(ckpt),
     )
     args.update(kw)
@@ -77,8 +91,10 @@ def test_exact_resume_with_each_option(prepared, tmp_path, options):
     first = config(prepared, tmp_path / "b.pt", max_iters=4, **options)
     losses_first, _ = losses_and_weights(first)
     result = train_model(
-        TrainConfig(max_iters=8, checkpoint_path=first.checkpoint_path), resume_from=first.checkpoint_path,
-        explicit=frozenset({"max_iters", "checkpoint_path"}), log=lambda _line: None,
+        TrainConfig(max_iters=8, checkpoint_path=first.checkpoint_path),
+        resume_from=first.checkpoint_path,
+        explicit=frozenset({"max_iters", "checkpoint_path"}),
+        log=lambda _line: None,
     )
     assert losses_first + result.losses == losses_straight  # exact float equality
     resumed = read_checkpoint(first.checkpoint_path)
@@ -137,13 +153,16 @@ def test_architecture_options_shape_the_model():
     assert not hasattr(relu2.layers[0].ffn, "w3")
     assert relu2.num_parameters() == TransformerLM(**shape).num_parameters() - 2 * 16 * 32
     qk = TransformerLM(**shape, qk_norm=True)
-    assert "layers.0.attn.q_norm.weight" in qk.state_dict() and qk.state_dict()["layers.0.attn.k_norm.weight"].shape == (8,)
+    assert "layers.0.attn.q_norm.weight" in qk.state_dict() and qk.state_dict()[
+        "layers.0.attn.k_norm.weight"
+    ].shape == (8,)
     assert qk.num_parameters() == TransformerLM(**shape).num_parameters() + 2 * 2 * 8
     assert TransformerLM.from_config(qk.config).config == qk.config
     for model in (relu2, qk):
-        assert model.num_parameters() == sum(
-            p.numel() for n, p in model.named_parameters() if n != "token_embeddings.weight"
-        ) + 50 * 16
+        assert (
+            model.num_parameters()
+            == sum(p.numel() for n, p in model.named_parameters() if n != "token_embeddings.weight") + 50 * 16
+        )
         assert model.config.flops_per_token() > 0
 
 
@@ -163,8 +182,12 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     in_muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
     in_adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
     names = {id(p): n for n, p in model.named_parameters()}
-    assert {names[i] for i in in_muon} == {n for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2}
-    assert "token_embeddings.weight" in {names[i] for i in in_adamw} and "lm_head.weight" in {names[i] for i in in_adamw}
+    assert {names[i] for i in in_muon} == {
+        n for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2
+    }
+    assert "token_embeddings.weight" in {names[i] for i in in_adamw} and "lm_head.weight" in {
+        names[i] for i in in_adamw
+    }
     assert in_muon.isdisjoint(in_adamw) and len(in_muon | in_adamw) == len(list(model.parameters()))
     assert opt.muon.param_groups[0]["lr_scale"] == pytest.approx(50.0)
     assert make_optimizer(model, 1e-3, 0.1, torch.device("cpu")).__class__ is torch.optim.AdamW
@@ -214,8 +237,8 @@ def test_document_aligned_windows_start_at_documents(lengths, context, eot, seed
         starts = [start for _, start in loader.windows_at(step)]
         assert set(starts) <= set(valid)
         for row, start in enumerate(starts):
-            assert x[row].tolist() == data[start:start + context].tolist()
-            assert y[row].tolist() == data[start + 1:start + context + 1].tolist()
+            assert x[row].tolist() == data[start : start + context].tolist()
+            assert y[row].tolist() == data[start + 1 : start + context + 1].tolist()
         # Deterministic: the same (seed, rank, step) gives the same windows.
         again = BatchLoader(data, 4, context, seed=seed, doc_eot=eot, prefetch=0)
         assert again.windows_at(step) == loader.windows_at(step)
@@ -229,8 +252,26 @@ def test_document_aligned_windows_cover_every_start_evenly():
     assert counts[[0, 3, 5, 9]].min() > 1400  # 6400 draws, about 1600 each
 
 
-CLI_MODEL = ["--context_length", "16", "--d_model", "32", "--num_layers", "2", "--num_heads", "4", "--d_ff", "64",
-             "--batch_size", "8", "--warmup_iters", "2", "--eval_interval", "4", "--log_interval", "2"]
+CLI_MODEL = [
+    "--context_length",
+    "16",
+    "--d_model",
+    "32",
+    "--num_layers",
+    "2",
+    "--num_heads",
+    "4",
+    "--d_ff",
+    "64",
+    "--batch_size",
+    "8",
+    "--warmup_iters",
+    "2",
+    "--eval_interval",
+    "4",
+    "--log_interval",
+    "2",
+]
 
 
 @pytest.mark.parametrize(
@@ -244,10 +285,20 @@ CLI_MODEL = ["--context_length", "16", "--d_model", "32", "--num_layers", "2", "
     ],
 )
 def test_bad_option_values_exit_2(prepared, tmp_path, flags, message):
-    result = CliRunner().invoke(app, [
-        "train", "--train_data", str(prepared), *CLI_MODEL, "--max_iters", "2", "--checkpoint_path",
-        str(tmp_path / "c.pt"), *flags,
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--train_data",
+            str(prepared),
+            *CLI_MODEL,
+            "--max_iters",
+            "2",
+            "--checkpoint_path",
+            str(tmp_path / "c.pt"),
+            *flags,
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "c.pt").exists()
@@ -256,11 +307,25 @@ def test_bad_option_values_exit_2(prepared, tmp_path, flags, message):
 def test_doc_aligned_needs_the_datasets_end_of_text_id(tmp_path):
     np.save(tmp_path / "bare.npy", np.arange(500, dtype=np.uint16) % 50)
     with pytest.raises(ConfigError, match="--doc_aligned needs the end-of-text id"):
-        train_model(config(tmp_path / "bare.npy", tmp_path / "c.pt", vocab_size=50, doc_aligned=True), log=lambda _l: None)
-    result = CliRunner().invoke(app, [
-        "train", "--train_data", str(tmp_path / "bare.npy"), "--vocab_size", "50", *CLI_MODEL, "--max_iters", "2",
-        "--checkpoint_path", str(tmp_path / "c.pt"), "--doc_aligned",
-    ])
+        train_model(
+            config(tmp_path / "bare.npy", tmp_path / "c.pt", vocab_size=50, doc_aligned=True), log=lambda _l: None
+        )
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--train_data",
+            str(tmp_path / "bare.npy"),
+            "--vocab_size",
+            "50",
+            *CLI_MODEL,
+            "--max_iters",
+            "2",
+            "--checkpoint_path",
+            str(tmp_path / "c.pt"),
+            "--doc_aligned",
+        ],
+    )
     assert result.exit_code == 2 and "meta.json" in result.output and "Traceback" not in result.output
 
 
@@ -274,10 +339,24 @@ def test_modern_recipe_end_to_end(prepared, tmp_path):
     """train --recipe modern (one flag overridden), resume, sample, inspect, eval."""
     ckpt = tmp_path / "run" / "c.pt"
     runner = CliRunner()
-    result = runner.invoke(app, [
-        "train", "--train_data", str(prepared), *CLI_MODEL, "--max_iters", "6", "--checkpoint_path", str(ckpt),
-        "--recipe", "modern", "--no-qk-norm", "--learning_rate", "3e-3",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--train_data",
+            str(prepared),
+            *CLI_MODEL,
+            "--max_iters",
+            "6",
+            "--checkpoint_path",
+            str(ckpt),
+            "--recipe",
+            "modern",
+            "--no-qk-norm",
+            "--learning_rate",
+            "3e-3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "recipe : modern | Muon (lr 0.02) + AdamW | relu2 feed-forward" in result.output
     assert "QK-norm" not in result.output
@@ -334,7 +413,12 @@ def test_gpu_recipe_script_runs_tiny_on_the_cpu(prepared, tmp_path, bare):
     assert len(rows) == 2, text
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        steps, epochs, tok_s, val_loss = int(cells[1]), float(cells[2]), float(cells[3].replace(",", "")), float(cells[4])
+        steps, epochs, tok_s, val_loss = (
+            int(cells[1]),
+            float(cells[2]),
+            float(cells[3].replace(",", "")),
+            float(cells[4]),
+        )
         assert steps >= 4 and tok_s > 0 and 0 < val_loss < math.log(320) + 1
         n = len(np.load(prepared / "train.npy"))
         train_tokens = n - max(n // 50, 4096) if bare else n

@@ -9,6 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from helpers import learnable_stream
 from lmtools.checkpoint import read_checkpoint
 from lmtools.cli import app
 from lmtools.cli.app import main
@@ -17,14 +18,26 @@ from lmtools.config import TrainConfig
 from lmtools.errors import ConfigError
 from lmtools.runconfig import flag_fields, read_run_config, to_toml
 
-from helpers import learnable_stream
-
 # The flags of the original specification and their defaults (DESIGN.md, "Flags of train").
 SPEC_DEFAULTS = {
-    "context_length": 512, "d_model": 768, "num_layers": 12, "num_heads": 12, "d_ff": 3072, "rope_theta": 10000.0,
-    "batch_size": 32, "learning_rate": 1e-4, "min_learning_rate": 1e-5, "weight_decay": 0.01, "warmup_iters": 2000,
-    "max_iters": 100000, "gradient_clip_val": 1.0, "eval_interval": 1000, "log_interval": 100,
-    "checkpoint_interval": 5000, "checkpoint_path": "checkpoint.pt", "device": "cpu",
+    "context_length": 512,
+    "d_model": 768,
+    "num_layers": 12,
+    "num_heads": 12,
+    "d_ff": 3072,
+    "rope_theta": 10000.0,
+    "batch_size": 32,
+    "learning_rate": 1e-4,
+    "min_learning_rate": 1e-5,
+    "weight_decay": 0.01,
+    "warmup_iters": 2000,
+    "max_iters": 100000,
+    "gradient_clip_val": 1.0,
+    "eval_interval": 1000,
+    "log_interval": 100,
+    "checkpoint_interval": 5000,
+    "checkpoint_path": "checkpoint.pt",
+    "device": "cpu",
 }
 
 
@@ -106,8 +119,15 @@ def test_a_missing_run_config_is_named(tmp_path):
 
 
 def test_to_toml_round_trips_every_flag_field(tmp_path):
-    cfg = TrainConfig(train_data=["a b.npy", 'q"uote.npy:3'], val_data="v.npy", learning_rate=1e-5, max_minutes=2.5,
-                      compile=True, cosine_cycle_iters=7, wandb="proj")
+    cfg = TrainConfig(
+        train_data=["a b.npy", 'q"uote.npy:3'],
+        val_data="v.npy",
+        learning_rate=1e-5,
+        max_minutes=2.5,
+        compile=True,
+        cosine_cycle_iters=7,
+        wandb="proj",
+    )
     path = tmp_path / "run.toml"
     path.write_text(to_toml(cfg.to_dict()))
     assert TrainConfig(**read_run_config(path)) == cfg
@@ -119,10 +139,37 @@ def test_to_toml_round_trips_every_flag_field(tmp_path):
 def test_inspect_config_reproduces_the_run(tmp_path):
     np.save(tmp_path / "train.npy", learnable_stream(5000, 0))
     ckpt = tmp_path / "run" / "checkpoint.pt"
-    args = ["train", "--train_data", tmp_path / "train.npy", "--context_length", "16", "--d_model", "16",
-            "--num_layers", "1", "--num_heads", "2", "--d_ff", "32", "--batch_size", "4", "--max_iters", "3",
-            "--warmup_iters", "1", "--eval_interval", "100", "--log_interval", "1", "--checkpoint_path", ckpt,
-            "--learning_rate", "2e-3", "--seed", "5"]
+    args = [
+        "train",
+        "--train_data",
+        tmp_path / "train.npy",
+        "--context_length",
+        "16",
+        "--d_model",
+        "16",
+        "--num_layers",
+        "1",
+        "--num_heads",
+        "2",
+        "--d_ff",
+        "32",
+        "--batch_size",
+        "4",
+        "--max_iters",
+        "3",
+        "--warmup_iters",
+        "1",
+        "--eval_interval",
+        "100",
+        "--log_interval",
+        "1",
+        "--checkpoint_path",
+        ckpt,
+        "--learning_rate",
+        "2e-3",
+        "--seed",
+        "5",
+    ]
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     payload = read_checkpoint(ckpt)

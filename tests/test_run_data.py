@@ -7,29 +7,55 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from corpora import documents, prepare, write_eot_text, write_jsonl
 from lmtools.checkpoint import read_checkpoint
 from lmtools.cli import app
 from lmtools.config import TrainConfig
 from lmtools.rundata import resolve_data, unique_names
 
-from corpora import documents, prepare, write_eot_text, write_jsonl
-
 # A small model whose vocabulary comes from the prepared folders (no --vocab_size).
-TINY_MIXTURE_RUN = ["--context_length", "16", "--d_model", "32", "--num_layers", "1", "--num_heads", "4", "--d_ff", "64",
-        "--batch_size", "8", "--warmup_iters", "1", "--learning_rate", "3e-3", "--eval_iters", "2"]
+TINY_MIXTURE_RUN = [
+    "--context_length",
+    "16",
+    "--d_model",
+    "32",
+    "--num_layers",
+    "1",
+    "--num_heads",
+    "4",
+    "--d_ff",
+    "64",
+    "--batch_size",
+    "8",
+    "--warmup_iters",
+    "1",
+    "--learning_rate",
+    "3e-3",
+    "--eval_iters",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """plays: its own BPE; more_plays: the same tokenizer; code: another BPE of the same size."""
     root = tmp_path_factory.mktemp("prepared")
-    plays = prepare(write_jsonl(root / "plays.jsonl", documents(300, 0)), root / "plays",
-                    "--vocab_size", 300, "--val_fraction", 0.1)
-    more = prepare(write_eot_text(root / "more.txt", documents(200, 1)), root / "more_plays",
-                   "--tokenizer", root / "plays" / "tokenizer.json", "--separator", "<|endoftext|>",
-                   "--val_fraction", 0.1)
-    code = prepare(write_jsonl(root / "code.jsonl", documents(300, 2)), root / "code",
-                   "--vocab_size", 300, "--val_fraction", 0.1)
+    plays = prepare(
+        write_jsonl(root / "plays.jsonl", documents(300, 0)), root / "plays", "--vocab_size", 300, "--val_fraction", 0.1
+    )
+    more = prepare(
+        write_eot_text(root / "more.txt", documents(200, 1)),
+        root / "more_plays",
+        "--tokenizer",
+        root / "plays" / "tokenizer.json",
+        "--separator",
+        "<|endoftext|>",
+        "--val_fraction",
+        0.1,
+    )
+    code = prepare(
+        write_jsonl(root / "code.jsonl", documents(300, 2)), root / "code", "--vocab_size", 300, "--val_fraction", 0.1
+    )
     assert plays["vocab_size"] == more["vocab_size"] == code["vocab_size"] == 300
     assert min(plays["val_tokens"], more["val_tokens"]) > 1000
     return root
@@ -44,8 +70,21 @@ def test_prepared_folders_in_a_mixture_train_on_train_npy_and_validate_each(fold
     plays, more = folders / "plays", folders / "more_plays"
     specs = [f"{plays}:0.7", f"{more}:0.3"] if weighted else [plays, more]
     ckpt = tmp_path / "run" / "ckpt.pt"
-    result = train("--train_data", specs[0], "--train_data", specs[1], *TINY_MIXTURE_RUN, "--max_iters", 4,
-                   "--log_interval", 2, "--eval_interval", 2, "--checkpoint_path", ckpt)
+    result = train(
+        "--train_data",
+        specs[0],
+        "--train_data",
+        specs[1],
+        *TINY_MIXTURE_RUN,
+        "--max_iters",
+        4,
+        "--log_interval",
+        2,
+        "--eval_interval",
+        2,
+        "--checkpoint_path",
+        ckpt,
+    )
     assert result.exit_code == 0, result.output
     payload = read_checkpoint(ckpt)
     config = payload["config"]
@@ -85,28 +124,50 @@ def test_a_prepared_folder_beside_a_raw_token_file(folders, tmp_path):
     """A bare token file has no tokenizer to compare; the folder still brings its validation."""
     np.save(tmp_path / "extra.npy", np.arange(2000, dtype=np.uint16) % 300)
     plays = folders / "plays"
-    cfg = resolve_data(TrainConfig(train_data=[f"{plays}:0.5", f"{tmp_path / 'extra.npy'}:0.5"], context_length=16),
-                       explicit_vocab=False)
+    cfg = resolve_data(
+        TrainConfig(train_data=[f"{plays}:0.5", f"{tmp_path / 'extra.npy'}:0.5"], context_length=16),
+        explicit_vocab=False,
+    )
     assert cfg.train_data[0] == f"{plays / 'train.npy'}:0.5"
     assert cfg.val_data == str(plays / "val.npy") and cfg.vocab_size == 300
 
 
 def test_sources_with_different_tokenizers_are_refused_naming_both(folders, tmp_path):
     ckpt = tmp_path / "c.pt"
-    result = train("--train_data", f"{folders / 'plays'}:0.5", "--train_data", f"{folders / 'code'}:0.5", *TINY_MIXTURE_RUN,
-                   "--max_iters", 1, "--checkpoint_path", ckpt)
+    result = train(
+        "--train_data",
+        f"{folders / 'plays'}:0.5",
+        "--train_data",
+        f"{folders / 'code'}:0.5",
+        *TINY_MIXTURE_RUN,
+        "--max_iters",
+        1,
+        "--checkpoint_path",
+        ckpt,
+    )
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "different tokenizers" in lines[0], result.stderr
-    assert str(folders / "plays" / "tokenizer.json") in lines[0] and str(folders / "code" / "tokenizer.json") in lines[0]
+    assert (
+        str(folders / "plays" / "tokenizer.json") in lines[0] and str(folders / "code" / "tokenizer.json") in lines[0]
+    )
     assert not ckpt.exists()
 
 
 def test_sources_with_different_vocabulary_sizes_are_refused(folders, tmp_path):
     small = tmp_path / "small"
     prepare(write_jsonl(tmp_path / "s.jsonl", documents(100, 3)), small, "--vocab_size", 280, "--val_fraction", 0.1)
-    result = train("--train_data", folders / "plays", "--train_data", small, *TINY_MIXTURE_RUN, "--max_iters", 1,
-                   "--checkpoint_path", tmp_path / "c.pt")
+    result = train(
+        "--train_data",
+        folders / "plays",
+        "--train_data",
+        small,
+        *TINY_MIXTURE_RUN,
+        "--max_iters",
+        1,
+        "--checkpoint_path",
+        tmp_path / "c.pt",
+    )
     assert result.exit_code == 2 and "300 vs 280 ids" in result.stderr, result.output
 
 

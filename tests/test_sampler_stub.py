@@ -24,8 +24,10 @@ def stub_params(fn: ast.FunctionDef) -> list[tuple[str, object]]:
         ast.literal_eval(d) for d in fn.args.defaults
     ]
     params = list(zip(args, defaults))
-    params += [(a, ast.literal_eval(d) if d else inspect.Parameter.empty) for a, d in
-               zip(fn.args.kwonlyargs, fn.args.kw_defaults)]
+    params += [
+        (a, ast.literal_eval(d) if d else inspect.Parameter.empty)
+        for a, d in zip(fn.args.kwonlyargs, fn.args.kw_defaults)
+    ]
     return [(a.arg, d) for a, d in params if a.arg != "self"]
 
 

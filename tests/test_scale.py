@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import TORCHRUN_MODEL, learnable_stream, logged_losses, torchrun
 from lmtools import TransformerLM, cross_entropy
 from lmtools.checkpoint import read_checkpoint
-
-from helpers import TORCHRUN_MODEL, learnable_stream, logged_losses, torchrun
 
 
 def test_accumulated_gradients_equal_one_big_batch():
@@ -30,8 +29,19 @@ def test_accumulated_gradients_equal_one_big_batch():
 def test_ddp_gloo_two_processes(tmp_path):
     np.save(tmp_path / "train.npy", learnable_stream(30000))
     ckpt = tmp_path / "run" / "ckpt.pt"
-    common = [*TORCHRUN_MODEL, "--num_layers", "1", "--log_interval", "20",
-              "--eval_interval", "1000", "--checkpoint_interval", "40", "--checkpoint_path", ckpt]
+    common = [
+        *TORCHRUN_MODEL,
+        "--num_layers",
+        "1",
+        "--log_interval",
+        "20",
+        "--eval_interval",
+        "1000",
+        "--checkpoint_interval",
+        "40",
+        "--checkpoint_path",
+        ckpt,
+    ]
     run = torchrun("train", "--train_data", tmp_path / "train.npy", *common, "--max_iters", "80")
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
@@ -62,9 +72,23 @@ def test_ddp_gloo_two_processes(tmp_path):
 def _tiny_cfg(tmp_path, tokens_path, **kw):
     from lmtools.config import TrainConfig
 
-    args = dict(train_data=[str(tokens_path)], vocab_size=64, context_length=16, d_model=32, num_layers=1,
-                num_heads=4, d_ff=64, batch_size=8, learning_rate=1e-2, min_learning_rate=1e-3, warmup_iters=2,
-                max_iters=30, log_interval=10, eval_interval=1000, checkpoint_path=str(tmp_path / "c.pt"))
+    args = dict(
+        train_data=[str(tokens_path)],
+        vocab_size=64,
+        context_length=16,
+        d_model=32,
+        num_layers=1,
+        num_heads=4,
+        d_ff=64,
+        batch_size=8,
+        learning_rate=1e-2,
+        min_learning_rate=1e-3,
+        warmup_iters=2,
+        max_iters=30,
+        log_interval=10,
+        eval_interval=1000,
+        checkpoint_path=str(tmp_path / "c.pt"),
+    )
     args.update(kw)
     return TrainConfig(**args)
 
@@ -96,7 +120,8 @@ def test_compiled_run_resumes_uncompiled(tmp_path, pattern_tokens):
     assert keys and not [k for k in keys if "_orig_mod" in k]
     result = train_model(
         TrainConfig(max_iters=20, compile=False, checkpoint_path=cfg.checkpoint_path),
-        resume_from=cfg.checkpoint_path, explicit=frozenset({"max_iters", "compile", "checkpoint_path"}),
+        resume_from=cfg.checkpoint_path,
+        explicit=frozenset({"max_iters", "compile", "checkpoint_path"}),
         log=lambda _l: None,
     )
     assert result.iteration == 20 and result.losses[-1] < 3.0
@@ -110,12 +135,41 @@ def test_gpu_throughput_script_runs_on_the_cpu(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).parent.parent / "benchmarks" / "gpu_throughput.py"
-    cmd = [sys.executable, str(script), "--device", "cpu", "--dtype", "float32", "--no_compile",
-           "--d_model", "32", "--num_layers", "1", "--num_heads", "4", "--d_ff", "64", "--vocab_size", "64",
-           "--context_length", "16", "--tokens", "20000", "--iters", "12", "--windows", "3", "--batch_size", "2", "8"]
+    cmd = [
+        sys.executable,
+        str(script),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--no_compile",
+        "--d_model",
+        "32",
+        "--num_layers",
+        "1",
+        "--num_heads",
+        "4",
+        "--d_ff",
+        "64",
+        "--vocab_size",
+        "64",
+        "--context_length",
+        "16",
+        "--tokens",
+        "20000",
+        "--iters",
+        "12",
+        "--windows",
+        "3",
+        "--batch_size",
+        "2",
+        "8",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and "tokens/s" not in line]
+    rows = [
+        line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and "tokens/s" not in line
+    ]
     assert [r[0].strip() for r in rows] == ["2", "8"], run.stdout
     for _batch, tok_s, mfu, wait, mem in rows:
         assert float(tok_s.replace(",", "")) > 0 and mfu.strip() == "n/a" and mem.strip() == "n/a"
@@ -123,11 +177,20 @@ def test_gpu_throughput_script_runs_on_the_cpu(tmp_path):
     assert "d32 L1 H4" in run.stdout and "12 steps" in run.stdout
 
 
-@pytest.mark.parametrize("name, tflops", [
-    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA A100-SXM4-80GB", 312),
-    ("NVIDIA A10G", 70), ("NVIDIA A10", 125), ("NVIDIA L40S", 362), ("NVIDIA L4", 121),
-    ("NVIDIA GeForce RTX 4090", 165), ("NVIDIA GeForce GTX 1080", None),
-])
+@pytest.mark.parametrize(
+    "name, tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", 989),
+        ("NVIDIA H100 PCIe", 756),
+        ("NVIDIA A100-SXM4-80GB", 312),
+        ("NVIDIA A10G", 70),
+        ("NVIDIA A10", 125),
+        ("NVIDIA L40S", 362),
+        ("NVIDIA L4", 121),
+        ("NVIDIA GeForce RTX 4090", 165),
+        ("NVIDIA GeForce GTX 1080", None),
+    ],
+)
 def test_peak_flops_for_mfu_by_device_name(name, tflops, monkeypatch):
     from lmtools.device import peak_flops_for_name
 

@@ -9,18 +9,38 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from helpers import learnable_stream
 from lmtools.checkpoint import read_checkpoint
 from lmtools.cli import app
 from lmtools.config import TrainConfig
 from lmtools.inspect import inspect_path
 from lmtools.optim import run_get_lr_cosine_schedule
 
-from helpers import learnable_stream
-
 # A small model logged at every step, so the schedule of each iteration shows.
-TINY_SCHEDULE_RUN = ["--vocab_size", "64", "--context_length", "16", "--d_model", "16", "--num_layers", "1", "--num_heads", "2",
-        "--d_ff", "32", "--batch_size", "4", "--learning_rate", "1e-3", "--min_learning_rate", "1e-5",
-        "--eval_interval", "1000", "--log_interval", "1"]
+TINY_SCHEDULE_RUN = [
+    "--vocab_size",
+    "64",
+    "--context_length",
+    "16",
+    "--d_model",
+    "16",
+    "--num_layers",
+    "1",
+    "--num_heads",
+    "2",
+    "--d_ff",
+    "32",
+    "--batch_size",
+    "4",
+    "--learning_rate",
+    "1e-3",
+    "--min_learning_rate",
+    "1e-5",
+    "--eval_interval",
+    "1000",
+    "--log_interval",
+    "1",
+]
 
 
 def cli(*args):
@@ -29,11 +49,18 @@ def cli(*args):
 
 @settings(max_examples=100, deadline=None)
 @given(
-    warmup=st.integers(0, 50), max_iters=st.integers(1, 300), stop=st.floats(0, 1), new=st.integers(1, 800),
-    lr=st.floats(1e-5, 1e-1), min_share=st.floats(0, 1), second=st.integers(0, 300), grow=st.integers(1, 300),
+    warmup=st.integers(0, 50),
+    max_iters=st.integers(1, 300),
+    stop=st.floats(0, 1),
+    new=st.integers(1, 800),
+    lr=st.floats(1e-5, 1e-1),
+    min_share=st.floats(0, 1),
+    second=st.integers(0, 300),
+    grow=st.integers(1, 300),
 )
-def test_moving_the_end_keeps_the_rate_continuous_and_ends_at_the_minimum(warmup, max_iters, stop, new, lr,
-                                                                          min_share, second, grow):
+def test_moving_the_end_keeps_the_rate_continuous_and_ends_at_the_minimum(
+    warmup, max_iters, stop, new, lr, min_share, second, grow
+):
     """Resumed at any point with a longer (or shorter) run: the rates already used stay, the
     next ones go on from the current rate without a jump, and the run ends at the minimum."""
     resumed_at = round(stop * max_iters)
@@ -64,8 +91,13 @@ def test_within_the_original_schedule_nothing_changes(max_iters, stop, new, cycl
     resumed_at = round(stop * max_iters)
     cases = [(None, max_iters), (cycle, new)] + ([(None, min(new, resumed_at))] if resumed_at else [])
     for cosine_cycle_iters, new_max in cases:
-        cfg = TrainConfig(learning_rate=1e-3, min_learning_rate=1e-4, warmup_iters=10, max_iters=max_iters,
-                          cosine_cycle_iters=cosine_cycle_iters)
+        cfg = TrainConfig(
+            learning_rate=1e-3,
+            min_learning_rate=1e-4,
+            warmup_iters=10,
+            max_iters=max_iters,
+            cosine_cycle_iters=cosine_cycle_iters,
+        )
         assert cfg.extend_schedule(new_max, resumed_at) is None
         assert cfg.schedule_extensions == [] and cfg.max_iters == new_max
         end = cosine_cycle_iters or new_max
@@ -76,14 +108,26 @@ def test_a_finished_run_extended_stays_at_its_minimum_rate(tmp_path):
     """The trap: a finished run at 1e-5, resumed to twice its length, jumped back to 1.7e-4."""
     np.save(tmp_path / "train.npy", learnable_stream(5000))
     ckpt = tmp_path / "run" / "ckpt.pt"
-    result = cli("train", "--train_data", tmp_path / "train.npy", *TINY_SCHEDULE_RUN, "--warmup_iters", "2", "--max_iters", "10",
-                 "--checkpoint_path", ckpt)
+    result = cli(
+        "train",
+        "--train_data",
+        tmp_path / "train.npy",
+        *TINY_SCHEDULE_RUN,
+        "--warmup_iters",
+        "2",
+        "--max_iters",
+        "10",
+        "--checkpoint_path",
+        ckpt,
+    )
     assert result.exit_code == 0, result.output
     result = cli("resume", ckpt, "--max_iters", "20")
     assert result.exit_code == 0, result.output
     notes = [line for line in result.output.splitlines() if line.startswith("Schedule:")]
-    assert notes == ["Schedule: max_iters 10 -> 20; the rate had decayed to its minimum and stays at 1.00e-05 "
-                     "(to decay from a higher rate, start a new run with --init_from)"]
+    assert notes == [
+        "Schedule: max_iters 10 -> 20; the rate had decayed to its minimum and stays at 1.00e-05 "
+        "(to decay from a higher rate, start a new run with --init_from)"
+    ]
     records = [json.loads(line) for line in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in records if r["iter"] > 10] == [pytest.approx(1e-5, rel=1e-12)] * 10
     config = read_checkpoint(ckpt)["config"]
@@ -93,15 +137,29 @@ def test_a_finished_run_extended_stays_at_its_minimum_rate(tmp_path):
 def test_a_stopped_run_extended_decays_from_its_current_rate_and_inspect_says_so(tmp_path):
     np.save(tmp_path / "train.npy", learnable_stream(5000))
     ckpt = tmp_path / "run" / "ckpt.pt"
-    result = cli("train", "--train_data", tmp_path / "train.npy", *TINY_SCHEDULE_RUN, "--warmup_iters", "0", "--max_iters", "20",
-                 "--max_minutes", "0.000001", "--checkpoint_path", ckpt)
+    result = cli(
+        "train",
+        "--train_data",
+        tmp_path / "train.npy",
+        *TINY_SCHEDULE_RUN,
+        "--warmup_iters",
+        "0",
+        "--max_iters",
+        "20",
+        "--max_minutes",
+        "0.000001",
+        "--checkpoint_path",
+        ckpt,
+    )
     assert result.exit_code == 0, result.output
     stopped = read_checkpoint(ckpt)["iteration"]
     rate = TrainConfig(learning_rate=1e-3, min_learning_rate=1e-5, warmup_iters=0, max_iters=20).lr_at(stopped)
     result = cli("resume", ckpt, "--max_iters", "40", "--max_minutes", "10")
     assert result.exit_code == 0, result.output
-    assert f"Schedule: max_iters 20 -> 40; cosine from {rate:.2e} (the rate at iter {stopped}) to 1.00e-05 at iter 40" \
+    assert (
+        f"Schedule: max_iters 20 -> 40; cosine from {rate:.2e} (the rate at iter {stopped}) to 1.00e-05 at iter 40"
         in result.output
+    )
     records = [json.loads(line) for line in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in records if r["iter"] > stopped]
     assert lrs[0] < rate and lrs[0] > 0.99 * rate and lrs[-1] == pytest.approx(1e-5)
@@ -114,14 +172,34 @@ def test_a_stopped_run_extended_decays_from_its_current_rate_and_inspect_says_so
 
 def test_warmup_longer_than_the_run_is_said_at_start(tmp_path):
     np.save(tmp_path / "train.npy", learnable_stream(5000))
-    result = cli("train", "--train_data", tmp_path / "train.npy", *TINY_SCHEDULE_RUN, "--max_iters", "300",
-                 "--max_minutes", "0.000001", "--checkpoint_path", tmp_path / "c.pt")
+    result = cli(
+        "train",
+        "--train_data",
+        tmp_path / "train.npy",
+        *TINY_SCHEDULE_RUN,
+        "--max_iters",
+        "300",
+        "--max_minutes",
+        "0.000001",
+        "--checkpoint_path",
+        tmp_path / "c.pt",
+    )
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("Warning:")]
     assert warnings == [
         "Warning: --warmup_iters 2000 is not shorter than --max_iters 300: the learning rate only reaches 1.50e-04, "
         "never --learning_rate 1.00e-03; pass --warmup_iters 30 (a tenth of the run)"
     ]
-    result = cli("train", "--train_data", tmp_path / "train.npy", *TINY_SCHEDULE_RUN, "--max_iters", "2", "--warmup_iters", "1",
-                 "--checkpoint_path", tmp_path / "d.pt")
+    result = cli(
+        "train",
+        "--train_data",
+        tmp_path / "train.npy",
+        *TINY_SCHEDULE_RUN,
+        "--max_iters",
+        "2",
+        "--warmup_iters",
+        "1",
+        "--checkpoint_path",
+        tmp_path / "d.pt",
+    )
     assert result.exit_code == 0 and "Warning:" not in result.output

@@ -44,8 +44,18 @@ def test_trained_bpe_layout_and_tiktoken_agreement(trained):
     assert enc.vocab_size == 400 and enc.eot_id == 399
     b2u = bytes_to_unicode()
     assert all(tok.token_to_id(b2u[b]) == b for b in range(256))
-    texts = [PROSE, "", EOT, f"a{EOT}b", "   \n\n\t x", "it's they'll we've I'm", "x" * 5000,
-             "\u00a0\u2009\u3000 spaces\u2028\u2029", "ǅ ǈ ˆ ʰ ߺ ꙿ 𝔘𝔫𝔦", "١٢٣ ½ ² Ⅻ"]
+    texts = [
+        PROSE,
+        "",
+        EOT,
+        f"a{EOT}b",
+        "   \n\n\t x",
+        "it's they'll we've I'm",
+        "x" * 5000,
+        "\u00a0\u2009\u3000 spaces\u2028\u2029",
+        "ǅ ǈ ˆ ʰ ߺ ꙿ 𝔘𝔫𝔦",
+        "١٢٣ ½ ² Ⅻ",
+    ]
     fast = enc.encode_batch(texts)
     ref = enc.encode_reference(texts)
     for t, a, b in zip(texts, fast, ref):
@@ -130,7 +140,6 @@ def test_only_plain_byte_level_bpe_converts_to_tiktoken(trained):
 
     assert variant(lambda t: None) is not None
     assert variant(lambda t: setattr(t, "normalizer", normalizers.NFKC())) is None
-    assert variant(lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.ByteLevel(
-        add_prefix_space=True))) is None
+    assert variant(lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.ByteLevel(add_prefix_space=True))) is None
     assert variant(lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.Whitespace())) is None
     assert variant(lambda t: t.add_tokens([AddedToken("hello world", special=False)])) is None

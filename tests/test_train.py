@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import VOCAB, learnable_stream
 from lmtools.checkpoint import read_checkpoint
 from lmtools.config import TrainConfig
 from lmtools.train import train_model
 
-from helpers import VOCAB, learnable_stream
 
 @pytest.fixture(scope="module")
 def stream_files(tmp_path_factory):
@@ -24,32 +24,76 @@ def stream_files(tmp_path_factory):
 
 # A model small enough for seconds on a CPU and big enough to learn the learnable stream.
 TINY_LEARNER = [
-    "--vocab_size", str(VOCAB), "--context_length", "16", "--d_model", "32", "--num_layers", "2",
-    "--num_heads", "4", "--d_ff", "64", "--batch_size", "16",
+    "--vocab_size",
+    str(VOCAB),
+    "--context_length",
+    "16",
+    "--d_model",
+    "32",
+    "--num_layers",
+    "2",
+    "--num_heads",
+    "4",
+    "--d_ff",
+    "64",
+    "--batch_size",
+    "16",
 ]
 
 
 def tiny_config(folder: Path, tmp_path: Path, **kw) -> TrainConfig:
     args = dict(
-        train_data=[str(folder / "train.npy")], val_data=str(folder / "val.npy"), vocab_size=VOCAB,
-        context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=64, batch_size=8,
-        learning_rate=3e-3, min_learning_rate=3e-4, warmup_iters=5, max_iters=20, eval_interval=5,
-        eval_iters=2, log_interval=1, checkpoint_interval=1000, checkpoint_path=str(tmp_path / "ckpt.pt"),
+        train_data=[str(folder / "train.npy")],
+        val_data=str(folder / "val.npy"),
+        vocab_size=VOCAB,
+        context_length=16,
+        d_model=32,
+        num_layers=2,
+        num_heads=4,
+        d_ff=64,
+        batch_size=8,
+        learning_rate=3e-3,
+        min_learning_rate=3e-4,
+        warmup_iters=5,
+        max_iters=20,
+        eval_interval=5,
+        eval_iters=2,
+        log_interval=1,
+        checkpoint_interval=1000,
+        checkpoint_path=str(tmp_path / "ckpt.pt"),
     )
     args.update(kw)
     return TrainConfig(**args)
-
-
 
 
 @pytest.mark.slow
 def test_cli_learns_then_resumes(stream_files, tmp_path, run_cli):
     ckpt = tmp_path / "run" / "checkpoint.pt"
     result = run_cli(
-        "train", "--train_data", stream_files / "train.npy", "--val-data", stream_files / "val.npy", *TINY_LEARNER,
-        "--learning_rate", "1e-2", "--min_learning_rate", "1e-3", "--warmup_iters", "10",
-        "--max_iters", "150", "--eval_interval", "50", "--log_interval", "25", "--checkpoint_interval", "100",
-        "--checkpoint_path", ckpt, "--seed", "1",
+        "train",
+        "--train_data",
+        stream_files / "train.npy",
+        "--val-data",
+        stream_files / "val.npy",
+        *TINY_LEARNER,
+        "--learning_rate",
+        "1e-2",
+        "--min_learning_rate",
+        "1e-3",
+        "--warmup_iters",
+        "10",
+        "--max_iters",
+        "150",
+        "--eval_interval",
+        "50",
+        "--log_interval",
+        "25",
+        "--checkpoint_interval",
+        "100",
+        "--checkpoint_path",
+        ckpt,
+        "--seed",
+        "1",
     )
     assert result.exit_code == 0, result.output
     out = result.output
@@ -98,7 +142,9 @@ def test_exact_resume_bit_for_bit(stream_files, tmp_path, accum):
     losses_first, _ = _losses_and_weights(first)
     second = TrainConfig(max_iters=12, checkpoint_path=first.checkpoint_path)
     result = train_model(
-        second, resume_from=first.checkpoint_path, explicit=frozenset({"max_iters", "checkpoint_path"}),
+        second,
+        resume_from=first.checkpoint_path,
+        explicit=frozenset({"max_iters", "checkpoint_path"}),
         log=lambda _line: None,
     )
     assert losses_first + result.losses == losses_straight  # exact float equality
@@ -119,9 +165,20 @@ def test_validation_windows_are_fixed(stream_files, tmp_path):
 def test_both_flag_spellings(stream_files, tmp_path, run_cli):
     kebab = [a.replace("_", "-") if a.startswith("--") else a for a in TINY_LEARNER]
     result = run_cli(
-        "train", "--train-data", stream_files / "train.npy", *kebab, "--max-iters", "2",
-        "--log-interval", "1", "--eval-interval", "100", "--checkpoint-path", tmp_path / "k.pt",
-        "--warmup-iters", "1",
+        "train",
+        "--train-data",
+        stream_files / "train.npy",
+        *kebab,
+        "--max-iters",
+        "2",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "100",
+        "--checkpoint-path",
+        tmp_path / "k.pt",
+        "--warmup-iters",
+        "1",
     )
     assert result.exit_code == 0, result.output
     assert read_checkpoint(tmp_path / "k.pt")["config"]["d_model"] == 32
@@ -171,8 +228,14 @@ def test_resume_contradicting_model_flag(stream_files, tmp_path, run_cli):
     cfg = tiny_config(stream_files, tmp_path, max_iters=2)
     train_model(cfg, log=lambda _l: None)
     result = run_cli(
-        "train", "--resume", "--checkpoint_path", cfg.checkpoint_path, "--train_data", stream_files / "train.npy",
-        "--d_model", "64",
+        "train",
+        "--resume",
+        "--checkpoint_path",
+        cfg.checkpoint_path,
+        "--train_data",
+        stream_files / "train.npy",
+        "--d_model",
+        "64",
     )
     assert result.exit_code == 2 and "contradicts the checkpoint" in result.stderr
     result = run_cli("resume", tmp_path / "missing.pt")
@@ -186,8 +249,18 @@ def test_vocab_from_meta_json(stream_files, tmp_path, run_cli):
     np.save(folder / "val.npy", np.load(stream_files / "val.npy"))
     (folder / "meta.json").write_text(json.dumps({"vocab_size": 70, "bytes_per_token": 2.0}))
     cfg = TrainConfig(
-        train_data=[str(folder / "train.npy")], context_length=16, d_model=32, num_layers=1, num_heads=4,
-        d_ff=64, batch_size=4, max_iters=2, warmup_iters=1, eval_interval=2, eval_iters=1, log_interval=1,
+        train_data=[str(folder / "train.npy")],
+        context_length=16,
+        d_model=32,
+        num_layers=1,
+        num_heads=4,
+        d_ff=64,
+        batch_size=4,
+        max_iters=2,
+        warmup_iters=1,
+        eval_interval=2,
+        eval_iters=1,
+        log_interval=1,
         checkpoint_path=str(tmp_path / "c.pt"),
     )
     train_model(cfg, log=lambda _l: None)
@@ -195,8 +268,17 @@ def test_vocab_from_meta_json(stream_files, tmp_path, run_cli):
     assert payload["model_config"]["vocab_size"] == 70
     assert payload["config"]["val_data"].endswith("val.npy")
     assert math.isfinite(payload["metrics"]["val_loss"])
-    result = run_cli("train", "--train_data", folder / "train.npy", "--vocab_size", "64", "--max_iters", "1",
-                     "--checkpoint_path", tmp_path / "d.pt")
+    result = run_cli(
+        "train",
+        "--train_data",
+        folder / "train.npy",
+        "--vocab_size",
+        "64",
+        "--max_iters",
+        "1",
+        "--checkpoint_path",
+        tmp_path / "d.pt",
+    )
     assert result.exit_code == 2 and "contradicts" in result.stderr
 
 
@@ -213,8 +295,20 @@ def test_max_minutes_stops_with_a_checkpoint(stream_files, tmp_path):
 def test_tensorboard_logs_when_installed_else_clear_error(stream_files, tmp_path, run_cli):
     import importlib.util
 
-    args = ["train", "--train_data", stream_files / "train.npy", *TINY_LEARNER, "--max_iters", "2", "--log_interval", "1",
-            "--checkpoint_path", tmp_path / "c.pt", "--tensorboard", tmp_path / "tb"]
+    args = [
+        "train",
+        "--train_data",
+        stream_files / "train.npy",
+        *TINY_LEARNER,
+        "--max_iters",
+        "2",
+        "--log_interval",
+        "1",
+        "--checkpoint_path",
+        tmp_path / "c.pt",
+        "--tensorboard",
+        tmp_path / "tb",
+    ]
     result = run_cli(*args)
     if importlib.util.find_spec("tensorboard") is None:
         assert result.exit_code == 2 and "pip install tensorboard" in result.stderr
@@ -226,8 +320,18 @@ def test_tensorboard_logs_when_installed_else_clear_error(stream_files, tmp_path
 def test_mixture_with_weights_from_the_cli(stream_files, tmp_path, run_cli):
     np.save(tmp_path / "other.npy", np.full(5000, 7, dtype=np.uint16))
     result = run_cli(
-        "train", "--train_data", f"{stream_files / 'train.npy'}:0.7", "--train-data", f"{tmp_path / 'other.npy'}:0.3",
-        *TINY_LEARNER, "--max_iters", "2", "--log_interval", "1", "--checkpoint_path", tmp_path / "c.pt",
+        "train",
+        "--train_data",
+        f"{stream_files / 'train.npy'}:0.7",
+        "--train-data",
+        f"{tmp_path / 'other.npy'}:0.3",
+        *TINY_LEARNER,
+        "--max_iters",
+        "2",
+        "--log_interval",
+        "1",
+        "--checkpoint_path",
+        tmp_path / "c.pt",
     )
     assert result.exit_code == 0, result.output
     assert "weight 0.7" in result.output and "weight 0.3" in result.output
@@ -253,12 +357,28 @@ def test_terminal_gets_a_live_progress_bar_and_pipes_get_plain_lines(stream_file
     import subprocess
     import sys
 
-    args = [sys.executable, "-m", "lmtools.cli", "train", "--train_data", str(stream_files / "train.npy"), *TINY_LEARNER,
-            "--max_iters", "30", "--log_interval", "10", "--eval_interval", "1000", "--warmup_iters", "1"]
+    args = [
+        sys.executable,
+        "-m",
+        "lmtools.cli",
+        "train",
+        "--train_data",
+        str(stream_files / "train.npy"),
+        *TINY_LEARNER,
+        "--max_iters",
+        "30",
+        "--log_interval",
+        "10",
+        "--eval_interval",
+        "1000",
+        "--warmup_iters",
+        "1",
+    ]
     env = dict(os.environ, COLUMNS="120", TERM="xterm")
     primary, secondary = pty.openpty()
-    proc = subprocess.Popen(args + ["--checkpoint_path", str(tmp_path / "a.pt")], stdout=secondary,
-                            stderr=secondary, env=env)
+    proc = subprocess.Popen(
+        args + ["--checkpoint_path", str(tmp_path / "a.pt")], stdout=secondary, stderr=secondary, env=env
+    )
     os.close(secondary)
     chunks = []
     while True:
@@ -273,12 +393,18 @@ def test_terminal_gets_a_live_progress_bar_and_pipes_get_plain_lines(stream_file
     tty_out = b"".join(chunks).decode("utf-8", "replace")
     assert "━" in tty_out and "30/30" in tty_out and "Iter     30 | Loss:" in tty_out
 
-    piped = subprocess.run(args + ["--checkpoint_path", str(tmp_path / "b.pt")], capture_output=True, text=True,
-                           env=env, timeout=120)
+    piped = subprocess.run(
+        args + ["--checkpoint_path", str(tmp_path / "b.pt")], capture_output=True, text=True, env=env, timeout=120
+    )
     assert piped.returncode == 0
     assert "━" not in piped.stdout and "\x1b[" not in piped.stdout
     piped_iters = [line for line in piped.stdout.splitlines() if line.startswith("Iter")]
-    assert [line.split("|")[0].strip() for line in piped_iters] == ["Iter      0", "Iter     10", "Iter     20", "Iter     30"]
+    assert [line.split("|")[0].strip() for line in piped_iters] == [
+        "Iter      0",
+        "Iter     10",
+        "Iter     20",
+        "Iter     30",
+    ]
     # Without a progress bar, each step's line carries the elapsed time and an estimate of the time left.
     assert all(" | elapsed: 0:0" in line and " | left: 0:0" in line for line in piped_iters[1:]), piped.stdout
     assert "elapsed:" not in tty_out
@@ -324,8 +450,17 @@ def test_losses_are_read_at_least_every_256_steps(stream_files, tmp_path):
     from lmtools.train import MAX_PENDING_STEPS
 
     seen = {}
-    cfg = tiny_config(stream_files, tmp_path, val_data=None, d_model=16, num_layers=1, batch_size=2,
-                      log_interval=10**6, checkpoint_interval=10**6, max_iters=MAX_PENDING_STEPS + 5)
+    cfg = tiny_config(
+        stream_files,
+        tmp_path,
+        val_data=None,
+        d_model=16,
+        num_layers=1,
+        batch_size=2,
+        log_interval=10**6,
+        checkpoint_interval=10**6,
+        max_iters=MAX_PENDING_STEPS + 5,
+    )
     result = train_model(cfg, log=lambda _l: None, on_step=lambda it, total, loss, lr: seen.__setitem__(it, loss))
     assert seen[MAX_PENDING_STEPS - 1] is None
     assert seen[MAX_PENDING_STEPS] == seen[MAX_PENDING_STEPS + 4] == result.losses[MAX_PENDING_STEPS - 1]

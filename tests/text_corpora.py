@@ -10,8 +10,7 @@ import numpy as np
 
 from lmtools.layout import EOT
 
-_SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "an", "el", "or", "is", "th", "qu",
-              "é", "ü", "ß", "ñ"]
+_SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "an", "el", "or", "is", "th", "qu", "é", "ü", "ß", "ñ"]
 
 
 def _vocabulary(rng: np.random.Generator, n: int = 600) -> list[str]:

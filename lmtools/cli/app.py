@@ -28,15 +28,18 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """From raw text to a trained Transformer language model."""
+
 
 # Exit code for user mistakes: click's usage-error code.
 USER_ERROR = 2
 
 
-def fail(message: str) -> "typer.Exit":
+def fail(message: str) -> typer.Exit:
     """Print one red line on stderr and return the Exit to raise."""
     from rich.console import Console
 

@@ -12,6 +12,7 @@ import contextlib
 import os
 import sys
 
+
 def detach_stdout() -> None:
     """Send everything written to stdout from now on to /dev/null."""
     try:

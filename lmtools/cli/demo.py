@@ -14,8 +14,12 @@ from lmtools.demo import VOCAB_SIZE
 @user_errors
 def demo(
     minutes: float = typer.Option(3.0, "--minutes", help="Training time budget in minutes (CPU)."),
-    out: Path = typer.Option(Path("lmtools-demo"), "--out", help="Folder for the corpus, dataset, checkpoint and plot."),
-    max_corpus_mb: float = typer.Option(8.0, "--max_corpus_mb", "--max-corpus-mb", help="Cap on the stdlib source taken as corpus."),
+    out: Path = typer.Option(
+        Path("lmtools-demo"), "--out", help="Folder for the corpus, dataset, checkpoint and plot."
+    ),
+    max_corpus_mb: float = typer.Option(
+        8.0, "--max_corpus_mb", "--max-corpus-mb", help="Cap on the stdlib source taken as corpus."
+    ),
     vocab_size: int = typer.Option(VOCAB_SIZE, "--vocab_size", "--vocab-size", help="BPE vocabulary size."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
@@ -34,7 +38,9 @@ def demo(
         f"\nDone in {r.total_seconds / 60:.1f} min ({r.train_seconds:.0f}s training, {r.iterations} steps): "
         f"loss {r.first_loss:.3f} -> {r.last_loss:.3f}{val}"
     )
-    typer.echo(f"  corpus     {r.out / 'corpus.jsonl'} ({r.corpus_files} stdlib modules, {r.corpus_bytes / 1e6:.1f} MB)")
+    typer.echo(
+        f"  corpus     {r.out / 'corpus.jsonl'} ({r.corpus_files} stdlib modules, {r.corpus_bytes / 1e6:.1f} MB)"
+    )
     typer.echo(f"  dataset    {r.data_dir}/ (train.npy, val.npy, tokenizer.json, meta.json)")
     typer.echo(f"  checkpoint {r.checkpoint}")
     typer.echo(f"  metrics    {r.metrics}")

@@ -14,15 +14,23 @@ from lmtools.cli.app import app, user_errors
 @user_errors
 def eval_command(
     checkpoint: Path = typer.Argument(..., help="Checkpoint written by lmtools train."),
-    files: list[Path] = typer.Argument(..., help="Text files (tokenized with the checkpoint's tokenizer) or .npy token files."),
-    stride: Optional[int] = typer.Option(None, "--stride", help="Tokens between windows (default: the context length; smaller gives more left context)."),
+    files: list[Path] = typer.Argument(
+        ..., help="Text files (tokenized with the checkpoint's tokenizer) or .npy token files."
+    ),
+    stride: Optional[int] = typer.Option(
+        None, "--stride", help="Tokens between windows (default: the context length; smaller gives more left context)."
+    ),
     val_windows: bool = typer.Option(
-        False, "--val_windows", "--val-windows",
+        False,
+        "--val_windows",
+        "--val-windows",
         help="Score a .npy on the same windows the training run validated on (its seed, batch size, eval_iters).",
     ),
     batch_size: int = typer.Option(8, "--batch_size", "--batch-size", help="Windows per forward pass."),
     device: str = typer.Option("cpu", "--device"),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer.json; by default the checkpoint's own."),
+    tokenizer: Optional[str] = typer.Option(
+        None, "--tokenizer", help="tokenizer.json; by default the checkpoint's own."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Loss, perplexity and bits per byte of a model on whole files, in sliding windows."""
@@ -53,13 +61,23 @@ def eval_command(
                 results.append(score_validation_windows(model, path, payload.get("config") or {}, dev))
                 continue
             task = progress.add_task(path.name, total=None)
-            results.append(score_file(
-                model, path, text_tokenizer, stride=stride, batch_size=batch_size,
-                advance=lambda n, t=task: progress.advance(t, n),
-                on_plan=lambda n, t=task: progress.update(t, total=n),
-            ))
+            results.append(
+                score_file(
+                    model,
+                    path,
+                    text_tokenizer,
+                    stride=stride,
+                    batch_size=batch_size,
+                    advance=lambda n, t=task: progress.advance(t, n),
+                    on_plan=lambda n, t=task: progress.update(t, total=n),
+                )
+            )
     if as_json:
-        typer.echo(json.dumps({"checkpoint": str(checkpoint), "stride": stride, "files": [r.to_dict() for r in results]}, indent=2))
+        typer.echo(
+            json.dumps(
+                {"checkpoint": str(checkpoint), "stride": stride, "files": [r.to_dict() for r in results]}, indent=2
+            )
+        )
     else:
         _table(results, checkpoint, stride, val_windows)
 
@@ -69,8 +87,14 @@ def _progress(disable: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
-        TimeRemainingColumn(), console=Console(stderr=True), transient=True, disable=disable,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("windows"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=disable,
     )
 
 
@@ -81,7 +105,9 @@ def _table(results, checkpoint: Path, stride: int, val_windows: bool) -> None:
     title = f"{checkpoint.name}: " + ("training's validation windows" if val_windows else f"stride {stride}")
     table = Table(title=title)
     for col in ("file", "tokens", "scored", "loss", "perplexity", "bits/byte"):
-        table.add_column(col, justify="left" if col == "file" else "right", overflow="fold" if col == "file" else "ellipsis")
+        table.add_column(
+            col, justify="left" if col == "file" else "right", overflow="fold" if col == "file" else "ellipsis"
+        )
     for r in results:
         bpb = f"{r.bits_per_byte:.4f}" if r.bits_per_byte is not None else "-"
         table.add_row(r.path, f"{r.tokens:,}", f"{r.scored:,}", f"{r.loss:.4f}", f"{r.perplexity:.2f}", bpb)

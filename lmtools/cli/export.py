@@ -16,9 +16,13 @@ def export(
     checkpoint: Path = typer.Argument(..., help="Checkpoint written by lmtools train (a sharded one too)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write."),
     format: str = typer.Option(
-        "hf", "--format", help="hf: a folder transformers loads (Llama); safetensors: lmtools' weights + config; gguf: one file for llama.cpp."
+        "hf",
+        "--format",
+        help="hf: a folder transformers loads (Llama); safetensors: lmtools' weights + config; gguf: one file for llama.cpp.",
     ),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer.json; by default the checkpoint's own."),
+    tokenizer: Optional[str] = typer.Option(
+        None, "--tokenizer", help="tokenizer.json; by default the checkpoint's own."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
 ) -> None:
     """Export a checkpoint for transformers (AutoModelForCausalLM / AutoTokenizer) or as safetensors."""

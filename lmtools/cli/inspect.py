@@ -18,11 +18,19 @@ _IDS = ("eot_id", "min_token", "max_token", "seed", "rank", "format_version")  #
 @app.command()
 @user_errors
 def inspect(
-    path: Path = typer.Argument(..., help="A checkpoint (.pt), a token file (.npy, or .bin with --dtype) or a prepared folder."),
+    path: Path = typer.Argument(
+        ..., help="A checkpoint (.pt), a token file (.npy, or .bin with --dtype) or a prepared folder."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="dtype of a raw .bin token file (uint16, uint32, int32, int64)."),
-    excerpt_chars: int = typer.Option(200, "--excerpt_chars", "--excerpt-chars", help="Characters of decoded text to show (0: none)."),
-    as_config: bool = typer.Option(False, "--config", help="Print the TOML run config that reproduces a checkpoint's run (for train --config)."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="dtype of a raw .bin token file (uint16, uint32, int32, int64)."
+    ),
+    excerpt_chars: int = typer.Option(
+        200, "--excerpt_chars", "--excerpt-chars", help="Characters of decoded text to show (0: none)."
+    ),
+    as_config: bool = typer.Option(
+        False, "--config", help="Print the TOML run config that reproduces a checkpoint's run (for train --config)."
+    ),
 ) -> None:
     """Describe a checkpoint, a token file or a prepared folder, and whether it is sound."""
     from lmtools.inspect import inspect_path
@@ -61,8 +69,13 @@ def render(report: dict) -> None:
     from rich.text import Text
 
     console = Console(highlight=False)
-    table = Table(title=f"{_TITLES.get(report['kind'], report['kind'])}: {report['path']}", show_header=False,
-                  title_justify="left", box=None, padding=(0, 2))
+    table = Table(
+        title=f"{_TITLES.get(report['kind'], report['kind'])}: {report['path']}",
+        show_header=False,
+        title_justify="left",
+        box=None,
+        padding=(0, 2),
+    )
     table.add_column(style="bold cyan", no_wrap=True)
     table.add_column(overflow="fold")
     skip = {"kind", "path", "excerpt", "problems", "sound"}

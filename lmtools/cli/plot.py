@@ -13,7 +13,9 @@ from lmtools.cli.app import app, user_errors
 @app.command()
 @user_errors
 def plot(
-    runs: list[Path] = typer.Argument(..., help="Run folders (holding metrics.jsonl), metrics.jsonl files or checkpoints."),
+    runs: list[Path] = typer.Argument(
+        ..., help="Run folders (holding metrics.jsonl), metrics.jsonl files or checkpoints."
+    ),
     out: Path = typer.Option(Path("loss.png"), "--out", "-o", help="PNG file to write."),
     title: Optional[str] = typer.Option(None, "--title", help="Plot title (default: the run names)."),
     log_y: bool = typer.Option(False, "--log_y", "--log-y", help="Logarithmic loss axis."),

@@ -87,11 +87,13 @@ class BarProgress(Progress):
         from rich.console import Console
         from rich.progress import (
             BarColumn,
-            Progress as RichProgress,
             TaskProgressColumn,
             TextColumn,
             TimeRemainingColumn,
             TransferSpeedColumn,
+        )
+        from rich.progress import (
+            Progress as RichProgress,
         )
 
         self.bar = RichProgress(
@@ -140,7 +142,6 @@ def _progress(quiet: bool, console=None) -> Progress:
     return BarProgress(console) if sys.stderr.isatty() else PlainProgress()
 
 
-
 @app.command(
     epilog=(
         "Documents: one per jsonl line or parquet row; in text files, the parts between "
@@ -175,12 +176,16 @@ def prepare(
         10000, "--vocab_size", "--vocab-size", help="Size of the BPE to train (training only)."
     ),
     tokenizer_sample: int = typer.Option(
-        DEFAULT_TOKENIZER_SAMPLE, "--tokenizer_sample", "--tokenizer-sample",
+        DEFAULT_TOKENIZER_SAMPLE,
+        "--tokenizer_sample",
+        "--tokenizer-sample",
         help="Train the BPE on about this many bytes of whole documents sampled across the "
         "corpus (0: all of it). Training reads 2-3 MB/s; encoding is several times faster.",
     ),
     val_fraction: float = typer.Option(
-        0.01, "--val_fraction", "--val-fraction",
+        0.01,
+        "--val_fraction",
+        "--val-fraction",
         help="Share of the tokens held out in val.npy: whole documents when they can make "
         "it up, else the tail of the corpus.",
     ),
@@ -189,7 +194,9 @@ def prepare(
         "text", "--text_field", "--text-field", help="Field holding the text in .jsonl files."
     ),
     text_column: str = typer.Option(
-        "text", "--text_column", "--text-column",
+        "text",
+        "--text_column",
+        "--text-column",
         help="Column holding the text in .parquet files.",
     ),
     separator: str = typer.Option(
@@ -198,12 +205,8 @@ def prepare(
         help="Split text files into documents at this string (\\n, \\t, \\r, \\\\ are "
         "understood, so '\\n\\n' splits at blank lines); `none`: one document per file.",
     ),
-    force: bool = typer.Option(
-        False, "--force", help="Overwrite a dataset already prepared in --out."
-    ),
-    threads: int = typer.Option(
-        0, "--threads", help="Encoding threads (0: one per core).", show_default=True
-    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite a dataset already prepared in --out."),
+    threads: int = typer.Option(0, "--threads", help="Encoding threads (0: one per core).", show_default=True),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Tokenize a text corpus into DIR/train.npy, val.npy, tokenizer.json and meta.json."""
@@ -255,8 +258,7 @@ def summary(meta: dict, seconds: float) -> str:
         skipped = f"; {_docs(empty)} empty, skipped ({', '.join(places)}{more})"
     train_docs = _docs(meta["train_documents"])
     if split.get("cuts_a_document"):  # the tail starts inside a document
-        train_docs = (f"{train_docs} and the start of another" if meta["train_documents"]
-                      else "the start of 1 document")
+        train_docs = f"{train_docs} and the start of another" if meta["train_documents"] else "the start of 1 document"
     return (
         f"{meta['dir']}: {meta['train_tokens']:,} train tokens "
         f"({train_docs}), {meta['val_tokens']:,} val tokens "
@@ -271,8 +273,9 @@ def notes(meta: dict) -> list[str]:
     out = []
     split = meta.get("split") or {}
     if split.get("method") == "none" and meta["val_fraction"] > 0:
-        out.append(f"note: val.npy is empty: {split.get('reason')}; train will run without "
-                   "validation (use a larger corpus)")
+        out.append(
+            f"note: val.npy is empty: {split.get('reason')}; train will run without validation (use a larger corpus)"
+        )
     requested = meta.get("vocab_size_requested")
     if requested and meta["vocab_size"] < requested:
         out.append(

@@ -21,7 +21,9 @@ def sample(
     top_k: Optional[int] = typer.Option(None, "--top_k", "--top-k"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device"),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer.json; by default the one the checkpoint records."),
+    tokenizer: Optional[str] = typer.Option(
+        None, "--tokenizer", help="tokenizer.json; by default the one the checkpoint records."
+    ),
 ) -> None:
     """Generate text from a checkpoint; stops at <|endoftext|> or after --max_new_tokens."""
     import sys
@@ -31,9 +33,9 @@ def sample(
     from lmtools.device import resolve_device
     from lmtools.errors import ConfigError
     from lmtools.generate import generate_ids, load_model, stream_text
+    from lmtools.inspect import check_checkpoint_file
     from lmtools.layout import EOT
     from lmtools.tokenizer import tokenizer_from_checkpoint
-    from lmtools.inspect import check_checkpoint_file
 
     if max_new_tokens <= 0:
         raise ConfigError(f"--max_new_tokens must be a positive integer, got {max_new_tokens}")
@@ -47,8 +49,14 @@ def sample(
     if prompt_ids and max(prompt_ids) >= model.config.vocab_size:
         raise ConfigError("the tokenizer does not match this checkpoint (prompt ids beyond its vocabulary)")
     ids = generate_ids(
-        model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        eot_id=tok.token_to_id(EOT), generator=gen,
+        model,
+        prompt_ids,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eot_id=tok.token_to_id(EOT),
+        generator=gen,
     )
     sys.stdout.write(prompt)
     for piece in stream_text(tok, ids):

@@ -13,11 +13,14 @@ from lmtools.cli.app import app, user_errors
 from lmtools.cli.console import console_guard
 from lmtools.config import TrainConfig
 
+
 def _explicit(ctx: typer.Context) -> frozenset[str]:
     """The parameters the user typed (as opposed to defaults)."""
     return frozenset(
         # By name: typer may bundle its own click, whose enum is not click.core's.
-        name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+        name
+        for name in ctx.params
+        if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
     )
 
 
@@ -33,7 +36,9 @@ class _Reporter:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]} | lr {task.fields[lr]:.2e} | {task.fields[speed]}"),
                 TimeRemainingColumn(),
             )
@@ -82,14 +87,34 @@ def _run(cfg, **kw):
 
 # Options of `train` that steer the invocation rather than describe the run (not TrainConfig fields).
 _TRAIN_ONLY = {
-    "config": (Optional[Path], None, ("--config",), "TOML run config whose keys are these flags' names; flags typed here win."),
+    "config": (
+        Optional[Path],
+        None,
+        ("--config",),
+        "TOML run config whose keys are these flags' names; flags typed here win.",
+    ),
     "resume": (bool, False, ("--resume",), "Continue from --checkpoint_path with the config stored in it."),
-    "auto_resume": (bool, False, ("--auto_resume", "--auto-resume"), "Resume when --checkpoint_path exists, else start a new run (safe under torchrun restarts)."),
+    "auto_resume": (
+        bool,
+        False,
+        ("--auto_resume", "--auto-resume"),
+        "Resume when --checkpoint_path exists, else start a new run (safe under torchrun restarts).",
+    ),
 }
 # What a resume (train --resume, or resume) may accept that it would otherwise refuse.
 _RESUME_CHOICES = {
-    "rollback": (bool, False, ("--rollback",), "Allow resuming from a snapshot older than the run's newest checkpoint (the later steps are discarded)."),
-    "allow_data_change": (bool, False, ("--allow_data_change", "--allow-data-change"), "Resume although the data or tokenizer differ from the checkpoint's fingerprint."),
+    "rollback": (
+        bool,
+        False,
+        ("--rollback",),
+        "Allow resuming from a snapshot older than the run's newest checkpoint (the later steps are discarded).",
+    ),
+    "allow_data_change": (
+        bool,
+        False,
+        ("--allow_data_change", "--allow-data-change"),
+        "Resume although the data or tokenizer differ from the checkpoint's fingerprint.",
+    ),
 }
 # The TrainConfig fields `resume` may override; None keeps the checkpoint's value.
 _RESUME_FIELDS = ("max_iters", "device", "max_minutes")
@@ -117,14 +142,19 @@ def _field_options(names=None, *, keep_defaults: bool = True) -> list[inspect.Pa
         params.append(_param(f.name, annotation, default, _flags(f.name), f.metadata["help"]))
         if f.metadata["negatable"] and keep_defaults:
             # Hidden, so that the help's name column keeps its width; the field's help names it.
-            params.append(_param(f"no_{f.name}", bool, False, _flags(f"no_{f.name}"), f"Turn --{f.name} off.",
-                                 hidden=True))
+            params.append(
+                _param(f"no_{f.name}", bool, False, _flags(f"no_{f.name}"), f"Turn --{f.name} off.", hidden=True)
+            )
     return params
 
 
 def _param(name: str, annotation, default, flags: tuple[str, ...], help: str, **kw) -> inspect.Parameter:
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                             default=typer.Option(default, *flags, help=help, **kw))
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=annotation,
+        default=typer.Option(default, *flags, help=help, **kw),
+    )
 
 
 def _with_options(*params: inspect.Parameter):
@@ -208,8 +238,12 @@ def config_from_params(params: dict, typed: frozenset[str]) -> tuple[TrainConfig
 @app.command()
 @user_errors
 @_with_options(
-    inspect.Parameter("checkpoint", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
-                      default=typer.Argument(..., help="Checkpoint written by lmtools train.")),
+    inspect.Parameter(
+        "checkpoint",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=Path,
+        default=typer.Argument(..., help="Checkpoint written by lmtools train."),
+    ),
     *_field_options(_RESUME_FIELDS, keep_defaults=False),
     *(_param(name, *spec) for name, spec in _RESUME_CHOICES.items()),
 )
@@ -232,6 +266,8 @@ def _finish(result) -> None:
     with console_guard():
         if result.stopped_by_signal or result.stopped_by_time:
             why = "by signal" if result.stopped_by_signal else "at the --max_minutes limit"
-            typer.echo(f"Stopped {why} at iter {result.iteration}; resume with: lmtools resume {result.checkpoint_path}")
+            typer.echo(
+                f"Stopped {why} at iter {result.iteration}; resume with: lmtools resume {result.checkpoint_path}"
+            )
         else:
             typer.echo(f"Training finished at iter {result.iteration}. Final checkpoint: {result.checkpoint_path}")
