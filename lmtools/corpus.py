@@ -414,6 +414,8 @@ class SourceReader:
                         raise DataError(f"{self.source.path}:{lineno}: not UTF-8 text; convert the file") from None
                     except json.JSONDecodeError as exc:
                         raise DataError(f"{self.source.path}:{lineno}: not a JSON line ({exc.msg})") from None
+                    except RecursionError:
+                        raise DataError(f"{self.source.path}:{lineno}: a JSON line nested too deeply to read") from None
                     if not isinstance(obj, dict) or field not in obj:
                         names = ", ".join(map(repr, obj)) if isinstance(obj, dict) else "none"
                         raise DataError(

@@ -584,6 +584,7 @@ def test_jsonl_fast_path_falls_back_without_losing_or_repeating_documents(tmp_pa
         ('{"text": "a"', ":3: not a JSON line"),
         ('["text"]', ":3: no field 'text'"),
         ('{"text": "nul \x00"}', "binary"),
+        ('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}", ":3: a JSON line nested too deeply"),
     ],
 )
 def test_jsonl_errors_name_the_line(tmp_path, line, message):
