@@ -12,36 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from fault_tools import TINY as MODEL
 from lmtools.checkpoint import read_checkpoint
 from lmtools.config import TrainConfig
 from lmtools.train import TrainingDiverged, train_model
 
 pytestmark = pytest.mark.slow
-
-MODEL = [
-    "--vocab_size",
-    "64",
-    "--context_length",
-    "16",
-    "--d_model",
-    "32",
-    "--num_layers",
-    "1",
-    "--num_heads",
-    "4",
-    "--d_ff",
-    "64",
-    "--batch_size",
-    "4",
-    "--warmup_iters",
-    "2",
-    "--learning_rate",
-    "1e-3",
-    "--eval_interval",
-    "1000000",
-    "--log_interval",
-    "1",
-]
 
 
 @pytest.fixture(scope="module")
