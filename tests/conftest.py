@@ -1,16 +1,18 @@
-"""Fixtures shared by the test modules (plain helpers live in helpers.py)."""
+"""Fixtures shared by the test modules (plain functions live in helpers.py)."""
 
 import pytest
-from typer.testing import CliRunner
+
+import helpers
 
 
 @pytest.fixture(scope="session")
 def run_cli():
-    """`run_cli("train", "--max_iters", 3, ...)`: the lmtools CLI in process (arguments may be
-    paths or numbers); returns click's Result (exit_code, output, stderr)."""
-    from lmtools.cli import app
+    """`run_cli("train", "--max_iters", 3, ...)`: the lmtools CLI in process (helpers.run_cli;
+    arguments may be paths or numbers); returns click's Result (exit_code, output, stderr)."""
+    return helpers.run_cli
 
-    def invoke(*args, **kwargs):
-        return CliRunner().invoke(app, [str(a) for a in args], **kwargs)
 
-    return invoke
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    """A .npy file of 50,000 random token ids below helpers.VOCAB, made once per test module."""
+    return helpers.write_tokens(tmp_path_factory.mktemp("tokens") / "train.npy")

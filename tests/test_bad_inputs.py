@@ -13,39 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
+from helpers import SMALLEST_MODEL, flags, one_line_error, run_cli, tmpfs
 from lmtools import TransformerLM, save_checkpoint
-from lmtools.cli import app
 from lmtools.optim import make_optimizer
 
 # The smallest run that trains, evaluates and checkpoints: two steps, evaluated at each.
-TINY_TWO_STEP_RUN = [
-    "--vocab_size",
-    "64",
-    "--context_length",
-    "8",
-    "--d_model",
-    "16",
-    "--num_layers",
-    "1",
-    "--num_heads",
-    "2",
-    "--d_ff",
-    "32",
-    "--batch_size",
-    "2",
-    "--max_iters",
-    "2",
-    "--warmup_iters",
-    "1",
-    "--eval_interval",
-    "1",
-    "--log_interval",
-    "1",
-    "--eval_iters",
-    "1",
-]
+TINY_TWO_STEP_RUN = dict(SMALLEST_MODEL, vocab_size=64, context_length=8, batch_size=2, max_iters=2, warmup_iters=1)
+TINY_TWO_STEP_RUN |= dict(eval_interval=1, log_interval=1, eval_iters=1)
 
 
 class Evil:
@@ -195,15 +170,10 @@ def test_mistake_exits_2_with_one_line(world, tmp_path, name, argv, word, monkey
     if args[0] == "train":
         if "--resume" not in args:
             # The tiny model's flags, except those the case sets itself.
-            args += [
-                x
-                for flag, value in zip(TINY_TWO_STEP_RUN[::2], TINY_TWO_STEP_RUN[1::2])
-                if flag not in args
-                for x in (flag, value)
-            ]
+            args += flags({name: value for name, value in TINY_TWO_STEP_RUN.items() if f"--{name}" not in args})
         if "--checkpoint_path" not in args:
             args += ["--checkpoint_path", str(tmp_path / "new" / "ckpt.pt")]
-    result = CliRunner().invoke(app, args)
+    result = run_cli(*args)
     assert result.exit_code == 2, (name, result.output, result.exception)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
@@ -217,27 +187,15 @@ def test_mistake_exits_2_with_one_line(world, tmp_path, name, argv, word, monkey
 
 def test_disk_full_during_checkpoint_keeps_previous(world, tmp_path):
     """A 64 KiB tmpfs holds the previous checkpoint; the next write runs out of space."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if (
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True).returncode
-        != 0
-    ):
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with tmpfs(tmp_path / "small", "size=160k") as mnt:
         shutil.copy(world / "run" / "ckpt.pt", mnt / "ckpt.pt")
         # Fill the rest so that a second copy of the checkpoint cannot fit.
         free = shutil.disk_usage(mnt).free
         (mnt / "filler").write_bytes(b"\0" * max(0, free - 4096))
         before = (mnt / "ckpt.pt").read_bytes()
-        result = CliRunner().invoke(app, ["resume", str(mnt / "ckpt.pt"), "--max_iters", "2"])
-        assert result.exit_code == 2, result.output
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and "No space left" in lines[0], result.stderr
+        one_line_error(run_cli("resume", mnt / "ckpt.pt", "--max_iters", "2"), "No space left")
         assert (mnt / "ckpt.pt").read_bytes() == before
         assert not [p for p in mnt.iterdir() if p.name.endswith(".tmp")]
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
 def test_matrix_is_wide():

@@ -9,21 +9,14 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
-from helpers import TINY_MODEL, prepare_mixed
+from corpora import train_on_mixed
+from helpers import cli_output
 from lmtools.checkpoint import read_checkpoint, save_checkpoint
-from lmtools.cli import app
 from lmtools.errors import ConfigError, DataError
 from lmtools.evaluate import score_file, score_sequence, window_plan
 from lmtools.model import TransformerLM
 from lmtools.tokenizer import EOT, bytes_tokenizer
-
-
-def cli(*args, code=0):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, (args, result.output)
-    return result.output
 
 
 def tiny_model(ctx=8, vocab=257) -> TransformerLM:
@@ -128,34 +121,17 @@ def test_cli_errors_are_one_line(tmp_path):
         ((tmp_path / "missing.txt",), "no such file"),
         ((tmp_path / "a.txt", "--stride", "0"), "--stride"),
     ):
-        out = cli("eval", tmp_path / "c.pt", *args, code=2)
+        out = cli_output("eval", tmp_path / "c.pt", *args, code=2)
         assert says in out and "Traceback" not in out and len(out.strip().splitlines()) == 1
-    report = json.loads(cli("eval", tmp_path / "c.pt", tmp_path / "a.txt", "--json"))
+    report = json.loads(cli_output("eval", tmp_path / "c.pt", tmp_path / "a.txt", "--json"))
     assert report["files"][0]["scored"] == len("hello there") and report["stride"] == 8
 
 
 @pytest.mark.slow
 def test_eval_agrees_with_training_validation(tmp_path, monkeypatch):
-    data = prepare_mixed(tmp_path)
-    ckpt = tmp_path / "run" / "ckpt.pt"
-    cli(
-        "train",
-        "--train_data",
-        data,
-        *TINY_MODEL,
-        "--max_iters",
-        "20",
-        "--eval_interval",
-        "20",
-        "--log_interval",
-        "10",
-        "--eval_iters",
-        "3",
-        "--checkpoint_path",
-        ckpt,
-    )
+    data, ckpt = train_on_mixed(tmp_path, max_iters=20, eval_interval=20, log_interval=10, eval_iters=3)
     metrics = read_checkpoint(ckpt)["metrics"]
-    report = json.loads(cli("eval", ckpt, data / "val.npy", "--val_windows", "--json"))["files"][0]
+    report = json.loads(cli_output("eval", ckpt, data / "val.npy", "--val_windows", "--json"))["files"][0]
     assert report["loss"] == pytest.approx(metrics["val_loss"], abs=1e-5)
     assert report["bits_per_byte"] == pytest.approx(metrics["val_bpb"], abs=1e-5)
     assert report["scored"] == 3 * 8 * 64
@@ -164,9 +140,9 @@ def test_eval_agrees_with_training_validation(tmp_path, monkeypatch):
     text = tmp_path / "story.txt"
     text.write_text("the cat sat on a mat and the dog ran to the café\n" * 40, encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    table = cli("eval", ckpt, "data/val.npy", "story.txt", "--stride", "32")
+    table = cli_output("eval", ckpt, "data/val.npy", "story.txt", "--stride", "32")
     assert "data/val.npy" in table and "story.txt" in table and "bits/byte" in table and "stride 32" in table
-    whole = json.loads(cli("eval", ckpt, data / "val.npy", text, "--json"))["files"]
+    whole = json.loads(cli_output("eval", ckpt, data / "val.npy", text, "--json"))["files"]
     assert whole[0]["scored"] == whole[0]["tokens"] - 1 and whole[1]["bits_per_byte"] > 0
     # Trained on such text, the model beats uniform guessing over the vocabulary.
     assert whole[1]["loss"] < math.log(read_checkpoint(ckpt)["model_config"]["vocab_size"])

@@ -9,11 +9,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
-from helpers import TINY_MODEL, mixed_documents, prepare_mixed
+from corpora import mixed_documents, prepare_mixed, train_on_mixed
+from helpers import MIXED_CORPUS_RUN, cli_output, flags
 from lmtools.checkpoint import read_checkpoint, save_checkpoint
-from lmtools.cli import app
 from lmtools.config import TrainConfig
 from lmtools.errors import ConfigError, DataError
 from lmtools.generate import generate_ids, load_model
@@ -29,12 +28,6 @@ MIXED_TEXT = (
     "def greet(name):\n    return f'héllo {name}!'  # naïve café\n"
     "東京 日本語 Straße ünïcödé 😀<|endoftext|>the cat sat on a mat\n\t{'k': [1, 2]}"
 )
-
-
-def cli(*args, code=0):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, (args, result.output)
-    return result.output
 
 
 def random_model(seed=0, **shape) -> TransformerLM:
@@ -194,7 +187,7 @@ def test_model_options_beyond_llama_are_refused_by_name(tmp_path):
     payload = read_checkpoint(ckpt)
     payload["model_config"]["logit_softcap"] = 30.0
     torch.save(payload, ckpt)
-    out = cli("export", ckpt, "--out", tmp_path / "hf", code=2)
+    out = cli_output("export", ckpt, "--out", tmp_path / "hf", code=2)
     assert "logit_softcap=30.0" in out and "Traceback" not in out and len(out.strip().splitlines()) == 1
     assert not (tmp_path / "hf").exists()
 
@@ -203,15 +196,15 @@ def test_export_keeps_an_existing_folder_and_needs_a_tokenizer(tmp_path):
     ckpt = write_checkpoint(tmp_path / "ckpt.pt", random_model())
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "mine.txt").write_text("keep me")
-    out = cli("export", ckpt, "--out", tmp_path / "hf", code=2)
+    out = cli_output("export", ckpt, "--out", tmp_path / "hf", code=2)
     assert "--overwrite" in out and (tmp_path / "hf" / "mine.txt").read_text() == "keep me"
-    cli("export", ckpt, "--out", tmp_path / "hf", "--overwrite")
+    cli_output("export", ckpt, "--out", tmp_path / "hf", "--overwrite")
     assert not (tmp_path / "hf" / "mine.txt").exists() and (tmp_path / "hf" / "model.safetensors").is_file()
 
     payload = read_checkpoint(ckpt)
     payload.pop("tokenizer_json")
     torch.save(payload, ckpt)
-    out = cli("export", ckpt, "--out", tmp_path / "hf2", code=2)
+    out = cli_output("export", ckpt, "--out", tmp_path / "hf2", code=2)
     assert "no tokenizer" in out and "--tokenizer" in out and not (tmp_path / "hf2").exists()
 
 
@@ -311,23 +304,8 @@ def test_import_never_unpickles(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
-    data = prepare_mixed(root)
-    ckpt = root / "run" / "ckpt.pt"
-    cli(
-        "train",
-        "--train_data",
-        data,
-        *TINY_MODEL,
-        "--max_iters",
-        "60",
-        "--eval_interval",
-        "30",
-        "--log_interval",
-        "30",
-        "--checkpoint_path",
-        ckpt,
-    )
-    cli("export", ckpt, "--out", root / "hf")
+    data, ckpt = train_on_mixed(root, max_iters=60, eval_interval=30, log_interval=30)
+    cli_output("export", ckpt, "--out", root / "hf")
     return data, ckpt, root / "hf"
 
 
@@ -346,7 +324,7 @@ def test_trained_model_exports_with_equal_logits_and_greedy_text(trained):
     out = theirs_model.generate(torch.tensor([prompt]), max_new_tokens=50, min_new_tokens=50, do_sample=False)
     assert out[0, len(prompt) :].tolist() == ours and len(ours) == 50
     # `lmtools sample` at temperature 0 writes the text transformers generates (both stop at <|endoftext|>).
-    sampled = cli("sample", ckpt, "--prompt", "the cat", "--temperature", "0", "--max_new_tokens", "50")
+    sampled = cli_output("sample", ckpt, "--prompt", "the cat", "--temperature", "0", "--max_new_tokens", "50")
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf)
     out = theirs_model.generate(torch.tensor([prompt]), max_new_tokens=50, do_sample=False)
     assert sampled == "the cat" + hf_tok.decode(out[0, len(prompt) :], skip_special_tokens=True) + "\n"
@@ -371,35 +349,20 @@ def test_auto_tokenizer_gives_lmtools_ids(trained):
 
 @pytest.mark.slow
 def test_checkpoint_travels_without_its_dataset(tmp_path):
-    data = prepare_mixed(tmp_path, n_docs=120)
-    ckpt = tmp_path / "run" / "ckpt.pt"
-    cli(
-        "train",
-        "--train_data",
-        data,
-        *TINY_MODEL,
-        "--max_iters",
-        "6",
-        "--eval_interval",
-        "6",
-        "--log_interval",
-        "3",
-        "--checkpoint_path",
-        ckpt,
-    )
+    data, ckpt = train_on_mixed(tmp_path, n_docs=120, max_iters=6, eval_interval=6, log_interval=3)
     stored = read_checkpoint(ckpt)["tokenizer_json"]
     assert stored == (data / "tokenizer.json").read_text(encoding="utf-8")
-    before = cli("sample", ckpt, "--prompt", "the café", "--temperature", "0", "--max_new_tokens", "20")
+    before = cli_output("sample", ckpt, "--prompt", "the café", "--temperature", "0", "--max_new_tokens", "20")
     shutil.rmtree(data)
-    assert cli("sample", ckpt, "--prompt", "the café", "--temperature", "0", "--max_new_tokens", "20") == before
-    cli("export", ckpt, "--out", tmp_path / "hf")
+    assert cli_output("sample", ckpt, "--prompt", "the café", "--temperature", "0", "--max_new_tokens", "20") == before
+    cli_output("export", ckpt, "--out", tmp_path / "hf")
     assert (tmp_path / "hf" / "tokenizer.json").read_text(encoding="utf-8") == stored
-    report = json.loads(cli("inspect", ckpt, "--json"))
+    report = json.loads(cli_output("inspect", ckpt, "--json"))
     assert report["tokenizer"]["stored"] is True and report["tokenizer"]["found"] is None
     assert report["tokenizer"]["vocab_size"] == read_checkpoint(ckpt)["model_config"]["vocab_size"]
     text = tmp_path / "doc.txt"
     text.write_text("the cat sat on a mat", encoding="utf-8")
-    assert json.loads(cli("eval", ckpt, text, "--json"))["files"][0]["bits_per_byte"] > 0
+    assert json.loads(cli_output("eval", ckpt, text, "--json"))["files"][0]["bits_per_byte"] > 0
 
 
 @pytest.mark.slow
@@ -413,19 +376,12 @@ def test_sharded_checkpoint_exports(tmp_path):
         "--fsdp",
         "--train_data",
         data,
-        *TINY_MODEL,
-        "--max_iters",
-        "4",
-        "--eval_interval",
-        "4",
-        "--log_interval",
-        "2",
-        "--checkpoint_path",
-        ckpt,
+        *MIXED_CORPUS_RUN,
+        *flags(max_iters=4, eval_interval=4, log_interval=2, checkpoint_path=ckpt),
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "dcp" in read_checkpoint(ckpt)
-    cli("export", ckpt, "--out", tmp_path / "hf")
+    cli_output("export", ckpt, "--out", tmp_path / "hf")
     model, _ = load_model(ckpt, torch.device("cpu"))
     ids = torch.from_numpy(np.load(data / "val.npy")[:64].astype(np.int64))[None]
     with torch.no_grad():

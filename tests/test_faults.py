@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fault_tools import TINY as MODEL
+from helpers import FAULT_RUN, spawn, train_config, train_process, wait_for_line
 from lmtools.checkpoint import read_checkpoint
 from lmtools.config import TrainConfig
 from lmtools.train import TrainingDiverged, train_model
@@ -20,63 +20,9 @@ from lmtools.train import TrainingDiverged, train_model
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tokens") / "train.npy"
-    np.save(path, np.random.default_rng(0).integers(0, 64, 50000).astype(np.uint16))
-    return path
-
-
-def start_training(tokens: Path, ckpt: Path, *extra: str) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "lmtools.cli",
-        "train",
-        "--train_data",
-        str(tokens),
-        *MODEL,
-        "--max_iters",
-        "1000000",
-        "--checkpoint_path",
-        str(ckpt),
-        *extra,
-    ]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 120) -> list[str]:
-    lines, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith(prefix):
-            return lines
-    proc.kill()
-    raise AssertionError(f"no line starting with {prefix!r}: {''.join(lines)} {proc.stderr.read()}")
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_writes_checkpoint_and_exits_0(tokens, tmp_path, sig):
-    ckpt = tmp_path / "ckpt.pt"
-    proc = start_training(tokens, ckpt, "--checkpoint_interval", "1000000")
-    wait_for_line(proc, "Iter      3")
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert "Stopped by signal at iter" in out
-    stopped_at = int(out.split("Stopped by signal at iter")[1].split(";")[0])
-    assert stopped_at >= 3
-    payload = read_checkpoint(ckpt)
-    assert payload["iteration"] == stopped_at and payload["sampler"]["step"] == stopped_at
-
-
 def test_second_signal_exits_at_once_and_damages_nothing(tokens, tmp_path):
     ckpt = tmp_path / "ckpt.pt"
-    proc = start_training(tokens, ckpt, "--checkpoint_interval", "2")
+    proc = train_process(tokens, ckpt, "--checkpoint_interval", "2")
     wait_for_line(proc, "Saved checkpoint at iter 4")
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGTERM)
@@ -94,15 +40,9 @@ def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tokens, tmp_path)
     for _attempt in range(10):
         extra = ["--checkpoint_interval", "1"]
         proc = (
-            subprocess.Popen(
-                [sys.executable, "-m", "lmtools.cli", "resume", str(ckpt), "--max_iters", "1000000"],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
-            )
+            spawn("resume", ckpt, "--max_iters", "1000000")
             if resume
-            else start_training(tokens, ckpt, *extra, "--d_model", "128", "--d_ff", "512")
+            else train_process(tokens, ckpt, *extra, "--d_model", "128", "--d_ff", "512")
         )
         wait_for_line(proc, "Saved checkpoint")
         time.sleep(rng.uniform(0.0, 0.6))
@@ -128,29 +68,13 @@ def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tokens, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "metrics.jsonl"]
 
 
+# A learning rate of 1e30 sends the weights past float32's range after one update.
+EXPLODING_RUN = FAULT_RUN | dict(learning_rate=1e30, min_learning_rate=1e30, warmup_iters=0, max_iters=6)
+
+
 def _exploding_config(tokens: Path, tmp_path: Path, **kw) -> TrainConfig:
-    # A learning rate of 1e30 sends the weights past float32's range after one update.
-    args = dict(
-        train_data=[str(tokens)],
-        vocab_size=64,
-        context_length=16,
-        d_model=32,
-        num_layers=1,
-        num_heads=4,
-        d_ff=64,
-        batch_size=4,
-        learning_rate=1e30,
-        min_learning_rate=1e30,
-        warmup_iters=0,
-        max_iters=6,
-        log_interval=1,
-        eval_interval=100,
-        checkpoint_interval=1,
-        checkpoint_path=str(tmp_path / "ckpt.pt"),
-        gradient_clip_val=1e30,
-    )
-    args.update(kw)
-    return TrainConfig(**args)
+    run = EXPLODING_RUN | dict(eval_interval=100, checkpoint_interval=1, gradient_clip_val=1e30) | kw
+    return train_config(tokens, tmp_path / "ckpt.pt", **run)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tokens, tmp_path):

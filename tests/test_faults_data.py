@@ -3,38 +3,20 @@ truncation during a run that ends in a message naming the file, not a bus error.
 
 import json
 import os
+from functools import partial
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fault_tools import cli, error_line, train_process, wait_for_line, write_tokens
+from helpers import FAULT_RUN, error_line, run_cli, train_config, train_process, wait_for_line, write_tokens
 from lmtools.checkpoint import read_checkpoint
-from lmtools.config import TrainConfig
 from lmtools.fingerprint import BLOCK_BYTES, file_fingerprint, meta_hash
 from lmtools.train import train_model
 
-
-def _config(tokens, ckpt, **kw) -> TrainConfig:
-    args = dict(
-        train_data=[str(tokens)],
-        vocab_size=64,
-        context_length=16,
-        d_model=32,
-        num_layers=1,
-        num_heads=4,
-        d_ff=64,
-        batch_size=4,
-        warmup_iters=2,
-        max_iters=4,
-        log_interval=1,
-        eval_interval=2,
-        checkpoint_interval=2,
-        checkpoint_path=str(ckpt),
-    )
-    args.update(kw)
-    return TrainConfig(**args)
+# A short run, checkpointed and evaluated every two steps.
+_config = partial(train_config, **FAULT_RUN, max_iters=4, eval_interval=2, checkpoint_interval=2)
 
 
 def _rewrite_same_size(path, seed=5):
@@ -64,10 +46,10 @@ def test_resume_refuses_same_length_different_data_unless_asked(run, which):
     tokens, val, ckpt = run
     changed = tokens if which == "train" else val
     _rewrite_same_size(changed)
-    line = error_line(cli("resume", ckpt, "--max_iters", "6"))
+    line = error_line(run_cli("resume", ckpt, "--max_iters", "6"))
     assert f"{changed} differs (same size, different content)" in line and "--allow_data_change" in line
     assert read_checkpoint(ckpt)["iteration"] == 4
-    result = cli("resume", ckpt, "--max_iters", "6", "--allow_data_change")
+    result = run_cli("resume", ckpt, "--max_iters", "6", "--allow_data_change")
     assert result.exit_code == 0, result.output
     assert "Data changed since the checkpoint (--allow_data_change)" in result.stdout
     payload = read_checkpoint(ckpt)
@@ -77,9 +59,9 @@ def test_resume_refuses_same_length_different_data_unless_asked(run, which):
 def test_resume_refuses_a_file_of_another_size_with_its_sizes(run):
     tokens, _val, ckpt = run
     write_tokens(tokens, n=40000, seed=3)
-    line = error_line(cli("resume", ckpt, "--max_iters", "6"))
+    line = error_line(run_cli("resume", ckpt, "--max_iters", "6"))
     assert f"{tokens} differs (size 100,128 -> 80,128 bytes)" in line
-    assert cli("resume", ckpt, "--max_iters", "6", "--allow_data_change").exit_code == 0
+    assert run_cli("resume", ckpt, "--max_iters", "6", "--allow_data_change").exit_code == 0
 
 
 def test_resume_refuses_a_changed_tokenizer(tmp_path):
@@ -89,7 +71,7 @@ def test_resume_refuses_a_changed_tokenizer(tmp_path):
     ckpt = tmp_path / "ckpt.pt"
     train_model(_config(tokens, ckpt, tokenizer=str(tok)), log=lambda _l: None)
     tok.write_text(json.dumps({"model": {"vocab": {"b": 0}}}))
-    line = error_line(cli("resume", ckpt, "--max_iters", "6"))
+    line = error_line(run_cli("resume", ckpt, "--max_iters", "6"))
     assert f"the tokenizer {tok} differs" in line
 
 

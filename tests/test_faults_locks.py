@@ -6,44 +6,39 @@ import os
 import signal
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
 
-from fault_tools import TINY, cli, error_line, spawn, train_process, wait_for_line, write_tokens
+from helpers import (
+    FAULT_RUN,
+    FAULT_RUN_FLAGS,
+    error_line,
+    run_cli,
+    spawn,
+    train_config,
+    train_process,
+    wait_for_line,
+    write_tokens,
+)
 from lmtools.checkpoint import read_checkpoint, snapshot_path
-from lmtools.config import TrainConfig
 from lmtools.lock import Busy, exclusive, lock_path_for
 from lmtools.train import train_model
 
-
-def tiny_config(tokens, ckpt, **kw) -> TrainConfig:
-    args = dict(
-        train_data=[str(tokens)],
-        vocab_size=64,
-        context_length=16,
-        d_model=32,
-        num_layers=1,
-        num_heads=4,
-        d_ff=64,
-        batch_size=4,
-        warmup_iters=2,
-        learning_rate=1e-3,
-        max_iters=10,
-        log_interval=1,
-        eval_interval=1000,
-        checkpoint_interval=2,
-        checkpoint_path=str(ckpt),
-    )
-    args.update(kw)
-    return TrainConfig(**args)
+# Checkpointed every two steps, never evaluated.
+tiny_config = partial(
+    train_config, **FAULT_RUN, learning_rate=1e-3, max_iters=10, eval_interval=1000, checkpoint_interval=2
+)
 
 
 def test_overwrite_never_replaces_a_token_file(tmp_path):
     data = write_tokens(tmp_path / "data" / "train.npy")
     before = data.read_bytes()
     for extra in ([], ["--overwrite"]):
-        result = cli("train", "--train_data", data, *TINY, "--max_iters", "2", "--checkpoint_path", data, *extra)
+        result = run_cli(
+            "train", "--train_data", data, *FAULT_RUN_FLAGS, "--max_iters", "2", "--checkpoint_path", data, *extra
+        )
         line = error_line(result)
         assert "not an lmtools checkpoint" in line and str(data) in line
         assert "--overwrite" not in line  # never suggested for a file that is not a checkpoint
@@ -55,7 +50,7 @@ def test_overwrite_replaces_a_checkpoint_and_starts_fresh_metrics(tmp_path):
     tokens = write_tokens(tmp_path / "train.npy")
     ckpt = tmp_path / "run" / "ckpt.pt"
     train_model(tiny_config(tokens, ckpt, max_iters=6), log=lambda _l: None)
-    refused = cli("train", "--train_data", tokens, *TINY, "--max_iters", "4", "--checkpoint_path", ckpt)
+    refused = run_cli("train", "--train_data", tokens, *FAULT_RUN_FLAGS, "--max_iters", "4", "--checkpoint_path", ckpt)
     assert "--overwrite" in error_line(refused)
     lines = []
     train_model(tiny_config(tokens, ckpt, max_iters=4, overwrite=True, seed=7), log=lines.append)
@@ -96,8 +91,18 @@ def test_a_second_run_or_resume_on_a_busy_checkpoint_fails_at_once_naming_the_ho
     try:
         wait_for_line(first, "Saved checkpoint at iter 2")
         for args in (
-            ["train", "--train_data", tokens, *TINY, "--max_iters", "5", "--checkpoint_path", ckpt, "--overwrite"],
-            ["train", "--train_data", tokens, *TINY, "--checkpoint_path", ckpt, "--resume"],
+            [
+                "train",
+                "--train_data",
+                tokens,
+                *FAULT_RUN_FLAGS,
+                "--max_iters",
+                "5",
+                "--checkpoint_path",
+                ckpt,
+                "--overwrite",
+            ],
+            ["train", "--train_data", tokens, *FAULT_RUN_FLAGS, "--checkpoint_path", ckpt, "--resume"],
             ["resume", ckpt],
         ):
             second = spawn(*args)
@@ -128,12 +133,12 @@ def test_rollback_to_an_older_snapshot_is_explicit_announced_and_keeps_its_sourc
         "ckpt-00000010.pt",
     ]
 
-    refused = cli("resume", old, "--max_iters", "14")
+    refused = run_cli("resume", old, "--max_iters", "14")
     line = error_line(refused)
     assert "reached iter 10" in line and "--rollback" in line and "7..10" in line
     assert read_checkpoint(ckpt)["iteration"] == 10  # nothing changed
 
-    result = cli("resume", old, "--max_iters", "14", "--rollback")
+    result = run_cli("resume", old, "--max_iters", "14", "--rollback")
     assert result.exit_code == 0, result.output
     assert "Rolling back to iter 6: iters 7..10 are discarded" in result.stdout
     assert read_checkpoint(ckpt)["iteration"] == 14
@@ -146,7 +151,7 @@ def test_resume_past_max_iters_says_so(tmp_path):
     tokens = write_tokens(tmp_path / "train.npy")
     ckpt = tmp_path / "ckpt.pt"
     train_model(tiny_config(tokens, ckpt, max_iters=4), log=lambda _l: None)
-    line = error_line(cli("resume", ckpt))
+    line = error_line(run_cli("resume", ckpt))
     assert "at iter 4, at or past --max_iters 4" in line and "--max_iters above 4" in line
-    line = error_line(cli("resume", ckpt, "--max_iters", "3"))
+    line = error_line(run_cli("resume", ckpt, "--max_iters", "3"))
     assert "nothing left to train" in line

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import one_line_error, tmpfs
 from lmtools.errors import DataError
 from lmtools.layout import LOCK_FILE
 from lmtools.lock import Busy, exclusive
@@ -62,13 +63,6 @@ def holds_lock(folder: Path, pid: int) -> bool:
         return (folder / LOCK_FILE).read_text().strip() == str(pid)
     except FileNotFoundError:
         return False
-
-
-def one_line_error(result: subprocess.CompletedProcess, needle: str) -> str:
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and needle in lines[0], result.stderr
-    return lines[0]
 
 
 def assert_sound(folder: Path) -> dict:
@@ -128,14 +122,7 @@ def test_temporaries_of_a_killed_prepare_are_removed_by_the_next(tmp_path, corpu
 
 def test_a_full_disk_is_one_line_and_keeps_the_old_dataset(tmp_path, corpus):
     text, tok = corpus
-    disk = tmp_path / "small-disk"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()})")
-    try:
+    with tmpfs(tmp_path / "small-disk", "size=4m") as disk:
         out = disk / "data"
         (tmp_path / "small.txt").write_text(prose(50_000, seed=1), encoding="utf-8")
         assert prepare(tmp_path / "small.txt", "--out", out, "--tokenizer", tok).returncode == 0
@@ -148,25 +135,14 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_dataset(tmp_path, corpus):
         result = prepare(text, "--out", disk / "new", "--tokenizer", tok)
         one_line_error(result, "no space left on the device")
         assert not (disk / "new").exists()
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_a_read_only_out_is_one_line(tmp_path):
-    disk = tmp_path / "read-only"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here ({mounted.stderr.strip()})")
-    try:
+    with tmpfs(tmp_path / "read-only", "ro,size=1m") as disk:
         (tmp_path / "c.txt").write_text("some text\n")
         result = prepare(tmp_path / "c.txt", "--out", disk / "data", "--tokenizer", "bytes")
         line = one_line_error(result, f"--out {disk / 'data'}: cannot write")
         assert "Read-only file system" in line and "Traceback" not in result.stderr
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_the_lock_is_exclusive_and_released(tmp_path):

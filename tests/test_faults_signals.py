@@ -6,18 +6,13 @@ import json
 import os
 import signal
 import time
+from functools import partial
 
 import pytest
 
-from fault_tools import cli, dead_pid, train_process, wait_for, wait_for_line, write_tokens
+from helpers import FAULT_RUN, dead_pid, run_cli, train_config, train_process, wait_for, wait_for_line, write_tokens
 from lmtools.checkpoint import read_checkpoint
-from lmtools.config import TrainConfig
 from lmtools.train import train_model
-
-
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory):
-    return write_tokens(tmp_path_factory.mktemp("tokens") / "train.npy")
 
 
 def _stopped_at(out: str) -> int:
@@ -26,8 +21,8 @@ def _stopped_at(out: str) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1])
-def test_hangup_quit_and_usr1_checkpoint_and_exit_0(tokens, tmp_path, sig):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1])
+def test_each_stop_signal_writes_a_checkpoint_and_exits_0(tokens, tmp_path, sig):
     ckpt = tmp_path / "ckpt.pt"
     proc = train_process(tokens, ckpt, "--checkpoint_interval", "1000000")
     wait_for_line(proc, "Iter      3")
@@ -142,25 +137,8 @@ def test_a_closed_stdout_pipe_does_not_stop_training(tokens, tmp_path):
     assert read_checkpoint(ckpt)["iteration"] >= last_iter() - 1
 
 
-def _config(tokens, ckpt, **kw) -> TrainConfig:
-    args = dict(
-        train_data=[str(tokens)],
-        vocab_size=64,
-        context_length=16,
-        d_model=32,
-        num_layers=1,
-        num_heads=4,
-        d_ff=64,
-        batch_size=4,
-        warmup_iters=2,
-        max_iters=4,
-        log_interval=1,
-        eval_interval=1000,
-        checkpoint_interval=2,
-        checkpoint_path=str(ckpt),
-    )
-    args.update(kw)
-    return TrainConfig(**args)
+# Four steps, checkpointed every two, never evaluated.
+_config = partial(train_config, **FAULT_RUN, max_iters=4, eval_interval=1000, checkpoint_interval=2)
 
 
 def test_damaged_metrics_lines_are_skipped_with_a_warning_on_resume_and_plot(tokens, tmp_path):
@@ -174,7 +152,7 @@ def test_damaged_metrics_lines_are_skipped_with_a_warning_on_resume_and_plot(tok
         f.write(b"[" * 100_000 + b"]" * 100_000 + b"\n")
         f.write(b'{"iter": 2, "loss": NaN, "val_loss": Infinity}\n')
         f.write(b'{"iter": 9, "lo')  # torn
-    plot = cli("plot", tmp_path, "--out", tmp_path / "loss.png")
+    plot = run_cli("plot", tmp_path, "--out", tmp_path / "loss.png")
     assert plot.exit_code == 0, plot.output
     assert "skipped 5 damaged line(s)" in plot.stderr
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from fault_tools import wait_for
-from helpers import TORCHRUN_MODEL, learnable_stream, torchrun
+from helpers import TORCHRUN_RUN, flags, learnable_stream, torchrun, wait_for
 from lmtools.checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -116,17 +115,7 @@ def test_a_killed_worker_is_restarted_and_the_job_ends_as_an_uninterrupted_one(t
     common = [
         "--train_data",
         tmp_path / "train.npy",
-        *TORCHRUN_MODEL,
-        "--num_layers",
-        "1",
-        "--log_interval",
-        "1",
-        "--eval_interval",
-        "1000",
-        "--checkpoint_interval",
-        INTERVAL,
-        "--max_iters",
-        MAX_ITERS,
+        *flags(TORCHRUN_RUN, log_interval=1, eval_interval=1000, checkpoint_interval=INTERVAL, max_iters=MAX_ITERS),
     ]
 
     # Restarted gloo workers on one host sometimes fail to connect to each other (connection

@@ -9,36 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from fault_tools import ENV, TINY, cli, error_line, write_tokens
+from helpers import FAULT_RUN_FLAGS, PROCESS_ENV, error_line, run_cli, train_config, write_tokens
 from lmtools import load_dataset
 from lmtools.checkpoint import read_checkpoint
-from lmtools.config import TrainConfig
 from lmtools.data import BatchLoader
 from lmtools.train import train_model
 
 
 @pytest.fixture(scope="module")
-def tokens(tmp_path_factory):
-    return write_tokens(tmp_path_factory.mktemp("tokens") / "train.npy")
-
-
-@pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tokens):
     ckpt = tmp_path_factory.mktemp("run") / "ckpt.pt"
-    cfg = TrainConfig(
-        train_data=[str(tokens)],
-        vocab_size=64,
-        context_length=16,
-        d_model=32,
-        num_layers=1,
-        num_heads=4,
-        d_ff=64,
-        batch_size=4,
-        max_iters=2,
-        log_interval=1,
-        eval_interval=100,
-        checkpoint_interval=2,
-        checkpoint_path=str(ckpt),
+    cfg = train_config(
+        tokens, ckpt, vocab_size=64, batch_size=4, max_iters=2, log_interval=1, eval_interval=100, checkpoint_interval=2
     )
     train_model(cfg, log=lambda _l: None)
     return ckpt
@@ -64,7 +46,9 @@ def _damaged(checkpoint, tmp_path, edit) -> str:
     ],
 )
 def test_absurd_flags_end_in_one_line(tokens, tmp_path, flags, words):
-    result = cli("train", "--train_data", tokens, "--max_iters", "2", "--checkpoint_path", tmp_path / "c.pt", *flags)
+    result = run_cli(
+        "train", "--train_data", tokens, "--max_iters", "2", "--checkpoint_path", tmp_path / "c.pt", *flags
+    )
     line = error_line(result)
     for word in words:
         assert word in line, line
@@ -78,7 +62,7 @@ def test_a_float_count_is_a_usage_error_in_one_line(tokens, tmp_path, flag):
         [sys.executable, "-m", "lmtools.cli", "train", "--train_data", str(tokens), flag, "1e9"],
         capture_output=True,
         text=True,
-        env=ENV,
+        env=PROCESS_ENV,
         timeout=120,
     )
     assert done.returncode == 2
@@ -87,7 +71,9 @@ def test_a_float_count_is_a_usage_error_in_one_line(tokens, tmp_path, flag):
 
 
 def test_the_memory_estimate_is_in_the_header(tokens, tmp_path):
-    result = cli("train", "--train_data", tokens, *TINY, "--max_iters", "1", "--checkpoint_path", tmp_path / "c.pt")
+    result = run_cli(
+        "train", "--train_data", tokens, *FAULT_RUN_FLAGS, "--max_iters", "1", "--checkpoint_path", tmp_path / "c.pt"
+    )
     assert result.exit_code == 0, result.output
     line = next(x for x in result.stdout.splitlines() if x.startswith("memory :"))
     assert "estimated (weights" in line and "optimizer" in line and "activations" in line and "of RAM" in line
@@ -101,7 +87,7 @@ def test_absurd_stored_configs_are_refused_by_inspect_resume_and_sample(checkpoi
 
     damaged = _damaged(checkpoint, tmp_path, edit)
     for command in (["inspect", damaged], ["resume", damaged, "--max_iters", "4"], ["sample", damaged]):
-        line = error_line(cli(*command))
+        line = error_line(run_cli(*command))
         assert f"{field} {value:,} is beyond the sane bound" in line and str(damaged) in line, (command, line)
 
 
@@ -110,7 +96,7 @@ def test_non_finite_weights_are_named_by_sample(checkpoint, tmp_path):
         payload["model_state_dict"]["layers.0.ffn.w1.weight"][0, 0] = float("nan")
 
     damaged = _damaged(checkpoint, tmp_path, edit)
-    line = error_line(cli("sample", damaged, "--prompt", "x"))
+    line = error_line(run_cli("sample", damaged, "--prompt", "x"))
     assert "non-finite weights (layers.0.ffn.w1.weight)" in line
 
 
@@ -120,7 +106,7 @@ def test_a_wrong_shaped_tensor_is_named(checkpoint, tmp_path):
 
     damaged = _damaged(checkpoint, tmp_path, edit)
     for command in (["resume", damaged, "--max_iters", "4"], ["sample", damaged]):
-        line = error_line(cli(*command))
+        line = error_line(run_cli(*command))
         assert "size mismatch for layers.0.ffn.w1.weight" in line, line
 
 
@@ -136,7 +122,7 @@ def test_a_wrong_shaped_tensor_is_named(checkpoint, tmp_path):
 )
 def test_a_damaged_run_state_is_one_line(checkpoint, tmp_path, part, damage):
     damaged = _damaged(checkpoint, tmp_path, damage)
-    line = error_line(cli("resume", damaged, "--max_iters", "4"))
+    line = error_line(run_cli("resume", damaged, "--max_iters", "4"))
     assert part in line or "run state" in line, line
 
 
@@ -144,10 +130,12 @@ def test_a_symlink_loop_is_one_line(tmp_path):
     loop = tmp_path / "loop.npy"
     os.symlink(loop, loop)
     line = error_line(
-        cli("train", "--train_data", loop, *TINY, "--max_iters", "1", "--checkpoint_path", tmp_path / "c.pt")
+        run_cli(
+            "train", "--train_data", loop, *FAULT_RUN_FLAGS, "--max_iters", "1", "--checkpoint_path", tmp_path / "c.pt"
+        )
     )
     assert "symlink loop" in line
-    assert "symlink loop" in error_line(cli("inspect", loop))
+    assert "symlink loop" in error_line(run_cli("inspect", loop))
 
 
 @pytest.mark.slow
@@ -155,9 +143,16 @@ def test_a_fifo_named_train_npy_is_refused_not_read(tmp_path):
     fifo = tmp_path / "train.npy"
     os.mkfifo(fifo)
     # Real processes with a deadline: opening a FIFO for reading would block forever.
-    for args in (["train", "--train_data", fifo, *TINY, "--checkpoint_path", tmp_path / "c.pt"], ["inspect", fifo]):
+    for args in (
+        ["train", "--train_data", fifo, *FAULT_RUN_FLAGS, "--checkpoint_path", tmp_path / "c.pt"],
+        ["inspect", fifo],
+    ):
         done = subprocess.run(
-            [sys.executable, "-m", "lmtools.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=120
+            [sys.executable, "-m", "lmtools.cli", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=PROCESS_ENV,
+            timeout=120,
         )
         assert done.returncode == 2, done.stderr
         assert "is a FIFO, not a regular file" in done.stderr and "Traceback" not in done.stderr
@@ -174,8 +169,10 @@ def test_a_npy_link_to_an_extensionless_blob_is_judged_by_its_name(tmp_path):
     os.symlink(os.path.relpath(blob, link.parent), link)
     expected = np.load(blob)
     assert np.array_equal(load_dataset(link), expected)
-    assert cli("inspect", link).exit_code == 0
-    result = cli("train", "--train_data", link, *TINY, "--max_iters", "2", "--checkpoint_path", tmp_path / "c.pt")
+    assert run_cli("inspect", link).exit_code == 0
+    result = run_cli(
+        "train", "--train_data", link, *FAULT_RUN_FLAGS, "--max_iters", "2", "--checkpoint_path", tmp_path / "c.pt"
+    )
     assert result.exit_code == 0, result.output
     assert read_checkpoint(tmp_path / "c.pt")["config"]["train_data"] == [str(link)]
 

@@ -7,20 +7,21 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
 from corpora import documents, prepare, write_eot_text
-from lmtools.cli import app
+from helpers import TINY_MODEL, flags, run_cli, train_config
 from lmtools.config import TrainConfig
 from lmtools.plot import read_curves
 from lmtools.train import train_model
 
 # A tiny model, four steps, a log line and a validation loss every two: the quick start in seconds.
-FOUR_STEPS_EVAL_EVERY_TWO = [
-    "--context_length", "16", "--d_model", "32", "--num_layers", "1", "--num_heads", "4", "--d_ff", "64",
-    "--batch_size", "8", "--warmup_iters", "1", "--max_iters", "4", "--log_interval", "2",
-    "--eval_interval", "2", "--eval_iters", "1",
-]  # fmt: skip
+FOUR_STEPS_EVAL_EVERY_TWO = flags(
+    TINY_MODEL, batch_size=8, warmup_iters=1, max_iters=4, log_interval=2, eval_interval=2, eval_iters=1
+)
+# Six steps, a log line and a validation loss every three.
+SIX_STEPS_EVAL_EVERY_THREE = dict(
+    batch_size=8, warmup_iters=2, learning_rate=3e-3, max_iters=6, log_interval=3, eval_interval=3, eval_iters=2
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,24 +35,7 @@ def plays(tmp_path_factory):
 
 
 def config(data, tmp_path, **kw) -> TrainConfig:
-    args = dict(
-        train_data=[str(data)],
-        context_length=16,
-        d_model=32,
-        num_layers=1,
-        num_heads=4,
-        d_ff=64,
-        batch_size=8,
-        warmup_iters=2,
-        learning_rate=3e-3,
-        max_iters=6,
-        log_interval=3,
-        eval_interval=3,
-        eval_iters=2,
-        checkpoint_path=str(tmp_path / "run" / "ckpt.pt"),
-    )
-    args.update(kw)
-    return TrainConfig(**args)
+    return train_config(data, tmp_path / "run" / "ckpt.pt", **(SIX_STEPS_EVAL_EVERY_THREE | kw))
 
 
 @pytest.mark.parametrize("accum", [1, 2])
@@ -88,7 +72,7 @@ def test_iter_0_without_validation_and_not_again_on_resume(tmp_path, plays):
     iters = [line for line in lines if line.startswith("Iter")]
     assert [line.split("|")[0].strip() for line in iters] == ["Iter      0", "Iter      3"]
     assert "Val Loss" not in iters[0] and abs(float(iters[0].split("Loss:")[1].split("|")[0]) - math.log(300)) < 0.3
-    result = CliRunner().invoke(app, ["resume", str(tmp_path / "run" / "ckpt.pt"), "--max_iters", "6"])
+    result = run_cli("resume", tmp_path / "run" / "ckpt.pt", "--max_iters", "6")
     assert result.exit_code == 0, result.output
     assert [line.split("|")[0].strip() for line in result.output.splitlines() if line.startswith("Iter")] == [
         "Iter      6"
@@ -159,16 +143,13 @@ def test_the_quick_start_on_a_text_file_validates_from_the_first_step(tmp_path, 
     else:
         write_eot_text(corpus, docs)
     prepare(corpus, tmp_path / "data", "--vocab_size", 300)
-    result = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "--train_data",
-            str(tmp_path / "data"),
-            *FOUR_STEPS_EVAL_EVERY_TWO,
-            "--checkpoint_path",
-            str(tmp_path / "run" / "ckpt.pt"),
-        ],
+    result = run_cli(
+        "train",
+        "--train_data",
+        tmp_path / "data",
+        *FOUR_STEPS_EVAL_EVERY_TWO,
+        "--checkpoint_path",
+        tmp_path / "run" / "ckpt.pt",
     )
     assert result.exit_code == 0, result.output
     iters = [line for line in result.output.splitlines() if line.startswith("Iter")]

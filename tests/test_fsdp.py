@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import TORCHRUN_MODEL, learnable_stream, logged_losses, torchrun
+from helpers import SMALLEST_MODEL, TORCHRUN_RUN, flags, learnable_stream, logged_losses, torchrun, torchrun_training
 from lmtools.checkpoint import read_checkpoint
 from lmtools.cli import app
 from lmtools.config import TrainConfig
@@ -27,28 +27,9 @@ def _weights(path):
 
 @pytest.mark.slow
 def test_fsdp_gloo_two_processes_train_and_resume(tmp_path):
-    np.save(tmp_path / "train.npy", learnable_stream(30000))
-    ckpt = tmp_path / "run" / "ckpt.pt"
-    common = [
-        *TORCHRUN_MODEL,
-        "--num_layers",
-        "2",
-        "--log_interval",
-        "20",
-        "--eval_interval",
-        "1000",
-        "--checkpoint_interval",
-        "40",
-        "--checkpoint_path",
-        ckpt,
-        # 3 validation batches on 2 ranks: the sharded forwards must stay in lockstep.
-        "--val_data",
-        tmp_path / "train.npy",
-        "--eval_iters",
-        "3",
-    ]
-    run = torchrun("train", "--fsdp", "--train_data", tmp_path / "train.npy", *common, "--max_iters", "80")
-    assert run.returncode == 0, run.stderr[-3000:]
+    # 3 validation batches on 2 ranks: the sharded forwards must stay in lockstep.
+    val = ("--val_data", tmp_path / "train.npy", "--eval_iters", "3")
+    run, ckpt = torchrun_training(tmp_path, "--fsdp", *val, num_layers=2)
     out = run.stdout
     assert out.count("lmtools train") == 1 and "2 ranks" in out, out
     losses = logged_losses(out)
@@ -104,20 +85,7 @@ def test_fsdp_needstorchrun(tmp_path, monkeypatch):
             "--fsdp",
             "--train_data",
             str(tmp_path / "t.npy"),
-            "--vocab_size",
-            "64",
-            "--context_length",
-            "8",
-            "--d_model",
-            "16",
-            "--num_layers",
-            "1",
-            "--num_heads",
-            "2",
-            "--d_ff",
-            "32",
-            "--max_iters",
-            "2",
+            *flags(SMALLEST_MODEL, vocab_size=64, context_length=8, max_iters=2),
             "--checkpoint_path",
             str(tmp_path / "c.pt"),
         ],
@@ -184,13 +152,7 @@ def test_fsdp_with_compile_learns(tmp_path):
         "--compile",
         "--train_data",
         tmp_path / "train.npy",
-        *TORCHRUN_MODEL,
-        "--num_layers",
-        "2",
-        "--log_interval",
-        "10",
-        "--max_iters",
-        "40",
+        *flags(TORCHRUN_RUN, num_layers=2, log_interval=10, max_iters=40),
         "--checkpoint_path",
         tmp_path / "run" / "ckpt.pt",
     )

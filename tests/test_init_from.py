@@ -6,41 +6,16 @@ import math
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from corpora import documents, prepare, write_jsonl
+from helpers import TINY_MODEL, flags, one_line_error, run_cli
 from lmtools.checkpoint import read_checkpoint
-from lmtools.cli import app
 from lmtools.data import BatchLoader
 from lmtools.model import TransformerLM
 from lmtools.optim import cross_entropy
 
-MODEL = ["--context_length", "16", "--d_model", "32", "--num_layers", "1", "--num_heads", "4", "--d_ff", "64"]
-RUN = [
-    "--batch_size",
-    "8",
-    "--warmup_iters",
-    "1",
-    "--learning_rate",
-    "3e-3",
-    "--eval_iters",
-    "2",
-    "--log_interval",
-    "2",
-    "--eval_interval",
-    "2",
-]
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    return lines[0]
+MODEL = flags(TINY_MODEL)
+RUN = flags(batch_size=8, warmup_iters=1, learning_rate=3e-3, eval_iters=2, log_interval=2, eval_interval=2)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +40,7 @@ def world(tmp_path_factory):
     prepare(
         write_jsonl(root / "wide.jsonl", documents(300, 4)), root / "wide", "--vocab_size", 320, "--val_fraction", 0.1
     )
-    result = cli(
+    result = run_cli(
         "train",
         "--train_data",
         root / "plays",
@@ -89,7 +64,7 @@ def test_init_from_starts_a_new_run_from_the_weights(world, tmp_path):
     before = digest(base)
     ckpt = tmp_path / "fine" / "ckpt.pt"
     # No model flags: the shape comes from the checkpoint (the defaults would be d_model 768, 12 layers).
-    result = cli(
+    result = run_cli(
         "train", "--init_from", base, "--train_data", world / "fine", *RUN, "--max_iters", 4, "--checkpoint_path", ckpt
     )
     assert result.exit_code == 0, result.output
@@ -122,7 +97,7 @@ def test_init_from_starts_a_new_run_from_the_weights(world, tmp_path):
 
 def test_init_optimizer_takes_over_the_optimizer_state(world, tmp_path):
     ckpt = tmp_path / "c.pt"
-    result = cli(
+    result = run_cli(
         "train",
         "--init_from",
         world / "base" / "ckpt.pt",
@@ -155,8 +130,8 @@ def test_init_from_refuses_what_does_not_fit(world, tmp_path, data, extra, needl
     if "--resume" in extra:
         ckpt = base
     before = digest(base)
-    line = one_error_line(
-        cli(
+    line = one_line_error(
+        run_cli(
             "train",
             "--init_from",
             base,
@@ -176,8 +151,8 @@ def test_init_from_refuses_what_does_not_fit(world, tmp_path, data, extra, needl
 
 def test_init_from_into_its_own_checkpoint_path_is_refused(world):
     base = world / "base" / "ckpt.pt"
-    line = one_error_line(
-        cli("train", "--init_from", base, "--train_data", world / "fine", "--overwrite", "--checkpoint_path", base)
+    line = one_line_error(
+        run_cli("train", "--init_from", base, "--train_data", world / "fine", "--overwrite", "--checkpoint_path", base)
     )
     assert "its own --checkpoint_path" in line
 
@@ -189,8 +164,8 @@ def test_init_from_something_else_than_a_checkpoint(world, tmp_path, what):
         "prepared folder": world / "fine",
         "folder without config.json": tmp_path,
     }[what]
-    line = one_error_line(
-        cli("train", "--init_from", src, "--train_data", world / "fine", "--checkpoint_path", tmp_path / "c.pt")
+    line = one_line_error(
+        run_cli("train", "--init_from", src, "--train_data", world / "fine", "--checkpoint_path", tmp_path / "c.pt")
     )
     assert str(src) in line and ("not a checkpoint" in line or "config.json" in line), line
 
@@ -199,11 +174,11 @@ def test_init_from_a_hugging_face_folder(world, tmp_path):
     """`lmtools export` writes a Llama folder; --init_from reads it back through lmtools.hf."""
     base = world / "base" / "ckpt.pt"
     hf = tmp_path / "hf"
-    result = cli("export", base, "--out", hf)
+    result = run_cli("export", base, "--out", hf)
     assert result.exit_code == 0, result.output
     assert (hf / "config.json").is_file()
     ckpt = tmp_path / "tuned" / "ckpt.pt"
-    result = cli(
+    result = run_cli(
         "train", "--init_from", hf, "--train_data", world / "fine", *RUN, "--max_iters", 2, "--checkpoint_path", ckpt
     )
     assert result.exit_code == 0, result.output
@@ -221,8 +196,8 @@ def test_init_from_a_hugging_face_folder(world, tmp_path):
     with torch.no_grad():
         assert records[0]["loss"] == pytest.approx(float(cross_entropy(model(x), y)), rel=1e-5)
     # Its optimizer state cannot be taken over: a Hugging Face folder holds none.
-    line = one_error_line(
-        cli(
+    line = one_line_error(
+        run_cli(
             "train",
             "--init_from",
             hf,
@@ -235,8 +210,8 @@ def test_init_from_a_hugging_face_folder(world, tmp_path):
     )
     assert "holds no optimizer state" in line
     # Data tokenized otherwise is refused as from a checkpoint.
-    line = one_error_line(
-        cli("train", "--init_from", hf, "--train_data", world / "code", "--checkpoint_path", tmp_path / "other.pt")
+    line = one_line_error(
+        run_cli("train", "--init_from", hf, "--train_data", world / "code", "--checkpoint_path", tmp_path / "other.pt")
     )
     assert "another tokenizer" in line
 
@@ -252,7 +227,7 @@ def test_resume_refuses_a_flag_it_cannot_honour_and_names_init_from(world, tmp_p
     args = ["train", "--resume", "--checkpoint_path", base, flag, value]
     if flag != "--train_data":
         args += ["--train_data", world / "plays"]
-    line = one_error_line(cli(*args))
+    line = one_line_error(run_cli(*args))
     assert flag in line and "--init_from" in line, line
     assert digest(base) == before
 
@@ -262,7 +237,7 @@ def test_resume_with_the_same_data_spelled_as_its_folder(world, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(world / "base", run)
-    result = cli(
+    result = run_cli(
         "train", "--resume", "--checkpoint_path", run / "ckpt.pt", "--train_data", world / "plays", "--max_iters", 22
     )
     assert result.exit_code == 0, result.output

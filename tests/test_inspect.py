@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import one_line_error
+from helpers import TINY_MODEL, one_line_error, train_config
 from lmtools import TransformerLM
 from lmtools.cli import app
 from lmtools.config import TrainConfig
@@ -20,7 +20,7 @@ from lmtools.optim import run_get_lr_cosine_schedule
 from lmtools.prepare import prepare_corpus
 from lmtools.train import train_model
 
-MODEL = dict(context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=64)
+MODEL = TINY_MODEL | dict(num_layers=2)
 DOCS = [
     f"def function_{i}(x):\n    '''Document {i} of the inspect corpus.'''\n    return x * {i} + {i % 7}\n" * (3 + i % 4)
     for i in range(40)
@@ -39,22 +39,10 @@ def dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run(dataset, tmp_path_factory) -> tuple[Path, TrainConfig]:
     folder = tmp_path_factory.mktemp("run")
-    cfg = TrainConfig(
-        train_data=[str(dataset / "train.npy")],
-        **MODEL,
-        batch_size=4,
-        learning_rate=3e-3,
-        min_learning_rate=3e-4,
-        weight_decay=0.05,
-        warmup_iters=4,
-        max_iters=20,
-        eval_interval=10,
-        eval_iters=2,
-        log_interval=5,
-        checkpoint_interval=10,
-        keep_last=2,
-        checkpoint_path=str(folder / "ckpt.pt"),
-        seed=3,
+    schedule = dict(learning_rate=3e-3, min_learning_rate=3e-4, weight_decay=0.05, warmup_iters=4, max_iters=20)
+    intervals = dict(eval_interval=10, eval_iters=2, log_interval=5, checkpoint_interval=10, keep_last=2)
+    cfg = train_config(
+        dataset / "train.npy", folder / "ckpt.pt", **MODEL, **schedule, **intervals, batch_size=4, seed=3
     )
     train_model(cfg, log=lambda _line: None)
     return folder / "ckpt.pt", cfg

@@ -4,18 +4,11 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
+from helpers import TINY_MODEL, cli_output, flags
 from lmtools.checkpoint import read_checkpoint
-from lmtools.cli import app
 
 pytestmark = pytest.mark.slow
-
-
-def cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, (args, result.output, result.stderr if result.stderr_bytes else "")
-    return result.output
 
 
 def test_prepare_train_resume_sample_inspect_plot(tmp_path):
@@ -26,40 +19,18 @@ def test_prepare_train_resume_sample_inspect_plot(tmp_path):
         for _ in range(400):
             f.write(json.dumps({"text": " ".join(rng.choice(words, 40))}) + "\n")
     data = tmp_path / "data"
-    cli("prepare", corpus, "--out", data, "--vocab_size", "300", "--val_fraction", "0.1")
+    cli_output("prepare", corpus, "--out", data, "--vocab_size", "300", "--val_fraction", "0.1")
     meta = json.loads((data / "meta.json").read_text())
     assert meta["vocab_size"] <= 300 and meta["val_documents"] >= 1
 
     ckpt = tmp_path / "run" / "ckpt.pt"
     # No --vocab_size and no --val_data: both come from the prepared folder.
-    out = cli(
+    out = cli_output(
         "train",
         "--train_data",
         data / "train.npy",
-        "--context_length",
-        "32",
-        "--d_model",
-        "32",
-        "--num_layers",
-        "1",
-        "--num_heads",
-        "4",
-        "--d_ff",
-        "64",
-        "--batch_size",
-        "8",
-        "--max_iters",
-        "20",
-        "--warmup_iters",
-        "2",
-        "--learning_rate",
-        "3e-3",
-        "--eval_interval",
-        "10",
-        "--eval_iters",
-        "2",
-        "--log_interval",
-        "10",
+        *flags(TINY_MODEL, context_length=32, batch_size=8, max_iters=20, warmup_iters=2, learning_rate=3e-3),
+        *flags(eval_interval=10, eval_iters=2, log_interval=10),
         "--checkpoint_path",
         ckpt,
     )
@@ -69,17 +40,17 @@ def test_prepare_train_resume_sample_inspect_plot(tmp_path):
     assert payload["model_config"]["vocab_size"] == meta["vocab_size"]
     assert payload["metrics"]["val_bpb"] > 0
 
-    cli("resume", ckpt, "--max_iters", "30")
+    cli_output("resume", ckpt, "--max_iters", "30")
     assert read_checkpoint(ckpt)["iteration"] == 30
 
-    a = cli("sample", ckpt, "--prompt", "the cat", "--max_new_tokens", "20", "--seed", "3")
-    b = cli("sample", ckpt, "--prompt", "the cat", "--max_new_tokens", "20", "--seed", "3")
+    a = cli_output("sample", ckpt, "--prompt", "the cat", "--max_new_tokens", "20", "--seed", "3")
+    b = cli_output("sample", ckpt, "--prompt", "the cat", "--max_new_tokens", "20", "--seed", "3")
     assert a == b and a.startswith("the cat") and len(a.strip()) > len("the cat")
 
-    report = json.loads(cli("inspect", ckpt, "--json"))
+    report = json.loads(cli_output("inspect", ckpt, "--json"))
     assert report["iteration"] == 30
-    report = json.loads(cli("inspect", data, "--json"))
+    report = json.loads(cli_output("inspect", data, "--json"))
     assert json.dumps(report).count(str(meta["train_tokens"])) >= 1
 
-    cli("plot", ckpt.parent, "--out", tmp_path / "loss.png")
+    cli_output("plot", ckpt.parent, "--out", tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

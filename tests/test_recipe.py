@@ -3,6 +3,7 @@ logit soft-capping, document-aligned windows) and the recipes that bundle them."
 
 import math
 import random
+from functools import partial
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from helpers import TINY_MODEL, flags, run_cli, train_config
 from lmtools import _sampler
 from lmtools.checkpoint import read_checkpoint
 from lmtools.cli import app
@@ -38,28 +40,17 @@ def prepared(tmp_path_factory):
     return folder / "data"
 
 
-def config(data, ckpt, **kw) -> TrainConfig:
-    args = dict(
-        train_data=[str(data)],
-        context_length=16,
-        d_model=32,
-        num_layers=2,
-        num_heads=4,
-        d_ff=64,
-        batch_size=8,
-        learning_rate=3e-3,
-        min_learning_rate=3e-4,
-        warmup_iters=2,
-        max_iters=8,
-        cosine_cycle_iters=8,
-        eval_interval=4,
-        eval_iters=2,
-        log_interval=1,
-        checkpoint_interval=1000,
-        checkpoint_path=str(ckpt),
-    )
-    args.update(kw)
-    return TrainConfig(**args)
+# Two layers, eight steps on one cosine cycle, a validation loss every four.
+RECIPE_RUN = dict(num_layers=2, batch_size=8, learning_rate=3e-3, min_learning_rate=3e-4, warmup_iters=2, max_iters=8)
+config = partial(
+    train_config,
+    **RECIPE_RUN,
+    cosine_cycle_iters=8,
+    eval_interval=4,
+    eval_iters=2,
+    log_interval=1,
+    checkpoint_interval=1000,
+)
 
 
 def losses_and_weights(cfg, explicit=frozenset()):
@@ -252,26 +243,7 @@ def test_document_aligned_windows_cover_every_start_evenly():
     assert counts[[0, 3, 5, 9]].min() > 1400  # 6400 draws, about 1600 each
 
 
-CLI_MODEL = [
-    "--context_length",
-    "16",
-    "--d_model",
-    "32",
-    "--num_layers",
-    "2",
-    "--num_heads",
-    "4",
-    "--d_ff",
-    "64",
-    "--batch_size",
-    "8",
-    "--warmup_iters",
-    "2",
-    "--eval_interval",
-    "4",
-    "--log_interval",
-    "2",
-]
+CLI_MODEL = flags(TINY_MODEL, num_layers=2, batch_size=8, warmup_iters=2, eval_interval=4, log_interval=2)
 
 
 @pytest.mark.parametrize(
@@ -285,19 +257,16 @@ CLI_MODEL = [
     ],
 )
 def test_bad_option_values_exit_2(prepared, tmp_path, flags, message):
-    result = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "--train_data",
-            str(prepared),
-            *CLI_MODEL,
-            "--max_iters",
-            "2",
-            "--checkpoint_path",
-            str(tmp_path / "c.pt"),
-            *flags,
-        ],
+    result = run_cli(
+        "train",
+        "--train_data",
+        prepared,
+        *CLI_MODEL,
+        "--max_iters",
+        "2",
+        "--checkpoint_path",
+        tmp_path / "c.pt",
+        *flags,
     )
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
@@ -310,21 +279,18 @@ def test_doc_aligned_needs_the_datasets_end_of_text_id(tmp_path):
         train_model(
             config(tmp_path / "bare.npy", tmp_path / "c.pt", vocab_size=50, doc_aligned=True), log=lambda _l: None
         )
-    result = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "--train_data",
-            str(tmp_path / "bare.npy"),
-            "--vocab_size",
-            "50",
-            *CLI_MODEL,
-            "--max_iters",
-            "2",
-            "--checkpoint_path",
-            str(tmp_path / "c.pt"),
-            "--doc_aligned",
-        ],
+    result = run_cli(
+        "train",
+        "--train_data",
+        tmp_path / "bare.npy",
+        "--vocab_size",
+        "50",
+        *CLI_MODEL,
+        "--max_iters",
+        "2",
+        "--checkpoint_path",
+        tmp_path / "c.pt",
+        "--doc_aligned",
     )
     assert result.exit_code == 2 and "meta.json" in result.output and "Traceback" not in result.output
 

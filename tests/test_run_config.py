@@ -9,7 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from helpers import learnable_stream
+from helpers import SMALLEST_MODEL, flags, learnable_stream
 from lmtools.checkpoint import read_checkpoint
 from lmtools.cli import app
 from lmtools.cli.app import main
@@ -136,41 +136,19 @@ def test_to_toml_round_trips_every_flag_field(tmp_path):
 
 
 @pytest.mark.slow
-def test_inspect_config_reproduces_the_run(tmp_path):
+def test_inspect_config_reproduces_the_run(tmp_path, run_cli):
     np.save(tmp_path / "train.npy", learnable_stream(5000, 0))
     ckpt = tmp_path / "run" / "checkpoint.pt"
     args = [
         "train",
         "--train_data",
         tmp_path / "train.npy",
-        "--context_length",
-        "16",
-        "--d_model",
-        "16",
-        "--num_layers",
-        "1",
-        "--num_heads",
-        "2",
-        "--d_ff",
-        "32",
-        "--batch_size",
-        "4",
-        "--max_iters",
-        "3",
-        "--warmup_iters",
-        "1",
-        "--eval_interval",
-        "100",
-        "--log_interval",
-        "1",
+        *flags(SMALLEST_MODEL, context_length=16, batch_size=4, max_iters=3, warmup_iters=1, eval_interval=100),
+        *flags(log_interval=1, learning_rate=2e-3, seed=5),  # the values the recorded config must hold
         "--checkpoint_path",
         ckpt,
-        "--learning_rate",
-        "2e-3",
-        "--seed",
-        "5",
     ]
-    result = CliRunner().invoke(app, [str(a) for a in args])
+    result = run_cli(*args)
     assert result.exit_code == 0, result.output
     payload = read_checkpoint(ckpt)
     user, resolved = payload["user_config"], payload["config"]
@@ -178,7 +156,7 @@ def test_inspect_config_reproduces_the_run(tmp_path):
     assert user["vocab_size"] is None and resolved["vocab_size"] is not None
     assert user["learning_rate"] == 2e-3 and user["seed"] == 5
 
-    shown = CliRunner().invoke(app, ["inspect", str(ckpt), "--config"])
+    shown = run_cli("inspect", ckpt, "--config")
     assert shown.exit_code == 0, shown.output
     path = tmp_path / "run.toml"
     path.write_text(shown.output)
@@ -187,7 +165,7 @@ def test_inspect_config_reproduces_the_run(tmp_path):
     assert cfg == TrainConfig.from_dict(user)
 
     # A resume records the first run's config with its typed override.
-    result = CliRunner().invoke(app, ["resume", str(ckpt), "--max_iters", "4"])
+    result = run_cli("resume", ckpt, "--max_iters", "4")
     assert result.exit_code == 0, result.output
     again = read_checkpoint(ckpt)
     assert again["user_config"] == {**user, "max_iters": 4, "checkpoint_path": str(ckpt)}

@@ -5,35 +5,15 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from corpora import documents, prepare, write_eot_text, write_jsonl
+from helpers import TINY_MODEL, flags, run_cli
 from lmtools.checkpoint import read_checkpoint
-from lmtools.cli import app
 from lmtools.config import TrainConfig
 from lmtools.rundata import resolve_data, unique_names
 
 # A small model whose vocabulary comes from the prepared folders (no --vocab_size).
-TINY_MIXTURE_RUN = [
-    "--context_length",
-    "16",
-    "--d_model",
-    "32",
-    "--num_layers",
-    "1",
-    "--num_heads",
-    "4",
-    "--d_ff",
-    "64",
-    "--batch_size",
-    "8",
-    "--warmup_iters",
-    "1",
-    "--learning_rate",
-    "3e-3",
-    "--eval_iters",
-    "2",
-]
+TINY_MIXTURE_RUN = flags(TINY_MODEL, batch_size=8, warmup_iters=1, learning_rate=3e-3, eval_iters=2)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +42,7 @@ def folders(tmp_path_factory):
 
 
 def train(*args):
-    return CliRunner().invoke(app, ["train", *map(str, args)])
+    return run_cli("train", *args)
 
 
 @pytest.mark.parametrize("weighted", [True, False])

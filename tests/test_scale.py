@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TORCHRUN_MODEL, learnable_stream, logged_losses, torchrun
+from helpers import logged_losses, torchrun, torchrun_training, train_config
 from lmtools import TransformerLM, cross_entropy
 from lmtools.checkpoint import read_checkpoint
 
@@ -27,23 +27,7 @@ def test_accumulated_gradients_equal_one_big_batch():
 
 @pytest.mark.slow
 def test_ddp_gloo_two_processes(tmp_path):
-    np.save(tmp_path / "train.npy", learnable_stream(30000))
-    ckpt = tmp_path / "run" / "ckpt.pt"
-    common = [
-        *TORCHRUN_MODEL,
-        "--num_layers",
-        "1",
-        "--log_interval",
-        "20",
-        "--eval_interval",
-        "1000",
-        "--checkpoint_interval",
-        "40",
-        "--checkpoint_path",
-        ckpt,
-    ]
-    run = torchrun("train", "--train_data", tmp_path / "train.npy", *common, "--max_iters", "80")
-    assert run.returncode == 0, run.stderr[-3000:]
+    run, ckpt = torchrun_training(tmp_path)
     out = run.stdout
     assert out.count("lmtools train") == 1, out  # only rank 0 logs
     assert "2 ranks" in out and "8 x context 16 = 256 tokens/step" in out
@@ -70,27 +54,8 @@ def test_ddp_gloo_two_processes(tmp_path):
 
 
 def _tiny_cfg(tmp_path, tokens_path, **kw):
-    from lmtools.config import TrainConfig
-
-    args = dict(
-        train_data=[str(tokens_path)],
-        vocab_size=64,
-        context_length=16,
-        d_model=32,
-        num_layers=1,
-        num_heads=4,
-        d_ff=64,
-        batch_size=8,
-        learning_rate=1e-2,
-        min_learning_rate=1e-3,
-        warmup_iters=2,
-        max_iters=30,
-        log_interval=10,
-        eval_interval=1000,
-        checkpoint_path=str(tmp_path / "c.pt"),
-    )
-    args.update(kw)
-    return TrainConfig(**args)
+    run = dict(vocab_size=64, batch_size=8, learning_rate=1e-2, min_learning_rate=1e-3, warmup_iters=2, max_iters=30)
+    return train_config(tokens_path, tmp_path / "c.pt", **(run | dict(log_interval=10, eval_interval=1000) | kw))
 
 
 @pytest.fixture

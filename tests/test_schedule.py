@@ -7,44 +7,23 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
-from helpers import learnable_stream
+from helpers import SMALLEST_MODEL, flags, learnable_stream, run_cli
 from lmtools.checkpoint import read_checkpoint
-from lmtools.cli import app
 from lmtools.config import TrainConfig
 from lmtools.inspect import inspect_path
 from lmtools.optim import run_get_lr_cosine_schedule
 
 # A small model logged at every step, so the schedule of each iteration shows.
 TINY_SCHEDULE_RUN = [
-    "--vocab_size",
-    "64",
-    "--context_length",
-    "16",
-    "--d_model",
-    "16",
-    "--num_layers",
-    "1",
-    "--num_heads",
-    "2",
-    "--d_ff",
-    "32",
-    "--batch_size",
-    "4",
-    "--learning_rate",
-    "1e-3",
-    "--min_learning_rate",
-    "1e-5",
-    "--eval_interval",
-    "1000",
-    "--log_interval",
-    "1",
+    *flags(SMALLEST_MODEL, vocab_size=64, context_length=16, batch_size=4, eval_interval=1000, log_interval=1),
+    *flags(learning_rate=1e-3, min_learning_rate=1e-5),
 ]
 
 
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+def train(tmp_path, **options):
+    """`lmtools train` of TINY_SCHEDULE_RUN on tmp_path/train.npy with these further options."""
+    return run_cli("train", "--train_data", tmp_path / "train.npy", *TINY_SCHEDULE_RUN, *flags(**options))
 
 
 @settings(max_examples=100, deadline=None)
@@ -108,20 +87,9 @@ def test_a_finished_run_extended_stays_at_its_minimum_rate(tmp_path):
     """The trap: a finished run at 1e-5, resumed to twice its length, jumped back to 1.7e-4."""
     np.save(tmp_path / "train.npy", learnable_stream(5000))
     ckpt = tmp_path / "run" / "ckpt.pt"
-    result = cli(
-        "train",
-        "--train_data",
-        tmp_path / "train.npy",
-        *TINY_SCHEDULE_RUN,
-        "--warmup_iters",
-        "2",
-        "--max_iters",
-        "10",
-        "--checkpoint_path",
-        ckpt,
-    )
+    result = train(tmp_path, warmup_iters=2, max_iters=10, checkpoint_path=ckpt)
     assert result.exit_code == 0, result.output
-    result = cli("resume", ckpt, "--max_iters", "20")
+    result = run_cli("resume", ckpt, "--max_iters", "20")
     assert result.exit_code == 0, result.output
     notes = [line for line in result.output.splitlines() if line.startswith("Schedule:")]
     assert notes == [
@@ -137,24 +105,11 @@ def test_a_finished_run_extended_stays_at_its_minimum_rate(tmp_path):
 def test_a_stopped_run_extended_decays_from_its_current_rate_and_inspect_says_so(tmp_path):
     np.save(tmp_path / "train.npy", learnable_stream(5000))
     ckpt = tmp_path / "run" / "ckpt.pt"
-    result = cli(
-        "train",
-        "--train_data",
-        tmp_path / "train.npy",
-        *TINY_SCHEDULE_RUN,
-        "--warmup_iters",
-        "0",
-        "--max_iters",
-        "20",
-        "--max_minutes",
-        "0.000001",
-        "--checkpoint_path",
-        ckpt,
-    )
+    result = train(tmp_path, warmup_iters=0, max_iters=20, max_minutes=0.000001, checkpoint_path=ckpt)
     assert result.exit_code == 0, result.output
     stopped = read_checkpoint(ckpt)["iteration"]
     rate = TrainConfig(learning_rate=1e-3, min_learning_rate=1e-5, warmup_iters=0, max_iters=20).lr_at(stopped)
-    result = cli("resume", ckpt, "--max_iters", "40", "--max_minutes", "10")
+    result = run_cli("resume", ckpt, "--max_iters", "40", "--max_minutes", "10")
     assert result.exit_code == 0, result.output
     assert (
         f"Schedule: max_iters 20 -> 40; cosine from {rate:.2e} (the rate at iter {stopped}) to 1.00e-05 at iter 40"
@@ -166,40 +121,18 @@ def test_a_stopped_run_extended_decays_from_its_current_rate_and_inspect_says_so
     schedule = inspect_path(ckpt)["schedule"]
     assert schedule["phase"] == "finished" and schedule["lr"] == pytest.approx(1e-5)
     assert f"extended at iter {stopped}: cosine from {rate:.2e} to 1.00e-05 at iter 40" in schedule["description"]
-    result = cli("inspect", ckpt)
+    result = run_cli("inspect", ckpt)
     assert result.exit_code == 0 and "extended at iter" in result.output
 
 
 def test_warmup_longer_than_the_run_is_said_at_start(tmp_path):
     np.save(tmp_path / "train.npy", learnable_stream(5000))
-    result = cli(
-        "train",
-        "--train_data",
-        tmp_path / "train.npy",
-        *TINY_SCHEDULE_RUN,
-        "--max_iters",
-        "300",
-        "--max_minutes",
-        "0.000001",
-        "--checkpoint_path",
-        tmp_path / "c.pt",
-    )
+    result = train(tmp_path, max_iters=300, max_minutes=0.000001, checkpoint_path=tmp_path / "c.pt")
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("Warning:")]
     assert warnings == [
         "Warning: --warmup_iters 2000 is not shorter than --max_iters 300: the learning rate only reaches 1.50e-04, "
         "never --learning_rate 1.00e-03; pass --warmup_iters 30 (a tenth of the run)"
     ]
-    result = cli(
-        "train",
-        "--train_data",
-        tmp_path / "train.npy",
-        *TINY_SCHEDULE_RUN,
-        "--max_iters",
-        "2",
-        "--warmup_iters",
-        "1",
-        "--checkpoint_path",
-        tmp_path / "d.pt",
-    )
+    result = train(tmp_path, max_iters=2, warmup_iters=1, checkpoint_path=tmp_path / "d.pt")
     assert result.exit_code == 0 and "Warning:" not in result.output

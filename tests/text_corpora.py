@@ -56,3 +56,20 @@ def write_jsonl(path: Path, texts: list) -> Path:
         for t in texts:
             f.write(json.dumps({"text": t}) + "\n")
     return path
+
+
+# Prose, code and non-ASCII text, as the documents of a jsonl corpus.
+_WORDS = (
+    "the cat sat on a mat and the dog ran to the café über naïve Straße 東京 日本語 "
+    "once upon a time there was a small model"
+).split()
+_CODE = ("def f(x):\n    return x + 1\n", "for i in range(10):\n    print(i)\n", "if a == b:\n    c = {'k': [1, 2]}\n")
+
+
+def mixed_documents(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n):
+        prose = " ".join(rng.choice(_WORDS, int(rng.integers(20, 60))))
+        docs.append(prose + "\n" + _CODE[int(rng.integers(len(_CODE)))] if rng.random() < 0.4 else prose)
+    return docs
