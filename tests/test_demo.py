@@ -6,10 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from lmtools.checkpoint import read_checkpoint
-from lmtools.cli import app
 from lmtools.demo import (
     EVAL_ITERS,
     EVALS,
@@ -84,11 +82,9 @@ def test_claim_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
+def test_demo_end_to_end(tmp_path, run_cli):
     out = tmp_path / "demo"
-    result = CliRunner().invoke(
-        app, ["demo", "--minutes", "0.2", "--max_corpus_mb", "0.4", "--vocab-size", "512", "--out", str(out)]
-    )
+    result = run_cli("demo", "--minutes", "0.2", "--max_corpus_mb", "0.4", "--vocab-size", "512", "--out", out)
     assert result.exit_code == 0, result.output
     for name in (
         "corpus.jsonl",

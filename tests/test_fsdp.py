@@ -8,11 +8,18 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from helpers import SMALLEST_MODEL, TORCHRUN_RUN, flags, learnable_stream, logged_losses, torchrun, torchrun_training
+from helpers import (
+    SMALLEST_MODEL,
+    TORCHRUN_RUN,
+    flags,
+    learnable_stream,
+    logged_losses,
+    run_cli,
+    torchrun,
+    torchrun_training,
+)
 from lmtools.checkpoint import read_checkpoint
-from lmtools.cli import app
 from lmtools.config import TrainConfig
 from lmtools.errors import CheckpointError, ConfigError
 from lmtools.generate import load_model
@@ -78,18 +85,8 @@ def test_fsdp_gloo_two_processes_train_and_resume(tmp_path):
 def test_fsdp_needstorchrun(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     np.save(tmp_path / "t.npy", np.arange(2000, dtype=np.uint16) % 64)
-    result = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "--fsdp",
-            "--train_data",
-            str(tmp_path / "t.npy"),
-            *flags(SMALLEST_MODEL, vocab_size=64, context_length=8, max_iters=2),
-            "--checkpoint_path",
-            str(tmp_path / "c.pt"),
-        ],
-    )
+    run_flags = flags(SMALLEST_MODEL, vocab_size=64, context_length=8, max_iters=2, checkpoint_path=tmp_path / "c.pt")
+    result = run_cli("train", "--fsdp", "--train_data", tmp_path / "t.npy", *run_flags)
     assert result.exit_code == 2
     assert "--fsdp" in result.output and "torchrun" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "c.pt").exists()

@@ -9,11 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from helpers import TINY_MODEL, one_line_error, train_config
 from lmtools import TransformerLM
-from lmtools.cli import app
 from lmtools.config import TrainConfig
 from lmtools.inspect import count_token, inspect_path, parameter_counts
 from lmtools.optim import run_get_lr_cosine_schedule
@@ -129,9 +127,9 @@ def test_cli_json_is_the_report(run, run_cli):
     assert json.loads(result.stdout) == json.loads(json.dumps(inspect_path(ckpt)))
 
 
-def test_cli_table(run):
+def test_cli_table(run, run_cli):
     ckpt, _ = run
-    result = CliRunner().invoke(app, ["inspect", str(ckpt)], terminal_width=200)
+    result = run_cli("inspect", ckpt, terminal_width=200)
     assert result.exit_code == 0, result.output
     out = result.stdout
     total = inspect_path(ckpt)["parameters"]["total"]
@@ -277,13 +275,13 @@ def test_broken_meta_json_is_one_line_error(dataset, tmp_path, run_cli):
     one_line_error(run_cli("inspect", folder / "train.npy"), "meta.json")
 
 
-def test_cli_tables_for_data(dataset):
+def test_cli_tables_for_data(dataset, run_cli):
     meta = json.loads((dataset / "meta.json").read_text())
     for path, needles in (
         (dataset, ("prepared dataset", f"{meta['train_tokens']:,}", "excerpt", "sound")),
         (dataset / "val.npy", ("token file", f"{meta['val_tokens']:,}", "uint16", f"{meta['eot_id']}")),
     ):
-        result = CliRunner().invoke(app, ["inspect", str(path)], terminal_width=200)
+        result = run_cli("inspect", path, terminal_width=200)
         assert result.exit_code == 0, result.output
         for needle in needles:
             assert needle in result.stdout, (needle, result.stdout)

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
 from lmtools.corpus import ReadOptions, SourceReader, resolve_sources, safe_cut
 from lmtools.errors import ConfigError, DataError
@@ -516,10 +515,9 @@ def test_cli_trains_and_reports(tmp_path, run_cli):
     assert meta["train_documents"] + meta["val_documents"] == 6
 
 
-def test_help_documents_documents_and_both_flag_spellings():
-    from lmtools.cli import app
+def test_help_documents_documents_and_both_flag_spellings(run_cli):
 
-    result = CliRunner().invoke(app, ["prepare", "--help"], env={"COLUMNS": "200"})
+    result = run_cli("prepare", "--help", env={"COLUMNS": "200"})
     assert result.exit_code == 0
     for flag in ("--text_field", "--text-field", "--vocab_size", "--separator", "--force"):
         assert flag in result.output

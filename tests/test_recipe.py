@@ -10,12 +10,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
 from helpers import TINY_MODEL, flags, run_cli, train_config
 from lmtools import _sampler
 from lmtools.checkpoint import read_checkpoint
-from lmtools.cli import app
 from lmtools.config import TrainConfig
 from lmtools.data import BatchLoader
 from lmtools.errors import ConfigError, DataError
@@ -304,24 +302,15 @@ def test_muon_refuses_fsdp(prepared, tmp_path):
 def test_modern_recipe_end_to_end(prepared, tmp_path):
     """train --recipe modern (one flag overridden), resume, sample, inspect, eval."""
     ckpt = tmp_path / "run" / "c.pt"
-    runner = CliRunner()
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "--train_data",
-            str(prepared),
-            *CLI_MODEL,
-            "--max_iters",
-            "6",
-            "--checkpoint_path",
-            str(ckpt),
-            "--recipe",
-            "modern",
-            "--no-qk-norm",
-            "--learning_rate",
-            "3e-3",
-        ],
+    result = run_cli(
+        "train",
+        "--train_data",
+        prepared,
+        *CLI_MODEL,
+        *flags(max_iters=6, checkpoint_path=ckpt, recipe="modern"),
+        "--no-qk-norm",
+        "--learning_rate",
+        "3e-3",
     )
     assert result.exit_code == 0, result.output
     assert "recipe : modern | Muon (lr 0.02) + AdamW | relu2 feed-forward" in result.output
@@ -332,11 +321,11 @@ def test_modern_recipe_end_to_end(prepared, tmp_path):
     for name, value in RECIPES["modern"].items():
         if name != "qk_norm":
             assert payload["config"][name] == value
-    result = runner.invoke(app, ["resume", str(ckpt), "--max_iters", "8"])
+    result = run_cli("resume", ckpt, "--max_iters", "8")
     assert result.exit_code == 0 and "at iter 6" in result.output, result.output
     assert read_checkpoint(ckpt)["iteration"] == 8
 
-    result = runner.invoke(app, ["inspect", str(ckpt), "--json"])
+    result = run_cli("inspect", ckpt, "--json")
     assert result.exit_code == 0, result.output
     import json
 
@@ -349,13 +338,13 @@ def test_modern_recipe_end_to_end(prepared, tmp_path):
 
     model, _ = load_model(ckpt, torch.device("cpu"))
     assert model.config == ModelConfig.from_dict(payload["model_config"]) and model.config.ffn == "relu2"
-    result = runner.invoke(app, ["sample", str(ckpt), "--prompt", "the model", "--max_new_tokens", "5"])
+    result = run_cli("sample", ckpt, "--prompt", "the model", "--max_new_tokens", "5")
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["eval", str(ckpt), str(prepared / "val.npy"), "--json"])
+    result = run_cli("eval", ckpt, prepared / "val.npy", "--json")
     assert result.exit_code == 0, result.output
     assert 0 < json.loads(result.output)["files"][0]["loss"] < 10
     # A Llama folder cannot hold a ReLU² model: refused in one line, nothing written.
-    result = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "hf")])
+    result = run_cli("export", ckpt, "--out", tmp_path / "hf")
     assert result.exit_code == 2 and "ffn='relu2'" in result.output, result.output
     assert not (tmp_path / "hf" / "config.json").exists()
 

@@ -7,7 +7,6 @@ from dataclasses import fields
 import numpy as np
 import pytest
 import typer
-from typer.testing import CliRunner
 
 from helpers import SMALLEST_MODEL, flags, learnable_stream
 from lmtools.checkpoint import read_checkpoint
@@ -179,9 +178,9 @@ def test_inspect_config_needs_a_checkpoint(tmp_path, run_cli):
     assert "needs a checkpoint" in result.stderr
 
 
-def test_a_hidden_negative_sets_the_option_off_explicitly():
+def test_a_hidden_negative_sets_the_option_off_explicitly(run_cli):
     cfg, explicit = parsed("--recipe", "modern", "--no_qk_norm", "--no-doc-aligned")
     assert cfg.qk_norm is False and cfg.doc_aligned is False and cfg.recipe == "modern"
     assert explicit == {"recipe", "qk_norm", "doc_aligned"}
-    help_text = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    help_text = run_cli("train", "--help", env={"COLUMNS": "200"}).output
     assert "--qk_norm" in help_text and "--no_qk_norm," not in help_text

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import logged_losses, torchrun, torchrun_training, train_config
+from helpers import logged_losses, run_cli, torchrun, torchrun_training, train_config
 from lmtools import TransformerLM, cross_entropy
 from lmtools.checkpoint import read_checkpoint
 
@@ -43,11 +43,8 @@ def test_ddp_gloo_two_processes(tmp_path):
     assert read_checkpoint(ckpt)["iteration"] == 100
 
     # A different world size: one process continues the two-rank run from its global step.
-    from typer.testing import CliRunner
 
-    from lmtools.cli import app
-
-    result = CliRunner().invoke(app, ["resume", str(ckpt), "--max_iters", "120"])
+    result = run_cli("resume", ckpt, "--max_iters", "120")
     assert result.exit_code == 0, result.output
     assert "Resumed from" in result.output and "at iter 100" in result.output and "ranks" not in result.output
     assert read_checkpoint(ckpt)["iteration"] == 120
