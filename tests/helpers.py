@@ -130,7 +130,7 @@ def spawn(*args, stdout=subprocess.PIPE) -> subprocess.Popen:
 def train_process(tokens: Path, ckpt: Path, *extra) -> subprocess.Popen:
     """A FAULT_RUN training without end (until a test stops it), as a real process."""
     return spawn(
-        "train", "--train_data", tokens, *FAULT_RUN, "--max_iters", "1000000", "--checkpoint_path", ckpt, *extra
+        "train", "--train_data", tokens, *FAULT_RUN_FLAGS, "--max_iters", "1000000", "--checkpoint_path", ckpt, *extra
     )
 
 
