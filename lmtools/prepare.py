@@ -433,7 +433,7 @@ def prepare_corpus(
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a folder")
     options = ReadOptions(text_field=text_field, text_column=text_column, separator=separator, piece_chars=piece_chars)
-    with _created_folder_undone_on_failure(out):
+    with _remove_created_folder_on_failure(out):
         out.mkdir(parents=True, exist_ok=True)
         with exclusive(out / LOCK_FILE, f"--out {out}", "wait for that prepare to finish or choose another --out"):
             _claim(out, force)
@@ -464,7 +464,7 @@ def _check_options(
 
 
 @contextlib.contextmanager
-def _created_folder_undone_on_failure(out: Path) -> Iterator[None]:
+def _remove_created_folder_on_failure(out: Path) -> Iterator[None]:
     """A folder that this prepare creates is removed again (if still empty) when it fails; an
     OSError becomes one line where the user can fix it."""
     created_out = not out.exists()
