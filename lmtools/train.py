@@ -275,7 +275,7 @@ class Trainer:
         result = TrainResult(iteration=state.iteration, checkpoint_path=str(self.ckpt_path))
         try:
             with StopSignal() as stop:
-                self.start(result)
+                self.start()
                 while state.iteration < cfg.max_iters:
                     lr = self.set_learning_rate(state.iteration + 1)
                     loss = self.forward_backward()
@@ -289,24 +289,23 @@ class Trainer:
                     due = self.due()
                     if due.log or due.save:
                         guard.read()  # one wait for the device; a non-finite step stops the run here
-                    val = self.evaluate(result) if due.eval else None
+                    val = self.evaluate() if due.eval else None
                     if due.log:
-                        self.log_window(lr, val, result)
+                        self.log_window(lr, val)
                     stop_reason = self.stop_reason(stop)  # the same on every rank
                     if due.save or stop_reason:
                         self.save()
                     self.show_progress(lr)
                     if stop_reason:
-                        result.stopped_by_signal, result.stopped_by_time = (
-                            stop_reason == "signal",
-                            stop_reason == "time",
-                        )
+                        result.stopped_by_signal = stop_reason == "signal"
+                        result.stopped_by_time = stop_reason == "time"
                         break
         except DataChanged as exc:
             raise DataChanged(f"{exc}; {self.last_checkpoint_note()}") from None
         finally:
             self.close()
         result.iteration, result.skipped_steps, result.losses = state.iteration, guard.skipped, guard.losses
+        result.last_loss, result.last_val_loss = self.last_window_loss, self.last_val_loss
         return result
 
     def set_learning_rate(self, iteration: int) -> float:
@@ -357,8 +356,8 @@ class Trainer:
         )
 
     def stop_reason(self, stop: StopSignal) -> str | None:
-        """ "signal" or "time" (--max_minutes) when the run stops after this step, else None. Every
-        rank takes part, so that all stop at the same step."""
+        """Why the run stops after this step: "signal", "time" (--max_minutes), or None to go on.
+        Every rank takes part, so that all stop at the same step."""
         cfg = self.cfg
         out_of_time = cfg.max_minutes is not None and time.perf_counter() - self.run_start > 60 * cfg.max_minutes
         if not any_rank(stop.requested or out_of_time, self.dist):
@@ -376,15 +375,17 @@ class Trainer:
 
     # ---- logs and evaluation ----------------------------------------------------------------
 
-    def start(self, result: TrainResult) -> None:
+    def start(self) -> None:
         """Start the clocks; a new run first logs iter 0 (see `log_start`)."""
         self.run_start, self.window_eval_seconds = time.perf_counter(), 0.0
+        self.last_window_loss: float | None = None  # the newest log line's training loss
+        self.last_val_loss: float | None = None
         if self.state.iteration == 0:
-            self.log_start(result)
+            self.log_start()
         self.start_window()
         self.start_iteration, self.train_start = self.state.iteration, self.window_start
 
-    def log_start(self, result: TrainResult) -> None:
+    def log_start(self) -> None:
         """Iter 0: the loss of the first step's batches under the initial weights (about
         ln(vocab_size) for a new model: the first sanity check) and the validation loss before
         training. Forward passes only, on batches recomputed by position: the run's batches,
@@ -401,7 +402,7 @@ class Trainer:
                     total += cross_entropy(self.model(x), y)
             self.model.train()
         loss = float(all_reduce_mean(total / self.cfg.grad_accum_steps, self.dist))
-        val = self.evaluate(result) if self.val_sets else None
+        val = self.evaluate() if self.val_sets else None
         self.write_record({"iter": 0, "loss": loss, "lr": self.cfg.lr_at(0)}, {}, val)
 
     def start_window(self) -> None:
@@ -411,7 +412,7 @@ class Trainer:
         self.window_start = time.perf_counter()
         self.window_eval_seconds = 0.0  # evaluation is not training time
 
-    def evaluate(self, result: TrainResult) -> tuple[float | None, dict[str, float]]:
+    def evaluate(self) -> tuple[float | None, dict[str, float]]:
         """The validation loss (the token-weighted mean over named sets) and each named set's loss;
         (None, {}) when a stop signal ended the evaluation."""
         started = time.perf_counter()
@@ -426,11 +427,11 @@ class Trainer:
         else:
             sizes = {name: loader.num_tokens for name, loader in self.val_sets}
             val = sum(losses[name] * sizes[name] for name in losses) / sum(sizes.values()), losses
-        result.last_val_loss = val[0]
+        self.last_val_loss = val[0]
         self.window_eval_seconds += time.perf_counter() - started
         return val
 
-    def log_window(self, lr: float, val: tuple[float | None, dict[str, float]] | None, result: TrainResult) -> None:
+    def log_window(self, lr: float, val: tuple[float | None, dict[str, float]] | None) -> None:
         """The log line and metrics record for the steps since the last one (all read)."""
         now = time.perf_counter() - self.window_eval_seconds  # as if the evaluation took no time
         elapsed = now - self.window_start
@@ -457,7 +458,7 @@ class Trainer:
         if self.log_times:
             extra.update(self.times(now))
         self.write_record(record, extra, val)
-        result.last_loss = train_loss
+        self.last_window_loss = train_loss
         self.start_window()
 
     def write_record(self, record: dict, extra: dict, val: tuple[float | None, dict[str, float]] | None) -> None:
