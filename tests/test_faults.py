@@ -15,7 +15,8 @@ import torch
 from fault_tools import TINY as MODEL
 from lmtools.checkpoint import read_checkpoint
 from lmtools.config import TrainConfig
-from lmtools.train import TrainingDiverged, train_model
+from lmtools.guard import TrainingDiverged
+from lmtools.train import train_model
 
 pytestmark = pytest.mark.slow
 
