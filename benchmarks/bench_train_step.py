@@ -6,10 +6,13 @@ a 2048-id vocabulary, batch 16) from the same initial weights on the same random
 - textbook_loop (the baseline of the ratios): nanoGPT's shape. Windows stacked from numpy
   slices, `F.cross_entropy`, `torch.optim.AdamW` with its default (for-each) implementation,
   `clip_grad_norm_`, and `loss.item()` every step.
-- lmtools_step: `Trainer.step`, the body of `lmtools train`'s loop. Batches from the Rust
+- lmtools_step: the body of `lmtools train`'s loop (`Trainer.run`). Batches from the Rust
   sampler's prefetch ring, the loss module, multi-tensor clipping, fused AdamW with the
-  non-finite check on the device, and losses read every 10 steps (`Trainer.settle`), as at a
-  log interval of 10.
+  non-finite check on the device (`NumericsGuard.step`), and losses read every 10 steps
+  (`NumericsGuard.read`), as at a log interval of 10.
+- baseline_REV (only with LMTOOLS_BASELINE_REV=REV): the same step as `lmtools/train.py` wrote
+  it at git revision REV, loaded from git into this process, to compare a change of the
+  training core with what it replaced in the same run.
 
 The two run in turn, `STEPS` steps each, round after round, so that load from other work hits
 them alike; the table gives the median round of each and the ratio of the medians.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 
 from lmtools.config import TrainConfig
 from lmtools.distributed import DistInfo
+from lmtools.runplan import RunPlan
 from lmtools.train import Trainer
 
 MODEL = dict(vocab_size=2048, context_length=128, d_model=128, num_layers=4, num_heads=4, d_ff=384)
@@ -50,8 +55,8 @@ def tokens(tmp_path_factory) -> Path:
     return path
 
 
-def make_trainer(tokens: Path, folder: Path) -> Trainer:
-    cfg = TrainConfig(
+def bench_config(tokens: Path, folder: Path) -> TrainConfig:
+    return TrainConfig(
         train_data=[str(tokens)],
         **MODEL,
         batch_size=BATCH,
@@ -62,7 +67,41 @@ def make_trainer(tokens: Path, folder: Path) -> Trainer:
         checkpoint_path=str(folder / "ckpt.pt"),
         metrics=False,
     )
-    return Trainer(cfg, None, torch.device("cpu"), DistInfo(), lambda _line: None, None)
+
+
+def make_trainer(tokens: Path, folder: Path) -> Trainer:
+    cfg = bench_config(tokens, folder)
+    return Trainer(RunPlan(cfg, cfg.to_dict()), torch.device("cpu"), DistInfo(), lambda _line: None, None)
+
+
+def baseline_steps(rev: str, tokens: Path, folder: Path):
+    """`lmtools/train.py` as of git revision `rev`, its Trainer built on the same config, and a
+    function that takes STEPS of its steps (its API then: `step(lr)`, `settle()`)."""
+    import importlib.util
+    import subprocess
+
+    source = subprocess.run(
+        ["git", "show", f"{rev}:lmtools/train.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent,
+    ).stdout
+    spec = importlib.util.spec_from_loader("lmtools._train_baseline", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    exec(compile(source, f"{rev}:lmtools/train.py", "exec"), module.__dict__)
+    cfg = bench_config(tokens, folder)
+    trainer = module.Trainer(cfg, None, torch.device("cpu"), DistInfo(), lambda _line: None, None)
+
+    def steps() -> None:
+        for i in range(STEPS):
+            trainer.step(1e-3)
+            trainer.iteration += 1
+            if (i + 1) % READ_EVERY == 0:
+                trainer.settle()
+
+    return trainer, steps
 
 
 class TextbookLoop:
@@ -93,20 +132,25 @@ class TextbookLoop:
 def test_train_step_interleaved(benchmark, tokens, tmp_path):
     trainer = make_trainer(tokens, tmp_path)
     textbook = TextbookLoop(trainer, tokens)
-    lr = 1e-3
 
-    def lmtools_steps() -> None:
+    def lmtools_steps() -> None:  # the body of Trainer.run's loop
         for i in range(STEPS):
-            trainer.step(lr)
-            trainer.iteration += 1
+            trainer.set_learning_rate(trainer.state.iteration + 1)
+            loss = trainer.forward_backward()
+            trainer.guard.step(trainer.state.iteration + 1, loss, trainer.clip_gradients())
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.state.iteration += 1
             if (i + 1) % READ_EVERY == 0:
-                trainer.settle()
+                trainer.guard.read()
 
     def textbook_steps() -> None:
         for _ in range(STEPS):
             textbook.step()
 
     runs = {"textbook_loop": textbook_steps, "lmtools_step": lmtools_steps}
+    baseline = None
+    if rev := os.environ.get("LMTOOLS_BASELINE_REV"):
+        baseline, runs[f"baseline_{rev}"] = baseline_steps(rev, tokens, tmp_path / "baseline")
     for fn in runs.values():  # warm-up: first allocations, thread pools, the prefetch ring
         fn()
 
@@ -121,8 +165,10 @@ def test_train_step_interleaved(benchmark, tokens, tmp_path):
         benchmark.pedantic(rounds, rounds=1, iterations=1)
     finally:
         trainer.close()
+        if baseline is not None:
+            baseline.close()
     # Every lmtools step was read back, and none diverged.
-    assert all(np.isfinite(trainer.losses)) and len(trainer.losses) == STEPS * (ROUNDS + 1)
+    assert all(np.isfinite(trainer.guard.losses)) and len(trainer.guard.losses) == STEPS * (ROUNDS + 1)
 
 
 def summary() -> list[str]:
@@ -139,6 +185,14 @@ def summary() -> list[str]:
     for name, times in sorted(TIMES.items(), key=lambda kv: statistics.median(kv[1])):
         med = statistics.median(times)
         lines.append(f"| {name} | {1e3 * med:.1f} | {tokens_per_step / med:,.0f} | {base / med:.2f}x |")
+    for name in [n for n in TIMES if n.startswith("baseline_")]:
+        # Per-round ratios: each round ran both steps back to back, under the same load.
+        ratios = [b / a for a, b in zip(TIMES["lmtools_step"], TIMES[name])]
+        lines += [
+            "",
+            f"lmtools_step vs {name}, speed ratio per round: median {statistics.median(ratios):.3f} "
+            f"(rounds: {', '.join(f'{r:.3f}' for r in ratios)})",
+        ]
     return lines
 
 

@@ -119,19 +119,8 @@ class TrainConfig:
     def model_config(self) -> ModelConfig:
         from lmtools.model import ModelConfig  # imports torch: only when a model is built
 
-        return ModelConfig(
-            vocab_size=self.vocab_size or DEFAULT_VOCAB_SIZE,
-            context_length=self.context_length,
-            d_model=self.d_model,
-            num_layers=self.num_layers,
-            num_heads=self.num_heads,
-            d_ff=self.d_ff,
-            rope_theta=self.rope_theta,
-            qk_norm=self.qk_norm,
-            ffn=self.ffn,
-            zero_init_proj=self.zero_init_proj,
-            logit_softcap=self.logit_softcap,
-        )
+        # Every model field is a run field of the same name.
+        return ModelConfig.from_dict(self.to_dict() | {"vocab_size": self.vocab_size or DEFAULT_VOCAB_SIZE})
 
     def lr_at(self, update: int) -> float:
         """The learning rate of update number `update` (1-based): the loop's and inspect's rule."""

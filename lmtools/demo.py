@@ -88,58 +88,13 @@ def run_demo(
     start = time.perf_counter()
     out = Path(out)
     claim_folder(out)
-
-    log(f"[1/4] corpus: Python standard library sources from {stdlib_root()}")
-    corpus = out / "corpus.jsonl"
-    n_files, n_bytes = write_stdlib_corpus(corpus, int(max_corpus_mb * 1e6), seed=seed)
-    log(f"      {n_files} files, {n_bytes / 1e6:.1f} MB -> {corpus}")
-
-    data_dir = out / "data"
-    t0 = time.perf_counter()
-    from lmtools.prepare import prepare_corpus
-
-    meta = prepare_corpus([corpus], data_dir, vocab_size=vocab_size, val_fraction=0.02, seed=seed, force=True)
-    log(
-        f"[2/4] prepare: BPE tokenizer of {meta['vocab_size']} tokens, {meta['train_tokens']:,} train and "
-        f"{meta['val_tokens']:,} val tokens ({meta.get('bytes_per_token') or 0:.2f} bytes/token) "
-        f"in {time.perf_counter() - t0:.1f}s -> {data_dir}"
-    )
-
-    import torch
-
-    from lmtools.train import train_model
-
-    budget = minutes * 60.0
-    run_dir = out / "run"
-    step_s = probe_step_seconds(demo_config(data_dir, out / "probe", 0, seed))
-    max_iters = iterations_for(budget, step_s)
-    cfg = demo_config(data_dir, run_dir, max_iters, seed)
-    log(
-        f"[3/4] train: {MODEL['num_layers']} layers, d_model {MODEL['d_model']}, context {MODEL['context_length']}, "
-        f"batch {BATCH_SIZE} on {torch.get_num_threads()} CPU threads; a step takes {step_s:.2f}s, "
-        f"so {minutes:g} min is {max_iters} steps"
-    )
-    t0 = time.perf_counter()
-    cfg.max_minutes = (budget * DEADLINE_FACTOR + 5) / 60
-    result = train_model(cfg, log=lambda line: log("      " + line))
-    train_seconds = time.perf_counter() - t0
-    if result.stopped_by_signal or result.stopped_by_time:
-        why = "at the time limit (this machine ran slower than the probe)" if result.stopped_by_time else "by a signal"
-        log(f"      stopped {why}, iter {result.iteration} of {max_iters}")
-
-    from lmtools.plot import read_curves
-
-    curves = read_curves(run_dir)
-    train_curve, val_curve = [loss for _, loss in curves.train], [loss for _, loss in curves.val]
-    plot_path: Path | None = out / "loss.png"
-    try:
-        from lmtools.plot import plot_runs
-
-        plot_runs([run_dir], plot_path, title="lmtools demo: Python stdlib")
-    except ConfigError as exc:  # matplotlib is an optional extra
-        log(f"      no plot: {exc}")
-        plot_path = None
-
+    corpus, data_dir, run_dir = out / "corpus.jsonl", out / "data", out / "run"
+    n_files, n_bytes = _corpus_step(corpus, max_corpus_mb, seed, log)
+    _prepare_step(corpus, data_dir, vocab_size, seed, log)
+    cfg, max_iters = _plan_training(data_dir, out, run_dir, minutes, seed, log)
+    result, train_seconds = _train_step(cfg, max_iters, log)
+    train_curve, val_curve = _loss_curves(run_dir)
+    plot_path = _plot_step(run_dir, out / "loss.png", log)
     log("[4/4] sample:")
     samples = sample_lines(Path(cfg.checkpoint_path), seed=seed)
     return DemoResult(
@@ -161,6 +116,81 @@ def run_demo(
         stopped_early=result.stopped_by_signal or result.stopped_by_time,
         samples=samples,
     )
+
+
+# ---- the steps ------------------------------------------------------------------------------
+
+
+def _corpus_step(corpus: Path, max_corpus_mb: float, seed: int, log: Callable[[str], None]) -> tuple[int, int]:
+    """[1/4]: the stdlib sources as one jsonl file; (files, bytes)."""
+    log(f"[1/4] corpus: Python standard library sources from {stdlib_root()}")
+    n_files, n_bytes = write_stdlib_corpus(corpus, int(max_corpus_mb * 1e6), seed=seed)
+    log(f"      {n_files} files, {n_bytes / 1e6:.1f} MB -> {corpus}")
+    return n_files, n_bytes
+
+
+def _prepare_step(corpus: Path, data_dir: Path, vocab_size: int, seed: int, log: Callable[[str], None]) -> None:
+    """[2/4]: a BPE tokenizer trained on the corpus, and the corpus as token files."""
+    from lmtools.prepare import prepare_corpus
+
+    t0 = time.perf_counter()
+    meta = prepare_corpus([corpus], data_dir, vocab_size=vocab_size, val_fraction=0.02, seed=seed, force=True)
+    log(
+        f"[2/4] prepare: BPE tokenizer of {meta['vocab_size']} tokens, {meta['train_tokens']:,} train and "
+        f"{meta['val_tokens']:,} val tokens ({meta.get('bytes_per_token') or 0:.2f} bytes/token) "
+        f"in {time.perf_counter() - t0:.1f}s -> {data_dir}"
+    )
+
+
+def _plan_training(data_dir: Path, out: Path, run_dir: Path, minutes: float, seed: int, log: Callable[[str], None]):
+    """[3/4], first half: the run's config, its steps fitted to the budget by a timing probe;
+    (config, max_iters)."""
+    import torch
+
+    budget = minutes * 60.0
+    step_s = probe_step_seconds(demo_config(data_dir, out / "probe", 0, seed))
+    max_iters = iterations_for(budget, step_s)
+    cfg = demo_config(data_dir, run_dir, max_iters, seed)
+    log(
+        f"[3/4] train: {MODEL['num_layers']} layers, d_model {MODEL['d_model']}, context {MODEL['context_length']}, "
+        f"batch {BATCH_SIZE} on {torch.get_num_threads()} CPU threads; a step takes {step_s:.2f}s, "
+        f"so {minutes:g} min is {max_iters} steps"
+    )
+    cfg.max_minutes = (budget * DEADLINE_FACTOR + 5) / 60
+    return cfg, max_iters
+
+
+def _train_step(cfg, max_iters: int, log: Callable[[str], None]):
+    """[3/4], second half: the run itself; (its result, seconds)."""
+    from lmtools.train import train_model
+
+    t0 = time.perf_counter()
+    result = train_model(cfg, log=lambda line: log("      " + line))
+    train_seconds = time.perf_counter() - t0
+    if result.stopped_by_signal or result.stopped_by_time:
+        why = "at the time limit (this machine ran slower than the probe)" if result.stopped_by_time else "by a signal"
+        log(f"      stopped {why}, iter {result.iteration} of {max_iters}")
+    return result, train_seconds
+
+
+def _loss_curves(run_dir: Path) -> tuple[list[float], list[float]]:
+    """The logged train and val losses of the run, in order."""
+    from lmtools.plot import read_curves
+
+    curves = read_curves(run_dir)
+    return [loss for _, loss in curves.train], [loss for _, loss in curves.val]
+
+
+def _plot_step(run_dir: Path, plot_path: Path, log: Callable[[str], None]) -> Path | None:
+    """The loss plot; None (and a line saying why) without matplotlib."""
+    try:
+        from lmtools.plot import plot_runs
+
+        plot_runs([run_dir], plot_path, title="lmtools demo: Python stdlib")
+    except ConfigError as exc:  # matplotlib is an optional extra
+        log(f"      no plot: {exc}")
+        return None
+    return plot_path
 
 
 # ---- the pieces -----------------------------------------------------------------------------

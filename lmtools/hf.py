@@ -45,32 +45,32 @@ def renamed_weights(
 ) -> list[tuple[str, str]]:
     """(lmtools name, other name) of every weight, in the model's order. `outer`: the other names
     of the token embedding, final norm and head; `block`: a layer's prefix with `{i}`; `names`:
-    the other names of BLOCK_WEIGHTS."""
+    the other names of BLOCK_WEIGHTS. Every name in `outer` and `names` is given without the
+    ".weight" that ends it."""
     embed, norm, head = outer
-    pairs = [("token_embeddings.weight", embed)]
+    pairs = [("token_embeddings", embed)]
     for i in range(num_layers):
-        pairs += [
-            (f"layers.{i}.{ours}.weight", block.format(i=i) + theirs) for ours, theirs in zip(BLOCK_WEIGHTS, names)
-        ]
-    return pairs + [("ln_final.weight", norm), ("lm_head.weight", head)]
+        pairs += [(f"layers.{i}.{ours}", block.format(i=i) + theirs) for ours, theirs in zip(BLOCK_WEIGHTS, names)]
+    pairs += [("ln_final", norm), ("lm_head", head)]
+    return [(f"{ours}.weight", f"{theirs}.weight") for ours, theirs in pairs]
 
 
 def weight_names(num_layers: int) -> list[tuple[str, str]]:
     """(lmtools name, transformers name) of every weight, in the model's order."""
     return renamed_weights(
         num_layers,
-        ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"),
+        ("model.embed_tokens", "model.norm", "lm_head"),
         "model.layers.{i}.",
         (
-            "input_layernorm.weight",
-            "self_attn.q_proj.weight",
-            "self_attn.k_proj.weight",
-            "self_attn.v_proj.weight",
-            "self_attn.o_proj.weight",
-            "post_attention_layernorm.weight",
-            "mlp.gate_proj.weight",
-            "mlp.up_proj.weight",
-            "mlp.down_proj.weight",
+            "input_layernorm",
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "post_attention_layernorm",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
         ),
     )
 

@@ -9,7 +9,7 @@ source's was.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,20 +95,19 @@ def _tokenizer_text(payload: dict, checkpoint: Path) -> str | None:
     return None
 
 
-def apply_model_shape(cfg: TrainConfig, source: InitSource, explicit: frozenset[str]) -> None:
-    """The new run's model is the source's: its shape flags come from it; a typed flag that
-    contradicts it is an error."""
+def apply_model_shape(cfg: TrainConfig, source: InitSource, explicit: frozenset[str]) -> TrainConfig:
+    """A copy of `cfg` whose model is the source's: its shape flags come from it; a typed flag
+    that contradicts it is an error."""
     known = {f.name for f in fields(TrainConfig)}
-    for key, theirs in source.model_config.items():
-        if key not in known:
-            continue
+    shape = {key: theirs for key, theirs in source.model_config.items() if key in known}
+    for key, theirs in shape.items():
         ours = getattr(cfg, key)
         if key in explicit and ours != theirs:
             raise ConfigError(
                 f"--{key} {ours} contradicts --init_from {source.path}, whose model has {key}={theirs}; "
                 f"drop the flag (the model's shape comes from --init_from)"
             )
-        setattr(cfg, key, theirs)
+    return replace(cfg, **shape)
 
 
 def check_vocabulary(cfg: TrainConfig, source: InitSource, data_tokenizer: Any) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +83,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     from lmtools.model import MODEL_FIELDS
 
     p = Path(path)
-    head = _head(p)
-    if not (head.startswith(_ZIP_MAGIC) or head[:1] == bytes([_PICKLE_PROTO])):
-        raise CheckpointError(
-            f"{p} is not a checkpoint: it is {_looks_like(p, head)}; checkpoints come from lmtools train"
-        )
-    if head.startswith(_ZIP_MAGIC) and not _is_torch_zip(p):
-        raise CheckpointError(f"{p} is not a checkpoint: it is a zip archive without PyTorch's data.pkl")
+    _check_checkpoint_head(p)
     payload = read_checkpoint(p, suggest=False)
     config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
     model_config = payload.get("model_config") or {k: config[k] for k in MODEL_FIELDS if k in config}
@@ -98,9 +93,52 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     state = _config_shapes(model_config) if sharded else payload["model_state_dict"]
     if not isinstance(state, dict) or not all(hasattr(t, "shape") for t in state.values()):
         raise CheckpointError(f"{p} is not an lmtools checkpoint (its model_state_dict holds no tensors)")
-    iteration = int(payload.get("iteration", 0))
     problems: list[str] = []
-    report: dict[str, Any] = {
+    report = _checkpoint_report(p, payload, config, model_config, state) | {"problems": problems}
+    if sharded:
+        report["shards"] = _shards(Path(payload["dcp_path"]), problems)
+        return _plain(report | {"sound": not problems})
+    problems.extend(_weight_problems(model_config, state))
+    report["sound"] = not problems
+    return _plain(report)
+
+
+def _check_checkpoint_head(p: Path) -> None:
+    """Refuse a file whose first bytes are neither a torch zip nor a pickle."""
+    head = _head(p)
+    if not (head.startswith(_ZIP_MAGIC) or head[:1] == bytes([_PICKLE_PROTO])):
+        raise CheckpointError(
+            f"{p} is not a checkpoint: it is {_looks_like(p, head)}; checkpoints come from lmtools train"
+        )
+    if head.startswith(_ZIP_MAGIC) and not _is_torch_zip(p):
+        raise CheckpointError(f"{p} is not a checkpoint: it is a zip archive without PyTorch's data.pkl")
+
+
+# The run's settings that `inspect` shows under "training", in this order.
+TRAINING_KEYS = (
+    "batch_size",
+    "context_length",
+    "grad_accum_steps",
+    "gradient_clip_val",
+    "seed",
+    "device",
+    "dtype",
+    "compile",
+    "fsdp",
+    "checkpoint_interval",
+    "eval_interval",
+    "log_interval",
+    "recipe",
+    "optimizer",
+    "muon_lr",
+    "doc_aligned",
+)
+
+
+def _checkpoint_report(p: Path, payload: dict, config: dict, model_config: dict, state: dict) -> dict[str, Any]:
+    """What the payload says about its run, section by section (problems not yet included)."""
+    iteration = int(payload.get("iteration", 0))
+    return {
         "kind": "checkpoint",
         "path": str(p),
         "file_size": p.stat().st_size,
@@ -115,41 +153,24 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
         "metrics": payload.get("metrics") or {},
         "data": _data(config, payload.get("sampler")),
         "tokenizer": _tokenizer_ref(payload, config, p),
-        "training": {
-            k: config[k]
-            for k in (
-                "batch_size",
-                "context_length",
-                "grad_accum_steps",
-                "gradient_clip_val",
-                "seed",
-                "device",
-                "dtype",
-                "compile",
-                "fsdp",
-                "checkpoint_interval",
-                "eval_interval",
-                "log_interval",
-                "recipe",
-                "optimizer",
-                "muon_lr",
-                "doc_aligned",
-            )
-            if k in config
-        },
-        "problems": problems,
+        "training": _training_settings(config, payload),
     }
+
+
+def _training_settings(config: dict, payload: dict) -> dict[str, Any]:
+    training = {k: config[k] for k in TRAINING_KEYS if k in config}
     if "skipped_steps" in payload:
-        report["training"]["skipped_steps"] = int(payload["skipped_steps"])
-    if sharded:
-        report["shards"] = _shards(Path(payload["dcp_path"]), problems)
-        return _plain(report | {"sound": not problems})
+        training["skipped_steps"] = int(payload["skipped_steps"])
+    return training
+
+
+def _weight_problems(model_config: dict, state: dict) -> list[str]:
+    """Non-finite weights, and weights whose shapes the config does not describe."""
+    problems = []
     nonfinite = [name for name, t in state.items() if t.is_floating_point() and not bool(t.isfinite().all())]
     if nonfinite:
         problems.append(f"non-finite values in {len(nonfinite)} tensors: {', '.join(nonfinite[:5])}")
-    problems.extend(_shape_problems(model_config, state))
-    report["sound"] = not problems
-    return _plain(report)
+    return problems + _shape_problems(model_config, state)
 
 
 def _config_shapes(model_config: dict) -> dict:
@@ -347,17 +368,11 @@ def inspect_token_file(
     `meta` and `tokenizer` default to the `meta.json` and `tokenizer.json` beside the file
     (`tokenizer=None`: no tokenizer, no excerpt).
     """
-    from lmtools import _sampler
+    import functools
 
     p = Path(path)
     is_npy = p.suffix.lower() == ".npy"
-    if not is_npy and _head(p).startswith(_NPY_MAGIC):
-        raise DataError(f"{p} holds a .npy array under another name; rename it to {p.stem}.npy")
-    if not is_npy and dtype is None:
-        raise DataError(f"{p} is a raw token file; pass --dtype ({TOKEN_DTYPES_TEXT})")
-    if is_npy:
-        _sampler.read_npy_header(str(p))  # 2-D, float, big-endian or not-npy: a DataError naming the fix
-    token_file = _sampler.TokenFile.open(str(p), None if is_npy else token_dtype_name(dtype, "--dtype"))
+    token_file = _open_token_file(p, is_npy, dtype)
     n = len(token_file)
     rng = token_file.token_range() if n else None
     if meta is None:
@@ -367,48 +382,69 @@ def inspect_token_file(
     vocab_size = _meta_int(meta, "vocab_size")
     if vocab_size is None and tokenizer is not None:
         vocab_size = int(tokenizer.get_vocab_size())
-    file_size = p.stat().st_size
     report: dict[str, Any] = {
         "kind": "token_file",
         "path": str(p),
         "format": "npy" if is_npy else "raw",
-        "file_size": file_size,
+        "file_size": p.stat().st_size,
         "dtype": token_file.dtype,
         "tokens": n,
         "min_token": rng[0] if rng else None,
         "max_token": rng[1] if rng else None,
         "vocab_size": vocab_size,
     }
-    problems: list[str] = []
+    problems = _range_problems(rng, vocab_size)
+    tokens = functools.cache(lambda: _open_tokens(p, is_npy, token_file.dtype))  # opened once, if at all
+    report |= _documents(p, n, meta, tokenizer, tokens)
+    bpt = _meta_float(meta, "bytes_per_token")
+    if bpt is not None:
+        report["bytes_per_token"] = bpt
+    if tokenizer is not None and n and excerpt_chars > 0 and not problems:
+        ids = [int(t) for t in np.asarray(tokens()[:_EXCERPT_TOKENS])]
+        report["excerpt"] = tokenizer.decode(ids, skip_special_tokens=False)[:excerpt_chars]
+    report["problems"] = problems
+    report["sound"] = not problems
+    return _plain(report)
+
+
+def _open_token_file(p: Path, is_npy: bool, dtype: str | None):
+    """The Rust extension's TokenFile of `p`, after the checks that name what to fix."""
+    from lmtools import _sampler
+
+    if not is_npy and _head(p).startswith(_NPY_MAGIC):
+        raise DataError(f"{p} holds a .npy array under another name; rename it to {p.stem}.npy")
+    if not is_npy and dtype is None:
+        raise DataError(f"{p} is a raw token file; pass --dtype ({TOKEN_DTYPES_TEXT})")
+    if is_npy:
+        _sampler.read_npy_header(str(p))  # 2-D, float, big-endian or not-npy: a DataError naming the fix
+    return _sampler.TokenFile.open(str(p), None if is_npy else token_dtype_name(dtype, "--dtype"))
+
+
+def _range_problems(rng: tuple[int, int] | None, vocab_size: int | None) -> list[str]:
+    problems = []
     if rng and rng[0] < 0:
         problems.append(f"negative token id {rng[0]}")
     if rng and vocab_size is not None and rng[1] >= vocab_size:
         problems.append(f"token id {rng[1]} is beyond the vocabulary ({vocab_size})")
-    data = None
+    return problems
+
+
+def _documents(p: Path, n: int, meta: dict, tokenizer: Any, tokens: Callable[[], np.ndarray]) -> dict[str, Any]:
+    """The file's document count (from meta.json, else counted) and end-of-text id, as report keys."""
+    found: dict[str, Any] = {}
     eot_id = _meta_int(meta, "eot_id", "eot_token", "end_of_text_id")
     if eot_id is None and tokenizer is not None:
         eot_id = tokenizer.token_to_id(EOT)
     documents = _meta_int(meta, f"{p.stem}_documents")  # prepare's train_documents / val_documents
     if documents is not None:
-        report["documents"] = documents
-        report["documents_from"] = META_FILE
+        found["documents"] = documents
+        found["documents_from"] = META_FILE
     elif eot_id is not None and n:
-        data = _open_tokens(p, is_npy, token_file.dtype)
-        report["documents"] = count_token(data, eot_id)
-        report["documents_from"] = f"count of end-of-text id {eot_id}"
+        found["documents"] = count_token(tokens(), eot_id)
+        found["documents_from"] = f"count of end-of-text id {eot_id}"
     if eot_id is not None:
-        report["eot_id"] = eot_id
-    bpt = _meta_float(meta, "bytes_per_token")
-    if bpt is not None:
-        report["bytes_per_token"] = bpt
-    if tokenizer is not None and n and excerpt_chars > 0 and not problems:
-        if data is None:
-            data = _open_tokens(p, is_npy, token_file.dtype)
-        ids = [int(t) for t in np.asarray(data[:_EXCERPT_TOKENS])]
-        report["excerpt"] = tokenizer.decode(ids, skip_special_tokens=False)[:excerpt_chars]
-    report["problems"] = problems
-    report["sound"] = not problems
-    return _plain(report)
+        found["eot_id"] = eot_id
+    return found
 
 
 def inspect_dataset(folder: str | os.PathLike, *, excerpt_chars: int = 200) -> dict:

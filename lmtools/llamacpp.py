@@ -29,19 +29,9 @@ def gguf_names(num_layers: int) -> list[tuple[str, str]]:
     """(lmtools name, GGUF tensor name) of every weight."""
     return renamed_weights(
         num_layers,
-        ("token_embd.weight", "output_norm.weight", "output.weight"),
+        ("token_embd", "output_norm", "output"),
         "blk.{i}.",
-        (
-            "attn_norm.weight",
-            "attn_q.weight",
-            "attn_k.weight",
-            "attn_v.weight",
-            "attn_output.weight",
-            "ffn_norm.weight",
-            "ffn_gate.weight",
-            "ffn_up.weight",
-            "ffn_down.weight",
-        ),
+        ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"),
     )
 
 

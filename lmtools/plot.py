@@ -98,6 +98,13 @@ def plot_runs(
         if c.damaged and warn is not None:
             warn(f"warning: skipped {c.damaged} damaged line(s) in {c.metrics_path}")
     _unique_names(curves)
+    fig = _loss_figure(curves, title, log_y)
+    _save_png(fig, out)
+    return out
+
+
+def _loss_figure(curves: list[RunCurves], title: str | None, log_y: bool):
+    """A matplotlib Figure (no pyplot, no display) with every run's curves in its own color."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -110,28 +117,8 @@ def plot_runs(
     fig = Figure(figsize=(8, 5), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    colors = [f"C{i % 10}" for i in range(len(curves))]
-    for run, color in zip(curves, colors):
-        if run.train:
-            xs, ys = zip(*run.train)
-            ax.plot(xs, ys, color=color, linewidth=1.5, label=f"{run.name} train")
-        if run.val:
-            xs, ys = zip(*run.val)
-            ax.plot(
-                xs, ys, color=color, linestyle="--", marker="o", markersize=3, linewidth=1.2, label=f"{run.name} val"
-            )
-        for (set_name, points), marker in zip(run.val_sets.items(), "sv^Dpx*"):
-            xs, ys = zip(*points)
-            ax.plot(
-                xs,
-                ys,
-                color=color,
-                linestyle=":",
-                marker=marker,
-                markersize=3,
-                linewidth=1,
-                label=f"{run.name} val/{set_name}",
-            )
+    for i, run in enumerate(curves):
+        _plot_run(ax, run, color=f"C{i % 10}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (nats per token)")
@@ -141,7 +128,33 @@ def plot_runs(
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
+    return fig
 
+
+def _plot_run(ax, run: RunCurves, color: str) -> None:
+    """Train solid, val dashed with dots, each named validation set dotted with its own marker."""
+    if run.train:
+        xs, ys = zip(*run.train)
+        ax.plot(xs, ys, color=color, linewidth=1.5, label=f"{run.name} train")
+    if run.val:
+        xs, ys = zip(*run.val)
+        ax.plot(xs, ys, color=color, linestyle="--", marker="o", markersize=3, linewidth=1.2, label=f"{run.name} val")
+    for (set_name, points), marker in zip(run.val_sets.items(), "sv^Dpx*"):
+        xs, ys = zip(*points)
+        ax.plot(
+            xs,
+            ys,
+            color=color,
+            linestyle=":",
+            marker=marker,
+            markersize=3,
+            linewidth=1,
+            label=f"{run.name} val/{set_name}",
+        )
+
+
+def _save_png(fig, out: Path) -> None:
+    """Write the PNG under a temporary name, then rename it into place."""
     if not out.parent.is_dir():
         out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -151,7 +164,6 @@ def plot_runs(
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise DataError(f"could not write {out}: {exc.strerror}; choose a writable --out") from None
-    return out
 
 
 def _unique_names(curves: list[RunCurves]) -> None:

@@ -23,6 +23,7 @@ existing dataset as it was; temporary files of a run that was killed are removed
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import hashlib
@@ -246,6 +247,44 @@ class _Encoded:
     lengths: list = field(default_factory=list)
     open_length: int = 0  # tokens of the document that the last batch ended inside
 
+    def add_source(self, reader: SourceReader) -> None:
+        """Record a source file read to its end."""
+        self.sources.append(
+            {
+                **reader.source.describe(),
+                "sha256": reader.sha256(),
+                "documents": reader.documents,
+                "empty_documents": reader.empty,
+            }
+        )
+        self.empty += reader.empty
+        self.empty_places.extend(reader.empty_places[: EMPTY_EXAMPLES - len(self.empty_places)])
+
+    def add_ids(self, ids: np.ndarray, eot_id: int, seed: int, candidate_below: np.uint64 | None) -> None:
+        """Append a batch's ids to the stream and count its documents; keep the hash and length
+        of those whose hash is below `candidate_below` (None: val takes no documents)."""
+        import numpy as np
+
+        self.writer.append(ids)
+        self.tokens += len(ids)
+        if len(ids):
+            lo, hi = int(ids.min()), int(ids.max())
+            self.min_id = lo if self.min_id is None else min(self.min_id, lo)
+            self.max_id = hi if self.max_id is None else max(self.max_id, hi)
+        bounds = np.flatnonzero(ids == eot_id) + 1
+        if not len(bounds):
+            self.open_length += len(ids)
+            return
+        lengths = np.diff(bounds, prepend=0)
+        lengths[0] += self.open_length
+        self.open_length = len(ids) - int(bounds[-1])
+        if candidate_below is not None:
+            hashes = doc_hashes(seed, self.documents, len(bounds))
+            keep = hashes < candidate_below
+            self.hashes.append(hashes[keep])
+            self.lengths.append(lengths[keep])
+        self.documents += len(bounds)
+
 
 def _plan_split(enc: _Encoded, fraction: float) -> dict[str, Any]:
     """How to split: by whole documents when some set of them holds about `fraction` of the
@@ -384,7 +423,31 @@ def prepare_corpus(
         documents are cut into (tuning knobs; they never change the tokens).
     Raises DataError / ConfigError for anything the user can fix; leaves `out` untouched then.
     """
-    from lmtools.tokenizer import check_vocab_size, default_threads, load_tokenizer
+    from lmtools.tokenizer import load_tokenizer
+
+    threads = _check_options(val_fraction, separator, threads, tokenizer, vocab_size, tokenizer_sample)
+    # The inputs first: a missing corpus is the first thing to hear about.
+    sources = resolve_sources(inputs)
+    loaded = load_tokenizer(tokenizer) if tokenizer is not None else None
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a folder")
+    options = ReadOptions(text_field=text_field, text_column=text_column, separator=separator, piece_chars=piece_chars)
+    with _remove_created_folder_on_failure(out):
+        out.mkdir(parents=True, exist_ok=True)
+        with exclusive(out / LOCK_FILE, f"--out {out}", "wait for that prepare to finish or choose another --out"):
+            _claim(out, force)
+            run = _Run(sources, options, out, seed, val_fraction, progress or Progress())
+            meta = run.write(loaded, tokenizer, vocab_size, tokenizer_sample, threads, batch_chars)
+    meta["dir"] = str(out.resolve())
+    return meta
+
+
+def _check_options(
+    val_fraction: float, separator: str | None, threads: int | None, tokenizer, vocab_size: int, tokenizer_sample: int
+) -> int:
+    """Refuse option values that no corpus makes right; returns the number of encoding threads."""
+    from lmtools.tokenizer import check_vocab_size, default_threads
 
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"--val_fraction {val_fraction} must be in [0, 1)")
@@ -397,26 +460,16 @@ def prepare_corpus(
         check_vocab_size(vocab_size)
     if tokenizer_sample < 0:
         raise ConfigError(f"--tokenizer_sample {tokenizer_sample} must be >= 0 (0: all)")
-    # The inputs first: a missing corpus is the first thing to hear about.
-    sources = resolve_sources(inputs)
-    loaded = load_tokenizer(tokenizer) if tokenizer is not None else None
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out}: exists and is not a folder")
+    return threads
+
+
+@contextlib.contextmanager
+def _remove_created_folder_on_failure(out: Path) -> Iterator[None]:
+    """A folder that this prepare creates is removed again (if still empty) when it fails; an
+    OSError becomes one line where the user can fix it."""
     created_out = not out.exists()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with exclusive(out / LOCK_FILE, f"--out {out}", "wait for that prepare to finish or choose another --out"):
-            if (out / META_FILE).exists() and not force:
-                raise DataError(
-                    f"{out} already holds a prepared dataset; pass --force to overwrite it or choose another --out"
-                )
-            _remove_stale_temporaries(out)
-            options = ReadOptions(
-                text_field=text_field, text_column=text_column, separator=separator, piece_chars=piece_chars
-            )
-            run = _Run(sources, options, out, seed, val_fraction, progress or Progress())
-            meta = run.write(loaded, tokenizer, vocab_size, tokenizer_sample, threads, batch_chars)
+        yield
     except OSError as exc:
         if created_out:
             _remove_if_empty(out)
@@ -425,8 +478,14 @@ def prepare_corpus(
         if created_out:
             _remove_if_empty(out)
         raise
-    meta["dir"] = str(out.resolve())
-    return meta
+
+
+def _claim(out: Path, force: bool) -> None:
+    """Under the folder's lock: a dataset is overwritten only with --force, and what a killed
+    prepare left behind goes."""
+    if (out / META_FILE).exists() and not force:
+        raise DataError(f"{out} already holds a prepared dataset; pass --force to overwrite it or choose another --out")
+    _remove_stale_temporaries(out)
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -544,13 +603,9 @@ class _Run:
         from lmtools import __version__
 
         text_tokens = enc.tokens - enc.documents
-        split = {
-            "method": plan.pop("method"),
-            "val_fraction_requested": self.val_fraction,
-            "val_fraction_given": round(val_tokens / enc.tokens, 6),
-            **plan,
-        }
+        split = _split_record(plan, self.val_fraction, val_tokens / enc.tokens)
         trained = tokenizer_spec is None
+        source = str(Path(tokenizer_spec).expanduser().resolve()) if kind not in ("bpe", "bytes") else None
         return {
             "format": FORMAT,
             "vocab_size": encoder.vocab_size,
@@ -569,9 +624,7 @@ class _Run:
             "eot_token": EOT,
             "tokenizer": TOKENIZER_FILE,
             "tokenizer_kind": kind,
-            "tokenizer_source": (
-                str(Path(tokenizer_spec).expanduser().resolve()) if kind not in ("bpe", "bytes") else None
-            ),
+            "tokenizer_source": source,
             "encoder": encoder.engine,
             "text_bytes": enc.text_bytes,
             "bytes_per_token": round(enc.text_bytes / text_tokens, 4) if text_tokens else None,
@@ -587,6 +640,16 @@ class _Run:
             "lmtools_version": __version__,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
+
+
+def _split_record(plan: dict, requested: float, given: float) -> dict[str, Any]:
+    """meta.json's "split": the method first, then the shares, then the plan's own details."""
+    return {
+        "method": plan.pop("method"),
+        "val_fraction_requested": requested,
+        "val_fraction_given": round(given, 6),
+        **plan,
+    }
 
 
 def _no_text(enc: _Encoded) -> DataError:
@@ -693,45 +756,14 @@ def _encode(
     import numpy as np
 
     enc = _Encoded(stream)
-    low = np.uint64(_threshold(min(1.0, CANDIDATE_FACTOR * val_fraction)))
-
-    def source_done(reader: SourceReader) -> None:
-        enc.sources.append(
-            {
-                **reader.source.describe(),
-                "sha256": reader.sha256(),
-                "documents": reader.documents,
-                "empty_documents": reader.empty,
-            }
-        )
-        enc.empty += reader.empty
-        enc.empty_places.extend(reader.empty_places[: EMPTY_EXAMPLES - len(enc.empty_places)])
-
+    low = np.uint64(_threshold(min(1.0, CANDIDATE_FACTOR * val_fraction))) if val_fraction > 0 else None
     pieces = iter_pieces(
-        sources, options, on_bytes=lambda n: progress.advance(n), hash_files=True, on_source_done=source_done
+        sources, options, on_bytes=lambda n: progress.advance(n), hash_files=True, on_source_done=enc.add_source
     )
     eot_id = encoder.eot_id
 
     def write(ids: np.ndarray) -> None:
-        stream.append(ids)
-        enc.tokens += len(ids)
-        if len(ids):
-            lo, hi = int(ids.min()), int(ids.max())
-            enc.min_id = lo if enc.min_id is None else min(enc.min_id, lo)
-            enc.max_id = hi if enc.max_id is None else max(enc.max_id, hi)
-        bounds = np.flatnonzero(ids == eot_id) + 1
-        if not len(bounds):
-            enc.open_length += len(ids)
-        else:
-            lengths = np.diff(bounds, prepend=0)
-            lengths[0] += enc.open_length
-            enc.open_length = len(ids) - int(bounds[-1])
-            if val_fraction > 0:
-                hashes = doc_hashes(seed, enc.documents, len(bounds))
-                keep = hashes < low
-                enc.hashes.append(hashes[keep])
-                enc.lengths.append(lengths[keep])
-            enc.documents += len(bounds)
+        enc.add_ids(ids, eot_id, seed, low)
         progress.advance(tokens=len(ids))
 
     pending = None  # waiter of the batch being encoded

@@ -10,7 +10,7 @@ A flag the user gives always wins over the recipe.
 from __future__ import annotations
 
 import math
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from lmtools.config import TrainConfig
 from lmtools.errors import ConfigError
@@ -28,14 +28,16 @@ RECIPES: dict[str, dict] = {
 
 
 def apply_recipe(cfg: TrainConfig, explicit: frozenset[str] = frozenset()) -> TrainConfig:
-    """Set the recipe's options on `cfg`, except those the user named (`explicit`) or already
-    moved off their default."""
+    """A copy of `cfg` with the recipe's options, except those the user named (`explicit`) or
+    already moved off their default."""
     validate_recipe_options(cfg)
     defaults = {f.name: f.default for f in fields(TrainConfig)}
-    for name, value in RECIPES[cfg.recipe].items():
-        if name not in explicit and getattr(cfg, name) == defaults[name]:
-            setattr(cfg, name, value)
-    return cfg
+    changes = {
+        name: value
+        for name, value in RECIPES[cfg.recipe].items()
+        if name not in explicit and getattr(cfg, name) == defaults[name]
+    }
+    return replace(cfg, **changes)
 
 
 def describe_options(cfg: TrainConfig) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,12 @@ def normalise_specs(specs: list[str]) -> list[str]:
 
 
 def resolve_data(cfg: TrainConfig, explicit_vocab: bool) -> TrainConfig:
-    """Fill vocab size, validation files and tokenizer from the prepared folders' meta.json.
+    """A copy of `cfg` with vocab size, validation files and tokenizer filled from the prepared
+    folders' meta.json.
 
     Sources tokenized differently cannot mix: that is an error naming both tokenizers.
     """
-    cfg.train_data = [train_file_spec(s) for s in cfg.train_data]
+    cfg = replace(cfg, train_data=[train_file_spec(s) for s in cfg.train_data])
     prepared = _prepared_sources(cfg.train_data)
     if not prepared:
         if cfg.vocab_size is None:

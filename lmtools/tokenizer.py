@@ -418,11 +418,8 @@ def to_tiktoken(tok: Tokenizer):
     token encodes to itself (tiktoken looks whole pieces up before merging). Both are checked
     here; `prepare` also compares the two encoders on a sample of the corpus.
     """
-    try:
-        import tiktoken
-    except ImportError:
-        return None
-    if not hasattr(tiktoken.Encoding, "encode_to_numpy"):  # tiktoken < 0.8
+    tiktoken = _tiktoken_module()
+    if tiktoken is None:
         return None
     import numpy as np
 
@@ -430,43 +427,13 @@ def to_tiktoken(tok: Tokenizer):
     model = spec.get("model") or {}
     if not _plain_byte_level(spec, model):
         return None
-    u2b = unicode_to_bytes()
-    vocab: dict[str, int] = model["vocab"]
-
-    table = _byte_table()
-
-    def as_bytes(token: str) -> bytes | None:
-        try:
-            return token.translate(table).encode("latin-1")
-        except UnicodeEncodeError:  # a character outside the byte-level alphabet
-            return None
-
-    singles = sorted((i, t) for t, i in vocab.items() if len(t) == 1 and t in u2b)
-    if len(singles) != 256:
+    ranked = _byte_level_ranks(model)
+    if ranked is None:
         return None
-    ranks: dict[bytes, int] = {}
-    ids: list[int] = []
-    for i, t in singles:
-        ranks[bytes([u2b[t]])] = len(ids)
-        ids.append(i)
-    merged: list[str] = []
-    for a, b in _merges(model):
-        ba, bb = as_bytes(a), as_bytes(b)
-        if ba is None or bb is None or a + b not in vocab or ba + bb in ranks:
-            return None
-        ranks[ba + bb] = len(ids)
-        ids.append(vocab[a + b])
-        merged.append(a + b)
-    # Every merged token must encode to itself under `tokenizers` (tiktoken's whole-piece
-    # lookup would otherwise give a token that `tokenizers` never produces for that piece).
-    if not model.get("ignore_merges"):
-        bpe = tok.model
-        for token in merged:
-            out = bpe.tokenize(token)
-            if len(out) != 1:
-                return None
-    eot_id = tok.token_to_id(EOT)
-    ids.append(eot_id)
+    ranks, ids, merged = ranked
+    if not model.get("ignore_merges") and not _encode_to_themselves(tok, merged):
+        return None
+    ids.append(tok.token_to_id(EOT))
     encoding = tiktoken.Encoding(
         "lmtools-bpe",
         pat_str=GPT2_PATTERN,
@@ -477,6 +444,57 @@ def to_tiktoken(tok: Tokenizer):
     if np.array_equal(lookup, np.arange(len(ids), dtype=np.uint32)):
         lookup = None
     return encoding, lookup
+
+
+def _tiktoken_module():
+    """tiktoken, when it is installed and new enough (0.8: encode_to_numpy), else None."""
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    if not hasattr(tiktoken.Encoding, "encode_to_numpy"):  # tiktoken < 0.8
+        return None
+    return tiktoken
+
+
+def _byte_level_ranks(model: dict) -> tuple[dict[bytes, int], list[int], list[str]] | None:
+    """(tiktoken rank of each token's bytes, token id of each rank, merged tokens in merge
+    order) of a byte-level BPE; None when its merges cannot be ranks (see `to_tiktoken`)."""
+    u2b = unicode_to_bytes()
+    vocab: dict[str, int] = model["vocab"]
+    singles = sorted((i, t) for t, i in vocab.items() if len(t) == 1 and t in u2b)
+    if len(singles) != 256:
+        return None
+    ranks: dict[bytes, int] = {}
+    ids: list[int] = []
+    for i, t in singles:
+        ranks[bytes([u2b[t]])] = len(ids)
+        ids.append(i)
+    table = _byte_table()
+    merged: list[str] = []
+    for a, b in _merges(model):
+        ba, bb = _token_bytes(a, table), _token_bytes(b, table)
+        if ba is None or bb is None or a + b not in vocab or ba + bb in ranks:
+            return None
+        ranks[ba + bb] = len(ids)
+        ids.append(vocab[a + b])
+        merged.append(a + b)
+    return ranks, ids, merged
+
+
+def _token_bytes(token: str, table: dict[int, str]) -> bytes | None:
+    """The bytes a byte-level token stands for; None for a character outside that alphabet."""
+    try:
+        return token.translate(table).encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+
+
+def _encode_to_themselves(tok: Tokenizer, merged: list[str]) -> bool:
+    """Whether every merged token encodes to itself under `tokenizers` (tiktoken's whole-piece
+    lookup would otherwise give a token that `tokenizers` never produces for that piece)."""
+    bpe = tok.model
+    return all(len(bpe.tokenize(token)) == 1 for token in merged)
 
 
 def _plain_byte_level(spec: dict, model: dict) -> bool:

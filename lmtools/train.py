@@ -1,8 +1,15 @@
-"""The training core: set-up, the loop, evaluation and checkpoints.
+"""The training core: one run's set-up, its loop, evaluation and checkpoints.
 
-`train_model` reads top to bottom: resolve the device and data, build the model and optimizer,
-restore a checkpoint when resuming, then loop. The loop takes its batches from one
-`BatchLoader`, and calls out for logging, evaluation and checkpointing.
+`train_model` plans the run (`lmtools.runplan`: a new run's config resolved from its data, a
+resumed run's from its checkpoint), takes the device and the ranks, and hands over to a
+`Trainer`. `Trainer.run` is the loop, one call per thing a step does:
+
+    learning rate -> forward and backward over the micro-batches -> clip -> guarded optimizer
+    step (`lmtools.guard`) -> evaluate -> log -> checkpoint (`lmtools.runstate` holds what it
+    carries) -> stop check
+
+`Trainer.__init__` builds what the loop uses, in that order of need: data, model and optimizer,
+numerics guard and run state (restored when resuming), the training module, logs.
 """
 
 from __future__ import annotations
@@ -10,58 +17,35 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from lmtools import __version__
-from lmtools.checkpoint import (
-    FORMAT_VERSION,
-    keep_snapshot,
-    load_state,
-    read_checkpoint,
-    save_checkpoint,
-    save_sharded_checkpoint,
-    snapshot_base,
-)
+from lmtools.checkpoint import FORMAT_VERSION, keep_snapshot, load_state, save_checkpoint, save_sharded_checkpoint
 from lmtools.config import TrainConfig
 from lmtools.data import BatchLoader, parse_source_spec
 from lmtools.device import peak_flops, resolve_device
-from lmtools.distributed import (
-    DistInfo,
-    all_reduce_max,
-    all_reduce_mean,
-    any_rank,
-    barrier,
-    init_distributed,
-    shutdown,
-)
-from lmtools.errors import CheckpointError, ConfigError, DataChanged, DataError, LMToolsError
+from lmtools.distributed import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed, shutdown
+from lmtools.errors import ConfigError, DataChanged, DataError
 from lmtools.fingerprint import DataIdentity, verify_resume_data
+from lmtools.guard import NumericsGuard
 from lmtools.layout import METRICS_FILE
-from lmtools.metrics import ExternalLoggers, MetricsWriter, SpikeDetector, format_log_line
-from lmtools.model import MODEL_FIELDS, ModelConfig, TransformerLM
+from lmtools.metrics import ExternalLoggers, MetricsWriter, format_log_line
+from lmtools.model import TransformerLM
 from lmtools.optim import cross_entropy, make_optimizer, run_gradient_clipping
-from lmtools.preflight import MemoryEstimate, check_stored_config, check_training_run
+from lmtools.preflight import MemoryEstimate, check_training_run
 from lmtools.prepare import read_meta
-from lmtools.recipe import apply_recipe, describe_options, document_eot
-from lmtools.rundata import absolute_spec, data_tokenizer_identity, normalise_specs, resolve_data
-from lmtools.runguard import RunGuard, check_new_run_target, check_rollback, start_fresh_metrics
+from lmtools.recipe import describe_options, document_eot
+from lmtools.rundata import absolute_spec
+from lmtools.runguard import RunGuard, start_fresh_metrics
+from lmtools.runplan import RunPlan, plan_new_run, plan_resumed_run
+from lmtools.runstate import RunState, seed_everything
 from lmtools.signals import StopSignal, stop_requested
 from lmtools.tokenizer import read_tokenizer_json
-
-if TYPE_CHECKING:
-    from lmtools.init_from import InitSource
-
-
-class TrainingDiverged(LMToolsError):
-    """The loss or gradient norm stopped being finite."""
 
 
 @dataclass
@@ -74,57 +58,6 @@ class TrainResult:
     stopped_by_time: bool = False
     skipped_steps: int = 0
     losses: list[float] = field(default_factory=list)
-
-
-# A bound on steps left unread on the device when logs and checkpoints are far apart.
-MAX_PENDING_STEPS = 256
-
-
-# ---- set-up helpers -----------------------------------------------------------------------
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    if cfg.dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-
-
-def rng_state(device: torch.device) -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": _numpy_state_to_plain(np.random.get_state()),
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _numpy_state_to_plain(state) -> tuple:
-    # weights_only loading accepts tensors and plain data, not numpy arrays.
-    name, keys, pos, has_gauss, cached = state
-    return (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# ---- the core -----------------------------------------------------------------------------
 
 
 def train_model(
@@ -149,528 +82,314 @@ def train_model(
     `log_times`: each log line also gives the elapsed time and an estimate of the time left
     (for logs that go to a file, where no progress bar shows them).
     """
-    guard = RunGuard()
+    run_guard = RunGuard()
+    # Only the process that writes checkpoints (rank 0 under torchrun) holds the locks.
+    lock = run_guard.lock if os.environ.get("RANK", "0") == "0" else (lambda _path: None)
     try:
-        payload, init, notes = None, None, []
-        user_config = cfg.to_dict()  # what the user passed, before the data resolves the rest
-        if resume_from is not None:
-            from lmtools.inspect import check_checkpoint_file
-
-            # Locked before reading: a second run or resume on this path fails at once.
-            target = cfg.checkpoint_path if "checkpoint_path" in explicit else snapshot_base(resume_from)
-            _lock(guard, Path(target))
-            check_checkpoint_file(Path(resume_from), "resume")
-            payload = read_checkpoint(resume_from)
-            check_stored_config(payload.get("config") if isinstance(payload.get("config"), dict) else {}, resume_from)
-            user_config = resumed_user_config(payload, cfg, explicit)
-            cfg, note = merge_resume_config(payload, cfg, explicit, resume_from)
-            notes += [note] if note else []
-            _lock(guard, Path(cfg.checkpoint_path))
-            check_resume_point(payload, cfg, Path(resume_from), rollback, log)
+        if resume_from is None:
+            plan = plan_new_run(cfg, explicit, lock)
         else:
-            check_checkpoint_folder(Path(cfg.checkpoint_path))
-            _lock(guard, Path(cfg.checkpoint_path))
-            check_new_run_target(Path(cfg.checkpoint_path), cfg.overwrite)
-            cfg, init = resolve_new_run(apply_recipe(cfg, explicit), explicit)
-        cfg.validate()
-        if payload is None and cfg.warmup_warning():
-            notes.append(cfg.warmup_warning())
-        device = resolve_device(cfg.device)
-        dist_info, device = init_distributed(device)
+            plan = plan_resumed_run(cfg, resume_from, explicit, lock, rollback, log)
+        dist_info, device = init_distributed(resolve_device(plan.config.device))
         try:
-            if cfg.fsdp and not dist_info.enabled:
+            if plan.config.fsdp and not dist_info.enabled:
                 raise ConfigError(
                     "--fsdp shards the model across ranks: launch with torchrun --nproc_per_node N (N > 1), "
                     "or drop --fsdp"
                 )
-            memory = check_training_run(cfg, device, dist_info.world_size)
+            memory = check_training_run(plan.config, device, dist_info.world_size)
             if not dist_info.is_main:
                 log, on_step = (lambda _line: None), None
             trainer = Trainer(
-                cfg,
-                payload,
+                plan,
                 device,
                 dist_info,
                 log,
                 on_step,
-                init=init,
-                notes=notes,
                 log_times=log_times,
                 memory=memory,
                 allow_data_change=allow_data_change,
-                started_from=Path(resume_from) if resume_from else None,
-                user_config=user_config,
             )
             return trainer.run()
         finally:
             shutdown(dist_info)
     finally:
-        guard.release()
+        run_guard.release()
 
 
-def _lock(guard: RunGuard, path: Path) -> None:
-    """Only the process that writes checkpoints (rank 0 under torchrun) holds the locks."""
-    if os.environ.get("RANK", "0") == "0":
-        guard.lock(path)
+@dataclass
+class Due:
+    """What follows the step just taken, by its iteration."""
 
-
-def check_resume_point(payload: dict, cfg: TrainConfig, resume_from: Path, rollback: bool, log) -> None:
-    """A resume must have steps left, and may go back past newer checkpoints only when asked."""
-    iteration = int(payload.get("iteration", 0))
-    if iteration >= cfg.max_iters:
-        raise ConfigError(
-            f"{resume_from} is at iter {iteration}, at or past --max_iters {cfg.max_iters}: nothing left to train; "
-            f"pass --max_iters above {iteration} to continue"
-        )
-    check_rollback(resume_from, Path(cfg.checkpoint_path), iteration, rollback, log)
-
-
-def resolve_new_run(cfg: TrainConfig, explicit: frozenset[str]) -> tuple[TrainConfig, InitSource | None]:
-    """A fresh run's data, vocabulary and, with --init_from, the model it starts from."""
-    if not cfg.init_from:
-        if cfg.init_optimizer:
-            raise ConfigError("--init_optimizer takes the optimizer state of --init_from CHECKPOINT; add that flag")
-        return resolve_data(cfg, explicit_vocab="vocab_size" in explicit), None
-    from lmtools.init_from import apply_model_shape, check_init_flags, check_vocabulary, read_init_source
-
-    if cfg.fsdp:
-        raise ConfigError("--init_from does not work with --fsdp yet; start the run without --fsdp")
-    init = read_init_source(cfg.init_from)
-    # Every architecture option spelled out, so the source's model overrides a recipe's.
-    init.model_config = asdict(ModelConfig.from_dict(init.model_config))
-    cfg.init_from = init.path
-    check_init_flags(cfg, init)
-    apply_model_shape(cfg, init, explicit)
-    cfg = resolve_data(cfg, explicit_vocab=False)
-    check_vocabulary(cfg, init, data_tokenizer_identity(cfg))
-    return cfg, init
-
-
-def resumed_user_config(payload: dict, cfg: TrainConfig, explicit: frozenset[str]) -> dict:
-    """The config the user passed for a resumed run: the first invocation's (older checkpoints
-    hold only the resolved one) with the values typed this time."""
-    stored = payload.get("user_config") or payload.get("config") or {}
-    return {**stored, **{name: getattr(cfg, name) for name in explicit if hasattr(cfg, name)}}
-
-
-# Flags a resumed run cannot honour: its data, batches and starting point are the checkpoint's.
-RESUME_FIXED = (
-    "train_data",
-    "val_data",
-    "data_dtype",
-    "seed",
-    "batch_size",
-    "grad_accum_steps",
-    "init_from",
-    "init_optimizer",
-)
-
-
-def merge_resume_config(
-    payload: dict, cfg: TrainConfig, explicit: frozenset[str], source: str = "CHECKPOINT"
-) -> tuple[TrainConfig, str | None]:
-    """The stored run config with the typed overrides applied, and the line that says how the
-    schedule changed (when --max_iters moves its end), or None."""
-    stored = payload.get("config")
-    if not isinstance(stored, dict):
-        raise ConfigError("the checkpoint holds no run config; it was not written by lmtools train")
-    resumed = TrainConfig.from_dict(stored)
-    note = None
-    for name in sorted(explicit):
-        ours, theirs = getattr(cfg, name, None), getattr(resumed, name, None)
-        if name in MODEL_FIELDS and ours != theirs:
-            raise ConfigError(
-                f"--{name} {ours} contradicts the checkpoint, which was trained with {name}={theirs}; "
-                f"drop the flag to resume"
-            )
-        if name in RESUME_FIXED:
-            check_resume_keeps(name, ours, theirs, source)
-        elif name == "max_iters":
-            note = resumed.extend_schedule(ours, int(payload.get("iteration", 0)))
-        elif name not in MODEL_FIELDS and name != "resume":
-            setattr(resumed, name, ours)
-    return resumed, note
-
-
-def check_resume_keeps(name: str, ours, theirs, source: str) -> None:
-    """A resumed run keeps what fixes its batches; asking for another is an error naming the way."""
-    if name == "train_data":
-        ours, theirs = normalise_specs(list(ours)), list(theirs or [])
-    elif name == "val_data" and ours is not None:
-        ours = absolute_spec(ours)
-    if ours == theirs or (name == "init_optimizer" and not ours):
-        return
-    if name in ("init_from", "init_optimizer"):
-        raise ConfigError(f"--{name} starts a new run and --resume continues one; drop one of them")
-    shown = " ".join(ours) if isinstance(ours, list) else ours
-    raise ConfigError(
-        f"--{name} {shown}: a resumed run keeps its checkpoint's {name} ({theirs}); to train these weights "
-        f"with it, start a new run: lmtools train --init_from {source} --{name} ... --checkpoint_path NEW.pt"
-    )
+    eval: bool  # evaluate the validation sets
+    log: bool  # a log line and a metrics record
+    save: bool  # a checkpoint
 
 
 class Trainer:
-    """One run: set-up in `__init__`, the loop in `run`, one method per thing the loop does."""
+    """One run: set-up in `__init__`, the loop in `run`, one method per thing the loop does.
+
+    `self.model` is the model checkpoints save; `self.loss_module` computes the loss with it,
+    wrapped for DDP and compilation when asked.
+    """
 
     def __init__(
         self,
-        cfg: TrainConfig,
-        payload: dict | None,
+        plan: RunPlan,
         device: torch.device,
         dist_info: DistInfo,
         log: Callable[[str], None],
         on_step,
         *,
-        init: InitSource | None = None,
-        notes: list[str] = (),
         log_times: bool = False,
         memory: MemoryEstimate | None = None,
         allow_data_change: bool = False,
-        started_from: Path | None = None,
-        user_config: dict | None = None,
     ):
+        cfg = with_absolute_paths(plan.config)  # the same data from any folder `resume` runs in
         self.cfg, self.device, self.dist, self.log, self.on_step = cfg, device, dist_info, log, on_step
-        self.user_config = cfg.to_dict() if user_config is None else user_config
-        self.log_times = log_times
+        self.user_config, self.log_times, self.started_from = plan.user_config, log_times, plan.started_from
+        self.ckpt_path = Path(cfg.checkpoint_path)
+        self.saved_at = int(plan.payload["iteration"]) if plan.payload is not None else None
         seed_everything(cfg.seed + dist_info.rank)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls
 
-        self.ckpt_path = Path(cfg.checkpoint_path)
-        self.started_from = started_from  # never pruned as a snapshot
-        self.saved_at = int(payload["iteration"]) if payload is not None else None
+        self.loader, self.val_sets, self.identity = self.open_data()
+        data_changed = plan.payload is not None and verify_resume_data(
+            self.identity, plan.payload, allow_data_change, log
+        )
+        self.check_token_ranges()
+        self.model = build_sharded_model(cfg, device, dist_info) if cfg.fsdp else build_model(cfg, device)
+        self.optimizer = make_optimizer(
+            self.model, cfg.learning_rate, cfg.weight_decay, device, optimizer=cfg.optimizer, muon_lr=cfg.muon_lr
+        )
+        if plan.init is not None:
+            plan.init.load_into(self.model, self.optimizer if cfg.init_optimizer else None)
+        self.dtype = autocast_dtype(cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.amp = autocast(device, self.dtype)
+        self.guard = NumericsGuard(
+            self.optimizer,
+            self.scaler,
+            self.dtype,
+            dist_info,
+            skip_nonfinite=cfg.skip_nonfinite,
+            skip_spikes=cfg.skip_spikes,
+            spike_zscore=cfg.spike_zscore,
+            log=log,
+            checkpoint_path=self.ckpt_path,
+        )
+        self.state = RunState(self.loader, self.guard, device)
+        # Stored in every checkpoint, so that it needs no dataset folder to be sampled or exported.
+        self.tokenizer_json = (
+            read_tokenizer_json(cfg.tokenizer)
+            or (plan.payload or {}).get("tokenizer_json")
+            or (plan.init.tokenizer_text if plan.init is not None else None)
+        )
+        if plan.payload is not None:
+            self.restore(plan.payload, data_changed)
+        self.loss_module = training_module(self.model, cfg, device, dist_info)
+        self.open_logs(resuming=plan.payload is not None)
+        self.log_header(plan, memory)
 
-        # Data: absolute paths, so that `resume` works from any folder.
-        cfg.train_data = [absolute_spec(s) for s in cfg.train_data]
-        self.loader = BatchLoader(
+    # ---- set-up -----------------------------------------------------------------------------
+
+    def open_data(self) -> tuple[BatchLoader, list[tuple[str | None, BatchLoader]], DataIdentity]:
+        """The training batches, a (name, loader) per validation set (a lone --val_data has no
+        name), and the identity of every file they read."""
+        cfg = self.cfg
+        loader = BatchLoader(
             cfg.train_data,
             cfg.batch_size,
             cfg.context_length,
-            device,
+            self.device,
             seed=cfg.seed,
-            rank=dist_info.rank,
+            rank=self.dist.rank,
             grad_accum_steps=cfg.grad_accum_steps,
             dtype=cfg.data_dtype,
             doc_eot=document_eot(cfg),
         )
-        # (name, loader) per validation set; a lone --val_data has no name.
-        self.val_sets: list[tuple[str | None, BatchLoader]] = []
-        if cfg.val_data:
-            cfg.val_data = absolute_spec(cfg.val_data)
-            self.val_sets.append((None, self.make_val_loader(cfg.val_data)))
-        else:
-            cfg.val_sets = {name: absolute_spec(path) for name, path in cfg.val_sets.items()}
-            self.val_sets += [(name, self.make_val_loader(path)) for name, path in cfg.val_sets.items()]
-        self.identity = DataIdentity(
-            self.loader.paths + [p for _name, ld in self.val_sets for p in ld.paths], cfg.tokenizer
-        )
-        sampler_state = dict(payload.get("sampler") or {}) if payload is not None else {}
-        if payload is not None and verify_resume_data(self.identity, payload, allow_data_change, log):
-            sampler_state.pop("num_tokens", None)  # the new data's size is wanted
-        check_token_range(self.loader, cfg.vocab_size, "--train_data")
-        for name, val_loader in self.val_sets:
-            check_token_range(val_loader, cfg.vocab_size, "--val_data" if name is None else f"val set {name}")
-
-        # Model, optimizer, and the state a checkpoint restores.
-        if cfg.fsdp:
-            self.model = build_sharded_model(cfg, device, dist_info)
-        else:
-            self.model = build_model(cfg, device)
-        self.optimizer = make_optimizer(
-            self.model, cfg.learning_rate, cfg.weight_decay, device, optimizer=cfg.optimizer, muon_lr=cfg.muon_lr
-        )
-        if init is not None:
-            init.load_into(self.model, self.optimizer if cfg.init_optimizer else None)
-        self.spikes = SpikeDetector(cfg.spike_zscore)
-        # Steps whose loss and gradient norm are still on the device: (iteration, loss, norm).
-        self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        # A fused optimizer skips a non-finite update on the device, with no wait; the host
-        # must decide before the update only to skip spikes, or without a fused optimizer.
-        self.skips_on_device = bool(self.optimizer.defaults.get("fused"))
-        self.verdict_each_step = cfg.skip_spikes or (cfg.skip_nonfinite and not self.skips_on_device)
-        self.losses: list[float] = []
-        self.window_losses: list[float] = []  # since the last report
-        self.last_loss: float | None = None
-        self.last_grad_norm = 0.0
-        self.iteration = 0
-        self.skipped = 0
-        self.last_metrics: dict = {}
-        # Stored in every checkpoint, so that it needs no dataset folder to be sampled or exported.
-        self.tokenizer_json = (
-            read_tokenizer_json(cfg.tokenizer)
-            or (payload or {}).get("tokenizer_json")
-            or (init.tokenizer_text if init is not None else None)
-        )
-        if payload is not None:
-            self.iteration = load_state(payload, self.model, self.optimizer)
-            try:
-                self.loader.load_state_dict(sampler_state)
-                self.spikes.load_state_dict(payload.get("spikes", {}))
-                self.skipped = int(payload.get("skipped_steps", 0))
-                self.last_metrics = dict(payload.get("metrics") or {})
-                if "rng" in payload:
-                    set_rng_state(payload["rng"], device)
-            except LMToolsError:
-                raise
-            except (TypeError, ValueError, KeyError, IndexError, RuntimeError, OverflowError, AttributeError) as exc:
-                raise CheckpointError(
-                    f"the checkpoint's run state (sampler, RNG or spike window) is damaged ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); resume from another checkpoint"
-                ) from None
-
-        # Precision, DDP and compilation wrap the module that trains; checkpoints save `self.model`.
-        # An FSDP model needs no wrapper: fully_shard made it reduce its own gradients.
-        self.dtype = autocast_dtype(cfg, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        self.amp = (
-            torch.autocast(device.type, dtype=self.dtype) if self.dtype != torch.float32 else contextlib.nullcontext()
-        )
-        self.module: torch.nn.Module = NextTokenLoss(self.model)
-        if dist_info.enabled and not cfg.fsdp:
-            self.module = torch.nn.parallel.DistributedDataParallel(
-                self.module, device_ids=[device.index] if device.type == "cuda" else None
-            )
-        if cfg.compile:
-            self.module = torch.compile(self.module)
-
-        if dist_info.is_main:
-            self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            if payload is None and cfg.metrics:
-                start_fresh_metrics(self.ckpt_path, log)
-        self.metrics = MetricsWriter(
-            self.ckpt_path.with_name(METRICS_FILE) if cfg.metrics and dist_info.is_main else None
-        )
-        if payload is not None and (damaged := self.metrics.truncate_after(self.iteration)):
-            log(f"warning: skipped {damaged} damaged line(s) in {self.metrics.path}")
-        self.external = ExternalLoggers(
-            cfg.tensorboard if dist_info.is_main else None, cfg.wandb if dist_info.is_main else None, cfg.to_dict()
-        )
-        self.tokens_per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum_steps * dist_info.world_size
-        self.flops_per_token = self.model.config.flops_per_token()
-        self.peak_flops = peak_flops(device)
-        self.bytes_per_token = _bytes_per_token(cfg)
-
-        for line in header_lines(cfg, self.loader, self.val_sets, self.model, device, self.dtype, dist_info):
-            log(line)
-        if memory is not None:
-            log(f"memory : {memory.describe()}")
-        if payload is not None:
-            log(f"Resumed from {self.ckpt_path} at iter {self.iteration}")
-        if init is not None:
-            optimizer = "its optimizer state" if cfg.init_optimizer else "a fresh optimizer"
-            log(f"Initialised from {init.kind} {init.path}: its weights, a new schedule from iter 0, {optimizer}")
-        for line in notes:
-            log(line)
+        named = {None: cfg.val_data} if cfg.val_data else cfg.val_sets
+        val_sets = [(name, self.make_val_loader(path)) for name, path in named.items()]
+        identity = DataIdentity(loader.paths + [p for _name, ld in val_sets for p in ld.paths], cfg.tokenizer)
+        return loader, val_sets, identity
 
     def make_val_loader(self, path: str) -> BatchLoader:
         # A fixed seed and batch_at(i): every evaluation sees the same windows.
+        cfg = self.cfg
         return BatchLoader(
             [path],
-            self.cfg.batch_size,
-            self.cfg.context_length,
+            cfg.batch_size,
+            cfg.context_length,
             self.device,
-            seed=self.cfg.seed + 1,
+            seed=cfg.seed + 1,
             prefetch=0,
-            dtype=self.cfg.data_dtype,
+            dtype=cfg.data_dtype,
         )
 
+    def check_token_ranges(self) -> None:
+        check_token_range(self.loader, self.cfg.vocab_size, "--train_data")
+        for name, val_loader in self.val_sets:
+            check_token_range(val_loader, self.cfg.vocab_size, "--val_data" if name is None else f"val set {name}")
+
+    def open_logs(self, resuming: bool) -> None:
+        """metrics.jsonl (cut back to the checkpoint's iteration when resuming), TensorBoard and
+        W&B, and the constants the log lines' throughput figures need."""
+        cfg, is_main = self.cfg, self.dist.is_main
+        if is_main:
+            self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            if not resuming and cfg.metrics:
+                start_fresh_metrics(self.ckpt_path, self.log)
+        self.metrics = MetricsWriter(self.ckpt_path.with_name(METRICS_FILE) if cfg.metrics and is_main else None)
+        if resuming and (damaged := self.metrics.truncate_after(self.state.iteration)):
+            self.log(f"warning: skipped {damaged} damaged line(s) in {self.metrics.path}")
+        self.external = ExternalLoggers(
+            cfg.tensorboard if is_main else None, cfg.wandb if is_main else None, cfg.to_dict()
+        )
+        self.tokens_per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum_steps * self.dist.world_size
+        self.flops_per_token = self.model.config.flops_per_token()
+        self.peak_flops = peak_flops(self.device)
+        self.bytes_per_token = _bytes_per_token(cfg)
+
+    def log_header(self, plan: RunPlan, memory: MemoryEstimate | None) -> None:
+        lines = header_lines(self.cfg, self.loader, self.val_sets, self.model, self.device, self.dtype, self.dist)
+        if memory is not None:
+            lines.append(f"memory : {memory.describe()}")
+        if plan.payload is not None:
+            lines.append(f"Resumed from {self.ckpt_path} at iter {self.state.iteration}")
+        if plan.init is not None:
+            optimizer = "its optimizer state" if self.cfg.init_optimizer else "a fresh optimizer"
+            lines.append(
+                f"Initialised from {plan.init.kind} {plan.init.path}: its weights, a new schedule from iter 0, "
+                f"{optimizer}"
+            )
+        for line in lines + plan.notes:
+            self.log(line)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
     def run(self) -> TrainResult:
-        cfg = self.cfg
-        result = TrainResult(iteration=self.iteration, checkpoint_path=str(self.ckpt_path))
-        self.run_start = time.perf_counter()
+        """The training loop. A step's loss and gradient norm stay on the device until the guard
+        reads them: at log points and checkpoints, or when too many are pending."""
+        cfg, state, guard = self.cfg, self.state, self.guard
+        result = TrainResult(iteration=state.iteration, checkpoint_path=str(self.ckpt_path))
         try:
             with StopSignal() as stop:
-                if self.iteration == 0:
-                    self.report_start(result)
-                self._start_window()
-                self.start_iteration, self.train_start = self.iteration, self.window_start
-                while self.iteration < cfg.max_iters:
-                    lr = cfg.lr_at(self.iteration + 1)
-                    if not self.step(lr):  # a stop request between micro-batches: the step is dropped
-                        self.settle()
+                self.start()
+                while state.iteration < cfg.max_iters:
+                    lr = self.set_learning_rate(state.iteration + 1)
+                    loss = self.forward_backward()
+                    if loss is None:  # a stop signal came between micro-batches: the step is dropped
                         self.save()
                         result.stopped_by_signal = True
                         break
-                    self.iteration += 1
-                    last = self.iteration == cfg.max_iters
-                    at_eval = bool(self.val_sets) and (self.iteration % cfg.eval_interval == 0 or last)
-                    at_log = self.iteration % cfg.log_interval == 0 or at_eval or last
-                    out_of_time = (
-                        cfg.max_minutes is not None and time.perf_counter() - self.run_start > 60 * cfg.max_minutes
-                    )
-                    stopping = any_rank(stop.requested or out_of_time, self.dist)
-                    at_save = self.iteration % cfg.checkpoint_interval == 0 or last or stopping
-                    if at_log or at_save or len(self.pending) >= MAX_PENDING_STEPS:
-                        self.settle()
-                    if self.on_step is not None:
-                        self.on_step(self.iteration, cfg.max_iters, self.last_loss, lr)
-                    if at_log:
-                        self.report(lr, at_eval, result)
-                    if at_eval and not stopping:  # a signal during the evaluation stops here
-                        stopping = any_rank(stop.requested, self.dist)
-                        at_save = at_save or stopping
-                    if at_save:
+                    guard.step(state.iteration + 1, loss, self.clip_gradients())
+                    self.optimizer.zero_grad(set_to_none=True)
+                    state.iteration += 1
+                    due = self.due()
+                    if due.log or due.save:
+                        guard.read()  # one wait for the device; a non-finite step stops the run here
+                    val = self.evaluate() if due.eval else None
+                    if due.log:
+                        self.log_window(lr, val)
+                    stop_reason = self.stop_reason(stop)  # the same on every rank
+                    if due.save or stop_reason:
                         self.save()
-                    if stopping:
-                        result.stopped_by_signal = stop.requested
-                        result.stopped_by_time = not stop.requested
+                    self.show_progress(lr)
+                    if stop_reason:
+                        result.stopped_by_signal = stop_reason == "signal"
+                        result.stopped_by_time = stop_reason == "time"
                         break
         except DataChanged as exc:
             raise DataChanged(f"{exc}; {self.last_checkpoint_note()}") from None
         finally:
             self.close()
-        result.iteration = self.iteration
-        result.skipped_steps = self.skipped
-        result.losses = self.losses
+        result.iteration, result.skipped_steps, result.losses = state.iteration, guard.skipped, guard.losses
+        result.last_loss, result.last_val_loss = self.last_window_loss, self.last_val_loss
         return result
+
+    def set_learning_rate(self, iteration: int) -> float:
+        """The schedule's rate for `iteration`, set on every parameter group."""
+        lr = self.cfg.lr_at(iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups keep their own peak
+        return lr
+
+    def forward_backward(self) -> torch.Tensor | None:
+        """Gradients of one step over grad_accum_steps micro-batches; returns the step's loss, left
+        on the device. None when a stop signal came between micro-batches (one process only: ranks
+        must agree on every step): the step is dropped and the loader put back at its start."""
+        cfg = self.cfg
+        self.loss_module.train()
+        step_loss = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum_steps):
+            if micro and not self.dist.enabled and stop_requested():
+                self.optimizer.zero_grad(set_to_none=True)
+                self.loader.load_state_dict(dict(self.loader.state_dict(), micro=0))
+                return None
+            x, y = self.loader.next()
+            # DDP averages gradients across ranks only on the last micro-batch.
+            sync = micro == cfg.grad_accum_steps - 1 or not self.dist.enabled
+            if cfg.fsdp:
+                self.model.set_requires_gradient_sync(sync)
+            no_sync = contextlib.nullcontext() if sync or cfg.fsdp else self.loss_module.no_sync()
+            with no_sync, self.amp:
+                # Scaled so that the accumulated gradient is that of one batch accum times larger.
+                loss = self.loss_module(x, y) / cfg.grad_accum_steps
+            self.scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        return step_loss
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Unscale (float16) and clip the gradients; returns their norm before clipping, on the device."""
+        self.scaler.unscale_(self.optimizer)
+        return run_gradient_clipping(self.model.parameters(), self.cfg.gradient_clip_val)
+
+    def due(self) -> Due:
+        cfg, it = self.cfg, self.state.iteration
+        last = it == cfg.max_iters
+        at_eval = bool(self.val_sets) and (it % cfg.eval_interval == 0 or last)
+        return Due(
+            eval=at_eval,
+            log=it % cfg.log_interval == 0 or at_eval or last,
+            save=it % cfg.checkpoint_interval == 0 or last,
+        )
+
+    def stop_reason(self, stop: StopSignal) -> str | None:
+        """Why the run stops after this step: "signal", "time" (--max_minutes), or None to go on.
+        Every rank takes part, so that all stop at the same step."""
+        cfg = self.cfg
+        out_of_time = cfg.max_minutes is not None and time.perf_counter() - self.run_start > 60 * cfg.max_minutes
+        if not any_rank(stop.requested or out_of_time, self.dist):
+            return None
+        return "signal" if stop.requested else "time"
+
+    def show_progress(self, lr: float) -> None:
+        if self.on_step is not None:
+            self.on_step(self.state.iteration, self.cfg.max_iters, self.guard.last_loss, lr)
 
     def last_checkpoint_note(self) -> str:
         if self.saved_at is None:
             return "no checkpoint was written yet"
         return f"the last checkpoint, {self.ckpt_path} at iter {self.saved_at}, was written before it"
 
-    def step(self, lr: float) -> bool:
-        """One optimizer step over grad_accum_steps micro-batches; False when a stop signal
-        came between micro-batches (one process only: ranks must agree on every step), in which
-        case the step is dropped and the loader put back at its start.
+    # ---- logs and evaluation ----------------------------------------------------------------
 
-        Nothing here waits for the device: the loss and gradient norm stay there until `settle`
-        reads them, unless --skip_spikes needs the host's verdict before the update.
-        """
-        cfg = self.cfg
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups keep their own peak
-        self.module.train()
-        step_loss = torch.zeros((), device=self.device)
-        for micro in range(cfg.grad_accum_steps):
-            if micro and not self.dist.enabled and stop_requested():
-                self.optimizer.zero_grad(set_to_none=True)
-                self.loader.load_state_dict(dict(self.loader.state_dict(), micro=0))
-                return False
-            x, y = self.loader.next()
-            # DDP averages gradients across ranks only on the last micro-batch.
-            sync = micro == cfg.grad_accum_steps - 1 or not self.dist.enabled
-            if cfg.fsdp:
-                self.model.set_requires_gradient_sync(sync)
-            no_sync = contextlib.nullcontext() if sync or cfg.fsdp else self.module.no_sync()
-            with no_sync, self.amp:
-                # Scaled so that the accumulated gradient is that of one batch accum times larger.
-                loss = self.module(x, y) / cfg.grad_accum_steps
-            self.scaler.scale(loss).backward()
-            step_loss += loss.detach()
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = run_gradient_clipping(self.model.parameters(), cfg.gradient_clip_val)
-        self.pending.append((self.iteration + 1, step_loss, grad_norm))
+    def start(self) -> None:
+        """Start the clocks; a new run first logs iter 0 (see `log_start`)."""
+        self.run_start, self.window_eval_seconds = time.perf_counter(), 0.0
+        self.last_window_loss: float | None = None  # the newest log line's training loss
+        self.last_val_loss: float | None = None
+        if self.state.iteration == 0:
+            self.log_start()
+        self.start_window()
+        self.start_iteration, self.train_start = self.state.iteration, self.window_start
 
-        skipped_by_host = self.verdict_each_step and self.settle()
-        if not skipped_by_host:
-            self.update(step_loss, grad_norm)
-        self.optimizer.zero_grad(set_to_none=True)
-        return True
-
-    def update(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """The optimizer step, skipped on the device when the step was not finite."""
-        if self.dtype == torch.float16:
-            self.scaler.step(self.optimizer)  # the scaler skips overflowing steps itself
-            self.scaler.update()
-        elif self.skips_on_device:
-            # Applied only if the loss and gradient norm are finite on every rank: decided on
-            # the device, so the host need not wait; `settle` reads the outcome later.
-            nonfinite = (~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))).float()
-            self.optimizer.found_inf = all_reduce_max(nonfinite, self.dist)
-            self.optimizer.step()
-            del self.optimizer.found_inf
-        else:
-            self.optimizer.step()
-
-    def settle(self) -> bool:
-        """Read the losses and gradient norms of the steps not yet read, with one wait for the
-        device, and check them in order; returns whether the newest step's update is skipped.
-
-        Between reads the host runs ahead of the GPU, which is what keeps a fast GPU busy.
-        A non-finite step found here stops the run before any checkpoint after it is written.
-        """
-        if not self.pending:
-            return False
-        iters, losses, norms = zip(*self.pending)
-        self.pending.clear()
-        losses = all_reduce_mean(torch.stack(losses), self.dist)
-        values = torch.stack([losses, torch.stack([n.to(losses) for n in norms])]).tolist()
-        skipped = False
-        for it, loss, norm in zip(iters, *values):
-            reason = self.check_numerics(it, loss, norm)
-            skipped = reason is not None
-            if skipped:
-                self.skipped += 1
-                self.log(f"Skipped update at iter {it}: {reason} ({self.skipped} skipped so far)")
-            self.losses.append(loss)
-            self.window_losses.append(loss)
-            self.last_loss, self.last_grad_norm = loss, norm
-        return skipped
-
-    def check_numerics(self, it: int, loss: float, grad_norm: float) -> str | None:
-        """Why update `it` must be skipped, or None; raises when a non-finite loss stops the run."""
-        # float16's gradient scaler skips overflowing steps by itself.
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)) and self.dtype != torch.float16:
-            reason = "non-finite " + " and ".join(
-                f"{name} ({value})"
-                for name, value in (("loss", loss), ("gradient norm", grad_norm))
-                if not math.isfinite(value)
-            )
-            if self.cfg.skip_nonfinite:
-                return reason
-            raise TrainingDiverged(
-                f"{reason} at iter {it}; stopped, the last good checkpoint {self.ckpt_path} is kept. "
-                f"Lower --learning_rate, or pass --skip_nonfinite to skip such steps"
-            )
-        z = self.spikes.check(loss)
-        if z is not None:
-            self.log(f"Loss spike at iter {it}: {loss:.4f} (z-score {z:.1f})")
-            if self.cfg.skip_spikes:
-                return "loss spike"
-        return None
-
-    def _start_window(self) -> None:
-        self.window_losses = []
-        self.loader.reset_wait()
-        self.window_start = time.perf_counter()
-
-    def report(self, lr: float, at_eval: bool, result: TrainResult) -> None:
-        """The log line and metrics record for the steps since the last report (all settled)."""
-        now = time.perf_counter()
-        elapsed = now - self.window_start
-        steps = len(self.window_losses)
-        train_loss = sum(self.window_losses) / max(steps, 1)
-        grad_norm = self.last_grad_norm
-        tok_s = steps * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
-        wait_share = self.loader.data_wait_seconds / elapsed if elapsed > 0 else 0.0
-        record = {
-            "iter": self.iteration,
-            "loss": train_loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": tok_s,
-            "data_wait": wait_share,
-            "elapsed_s": now - self.run_start,
-            "skipped_steps": self.skipped,
-        }
-        extra = {"tok/s": f"{tok_s:,.0f}", "data wait": f"{100 * wait_share:.1f}%"}
-        if self.device.type == "cuda":
-            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        if self.peak_flops:
-            record["mfu"] = tok_s * self.flops_per_token / self.dist.world_size / self.peak_flops
-            extra["MFU"] = f"{100 * record['mfu']:.1f}%"
-        if self.log_times:
-            extra.update(self.times(now))
-        self.log_and_record(record, extra, at_eval, result)
-        result.last_loss = train_loss
-        self._start_window()
-
-    def report_start(self, result: TrainResult) -> None:
+    def log_start(self) -> None:
         """Iter 0: the loss of the first step's batches under the initial weights (about
         ln(vocab_size) for a new model: the first sanity check) and the validation loss before
         training. Forward passes only, on batches recomputed by position: the run's batches,
-        RNG and losses are the same as without it."""
+        RNG and losses are the same as without it. A stop signal here skips it."""
         with torch.no_grad():
             self.model.eval()
             total = torch.zeros((), device=self.device)
@@ -683,60 +402,105 @@ class Trainer:
                     total += cross_entropy(self.model(x), y)
             self.model.train()
         loss = float(all_reduce_mean(total / self.cfg.grad_accum_steps, self.dist))
-        record = {"iter": 0, "loss": loss, "lr": self.cfg.lr_at(0)}
-        self.log_and_record(record, {}, bool(self.val_sets), result)
+        val = self.evaluate() if self.val_sets else None
+        self.write_record({"iter": 0, "loss": loss, "lr": self.cfg.lr_at(0)}, {}, val)
 
-    def log_and_record(self, record: dict, extra: dict, at_eval: bool, result: TrainResult) -> None:
-        """Evaluate (when asked), then one log line and one metrics record."""
-        val_loss = None
-        if at_eval:
-            val_loss, per_set = self.evaluate_sets()
-            record["val_loss"] = val_loss
-            record.update({f"val/{name}": value for name, value in per_set.items()})
-            if self.bytes_per_token and val_loss is not None:
-                record["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
-            extra = {**{f"val/{name}": f"{value:.4f}" for name, value in per_set.items()}, **extra}
-            result.last_val_loss = val_loss
-        self.log(format_log_line(record["iter"], record["loss"], record["lr"], val_loss, **extra))
-        self.metrics.write(record)
-        self.external.write(record)
-        self.last_metrics = record
+    def start_window(self) -> None:
+        """A new span of steps for the next log line's averages and throughput."""
+        self.guard.take_window()
+        self.loader.reset_wait()
+        self.window_start = time.perf_counter()
+        self.window_eval_seconds = 0.0  # evaluation is not training time
 
-    def evaluate_sets(self) -> tuple[float | None, dict[str, float]]:
-        """The validation loss (the token-weighted mean over named sets) and each named set's loss."""
+    def evaluate(self) -> tuple[float | None, dict[str, float]]:
+        """The validation loss (the token-weighted mean over named sets) and each named set's loss;
+        (None, {}) when a stop signal ended the evaluation."""
+        started = time.perf_counter()
         losses = {
             name: evaluate(self.model, loader, self.cfg.eval_iters, self.amp, self.dist, lockstep=self.cfg.fsdp)
             for name, loader in self.val_sets
         }
         if None in losses:
-            return losses[None], {}
-        if any(loss is None for loss in losses.values()):  # a stop signal ended the evaluation
-            return None, {}
-        sizes = {name: loader.num_tokens for name, loader in self.val_sets}
-        mean = sum(losses[name] * sizes[name] for name in losses) / sum(sizes.values())
-        return mean, losses
+            val = losses[None], {}
+        elif any(loss is None for loss in losses.values()):
+            val = None, {}
+        else:
+            sizes = {name: loader.num_tokens for name, loader in self.val_sets}
+            val = sum(losses[name] * sizes[name] for name in losses) / sum(sizes.values()), losses
+        self.last_val_loss = val[0]
+        self.window_eval_seconds += time.perf_counter() - started
+        return val
+
+    def log_window(self, lr: float, val: tuple[float | None, dict[str, float]] | None) -> None:
+        """The log line and metrics record for the steps since the last one (all read)."""
+        now = time.perf_counter() - self.window_eval_seconds  # as if the evaluation took no time
+        elapsed = now - self.window_start
+        window = self.guard.take_window()
+        train_loss = sum(window) / max(len(window), 1)
+        tok_s = len(window) * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
+        wait_share = self.loader.data_wait_seconds / elapsed if elapsed > 0 else 0.0
+        record = {
+            "iter": self.state.iteration,
+            "loss": train_loss,
+            "lr": lr,
+            "grad_norm": self.guard.last_grad_norm,
+            "tokens_per_s": tok_s,
+            "data_wait": wait_share,
+            "elapsed_s": now - self.run_start,
+            "skipped_steps": self.guard.skipped,
+        }
+        extra = {"tok/s": f"{tok_s:,.0f}", "data wait": f"{100 * wait_share:.1f}%"}
+        if self.device.type == "cuda":
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.peak_flops:
+            record["mfu"] = tok_s * self.flops_per_token / self.dist.world_size / self.peak_flops
+            extra["MFU"] = f"{100 * record['mfu']:.1f}%"
+        if self.log_times:
+            extra.update(self.times(now))
+        self.write_record(record, extra, val)
+        self.last_window_loss = train_loss
+        self.start_window()
+
+    def write_record(self, record: dict, extra: dict, val: tuple[float | None, dict[str, float]] | None) -> None:
+        """One log line and one metrics record, with the validation losses when evaluated."""
+        val_loss = None
+        if val is not None:
+            val_loss, per_set = val
+            record["val_loss"] = val_loss
+            record.update({f"val/{name}": value for name, value in per_set.items()})
+            if self.bytes_per_token and val_loss is not None:
+                record["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
+            extra = {**{f"val/{name}": f"{value:.4f}" for name, value in per_set.items()}, **extra}
+        self.log(format_log_line(record["iter"], record["loss"], record["lr"], val_loss, **extra))
+        self.metrics.write(record)
+        self.external.write(record)
+        self.state.last_metrics = record
 
     def times(self, now: float) -> dict[str, str]:
         """Elapsed time and an estimate of the time left, for logs without a progress bar."""
-        done = self.iteration - self.start_iteration
-        left = (now - self.train_start) / done * (self.cfg.max_iters - self.iteration) if done > 0 else None
+        done = self.state.iteration - self.start_iteration
+        left = (now - self.train_start) / done * (self.cfg.max_iters - self.state.iteration) if done > 0 else None
         return {"elapsed": _clock(now - self.run_start), "left": "-" if left is None else _clock(left)}
 
+    # ---- checkpoints ------------------------------------------------------------------------
+
     def save(self) -> None:
-        # The data is checked before every checkpoint: one written after a silent change would
-        # resume on data it was not trained on.
+        """The mirror of `restore`: model, optimizer and run state, with what describes the run.
+
+        Every pending step is read first (a non-finite one stops the run before a checkpoint
+        holds it), and the data is checked: a checkpoint written after a silent change would
+        resume on data it was not trained on."""
+        self.guard.read()
         changed = self.identity.changed_during_run()
         if any_rank(changed is not None, self.dist):
             raise DataChanged(f"{changed or 'a data file changed on another rank'} during the run; stopped")
+        state = self.state.state_dict()
+        iteration = state.pop("iteration")
         extra = dict(
             config=self.cfg.to_dict(),  # resolved from the data: what the run trains with
             user_config=self.user_config,  # as passed: what `inspect --config` reproduces
             model_config=self.model.config.to_dict(),
-            sampler=self.loader.state_dict(),
-            rng=rng_state(self.device),
-            spikes=self.spikes.state_dict(),
-            skipped_steps=self.skipped,
-            metrics=self.last_metrics,
+            **state,
             tokenizer=self.cfg.tokenizer,
             tokenizer_json=self.tokenizer_json,
             world_size=self.dist.world_size,
@@ -745,20 +509,27 @@ class Trainer:
             format_version=FORMAT_VERSION,
             data_fingerprint=self.identity.state_dict(),
         )
-        if self.cfg.fsdp:
-            # Every rank writes its shards; rank 0 the file beside them.
+        if self.cfg.fsdp:  # every rank writes its shards; rank 0 the file beside them
             save_sharded_checkpoint(
-                self.model, self.optimizer, self.iteration, self.ckpt_path, is_main=self.dist.is_main, **extra
+                self.model, self.optimizer, iteration, self.ckpt_path, is_main=self.dist.is_main, **extra
             )
-            self.log(f"Saved checkpoint at iter {self.iteration} to {self.ckpt_path} (+ .dcp shards)")
-            self.saved_at = self.iteration
-            return
-        if self.dist.is_main:
-            save_checkpoint(self.model, self.optimizer, self.iteration, self.ckpt_path, **extra)
-            keep_snapshot(self.ckpt_path, self.iteration, self.cfg.keep_last, protect=self.started_from)
-            self.log(f"Saved checkpoint at iter {self.iteration} to {self.ckpt_path}")
-        barrier(self.dist)
-        self.saved_at = self.iteration
+            self.log(f"Saved checkpoint at iter {iteration} to {self.ckpt_path} (+ .dcp shards)")
+        else:
+            if self.dist.is_main:
+                save_checkpoint(self.model, self.optimizer, iteration, self.ckpt_path, **extra)
+                keep_snapshot(self.ckpt_path, iteration, self.cfg.keep_last, protect=self.started_from)
+                self.log(f"Saved checkpoint at iter {iteration} to {self.ckpt_path}")
+            barrier(self.dist)
+        self.saved_at = iteration
+
+    def restore(self, payload: dict, data_changed: bool) -> None:
+        """The mirror of `save`: model and optimizer, then the run state. On data changed with
+        --allow_data_change, the sampler takes the new data's size."""
+        state = {key: payload[key] for key in RunState.KEYS if key in payload}
+        state["iteration"] = load_state(payload, self.model, self.optimizer)
+        if data_changed and isinstance(state.get("sampler"), dict):
+            state["sampler"] = {k: v for k, v in state["sampler"].items() if k != "num_tokens"}
+        self.state.load_state_dict(state)
 
     def close(self) -> None:
         self.metrics.close()
@@ -766,6 +537,31 @@ class Trainer:
         self.loader.close()
         for _name, val_loader in self.val_sets:
             val_loader.close()
+
+
+# ---- what the trainer is built from -------------------------------------------------------
+
+
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """A copy of `cfg` whose data paths are absolute."""
+    if cfg.val_data:
+        val = dict(val_data=absolute_spec(cfg.val_data))
+    else:
+        val = dict(val_sets={name: absolute_spec(path) for name, path in cfg.val_sets.items()})
+    return replace(cfg, train_data=[absolute_spec(s) for s in cfg.train_data], **val)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for forward passes; float32 runs without it."""
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
 class NextTokenLoss(torch.nn.Module):
@@ -778,6 +574,19 @@ class NextTokenLoss(torch.nn.Module):
 
     def forward(self, token_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return cross_entropy(self.model(token_ids), targets)
+
+
+def training_module(model: TransformerLM, cfg: TrainConfig, device: torch.device, dist: DistInfo) -> torch.nn.Module:
+    """The model and its loss, wrapped for DDP and compiled when asked. An FSDP model needs no
+    wrapper: fully_shard made it reduce its own gradients."""
+    module: torch.nn.Module = NextTokenLoss(model)
+    if dist.enabled and not cfg.fsdp:
+        module = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        module = torch.compile(module)
+    return module
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> TransformerLM:
@@ -878,20 +687,6 @@ def check_token_range(loader: BatchLoader, vocab_size: int, flag: str) -> None:
         raise DataError(
             f"{flag} holds token id {hi} but --vocab_size is {vocab_size}; pass --vocab_size {hi + 1} or more"
         )
-
-
-def check_checkpoint_folder(path: Path) -> None:
-    """Fail early, without creating anything, when the checkpoint folder cannot be made or written."""
-    folder = path.parent if str(path.parent) else Path(".")
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(
-            f"cannot create the checkpoint folder {folder}: {existing} is a file; choose another --checkpoint_path"
-        )
-    if not os.access(existing, os.W_OK):
-        raise ConfigError(f"checkpoint folder {folder} is not writable; choose another --checkpoint_path")
 
 
 def _bytes_per_token(cfg: TrainConfig) -> float | None:

@@ -15,7 +15,8 @@ import torch
 from helpers import FAULT_RUN, spawn, train_config, train_process, wait_for_line
 from lmtools.checkpoint import read_checkpoint
 from lmtools.config import TrainConfig
-from lmtools.train import TrainingDiverged, train_model
+from lmtools.guard import TrainingDiverged
+from lmtools.train import train_model
 
 pytestmark = pytest.mark.slow
 

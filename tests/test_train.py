@@ -262,7 +262,7 @@ def test_mixture_with_weights_from_the_cli(stream_files, tmp_path, run_cli):
 
 
 def test_too_short_prepared_val_is_left_out(stream_files, tmp_path):
-    from lmtools.train import resolve_data
+    from lmtools.rundata import resolve_data
 
     folder = tmp_path / "prepared"
     folder.mkdir()
@@ -362,7 +362,7 @@ def test_losses_are_read_from_the_device_only_at_log_points_and_checkpoints(stre
 
 
 def test_losses_are_read_at_least_every_256_steps(stream_files, tmp_path):
-    from lmtools.train import MAX_PENDING_STEPS
+    from lmtools.guard import MAX_PENDING_STEPS
 
     seen = {}
     cfg = tiny_config(

@@ -34,52 +34,64 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Loss, perplexity and bits per byte of a model on whole files, in sliding windows."""
-    import json
-
     from lmtools.device import resolve_device
     from lmtools.errors import ConfigError
-    from lmtools.evaluate import score_file, score_validation_windows
     from lmtools.generate import load_model
-    from lmtools.tokenizer import tokenizer_from_checkpoint
 
     if batch_size <= 0:
         raise ConfigError(f"--batch_size must be a positive integer, got {batch_size}")
     dev = resolve_device(device)
     model, payload = load_model(checkpoint, dev)
     stride = model.config.context_length if stride is None else stride
-    cache: list = []
-
-    def text_tokenizer():
-        if not cache:  # only text files need it
-            cache.append(tokenizer_from_checkpoint(payload, tokenizer, checkpoint))
-        return cache[0]
-
-    results = []
+    text_tokenizer = _lazy_tokenizer(payload, tokenizer, checkpoint)
     with _progress(disable=as_json) as progress:
-        for path in files:
-            if val_windows:
-                results.append(score_validation_windows(model, path, payload.get("config") or {}, dev))
-                continue
-            task = progress.add_task(path.name, total=None)
-            results.append(
-                score_file(
-                    model,
-                    path,
-                    text_tokenizer,
-                    stride=stride,
-                    batch_size=batch_size,
-                    advance=lambda n, t=task: progress.advance(t, n),
-                    on_plan=lambda n, t=task: progress.update(t, total=n),
-                )
-            )
+        if val_windows:
+            results = [_score_validation(model, path, payload, dev) for path in files]
+        else:
+            results = [_score_file(model, path, text_tokenizer, stride, batch_size, progress) for path in files]
     if as_json:
-        typer.echo(
-            json.dumps(
-                {"checkpoint": str(checkpoint), "stride": stride, "files": [r.to_dict() for r in results]}, indent=2
-            )
-        )
+        _print_json(results, checkpoint, stride)
     else:
         _table(results, checkpoint, stride, val_windows)
+
+
+def _lazy_tokenizer(payload: dict, tokenizer: str | None, checkpoint: Path):
+    """The tokenizer for text files, loaded on first use (.npy files need none)."""
+    import functools
+
+    from lmtools.tokenizer import tokenizer_from_checkpoint
+
+    return functools.cache(lambda: tokenizer_from_checkpoint(payload, tokenizer, checkpoint))
+
+
+def _score_validation(model, path: Path, payload: dict, dev):
+    """`path` scored on the windows the training run validated on."""
+    from lmtools.evaluate import score_validation_windows
+
+    return score_validation_windows(model, path, payload.get("config") or {}, dev)
+
+
+def _score_file(model, path: Path, text_tokenizer, stride: int, batch_size: int, progress):
+    """`path` scored in sliding windows, with a progress bar of its own."""
+    from lmtools.evaluate import score_file
+
+    task = progress.add_task(path.name, total=None)
+    return score_file(
+        model,
+        path,
+        text_tokenizer,
+        stride=stride,
+        batch_size=batch_size,
+        advance=lambda n: progress.advance(task, n),
+        on_plan=lambda n: progress.update(task, total=n),
+    )
+
+
+def _print_json(results, checkpoint: Path, stride: int) -> None:
+    import json
+
+    document = {"checkpoint": str(checkpoint), "stride": stride, "files": [r.to_dict() for r in results]}
+    typer.echo(json.dumps(document, indent=2))
 
 
 def _progress(disable: bool):

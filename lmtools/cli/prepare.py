@@ -209,31 +209,44 @@ def prepare(
     threads: int = typer.Option(0, "--threads", help="Encoding threads (0: one per core).", show_default=True),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
-    """Tokenize a text corpus into DIR/train.npy, val.npy, tokenizer.json and meta.json."""
+    """Tokenize a text corpus into DIR/train.npy, val.npy, tokenizer.json and meta.json.\f
+
+    Over 60 lines only for its option declarations; the body times `_prepare_with_progress`
+    and prints the result.
+    """
+    started = time.monotonic()
+    meta = _prepare_with_progress(
+        corpus,
+        out,
+        quiet,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        tokenizer_sample=tokenizer_sample,
+        val_fraction=val_fraction,
+        seed=seed,
+        text_field=text_field,
+        text_column=text_column,
+        separator=None if separator == NO_SEPARATOR else unescape(separator),
+        force=force,
+        threads=threads or None,
+    )
+    _print_result(meta, time.monotonic() - started)
+
+
+def _prepare_with_progress(corpus: list[str], out: Path, quiet: bool, **options) -> dict:
+    """`prepare_corpus` with progress on stderr; the bar is stopped however it ends."""
     from lmtools.prepare import prepare_corpus
 
     progress = _progress(quiet)
-    started = time.monotonic()
     try:
-        meta = prepare_corpus(
-            corpus,
-            out,
-            tokenizer=tokenizer,
-            vocab_size=vocab_size,
-            tokenizer_sample=tokenizer_sample,
-            val_fraction=val_fraction,
-            seed=seed,
-            text_field=text_field,
-            text_column=text_column,
-            separator=None if separator == NO_SEPARATOR else unescape(separator),
-            force=force,
-            threads=threads or None,
-            progress=progress,
-        )
+        return prepare_corpus(corpus, out, progress=progress, **options)
     finally:
         if hasattr(progress, "stop"):
             progress.stop()
-    seconds = time.monotonic() - started
+
+
+def _print_result(meta: dict, seconds: float) -> None:
+    """The summary line on stdout, notes on stderr."""
     typer.echo(summary(meta, seconds))
     for line in notes(meta):
         typer.echo(line, err=True)

@@ -3,6 +3,7 @@
 //! interpreter so other Python threads (the training loop) keep running.
 
 use crate::error::SamplerError;
+use crate::rng::batch_key;
 use crate::sampler::Sampler;
 use crate::source::{self, Dtype, TokenFile, TokenStorage, TokenView};
 use pyo3::buffer::PyBuffer;
@@ -211,6 +212,15 @@ const MAX_WINDOWS: usize = 1 << 26;
 pub struct PySampler {
     inner: Arc<Sampler>,
     files: Vec<Py<PyTokenFile>>,
+    // Read-only attributes, fixed when the sampler is built.
+    #[pyo3(get)]
+    context_length: usize,
+    #[pyo3(get)]
+    num_tokens: u64,
+    #[pyo3(get)]
+    num_windows: u64,
+    #[pyo3(get)]
+    document_aligned: bool,
 }
 
 #[pymethods]
@@ -251,6 +261,10 @@ impl PySampler {
             inner = inner.with_threads(n)?;
         }
         Ok(PySampler {
+            context_length: inner.context_length(),
+            num_tokens: inner.num_tokens(),
+            num_windows: inner.num_windows(),
+            document_aligned: inner.is_document_aligned(),
             inner: Arc::new(inner),
             files,
         })
@@ -295,7 +309,7 @@ impl PySampler {
             // write to them concurrently; the facade never lends a buffer it is filling.
             let xs = unsafe { std::slice::from_raw_parts_mut(xp as *mut i64, n) };
             let ys = unsafe { std::slice::from_raw_parts_mut(yp as *mut i64, n) };
-            sampler.fill(xs, ys, seed, rank, step, micro)
+            sampler.fill(xs, ys, batch_key(seed, rank, step, micro))
         })?;
         drop((x, y));
         Ok(())
@@ -318,28 +332,12 @@ impl PySampler {
         }
         Ok(self
             .inner
-            .windows(batch_size, seed, rank, step, micro)
+            .windows(batch_size, batch_key(seed, rank, step, micro))
             .into_iter()
             .map(|w| (w.file, w.start))
             .collect())
     }
 
-    #[getter]
-    fn context_length(&self) -> usize {
-        self.inner.context_length()
-    }
-    #[getter]
-    fn num_tokens(&self) -> u64 {
-        self.inner.num_tokens()
-    }
-    #[getter]
-    fn num_windows(&self) -> u64 {
-        self.inner.num_windows()
-    }
-    #[getter]
-    fn document_aligned(&self) -> bool {
-        self.inner.is_document_aligned()
-    }
     /// The sources in order, groups flattened: `windows()` file indices point into this list.
     #[getter]
     fn files(&self, py: Python<'_>) -> Vec<Py<PyTokenFile>> {

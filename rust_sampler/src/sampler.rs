@@ -10,7 +10,7 @@
 //! on past its document's end.
 
 use crate::error::{Result, SamplerError};
-use crate::rng::{batch_key, Stream};
+use crate::rng::Stream;
 use crate::source::{document_starts, with_slice, Token, TokenFile, TokenView};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -210,31 +210,16 @@ impl Sampler {
         Window { file, start }
     }
 
-    /// The windows of one batch, row by row.
-    pub fn windows(
-        &self,
-        batch_size: usize,
-        seed: u64,
-        rank: u64,
-        step: u64,
-        micro: u64,
-    ) -> Vec<Window> {
-        let key = batch_key(seed, rank, step, micro);
+    /// The windows of one batch, row by row. `key`: the batch's `rng::batch_key`.
+    pub fn windows(&self, batch_size: usize, key: u64) -> Vec<Window> {
         (0..batch_size).map(|row| self.window(key, row)).collect()
     }
 
     /// Gathers one batch into `inputs` and `targets` (each `batch_size * T` int64 values, row
     /// major): row r holds tokens `[s, s + T)` and `[s + 1, s + T + 1)` of its window. Rows are
-    /// filled in parallel when the batch is large enough to pay for it.
-    pub fn fill(
-        &self,
-        inputs: &mut [i64],
-        targets: &mut [i64],
-        seed: u64,
-        rank: u64,
-        step: u64,
-        micro: u64,
-    ) -> Result<()> {
+    /// filled in parallel when the batch is large enough to pay for it. `key`: the batch's
+    /// `rng::batch_key`.
+    pub fn fill(&self, inputs: &mut [i64], targets: &mut [i64], key: u64) -> Result<()> {
         let t = self.context_length;
         if inputs.len() != targets.len() || !inputs.len().is_multiple_of(t) || inputs.is_empty() {
             return Err(SamplerError::Argument(format!(
@@ -243,7 +228,6 @@ impl Sampler {
                 targets.len()
             )));
         }
-        let key = batch_key(seed, rank, step, micro);
         // Views are taken once per batch, not per row: the storage is behind a trait object.
         let views: Vec<TokenView<'_>> = self.files.iter().map(|f| f.view()).collect();
         // Rows go out in tasks of whole rows; each task gathers its rows in order, prefetching
@@ -322,6 +306,7 @@ fn copy_row<T: Token>(window: &[T], x: &mut [i64], y: &mut [i64]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::batch_key;
     use crate::source::{TokenStorage, TokenView};
 
     struct VecStorage(Vec<u32>);
@@ -344,8 +329,8 @@ mod tests {
         let s = Sampler::new(vec![(1.0, vec![source("a", 0, 500)])], 16).unwrap();
         let (b, t) = (32, 16);
         let (mut x, mut y) = (vec![0i64; b * t], vec![0i64; b * t]);
-        s.fill(&mut x, &mut y, 1, 0, 5, 0).unwrap();
-        let windows = s.windows(b, 1, 0, 5, 0);
+        s.fill(&mut x, &mut y, batch_key(1, 0, 5, 0)).unwrap();
+        let windows = s.windows(b, batch_key(1, 0, 5, 0));
         for r in 0..b {
             let start = windows[r].start as i64;
             assert!(start < 500 - 16);
@@ -369,8 +354,8 @@ mod tests {
         )
         .unwrap();
         let (mut x, mut y) = (vec![0i64; b * t], vec![0i64; b * t]);
-        s.fill(&mut x, &mut y, 4, 1, 2, 3).unwrap();
-        for (r, w) in s.windows(b, 4, 1, 2, 3).iter().enumerate() {
+        s.fill(&mut x, &mut y, batch_key(4, 1, 2, 3)).unwrap();
+        for (r, w) in s.windows(b, batch_key(4, 1, 2, 3)).iter().enumerate() {
             let first = w.start as i64 + if w.file == 0 { 7 } else { 0 };
             assert_eq!(x[r * t], first);
             assert_eq!(x[r * t + t - 1], first + t as i64 - 1);
@@ -385,11 +370,13 @@ mod tests {
         let make = || Sampler::new(vec![(1.0, vec![source("a", 0, 100_000)])], t).unwrap();
         let (mut x1, mut y1) = (vec![0i64; b * t], vec![0i64; b * t]);
         let (mut x2, mut y2) = (vec![0i64; b * t], vec![0i64; b * t]);
-        make().fill(&mut x1, &mut y1, 1, 0, 0, 0).unwrap();
+        make()
+            .fill(&mut x1, &mut y1, batch_key(1, 0, 0, 0))
+            .unwrap();
         make()
             .with_threads(3)
             .unwrap()
-            .fill(&mut x2, &mut y2, 1, 0, 0, 0)
+            .fill(&mut x2, &mut y2, batch_key(1, 0, 0, 0))
             .unwrap();
         assert!(x1 == x2 && y1 == y2);
         assert!(make().with_threads(0).is_err());
@@ -401,7 +388,7 @@ mod tests {
         let s = Sampler::new(vec![(1.0, vec![source("a", 0, 20)])], 4).unwrap();
         let mut seen = [0u32; 16];
         for step in 0..200 {
-            for w in s.windows(16, 9, 0, step, 0) {
+            for w in s.windows(16, batch_key(9, 0, step, 0)) {
                 seen[w.start as usize] += 1; // out of range would panic here
             }
         }
@@ -419,7 +406,7 @@ mod tests {
         assert_eq!(s.num_windows(), 32);
         let mut in_a = 0;
         let n = 64_000;
-        for w in s.windows(n, 3, 0, 0, 0) {
+        for w in s.windows(n, batch_key(3, 0, 0, 0)) {
             let len = if w.file == 0 { 10 } else { 30 };
             assert!(w.start + 4 < len);
             in_a += (w.file == 0) as usize;
@@ -440,7 +427,7 @@ mod tests {
         .unwrap();
         let n = 50_000;
         let in_a = s
-            .windows(n, 1, 0, 0, 0)
+            .windows(n, batch_key(1, 0, 0, 0))
             .iter()
             .filter(|w| w.file == 0)
             .count() as f64
@@ -451,13 +438,19 @@ mod tests {
     #[test]
     fn deterministic_and_rank_dependent() {
         let s = Sampler::new(vec![(1.0, vec![source("a", 0, 1_000_000)])], 64).unwrap();
-        assert_eq!(s.windows(8, 1, 0, 7, 0), s.windows(8, 1, 0, 7, 0));
-        assert_ne!(s.windows(8, 1, 0, 7, 0), s.windows(8, 1, 1, 7, 0));
-        assert_ne!(s.windows(8, 1, 0, 7, 0), s.windows(8, 1, 0, 8, 0));
-        assert_ne!(s.windows(8, 1, 0, 7, 0), s.windows(8, 1, 0, 7, 1));
-        assert_ne!(s.windows(8, 1, 0, 7, 0), s.windows(8, 2, 0, 7, 0));
+        let batch = |seed, rank, step, micro| s.windows(8, batch_key(seed, rank, step, micro));
+        let base = batch(1, 0, 7, 0);
+        assert_eq!(base, batch(1, 0, 7, 0));
+        for other in [
+            batch(1, 1, 7, 0),
+            batch(1, 0, 8, 0),
+            batch(1, 0, 7, 1),
+            batch(2, 0, 7, 0),
+        ] {
+            assert_ne!(base, other);
+        }
         // A row's window does not depend on the batch size.
-        assert_eq!(s.windows(8, 1, 0, 7, 0)[..4], s.windows(4, 1, 0, 7, 0)[..]);
+        assert_eq!(base[..4], s.windows(4, batch_key(1, 0, 7, 0))[..]);
     }
 
     /// A u32 source from explicit tokens.
@@ -508,7 +501,7 @@ mod tests {
         assert_eq!(s.num_windows(), 6);
         let mut seen = std::collections::BTreeSet::new();
         for step in 0..100 {
-            for w in s.windows(8, 5, 0, step, 0) {
+            for w in s.windows(8, batch_key(5, 0, step, 0)) {
                 let src = if w.file == 0 { &a } else { &b };
                 let st = w.start as usize;
                 assert!(st == 0 || src[st - 1] == 0, "{w:?}");
@@ -520,8 +513,8 @@ mod tests {
         assert_eq!(seen, all);
         // The gather copies the aligned windows.
         let (mut x, mut y) = (vec![0i64; 8 * 4], vec![0i64; 8 * 4]);
-        s.fill(&mut x, &mut y, 5, 0, 3, 0).unwrap();
-        for (r, w) in s.windows(8, 5, 0, 3, 0).iter().enumerate() {
+        s.fill(&mut x, &mut y, batch_key(5, 0, 3, 0)).unwrap();
+        for (r, w) in s.windows(8, batch_key(5, 0, 3, 0)).iter().enumerate() {
             let src = if w.file == 0 { &a } else { &b };
             let st = w.start as usize;
             assert_eq!(x[r * 4], src[st] as i64);
@@ -545,16 +538,16 @@ mod tests {
             .align_to_documents(0)
         };
         assert_eq!(
-            make().windows(64, 1, 2, 3, 0),
-            make().windows(64, 1, 2, 3, 0)
+            make().windows(64, batch_key(1, 2, 3, 0)),
+            make().windows(64, batch_key(1, 2, 3, 0))
         );
         assert_ne!(
-            make().windows(64, 1, 2, 3, 0),
-            make().windows(64, 1, 2, 4, 0)
+            make().windows(64, batch_key(1, 2, 3, 0)),
+            make().windows(64, batch_key(1, 2, 4, 0))
         );
         let n = 40_000;
         let in_a = make()
-            .windows(n, 7, 0, 0, 0)
+            .windows(n, batch_key(7, 0, 0, 0))
             .iter()
             .filter(|w| w.file == 0)
             .count();
@@ -585,8 +578,8 @@ mod tests {
         }
         let s = Sampler::new(vec![(1.0, vec![source("a", 0, 100)])], 8).unwrap();
         let (mut x, mut y) = (vec![0i64; 15], vec![0i64; 15]);
-        assert!(s.fill(&mut x, &mut y, 0, 0, 0, 0).is_err());
+        assert!(s.fill(&mut x, &mut y, batch_key(0, 0, 0, 0)).is_err());
         let (mut x, mut y) = (vec![0i64; 16], vec![0i64; 8]);
-        assert!(s.fill(&mut x, &mut y, 0, 0, 0, 0).is_err());
+        assert!(s.fill(&mut x, &mut y, batch_key(0, 0, 0, 0)).is_err());
     }
 }
