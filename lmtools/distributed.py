@@ -28,6 +28,14 @@ class DistInfo:
         return self.rank == 0
 
 
+_joined = False  # whether this process joined a process group (see `joined_process_group`)
+
+
+def joined_process_group() -> bool:
+    """Whether this process took part in a distributed run (its end needs care: lmtools.cli.app.main)."""
+    return _joined
+
+
 def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
     """Join the process group torchrun describes in the environment; a no-op for one process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -43,6 +51,8 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
         backend = "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
+    global _joined
+    _joined = True
     cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else None
     return DistInfo(rank, world_size, local_rank, cpu_group), device
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -49,6 +50,30 @@ def fail(message: str) -> typer.Exit:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: usage mistakes too end in one line and exit code 2."""
+    try:
+        _main(argv)
+    except SystemExit as exc:
+        _end_distributed_worker(exc.code)
+        raise
+
+
+def _end_distributed_worker(code) -> None:
+    """A torchrun worker ends here, without the interpreter's teardown.
+
+    torch's gloo worker threads can outlive `destroy_process_group` (a DDP model keeps its
+    group alive). One that releases its last collective's tensors after the interpreter began
+    to shut down needs a GIL that is gone, and the process aborts (SIGABRT) after a run that
+    finished well: torchrun then reports the job failed. By now the run has closed everything
+    it wrote; only stdout and stderr are flushed."""
+    distributed = sys.modules.get("lmtools.distributed")  # not imported: no run took place
+    if distributed is None or not distributed.joined_process_group():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else int(code is not None))
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         code = app(args=argv, standalone_mode=False)
     except LMToolsError as exc:  # raised outside a command body (rare)
