@@ -50,11 +50,22 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
     else:
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, store=_attempt_store(), rank=rank, world_size=world_size)
     global _joined
     _joined = True
     cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else None
     return DistInfo(rank, world_size, local_rank, cpu_group), device
+
+
+def _attempt_store() -> dist.Store:
+    """The store torchrun's environment names, with this attempt's keys kept apart.
+
+    A job that torchrun restarts (--max_restarts, a lost worker) keeps one store server across
+    attempts, and the process group's keys of the attempt before (its workers' addresses) are
+    still in it: a restarted worker could read a dead peer's address and wait on it for good.
+    Each attempt's keys get a prefix of their own."""
+    store, _rank, _world_size = next(dist.rendezvous("env://"))
+    return dist.PrefixStore(f"lmtools/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

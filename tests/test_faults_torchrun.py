@@ -118,8 +118,9 @@ def test_a_killed_worker_is_restarted_and_the_job_ends_as_an_uninterrupted_one(t
         *flags(TORCHRUN_RUN, log_interval=1, eval_interval=1000, checkpoint_interval=INTERVAL, max_iters=MAX_ITERS),
     ]
 
-    # Restarted gloo workers on one host sometimes fail to connect to each other (connection
-    # refused, or waiting for good: a torchrun restart race, not lmtools'): such a job runs once more.
+    # Restarted workers once waited for good on the dead peers' addresses, left in torchrun's
+    # store by the attempt before (lmtools.distributed keeps each attempt's keys apart now). A job
+    # whose workers still fail to connect after the restart (connection refused) runs once more.
     for attempt in range(2):
         ckpt = tmp_path / f"faulted{attempt}" / "ckpt.pt"
         nodes, outs, seen = _faulted_job(tmp_path, common, ckpt)
