@@ -157,22 +157,19 @@ def score_file(
 
 
 def score_validation_windows(model, path: Path, train_cfg: dict, device: torch.device) -> FileScore:
-    """The loss on the windows a training run validates on: its val loader draws batches
-    0..eval_iters-1 with seed + 1 (see Trainer), scored by training's own `evaluate`."""
+    """The loss on the windows a training run validates on (`validation_loader`'s batches
+    0..eval_iters-1), scored by training's own `evaluate`."""
     import contextlib
 
     from lmtools.config import TrainConfig
-    from lmtools.data import BatchLoader
     from lmtools.distributed import DistInfo
-    from lmtools.train import evaluate
+    from lmtools.train import evaluate, validation_loader
 
     cfg = TrainConfig.from_dict(train_cfg)
     if path.suffix.lower() != ".npy":
         raise ConfigError(f"--val_windows scores token files (.npy) as training validates them; {path} is text")
     ids, _, bpt, note = read_file(path, lambda: None, model.config.vocab_size)
-    loader = BatchLoader(
-        [str(path)], cfg.batch_size, cfg.context_length, device, seed=cfg.seed + 1, prefetch=0, dtype=cfg.data_dtype
-    )
+    loader = validation_loader(cfg, str(path), device)
     try:
         loss = evaluate(model, loader, cfg.eval_iters, contextlib.nullcontext(), DistInfo())
     finally:

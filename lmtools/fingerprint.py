@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from lmtools.errors import DataChanged
+from lmtools.layout import META_FILE
 
 SAMPLED_BLOCKS = 16
 BLOCK_BYTES = 16 * 1024
@@ -37,7 +38,7 @@ def file_fingerprint(path: str | os.PathLike) -> dict:
         for offset in _block_offsets(size):
             digest.update(os.pread(f.fileno(), BLOCK_BYTES, offset))
     fp = {"size": size, "sampled_blake2b": digest.hexdigest()}
-    meta = meta_hash(path.parent / "meta.json")
+    meta = meta_hash(path.parent / META_FILE)
     if meta is not None:
         fp["meta_sha256"] = meta
     return fp

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from lmtools.errors import CheckpointError, ConfigError
 from lmtools.fsutil import regular_file_problem, remove_stale_temp_files
+from lmtools.layout import METRICS_FILE
 from lmtools.lock import exclusive, lock_path_for
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def peek_checkpoint(path: Path) -> dict | None:

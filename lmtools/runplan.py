@@ -58,8 +58,8 @@ def plan_new_run(cfg: TrainConfig, explicit: frozenset[str], lock: Callable[[Pat
     check_new_run_target(Path(cfg.checkpoint_path), cfg.overwrite)
     resolved, init = resolve_new_run(apply_recipe(cfg, explicit), explicit)
     resolved.validate()
-    notes = [resolved.warmup_warning()] if resolved.warmup_warning() else []
-    return RunPlan(resolved, cfg.to_dict(), init=init, notes=notes)
+    warning = resolved.warmup_warning()
+    return RunPlan(resolved, cfg.to_dict(), init=init, notes=[warning] if warning else [])
 
 
 def plan_resumed_run(

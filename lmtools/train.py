@@ -210,22 +210,9 @@ class Trainer:
             doc_eot=document_eot(cfg),
         )
         named = {None: cfg.val_data} if cfg.val_data else cfg.val_sets
-        val_sets = [(name, self.make_val_loader(path)) for name, path in named.items()]
+        val_sets = [(name, validation_loader(cfg, path, self.device)) for name, path in named.items()]
         identity = DataIdentity(loader.paths + [p for _name, ld in val_sets for p in ld.paths], cfg.tokenizer)
         return loader, val_sets, identity
-
-    def make_val_loader(self, path: str) -> BatchLoader:
-        # A fixed seed and batch_at(i): every evaluation sees the same windows.
-        cfg = self.cfg
-        return BatchLoader(
-            [path],
-            cfg.batch_size,
-            cfg.context_length,
-            self.device,
-            seed=cfg.seed + 1,
-            prefetch=0,
-            dtype=cfg.data_dtype,
-        )
 
     def check_token_ranges(self) -> None:
         check_token_range(self.loader, self.cfg.vocab_size, "--train_data")
@@ -252,7 +239,9 @@ class Trainer:
         self.bytes_per_token = _bytes_per_token(cfg)
 
     def log_header(self, plan: RunPlan, memory: MemoryEstimate | None) -> None:
-        lines = header_lines(self.cfg, self.loader, self.val_sets, self.model, self.device, self.dtype, self.dist)
+        lines = header_lines(
+            self.cfg, self.loader, self.val_sets, self.model, self.device, self.dtype, self.dist, self.tokens_per_step
+        )
         if memory is not None:
             lines.append(f"memory : {memory.describe()}")
         if plan.payload is not None:
@@ -542,6 +531,14 @@ class Trainer:
 # ---- what the trainer is built from -------------------------------------------------------
 
 
+def validation_loader(cfg: TrainConfig, path: str, device: torch.device) -> BatchLoader:
+    """The windows a run validates on in `path`: batch_at(i) of a loader seeded seed + 1, so that
+    every evaluation (and `lmtools eval --val_windows`) sees the same ones."""
+    return BatchLoader(
+        [path], cfg.batch_size, cfg.context_length, device, seed=cfg.seed + 1, prefetch=0, dtype=cfg.data_dtype
+    )
+
+
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """A copy of `cfg` whose data paths are absolute."""
     if cfg.val_data:
@@ -694,7 +691,7 @@ def _bytes_per_token(cfg: TrainConfig) -> float | None:
     return float(meta["bytes_per_token"]) if meta and meta.get("bytes_per_token") else None
 
 
-def header_lines(cfg, loader, val_sets, model, device, dtype, dist_info) -> list[str]:
+def header_lines(cfg, loader, val_sets, model, device, dtype, dist_info, tokens_per_step: int) -> list[str]:
     def describe(name: str, ld: BatchLoader) -> list[str]:
         d = ld.describe()
         lines = []
@@ -723,10 +720,9 @@ def header_lines(cfg, loader, val_sets, model, device, dtype, dist_info) -> list
     lines.append(
         f"device : {device} | {str(dtype).removeprefix('torch.')}{' | compiled' if cfg.compile else ''}{ranks}"
     )
-    per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum_steps * dist_info.world_size
     lines.append(
         f"batch  : {cfg.batch_size} x context {cfg.context_length}"
         + (f" x {cfg.grad_accum_steps} accum" if cfg.grad_accum_steps > 1 else "")
-        + f" = {per_step:,} tokens/step | max_iters {cfg.max_iters}"
+        + f" = {tokens_per_step:,} tokens/step | max_iters {cfg.max_iters}"
     )
     return lines

@@ -259,8 +259,6 @@ def resume(checkpoint: Path, **overrides) -> None:
 
 
 def _finish(result) -> None:
-    import os
-
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return
     with console_guard():
