@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -61,11 +64,48 @@ def _attempt_store() -> dist.Store:
     """The store torchrun's environment names, with this attempt's keys kept apart.
 
     A job that torchrun restarts (--max_restarts, a lost worker) keeps one store server across
-    attempts, and the process group's keys of the attempt before (its workers' addresses) are
-    still in it: a restarted worker could read a dead peer's address and wait on it for good.
-    Each attempt's keys get a prefix of their own."""
-    store, _rank, _world_size = next(dist.rendezvous("env://"))
-    return dist.PrefixStore(f"lmtools/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    attempts (the c10d rendezvous shares its TCPStore with the workers and never renews it), and
+    the process group's keys of the attempt before (its workers' addresses) are still in it: a
+    restarted worker could read a dead peer's address and fail to connect, or wait on it for good.
+    Each attempt's keys get a prefix of their own, one that every rank agrees on. (The agents'
+    TORCHELASTIC_RESTART_COUNT is no such key: only the agent whose worker failed counts a
+    restart; the others restart theirs on the membership change and keep their old count.)"""
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    return dist.PrefixStore(f"lmtools/attempt-{agree_on_attempt(store, rank, world_size)}", store)
+
+
+_HANDSHAKE = "lmtools/attempt-handshake"
+
+
+def agree_on_attempt(store: dist.Store, rank: int, world_size: int, timeout: float = 1800.0) -> str:
+    """A name for this attempt, chosen by rank 0 and handed to every other rank.
+
+    It relies on what torch's elastic agents guarantee: every worker of an attempt has ended
+    before any worker of the next one starts. Rank 0 first deletes the "hello" keys that earlier
+    attempts left; from then on a hello can only come from a live worker of this attempt. Each
+    other rank writes a fresh random nonce as its hello (again whenever it finds it deleted) and
+    waits for the name under a key made of its own nonce, which no earlier attempt can have
+    written."""
+    if rank == 0:
+        name = uuid.uuid4().hex
+        hellos = [f"{_HANDSHAKE}/hello/{peer}" for peer in range(1, world_size)]
+        for key in hellos:
+            store.delete_key(key)
+        for key in hellos:
+            store.wait([key], timedelta(seconds=timeout))
+            store.set(f"{_HANDSHAKE}/name/{store.get(key).decode()}", name)
+        return name
+    nonce = uuid.uuid4().hex
+    hello, answer = f"{_HANDSHAKE}/hello/{rank}", f"{_HANDSHAKE}/name/{nonce}"
+    store.set(hello, nonce)
+    deadline = time.monotonic() + timeout
+    while not store.check([answer]):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank {rank}: rank 0 of this attempt did not answer within {timeout:.0f} s")
+        if not store.check([hello]):  # rank 0 cleared the old ones after this rank wrote its own
+            store.set(hello, nonce)
+        time.sleep(0.02)
+    return store.get(answer).decode()
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
