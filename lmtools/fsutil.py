@@ -1,11 +1,14 @@
-"""Durable file operations shared by checkpoints and prepared datasets: directory fsync,
-temporary files left by dead writers, and the regular-file check for inputs."""
+"""Durable file operations shared by checkpoints, prepared datasets and exports: directory fsync,
+temporary files left by dead writers, a folder put in place in one step, and the regular-file
+check for inputs."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -56,8 +59,6 @@ def remove_stale_temp_files(folder: str | os.PathLike, names: set[str] | None = 
             continue
         try:
             if entry.is_dir() and not entry.is_symlink():
-                import shutil
-
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
@@ -65,6 +66,38 @@ def remove_stale_temp_files(folder: str | os.PathLike, names: set[str] | None = 
         except OSError:
             pass
     return removed
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the folder `new` at `target`, in one step where the kernel can: an existing `target`
+    is exchanged with `new` atomically (renameat2 RENAME_EXCHANGE), then removed. Where that is
+    unsupported, the old folder is renamed aside first (`.NAME.old.PID.tmp`), so a crash leaves it
+    under a temporary name of this process (removed by the next writer, as a dead writer's)."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    if not _exchange(new, target):
+        aside = target.with_name(f".{target.name}.old.{os.getpid()}.tmp")
+        os.replace(target, aside)
+        os.replace(new, target)
+        new = aside
+    shutil.rmtree(new, ignore_errors=True)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically; False where the C library or the file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def regular_file_problem(path: str | os.PathLike) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -196,88 +197,22 @@ def generation_config(eot_id: int | None) -> dict:
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write `tensors` with safetensors; a failed write (a full disk) is an OSError, as Python's own."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt", **metadata})
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt", **metadata})
+    except SafetensorError as exc:  # its Rust I/O errors end in "(os error N)"
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found is None:
+            raise
+        code = int(found[1])
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def _json(obj: Any) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-
-
-def export_checkpoint(
-    checkpoint: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    fmt: str = "hf",
-    tokenizer: str | None = None,
-    overwrite: bool = False,
-) -> list[Path]:
-    """Write a checkpoint (plain or sharded) as a Hugging Face folder (`fmt="hf"`), as plain
-    lmtools weights with the model config as safetensors metadata (`fmt="safetensors"`), or as
-    one GGUF file for llama.cpp (`fmt="gguf"`).
-
-    The folder is written beside `out` and renamed into place, so a failed export leaves nothing
-    half written; an existing non-empty `out` is replaced only with `overwrite`.
-    """
-    import shutil
-
-    from lmtools.checkpoint import read_checkpoint
-    from lmtools.generate import model_from_payload
-    from lmtools.layout import EOT
-    from lmtools.tokenizer import tokenizer_from_checkpoint
-
-    if fmt not in ("hf", "safetensors", "gguf"):
-        raise ConfigError(f"--format must be hf, safetensors or gguf, got {fmt!r}")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConfigError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
-    payload = read_checkpoint(checkpoint)
-    if fmt != "safetensors":  # before building: a newer option this model code lacks is named too
-        check_exportable(dict(payload.get("model_config") or {}))
-    tok = None
-    if fmt != "safetensors" or tokenizer or payload.get("tokenizer_json"):
-        tok = tokenizer_from_checkpoint(payload, tokenizer, checkpoint)
-    model = model_from_payload(payload, checkpoint)
-    if fmt != "safetensors":
-        check_exportable(model.config.to_dict())
-    files: dict[str, str] = {}
-    if tok is not None:  # the stored text as it was written, else the loaded file's
-        stored = payload.get("tokenizer_json")
-        files["tokenizer.json"] = stored if stored and not tokenizer else tok.to_str(pretty=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _write_export(tmp, fmt, payload, model, files, tok.token_to_id(EOT) if tok is not None else None)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return sorted(out.iterdir())
-
-
-def _write_export(folder: Path, fmt: str, payload: dict, model, files: dict[str, str], eot_id: int | None) -> None:
-    """The files of one export format, into `folder`."""
-    from lmtools.layout import EOT
-
-    model_cfg, state = model.config.to_dict(), model.state_dict()
-    if fmt == "hf":
-        write_safetensors(folder / "model.safetensors", to_hf_state(state, model_cfg), {})
-        files |= tokenizer_files(files["tokenizer.json"], EOT, model_cfg["context_length"])
-        files["config.json"] = _json(llama_config(model_cfg, eot_id, next(iter(state.values())).dtype))
-        files["generation_config.json"] = _json(generation_config(eot_id))
-        files["README.md"] = model_card(payload, model_cfg, model.num_parameters())
-    elif fmt == "gguf":
-        from lmtools.llamacpp import write_gguf
-
-        write_gguf(folder / "model.gguf", state, model_cfg, files.pop("tokenizer.json"), eot_id)
-    else:
-        meta = {"lmtools_model_config": json.dumps(model_cfg), "lmtools_iteration": str(payload.get("iteration", 0))}
-        write_safetensors(folder / "model.safetensors", dict(state), meta)
-    for name, text in files.items():
-        (folder / name).write_text(text, encoding="utf-8")
 
 
 def model_card(payload: dict, model_cfg: dict, num_params: int) -> str:

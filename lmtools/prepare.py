@@ -48,6 +48,7 @@ from lmtools.errors import ConfigError, DataError
 from lmtools.fsutil import fsync_dir
 from lmtools.layout import EOT, LOCK_FILE, META_FILE, TOKENIZER_FILE, TRAIN_FILE, VAL_FILE
 from lmtools.lock import exclusive
+from lmtools.ownership import check_dataset_target
 
 if TYPE_CHECKING:
     import numpy as np
@@ -483,8 +484,7 @@ def _remove_created_folder_on_failure(out: Path) -> Iterator[None]:
 def _claim(out: Path, force: bool) -> None:
     """Under the folder's lock: a dataset is overwritten only with --force, and what a killed
     prepare left behind goes."""
-    if (out / META_FILE).exists() and not force:
-        raise DataError(f"{out} already holds a prepared dataset; pass --force to overwrite it or choose another --out")
+    check_dataset_target(out, force)
     _remove_stale_temporaries(out)
 
 

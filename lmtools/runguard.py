@@ -3,7 +3,7 @@
 One run writes a checkpoint path at a time: it holds a kernel-released lock beside the
 checkpoint (and one beside its metrics.jsonl) from before it reads anything until it exits, so
 a second run or resume on the same path fails at once, naming the holder's PID. A new run
-replaces only an lmtools checkpoint, and only with --overwrite; it starts a fresh
+replaces only an lmtools checkpoint, and only with --overwrite (lmtools.ownership); it starts a fresh
 metrics.jsonl (the previous one is moved aside, not mixed in). Resuming from a snapshot older
 than the run's newest checkpoint discards the steps after it, so it needs --rollback. Temporary
 files that killed writers left in the folder are removed.
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmtools.errors import CheckpointError, ConfigError
-from lmtools.fsutil import regular_file_problem, remove_stale_temp_files
+from lmtools.fsutil import remove_stale_temp_files
 from lmtools.layout import METRICS_FILE
 from lmtools.lock import exclusive, lock_path_for
 
@@ -35,25 +35,6 @@ def peek_checkpoint(path: Path) -> dict | None:
     if isinstance(payload, dict) and ("model_state_dict" in payload or "dcp" in payload) and "iteration" in payload:
         return payload
     return None
-
-
-def check_new_run_target(path: Path, overwrite: bool) -> None:
-    """A new run may replace `path` only when it is an lmtools checkpoint and --overwrite is given."""
-    if not os.path.lexists(path):
-        return
-    problem = regular_file_problem(path)
-    if problem is not None:
-        raise ConfigError(f"--checkpoint_path {path} {problem}; choose another --checkpoint_path")
-    if peek_checkpoint(path) is None:
-        raise ConfigError(
-            f"--checkpoint_path {path} exists and is not an lmtools checkpoint; it is never replaced: "
-            f"choose another --checkpoint_path"
-        )
-    if not overwrite:
-        raise ConfigError(
-            f"{path} already holds a checkpoint; continue it with --resume, "
-            f"or pass --overwrite to start a new run over it"
-        )
 
 
 class RunGuard:

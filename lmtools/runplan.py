@@ -18,10 +18,11 @@ from lmtools.checkpoint import read_checkpoint, snapshot_base
 from lmtools.config import TrainConfig
 from lmtools.errors import ConfigError
 from lmtools.model import MODEL_FIELDS, ModelConfig
+from lmtools.ownership import check_checkpoint_target
 from lmtools.preflight import check_stored_config
 from lmtools.recipe import apply_recipe
 from lmtools.rundata import absolute_spec, data_tokenizer_identity, normalise_specs, resolve_data
-from lmtools.runguard import check_new_run_target, check_rollback
+from lmtools.runguard import check_rollback
 
 if TYPE_CHECKING:
     from lmtools.init_from import InitSource
@@ -55,7 +56,7 @@ def plan_new_run(cfg: TrainConfig, explicit: frozenset[str], lock: Callable[[Pat
     """A new run: its checkpoint folder checked and locked, its config resolved from a copy of `cfg`."""
     check_checkpoint_folder(Path(cfg.checkpoint_path))
     lock(Path(cfg.checkpoint_path))
-    check_new_run_target(Path(cfg.checkpoint_path), cfg.overwrite)
+    check_checkpoint_target(Path(cfg.checkpoint_path), cfg.overwrite)
     resolved, init = resolve_new_run(apply_recipe(cfg, explicit), explicit)
     resolved.validate()
     warning = resolved.warmup_warning()

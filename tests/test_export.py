@@ -15,8 +15,9 @@ from helpers import MIXED_CORPUS_RUN, cli_output, flags
 from lmtools.checkpoint import read_checkpoint, save_checkpoint
 from lmtools.config import TrainConfig
 from lmtools.errors import ConfigError, DataError
+from lmtools.export import export_checkpoint
 from lmtools.generate import generate_ids, load_model
-from lmtools.hf import check_exportable, export_checkpoint, halves_to_pairs, import_llama, pairs_to_halves
+from lmtools.hf import check_exportable, halves_to_pairs, import_llama, pairs_to_halves
 from lmtools.layout import EOT
 from lmtools.model import RotaryEmbedding, TransformerLM
 from lmtools.tokenizer import bytes_tokenizer, tokenizer_from_checkpoint, train_bpe
@@ -100,7 +101,10 @@ def test_exported_folder_loads_offline_and_gives_lmtools_logits(tmp_path):
         "tokenizer_config.json",
         "special_tokens_map.json",
         "README.md",
+        "lmtools_export.json",  # what export wrote: what a later --overwrite may replace
     }
+    record = json.loads((tmp_path / "hf" / "lmtools_export.json").read_text())
+    assert set(record["files"]) == {f.name for f in files} - {"lmtools_export.json"} and record["format"] == "hf"
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["rms_norm_eps"] == 1e-5 and config["max_position_embeddings"] == 32
     assert config["num_key_value_heads"] == 4 and config["tie_word_embeddings"] is False
@@ -196,10 +200,17 @@ def test_export_keeps_an_existing_folder_and_needs_a_tokenizer(tmp_path):
     ckpt = write_checkpoint(tmp_path / "ckpt.pt", random_model())
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "mine.txt").write_text("keep me")
-    out = cli_output("export", ckpt, "--out", tmp_path / "hf", code=2)
-    assert "--overwrite" in out and (tmp_path / "hf" / "mine.txt").read_text() == "keep me"
-    cli_output("export", ckpt, "--out", tmp_path / "hf", "--overwrite")
-    assert not (tmp_path / "hf" / "mine.txt").exists() and (tmp_path / "hf" / "model.safetensors").is_file()
+    for extra in ([], ["--overwrite"]):  # a folder export did not write is never replaced
+        out = cli_output("export", ckpt, "--out", tmp_path / "hf", *extra, code=2)
+        assert "did not write" in out and "mine.txt" in out and len(out.strip().splitlines()) == 1
+        assert (tmp_path / "hf" / "mine.txt").read_text() == "keep me"
+    cli_output("export", ckpt, "--out", tmp_path / "ours")
+    out = cli_output("export", ckpt, "--out", tmp_path / "ours", code=2)
+    assert "--overwrite" in out and "already holds an export" in out
+    (tmp_path / "ours" / "README.md").write_text("an old card")
+    cli_output("export", ckpt, "--out", tmp_path / "ours", "--overwrite")
+    assert (tmp_path / "ours" / "README.md").read_text() != "an old card"
+    assert (tmp_path / "ours" / "model.safetensors").is_file()
 
     payload = read_checkpoint(ckpt)
     payload.pop("tokenizer_json")

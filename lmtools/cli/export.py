@@ -23,10 +23,14 @@ def export(
     tokenizer: Optional[str] = typer.Option(
         None, "--tokenizer", help="tokenizer.json; by default the checkpoint's own."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace an --out folder that an earlier export wrote (never any other folder or file).",
+    ),
 ) -> None:
     """Export a checkpoint for transformers (AutoModelForCausalLM / AutoTokenizer) or as safetensors."""
-    from lmtools.hf import export_checkpoint
+    from lmtools.export import export_checkpoint
 
     files = export_checkpoint(checkpoint, out, fmt=format, tokenizer=tokenizer, overwrite=overwrite)
     typer.echo(f"Wrote {out}/: " + ", ".join(f.name for f in files))

@@ -1,0 +1,164 @@
+"""`lmtools export`: a checkpoint written out as a Hugging Face folder, plain safetensors or GGUF.
+
+The folder is written under a temporary name beside `--out`, then put in place in one rename
+(an atomic exchange when it replaces an earlier export), so a failed or killed export leaves the
+old folder or nothing; what a killed export left is removed by the next one to the same `--out`.
+One export writes an `--out` at a time (a lock beside it), and `--overwrite` replaces only a
+folder that export wrote (lmtools.ownership).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+from lmtools.errors import ConfigError
+from lmtools.fsutil import fsync_dir, remove_stale_temp_files, replace_folder
+from lmtools.hf import (
+    check_exportable,
+    generation_config,
+    llama_config,
+    model_card,
+    to_hf_state,
+    tokenizer_files,
+    write_safetensors,
+)
+from lmtools.layout import EOT
+from lmtools.lock import exclusive, lock_path_for
+from lmtools.ownership import EXPORT_RECORD, check_export_target, export_record
+
+FORMATS = ("hf", "safetensors", "gguf")
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    fmt: str = "hf",
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write a checkpoint (plain or sharded) as a Hugging Face folder (`fmt="hf"`), as plain
+    lmtools weights with the model config as safetensors metadata (`fmt="safetensors"`), or as
+    one GGUF file for llama.cpp (`fmt="gguf"`). Returns the files of the folder written."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format must be hf, safetensors or gguf, got {fmt!r}")
+    out = Path(os.path.abspath(out))
+    if not out.name:
+        raise ConfigError(f"--out {out} is the root folder; choose a folder to write")
+    check_export_target(out, overwrite, Path(checkpoint))  # at once, before taking any lock
+    _make_parent(out)
+    with exclusive(lock_path_for(out), f"--out {out}", "wait for that export to finish or choose another --out"):
+        check_export_target(out, overwrite, Path(checkpoint))  # again: another export may have just written it
+        remove_stale_temp_files(out.parent, names={out.name, f"{out.name}.old"})  # left by a killed export
+        return _export(Path(checkpoint), out, fmt, tokenizer)
+
+
+def _make_parent(out: Path) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"--out {out}: cannot create its parent folder ({_reason(exc)}); choose another --out"
+        ) from None
+
+
+def _export(checkpoint: Path, out: Path, fmt: str, tokenizer: str | None) -> list[Path]:
+    """Read, check and build everything, then write the folder beside `out` and put it in place."""
+    from lmtools.checkpoint import read_checkpoint
+    from lmtools.generate import model_from_payload
+    from lmtools.tokenizer import tokenizer_from_checkpoint
+
+    payload = read_checkpoint(checkpoint)
+    if fmt != "safetensors":  # before building: a newer option this model code lacks is named too
+        check_exportable(dict(payload.get("model_config") or {}))
+    tok = None
+    if fmt != "safetensors" or tokenizer or payload.get("tokenizer_json"):
+        tok = tokenizer_from_checkpoint(payload, tokenizer, checkpoint)
+    model = model_from_payload(payload, checkpoint)
+    if fmt != "safetensors":
+        check_exportable(model.config.to_dict())
+    files: dict[str, str] = {}
+    if tok is not None:  # the stored text as it was written, else the loaded file's
+        stored = payload.get("tokenizer_json")
+        files["tokenizer.json"] = stored if stored and not tokenizer else tok.to_str(pretty=True)
+    eot_id = tok.token_to_id(EOT) if tok is not None else None
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.mkdir()
+        _write_export(tmp, fmt, payload, model, files, eot_id)
+        written = sorted(entry.name for entry in tmp.iterdir())
+        iteration = int(payload.get("iteration", 0))
+        _write_durably(tmp / EXPORT_RECORD, export_record(fmt, written, checkpoint, iteration))
+        fsync_dir(tmp)
+        replace_folder(tmp, out)
+        fsync_dir(out.parent)
+    except OSError as exc:
+        raise ConfigError(
+            f"--out {out}: cannot write the export ({_reason(exc, out.parent)}); nothing was changed"
+        ) from None
+    finally:
+        _remove_tree(tmp)
+    return sorted(out.iterdir())
+
+
+def _write_export(folder: Path, fmt: str, payload: dict, model, files: dict[str, str], eot_id: int | None) -> None:
+    """The files of one export format, into `folder`."""
+    model_cfg, state = model.config.to_dict(), model.state_dict()
+    if fmt == "hf":
+        write_safetensors(folder / "model.safetensors", to_hf_state(state, model_cfg), {})
+        files |= tokenizer_files(files["tokenizer.json"], EOT, model_cfg["context_length"])
+        files["config.json"] = _json(llama_config(model_cfg, eot_id, next(iter(state.values())).dtype))
+        files["generation_config.json"] = _json(generation_config(eot_id))
+        files["README.md"] = model_card(payload, model_cfg, model.num_parameters())
+    elif fmt == "gguf":
+        from lmtools.llamacpp import write_gguf
+
+        write_gguf(folder / "model.gguf", state, model_cfg, files.pop("tokenizer.json"), eot_id)
+    else:
+        meta = {"lmtools_model_config": json.dumps(model_cfg), "lmtools_iteration": str(payload.get("iteration", 0))}
+        write_safetensors(folder / "model.safetensors", dict(state), meta)
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    for entry in folder.iterdir():  # the weights too: the rename must not land before the data
+        _fsync(entry)
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+
+def _write_durably(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _reason(exc: OSError, folder: Path | None = None) -> str:
+    """Why a write failed, in words. A short write (numpy's, under gguf) carries no errno: a full
+    device is then told by what is left on it."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) or (exc.errno is None and folder is not None and _full(folder)):
+        return "no space left on the device: free some space or choose another --out"
+    return exc.strerror or str(exc)
+
+
+def _full(folder: Path) -> bool:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
