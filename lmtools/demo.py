@@ -30,6 +30,8 @@ SKIP_DIRS = frozenset({"test", "tests", "idle_test", "__pycache__", "site-packag
 MAX_FILE_BYTES = 400_000  # larger stdlib modules are mostly data tables or prose (pydoc_data/topics.py)
 PROMPTS = ("def", "class", "import")
 
+MAX_MINUTES = 24 * 60  # a demo, not a pretraining run: that is `lmtools train`
+
 # The demo model: big enough that its samples look like Python, small enough that a 2-core CPU
 # gets through a few hundred steps in three minutes (1.4M parameters with a 2048 vocabulary).
 MODEL = dict(context_length=128, d_model=128, num_layers=4, num_heads=4, d_ff=384)
@@ -81,8 +83,8 @@ def run_demo(
     log: Callable[[str], None] = lambda _line: None,
 ) -> DemoResult:
     """Prepare the stdlib corpus, train for about `minutes`, plot the losses and sample."""
-    if not minutes > 0:
-        raise ConfigError(f"--minutes must be positive, got {minutes}")
+    if not 0 < minutes <= MAX_MINUTES:
+        raise ConfigError(f"--minutes must be in (0, {MAX_MINUTES}] (a demo of at most a day), got {minutes}")
     if not max_corpus_mb > 0:
         raise ConfigError(f"--max_corpus_mb must be positive, got {max_corpus_mb}")
     start = time.perf_counter()

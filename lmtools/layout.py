@@ -33,7 +33,7 @@ def token_dtype_name(dtype: Any, where: object) -> str:
 
     try:
         dt = np.dtype(dtype)
-    except TypeError:
+    except (TypeError, ValueError, SyntaxError):  # numpy parses strings such as "01" or "0:" as code
         raise DataError(f"{where}: dtype {dtype!r} is not a numpy dtype; use {TOKEN_DTYPES_TEXT}") from None
     if dt.name not in TOKEN_DTYPES or dt.byteorder == ">":
         raise DataError(f"{where}: dtype {dtype!r} is not a token dtype; use {TOKEN_DTYPES_TEXT}")
