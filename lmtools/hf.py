@@ -284,95 +284,309 @@ def train_command(cfg) -> str:
 
 
 # ---- import -----------------------------------------------------------------------------------
+#
+# A folder is input like any other: every field of config.json is checked for type and range
+# (LLAMA_CONFIG) before anything is built, then every tensor's name, dtype and shape is read from
+# the safetensors headers and checked against the config's model before a byte of weights is
+# loaded. The import is the folder's model exactly, or one error naming what does not fit.
+
+REQUIRED = object()  # a field without a default
+# config.json and the shard index are a few KiB; far beyond that, a file is not one transformers wrote.
+JSON_LIMIT = 16 << 20
+# The dtypes that float32 (lmtools' weights) holds exactly; others would be narrowed or are not weights.
+EXACT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+INDEX = "model.safetensors.index.json"
+FIX = "fix the file, or save the model again with transformers' save_pretrained"
+
+# Every config.json key lmtools reads. Types are JSON's as transformers writes them: an int is a
+# JSON integer (not a bool, not 64.0, not "64"); a float is any finite positive number. An int is
+# bounded by the sane bound of the lmtools field named last (preflight.MODEL_BOUNDS). A default of
+# None also admits null, which transformers writes for "derive it".
+# fmt: off
+LLAMA_CONFIG = (
+    # key                      type   default    bound
+    ("vocab_size",              int,   REQUIRED,  "vocab_size"),
+    ("hidden_size",             int,   REQUIRED,  "d_model"),
+    ("intermediate_size",       int,   REQUIRED,  "d_ff"),
+    ("num_hidden_layers",       int,   REQUIRED,  "num_layers"),
+    ("num_attention_heads",     int,   REQUIRED,  "num_heads"),
+    ("num_key_value_heads",     int,   None,      "num_heads"),
+    ("head_dim",                int,   None,      "d_model"),
+    ("max_position_embeddings", int,   2048,      "context_length"),  # LlamaConfig's defaults
+    ("rms_norm_eps",            float, 1e-6,      None),
+    ("rope_theta",              float, None,      None),
+    ("rope_scaling",            dict,  None,      None),  # transformers 4
+    ("rope_parameters",         dict,  None,      None),  # transformers 5
+    ("hidden_act",              str,   "silu",    None),
+    ("attention_bias",          bool,  False,     None),
+    ("mlp_bias",                bool,  False,     None),
+    ("tie_word_embeddings",     bool,  False,     None),
+)
+# The keys of rope_scaling / rope_parameters lmtools reads ("type": rope_scaling's older rope_type).
+ROPE_CONFIG = (
+    ("rope_type",               str,   None,      None),
+    ("type",                    str,   None,      None),
+    ("rope_theta",              float, None,      None),
+)
+# fmt: on
 
 
 def import_llama(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], str | None]:
     """A Hugging Face Llama folder as (lmtools model config, TransformerLM state dict, tokenizer.json
     text or None). Weights are read with safetensors (one file or an index of shards) and widened
-    to float32; a feature lmtools' model lacks is refused, named in the error."""
+    to float32; anything that is not the config's Llama is refused, named in the error."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise DataError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    try:
-        hf_cfg = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{config_path} is not valid JSON ({exc})") from None
+    hf_cfg = read_json(config_path)
     model_cfg = model_config_from_llama(hf_cfg, config_path)
-    tensors = _read_safetensors(folder)
-    tied = hf_cfg.get("tie_word_embeddings", False)
-    if "lm_head.weight" not in tensors and tied:
-        # Untied by copy: the same function now, two weights that may part ways in training.
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-    missing = [theirs for _, theirs in weight_names(model_cfg["num_layers"]) if theirs not in tensors]
-    if missing:
-        raise DataError(f"{folder} lacks {len(missing)} Llama weights, e.g. {missing[0]}")
-    state = from_hf_state({k: v.float() for k, v in tensors.items()}, model_cfg)
-    tok_path = folder / "tokenizer.json"
-    tokenizer_json = tok_path.read_text(encoding="utf-8") if tok_path.is_file() else None
-    return model_cfg, state, tokenizer_json
+    tied = hf_cfg.get("tie_word_embeddings") is True  # a bool: model_config_from_llama checked it
+    headers = _tensor_headers(folder, _shard_files(folder))
+    _check_tensors(headers, llama_shapes(model_cfg), tied, folder)
+    tensors = _load_tensors(folder, headers)
+    if tied:
+        _tie_head(tensors, folder)
+    state = from_hf_state(tensors, model_cfg)
+    return model_cfg, state, _tokenizer_text(folder / "tokenizer.json")
 
 
-def model_config_from_llama(hf: dict, where: Path) -> dict:
-    """lmtools' model config for a LlamaConfig dict, or a ConfigError naming what lmtools lacks."""
+def model_config_from_llama(hf: Any, where: Path) -> dict:
+    """lmtools' model config for a LlamaConfig dict: every field checked first (LLAMA_CONFIG),
+    then each Llama feature lmtools' model lacks refused by name (a ConfigError)."""
 
     def refuse(feature: str) -> ConfigError:
         return ConfigError(f"{where}: {feature}, which lmtools' model does not have; it cannot be imported")
 
+    if not isinstance(hf, dict):
+        raise DataError(f"{where} is not a JSON object (it holds a {type(hf).__name__}); {FIX}")
     if hf.get("model_type") != "llama":
-        raise refuse(f"model_type {hf.get('model_type')!r} is not a Llama model")
-    d_model, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-    kv_heads = int(hf.get("num_key_value_heads") or heads)
+        raise refuse(f"model_type {_shown(hf.get('model_type'))} is not a Llama model")
+    c = read_fields(LLAMA_CONFIG, hf, f"{where}: ")
+    d_model, heads = c["hidden_size"], c["num_attention_heads"]
+    kv_heads = c["num_key_value_heads"] or heads
     if kv_heads != heads:
         raise refuse(f"grouped-query attention ({kv_heads} key/value heads for {heads} query heads)")
-    if hf.get("head_dim") not in (None, d_model // heads):
-        raise refuse(f"head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads")
+    if d_model % heads:
+        raise refuse(f"heads that do not split hidden_size {d_model} evenly ({heads} heads)")
+    if c["head_dim"] not in (None, d_model // heads):
+        raise refuse(f"head_dim {c['head_dim']} differs from hidden_size / num_attention_heads")
+    if d_model // heads % 2:  # RoPE rotates pairs of a head's dimensions
+        raise refuse(f"an odd head size ({d_model // heads})")
     for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
+        if c[flag]:
             raise refuse(f"{flag} is set (lmtools has no biases)")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise refuse(f"hidden_act {hf['hidden_act']!r} (lmtools' feed-forward is SwiGLU with silu)")
-    if float(hf.get("rms_norm_eps", 1e-6)) != NORM_EPS:
-        raise refuse(f"rms_norm_eps {hf.get('rms_norm_eps', 1e-6)} (lmtools' RMSNorm uses {NORM_EPS})")
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    # transformers 4 writes rope_scaling, 5 rope_parameters: either may name a scaling.
-    scaled = {rope.get("rope_type"), scaling.get("rope_type") or scaling.get("type")} - {None, "default"}
-    if scaled:
-        raise refuse(f"scaled RoPE ({', '.join(sorted(scaled))})")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if c["hidden_act"] != "silu":
+        raise refuse(f"hidden_act {c['hidden_act']!r} (lmtools' feed-forward is SwiGLU with silu)")
+    if c["rms_norm_eps"] != NORM_EPS:
+        raise refuse(f"rms_norm_eps {c['rms_norm_eps']} (lmtools' RMSNorm uses {NORM_EPS})")
     return {
-        "vocab_size": int(hf["vocab_size"]),
-        "context_length": int(hf.get("max_position_embeddings", 2048)),
+        "vocab_size": c["vocab_size"],
+        "context_length": c["max_position_embeddings"],
         "d_model": d_model,
-        "num_layers": int(hf["num_hidden_layers"]),
+        "num_layers": c["num_hidden_layers"],
         "num_heads": heads,
-        "d_ff": int(hf["intermediate_size"]),
-        "rope_theta": float(theta),
+        "d_ff": c["intermediate_size"],
+        "rope_theta": _rope_theta(c, where, refuse),
     }
 
 
-def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of model.safetensors, or of the shards model.safetensors.index.json names."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_fields(table: tuple, data: dict, where: str) -> dict[str, Any]:
+    """Each field of `table` from `data` (its default where absent), or a ConfigError naming the
+    first whose type or range is wrong; `where` prefixes the field's name in the error."""
+    values = {}
+    for key, kind, default, bound in table:
+        value = data.get(key, default)
+        if value is REQUIRED:
+            raise ConfigError(f"{where}{key} is missing; {FIX}")
+        expected = None if value is None and default is None else _expected(value, kind, bound)
+        if expected:
+            raise ConfigError(f"{where}{key} must be {expected}, got {_shown(value)}; {FIX}")
+        values[key] = value
+    return values
 
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
-            raise DataError(f"{index} is not a safetensors index ({exc})") from None
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
+
+def _expected(value: Any, kind: type, bound: str | None) -> str | None:
+    """What a field of this kind must be, where `value` is not that; None where it is."""
+    import sys
+
+    from lmtools.preflight import MODEL_BOUNDS
+
+    if kind is int:  # type(), not isinstance: True is an int in Python, not in config.json
+        limit = MODEL_BOUNDS[bound]
+        fits = type(value) is int and 1 <= value <= limit
+        return None if fits else f"an integer from 1 to {limit:,} (lmtools' sane bound for {bound})"
+    if kind is float:  # the comparisons refuse NaN, infinities and integers beyond a float
+        fits = type(value) in (int, float) and 0 < value <= sys.float_info.max
+        return None if fits else "a positive finite number"
+    return None if type(value) is kind else {str: "a string", bool: "true or false", dict: "an object or null"}[kind]
+
+
+def _shown(value: Any) -> str:
+    """A value as config.json spells it, cut short; a list or an object by its kind alone."""
+    if isinstance(value, (list, dict)):
+        return f"a JSON {'list' if isinstance(value, list) else 'object'}"
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _rope_theta(c: dict, where: Path, refuse) -> float:
+    """RoPE's base, from rope_theta (transformers 4) or rope_parameters (5); a scaled RoPE is
+    refused, and two bases that disagree are one model too many."""
+    thetas, scaled = set(), set()
+    if c["rope_theta"] is not None:
+        thetas.add(float(c["rope_theta"]))
+    for key in ("rope_scaling", "rope_parameters"):
+        if c[key] is not None:
+            rope = read_fields(ROPE_CONFIG, c[key], f"{where}: {key}.")
+            scaled |= {rope["rope_type"], rope["type"]} - {None, "default"}
+            if rope["rope_theta"] is not None:
+                thetas.add(float(rope["rope_theta"]))
+    if scaled:
+        raise refuse(f"scaled RoPE ({', '.join(sorted(scaled))})")
+    if len(thetas) > 1:
+        raise ConfigError(f"{where}: rope_theta is given twice, as {' and '.join(map(str, sorted(thetas)))}; {FIX}")
+    return thetas.pop() if thetas else 10000.0
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a Hugging Face folder, or a DataError saying why it cannot be one."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(JSON_LIMIT + 1)
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    if len(raw) > JSON_LIMIT:
+        raise DataError(f"{path} is larger than {JSON_LIMIT >> 20} MiB, so transformers did not write it; {FIX}")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise DataError(f"{path} is nested too deep to be read; {FIX}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); {FIX}") from None
+    except ValueError:  # Python's limit on the digits of an integer read from text
+        raise DataError(f"{path} holds an integer with too many digits to be read; {FIX}") from None
+
+
+def llama_shapes(model_cfg: dict) -> dict[str, tuple[int, ...]]:
+    """The transformers name and shape of every weight of the Llama `model_cfg` describes (the
+    query and key permutation keeps shapes, so lmtools' model has the same ones)."""
+    d, ff, vocab = model_cfg["d_model"], model_cfg["d_ff"], model_cfg["vocab_size"]
+    shapes = {"token_embeddings": (vocab, d), "ln_final": (d,), "lm_head": (vocab, d), "ln1": (d,), "ln2": (d,)}
+    shapes |= {f"attn.{p}": (d, d) for p in ("q_proj", "k_proj", "v_proj", "output_proj")}
+    shapes |= {"ffn.w1": (ff, d), "ffn.w3": (ff, d), "ffn.w2": (d, ff)}
+    return {theirs: shapes[_weight_kind(ours)] for ours, theirs in weight_names(model_cfg["num_layers"])}
+
+
+def _weight_kind(ours: str) -> str:
+    """An lmtools weight's name without its layer and ".weight": "layers.3.attn.q_proj.weight" -> "attn.q_proj"."""
+    name = ours.removesuffix(".weight")
+    return name.split(".", 2)[2] if name.startswith("layers.") else name
+
+
+def _shard_files(folder: Path) -> list[str]:
+    """The safetensors files of the folder: model.safetensors, or the shards its index names,
+    each a plain file name beside the index (never a path that leaves the folder)."""
+    index = folder / INDEX
+    if not index.is_file():
+        if (folder / "model.safetensors").is_file():
+            return ["model.safetensors"]
         pickled = [p.name for p in folder.glob("*.bin")]
         hint = f" ({pickled[0]} is a pickle, which lmtools never loads)" if pickled else ""
         raise DataError(f"{folder} holds no model.safetensors{hint}; save it with safe_serialization=True")
-    tensors: dict[str, torch.Tensor] = {}
+    weight_map = read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise DataError(f"{index}: its weight_map must map each tensor's name to a shard's file name; {FIX}")
+    files = sorted(set(weight_map.values()))
     for name in files:
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name or "\0" in name:
+            raise DataError(f"{index} names the shard {_shown(name)}, which is not a file name in {folder}; {FIX}")
+        if not (folder / name).is_file():
+            raise DataError(f"{index} names the shard {name}, which is not in {folder}; copy the whole folder")
+    return files
+
+
+def _tensor_headers(folder: Path, files: list[str]) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """Name -> (file, safetensors dtype, shape) of every tensor in the files, from their headers
+    alone (no weights read); a tensor held by two files is refused, as either could be meant."""
+    from safetensors import SafetensorError, safe_open
+
+    found: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+    for file in files:
         try:
-            tensors.update(load_file(str(folder / name)))
+            with safe_open(str(folder / file), framework="pt") as f:
+                for name in f.keys():
+                    if name in found:
+                        raise DataError(f"{folder}: {name} is in both {found[name][0]} and {file}; {FIX}")
+                    part = f.get_slice(name)
+                    found[name] = (file, part.get_dtype(), tuple(part.get_shape()))
         except (SafetensorError, OSError) as exc:
-            raise DataError(f"{folder / name} is not a readable safetensors file ({exc})") from None
+            raise DataError(f"{folder / file} is not a readable safetensors file ({exc})") from None
+    return found
+
+
+def _check_tensors(headers: dict, expected: dict[str, tuple[int, ...]], tied: bool, folder: Path) -> None:
+    """Every tensor is one of the config's Llama weights, of its shape, in a dtype float32 holds
+    exactly, and every weight is there (the head may be missing when tied to the embeddings)."""
+    for name, (file, dtype, shape) in headers.items():
+        if name not in expected:
+            raise DataError(
+                f"{folder / file} holds {name}, which the Llama of config.json has no place for (lmtools' model "
+                f"has no biases or extra weights); it cannot be imported"
+            )
+        if dtype not in EXACT_DTYPES:
+            raise DataError(
+                f"{folder / file}: {name} is {_torch_dtype_name(dtype)}; lmtools imports weights of "
+                f"{', '.join(EXACT_DTYPES.values())} (which float32 holds exactly); save the model in one of those"
+            )
+        if shape != expected[name]:
+            raise DataError(
+                f"{folder / file}: {name} has shape {shape}, but config.json's model needs {expected[name]}; "
+                f"the weights and config.json are of different models"
+            )
+    missing = [name for name in expected if name not in headers and not (tied and name == "lm_head.weight")]
+    if missing:
+        raise DataError(f"{folder} lacks {len(missing)} Llama weights, e.g. {missing[0]}")
+
+
+def _torch_dtype_name(code: str) -> str:
+    """safetensors' dtype codes (F64, I8, U16, BOOL) as torch names them (float64, int8, ...)."""
+    prefix = {"F": "float", "I": "int", "U": "uint"}.get(code[:1])
+    return prefix + code[1:].lower() if prefix and code[1:2].isdigit() else code.lower()
+
+
+def _load_tensors(folder: Path, headers: dict) -> dict[str, torch.Tensor]:
+    """Every tensor the headers list, widened to float32 (exact for the dtypes checked)."""
+    from safetensors import SafetensorError, safe_open
+
+    tensors = {}
+    for file in sorted({file for file, _, _ in headers.values()}):
+        try:
+            with safe_open(str(folder / file), framework="pt") as f:
+                tensors |= {name: f.get_tensor(name).float() for name in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise DataError(f"{folder / file} is not a readable safetensors file ({exc})") from None
     return tensors
+
+
+def _tie_head(tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """A tied head is the embedding: untied here by copy (the same function now, two weights that
+    may part ways in training). A stored head other than the embedding is not the tied model."""
+    embed = tensors["model.embed_tokens.weight"]
+    head = tensors.setdefault("lm_head.weight", embed.clone())
+    if not torch.equal(head, embed):
+        raise DataError(
+            f"{folder}: config.json ties lm_head to the embeddings (tie_word_embeddings), but lm_head.weight "
+            f"differs from model.embed_tokens.weight; {FIX}"
+        )
+
+
+def _tokenizer_text(path: Path) -> str | None:
+    """tokenizer.json's text, where the folder has one."""
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} cannot be read as text ({exc}); {FIX}") from None
