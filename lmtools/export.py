@@ -9,17 +9,17 @@ folder that export wrote (lmtools.ownership).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
 from pathlib import Path
 
 from lmtools.errors import ConfigError
-from lmtools.fsutil import fsync_dir, remove_stale_temp_files, replace_folder
+from lmtools.fsutil import disk_full, fsync_dir, fsync_file, remove_stale_temp_files, replace_folder
 from lmtools.hf import (
     check_exportable,
     generation_config,
+    json_text,
     llama_config,
     model_card,
     to_hf_state,
@@ -53,7 +53,7 @@ def export_checkpoint(
     _make_parent(out)
     with exclusive(lock_path_for(out), f"--out {out}", "wait for that export to finish or choose another --out"):
         check_export_target(out, overwrite, Path(checkpoint))  # again: another export may have just written it
-        remove_stale_temp_files(out.parent, names={out.name, f"{out.name}.old"})  # left by a killed export
+        remove_stale_temp_files(out.parent, names={out.name})  # left by a killed export
         return _export(Path(checkpoint), out, fmt, tokenizer)
 
 
@@ -90,9 +90,10 @@ def _export(checkpoint: Path, out: Path, fmt: str, tokenizer: str | None) -> lis
     try:
         tmp.mkdir()
         _write_export(tmp, fmt, payload, model, files, eot_id)
-        written = sorted(entry.name for entry in tmp.iterdir())
-        iteration = int(payload.get("iteration", 0))
-        _write_durably(tmp / EXPORT_RECORD, export_record(fmt, written, checkpoint, iteration))
+        written = [entry.name for entry in tmp.iterdir()]
+        record = tmp / EXPORT_RECORD
+        record.write_text(export_record(fmt, written, checkpoint, int(payload.get("iteration", 0))), encoding="utf-8")
+        fsync_file(record)
         fsync_dir(tmp)
         replace_folder(tmp, out)
         fsync_dir(out.parent)
@@ -101,7 +102,7 @@ def _export(checkpoint: Path, out: Path, fmt: str, tokenizer: str | None) -> lis
             f"--out {out}: cannot write the export ({_reason(exc, out.parent)}); nothing was changed"
         ) from None
     finally:
-        _remove_tree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
     return sorted(out.iterdir())
 
 
@@ -111,8 +112,8 @@ def _write_export(folder: Path, fmt: str, payload: dict, model, files: dict[str,
     if fmt == "hf":
         write_safetensors(folder / "model.safetensors", to_hf_state(state, model_cfg), {})
         files |= tokenizer_files(files["tokenizer.json"], EOT, model_cfg["context_length"])
-        files["config.json"] = _json(llama_config(model_cfg, eot_id, next(iter(state.values())).dtype))
-        files["generation_config.json"] = _json(generation_config(eot_id))
+        files["config.json"] = json_text(llama_config(model_cfg, eot_id, next(iter(state.values())).dtype))
+        files["generation_config.json"] = json_text(generation_config(eot_id))
         files["README.md"] = model_card(payload, model_cfg, model.num_parameters())
     elif fmt == "gguf":
         from lmtools.llamacpp import write_gguf
@@ -124,34 +125,13 @@ def _write_export(folder: Path, fmt: str, payload: dict, model, files: dict[str,
     for name, text in files.items():
         (folder / name).write_text(text, encoding="utf-8")
     for entry in folder.iterdir():  # the weights too: the rename must not land before the data
-        _fsync(entry)
-
-
-def _json(obj) -> str:
-    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-
-
-def _write_durably(path: Path, text: str) -> None:
-    path.write_text(text, encoding="utf-8")
-    _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_tree(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
+        fsync_file(entry)
 
 
 def _reason(exc: OSError, folder: Path | None = None) -> str:
     """Why a write failed, in words. A short write (numpy's, under gguf) carries no errno: a full
     device is then told by what is left on it."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT) or (exc.errno is None and folder is not None and _full(folder)):
+    if disk_full(exc) or (exc.errno is None and folder is not None and _full(folder)):
         return "no space left on the device: free some space or choose another --out"
     return exc.strerror or str(exc)
 

@@ -27,6 +27,17 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Make a file's data durable before a rename publishes it."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def disk_full(exc: OSError) -> bool:
+    """Whether a failed write ran out of space (or of quota)."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this PID exists (ours or another user's)."""
     if pid <= 0:
@@ -40,8 +51,9 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-# Temporary files named `.NAME.PID.tmp` (files) or `NAME.PID.tmp` (folders).
-_TEMP_NAME = re.compile(r"^\.?(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+# Temporary files named `.NAME.PID.tmp` (files) or `NAME.PID.tmp` (folders), and the old folder
+# that `replace_folder` moves aside, `.NAME.old.PID.tmp`.
+_TEMP_NAME = re.compile(r"^\.?(?P<name>.+?)(\.old)?\.(?P<pid>\d+)\.tmp$")
 
 
 def remove_stale_temp_files(folder: str | os.PathLike, names: set[str] | None = None) -> list[Path]:

@@ -179,8 +179,8 @@ def tokenizer_files(tokenizer_json: str, eot: str, context_length: int) -> dict[
     }
     return {
         "tokenizer.json": tokenizer_json,
-        "tokenizer_config.json": _json(config),
-        "special_tokens_map.json": _json(special),
+        "tokenizer_config.json": json_text(config),
+        "special_tokens_map.json": json_text(special),
     }
 
 
@@ -211,7 +211,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         raise OSError(code, os.strerror(code), str(path)) from None
 
 
-def _json(obj: Any) -> str:
+def json_text(obj: Any) -> str:
+    """JSON as the files of a Hugging Face folder hold it: indented, UTF-8 as is, a final newline."""
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
 

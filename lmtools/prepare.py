@@ -45,7 +45,7 @@ from lmtools.corpus import (
     resolve_sources,
 )
 from lmtools.errors import ConfigError, DataError
-from lmtools.fsutil import fsync_dir
+from lmtools.fsutil import disk_full, fsync_dir, fsync_file
 from lmtools.layout import EOT, LOCK_FILE, META_FILE, TOKENIZER_FILE, TRAIN_FILE, VAL_FILE
 from lmtools.lock import exclusive
 from lmtools.ownership import check_dataset_target
@@ -498,7 +498,7 @@ def _remove_if_empty(folder: Path) -> None:
 def _write_error(out: Path, exc: OSError) -> BaseException:
     """A full disk or a file that may not be read or written, as one line; other OSErrors
     (failing hardware, bugs) stay as they are."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if disk_full(exc):
         return DataError(
             f"--out {out}: no space left on the device ({exc.strerror}); "
             "free some space or choose another --out (nothing was changed)"
@@ -573,10 +573,10 @@ class _Run:
             stream.finish()
             val.finish()
             self.tmp[TOKENIZER_FILE].write_text(tok.to_str(pretty=True), encoding="utf-8")
-            _fsync_file(self.tmp[TOKENIZER_FILE])
+            fsync_file(self.tmp[TOKENIZER_FILE])
             meta = self._meta(enc, plan, counts, encoder, kind, tokenizer_spec, vocab_size, tokenizer_sample, val.count)
             self.tmp[META_FILE].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            _fsync_file(self.tmp[META_FILE])
+            fsync_file(self.tmp[META_FILE])
             _commit(self.out, self.tmp)
         except BaseException:
             for w in writers:
@@ -790,11 +790,6 @@ def _utf8_len(text: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # Committing
 # ---------------------------------------------------------------------------------------------
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _commit(out: Path, tmp: dict[str, Path]) -> None:
