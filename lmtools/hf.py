@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from lmtools.errors import ConfigError, DataError
+from lmtools.preflight import MODEL_BOUNDS
 
 # The ModelConfig fields a LlamaConfig expresses; any other field must keep its default.
 LLAMA_FIELDS = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta")
@@ -409,10 +411,6 @@ def read_fields(table: tuple, data: dict, where: str) -> dict[str, Any]:
 
 def _expected(value: Any, kind: type, bound: str | None) -> str | None:
     """What a field of this kind must be, where `value` is not that; None where it is."""
-    import sys
-
-    from lmtools.preflight import MODEL_BOUNDS
-
     if kind is int:  # type(), not isinstance: True is an int in Python, not in config.json
         limit = MODEL_BOUNDS[bound]
         fits = type(value) is int and 1 <= value <= limit
