@@ -50,11 +50,15 @@ class FileScore:
         return asdict(self) | {"loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
 
 
+def check_stride(stride: int, context_length: int) -> None:
+    if not 1 <= stride <= context_length:
+        raise ConfigError(f"--stride must be between 1 and the context length {context_length}, got {stride}")
+
+
 def window_plan(n: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
     """Windows over a sequence of `n` tokens: (start, end, scored). The window's inputs are
     ids[start:end], its targets ids[start+1:end+1], and its last `scored` targets count."""
-    if not 1 <= stride <= context_length:
-        raise ConfigError(f"--stride must be between 1 and the context length {context_length}, got {stride}")
+    check_stride(stride, context_length)
     plan, done = [], 0  # targets 1..done are scored
     while done < n - 1:
         end = min(done + (context_length if done == 0 else stride), n - 1)
@@ -102,40 +106,144 @@ def _batches(plan: list, batch_size: int) -> Iterator[list]:
         yield group
 
 
+# A text file is read and tokenized in bounded pieces: the tokenizer's time and memory grow
+# faster than the length of one pre-token (a 20 MB line without a space took over a minute and
+# about 4 GB in one call), and a file need not fit in memory twice over.
+TEXT_BLOCK = 1 << 20  # bytes read from a text file at a time
+TEXT_PIECE = 1 << 16  # characters per tokenizer input, cut where the tokens do not change
+
+
+def check_input(path: Path) -> None:
+    """A DataError unless `path` is a regular file (a folder or a missing path is named as such)."""
+    if path.is_file():
+        return
+    if path.is_dir():
+        inside = next((path / n for n in ("val.npy", "train.npy") if (path / n).is_file()), None)
+        hint = f"to score its tokens, give {inside}" if inside else "give a text file or a .npy token file in it"
+        raise DataError(f"{path}: is a folder, not a file; {hint}")
+    if path.exists():
+        raise DataError(f"{path}: not a regular file; give a text file or a .npy token file")
+    raise DataError(f"{path}: no such file")
+
+
 def read_file(
     path: Path, tokenizer_for_text: Callable[[], object], vocab_size: int
 ) -> tuple[np.ndarray, str, float | None, str | None]:
     """A file's token ids, its kind, its bytes per token and a note when bytes are unknown."""
-    from lmtools.data import load_dataset
-    from lmtools.layout import EOT
-    from lmtools.prepare import read_meta
-
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    check_input(path)
     if path.suffix.lower() == ".npy":
-        ids = load_dataset(path)
-        meta = read_meta(path)
-        bpt = float(meta["bytes_per_token"]) if meta and meta.get("bytes_per_token") else None
-        note = None if bpt else "no meta.json with bytes_per_token beside it: no bits per byte"
+        ids, bpt, note = _read_tokens(path)
         kind = "tokens"
     else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); token files must end in .npy") from None
-        tok = tokenizer_for_text()
-        ids = np.array([tok.token_to_id(EOT), *tok.encode(text, add_special_tokens=False).ids], dtype=np.int64)
-        n_bytes = len(text.encode("utf-8"))
+        ids, n_bytes = read_text_ids(path, tokenizer_for_text())
         bpt, note, kind = (n_bytes / (len(ids) - 1) if len(ids) > 1 else None), None, "text"
     if len(ids) < 2:
         raise DataError(f"{path}: holds {'no text' if kind == 'text' else f'{len(ids)} tokens'}; nothing to score")
+    check_ids(path, ids, vocab_size)
+    return ids, kind, bpt, note
+
+
+def _read_tokens(path: Path) -> tuple[np.ndarray, float | None, str | None]:
+    """A .npy token file (memory-mapped) and its bytes per token from the meta.json beside it."""
+    from lmtools.data import load_dataset
+    from lmtools.prepare import read_meta
+
+    ids = load_dataset(path)
+    meta = read_meta(path)
+    bpt = float(meta["bytes_per_token"]) if meta and meta.get("bytes_per_token") else None
+    return ids, bpt, None if bpt else "no meta.json with bytes_per_token beside it: no bits per byte"
+
+
+def check_ids(path: Path, ids: np.ndarray, vocab_size: int) -> None:
+    """A DataError naming the first id outside 0..vocab_size-1: negative ones first, as the
+    largest id says nothing about them."""
+    if int(ids.min()) < 0:
+        at = int(np.flatnonzero(ids < 0)[0])
+        raise DataError(
+            f"{path}: token {at} is {int(ids[at])}, a negative id (ids run from 0 to {vocab_size - 1}); "
+            f"the file is damaged or not a token file: write it again with lmtools prepare"
+        )
     hi = int(ids.max())
-    if hi >= vocab_size or int(ids.min()) < 0:
+    if hi >= vocab_size:
         raise DataError(
             f"{path}: holds token id {hi}, beyond the model's vocabulary of {vocab_size}; "
             f"it was tokenized for another model"
         )
-    return ids, kind, bpt, note
+
+
+def read_text_ids(path: Path, tok) -> tuple[np.ndarray, int]:
+    """A text file's ids after a leading end-of-text id, and its byte count (newlines counted
+    as Python's text mode reads them). Pieces are encoded a block at a time; the ids are those
+    of the whole text encoded at once wherever a text is not a run of TEXT_PIECE / 2 characters
+    without whitespace or end-of-text markers (there, only the tokens at the cut may differ)."""
+    from lmtools.layout import EOT
+
+    parts = [np.array([tok.token_to_id(EOT)], dtype=np.int64)]
+    n_bytes = 0
+    for pieces in _piece_groups(_text_blocks(path), TEXT_PIECE):
+        for encoding in tok.encode_batch_fast(pieces, add_special_tokens=False):
+            parts.append(np.asarray(encoding.ids, dtype=np.int64))
+        n_bytes += sum(len(piece.encode("utf-8")) for piece in pieces)
+    return np.concatenate(parts), n_bytes
+
+
+def _text_blocks(path: Path) -> Iterator[str]:
+    """The file's text, TEXT_BLOCK bytes at a time, decoded as UTF-8 with universal newlines
+    (as `Path.read_text` reads it); a byte that is not UTF-8 is a DataError naming its offset."""
+    import codecs
+    import io
+
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    newlines = io.IncrementalNewlineDecoder(None, translate=True)
+    offset = 0  # bytes handed to the decoder so far
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(TEXT_BLOCK)
+            held = len(decoder.getstate()[0])  # an incomplete character from the last block
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path}: not UTF-8 text (byte {offset - held + exc.start}); token files must end in .npy"
+                ) from None
+            offset += len(block)
+            yield newlines.decode(text, final=not block)
+            if not block:
+                return
+
+
+def _piece_groups(blocks: Iterator[str], limit: int) -> Iterator[list[str]]:
+    """The text as pieces of at most about `limit` characters, a block's worth per list."""
+    buf = ""
+    for text in blocks:
+        buf += text
+        group = []
+        while len(buf) > limit:
+            cut = _cut(buf, limit)
+            group.append(buf[:cut])
+            buf = buf[cut:]
+        if group:
+            yield group
+    if buf:
+        yield [buf]
+
+
+def _cut(text: str, limit: int) -> int:
+    """Where to cut `text` before `limit`: prepare's safe cut at whitespace (it keeps the tokens
+    of a byte-level BPE). Without whitespace to cut at, the edge of an end-of-text marker is as
+    exact, as the tokenizer splits markers off first; and a cut never splits a marker, nor the
+    start of one that the next block completes."""
+    from lmtools.corpus import safe_cut
+    from lmtools.layout import EOT
+
+    cut = safe_cut(text, limit)
+    if cut < limit:
+        return cut
+    for start in range(max(1, limit - len(EOT) + 1), limit):
+        if EOT.startswith(text[start : start + len(EOT)]):
+            return start
+    last = text.rfind(EOT, 0, limit)
+    return last + len(EOT) if last >= 0 else limit
 
 
 def score_file(

@@ -2,6 +2,9 @@
 
 import json
 import math
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,12 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from corpora import train_on_mixed
-from helpers import cli_output
+from helpers import PROCESS_ENV, cli_output
+from lmtools import evaluate
 from lmtools.checkpoint import read_checkpoint, save_checkpoint
 from lmtools.errors import ConfigError, DataError
-from lmtools.evaluate import score_file, score_sequence, window_plan
+from lmtools.evaluate import read_file, score_file, score_sequence, window_plan
 from lmtools.model import TransformerLM
-from lmtools.tokenizer import EOT, bytes_tokenizer
+from lmtools.tokenizer import EOT, bytes_tokenizer, train_bpe
+from text_corpora import eot_joined, prose
 
 
 def tiny_model(ctx=8, vocab=257) -> TransformerLM:
@@ -146,3 +151,159 @@ def test_eval_agrees_with_training_validation(tmp_path, monkeypatch):
     assert whole[0]["scored"] == whole[0]["tokens"] - 1 and whole[1]["bits_per_byte"] > 0
     # Trained on such text, the model beats uniform guessing over the vocabulary.
     assert whole[1]["loss"] < math.log(read_checkpoint(ckpt)["model_config"]["vocab_size"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Text files of any shape: read in bounded pieces, with the ids of the whole text
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_bpe([[prose(300_000, 3)]], 1000)
+
+
+def _whole_text_ids(tok, path) -> np.ndarray:
+    text = path.read_text(encoding="utf-8")
+    return np.array([tok.token_to_id(EOT), *tok.encode(text, add_special_tokens=False).ids])
+
+
+_WORD = st.text(alphabet="abcé東ß0123.,'!", min_size=1, max_size=6)
+_GAP = st.sampled_from([" ", "\n", "\r\n", "\r", "  ", " \n\n", " \t", EOT, EOT + "\n", " " + EOT])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    parts=st.lists(st.tuples(_WORD, _GAP), min_size=1, max_size=200),
+    piece=st.integers(14, 120),
+    block=st.integers(1, 64),
+)
+def test_text_read_in_pieces_has_the_ids_of_the_whole_text(bpe, tmp_path_factory, parts, piece, block):
+    # Every piece boundary (characters) and block boundary (bytes: inside a character, between
+    # \r and \n, inside <|endoftext|>) is crossed many times over. Words of at most 6
+    # characters between whitespace or markers: every stretch of piece / 2 has a place to cut.
+    text = "".join(w + g for w, g in parts)
+    path = tmp_path_factory.mktemp("text") / "t.txt"
+    path.write_bytes(text.encode("utf-8"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluate, "TEXT_PIECE", piece)
+        mp.setattr(evaluate, "TEXT_BLOCK", block)
+        ids, n_bytes = evaluate.read_text_ids(path, bpe)
+    assert np.array_equal(ids, _whole_text_ids(bpe, path))
+    assert n_bytes == len(path.read_text(encoding="utf-8").encode("utf-8"))
+
+
+def test_a_megabytes_long_file_is_read_in_pieces_with_the_ids_of_the_whole(bpe, tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(eot_joined([prose(200_000, seed) for seed in range(20)]).replace("\n", "\r\n", 999), "utf-8")
+    assert path.stat().st_size > 4_000_000
+    ids, n_bytes = evaluate.read_text_ids(path, bpe)
+    assert np.array_equal(ids, _whole_text_ids(bpe, path)) and n_bytes == path.stat().st_size - 999
+
+
+@settings(max_examples=30, deadline=None)
+@given(at=st.integers(0, 3000), block=st.integers(1, 700), lead=st.sampled_from(["a", "é", "東"]))
+def test_a_byte_that_is_not_utf8_is_named_at_its_offset(tmp_path_factory, at, block, lead):
+    good = (lead * 3000).encode("utf-8")
+    at -= at % len(lead.encode("utf-8"))  # the bad byte stands between two characters
+    path = tmp_path_factory.mktemp("bad") / "t.txt"
+    path.write_bytes(good[:at] + b"\xff" + good[at:])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluate, "TEXT_BLOCK", block)
+        with pytest.raises(DataError, match=rf"not UTF-8 text \(byte {at}\)"):
+            evaluate.read_text_ids(path, bytes_tokenizer())
+
+
+def _within(seconds: int):
+    """Fails the test where the code under it does not answer in `seconds` (a hang)."""
+
+    def expired(*_):
+        raise AssertionError(f"no answer within {seconds} s")
+
+    signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+
+
+class _LongestInput:
+    """The tokenizer, noting the longest text it is handed in one call."""
+
+    def __init__(self, tok):
+        self.tok, self.longest = tok, 0
+
+    def token_to_id(self, token):
+        return self.tok.token_to_id(token)
+
+    def encode(self, text, **kwargs):
+        self.longest = max(self.longest, len(text))
+        return self.tok.encode(text, **kwargs)
+
+    def encode_batch_fast(self, texts, **kwargs):
+        self.longest = max([self.longest, *map(len, texts)])
+        return self.tok.encode_batch_fast(texts, **kwargs)
+
+
+def test_a_text_of_one_20_megabyte_line_is_tokenized_in_bounded_pieces(bpe, tmp_path):
+    # One tokenizer call on a whole line without spaces grows faster than the line (a 20 MB one
+    # took over a minute and gigabytes): no call may see more than a piece. The alarm only
+    # tells a hang from an answer (it takes a few seconds).
+    line = "".join(w.capitalize() for w in prose(600_000, 5).replace(".", " ").split())[:400_000] * 50
+    path = tmp_path / "line.txt"
+    path.write_text(line, encoding="utf-8")
+    tok = _LongestInput(bpe)
+    _within(120)
+    try:
+        ids, kind, bpt, _ = read_file(path, lambda: tok, bpe.get_vocab_size())
+    finally:
+        signal.alarm(0)
+    assert len(line) == 20_000_000 and 0 < tok.longest <= evaluate.TEXT_PIECE
+    assert kind == "text" and ids[0] == bpe.token_to_id(EOT)
+    assert bpt == pytest.approx(len(line.encode()) / (len(ids) - 1))
+    assert bpe.decode(ids[1:].tolist(), skip_special_tokens=False) == line  # the bytes, exactly
+
+
+def test_folders_and_negative_ids_are_named_as_such(tmp_path):
+    model = tiny_model(vocab=100)
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "val.npy", np.array([1, 2, 3], dtype=np.uint16))
+    with pytest.raises(DataError, match=rf"is a folder, not a file; to score its tokens, give {data / 'val.npy'}"):
+        score_file(model, data, None, stride=8, batch_size=1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is a folder, not a file; give a text file or a .npy token file"):
+        score_file(model, tmp_path / "empty", None, stride=8, batch_size=1)
+    np.save(tmp_path / "neg.npy", np.array([5, 7, -3, 200], dtype=np.int32))
+    with pytest.raises(DataError, match=r"token 2 is -3, a negative id \(ids run from 0 to 99\)"):
+        score_file(model, tmp_path / "neg.npy", None, stride=8, batch_size=1)
+
+
+def test_every_eval_error_is_one_line_on_stderr_of_a_real_process(tmp_path):
+    # Rich ended its progress bar with an empty line on a pipe, before the error.
+    model = tiny_model()
+    save_checkpoint(
+        model,
+        None,
+        1,
+        tmp_path / "c.pt",
+        model_config=model.config.to_dict(),
+        tokenizer_json=bytes_tokenizer().to_str(),
+    )
+    (tmp_path / "a.txt").write_text("hello there")
+    (tmp_path / "folder").mkdir()
+    np.save(tmp_path / "neg.npy", np.array([1, -1], dtype=np.int32))
+    for args, says in (
+        (["a.txt", "missing.txt"], "missing.txt: no such file"),
+        (["folder"], "is a folder, not a file"),
+        (["a.txt", "neg.npy"], "a negative id"),
+        (["a.txt", "--stride", "9"], "--stride must be between 1 and the context length 8, got 9"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "lmtools.cli", "eval", "c.pt", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=PROCESS_ENV,
+            timeout=120,
+        )
+        assert result.returncode == 2 and result.stdout == "", (args, result)
+        assert result.stderr.splitlines() == [result.stderr.strip()] and says in result.stderr, (args, result.stderr)
+        assert result.stderr.startswith("error:")

@@ -36,13 +36,17 @@ def eval_command(
     """Loss, perplexity and bits per byte of a model on whole files, in sliding windows."""
     from lmtools.device import resolve_device
     from lmtools.errors import ConfigError
+    from lmtools.evaluate import check_input, check_stride
     from lmtools.generate import load_model
 
     if batch_size <= 0:
         raise ConfigError(f"--batch_size must be a positive integer, got {batch_size}")
+    for path in files:  # a mistyped last file is named now, not after scoring the others
+        check_input(path)
     dev = resolve_device(device)
     model, payload = load_model(checkpoint, dev)
     stride = model.config.context_length if stride is None else stride
+    check_stride(stride, model.config.context_length)
     text_tokenizer = _lazy_tokenizer(payload, tokenizer, checkpoint)
     with _progress(disable=as_json) as progress:
         if val_windows:
@@ -95,18 +99,22 @@ def _print_json(results, checkpoint: Path, stride: int) -> None:
 
 
 def _progress(disable: bool):
+    """A transient progress bar on stderr, shown only on a terminal: rich ends a bar on a
+    console that is not interactive (a pipe, a file, a test's capture) with an empty line,
+    which would stand before the one line of an error."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    console = Console(stderr=True)
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("windows"),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=console,
         transient=True,
-        disable=disable,
+        disable=disable or not console.is_interactive,
     )
 
 
