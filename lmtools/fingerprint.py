@@ -8,10 +8,11 @@ change is wanted. During a run, a cheap `stat` at every checkpoint notices a fil
 (size, mtime, inode); only then is it hashed again, and a real change stops the run.
 
 A file truncated under a memory map raises SIGBUS on the next read past its new end, which no
-Python handler can catch. So before each batch is gathered, the size of the files it reads is
+Python handler can catch. Before each batch is gathered, the size of the files it reads is
 checked against the size they were mapped with (`SizeGuardedSampler`): a shrunk file stops the
-run with a message naming it. What remains is a race of microseconds: a truncation between that
-check and the copy itself still ends the process with a bus error.
+run with a message naming it and both sizes. A truncation during the copy itself is caught by
+the sampler (its SIGBUS handler, rust_sampler/src/fault.rs, reads zeros and marks the file): the
+batch is discarded and the run stops with the same message.
 """
 
 from __future__ import annotations
@@ -184,7 +185,13 @@ class SizeGuardedSampler:
                 checks = [(i, *self._by_index[i]) for i in used if i in self._by_index]
             for _index, path, size, ino in checks:
                 _check_size(path, size, ino)
-        self._inner.fill(inputs, targets, seed, rank, step, micro)
+        try:
+            self._inner.fill(inputs, targets, seed, rank, step, micro)
+        except DataChanged:
+            # Truncated during the copy: name the sizes, as the check before it would have.
+            for _index, path, size, ino in self._files:
+                _check_size(path, size, ino)
+            raise
 
 
 def _check_size(path: str, size: int, ino: int) -> None:

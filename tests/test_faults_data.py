@@ -3,6 +3,8 @@ truncation during a run that ends in a message naming the file, not a bus error.
 
 import json
 import os
+import subprocess
+import sys
 from functools import partial
 
 import numpy as np
@@ -10,7 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import FAULT_RUN, error_line, run_cli, train_config, train_process, wait_for_line, write_tokens
+from helpers import (
+    FAULT_RUN,
+    PROCESS_ENV,
+    error_line,
+    run_cli,
+    train_config,
+    train_process,
+    wait_for_line,
+    write_tokens,
+)
 from lmtools.checkpoint import read_checkpoint
 from lmtools.fingerprint import BLOCK_BYTES, file_fingerprint, meta_hash
 from lmtools.train import train_model
@@ -136,3 +147,90 @@ def test_a_file_truncated_during_the_run_ends_with_its_name_not_a_bus_error(tmp_
     assert f"{tokens} shrank from {size:,} to 4,096 bytes while the run was reading it" in line
     assert f"{ckpt} at iter 10" in line
     assert read_checkpoint(ckpt)["iteration"] == 10
+
+
+# The raw sampler (no size check before the copy) reads a file truncated under its map: the
+# read faults. Run in a process of its own, so a bus error ends that process, not the suite.
+_READ_TRUNCATED = """
+import sys, numpy as np
+from lmtools.data import BatchLoader
+from lmtools.errors import DataChanged
+path = sys.argv[1]
+loader = BatchLoader(path, 64, 256, prefetch=0)
+raw = loader._sampler._inner
+x, y = np.empty((64, 256), np.int64), np.empty((64, 256), np.int64)
+raw.fill(x, y, 0, 0, 0, 0)
+with open(path, "r+b") as f:
+    f.truncate(4096)
+for step in (1, 2):  # and every batch after: what was read past the end is not the file
+    try:
+        raw.fill(x, y, 0, 0, step, 0)
+    except DataChanged as exc:
+        print(f"step {step}: {exc}")
+"""
+
+
+def test_a_read_past_the_end_of_a_file_truncated_under_its_map_is_an_error_not_a_bus_error(tmp_path):
+    tokens = write_tokens(tmp_path / "train.npy", n=2_000_000)
+    proc = subprocess.run(
+        [sys.executable, "-c", _READ_TRUNCATED, str(tokens)], capture_output=True, text=True, env=PROCESS_ENV
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)  # a bus error is -7
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2, lines
+    for step, line in zip((1, 2), lines):
+        assert line.startswith(f"step {step}: {tokens} shrank while the run was reading it"), line
+        assert "batch read past its end discarded" in line
+
+
+# Truncations at random moments of a run of large batches (a batch takes milliseconds to copy,
+# its size check microseconds), so most land during a copy: every one must end in the message
+# with both sizes. Prints how many were caught by the check before a copy, how many in a copy.
+_TRUNCATE_DURING_COPIES = """
+import sys, threading, time, random, numpy as np
+from lmtools.data import BatchLoader
+from lmtools.errors import DataChanged
+path, trials = sys.argv[1], int(sys.argv[2])
+data = np.load(path)
+before = during = 0
+for trial in range(trials):
+    np.save(path, data)
+    loader = BatchLoader(path, 256, 1024, prefetch=0, seed=trial)
+    loader.next()
+    pause = random.Random(trial).uniform(0, 0.005)
+    def cut():
+        time.sleep(pause)
+        with open(path, "r+b") as f:
+            f.truncate(4096)
+    thread = threading.Thread(target=cut)
+    thread.start()
+    try:
+        while True:
+            loader.next()
+    except DataChanged as exc:
+        assert "shrank from" in str(exc) and "to 4,096 bytes while the run was reading it" in str(exc), exc
+        if isinstance(exc.__context__, DataChanged):
+            during += 1
+        else:
+            before += 1
+    thread.join()
+    loader.close()
+print(before, during)
+"""
+
+
+@pytest.mark.slow
+def test_truncations_during_the_copy_of_a_batch_end_in_the_message_with_both_sizes(tmp_path):
+    tokens = write_tokens(tmp_path / "train.npy", n=4_000_000)
+    trials = 40
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRUNCATE_DURING_COPIES, str(tokens), str(trials)],
+        capture_output=True,
+        text=True,
+        env=PROCESS_ENV,
+        timeout=300,
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    before, during = map(int, proc.stdout.split())
+    assert before + during == trials
+    assert during >= 1, (before, during)  # the copy path was exercised, not only the check before it

@@ -20,6 +20,8 @@ pub enum SamplerError {
     },
     /// An argument is out of range or inconsistent (weights, shapes, context length, ...).
     Argument(String),
+    /// A mapped file shrank under a read (another process truncated it); what was read is void.
+    Truncated { name: String },
 }
 
 pub type Result<T> = std::result::Result<T, SamplerError>;
@@ -58,6 +60,11 @@ impl fmt::Display for SamplerError {
                 *context_length as u64 + 1
             ),
             SamplerError::Argument(msg) => f.write_str(msg),
+            SamplerError::Truncated { name } => write!(
+                f,
+                "{name} shrank while the run was reading it (truncated under its memory map); \
+                 stopped, and the batch read past its end discarded"
+            ),
         }
     }
 }

@@ -9,6 +9,7 @@ compile_error!(
 );
 
 pub mod error;
+pub mod fault;
 pub mod npy;
 pub mod rng;
 pub mod sampler;

@@ -13,11 +13,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pyo3::import_exception!(lmtools.errors, DataError);
+pyo3::import_exception!(lmtools.errors, DataChanged);
 
 impl From<SamplerError> for PyErr {
     fn from(e: SamplerError) -> PyErr {
         // Every error the core reports is about the data or the arguments describing it.
-        DataError::new_err(e.to_string())
+        match e {
+            SamplerError::Truncated { .. } => DataChanged::new_err(e.to_string()),
+            _ => DataError::new_err(e.to_string()),
+        }
     }
 }
 
@@ -159,9 +163,11 @@ impl PyTokenFile {
         self.inner.len()
     }
     /// (min, max) token id by a parallel scan (remembered), or None when empty.
-    fn token_range(&self, py: Python<'_>) -> Option<(i64, i64)> {
+    fn token_range(&self, py: Python<'_>) -> PyResult<Option<(i64, i64)>> {
         let inner = &self.inner;
-        py.detach(|| inner.token_range())
+        let range = py.detach(|| inner.token_range());
+        inner.check_not_truncated()?;
+        Ok(range)
     }
     fn __repr__(&self) -> String {
         format!(

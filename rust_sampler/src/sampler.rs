@@ -268,7 +268,9 @@ impl Sampler {
                 None => run(),
             }
         }
-        Ok(())
+        // A file truncated under the copy read zeros, not its tokens (see `fault`). The mark is
+        // sticky, so every later batch is refused too.
+        self.files.iter().try_for_each(|f| f.check_not_truncated())
     }
 }
 

@@ -3,7 +3,7 @@
 //! array lent through the buffer protocol; the binding layer keeps it alive).
 
 use crate::error::{Result, SamplerError};
-use crate::npy;
+use crate::{fault, npy};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use std::fs::File;
@@ -140,10 +140,16 @@ impl_token!(u8, i8, u16, i16, u32, i32, u64, i64);
 /// Whatever holds a source's bytes.
 pub trait TokenStorage: Send + Sync {
     fn view(&self) -> TokenView<'_>;
+    /// Whether the bytes shrank under a read (a mapped file truncated by another process).
+    fn truncated(&self) -> bool {
+        false
+    }
 }
 
 /// A file mapped read-only; the tokens start `offset` bytes in.
 struct MappedFile {
+    // Declared before the map: fields drop in order, and the guard must go first.
+    guard: fault::Guard,
     // An empty file cannot be mapped; it is simply a zero-length source.
     map: Option<Mmap>,
     offset: usize,
@@ -167,6 +173,9 @@ impl TokenStorage for MappedFile {
                 )
             },
         }
+    }
+    fn truncated(&self) -> bool {
+        self.guard.truncated()
     }
 }
 
@@ -296,15 +305,20 @@ impl TokenFile {
         let map = if file_len == 0 {
             None
         } else {
-            // SAFETY: the map is read-only. Another process truncating the file while it is
-            // mapped would fault on access; that is the accepted contract of every memmap
-            // reader (numpy's included).
+            // SAFETY: the map is read-only. Another process may truncate the file while it is
+            // mapped: the guard turns the fault of a read past its new end into a mark the
+            // sampler checks (see `fault`).
             Some(unsafe { Mmap::map(&file) }.map_err(io)?)
+        };
+        let guard = match &map {
+            Some(m) => fault::Guard::register(m.as_ptr(), m.len()),
+            None => fault::Guard::register(std::ptr::null(), 0),
         };
         Ok(TokenFile {
             name: path.display().to_string(),
             path: Some(path.to_path_buf()),
             storage: Box::new(MappedFile {
+                guard,
                 map,
                 offset,
                 len,
@@ -360,6 +374,19 @@ impl TokenFile {
     }
     pub fn view(&self) -> TokenView<'_> {
         self.storage.view()
+    }
+    /// Whether the file shrank under a read of its map; what was read since is not its data.
+    pub fn truncated(&self) -> bool {
+        self.storage.truncated()
+    }
+    /// The truncation error for this file, if it was truncated under a read.
+    pub fn check_not_truncated(&self) -> Result<()> {
+        if self.truncated() {
+            return Err(SamplerError::Truncated {
+                name: self.name.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// The smallest and largest token, or None for an empty source. A parallel scan the first
