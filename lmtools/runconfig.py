@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import sys
 import functools
 import types
 import typing
@@ -11,6 +12,9 @@ from pathlib import Path
 
 from lmtools.config import TrainConfig
 from lmtools.errors import ConfigError
+
+# A run config is a page of flags; anything larger is the wrong file (and is not parsed).
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def flag_fields() -> list[Field]:
@@ -38,13 +42,29 @@ def read_run_config(path: str | Path) -> dict:
 
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"--config: {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"--config: {path} is over {MAX_CONFIG_BYTES // 2**20} MiB, too large for a run config; "
+            f"check that it is the right file"
+        )
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"--config: cannot read {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"--config: {path} is not a run config: its values are nested too deeply") from None
+    except ValueError:  # after TOMLDecodeError, its subclass: what int() refuses
+        raise ConfigError(
+            f"--config: {path} is not a run config: it holds an integer of more than "
+            f"{sys.get_int_max_str_digits():,} digits"
+        ) from None
     types_ = field_types()
     out = {}
     for key, value in data.items():

@@ -96,7 +96,11 @@ def test_flags_win_over_the_file_and_file_keys_count_as_set(tmp_path):
         ("train_data = [1]\n", "train_data must be a list of strings"),
         ("schedule_extensions = []\n", "unknown key 'schedule_extensions'"),
         ("max_iters = \n", "is not valid TOML"),
+        ("train_data = " + "[" * 100_000 + "]" * 100_000 + "\n", "its values are nested too deeply"),
+        ("max_iters = " + "9" * 1_000_000 + "\n", "holds an integer of more than 4,300 digits"),
+        ("# " + "x" * (1 << 20) + "\n", "is over 1 MiB, too large for a run config"),
     ],
+    ids=lambda v: v[:40] if isinstance(v, str) else v,
 )
 def test_a_bad_run_config_is_one_line_and_exit_2(tmp_path, capsys, text, message):
     path = tmp_path / "run.toml"
