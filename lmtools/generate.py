@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,6 +57,18 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, seed: int = 0) -> None:
+    """A ConfigError naming the first sampling option out of range (NaN included)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"--temperature must be zero (greedy) or a positive number, got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ConfigError(f"--top_k must be a positive integer (the most likely tokens kept), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"--top_p must be in (0, 1], got {top_p}")
+    if not 0 <= seed < 2**64:  # what torch's generators take
+        raise ConfigError(f"--seed must be an integer from 0 to 2**64 - 1, got {seed}")
+
+
 @torch.no_grad()
 def generate_ids(
     model: TransformerLM,
@@ -73,10 +86,7 @@ def generate_ids(
     temperature 0 is greedy decoding. When the context fills up, the cache is rebuilt from the
     most recent half context, so generation can run past the context length.
     """
-    if temperature < 0:
-        raise ConfigError(f"--temperature must be zero or positive, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ConfigError(f"--top_p must be in (0, 1], got {top_p}")
+    check_sampling(temperature, top_k, top_p)
     device = next(model.parameters()).device
     ctx = model.config.context_length
     tokens = list(prompt_ids) or ([eot_id] if eot_id is not None else [0])

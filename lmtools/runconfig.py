@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import difflib
-import sys
 import functools
+import sys
 import types
 import typing
 from dataclasses import Field, fields

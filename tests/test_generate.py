@@ -5,6 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from corpora import train_on_mixed
+from helpers import cli_output, one_line_error, run_cli
 from lmtools import TransformerLM
 from lmtools.generate import filter_logits, generate_ids
 
@@ -56,3 +58,28 @@ def test_filter_keeps_top_k_and_nucleus(seed, k, p):
     assert set(order[:n].tolist()) == set(torch.nonzero(kept_p).flatten().tolist())
     assert float(probs[order[:n]].sum()) >= p - 1e-6  # reaches p ...
     assert n == 1 or float(probs[order[: n - 1]].sum()) < p + 1e-6  # ... with the fewest tokens
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_on_mixed(tmp_path_factory.mktemp("sample"), max_iters=2, checkpoint_interval=2)[1]
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--temperature", v) for v in ("nan", "inf", "-inf", "-1", "1e309")]
+    + [("--seed", v) for v in ("-1", str(-(2**63) - 1), str(2**64), str(2**80))]
+    + [("--top_k", v) for v in ("0", "-1")]
+    + [("--top_p", v) for v in ("nan", "0", "1.5", "inf")],
+)
+def test_sample_refuses_a_sampling_option_out_of_range_in_one_line_before_printing(trained, option, value):
+    result = run_cli("sample", trained, "--prompt", "the", "--max_new_tokens", "4", f"{option}={value}")
+    line = one_line_error(result, option)
+    assert value.lstrip("-") in line or "inf" in line, line
+    assert result.stdout == ""  # refused before the prompt was printed
+
+
+def test_sample_top_k_beyond_the_vocabulary_keeps_every_token_and_the_seed_takes_its_whole_range(trained):
+    args = ("sample", trained, "--prompt", "the", "--max_new_tokens", "12", "--top_p", "1")
+    assert cli_output(*args, "--top_k", "100000") == cli_output(*args)  # clamped to the vocabulary
+    assert cli_output(*args, "--seed", str(2**64 - 1)) == cli_output(*args, "--seed", str(2**64 - 1))

@@ -18,8 +18,10 @@ def sample(
     max_new_tokens: int = typer.Option(200, "--max_new_tokens", "--max-new-tokens"),
     temperature: float = typer.Option(0.8, "--temperature", help="0 for greedy decoding."),
     top_p: Optional[float] = typer.Option(0.95, "--top_p", "--top-p"),
-    top_k: Optional[int] = typer.Option(None, "--top_k", "--top-k"),
-    seed: int = typer.Option(0, "--seed"),
+    top_k: Optional[int] = typer.Option(
+        None, "--top_k", "--top-k", help="Keep the K most likely tokens (K at or above the vocabulary: all)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampling, 0 to 2**64 - 1."),
     device: str = typer.Option("cpu", "--device"),
     tokenizer: Optional[str] = typer.Option(
         None, "--tokenizer", help="tokenizer.json; by default the one the checkpoint records."
@@ -32,13 +34,14 @@ def sample(
 
     from lmtools.device import resolve_device
     from lmtools.errors import ConfigError
-    from lmtools.generate import generate_ids, load_model, stream_text
+    from lmtools.generate import check_sampling, generate_ids, load_model, stream_text
     from lmtools.inspect import check_checkpoint_file
     from lmtools.layout import EOT
     from lmtools.tokenizer import tokenizer_from_checkpoint
 
     if max_new_tokens <= 0:
         raise ConfigError(f"--max_new_tokens must be a positive integer, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p, seed)  # before the model loads and the prompt is printed
     check_checkpoint_file(checkpoint, "sample")
     dev = resolve_device(device)
     model, payload = load_model(checkpoint, dev)
