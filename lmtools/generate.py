@@ -97,7 +97,7 @@ def generate_ids(
         if temperature == 0:
             next_id = int(logits.argmax())
         else:
-            probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+            probs = filter_logits(scaled_logits(logits, temperature), top_k, top_p).softmax(-1)
             next_id = int(torch.multinomial(probs, 1, generator=generator))
         if eot_id is not None and next_id == eot_id:
             return
@@ -111,17 +111,36 @@ def generate_ids(
             logits = model(torch.tensor([[next_id]], device=device), cache)[0, -1]
 
 
+def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`logits / temperature` as float32, or, where a tiny temperature overflows that (1e-40: the
+    top logits become inf, their probabilities NaN), the logits less their maximum over it in
+    float64: the top token at 0, the others far below (sampling is then greedy, as it should be)."""
+    scaled = logits.float() / temperature
+    if bool(torch.isfinite(scaled.max())):
+        return scaled
+    shifted = logits.double()
+    return (shifted - shifted.max()) / temperature
+
+
 def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
-    """Decode incrementally, holding back text while a multi-byte character is incomplete."""
-    seen: list[int] = []
-    emitted = ""
+    """Decode incrementally, holding back text while a multi-byte character is incomplete.
+
+    Each decode sees only the ids of the last piece yielded (context for decoders that are not
+    plain concatenation) and those held back since: the time and memory per token stay the same
+    however long the text grows (a huge --max_new_tokens), and the pieces join to the decode of
+    all the ids."""
+    window: list[int] = []  # the ids of the last piece yielded, then the ids held back
+    shown = 0  # how many ids of `window` that piece holds
     for token in ids:
-        seen.append(token)
-        text = tokenizer.decode(seen, skip_special_tokens=False)
-        if text.endswith("\ufffd"):
+        window.append(token)
+        before = tokenizer.decode(window[:shown], skip_special_tokens=False) if shown else ""
+        text = tokenizer.decode(window, skip_special_tokens=False)
+        if text.endswith("\ufffd") or len(text) <= len(before):
             continue
-        yield text[len(emitted) :]
-        emitted = text
-    text = tokenizer.decode(seen, skip_special_tokens=False)
-    if len(text) > len(emitted):
-        yield text[len(emitted) :]
+        yield text[len(before) :]
+        window = window[shown:]
+        shown = len(window)
+    before = tokenizer.decode(window[:shown], skip_special_tokens=False) if shown else ""
+    text = tokenizer.decode(window, skip_special_tokens=False)
+    if len(text) > len(before):
+        yield text[len(before) :]

@@ -60,11 +60,15 @@ def read_run_config(path: str | Path) -> dict:
         raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
     except RecursionError:
         raise ConfigError(f"--config: {path} is not a run config: its values are nested too deeply") from None
-    except ValueError:  # after TOMLDecodeError, its subclass: what int() refuses
+    except ValueError as exc:  # after TOMLDecodeError, its subclass: what int() refuses
+        if "integer string conversion" not in str(exc):
+            raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
         raise ConfigError(
             f"--config: {path} is not a run config: it holds an integer of more than "
             f"{sys.get_int_max_str_digits():,} digits"
         ) from None
+    except MemoryError:
+        raise ConfigError(f"--config: {path} is not a run config: its values do not fit in memory") from None
     types_ = field_types()
     out = {}
     for key, value in data.items():

@@ -1,5 +1,7 @@
 """Generation: the KV cache changes nothing but speed; seeds make it reproducible."""
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,7 +10,7 @@ from hypothesis import strategies as st
 from corpora import train_on_mixed
 from helpers import cli_output, one_line_error, run_cli
 from lmtools import TransformerLM
-from lmtools.generate import filter_logits, generate_ids
+from lmtools.generate import filter_logits, generate_ids, stream_text
 
 
 def model(ctx=32):
@@ -83,3 +85,51 @@ def test_sample_top_k_beyond_the_vocabulary_keeps_every_token_and_the_seed_takes
     args = ("sample", trained, "--prompt", "the", "--max_new_tokens", "12", "--top_p", "1")
     assert cli_output(*args, "--top_k", "100000") == cli_output(*args)  # clamped to the vocabulary
     assert cli_output(*args, "--seed", str(2**64 - 1)) == cli_output(*args, "--seed", str(2**64 - 1))
+
+
+@pytest.mark.parametrize("temperature", ["1e-300", "1e-320", "1e-40"])
+def test_sample_a_tiny_positive_temperature_is_greedy_not_a_traceback(trained, temperature):
+    # The logits over such a temperature overflow to inf (and NaN probabilities) unless shifted.
+    args = ("sample", trained, "--prompt", "the", "--max_new_tokens", "12")
+    assert cli_output(*args, "--temperature", temperature) == cli_output(*args, "--temperature", "0")
+
+
+def test_a_huge_max_new_tokens_sets_nothing_aside():
+    # An upper bound, not a size: the ids come one at a time, past the context length.
+    ids = list(itertools.islice(generate_ids(model(ctx=12), [1, 2], 10**18, temperature=0), 100))
+    assert len(ids) == 100
+
+
+class CountingTokenizer:
+    """The checkpoint's tokenizer, recording how many ids each decode call was given."""
+
+    def __init__(self, tok):
+        self.tok, self.lengths = tok, []
+
+    def decode(self, ids, **kwargs):
+        self.lengths.append(len(ids))
+        return self.tok.decode(ids, **kwargs)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10**6), n=st.integers(0, 3000))
+def test_stream_text_is_the_whole_decode_with_a_window_that_stays_small(trained_tokenizer, seed, n):
+    """Streamed pieces join to the decode of all ids (incomplete UTF-8 held back, invalid bytes
+    included), and no decode call sees more than the last few ids: a sample of any length (a huge
+    --max_new_tokens) takes constant time and memory per token, not time growing with the text."""
+    tok = trained_tokenizer
+    rng = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, tok.get_vocab_size(), (n,), generator=rng).tolist()
+    counting = CountingTokenizer(tok)
+    pieces = list(stream_text(counting, iter(ids)))
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=False)
+    assert all(pieces)
+    assert max(counting.lengths, default=0) <= 64, max(counting.lengths)
+
+
+@pytest.fixture(scope="module")
+def trained_tokenizer(trained):
+    from lmtools.checkpoint import read_checkpoint
+    from lmtools.tokenizer import tokenizer_from_checkpoint
+
+    return tokenizer_from_checkpoint(read_checkpoint(trained), None, trained)

@@ -188,3 +188,16 @@ def test_a_hidden_negative_sets_the_option_off_explicitly(run_cli):
     assert explicit == {"recipe", "qk_norm", "doc_aligned"}
     help_text = run_cli("train", "--help", env={"COLUMNS": "200"}).output
     assert "--qk_norm" in help_text and "--no_qk_norm," not in help_text
+
+
+def test_a_run_config_that_exhausts_memory_is_one_line(tmp_path, monkeypatch):
+    import tomllib
+
+    def exhausted(text):
+        raise MemoryError
+
+    path = tmp_path / "run.toml"
+    path.write_text("max_iters = 1\n")
+    monkeypatch.setattr(tomllib, "loads", exhausted)
+    with pytest.raises(ConfigError, match="do not fit in memory"):
+        read_run_config(path)

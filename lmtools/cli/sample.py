@@ -15,9 +15,19 @@ from lmtools.cli.app import app, user_errors
 def sample(
     checkpoint: Path = typer.Argument(..., help="Checkpoint written by lmtools train."),
     prompt: str = typer.Option("", "--prompt", help="Text to continue."),
-    max_new_tokens: int = typer.Option(200, "--max_new_tokens", "--max-new-tokens"),
-    temperature: float = typer.Option(0.8, "--temperature", help="0 for greedy decoding."),
-    top_p: Optional[float] = typer.Option(0.95, "--top_p", "--top-p"),
+    max_new_tokens: int = typer.Option(
+        200,
+        "--max_new_tokens",
+        "--max-new-tokens",
+        help="At most this many new tokens (fewer at <|endoftext|>). Any size is taken, none is set"
+        " aside: the text streams token by token, past the context length, in constant memory.",
+    ),
+    temperature: float = typer.Option(
+        0.8, "--temperature", help="0 for greedy decoding, else a positive number (the smaller, the closer to greedy)."
+    ),
+    top_p: Optional[float] = typer.Option(
+        0.95, "--top_p", "--top-p", help="Keep the most likely tokens whose probability reaches P, in (0, 1]; 1: all."
+    ),
     top_k: Optional[int] = typer.Option(
         None, "--top_k", "--top-k", help="Keep the K most likely tokens (K at or above the vocabulary: all)."
     ),
