@@ -37,8 +37,8 @@ from pathlib import Path
 
 import pytest
 
-from lmtools.prepare import prepare_corpus
-from lmtools.tokenizer import Encoder, default_threads, load_tokenizer, train_bpe
+from lmtools.data.prepare import prepare_corpus
+from lmtools.data.tokenizer import Encoder, default_threads, load_tokenizer, train_bpe
 
 CORPUS_BYTES = 32_000_000
 CACHE = Path(tempfile.gettempdir()) / "lmtools-bench-prepare"

@@ -82,8 +82,8 @@ def arm_name(name: str) -> str:
 
 def prepare(out: Path, corpus_mb: float, tiny: bool) -> Path:
     """The stdlib corpus, tokenized once for every run."""
+    from lmtools.data.prepare import prepare_corpus
     from lmtools.demo import VOCAB_SIZE, write_stdlib_corpus
-    from lmtools.prepare import prepare_corpus
 
     data = out / "data"
     if (data / "meta.json").is_file():
@@ -118,15 +118,15 @@ def run_one(spec: str) -> None:
 
     import torch
 
-    import lmtools.train
-    from lmtools.config import TrainConfig
-    from lmtools.train import train_model
+    import lmtools.training.trainer
+    from lmtools.config.train_config import TrainConfig
+    from lmtools.training.trainer import train_model
 
     job = json.loads(spec)
     torch.set_num_threads(job["threads"])
     cfg = TrainConfig(**job["config"])
     # CPU seconds of training alone: evaluation's share is counted and taken out.
-    evaluate, eval_cpu = lmtools.train.evaluate, [0.0]
+    evaluate, eval_cpu = lmtools.training.trainer.evaluate, [0.0]
 
     def timed_evaluate(*args, **kw):
         t0 = time.process_time()
@@ -135,7 +135,7 @@ def run_one(spec: str) -> None:
         finally:
             eval_cpu[0] += time.process_time() - t0
 
-    lmtools.train.evaluate = timed_evaluate
+    lmtools.training.trainer.evaluate = timed_evaluate
     start, cpu = time.process_time(), {}
 
     def on_step(iteration, _max_iters, _loss, _lr):

@@ -4,7 +4,7 @@ Every method produces what training consumes: inputs and targets, int64 torch te
 (batch_size, context_length), from random windows of a page-cached 100M-token uint16 memmap.
 
 - lmtools_fill: the Rust sampler filling preallocated buffers (what BatchLoader's ring does).
-- lmtools_get_batch: the public `lmtools.data.get_batch`, fresh tensors every call.
+- lmtools_get_batch: the public `lmtools.data.loader.get_batch`, fresh tensors every call.
 - spec_python_loop: the original specification's `np.stack([data[i:i+T] for i in starts])`.
 - nanogpt: nanoGPT's `torch.stack([torch.from_numpy(data[i:i+T].astype(np.int64)) ...])`.
 - numpy_fancy: `data[starts[:, None] + arange(T)].astype(int64)` (the baseline of the ratios).
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from lmtools import _sampler
-from lmtools.data import get_batch
+from lmtools.data.loader import get_batch
 
 SHAPES = [(32, 512), (64, 2048), (512, 1024)]
 Batch = tuple[torch.Tensor, torch.Tensor]

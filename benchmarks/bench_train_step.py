@@ -10,7 +10,7 @@ a 2048-id vocabulary, batch 16) from the same initial weights on the same random
   sampler's prefetch ring, the loss module, multi-tensor clipping, fused AdamW with the
   non-finite check on the device (`NumericsGuard.step`), and losses read every 10 steps
   (`NumericsGuard.read`), as at a log interval of 10.
-- baseline_REV (only with LMTOOLS_BASELINE_REV=REV): the same step as `lmtools/train.py` wrote
+- baseline_REV (only with LMTOOLS_BASELINE_REV=REV): the same step as `lmtools/training/trainer.py` wrote
   it at git revision REV, loaded from git into this process, to compare a change of the
   training core with what it replaced in the same run.
 
@@ -35,10 +35,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmtools.config import TrainConfig
-from lmtools.distributed import DistInfo
-from lmtools.runplan import RunPlan
-from lmtools.train import Trainer
+from lmtools.config.train_config import TrainConfig
+from lmtools.runtime.distributed import DistInfo
+from lmtools.training.plan import RunPlan
+from lmtools.training.trainer import Trainer
 
 MODEL = dict(vocab_size=2048, context_length=128, d_model=128, num_layers=4, num_heads=4, d_ff=384)
 BATCH = 16
@@ -75,13 +75,13 @@ def make_trainer(tokens: Path, folder: Path) -> Trainer:
 
 
 def baseline_steps(rev: str, tokens: Path, folder: Path):
-    """`lmtools/train.py` as of git revision `rev`, its Trainer built on the same config, and a
+    """`lmtools/training/trainer.py` as of git revision `rev`, its Trainer built on the same config, and a
     function that takes STEPS of its steps (its API then: `step(lr)`, `settle()`)."""
     import importlib.util
     import subprocess
 
     source = subprocess.run(
-        ["git", "show", f"{rev}:lmtools/train.py"],
+        ["git", "show", f"{rev}:lmtools/training/trainer.py"],
         capture_output=True,
         text=True,
         check=True,
@@ -90,7 +90,7 @@ def baseline_steps(rev: str, tokens: Path, folder: Path):
     spec = importlib.util.spec_from_loader("lmtools._train_baseline", loader=None)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
-    exec(compile(source, f"{rev}:lmtools/train.py", "exec"), module.__dict__)
+    exec(compile(source, f"{rev}:lmtools/training/trainer.py", "exec"), module.__dict__)
     cfg = bench_config(tokens, folder)
     trainer = module.Trainer(cfg, None, torch.device("cpu"), DistInfo(), lambda _line: None, None)
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmtools.config import TrainConfig
-from lmtools.train import train_model
+from lmtools.config.train_config import TrainConfig
+from lmtools.training.trainer import train_model
 
 ARMS = {"default": {}, "modern": {"recipe": "modern"}}
 GPT2_SMALL = dict(context_length=1024, d_model=768, num_layers=12, num_heads=12, d_ff=3072)
@@ -54,13 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def data_folder(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, float | None]:
     """(train file, val file, bytes per token or None); sets args.model_vocab for a bare file."""
-    from lmtools.prepare import read_meta
+    from lmtools.data.prepare import read_meta
 
     if args.data is None:
         import sysconfig
 
+        from lmtools.data.prepare import prepare_corpus
         from lmtools.demo import write_stdlib_corpus
-        from lmtools.prepare import prepare_corpus
 
         budget = int(args.corpus_mb * 1e6)
         _, stdlib_bytes = write_stdlib_corpus(tmp / "stdlib.jsonl", budget, seed=0)

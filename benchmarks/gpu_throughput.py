@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmtools.config import TrainConfig
+from lmtools.config.train_config import TrainConfig
 from lmtools.model import MODEL_FIELDS
-from lmtools.train import train_model
+from lmtools.training.trainer import train_model
 
 # nanoGPT's learning rates for GPT-2 and a short warm-up: the throughput does not depend on them.
 SCHEDULE = dict(learning_rate=6e-4, min_learning_rate=6e-5, warmup_iters=10)

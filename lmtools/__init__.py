@@ -10,18 +10,18 @@ __version__ = "0.1.0"
 # Public name -> module. Imported on first use (PEP 562) so that `lmtools prepare` and
 # `lmtools --help` start without importing torch.
 _EXPORTS = {
-    "AdamW": "lmtools.optim",
-    "BatchLoader": "lmtools.data",
+    "AdamW": "lmtools.training.optim",
+    "BatchLoader": "lmtools.data.loader",
     "TransformerLM": "lmtools.model",
-    "cross_entropy": "lmtools.optim",
-    "get_batch": "lmtools.data",
+    "cross_entropy": "lmtools.training.optim",
+    "get_batch": "lmtools.data.loader",
     "load_checkpoint": "lmtools.checkpoint",
-    "load_dataset": "lmtools.data",
-    "parse_source_spec": "lmtools.data",
-    "run_get_lr_cosine_schedule": "lmtools.optim",
-    "run_gradient_clipping": "lmtools.optim",
+    "load_dataset": "lmtools.data.loader",
+    "parse_source_spec": "lmtools.data.loader",
+    "run_get_lr_cosine_schedule": "lmtools.training.optim",
+    "run_gradient_clipping": "lmtools.training.optim",
     "save_checkpoint": "lmtools.checkpoint",
-    "train_model": "lmtools.train",
+    "train_model": "lmtools.training.trainer",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -41,7 +41,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from lmtools.checkpoint import load_checkpoint, save_checkpoint
-    from lmtools.data import BatchLoader, get_batch, load_dataset, parse_source_spec
+    from lmtools.data.loader import BatchLoader, get_batch, load_dataset, parse_source_spec
     from lmtools.model import TransformerLM
-    from lmtools.optim import AdamW, cross_entropy, run_get_lr_cosine_schedule, run_gradient_clipping
-    from lmtools.train import train_model
+    from lmtools.training.optim import AdamW, cross_entropy, run_get_lr_cosine_schedule, run_gradient_clipping
+    from lmtools.training.trainer import train_model

@@ -23,7 +23,7 @@ from typing import IO, Any
 import torch
 
 from lmtools.errors import CheckpointError
-from lmtools.fsutil import fsync_dir
+from lmtools.runtime.fsutil import fsync_dir
 
 FORMAT_VERSION = 1
 _TMP_SUFFIX = ".tmp"

@@ -133,7 +133,7 @@ def _corpus_step(corpus: Path, max_corpus_mb: float, seed: int, log: Callable[[s
 
 def _prepare_step(corpus: Path, data_dir: Path, vocab_size: int, seed: int, log: Callable[[str], None]) -> None:
     """[2/4]: a BPE tokenizer trained on the corpus, and the corpus as token files."""
-    from lmtools.prepare import prepare_corpus
+    from lmtools.data.prepare import prepare_corpus
 
     t0 = time.perf_counter()
     meta = prepare_corpus([corpus], data_dir, vocab_size=vocab_size, val_fraction=0.02, seed=seed, force=True)
@@ -164,7 +164,7 @@ def _plan_training(data_dir: Path, out: Path, run_dir: Path, minutes: float, see
 
 def _train_step(cfg, max_iters: int, log: Callable[[str], None]):
     """[3/4], second half: the run itself; (its result, seconds)."""
-    from lmtools.train import train_model
+    from lmtools.training.trainer import train_model
 
     t0 = time.perf_counter()
     result = train_model(cfg, log=lambda line: log("      " + line))
@@ -260,7 +260,7 @@ def write_stdlib_corpus(dest: Path, max_bytes: int, *, seed: int = 0, root: Path
 
 def demo_config(data_dir: Path, run_dir: Path, max_iters: int, seed: int = 0):
     """The demo's run. Evaluations fall on logged steps, so each logged loss averages a full window."""
-    from lmtools.config import TrainConfig
+    from lmtools.config.train_config import TrainConfig
 
     max_iters = max(max_iters, 1)
     log_interval = max(max_iters // 30, 1)
@@ -290,7 +290,7 @@ def probe_step_seconds(cfg, warm: int = 3, timed: int = 4) -> float:
     A few steps of `train_model` itself, timed from its own metrics: the first `warm` steps
     (allocator, kernels, prefetch) are left out. The probe's folder is removed afterwards.
     """
-    from lmtools.train import train_model
+    from lmtools.training.trainer import train_model
 
     run_dir = Path(cfg.checkpoint_path).parent
     cfg.max_iters, cfg.log_interval, cfg.warmup_iters = warm + timed, warm, 1
@@ -319,9 +319,9 @@ def sample_lines(checkpoint: Path, *, seed: int = 0, max_new_tokens: int = 60) -
     """(prompt, continuation) for each demo prompt, sampled at temperature 0.8, top-p 0.95."""
     import torch
 
+    from lmtools.data.tokenizer import tokenizer_from_checkpoint
     from lmtools.generate import generate_ids, load_model, stream_text
     from lmtools.layout import EOT
-    from lmtools.tokenizer import tokenizer_from_checkpoint
 
     device = torch.device("cpu")
     model, payload = load_model(checkpoint, device)

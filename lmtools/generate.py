@@ -11,7 +11,7 @@ import torch
 from lmtools.checkpoint import load_state, read_checkpoint
 from lmtools.errors import CheckpointError, ConfigError
 from lmtools.model import MODEL_FIELDS, KVCache, ModelConfig, TransformerLM, validate_config
-from lmtools.preflight import check_inference_model
+from lmtools.training.preflight import check_inference_model
 
 
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[TransformerLM, dict]:

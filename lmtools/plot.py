@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lmtools.errors import ConfigError, DataError
 from lmtools.layout import METRICS_FILE
-from lmtools.metrics import read_records
+from lmtools.training.metrics import read_records
 
 
 @dataclass

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lmtools.cli import app
-from lmtools.config import TrainConfig
+from lmtools.config.train_config import TrainConfig
 
 VOCAB = 64
 
@@ -22,6 +22,8 @@ VOCAB = 64
 TINY_MODEL = dict(context_length=16, d_model=32, num_layers=1, num_heads=4, d_ff=64)
 # Smaller still, for runs whose learning no test looks at.
 SMALLEST_MODEL = dict(d_model=16, num_layers=1, num_heads=2, d_ff=32)
+
+REPO = Path(__file__).resolve().parent.parent  # the repository: its benchmarks/ and fixtures
 
 
 def flags(*presets: dict, **options) -> list[str]:

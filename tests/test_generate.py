@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corpora import train_on_mixed
 from helpers import cli_output, one_line_error, run_cli
 from lmtools import TransformerLM
 from lmtools.generate import filter_logits, generate_ids, stream_text
+from prepared import train_on_mixed
 
 
 def model(ctx=32):
@@ -130,6 +130,6 @@ def test_stream_text_is_the_whole_decode_with_a_window_that_stays_small(trained_
 @pytest.fixture(scope="module")
 def trained_tokenizer(trained):
     from lmtools.checkpoint import read_checkpoint
-    from lmtools.tokenizer import tokenizer_from_checkpoint
+    from lmtools.data.tokenizer import tokenizer_from_checkpoint
 
     return tokenizer_from_checkpoint(read_checkpoint(trained), None, trained)

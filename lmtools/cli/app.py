@@ -65,7 +65,7 @@ def _end_distributed_worker(code) -> None:
     to shut down needs a GIL that is gone, and the process aborts (SIGABRT) after a run that
     finished well: torchrun then reports the job failed. By now the run has closed everything
     it wrote; only stdout and stderr are flushed."""
-    distributed = sys.modules.get("lmtools.distributed")  # not imported: no run took place
+    distributed = sys.modules.get("lmtools.runtime.distributed")  # not imported: no run took place
     if distributed is None or not distributed.joined_process_group():
         return
     sys.stdout.flush()

@@ -34,10 +34,10 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Loss, perplexity and bits per byte of a model on whole files, in sliding windows."""
-    from lmtools.device import resolve_device
     from lmtools.errors import ConfigError
-    from lmtools.evaluate import check_input, check_stride
     from lmtools.generate import load_model
+    from lmtools.runtime.device import resolve_device
+    from lmtools.scoring import check_input, check_stride
 
     if batch_size <= 0:
         raise ConfigError(f"--batch_size must be a positive integer, got {batch_size}")
@@ -63,21 +63,21 @@ def _lazy_tokenizer(payload: dict, tokenizer: str | None, checkpoint: Path):
     """The tokenizer for text files, loaded on first use (.npy files need none)."""
     import functools
 
-    from lmtools.tokenizer import tokenizer_from_checkpoint
+    from lmtools.data.tokenizer import tokenizer_from_checkpoint
 
     return functools.cache(lambda: tokenizer_from_checkpoint(payload, tokenizer, checkpoint))
 
 
 def _score_validation(model, path: Path, payload: dict, dev):
     """`path` scored on the windows the training run validated on."""
-    from lmtools.evaluate import score_validation_windows
+    from lmtools.scoring import score_validation_windows
 
     return score_validation_windows(model, path, payload.get("config") or {}, dev)
 
 
 def _score_file(model, path: Path, text_tokenizer, stride: int, batch_size: int, progress):
     """`path` scored in sliding windows, with a progress bar of its own."""
-    from lmtools.evaluate import score_file
+    from lmtools.scoring import score_file
 
     task = progress.add_task(path.name, total=None)
     return score_file(

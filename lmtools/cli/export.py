@@ -30,7 +30,7 @@ def export(
     ),
 ) -> None:
     """Export a checkpoint for transformers (AutoModelForCausalLM / AutoTokenizer) or as safetensors."""
-    from lmtools.export import export_checkpoint
+    from lmtools.interop.export import export_checkpoint
 
     files = export_checkpoint(checkpoint, out, fmt=format, tokenizer=tokenizer, overwrite=overwrite)
     typer.echo(f"Wrote {out}/: " + ", ".join(f.name for f in files))

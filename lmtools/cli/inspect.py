@@ -33,7 +33,7 @@ def inspect(
     ),
 ) -> None:
     """Describe a checkpoint, a token file or a prepared folder, and whether it is sound."""
-    from lmtools.inspect import inspect_path
+    from lmtools.inspection import inspect_path
 
     if as_config:
         typer.echo(run_config_toml(path), nl=False)
@@ -49,9 +49,9 @@ def inspect(
 def run_config_toml(path: Path) -> str:
     """The run config a checkpoint records as the user passed it (older checkpoints: the resolved one)."""
     from lmtools.checkpoint import read_checkpoint
+    from lmtools.config.toml import to_toml
     from lmtools.errors import ConfigError
-    from lmtools.inspect import check_checkpoint_file
-    from lmtools.runconfig import to_toml
+    from lmtools.inspection import check_checkpoint_file
 
     check_checkpoint_file(path, "inspect --config")
     payload = read_checkpoint(path)

@@ -11,8 +11,8 @@ import typer
 from rich.filesize import decimal
 
 from lmtools.cli.app import app, user_errors
+from lmtools.data.prepare import DEFAULT_TOKENIZER_SAMPLE, Progress
 from lmtools.layout import EOT
-from lmtools.prepare import DEFAULT_TOKENIZER_SAMPLE, Progress
 
 NO_SEPARATOR = "none"  # --separator none: one document per text file
 
@@ -235,7 +235,7 @@ def prepare(
 
 def _prepare_with_progress(corpus: list[str], out: Path, quiet: bool, **options) -> dict:
     """`prepare_corpus` with progress on stderr; the bar is stopped however it ends."""
-    from lmtools.prepare import prepare_corpus
+    from lmtools.data.prepare import prepare_corpus
 
     progress = _progress(quiet)
     try:

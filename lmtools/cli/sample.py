@@ -42,12 +42,12 @@ def sample(
 
     import torch
 
-    from lmtools.device import resolve_device
+    from lmtools.data.tokenizer import tokenizer_from_checkpoint
     from lmtools.errors import ConfigError
     from lmtools.generate import check_sampling, generate_ids, load_model, stream_text
-    from lmtools.inspect import check_checkpoint_file
+    from lmtools.inspection import check_checkpoint_file
     from lmtools.layout import EOT
-    from lmtools.tokenizer import tokenizer_from_checkpoint
+    from lmtools.runtime.device import resolve_device
 
     if max_new_tokens <= 0:
         raise ConfigError(f"--max_new_tokens must be a positive integer, got {max_new_tokens}")

@@ -11,7 +11,7 @@ import typer
 
 from lmtools.cli.app import app, user_errors
 from lmtools.cli.console import console_guard
-from lmtools.config import TrainConfig
+from lmtools.config.train_config import TrainConfig
 
 
 def _explicit(ctx: typer.Context) -> frozenset[str]:
@@ -77,7 +77,7 @@ class _Reporter:
 
 
 def _run(cfg, **kw):
-    from lmtools.train import train_model
+    from lmtools.training.trainer import train_model
 
     with _Reporter() as reporter:
         # Without a progress bar (a pipe, a file), the log lines carry the elapsed and remaining time.
@@ -128,7 +128,7 @@ def _flags(name: str) -> tuple[str, ...]:
 
 def _field_options(names=None, *, keep_defaults: bool = True) -> list[inspect.Parameter]:
     """Typer parameters generated from TrainConfig's fields (all flag fields, or `names`)."""
-    from lmtools.runconfig import field_types, flag_fields
+    from lmtools.config.toml import field_types, flag_fields
 
     params = []
     for f in flag_fields():
@@ -203,7 +203,7 @@ def train(ctx: typer.Context, **params) -> None:
 def _finished_run(cfg: TrainConfig, explicit) -> int | None:
     """The iteration of the checkpoint at --checkpoint_path when it already reached max_iters
     (so that a restarted --auto_resume job ends at once instead of failing)."""
-    from lmtools.runguard import peek_checkpoint
+    from lmtools.runtime.run_lock import peek_checkpoint
 
     path = Path(cfg.checkpoint_path)
     payload = peek_checkpoint(path) if path.is_file() else None
@@ -218,7 +218,7 @@ def _finished_run(cfg: TrainConfig, explicit) -> int | None:
 def config_from_params(params: dict, typed: frozenset[str]) -> tuple[TrainConfig, frozenset[str]]:
     """The run config from the flags and the --config file (a typed flag wins over the file), and
     the names the user set (typed or in the file), which a resume treats as overrides."""
-    from lmtools.runconfig import read_run_config
+    from lmtools.config.toml import read_run_config
 
     params = dict(params)
     for name in [key for key in params if key.startswith("no_")]:

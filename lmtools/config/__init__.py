@@ -1,0 +1,1 @@
+"""The run configuration: the typed TrainConfig, its TOML files and the recipes."""

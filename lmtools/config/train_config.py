@@ -1,0 +1,269 @@
+"""The run configuration: one typed place for every training flag and its default."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+from lmtools.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lmtools.model import ModelConfig
+
+DEFAULT_VOCAB_SIZE = 10000
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def option(
+    default: Any = MISSING, help: str = "", *, factory: Any = MISSING, cli: bool = True, negatable: bool = False
+) -> Any:
+    """A TrainConfig field with its help text: the one declaration the `train` flags (--snake_case
+    and --kebab-case), run configs (TOML) and checkpoints are generated from. `cli=False` marks
+    state the run records but no flag sets; `negatable` adds a hidden --no_NAME, which turns the
+    option off explicitly (over a recipe that turns it on)."""
+    metadata = {"help": help, "cli": cli, "negatable": negatable}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    train_data: list[str] = option(
+        factory=list,
+        help="Token file (.npy/.bin), prepared folder, or PATH:WEIGHT for a mixture; repeat for several.",
+    )
+    val_data: str | None = option(None, "Validation token file (default: val.npy beside a prepared train.npy).")
+    vocab_size: int | None = option(
+        None, f"Vocabulary size; by default from the dataset's meta.json, else {DEFAULT_VOCAB_SIZE}."
+    )
+    context_length: int = option(512, "Tokens per training window (the model's maximum context).")
+    d_model: int = option(768, "Width of the residual stream.")
+    num_layers: int = option(12, "Number of Transformer blocks.")
+    num_heads: int = option(12, "Attention heads per block (must divide --d_model).")
+    d_ff: int = option(3072, "Hidden width of the feed-forward layers.")
+    rope_theta: float = option(10000.0, "Base of the rotary position embedding's frequencies.")
+    batch_size: int = option(32, "Windows per micro-batch (per rank under torchrun).")
+    learning_rate: float = option(1e-4, "Peak learning rate, reached at the end of warmup.")
+    min_learning_rate: float = option(1e-5, "Learning rate at the end of the cosine decay.")
+    weight_decay: float = option(0.01, "AdamW's decoupled weight decay.")
+    warmup_iters: int = option(2000, "Iterations of linear warmup to --learning_rate.")
+    max_iters: int = option(100000, "Total training iterations (optimizer updates).")
+    cosine_cycle_iters: int | None = option(
+        None, "Iteration where the cosine reaches --min_learning_rate; by default --max_iters."
+    )
+    gradient_clip_val: float = option(1.0, "Clip the gradients' global L2 norm to this value.")
+    eval_interval: int = option(1000, "Evaluate on the validation data every this many iterations.")
+    eval_iters: int = option(20, "Validation batches per evaluation (the same windows every time).")
+    log_interval: int = option(100, "Log the training loss every this many iterations.")
+    checkpoint_interval: int = option(5000, "Write a checkpoint every this many iterations.")
+    checkpoint_path: str = option("checkpoint.pt", "Where the checkpoint is written (and read by --resume).")
+    max_minutes: float | None = option(None, "Stop with a checkpoint after training this many minutes.")
+    device: str = option("cpu", "cpu, cuda, cuda:N or mps.")
+    seed: int = option(0, "Seed of the model's initialisation and the batch order.")
+    grad_accum_steps: int = option(1, "Micro-batches accumulated per optimizer update.")
+    dtype: str = option("auto", "auto (bfloat16 on CUDA, else float32), float32, bfloat16 or float16.")
+    compile: bool = option(False, "torch.compile the model.")
+    fsdp: bool = option(
+        False, "Shard the model across ranks with FSDP2 (under torchrun); checkpoints add a CHECKPOINT.dcp/ folder."
+    )
+    keep_last: int = option(0, "Also keep the K newest checkpoints as CHECKPOINT-NNNNNNNN.pt.")
+    data_dtype: str | None = option(None, "dtype of raw .bin token files (uint16, uint32, int32, int64).")
+    skip_nonfinite: bool = option(False, "Skip (and count) updates with a NaN/inf loss instead of stopping.")
+    skip_spikes: bool = option(False, "Skip updates whose loss is a spike (z-score above --spike_zscore).")
+    spike_zscore: float = option(6.0, "z-score of the loss against its recent window above which a step is a spike.")
+    metrics: bool = option(True, "Write metrics.jsonl beside the checkpoint.", cli=False)
+    tensorboard: str | None = option(None, "Also log metrics to TensorBoard in this folder (needs tensorboard).")
+    wandb: str | None = option(None, "Also log metrics to this Weights & Biases project (needs wandb).")
+    overwrite: bool = option(False, "Start a new run even if --checkpoint_path already exists.")
+    tokenizer: str | None = option(None, "The tokenizer.json of the run's data (resolved from it).", cli=False)
+    val_sets: dict[str, str] = option(
+        factory=dict,
+        cli=False,
+        help="Validation files by name (one per prepared folder of a mixture), evaluated and logged apart.",
+    )
+    init_from: str | None = option(
+        None,
+        "Start a new run from these weights and model shape: a checkpoint or a Hugging Face model folder "
+        "(fine-tuning, continued pretraining on new data).",
+    )
+    init_optimizer: bool = option(False, "With --init_from CHECKPOINT: also take over its optimizer state.")
+    # Set when a resume moves the schedule's end (max_iters): from each `start`, a cosine from
+    # `from_lr` (the rate there, so the rate stays continuous) to `to_lr` at `end`.
+    schedule_extensions: list[dict] = option(
+        factory=list, cli=False, help="Where resumes moved the schedule's end (set by resume --max_iters)."
+    )
+    # A named set of the options below (lmtools/config/recipes.py); "spec" is the specification's run.
+    recipe: str = option(
+        "spec",
+        "spec: the specification's model and optimizer; modern: the options that measured best (see README, "
+        "Recipes). Flags below override it.",
+    )
+    optimizer: str = option(
+        "adamw", "adamw, or muon: Muon for the blocks' matrices, AdamW for embeddings, head and gains."
+    )
+    muon_lr: float = option(0.02, "Muon's peak learning rate (same schedule as --learning_rate).")
+    qk_norm: bool = option(False, "RMSNorm on queries and keys (--no_qk_norm: off, under a recipe).", negatable=True)
+    ffn: str = option("swiglu", "Feed-forward: swiglu or relu2.")
+    zero_init_proj: bool = option(
+        False, "Start the residual output projections at zero (--no_zero_init_proj: off).", negatable=True
+    )
+    logit_softcap: float = option(0.0, "Cap logits smoothly at +-this value (0: off).")
+    doc_aligned: bool = option(
+        False,
+        "Training windows start at document starts (needs the data's meta.json; --no_doc_aligned: off).",
+        negatable=True,
+    )
+
+    def model_config(self) -> ModelConfig:
+        from lmtools.model import ModelConfig  # imports torch: only when a model is built
+
+        # Every model field is a run field of the same name.
+        return ModelConfig.from_dict(self.to_dict() | {"vocab_size": self.vocab_size or DEFAULT_VOCAB_SIZE})
+
+    def lr_at(self, update: int) -> float:
+        """The learning rate of update number `update` (1-based): the loop's and inspect's rule."""
+        from lmtools.training.optim import run_get_lr_cosine_schedule
+
+        for ext in reversed(self.schedule_extensions):
+            if update > ext["start"]:
+                progress = min((update - ext["start"]) / (ext["end"] - ext["start"]), 1.0)
+                return ext["to_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (ext["from_lr"] - ext["to_lr"])
+        return run_get_lr_cosine_schedule(
+            update,
+            self.learning_rate,
+            self.min_learning_rate,
+            self.warmup_iters,
+            self._first_cosine_end(),
+        )
+
+    def _first_cosine_end(self) -> int:
+        """Where the run's first cosine ends: before any extension, where it did when the run started."""
+        if self.cosine_cycle_iters is not None:
+            return self.cosine_cycle_iters
+        return self.schedule_extensions[0]["previous_end"] if self.schedule_extensions else self.max_iters
+
+    def extend_schedule(self, new_max_iters: int, iteration: int) -> str | None:
+        """Move max_iters to `new_max_iters` for a run resumed at `iteration`, keeping the rate
+        continuous there; returns the line that says what the schedule now is, or None when it
+        is unchanged (the rates of the steps still to come are the original schedule's)."""
+        old_max = self.max_iters
+        self.max_iters = new_max_iters
+        if new_max_iters == old_max or new_max_iters <= iteration or self.cosine_cycle_iters is not None:
+            return None  # the cosine's end does not move, or no step is left
+        if not self.schedule_extensions and iteration <= self.warmup_iters:
+            # Still warming up: the rates so far do not depend on where the cosine ends.
+            return (
+                f"Schedule: max_iters {old_max} -> {new_max_iters}; warmup to iter {self.warmup_iters}, "
+                f"then cosine to {self.min_learning_rate:.2e} at iter {new_max_iters}"
+            )
+        self.max_iters = old_max
+        rate = self.lr_at(iteration)
+        self.max_iters = new_max_iters
+        self.schedule_extensions = [
+            *self.schedule_extensions,
+            {
+                "start": iteration,
+                "end": new_max_iters,
+                "from_lr": rate,
+                "to_lr": self.min_learning_rate,
+                "previous_end": old_max,
+            },
+        ]
+        if math.isclose(rate, self.min_learning_rate, rel_tol=1e-9, abs_tol=0.0):
+            return (
+                f"Schedule: max_iters {old_max} -> {new_max_iters}; the rate had decayed to its minimum and "
+                f"stays at {rate:.2e} (to decay from a higher rate, start a new run with --init_from)"
+            )
+        return (
+            f"Schedule: max_iters {old_max} -> {new_max_iters}; cosine from {rate:.2e} (the rate at iter "
+            f"{iteration}) to {self.min_learning_rate:.2e} at iter {new_max_iters}"
+        )
+
+    def describe_schedule(self) -> str:
+        """The schedule in words, extensions included (for inspect)."""
+        text = (
+            f"warmup to {self.learning_rate:.2e} over {self.warmup_iters} iters, "
+            f"cosine to {self.min_learning_rate:.2e} at iter {self._first_cosine_end()}"
+        )
+        if self.cosine_cycle_iters is not None and self.cosine_cycle_iters < self.max_iters:
+            text += f", then constant until iter {self.max_iters}"
+        for ext in self.schedule_extensions:
+            text += (
+                f"; extended at iter {ext['start']}: cosine from {ext['from_lr']:.2e} "
+                f"to {ext['to_lr']:.2e} at iter {ext['end']}"
+            )
+        return text
+
+    def warmup_warning(self) -> str | None:
+        """One line when warmup is not shorter than the run (the rate never reaches its peak)."""
+        if self.warmup_iters < self.max_iters:
+            return None
+        peak = self.lr_at(self.max_iters)
+        return (
+            f"Warning: --warmup_iters {self.warmup_iters} is not shorter than --max_iters {self.max_iters}: "
+            f"the learning rate only reaches {peak:.2e}, never --learning_rate {self.learning_rate:.2e}; "
+            f"pass --warmup_iters {self.max_iters // 10} (a tenth of the run)"
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first value out of range and how to fix it."""
+        if not self.train_data:
+            raise ConfigError("--train_data is required: pass a token file (.npy or .bin) or a prepared folder")
+        positive_ints = (
+            "context_length",
+            "batch_size",
+            "max_iters",
+            "eval_interval",
+            "eval_iters",
+            "log_interval",
+            "checkpoint_interval",
+            "grad_accum_steps",
+        )
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"--{name} must be a positive integer, got {value}")
+        if self.cosine_cycle_iters is not None and self.cosine_cycle_iters <= 0:
+            raise ConfigError(f"--cosine_cycle_iters must be a positive integer, got {self.cosine_cycle_iters}")
+        for name in ("warmup_iters", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be zero or positive, got {getattr(self, name)}")
+        for name in ("learning_rate", "gradient_clip_val"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"--{name} must be a positive number, got {value}")
+        for name in ("min_learning_rate", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name} must be zero or positive, got {value}")
+        if self.min_learning_rate > self.learning_rate:
+            raise ConfigError(
+                f"--min_learning_rate {self.min_learning_rate} is above --learning_rate {self.learning_rate}"
+            )
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            raise ConfigError(f"--max_minutes must be a positive number, got {self.max_minutes}")
+        if not self.spike_zscore > 0:
+            raise ConfigError(f"--spike_zscore must be positive, got {self.spike_zscore}")
+        if not self.checkpoint_path:
+            raise ConfigError("--checkpoint_path must not be empty")
+        if self.fsdp and self.keep_last:
+            raise ConfigError("--keep_last does not work with --fsdp (its shards live in one .dcp folder); drop one")
+        if self.fsdp and self.dtype == "float16":
+            raise ConfigError("--fsdp does not support --dtype float16 (its gradient scaler); use bfloat16")
+        from lmtools.config.recipes import validate_recipe_options
+        from lmtools.model import validate_config
+
+        validate_recipe_options(self)
+        validate_config(self.model_config())

@@ -1,0 +1,171 @@
+"""What a run reads: prepared folders resolved to their token files, the tokenizer they share,
+and the validation sets that go with them.
+
+A prepared folder (one holding train.npy and meta.json) named as training data always means
+its train.npy, with or without a mixture weight; its val.npy is never trained on. With several
+prepared folders, each folder's val.npy becomes a named validation set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from lmtools.config.train_config import DEFAULT_VOCAB_SIZE, TrainConfig
+from lmtools.data.loader import parse_source_spec
+from lmtools.data.prepare import read_meta
+from lmtools.errors import ConfigError, DataError
+from lmtools.layout import META_FILE, TRAIN_FILE, VAL_FILE
+
+
+def prepared_folder(path: str | Path) -> Path | None:
+    """The folder itself when `path` is a folder written by `lmtools prepare`, else None."""
+    p = Path(path)
+    if p.is_dir() and (p / TRAIN_FILE).is_file() and (p / META_FILE).is_file():
+        return p
+    return None
+
+
+def train_file_spec(spec: str) -> str:
+    """`FOLDER` or `FOLDER:WEIGHT` of a prepared folder -> its train.npy (weight kept)."""
+    path, weight = parse_source_spec(spec)
+    folder = prepared_folder(path)
+    if folder is None:
+        return spec
+    return str(folder / TRAIN_FILE) + (f":{weight}" if weight is not None else "")
+
+
+def absolute_spec(spec: str) -> str:
+    """Absolute path of a data spec (keeping a `:weight` suffix), so resume works from anywhere."""
+    path, weight = parse_source_spec(spec)
+    # Not resolved: a `.npy` link to an extensionless blob (a Hugging Face cache) is judged by its name.
+    return os.path.abspath(path) + (f":{weight}" if weight is not None else "")
+
+
+def normalise_specs(specs: list[str]) -> list[str]:
+    """Training data specs as a run stores them: prepared folders as their train.npy, absolute."""
+    return [absolute_spec(train_file_spec(s)) for s in specs]
+
+
+def resolve_data(cfg: TrainConfig, explicit_vocab: bool) -> TrainConfig:
+    """A copy of `cfg` with vocab size, validation files and tokenizer filled from the prepared
+    folders' meta.json.
+
+    Sources tokenized differently cannot mix: that is an error naming both tokenizers.
+    """
+    cfg = replace(cfg, train_data=[train_file_spec(s) for s in cfg.train_data])
+    prepared = _prepared_sources(cfg.train_data)
+    if not prepared:
+        if cfg.vocab_size is None:
+            cfg.vocab_size = DEFAULT_VOCAB_SIZE
+        return cfg
+    check_same_tokenizer(prepared)
+    meta_vocab = int(prepared[0][1]["vocab_size"])
+    if explicit_vocab and cfg.vocab_size is not None and cfg.vocab_size != meta_vocab:
+        raise ConfigError(
+            f"--vocab_size {cfg.vocab_size} contradicts the dataset's meta.json ({meta_vocab}); drop the flag"
+        )
+    cfg.vocab_size = meta_vocab
+    if cfg.val_data is None and not cfg.val_sets:
+        _fill_validation(cfg, prepared)
+    if cfg.tokenizer is None:
+        tok = tokenizer_file(prepared[0][1])
+        if tok is not None and tok.is_file():
+            cfg.tokenizer = str(tok.resolve())
+    return cfg
+
+
+def _prepared_sources(specs: list[str]) -> list[tuple[Path, dict]]:
+    """(token file, meta.json) of every source that has a meta.json beside it."""
+    out = []
+    for spec in specs:
+        path = Path(parse_source_spec(spec)[0])
+        if path.is_file():
+            meta = read_meta(path)
+            if meta is not None:
+                out.append((path, meta))
+    return out
+
+
+def _fill_validation(cfg: TrainConfig, prepared: list[tuple[Path, dict]]) -> None:
+    """The sibling val.npy of one prepared train.npy, or one named set per prepared folder;
+    a val.npy too short for one window (tiny corpora) is left out."""
+    folders: dict[Path, dict] = {}
+    for path, meta in prepared:
+        if path.name == TRAIN_FILE:
+            folders.setdefault(path.parent.resolve(), meta)
+    usable = {
+        folder: folder / VAL_FILE
+        for folder, meta in folders.items()
+        if (folder / VAL_FILE).is_file() and int(meta.get("val_tokens", cfg.context_length + 1)) > cfg.context_length
+    }
+    if len(folders) == 1:
+        if usable:
+            cfg.val_data = str(next(iter(usable.values())))
+        return
+    names = unique_names(list(folders))
+    cfg.val_sets = {name: str(usable[folder]) for name, folder in zip(names, folders) if folder in usable}
+
+
+def unique_names(folders: list[Path]) -> list[str]:
+    """Short names for folders: their own name, with parent folders added until all differ."""
+    depth = 1
+    while True:
+        names = ["/".join(f.parts[-depth:]) for f in folders]
+        if len(set(names)) == len(names) or depth >= max(len(f.parts) for f in folders):
+            return names
+        depth += 1
+
+
+def tokenizer_file(meta: dict) -> Path | None:
+    name = meta.get("tokenizer")
+    return Path(meta["dir"]) / name if name else None
+
+
+def tokenizer_identity(path: Path | None) -> Any:
+    """What a tokenizer.json's ids mean (see `parse_tokenizer_text`), or None when there is none."""
+    if path is None or not path.is_file():
+        return None
+    return parse_tokenizer_text(path.read_text(encoding="utf-8"), str(path))
+
+
+def parse_tokenizer_text(text: str, where: str) -> Any:
+    """The part of a tokenizer.json that gives ids their meaning: the model's type and
+    vocabulary and the added tokens. Formatting, and settings a re-save may rewrite, aside."""
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError:
+        raise DataError(f"{where} is not a tokenizer.json (not JSON); run `lmtools prepare` again") from None
+    if not isinstance(spec, dict):
+        raise DataError(f"{where} is not a tokenizer.json; run `lmtools prepare` again")
+    model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
+    added = sorted((t.get("id"), t.get("content")) for t in spec.get("added_tokens") or [] if isinstance(t, dict))
+    return {"type": model.get("type"), "vocab": model.get("vocab"), "added": added}
+
+
+def check_same_tokenizer(prepared: list[tuple[Path, dict]]) -> None:
+    """Every source must be tokenized alike: same vocabulary size, same tokenizer.json."""
+    first_path, first_meta = prepared[0]
+    first_file = tokenizer_file(first_meta)
+    first_id = tokenizer_identity(first_file)
+    for _path, meta in prepared[1:]:
+        if Path(meta["dir"]) == Path(first_meta["dir"]):
+            continue
+        other_file = tokenizer_file(meta)
+        other_id = tokenizer_identity(other_file)
+        sizes_differ = int(meta["vocab_size"]) != int(first_meta["vocab_size"])
+        if sizes_differ or (first_id is not None and other_id is not None and first_id != other_id):
+            a = first_file if first_id is not None else Path(first_meta["dir"]) / META_FILE
+            b = other_file if other_id is not None else Path(meta["dir"]) / META_FILE
+            sizes = f" ({first_meta['vocab_size']} vs {meta['vocab_size']} ids)" if sizes_differ else ""
+            raise ConfigError(
+                f"{a} and {b} are different tokenizers{sizes}: their token ids mean different things and "
+                f"cannot be mixed; prepare both corpora with one tokenizer (lmtools prepare ... --tokenizer {a})"
+            )
+
+
+def data_tokenizer_identity(cfg: TrainConfig) -> Any:
+    return tokenizer_identity(Path(cfg.tokenizer)) if cfg.tokenizer else None

@@ -1,0 +1,122 @@
+"""What guards a checkpoint path while a run writes it.
+
+One run writes a checkpoint path at a time: it holds a kernel-released lock beside the
+checkpoint (and one beside its metrics.jsonl) from before it reads anything until it exits, so
+a second run or resume on the same path fails at once, naming the holder's PID. A new run
+replaces only an lmtools checkpoint, and only with --overwrite (lmtools.runtime.ownership); it starts a fresh
+metrics.jsonl (the previous one is moved aside, not mixed in). Resuming from a snapshot older
+than the run's newest checkpoint discards the steps after it, so it needs --rollback. Temporary
+files that killed writers left in the folder are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from lmtools.errors import CheckpointError, ConfigError
+from lmtools.layout import METRICS_FILE
+from lmtools.runtime.fsutil import remove_stale_temp_files
+from lmtools.runtime.lock import exclusive, lock_path_for
+
+
+def peek_checkpoint(path: Path) -> dict | None:
+    """The plain data of an lmtools checkpoint without reading its tensors (memory-mapped),
+    or None when `path` is no lmtools checkpoint."""
+    import torch
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch zip file, pickled code, torn: none is a checkpoint to replace
+        return None
+    if isinstance(payload, dict) and ("model_state_dict" in payload or "dcp" in payload) and "iteration" in payload:
+        return payload
+    return None
+
+
+class RunGuard:
+    """The locks a run holds on its checkpoint path and metrics file, released by `release`
+    (or by the kernel when the process dies)."""
+
+    def __init__(self):
+        self._locks = contextlib.ExitStack()
+        self._held: set[Path] = set()
+        self._created: list[Path] = []  # folders made for the locks: removed again if left empty
+
+    def lock(self, ckpt_path: Path, *, metrics: bool = True) -> None:
+        ckpt_path = Path(os.path.abspath(ckpt_path))
+        if ckpt_path in self._held:
+            return
+        folder = ckpt_path.parent
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the checkpoint folder {folder}: {exc.strerror or exc}") from None
+        self._created += missing
+        targets = [(ckpt_path, f"the checkpoint {ckpt_path}")]
+        if metrics:
+            targets.append((folder / METRICS_FILE, f"the metrics file {folder / METRICS_FILE}"))
+        fix = "wait for that run to finish, stop it, or choose another --checkpoint_path"
+        for target, what in targets:
+            if target in self._held:
+                continue
+            try:
+                self._locks.enter_context(exclusive(lock_path_for(target), what, fix))
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot lock {target}: {exc.strerror or exc}; choose a writable --checkpoint_path"
+                ) from None
+            self._held.add(target)
+        remove_stale_temp_files(folder)
+
+    def release(self) -> None:
+        self._locks.close()
+        self._held.clear()
+        for folder in self._created:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # the run wrote something there: keep it
+        self._created.clear()
+
+
+def start_fresh_metrics(ckpt_path: Path, log: Callable[[str], None]) -> None:
+    """A new run's metrics.jsonl starts empty: a previous run's file is moved aside, not mixed in."""
+    path = Path(ckpt_path).with_name(METRICS_FILE)
+    if not path.is_file():
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    aside = path.with_name(f"metrics-{stamp}.jsonl")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"metrics-{stamp}-{n}.jsonl")
+    os.replace(path, aside)
+    log(f"The previous run's {path.name} was moved to {aside.name}")
+
+
+def check_rollback(
+    resume_from: Path, ckpt_path: Path, iteration: int, rollback: bool, log: Callable[[str], None]
+) -> None:
+    """Resuming from an older snapshot than the run's newest checkpoint discards steps: that
+    must be asked for (--rollback), and is announced."""
+    if not ckpt_path.is_file() or os.path.abspath(resume_from) == os.path.abspath(ckpt_path):
+        return
+    newest = peek_checkpoint(ckpt_path)
+    reached = int(newest["iteration"]) if newest is not None else None
+    if reached is None or reached <= iteration:
+        return
+    what = f"iters {iteration + 1}..{reached}"
+    if not rollback:
+        raise CheckpointError(
+            f"{resume_from} is at iter {iteration} but the run reached iter {reached} in {ckpt_path}; "
+            f"resuming from it discards {what}: resume {ckpt_path} instead, or pass --rollback to discard them"
+        )
+    log(
+        f"Rolling back to iter {iteration}: {what} are discarded ({ckpt_path} is replaced at the next checkpoint, "
+        f"{METRICS_FILE} loses its records past iter {iteration}; {resume_from.name} is kept)"
+    )

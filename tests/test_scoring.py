@@ -1,0 +1,309 @@
+"""`lmtools eval`: sliding windows, loss, perplexity and bits per byte, and agreement with training."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import PROCESS_ENV, cli_output
+from lmtools import scoring
+from lmtools.checkpoint import read_checkpoint, save_checkpoint
+from lmtools.data.tokenizer import EOT, bytes_tokenizer, train_bpe
+from lmtools.errors import ConfigError, DataError
+from lmtools.model import TransformerLM
+from lmtools.scoring import read_file, score_file, score_sequence, window_plan
+from prepared import train_on_mixed
+from texts import eot_joined, prose
+
+
+def tiny_model(ctx=8, vocab=257) -> TransformerLM:
+    torch.manual_seed(0)
+    return TransformerLM(vocab, ctx, 16, 1, 2, 32).eval()
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(2, 300), ctx=st.integers(1, 40), data=st.data())
+def test_every_token_is_scored_once_with_the_context_the_stride_allows(n, ctx, data):
+    stride = data.draw(st.integers(1, ctx))
+    scored = []
+    for start, end, k in window_plan(n, ctx, stride):
+        assert 0 <= start < end <= n - 1 and end - start <= ctx and 1 <= k <= end - start
+        for target in range(end - k + 1, end + 1):
+            scored.append(target)
+            assert target - start >= min(target, ctx - stride + 1)  # tokens of left context
+    assert scored == list(range(1, n))
+
+
+def test_bad_strides_are_refused():
+    for stride in (0, 9):
+        with pytest.raises(ConfigError, match="--stride"):
+            window_plan(100, 8, stride)
+
+
+def _nll(model, context, target) -> float:
+    with torch.no_grad():
+        logits = model(torch.tensor([context]))[0, -1]
+    return float(F.cross_entropy(logits.float()[None], torch.tensor([target])))
+
+
+def test_stride_one_scores_each_token_on_its_full_context():
+    model = tiny_model()
+    ids = np.random.default_rng(0).integers(0, 257, 30)
+    nll, scored = score_sequence(model, ids, stride=1, batch_size=4)
+    expected = sum(_nll(model, ids[max(0, j - 8) : j].tolist(), int(ids[j])) for j in range(1, 30))
+    assert scored == 29 and nll == pytest.approx(expected, rel=1e-5)
+
+
+def test_stride_equal_to_context_scores_disjoint_windows():
+    model = tiny_model()
+    ids = np.random.default_rng(1).integers(0, 257, 3 * 8 + 1)
+    nll, scored = score_sequence(model, ids, stride=8, batch_size=2)
+    x = torch.from_numpy(ids[:-1]).view(3, 8)
+    y = torch.from_numpy(ids[1:]).view(3, 8)
+    with torch.no_grad():
+        expected = float(F.cross_entropy(model(x).transpose(1, 2), y, reduction="sum"))
+    assert scored == 24 and nll == pytest.approx(expected, rel=1e-5)
+
+
+def test_text_is_scored_after_an_end_of_text_id_and_counted_in_bytes(tmp_path):
+    # With the byte tokenizer every UTF-8 byte is one token: bits per byte is the loss in bits.
+    model, tok = tiny_model(ctx=16), bytes_tokenizer()
+    text = "naïve café 東京\n" * 5 + "def f(x):\n    return x\n"
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    r = score_file(model, path, lambda: tok, stride=16, batch_size=3)
+    assert r.kind == "text" and r.scored == r.tokens == len(text.encode("utf-8"))
+    ids = [tok.token_to_id(EOT), *tok.encode(text, add_special_tokens=False).ids]
+    nll, _ = score_sequence(model, np.array(ids), 16, 3)
+    assert r.nll == pytest.approx(nll) and r.perplexity == pytest.approx(math.exp(r.loss))
+    assert r.bits_per_byte == pytest.approx(r.loss / math.log(2))
+
+
+def test_token_files_use_bytes_per_token_from_meta_json(tmp_path):
+    model = tiny_model()
+    np.save(tmp_path / "val.npy", np.random.default_rng(2).integers(0, 257, 100).astype(np.uint16))
+    r = score_file(model, tmp_path / "val.npy", None, stride=8, batch_size=8)
+    assert r.kind == "tokens" and r.tokens == 100 and r.scored == 99
+    assert r.bits_per_byte is None and "no bits per byte" in r.note
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 257, "bytes_per_token": 2.5}))
+    r2 = score_file(model, tmp_path / "val.npy", None, stride=8, batch_size=8)
+    assert r2.loss == r.loss and r2.bits_per_byte == pytest.approx(r.loss / math.log(2) / 2.5)
+
+
+def test_bad_files_are_refused(tmp_path):
+    model = tiny_model(vocab=100)
+    np.save(tmp_path / "big.npy", np.array([1, 2, 300], dtype=np.uint16))
+    with pytest.raises(DataError, match="token id 300"):
+        score_file(model, tmp_path / "big.npy", None, stride=8, batch_size=1)
+    (tmp_path / "bin.txt").write_bytes(b"ok\xff\xfe")
+    with pytest.raises(DataError, match="not UTF-8"):
+        score_file(model, tmp_path / "bin.txt", bytes_tokenizer, stride=8, batch_size=1)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="nothing to score"):
+        score_file(model, tmp_path / "empty.txt", bytes_tokenizer, stride=8, batch_size=1)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    model = tiny_model()
+    save_checkpoint(
+        model,
+        None,
+        1,
+        tmp_path / "c.pt",
+        model_config=model.config.to_dict(),
+        tokenizer_json=bytes_tokenizer().to_str(),
+    )
+    (tmp_path / "a.txt").write_text("hello there")
+    for args, says in (
+        ((tmp_path / "missing.txt",), "no such file"),
+        ((tmp_path / "a.txt", "--stride", "0"), "--stride"),
+    ):
+        out = cli_output("eval", tmp_path / "c.pt", *args, code=2)
+        assert says in out and "Traceback" not in out and len(out.strip().splitlines()) == 1
+    report = json.loads(cli_output("eval", tmp_path / "c.pt", tmp_path / "a.txt", "--json"))
+    assert report["files"][0]["scored"] == len("hello there") and report["stride"] == 8
+
+
+@pytest.mark.slow
+def test_eval_agrees_with_training_validation(tmp_path, monkeypatch):
+    data, ckpt = train_on_mixed(tmp_path, max_iters=20, eval_interval=20, log_interval=10, eval_iters=3)
+    metrics = read_checkpoint(ckpt)["metrics"]
+    report = json.loads(cli_output("eval", ckpt, data / "val.npy", "--val_windows", "--json"))["files"][0]
+    assert report["loss"] == pytest.approx(metrics["val_loss"], abs=1e-5)
+    assert report["bits_per_byte"] == pytest.approx(metrics["val_bpb"], abs=1e-5)
+    assert report["scored"] == 3 * 8 * 64
+
+    # Whole files: a table with each file's figures; a text file gets bits per byte from its bytes.
+    text = tmp_path / "story.txt"
+    text.write_text("the cat sat on a mat and the dog ran to the café\n" * 40, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    table = cli_output("eval", ckpt, "data/val.npy", "story.txt", "--stride", "32")
+    assert "data/val.npy" in table and "story.txt" in table and "bits/byte" in table and "stride 32" in table
+    whole = json.loads(cli_output("eval", ckpt, data / "val.npy", text, "--json"))["files"]
+    assert whole[0]["scored"] == whole[0]["tokens"] - 1 and whole[1]["bits_per_byte"] > 0
+    # Trained on such text, the model beats uniform guessing over the vocabulary.
+    assert whole[1]["loss"] < math.log(read_checkpoint(ckpt)["model_config"]["vocab_size"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Text files of any shape: read in bounded pieces, with the ids of the whole text
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_bpe([[prose(300_000, 3)]], 1000)
+
+
+def _whole_text_ids(tok, path) -> np.ndarray:
+    text = path.read_text(encoding="utf-8")
+    return np.array([tok.token_to_id(EOT), *tok.encode(text, add_special_tokens=False).ids])
+
+
+_WORD = st.text(alphabet="abcé東ß0123.,'!", min_size=1, max_size=6)
+_GAP = st.sampled_from([" ", "\n", "\r\n", "\r", "  ", " \n\n", " \t", EOT, EOT + "\n", " " + EOT])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    parts=st.lists(st.tuples(_WORD, _GAP), min_size=1, max_size=200),
+    piece=st.integers(14, 120),
+    block=st.integers(1, 64),
+)
+def test_text_read_in_pieces_has_the_ids_of_the_whole_text(bpe, tmp_path_factory, parts, piece, block):
+    # Every piece boundary (characters) and block boundary (bytes: inside a character, between
+    # \r and \n, inside <|endoftext|>) is crossed many times over. Words of at most 6
+    # characters between whitespace or markers: every stretch of piece / 2 has a place to cut.
+    text = "".join(w + g for w, g in parts)
+    path = tmp_path_factory.mktemp("text") / "t.txt"
+    path.write_bytes(text.encode("utf-8"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(scoring, "TEXT_PIECE", piece)
+        mp.setattr(scoring, "TEXT_BLOCK", block)
+        ids, n_bytes = scoring.read_text_ids(path, bpe)
+    assert np.array_equal(ids, _whole_text_ids(bpe, path))
+    assert n_bytes == len(path.read_text(encoding="utf-8").encode("utf-8"))
+
+
+def test_a_megabytes_long_file_is_read_in_pieces_with_the_ids_of_the_whole(bpe, tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(eot_joined([prose(200_000, seed) for seed in range(20)]).replace("\n", "\r\n", 999), "utf-8")
+    assert path.stat().st_size > 4_000_000
+    ids, n_bytes = scoring.read_text_ids(path, bpe)
+    assert np.array_equal(ids, _whole_text_ids(bpe, path)) and n_bytes == path.stat().st_size - 999
+
+
+@settings(max_examples=30, deadline=None)
+@given(at=st.integers(0, 3000), block=st.integers(1, 700), lead=st.sampled_from(["a", "é", "東"]))
+def test_a_byte_that_is_not_utf8_is_named_at_its_offset(tmp_path_factory, at, block, lead):
+    good = (lead * 3000).encode("utf-8")
+    at -= at % len(lead.encode("utf-8"))  # the bad byte stands between two characters
+    path = tmp_path_factory.mktemp("bad") / "t.txt"
+    path.write_bytes(good[:at] + b"\xff" + good[at:])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(scoring, "TEXT_BLOCK", block)
+        with pytest.raises(DataError, match=rf"not UTF-8 text \(byte {at}\)"):
+            scoring.read_text_ids(path, bytes_tokenizer())
+
+
+def _within(seconds: int):
+    """Fails the test where the code under it does not answer in `seconds` (a hang)."""
+
+    def expired(*_):
+        raise AssertionError(f"no answer within {seconds} s")
+
+    signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+
+
+class _LongestInput:
+    """The tokenizer, noting the longest text it is handed in one call."""
+
+    def __init__(self, tok):
+        self.tok, self.longest = tok, 0
+
+    def token_to_id(self, token):
+        return self.tok.token_to_id(token)
+
+    def encode(self, text, **kwargs):
+        self.longest = max(self.longest, len(text))
+        return self.tok.encode(text, **kwargs)
+
+    def encode_batch_fast(self, texts, **kwargs):
+        self.longest = max([self.longest, *map(len, texts)])
+        return self.tok.encode_batch_fast(texts, **kwargs)
+
+
+def test_a_text_of_one_20_megabyte_line_is_tokenized_in_bounded_pieces(bpe, tmp_path):
+    # One tokenizer call on a whole line without spaces grows faster than the line (a 20 MB one
+    # took over a minute and gigabytes): no call may see more than a piece. The alarm only
+    # tells a hang from an answer (it takes a few seconds).
+    line = "".join(w.capitalize() for w in prose(600_000, 5).replace(".", " ").split())[:400_000] * 50
+    path = tmp_path / "line.txt"
+    path.write_text(line, encoding="utf-8")
+    tok = _LongestInput(bpe)
+    _within(120)
+    try:
+        ids, kind, bpt, _ = read_file(path, lambda: tok, bpe.get_vocab_size())
+    finally:
+        signal.alarm(0)
+    assert len(line) == 20_000_000 and 0 < tok.longest <= scoring.TEXT_PIECE
+    assert kind == "text" and ids[0] == bpe.token_to_id(EOT)
+    assert bpt == pytest.approx(len(line.encode()) / (len(ids) - 1))
+    assert bpe.decode(ids[1:].tolist(), skip_special_tokens=False) == line  # the bytes, exactly
+
+
+def test_folders_and_negative_ids_are_named_as_such(tmp_path):
+    model = tiny_model(vocab=100)
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "val.npy", np.array([1, 2, 3], dtype=np.uint16))
+    with pytest.raises(DataError, match=rf"is a folder, not a file; to score its tokens, give {data / 'val.npy'}"):
+        score_file(model, data, None, stride=8, batch_size=1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is a folder, not a file; give a text file or a .npy token file"):
+        score_file(model, tmp_path / "empty", None, stride=8, batch_size=1)
+    np.save(tmp_path / "neg.npy", np.array([5, 7, -3, 200], dtype=np.int32))
+    with pytest.raises(DataError, match=r"token 2 is -3, a negative id \(ids run from 0 to 99\)"):
+        score_file(model, tmp_path / "neg.npy", None, stride=8, batch_size=1)
+
+
+def test_every_eval_error_is_one_line_on_stderr_of_a_real_process(tmp_path):
+    # Rich ended its progress bar with an empty line on a pipe, before the error.
+    model = tiny_model()
+    save_checkpoint(
+        model,
+        None,
+        1,
+        tmp_path / "c.pt",
+        model_config=model.config.to_dict(),
+        tokenizer_json=bytes_tokenizer().to_str(),
+    )
+    (tmp_path / "a.txt").write_text("hello there")
+    (tmp_path / "folder").mkdir()
+    np.save(tmp_path / "neg.npy", np.array([1, -1], dtype=np.int32))
+    for args, says in (
+        (["a.txt", "missing.txt"], "missing.txt: no such file"),
+        (["folder"], "is a folder, not a file"),
+        (["a.txt", "neg.npy"], "a negative id"),
+        (["a.txt", "--stride", "9"], "--stride must be between 1 and the context length 8, got 9"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "lmtools.cli", "eval", "c.pt", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=PROCESS_ENV,
+            timeout=120,
+        )
+        assert result.returncode == 2 and result.stdout == "", (args, result)
+        assert result.stderr.splitlines() == [result.stderr.strip()] and says in result.stderr, (args, result.stderr)
+        assert result.stderr.startswith("error:")
