@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from lmtools.config.train_config import TrainConfig
+from lmtools.data.dataset import plan_data
 from lmtools.runtime.distributed import DistInfo
 from lmtools.training.plan import RunPlan
 from lmtools.training.trainer import Trainer
@@ -71,7 +72,9 @@ def bench_config(tokens: Path, folder: Path) -> TrainConfig:
 
 def make_trainer(tokens: Path, folder: Path) -> Trainer:
     cfg = bench_config(tokens, folder)
-    return Trainer(RunPlan(cfg, cfg.to_dict()), torch.device("cpu"), DistInfo(), lambda _line: None, None)
+    return Trainer(
+        RunPlan(cfg, cfg.to_dict(), plan_data(cfg)), torch.device("cpu"), DistInfo(), lambda _line: None, None
+    )
 
 
 def baseline_steps(rev: str, tokens: Path, folder: Path):

@@ -18,7 +18,7 @@ _EXPORTS = {
     "load_checkpoint": "lmtools.checkpoint",
     "load_dataset": "lmtools.data.loader",
     "parse_source_spec": "lmtools.data.loader",
-    "run_get_lr_cosine_schedule": "lmtools.training.optim",
+    "run_get_lr_cosine_schedule": "lmtools.training.schedule",
     "run_gradient_clipping": "lmtools.training.optim",
     "save_checkpoint": "lmtools.checkpoint",
     "train_model": "lmtools.training.trainer",
@@ -43,5 +43,6 @@ if TYPE_CHECKING:
     from lmtools.checkpoint import load_checkpoint, save_checkpoint
     from lmtools.data.loader import BatchLoader, get_batch, load_dataset, parse_source_spec
     from lmtools.model import TransformerLM
-    from lmtools.training.optim import AdamW, cross_entropy, run_get_lr_cosine_schedule, run_gradient_clipping
+    from lmtools.training.optim import AdamW, cross_entropy, run_gradient_clipping
+    from lmtools.training.schedule import run_get_lr_cosine_schedule
     from lmtools.training.trainer import train_model

@@ -22,6 +22,7 @@ from lmtools.errors import CheckpointError, DataError, LMToolsError
 from lmtools.layout import EOT, META_FILE, TOKEN_DTYPES_TEXT, TOKENIZER_FILE, TRAIN_FILE, token_dtype_name
 from lmtools.runtime.fsutil import regular_file_problem
 from lmtools.training.preflight import check_stored_config
+from lmtools.training.schedule import describe_schedule, lr_at
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 MODULE_ORDER = ("token_embeddings", "layers", "ln_final", "lm_head")
@@ -253,9 +254,9 @@ def _schedule(iteration: int, config: dict) -> dict:
         "max_lr": cfg.learning_rate,
         "min_lr": cfg.min_learning_rate,
         # The rate of the step that produced this checkpoint (the loop uses iteration 1..max_iters).
-        "lr": cfg.lr_at(max(iteration, 1)),
+        "lr": lr_at(cfg, max(iteration, 1)),
         "remaining_iters": max(max_iters - iteration, 0),
-        "description": cfg.describe_schedule(),
+        "description": describe_schedule(cfg),
     }
 
 

@@ -15,7 +15,7 @@ from lmtools import TransformerLM
 from lmtools.config.train_config import TrainConfig
 from lmtools.data.prepare import prepare_corpus
 from lmtools.inspection import count_token, inspect_path, parameter_counts
-from lmtools.training.optim import run_get_lr_cosine_schedule
+from lmtools.training.schedule import run_get_lr_cosine_schedule
 from lmtools.training.trainer import train_model
 
 MODEL = TINY_MODEL | dict(num_layers=2)

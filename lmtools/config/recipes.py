@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import fields, replace
+from typing import TYPE_CHECKING
 
-from lmtools.config.train_config import TrainConfig
 from lmtools.errors import ConfigError
-from lmtools.training.optim import OPTIMIZERS
+
+if TYPE_CHECKING:
+    from lmtools.config.train_config import TrainConfig
+
+OPTIMIZERS = ("adamw", "muon")
 
 RECIPES: dict[str, dict] = {
     "spec": {},
@@ -29,9 +33,10 @@ RECIPES: dict[str, dict] = {
 
 def apply_recipe(cfg: TrainConfig, explicit: frozenset[str] = frozenset()) -> TrainConfig:
     """A copy of `cfg` with the recipe's options, except those the user named (`explicit`) or
-    already moved off their default."""
-    validate_recipe_options(cfg)
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    already moved off their default. The options themselves are checked by TrainConfig.validate."""
+    if cfg.recipe not in RECIPES:
+        raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, got {cfg.recipe!r}")
+    defaults = {f.name: f.default for f in fields(cfg)}
     changes = {
         name: value
         for name, value in RECIPES[cfg.recipe].items()
@@ -69,28 +74,3 @@ def validate_recipe_options(cfg: TrainConfig) -> None:
         raise ConfigError(f"--muon_lr must be a positive number, got {cfg.muon_lr}")
     if cfg.optimizer == "muon" and cfg.fsdp:
         raise ConfigError("--optimizer muon does not work with --fsdp (Muon needs whole matrices); drop one")
-
-
-def document_eot(cfg: TrainConfig) -> int | None:
-    """The end-of-text id that --doc_aligned windows start after, from the data's meta.json;
-    None when windows are not aligned."""
-    if not cfg.doc_aligned:
-        return None
-    from lmtools.data.loader import parse_source_spec
-    from lmtools.data.prepare import read_meta
-
-    ids = set()
-    for spec in cfg.train_data:
-        path = parse_source_spec(spec)[0]
-        meta = read_meta(path)
-        if meta is None or meta.get("eot_id") is None:
-            raise ConfigError(
-                f"--doc_aligned needs the end-of-text id from a meta.json beside {path}; "
-                f"prepare the data with lmtools prepare, or drop --doc_aligned"
-            )
-        ids.add(int(meta["eot_id"]))
-    if len(ids) > 1:
-        raise ConfigError(
-            f"--doc_aligned: the training files disagree on the end-of-text id ({sorted(ids)}); drop --doc_aligned"
-        )
-    return ids.pop()

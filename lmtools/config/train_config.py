@@ -6,6 +6,7 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from lmtools.config.recipes import validate_recipe_options
 from lmtools.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -122,91 +123,6 @@ class TrainConfig:
         # Every model field is a run field of the same name.
         return ModelConfig.from_dict(self.to_dict() | {"vocab_size": self.vocab_size or DEFAULT_VOCAB_SIZE})
 
-    def lr_at(self, update: int) -> float:
-        """The learning rate of update number `update` (1-based): the loop's and inspect's rule."""
-        from lmtools.training.optim import run_get_lr_cosine_schedule
-
-        for ext in reversed(self.schedule_extensions):
-            if update > ext["start"]:
-                progress = min((update - ext["start"]) / (ext["end"] - ext["start"]), 1.0)
-                return ext["to_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (ext["from_lr"] - ext["to_lr"])
-        return run_get_lr_cosine_schedule(
-            update,
-            self.learning_rate,
-            self.min_learning_rate,
-            self.warmup_iters,
-            self._first_cosine_end(),
-        )
-
-    def _first_cosine_end(self) -> int:
-        """Where the run's first cosine ends: before any extension, where it did when the run started."""
-        if self.cosine_cycle_iters is not None:
-            return self.cosine_cycle_iters
-        return self.schedule_extensions[0]["previous_end"] if self.schedule_extensions else self.max_iters
-
-    def extend_schedule(self, new_max_iters: int, iteration: int) -> str | None:
-        """Move max_iters to `new_max_iters` for a run resumed at `iteration`, keeping the rate
-        continuous there; returns the line that says what the schedule now is, or None when it
-        is unchanged (the rates of the steps still to come are the original schedule's)."""
-        old_max = self.max_iters
-        self.max_iters = new_max_iters
-        if new_max_iters == old_max or new_max_iters <= iteration or self.cosine_cycle_iters is not None:
-            return None  # the cosine's end does not move, or no step is left
-        if not self.schedule_extensions and iteration <= self.warmup_iters:
-            # Still warming up: the rates so far do not depend on where the cosine ends.
-            return (
-                f"Schedule: max_iters {old_max} -> {new_max_iters}; warmup to iter {self.warmup_iters}, "
-                f"then cosine to {self.min_learning_rate:.2e} at iter {new_max_iters}"
-            )
-        self.max_iters = old_max
-        rate = self.lr_at(iteration)
-        self.max_iters = new_max_iters
-        self.schedule_extensions = [
-            *self.schedule_extensions,
-            {
-                "start": iteration,
-                "end": new_max_iters,
-                "from_lr": rate,
-                "to_lr": self.min_learning_rate,
-                "previous_end": old_max,
-            },
-        ]
-        if math.isclose(rate, self.min_learning_rate, rel_tol=1e-9, abs_tol=0.0):
-            return (
-                f"Schedule: max_iters {old_max} -> {new_max_iters}; the rate had decayed to its minimum and "
-                f"stays at {rate:.2e} (to decay from a higher rate, start a new run with --init_from)"
-            )
-        return (
-            f"Schedule: max_iters {old_max} -> {new_max_iters}; cosine from {rate:.2e} (the rate at iter "
-            f"{iteration}) to {self.min_learning_rate:.2e} at iter {new_max_iters}"
-        )
-
-    def describe_schedule(self) -> str:
-        """The schedule in words, extensions included (for inspect)."""
-        text = (
-            f"warmup to {self.learning_rate:.2e} over {self.warmup_iters} iters, "
-            f"cosine to {self.min_learning_rate:.2e} at iter {self._first_cosine_end()}"
-        )
-        if self.cosine_cycle_iters is not None and self.cosine_cycle_iters < self.max_iters:
-            text += f", then constant until iter {self.max_iters}"
-        for ext in self.schedule_extensions:
-            text += (
-                f"; extended at iter {ext['start']}: cosine from {ext['from_lr']:.2e} "
-                f"to {ext['to_lr']:.2e} at iter {ext['end']}"
-            )
-        return text
-
-    def warmup_warning(self) -> str | None:
-        """One line when warmup is not shorter than the run (the rate never reaches its peak)."""
-        if self.warmup_iters < self.max_iters:
-            return None
-        peak = self.lr_at(self.max_iters)
-        return (
-            f"Warning: --warmup_iters {self.warmup_iters} is not shorter than --max_iters {self.max_iters}: "
-            f"the learning rate only reaches {peak:.2e}, never --learning_rate {self.learning_rate:.2e}; "
-            f"pass --warmup_iters {self.max_iters // 10} (a tenth of the run)"
-        )
-
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -262,8 +178,7 @@ class TrainConfig:
             raise ConfigError("--keep_last does not work with --fsdp (its shards live in one .dcp folder); drop one")
         if self.fsdp and self.dtype == "float16":
             raise ConfigError("--fsdp does not support --dtype float16 (its gradient scaler); use bfloat16")
-        from lmtools.config.recipes import validate_recipe_options
-        from lmtools.model import validate_config
+        from lmtools.model import validate_config  # imports torch: not at `--help`'s start-up
 
         validate_recipe_options(self)
         validate_config(self.model_config())

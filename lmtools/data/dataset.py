@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +50,31 @@ def normalise_specs(specs: list[str]) -> list[str]:
     return [absolute_spec(train_file_spec(s)) for s in specs]
 
 
-def resolve_data(cfg: TrainConfig, explicit_vocab: bool) -> TrainConfig:
-    """A copy of `cfg` with vocab size, validation files and tokenizer filled from the prepared
-    folders' meta.json.
+@dataclass(frozen=True)
+class DataPlan:
+    """What a run reads, resolved once when the run is planned: after planning nothing reads a
+    meta.json again or rewrites a path."""
+
+    train: list[str]  # absolute specs (a prepared folder as its train.npy), weights kept
+    val: dict[str | None, str]  # validation files by name; a lone --val_data is named None
+    tokenizer: str | None  # the data's tokenizer.json
+    doc_eot: int | None  # --doc_aligned: the end-of-text id windows start after; else None
+    bytes_per_token: float | None  # of a lone prepared training file: validation bits per byte
+
+
+def resolve_data(cfg: TrainConfig, explicit_vocab: bool) -> tuple[TrainConfig, DataPlan]:
+    """A new run's config with vocab size, validation files and tokenizer filled from the
+    prepared folders' meta.json, its data paths absolute; and its DataPlan (from the same reads).
 
     Sources tokenized differently cannot mix: that is an error naming both tokenizers.
     """
-    cfg = replace(cfg, train_data=[train_file_spec(s) for s in cfg.train_data])
-    prepared = _prepared_sources(cfg.train_data)
+    cfg = absolute_paths(replace(cfg, train_data=[train_file_spec(s) for s in cfg.train_data]))
+    metas = _metas(cfg.train_data)
+    prepared = [(Path(parse_source_spec(s)[0]), meta) for s, meta in zip(cfg.train_data, metas) if meta is not None]
     if not prepared:
         if cfg.vocab_size is None:
             cfg.vocab_size = DEFAULT_VOCAB_SIZE
-        return cfg
+        return cfg, _plan(cfg, metas)
     check_same_tokenizer(prepared)
     meta_vocab = int(prepared[0][1]["vocab_size"])
     if explicit_vocab and cfg.vocab_size is not None and cfg.vocab_size != meta_vocab:
@@ -75,19 +88,61 @@ def resolve_data(cfg: TrainConfig, explicit_vocab: bool) -> TrainConfig:
         tok = tokenizer_file(prepared[0][1])
         if tok is not None and tok.is_file():
             cfg.tokenizer = str(tok.resolve())
-    return cfg
+    return cfg, _plan(cfg, metas)
 
 
-def _prepared_sources(specs: list[str]) -> list[tuple[Path, dict]]:
-    """(token file, meta.json) of every source that has a meta.json beside it."""
+def plan_data(cfg: TrainConfig) -> DataPlan:
+    """The DataPlan of a config resolved before (a resumed run's, stored in its checkpoint)."""
+    return _plan(cfg, _metas(cfg.train_data))
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """A copy of `cfg` whose data paths are absolute: the same data from any folder a resume runs in."""
+    if cfg.val_data:
+        val = dict(val_data=absolute_spec(cfg.val_data))
+    else:
+        val = dict(val_sets={name: absolute_spec(path) for name, path in cfg.val_sets.items()})
+    return replace(cfg, train_data=[absolute_spec(s) for s in cfg.train_data], **val)
+
+
+def _metas(specs: list[str]) -> list[dict | None]:
+    """The meta.json beside each training file (None for a bare token file): the one read of them."""
     out = []
     for spec in specs:
         path = Path(parse_source_spec(spec)[0])
-        if path.is_file():
-            meta = read_meta(path)
-            if meta is not None:
-                out.append((path, meta))
+        out.append(read_meta(path) if path.is_file() else None)
     return out
+
+
+def _plan(cfg: TrainConfig, metas: list[dict | None]) -> DataPlan:
+    lone = metas[0] if len(metas) == 1 else None
+    return DataPlan(
+        train=list(cfg.train_data),
+        val={None: cfg.val_data} if cfg.val_data else dict(cfg.val_sets),
+        tokenizer=cfg.tokenizer,
+        doc_eot=_document_eot(cfg, metas),
+        bytes_per_token=float(lone["bytes_per_token"]) if lone and lone.get("bytes_per_token") else None,
+    )
+
+
+def _document_eot(cfg: TrainConfig, metas: list[dict | None]) -> int | None:
+    """The end-of-text id that --doc_aligned windows start after, from the data's meta.json;
+    None when windows are not aligned."""
+    if not cfg.doc_aligned:
+        return None
+    ids = set()
+    for spec, meta in zip(cfg.train_data, metas):
+        if meta is None or meta.get("eot_id") is None:
+            raise ConfigError(
+                f"--doc_aligned needs the end-of-text id from a meta.json beside {parse_source_spec(spec)[0]}; "
+                f"prepare the data with lmtools prepare, or drop --doc_aligned"
+            )
+        ids.add(int(meta["eot_id"]))
+    if len(ids) > 1:
+        raise ConfigError(
+            f"--doc_aligned: the training files disagree on the end-of-text id ({sorted(ids)}); drop --doc_aligned"
+        )
+    return ids.pop()
 
 
 def _fill_validation(cfg: TrainConfig, prepared: list[tuple[Path, dict]]) -> None:

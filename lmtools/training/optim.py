@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
@@ -37,26 +36,6 @@ def run_gradient_clipping(parameters: Iterable[torch.nn.Parameter], max_l2_norm:
         norm = norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_l2_norm, norm)
     return norm
-
-
-def run_get_lr_cosine_schedule(
-    it: int,
-    max_learning_rate: float,
-    min_learning_rate: float,
-    warmup_iters: int,
-    cosine_cycle_iters: int,
-) -> float:
-    """Linear warmup to max, cosine decay to min at `cosine_cycle_iters`, then min."""
-    if it < warmup_iters:
-        return it / warmup_iters * max_learning_rate
-    if it > cosine_cycle_iters:
-        return min_learning_rate
-    span = cosine_cycle_iters - warmup_iters
-    progress = (it - warmup_iters) / span if span > 0 else 1.0
-    return min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (max_learning_rate - min_learning_rate)
-
-
-OPTIMIZERS = ("adamw", "muon")
 
 
 def make_optimizer(

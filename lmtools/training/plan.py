@@ -17,12 +17,21 @@ from typing import TYPE_CHECKING
 from lmtools.checkpoint import read_checkpoint, snapshot_base
 from lmtools.config.recipes import apply_recipe
 from lmtools.config.train_config import TrainConfig
-from lmtools.data.dataset import absolute_spec, data_tokenizer_identity, normalise_specs, resolve_data
+from lmtools.data.dataset import (
+    DataPlan,
+    absolute_paths,
+    absolute_spec,
+    data_tokenizer_identity,
+    normalise_specs,
+    plan_data,
+    resolve_data,
+)
 from lmtools.errors import ConfigError
 from lmtools.model import MODEL_FIELDS, ModelConfig
 from lmtools.runtime.ownership import check_checkpoint_target
 from lmtools.runtime.run_lock import check_rollback
 from lmtools.training.preflight import check_stored_config
+from lmtools.training.schedule import extend_schedule, warmup_warning
 
 if TYPE_CHECKING:
     from lmtools.training.init_source import InitSource
@@ -44,8 +53,9 @@ RESUME_FIXED = (
 class RunPlan:
     """What a run starts from."""
 
-    config: TrainConfig  # resolved: what the run trains with
+    config: TrainConfig  # resolved: what the run trains with (its data paths absolute)
     user_config: dict  # as passed: what `inspect --config` reproduces
+    data: DataPlan  # what it reads, resolved from the data's meta.json once
     payload: dict | None = None  # the checkpoint a resumed run continues
     init: InitSource | None = None  # the weights a new run starts from (--init_from)
     notes: list[str] = field(default_factory=list)  # lines for the run's header
@@ -57,10 +67,10 @@ def plan_new_run(cfg: TrainConfig, explicit: frozenset[str], lock: Callable[[Pat
     check_checkpoint_folder(Path(cfg.checkpoint_path))
     lock(Path(cfg.checkpoint_path))
     check_checkpoint_target(Path(cfg.checkpoint_path), cfg.overwrite)
-    resolved, init = resolve_new_run(apply_recipe(cfg, explicit), explicit)
+    resolved, data, init = resolve_new_run(apply_recipe(cfg, explicit), explicit)
     resolved.validate()
-    warning = resolved.warmup_warning()
-    return RunPlan(resolved, cfg.to_dict(), init=init, notes=[warning] if warning else [])
+    warning = warmup_warning(resolved)
+    return RunPlan(resolved, cfg.to_dict(), data, init=init, notes=[warning] if warning else [])
 
 
 def plan_resumed_run(
@@ -80,24 +90,26 @@ def plan_resumed_run(
     payload = read_checkpoint(resume_from)
     check_stored_config(payload.get("config") if isinstance(payload.get("config"), dict) else {}, resume_from)
     resolved, note = merge_resume_config(payload, cfg, explicit, resume_from)
+    resolved = absolute_paths(resolved)  # as a new run's are (a checkpoint written by hand may hold others)
     lock(Path(resolved.checkpoint_path))
     check_resume_point(payload, resolved, Path(resume_from), rollback, log)
     resolved.validate()
     return RunPlan(
         resolved,
         resumed_user_config(payload, cfg, explicit),
+        plan_data(resolved),
         payload=payload,
         notes=[note] if note else [],
         started_from=Path(resume_from),
     )
 
 
-def resolve_new_run(cfg: TrainConfig, explicit: frozenset[str]) -> tuple[TrainConfig, InitSource | None]:
+def resolve_new_run(cfg: TrainConfig, explicit: frozenset[str]) -> tuple[TrainConfig, DataPlan, InitSource | None]:
     """A fresh run's data, vocabulary and, with --init_from, the model it starts from (on a copy)."""
     if not cfg.init_from:
         if cfg.init_optimizer:
             raise ConfigError("--init_optimizer takes the optimizer state of --init_from CHECKPOINT; add that flag")
-        return resolve_data(cfg, explicit_vocab="vocab_size" in explicit), None
+        return *resolve_data(cfg, explicit_vocab="vocab_size" in explicit), None
     from lmtools.training.init_source import apply_model_shape, check_init_flags, check_vocabulary, read_init_source
 
     if cfg.fsdp:
@@ -107,9 +119,9 @@ def resolve_new_run(cfg: TrainConfig, explicit: frozenset[str]) -> tuple[TrainCo
     init.model_config = asdict(ModelConfig.from_dict(init.model_config))
     cfg = replace(cfg, init_from=init.path)
     check_init_flags(cfg, init)
-    cfg = resolve_data(apply_model_shape(cfg, init, explicit), explicit_vocab=False)
+    cfg, data = resolve_data(apply_model_shape(cfg, init, explicit), explicit_vocab=False)
     check_vocabulary(cfg, init, data_tokenizer_identity(cfg))
-    return cfg, init
+    return cfg, data, init
 
 
 def resumed_user_config(payload: dict, cfg: TrainConfig, explicit: frozenset[str]) -> dict:
@@ -139,7 +151,7 @@ def merge_resume_config(
         if name in RESUME_FIXED:
             check_resume_keeps(name, ours, theirs, source)
         elif name == "max_iters":
-            note = resumed.extend_schedule(ours, int(payload.get("iteration", 0)))
+            resumed, note = extend_schedule(resumed, ours, int(payload.get("iteration", 0)))
         elif name not in MODEL_FIELDS and name != "resume":
             setattr(resumed, name, ours)
     return resumed, note

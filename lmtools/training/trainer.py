@@ -19,19 +19,17 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lmtools import __version__
 from lmtools.checkpoint import FORMAT_VERSION, keep_snapshot, load_state, save_checkpoint, save_sharded_checkpoint
-from lmtools.config.recipes import describe_options, document_eot
+from lmtools.config.recipes import describe_options
 from lmtools.config.train_config import TrainConfig
-from lmtools.data.dataset import absolute_spec
 from lmtools.data.fingerprint import DataIdentity, verify_resume_data
-from lmtools.data.loader import BatchLoader, parse_source_spec
-from lmtools.data.prepare import read_meta
+from lmtools.data.loader import BatchLoader
 from lmtools.data.tokenizer import read_tokenizer_json
 from lmtools.errors import ConfigError, DataChanged, DataError
 from lmtools.layout import METRICS_FILE
@@ -45,6 +43,7 @@ from lmtools.training.numerics import NumericsGuard
 from lmtools.training.optim import cross_entropy, make_optimizer, run_gradient_clipping
 from lmtools.training.plan import RunPlan, plan_new_run, plan_resumed_run
 from lmtools.training.preflight import MemoryEstimate, check_training_run
+from lmtools.training.schedule import lr_at
 from lmtools.training.state import RunState, seed_everything
 
 
@@ -145,7 +144,7 @@ class Trainer:
         memory: MemoryEstimate | None = None,
         allow_data_change: bool = False,
     ):
-        cfg = with_absolute_paths(plan.config)  # the same data from any folder `resume` runs in
+        cfg, self.data = plan.config, plan.data
         self.cfg, self.device, self.dist, self.log, self.on_step = cfg, device, dist_info, log, on_step
         self.user_config, self.log_times, self.started_from = plan.user_config, log_times, plan.started_from
         self.ckpt_path = Path(cfg.checkpoint_path)
@@ -182,7 +181,7 @@ class Trainer:
         self.state = RunState(self.loader, self.guard, device)
         # Stored in every checkpoint, so that it needs no dataset folder to be sampled or exported.
         self.tokenizer_json = (
-            read_tokenizer_json(cfg.tokenizer)
+            read_tokenizer_json(self.data.tokenizer)
             or (plan.payload or {}).get("tokenizer_json")
             or (plan.init.tokenizer_text if plan.init is not None else None)
         )
@@ -199,7 +198,7 @@ class Trainer:
         name), and the identity of every file they read."""
         cfg = self.cfg
         loader = BatchLoader(
-            cfg.train_data,
+            self.data.train,
             cfg.batch_size,
             cfg.context_length,
             self.device,
@@ -207,11 +206,10 @@ class Trainer:
             rank=self.dist.rank,
             grad_accum_steps=cfg.grad_accum_steps,
             dtype=cfg.data_dtype,
-            doc_eot=document_eot(cfg),
+            doc_eot=self.data.doc_eot,
         )
-        named = {None: cfg.val_data} if cfg.val_data else cfg.val_sets
-        val_sets = [(name, validation_loader(cfg, path, self.device)) for name, path in named.items()]
-        identity = DataIdentity(loader.paths + [p for _name, ld in val_sets for p in ld.paths], cfg.tokenizer)
+        val_sets = [(name, validation_loader(cfg, path, self.device)) for name, path in self.data.val.items()]
+        identity = DataIdentity(loader.paths + [p for _name, ld in val_sets for p in ld.paths], self.data.tokenizer)
         return loader, val_sets, identity
 
     def check_token_ranges(self) -> None:
@@ -236,7 +234,7 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum_steps * self.dist.world_size
         self.flops_per_token = self.model.config.flops_per_token()
         self.peak_flops = peak_flops(self.device)
-        self.bytes_per_token = _bytes_per_token(cfg)
+        self.bytes_per_token = self.data.bytes_per_token
 
     def log_header(self, plan: RunPlan, memory: MemoryEstimate | None) -> None:
         lines = header_lines(
@@ -299,7 +297,7 @@ class Trainer:
 
     def set_learning_rate(self, iteration: int) -> float:
         """The schedule's rate for `iteration`, set on every parameter group."""
-        lr = self.cfg.lr_at(iteration)
+        lr = lr_at(self.cfg, iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups keep their own peak
         return lr
@@ -392,7 +390,7 @@ class Trainer:
             self.model.train()
         loss = float(all_reduce_mean(total / self.cfg.grad_accum_steps, self.dist))
         val = self.evaluate() if self.val_sets else None
-        self.write_record({"iter": 0, "loss": loss, "lr": self.cfg.lr_at(0)}, {}, val)
+        self.write_record({"iter": 0, "loss": loss, "lr": lr_at(self.cfg, 0)}, {}, val)
 
     def start_window(self) -> None:
         """A new span of steps for the next log line's averages and throughput."""
@@ -539,15 +537,6 @@ def validation_loader(cfg: TrainConfig, path: str, device: torch.device) -> Batc
     )
 
 
-def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """A copy of `cfg` whose data paths are absolute."""
-    if cfg.val_data:
-        val = dict(val_data=absolute_spec(cfg.val_data))
-    else:
-        val = dict(val_sets={name: absolute_spec(path) for name, path in cfg.val_sets.items()})
-    return replace(cfg, train_data=[absolute_spec(s) for s in cfg.train_data], **val)
-
-
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     if cfg.dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -684,11 +673,6 @@ def check_token_range(loader: BatchLoader, vocab_size: int, flag: str) -> None:
         raise DataError(
             f"{flag} holds token id {hi} but --vocab_size is {vocab_size}; pass --vocab_size {hi + 1} or more"
         )
-
-
-def _bytes_per_token(cfg: TrainConfig) -> float | None:
-    meta = read_meta(parse_source_spec(cfg.train_data[0])[0]) if len(cfg.train_data) == 1 else None
-    return float(meta["bytes_per_token"]) if meta and meta.get("bytes_per_token") else None
 
 
 def header_lines(cfg, loader, val_sets, model, device, dtype, dist_info, tokens_per_step: int) -> list[str]:

@@ -95,7 +95,7 @@ def test_prepared_folders_in_a_mixture_train_on_train_npy_and_validate_each(fold
 
 def test_one_prepared_folder_with_a_weight_is_its_train_npy(folders, tmp_path):
     plays = folders / "plays"
-    cfg = resolve_data(TrainConfig(train_data=[f"{plays}:2"], context_length=16), explicit_vocab=False)
+    cfg, _data = resolve_data(TrainConfig(train_data=[f"{plays}:2"], context_length=16), explicit_vocab=False)
     assert cfg.train_data == [f"{plays / 'train.npy'}:2.0"]
     assert cfg.val_data == str(plays / "val.npy") and cfg.val_sets == {} and cfg.vocab_size == 300
 
@@ -104,7 +104,7 @@ def test_a_prepared_folder_beside_a_raw_token_file(folders, tmp_path):
     """A bare token file has no tokenizer to compare; the folder still brings its validation."""
     np.save(tmp_path / "extra.npy", np.arange(2000, dtype=np.uint16) % 300)
     plays = folders / "plays"
-    cfg = resolve_data(
+    cfg, _data = resolve_data(
         TrainConfig(train_data=[f"{plays}:0.5", f"{tmp_path / 'extra.npy'}:0.5"], context_length=16),
         explicit_vocab=False,
     )

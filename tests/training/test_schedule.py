@@ -12,7 +12,7 @@ from helpers import SMALLEST_MODEL, flags, learnable_stream, run_cli
 from lmtools.checkpoint import read_checkpoint
 from lmtools.config.train_config import TrainConfig
 from lmtools.inspection import inspect_path
-from lmtools.training.optim import run_get_lr_cosine_schedule
+from lmtools.training.schedule import extend_schedule, lr_at, run_get_lr_cosine_schedule
 
 # A small model logged at every step, so the schedule of each iteration shows.
 TINY_SCHEDULE_RUN = [
@@ -45,23 +45,23 @@ def test_moving_the_end_keeps_the_rate_continuous_and_ends_at_the_minimum(
     resumed_at = round(stop * max_iters)
     assume(warmup < min(max_iters, new) and new != max_iters and new > resumed_at)  # (all-warmup runs are warned)
     cfg = TrainConfig(learning_rate=lr, min_learning_rate=lr * min_share, warmup_iters=warmup, max_iters=max_iters)
-    before = [cfg.lr_at(u) for u in range(0, resumed_at + 1)]
-    note = cfg.extend_schedule(new, resumed_at)
+    before = [lr_at(cfg, u) for u in range(0, resumed_at + 1)]
+    cfg, note = extend_schedule(cfg, new, resumed_at)
     assert note is not None and note.startswith(f"Schedule: max_iters {max_iters} -> {new}")
-    assert [cfg.lr_at(u) for u in range(0, resumed_at + 1)] == before
-    after = [cfg.lr_at(u) for u in range(resumed_at, new + 1)]
+    assert [lr_at(cfg, u) for u in range(0, resumed_at + 1)] == before
+    after = [lr_at(cfg, u) for u in range(resumed_at, new + 1)]
     step = max(abs(b - a) for a, b in zip(after, after[1:]))
     # No jump: every step moves the rate by a small share of the range it spans.
     assert step <= max(lr / max(warmup, 1), math.pi / 2 * lr / (new - max(resumed_at, warmup))) * (1 + 1e-9) + 1e-15
     if resumed_at > warmup:
         assert all(b <= a + 1e-15 for a, b in zip(after, after[1:]))  # decays from there, no new warmup
-    assert cfg.lr_at(new) == pytest.approx(cfg.min_learning_rate, rel=1e-9, abs=1e-18)
+    assert lr_at(cfg, new) == pytest.approx(cfg.min_learning_rate, rel=1e-9, abs=1e-18)
     # A second extension chains on the first; what was already used stays.
     later = min(resumed_at + second, new)
-    used = [cfg.lr_at(u) for u in range(0, later + 1)]
-    cfg.extend_schedule(new + grow, later)
-    assert [cfg.lr_at(u) for u in range(0, later + 1)] == used
-    assert cfg.lr_at(cfg.max_iters) == pytest.approx(cfg.min_learning_rate, rel=1e-9, abs=1e-18)
+    used = [lr_at(cfg, u) for u in range(0, later + 1)]
+    cfg, _note = extend_schedule(cfg, new + grow, later)
+    assert [lr_at(cfg, u) for u in range(0, later + 1)] == used
+    assert lr_at(cfg, cfg.max_iters) == pytest.approx(cfg.min_learning_rate, rel=1e-9, abs=1e-18)
 
 
 @given(max_iters=st.integers(1, 300), stop=st.floats(0, 1), new=st.integers(1, 600), cycle=st.integers(1, 400))
@@ -77,10 +77,11 @@ def test_within_the_original_schedule_nothing_changes(max_iters, stop, new, cycl
             max_iters=max_iters,
             cosine_cycle_iters=cosine_cycle_iters,
         )
-        assert cfg.extend_schedule(new_max, resumed_at) is None
+        cfg, note = extend_schedule(cfg, new_max, resumed_at)
+        assert note is None
         assert cfg.schedule_extensions == [] and cfg.max_iters == new_max
         end = cosine_cycle_iters or new_max
-        assert all(cfg.lr_at(u) == run_get_lr_cosine_schedule(u, 1e-3, 1e-4, 10, end) for u in range(0, new_max + 1))
+        assert all(lr_at(cfg, u) == run_get_lr_cosine_schedule(u, 1e-3, 1e-4, 10, end) for u in range(0, new_max + 1))
 
 
 def test_a_finished_run_extended_stays_at_its_minimum_rate(tmp_path):
@@ -108,7 +109,7 @@ def test_a_stopped_run_extended_decays_from_its_current_rate_and_inspect_says_so
     result = train(tmp_path, warmup_iters=0, max_iters=20, max_minutes=0.000001, checkpoint_path=ckpt)
     assert result.exit_code == 0, result.output
     stopped = read_checkpoint(ckpt)["iteration"]
-    rate = TrainConfig(learning_rate=1e-3, min_learning_rate=1e-5, warmup_iters=0, max_iters=20).lr_at(stopped)
+    rate = lr_at(TrainConfig(learning_rate=1e-3, min_learning_rate=1e-5, warmup_iters=0, max_iters=20), stopped)
     result = run_cli("resume", ckpt, "--max_iters", "40", "--max_minutes", "10")
     assert result.exit_code == 0, result.output
     assert (

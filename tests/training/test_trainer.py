@@ -11,6 +11,7 @@ import torch
 from helpers import TINY_MODEL, VOCAB, flags, learnable_stream, one_line_error, train_config
 from lmtools.checkpoint import read_checkpoint
 from lmtools.config.train_config import TrainConfig
+from lmtools.training.schedule import lr_at
 from lmtools.training.trainer import train_model
 
 
@@ -269,7 +270,7 @@ def test_too_short_prepared_val_is_left_out(stream_files, tmp_path):
     np.save(folder / "train.npy", np.load(stream_files / "train.npy"))
     np.save(folder / "val.npy", np.zeros(0, dtype=np.uint16))
     (folder / "meta.json").write_text(json.dumps({"vocab_size": 64, "val_tokens": 0}))
-    cfg = resolve_data(TrainConfig(train_data=[str(folder)], context_length=16), explicit_vocab=False)
+    cfg, _data = resolve_data(TrainConfig(train_data=[str(folder)], context_length=16), explicit_vocab=False)
     assert cfg.train_data == [str(folder / "train.npy")] and cfg.val_data is None and cfg.vocab_size == 64
 
 
@@ -340,7 +341,7 @@ def test_inspect_reports_the_loops_learning_rate(stream_files, tmp_path):
     cfg = tiny_config(stream_files, tmp_path, max_iters=6, cosine_cycle_iters=12, val_data=None)
     train_model(cfg, log=lambda _l: None)
     payload = read_checkpoint(cfg.checkpoint_path)
-    assert inspect_path(cfg.checkpoint_path)["schedule"]["lr"] == payload["metrics"]["lr"] == cfg.lr_at(6)
+    assert inspect_path(cfg.checkpoint_path)["schedule"]["lr"] == payload["metrics"]["lr"] == lr_at(cfg, 6)
 
 
 def test_losses_are_read_from_the_device_only_at_log_points_and_checkpoints(stream_files, tmp_path):
