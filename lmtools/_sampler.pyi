@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 __version__: str
+# The integer types a token file may hold (numpy names), and the first bytes of a .npy file.
+TOKEN_DTYPES: tuple[str, ...]
+NPY_MAGIC: bytes
 
 class TokenFile:
     """One token file (memory-mapped by Rust) or an in-memory array lent through the buffer

@@ -12,6 +12,7 @@ the checkpoint file as above, holding the plain data and the marker `"dcp": "<fo
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -23,7 +24,10 @@ from typing import IO, Any
 import torch
 
 from lmtools.errors import CheckpointError
+from lmtools.layout import META_FILE, NPY_MAGIC, PICKLE_PROTO, ZIP_MAGIC, file_head, looks_like
+from lmtools.model import MODEL_FIELDS, ModelConfig, TransformerLM, validate_config
 from lmtools.runtime.fsutil import fsync_dir
+from lmtools.training.preflight import check_inference_model
 
 FORMAT_VERSION = 1
 _TMP_SUFFIX = ".tmp"
@@ -479,3 +483,92 @@ def snapshot_base(path: str | os.PathLike) -> Path:
     path = Path(path)
     m = re.match(r"(.+)-\d{8}$", path.stem)
     return path.with_name(m.group(1) + path.suffix) if m else path
+
+
+# ---- reading what a checkpoint holds: the one place that knows its fields ----------------------
+
+
+def check_checkpoint_file(path: Path, command: str) -> None:
+    """Refuse, in words, a path given where a checkpoint belongs that is something else: a
+    token file, a prepared folder, text. A missing file is left to `read_checkpoint`."""
+    fix = f"{command} needs a checkpoint written by lmtools train (e.g. runs/NAME/checkpoint.pt)"
+    if not path.exists():
+        return
+    if path.is_dir():
+        kind = "a prepared dataset folder" if (path / META_FILE).is_file() else "a folder"
+        raise CheckpointError(f"{path} is {kind}, not a checkpoint; {fix}")
+    head = file_head(path)
+    if path.suffix.lower() in (".npy", ".bin") or head.startswith(NPY_MAGIC):
+        raise CheckpointError(
+            f"{path} is a token file, not a checkpoint; {fix}, e.g. after lmtools train --train_data {path}"
+        )
+    if not (head.startswith(ZIP_MAGIC) or head[:1] == bytes([PICKLE_PROTO])):
+        raise CheckpointError(f"{path} is {looks_like(path, head)}, not a checkpoint; {fix}")
+
+
+def peek_checkpoint(path: Path) -> dict | None:
+    """The plain data of an lmtools checkpoint without reading its tensors (memory-mapped),
+    or None when `path` is no lmtools checkpoint."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch zip file, pickled code, torn: none is a checkpoint to replace
+        return None
+    if isinstance(payload, dict) and ("model_state_dict" in payload or "dcp" in payload) and "iteration" in payload:
+        return payload
+    return None
+
+
+def stored_config(payload: dict) -> dict:
+    """The run config a checkpoint records ({} when it holds none)."""
+    config = payload.get("config")
+    return config if isinstance(config, dict) else {}
+
+
+def stored_user_config(payload: dict) -> dict:
+    """The run config as the user passed it (older checkpoints hold only the resolved one)."""
+    user = payload.get("user_config")
+    return user if isinstance(user, dict) and user else stored_config(payload)
+
+
+def stored_model_config(payload: dict) -> dict:
+    """The model config a checkpoint records: its own entry, or (older checkpoints) the model
+    fields of its run config."""
+    config = stored_config(payload)
+    return payload.get("model_config") or {k: config[k] for k in MODEL_FIELDS if k in config}
+
+
+def stored_tokenizer_text(payload: dict, checkpoint: Path) -> str | None:
+    """The checkpoint's tokenizer.json text: stored in it, or the file it names (if still there)."""
+    config = stored_config(payload)
+    for value in (payload.get("tokenizer_json"), payload.get("tokenizer"), config.get("tokenizer")):
+        if isinstance(value, dict):
+            return json.dumps(value)
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            return value
+        if isinstance(value, str) and value:
+            for cand in (Path(value), checkpoint.parent / Path(value).name):
+                if cand.is_file():
+                    return cand.read_text(encoding="utf-8")
+    return None
+
+
+def model_from_payload(payload: dict, checkpoint: str | Path = "the checkpoint") -> TransformerLM:
+    """The model a loaded checkpoint holds (plain or sharded), on the CPU."""
+    model_cfg = stored_model_config(payload) or stored_config(payload)
+    try:
+        # Options a checkpoint predates keep their defaults (the specification's model).
+        config = ModelConfig.from_dict({k: model_cfg[k] for k in MODEL_FIELDS[:6]} | model_cfg)
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{checkpoint} holds no model config ({exc} missing); it was not written by lmtools"
+        ) from None
+    validate_config(config)
+    check_inference_model(config, checkpoint)  # before allocating: a stored config is input too
+    model = TransformerLM.from_config(config)
+    load_state(payload, model)
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"{checkpoint} holds non-finite weights ({name}); sample from an earlier checkpoint of the run"
+            )
+    return model

@@ -8,38 +8,15 @@ from pathlib import Path
 
 import torch
 
-from lmtools.checkpoint import load_state, read_checkpoint
-from lmtools.errors import CheckpointError, ConfigError
-from lmtools.model import MODEL_FIELDS, KVCache, ModelConfig, TransformerLM, validate_config
-from lmtools.training.preflight import check_inference_model
+from lmtools.checkpoint import model_from_payload, read_checkpoint
+from lmtools.errors import ConfigError
+from lmtools.model import KVCache, TransformerLM
 
 
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[TransformerLM, dict]:
     """The model of a checkpoint, in eval mode on `device`, and the checkpoint's contents."""
     payload = read_checkpoint(checkpoint)
     return model_from_payload(payload, checkpoint).to(device).eval(), payload
-
-
-def model_from_payload(payload: dict, checkpoint: str | Path = "the checkpoint") -> TransformerLM:
-    """The model a loaded checkpoint holds (plain or sharded), on the CPU."""
-    model_cfg = payload.get("model_config") or (payload.get("config") or {})
-    try:
-        # Options a checkpoint predates keep their defaults (the specification's model).
-        config = ModelConfig.from_dict({k: model_cfg[k] for k in MODEL_FIELDS[:6]} | model_cfg)
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"{checkpoint} holds no model config ({exc} missing); it was not written by lmtools"
-        ) from None
-    validate_config(config)
-    check_inference_model(config, checkpoint)  # before allocating: a stored config is input too
-    model = TransformerLM.from_config(config)
-    load_state(payload, model)
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(
-                f"{checkpoint} holds non-finite weights ({name}); sample from an earlier checkpoint of the run"
-            )
-    return model
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:

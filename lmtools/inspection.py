@@ -19,7 +19,19 @@ from typing import Any
 import numpy as np
 
 from lmtools.errors import CheckpointError, DataError, LMToolsError
-from lmtools.layout import EOT, META_FILE, TOKEN_DTYPES_TEXT, TOKENIZER_FILE, TRAIN_FILE, token_dtype_name
+from lmtools.layout import (
+    EOT,
+    META_FILE,
+    NPY_MAGIC,
+    PICKLE_PROTO,
+    TOKEN_DTYPES_TEXT,
+    TOKENIZER_FILE,
+    TRAIN_FILE,
+    ZIP_MAGIC,
+    file_head,
+    looks_like,
+    token_dtype_name,
+)
 from lmtools.runtime.fsutil import regular_file_problem
 from lmtools.training.preflight import check_stored_config
 from lmtools.training.schedule import describe_schedule, lr_at
@@ -27,9 +39,6 @@ from lmtools.training.schedule import describe_schedule, lr_at
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 MODULE_ORDER = ("token_embeddings", "layers", "ln_final", "lm_head")
 
-_ZIP_MAGIC = b"PK\x03\x04"
-_NPY_MAGIC = b"\x93NUMPY"
-_PICKLE_PROTO = 0x80
 _EXCERPT_TOKENS = 512  # decoded, then cut to the requested number of characters
 _COUNT_CHUNK = 1 << 24  # tokens per chunk when counting end-of-text ids
 _BESIDE = object()  # default: look for the tokenizer beside the file
@@ -46,13 +55,13 @@ def inspect_path(path: str | os.PathLike, *, dtype: str | None = None, excerpt_c
     if p.is_dir():
         return inspect_dataset(p, excerpt_chars=excerpt_chars)
     suffix = p.suffix.lower()
-    head = _head(p)
-    if suffix in (".npy", ".bin") or dtype is not None or head.startswith(_NPY_MAGIC):
+    head = file_head(p)
+    if suffix in (".npy", ".bin") or dtype is not None or head.startswith(NPY_MAGIC):
         return inspect_token_file(p, dtype=dtype, excerpt_chars=excerpt_chars)
-    if suffix in CHECKPOINT_SUFFIXES or head.startswith(_ZIP_MAGIC) or head[:1] == bytes([_PICKLE_PROTO]):
+    if suffix in CHECKPOINT_SUFFIXES or head.startswith(ZIP_MAGIC) or head[:1] == bytes([PICKLE_PROTO]):
         return inspect_checkpoint(p)
     raise DataError(
-        f"{p} is {_looks_like(p, head)}; inspect reads checkpoints (.pt), token files (.npy, or .bin with --dtype) "
+        f"{p} is {looks_like(p, head)}; inspect reads checkpoints (.pt), token files (.npy, or .bin with --dtype) "
         f"and folders written by lmtools prepare"
     )
 
@@ -60,34 +69,14 @@ def inspect_path(path: str | os.PathLike, *, dtype: str | None = None, excerpt_c
 # ---- checkpoints ---------------------------------------------------------------------------
 
 
-def check_checkpoint_file(path: Path, command: str) -> None:
-    """Refuse, in words, a path given where a checkpoint belongs that is something else: a
-    token file, a prepared folder, text. A missing file is left to `read_checkpoint`."""
-    fix = f"{command} needs a checkpoint written by lmtools train (e.g. runs/NAME/checkpoint.pt)"
-    if not path.exists():
-        return
-    if path.is_dir():
-        kind = "a prepared dataset folder" if (path / META_FILE).is_file() else "a folder"
-        raise CheckpointError(f"{path} is {kind}, not a checkpoint; {fix}")
-    head = _head(path)
-    if path.suffix.lower() in (".npy", ".bin") or head.startswith(_NPY_MAGIC):
-        raise CheckpointError(
-            f"{path} is a token file, not a checkpoint; {fix}, e.g. after lmtools train --train_data {path}"
-        )
-    if not (head.startswith(_ZIP_MAGIC) or head[:1] == bytes([_PICKLE_PROTO])):
-        raise CheckpointError(f"{path} is {_looks_like(path, head)}, not a checkpoint; {fix}")
-
-
 def inspect_checkpoint(path: str | os.PathLike) -> dict:
     """Format, model, parameters, optimizer, schedule position, metrics, data and versions."""
-    from lmtools.checkpoint import read_checkpoint
-    from lmtools.model import MODEL_FIELDS
+    from lmtools.checkpoint import read_checkpoint, stored_config, stored_model_config  # torch: not for token files
 
     p = Path(path)
     _check_checkpoint_head(p)
     payload = read_checkpoint(p, suggest=False)
-    config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
-    model_config = payload.get("model_config") or {k: config[k] for k in MODEL_FIELDS if k in config}
+    config, model_config = stored_config(payload), stored_model_config(payload)
     check_stored_config(model_config if isinstance(model_config, dict) else {}, p)
     sharded = "dcp" in payload
     # A sharded (--fsdp) checkpoint keeps its tensors in the .dcp folder: shapes come from the config.
@@ -106,12 +95,12 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
 
 def _check_checkpoint_head(p: Path) -> None:
     """Refuse a file whose first bytes are neither a torch zip nor a pickle."""
-    head = _head(p)
-    if not (head.startswith(_ZIP_MAGIC) or head[:1] == bytes([_PICKLE_PROTO])):
+    head = file_head(p)
+    if not (head.startswith(ZIP_MAGIC) or head[:1] == bytes([PICKLE_PROTO])):
         raise CheckpointError(
-            f"{p} is not a checkpoint: it is {_looks_like(p, head)}; checkpoints come from lmtools train"
+            f"{p} is not a checkpoint: it is {looks_like(p, head)}; checkpoints come from lmtools train"
         )
-    if head.startswith(_ZIP_MAGIC) and not _is_torch_zip(p):
+    if head.startswith(ZIP_MAGIC) and not _is_torch_zip(p):
         raise CheckpointError(f"{p} is not a checkpoint: it is a zip archive without PyTorch's data.pkl")
 
 
@@ -412,7 +401,7 @@ def _open_token_file(p: Path, is_npy: bool, dtype: str | None):
     """The Rust extension's TokenFile of `p`, after the checks that name what to fix."""
     from lmtools import _sampler
 
-    if not is_npy and _head(p).startswith(_NPY_MAGIC):
+    if not is_npy and file_head(p).startswith(NPY_MAGIC):
         raise DataError(f"{p} holds a .npy array under another name; rename it to {p.stem}.npy")
     if not is_npy and dtype is None:
         raise DataError(f"{p} is a raw token file; pass --dtype ({TOKEN_DTYPES_TEXT})")
@@ -552,36 +541,6 @@ def _meta_float(meta: dict | None, name: str) -> float | None:
 
 
 # ---- helpers --------------------------------------------------------------------------------
-
-
-def _head(p: Path, n: int = 512) -> bytes:
-    try:
-        with open(p, "rb") as f:
-            return f.read(n)
-    except OSError as exc:
-        raise DataError(f"cannot read {p}: {exc.strerror}") from None
-
-
-def _looks_like(p: Path, head: bytes) -> str:
-    """A few words on what a file really is, judged by its first bytes."""
-    if not head:
-        return "an empty file"
-    if head.startswith(_NPY_MAGIC):
-        return "a .npy array"
-    if head.startswith(_ZIP_MAGIC):
-        return "a zip archive"
-    if head.startswith(b"\x1f\x8b"):
-        return "a gzip file"
-    if head.startswith(b"\x89PNG"):
-        return "a PNG image"
-    if b"\x00" not in head:
-        try:
-            head.decode("utf-8")
-            return f"a text file ({p.stat().st_size:,} bytes)"
-        except UnicodeDecodeError as exc:
-            if exc.start >= len(head) - 4:  # a character cut by the 512-byte window
-                return f"a text file ({p.stat().st_size:,} bytes)"
-    return "binary data of an unknown format"
 
 
 def _tensor_dtype(t) -> str:

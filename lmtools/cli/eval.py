@@ -70,9 +70,10 @@ def _lazy_tokenizer(payload: dict, tokenizer: str | None, checkpoint: Path):
 
 def _score_validation(model, path: Path, payload: dict, dev):
     """`path` scored on the windows the training run validated on."""
+    from lmtools.checkpoint import stored_config
     from lmtools.scoring import score_validation_windows
 
-    return score_validation_windows(model, path, payload.get("config") or {}, dev)
+    return score_validation_windows(model, path, stored_config(payload), dev)
 
 
 def _score_file(model, path: Path, text_tokenizer, stride: int, batch_size: int, progress):

@@ -48,15 +48,14 @@ def inspect(
 
 def run_config_toml(path: Path) -> str:
     """The run config a checkpoint records as the user passed it (older checkpoints: the resolved one)."""
-    from lmtools.checkpoint import read_checkpoint
+    from lmtools.checkpoint import check_checkpoint_file, read_checkpoint, stored_user_config
     from lmtools.config.toml import to_toml
     from lmtools.errors import ConfigError
-    from lmtools.inspection import check_checkpoint_file
 
     check_checkpoint_file(path, "inspect --config")
     payload = read_checkpoint(path)
-    config = payload.get("user_config") or payload.get("config")
-    if not isinstance(config, dict):
+    config = stored_user_config(payload)
+    if not config:
         raise ConfigError(f"{path} holds no run config; it was not written by lmtools train")
     return to_toml(config)
 

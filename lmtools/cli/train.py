@@ -203,13 +203,13 @@ def train(ctx: typer.Context, **params) -> None:
 def _finished_run(cfg: TrainConfig, explicit) -> int | None:
     """The iteration of the checkpoint at --checkpoint_path when it already reached max_iters
     (so that a restarted --auto_resume job ends at once instead of failing)."""
-    from lmtools.runtime.run_lock import peek_checkpoint
+    from lmtools.checkpoint import peek_checkpoint, stored_config
 
     path = Path(cfg.checkpoint_path)
     payload = peek_checkpoint(path) if path.is_file() else None
     if payload is None:
         return None
-    stored = payload.get("config") if isinstance(payload.get("config"), dict) else {}
+    stored = stored_config(payload)
     max_iters = cfg.max_iters if "max_iters" in explicit else stored.get("max_iters", cfg.max_iters)
     iteration = int(payload["iteration"])
     return iteration if iteration >= int(max_iters) else None

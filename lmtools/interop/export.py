@@ -68,13 +68,12 @@ def _make_parent(out: Path) -> None:
 
 def _export(checkpoint: Path, out: Path, fmt: str, tokenizer: str | None) -> list[Path]:
     """Read, check and build everything, then write the folder beside `out` and put it in place."""
-    from lmtools.checkpoint import read_checkpoint
+    from lmtools.checkpoint import model_from_payload, read_checkpoint, stored_model_config
     from lmtools.data.tokenizer import tokenizer_from_checkpoint
-    from lmtools.generate import model_from_payload
 
     payload = read_checkpoint(checkpoint)
     if fmt != "safetensors":  # before building: a newer option this model code lacks is named too
-        check_exportable(dict(payload.get("model_config") or {}))
+        check_exportable(dict(stored_model_config(payload)))
     tok = None
     if fmt != "safetensors" or tokenizer or payload.get("tokenizer_json"):
         tok = tokenizer_from_checkpoint(payload, tokenizer, checkpoint)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from lmtools.checkpoint import stored_config
 from lmtools.errors import ConfigError, DataError
 from lmtools.training.preflight import MODEL_BOUNDS
 
@@ -222,7 +223,7 @@ def model_card(payload: dict, model_cfg: dict, num_params: int) -> str:
     """README.md for the exported folder: what the model is and how it was trained."""
     from lmtools.config.train_config import TrainConfig
 
-    cfg = TrainConfig.from_dict(payload.get("config") or {})
+    cfg = TrainConfig.from_dict(stored_config(payload))
     metrics = payload.get("metrics") or {}
     steps = int(payload.get("iteration", 0))
     world = int(payload.get("world_size", 1))

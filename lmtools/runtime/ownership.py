@@ -17,7 +17,6 @@ from pathlib import Path
 from lmtools.errors import ConfigError, DataError
 from lmtools.layout import META_FILE, TOKENIZER_FILE, TRAIN_FILE, VAL_FILE
 from lmtools.runtime.fsutil import regular_file_problem
-from lmtools.runtime.run_lock import peek_checkpoint
 
 # Written last into every export folder: which files the export wrote, so that a later
 # `export --overwrite` can tell its own folder from anyone else's.
@@ -32,6 +31,8 @@ def check_checkpoint_target(path: Path, overwrite: bool) -> None:
     problem = regular_file_problem(path)
     if problem is not None:
         raise ConfigError(f"--checkpoint_path {path} {problem}; choose another --checkpoint_path")
+    from lmtools.checkpoint import peek_checkpoint  # imports torch: `prepare` starts without it
+
     if peek_checkpoint(path) is None:
         raise ConfigError(
             f"--checkpoint_path {path} exists and is not an lmtools checkpoint; it is never replaced: "

@@ -17,24 +17,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lmtools.errors import CheckpointError, ConfigError
+from lmtools.errors import ConfigError
 from lmtools.layout import METRICS_FILE
 from lmtools.runtime.fsutil import remove_stale_temp_files
 from lmtools.runtime.lock import exclusive, lock_path_for
-
-
-def peek_checkpoint(path: Path) -> dict | None:
-    """The plain data of an lmtools checkpoint without reading its tensors (memory-mapped),
-    or None when `path` is no lmtools checkpoint."""
-    import torch
-
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a torch zip file, pickled code, torn: none is a checkpoint to replace
-        return None
-    if isinstance(payload, dict) and ("model_state_dict" in payload or "dcp" in payload) and "iteration" in payload:
-        return payload
-    return None
 
 
 class RunGuard:
@@ -97,26 +83,3 @@ def start_fresh_metrics(ckpt_path: Path, log: Callable[[str], None]) -> None:
         aside = path.with_name(f"metrics-{stamp}-{n}.jsonl")
     os.replace(path, aside)
     log(f"The previous run's {path.name} was moved to {aside.name}")
-
-
-def check_rollback(
-    resume_from: Path, ckpt_path: Path, iteration: int, rollback: bool, log: Callable[[str], None]
-) -> None:
-    """Resuming from an older snapshot than the run's newest checkpoint discards steps: that
-    must be asked for (--rollback), and is announced."""
-    if not ckpt_path.is_file() or os.path.abspath(resume_from) == os.path.abspath(ckpt_path):
-        return
-    newest = peek_checkpoint(ckpt_path)
-    reached = int(newest["iteration"]) if newest is not None else None
-    if reached is None or reached <= iteration:
-        return
-    what = f"iters {iteration + 1}..{reached}"
-    if not rollback:
-        raise CheckpointError(
-            f"{resume_from} is at iter {iteration} but the run reached iter {reached} in {ckpt_path}; "
-            f"resuming from it discards {what}: resume {ckpt_path} instead, or pass --rollback to discard them"
-        )
-    log(
-        f"Rolling back to iter {iteration}: {what} are discarded ({ckpt_path} is replaced at the next checkpoint, "
-        f"{METRICS_FILE} loses its records past iter {iteration}; {resume_from.name} is kept)"
-    )

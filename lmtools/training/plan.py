@@ -1,20 +1,42 @@
-"""The config a run trains with, and what it starts from.
+"""Planning a run: the config it trains with, the data it reads, and what it starts from.
 
-A new run resolves the config the user passed against its data (vocabulary, validation sets,
-tokenizer), a recipe and, with --init_from, the model it starts from. A resumed run takes the
-config stored in its checkpoint, with the flags typed this time where a resume can honour them.
+`plan_run` is the one entry point, and there is one function per kind of start, read from top
+to bottom:
+
+- a new run (`plan_new_run`): the config the user passed, with a recipe, resolved against its
+  data (vocabulary, validation sets, tokenizer: `lmtools.data.dataset`);
+- a new run from trained weights (`plan_init_from_run`, `--init_from`): the same, with the model
+  shape and weights of a checkpoint or a Hugging Face folder, whose tokenizer the data must share;
+- a resumed run (`plan_resumed_run`): the config stored in its checkpoint, with the flags typed
+  this time where a resume can honour them.
+
 Either way the config as passed and the config resolved are two values, and both are recorded
-in every checkpoint: `inspect --config` prints the first, the run trains with the second.
+in every checkpoint: `inspect --config` prints the first, the run trains with the second. The
+data is resolved once, here (`DataPlan`): nothing after planning reads a meta.json or rewrites a
+path.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-from lmtools.checkpoint import read_checkpoint, snapshot_base
+import torch
+
+from lmtools.checkpoint import (
+    check_checkpoint_file,
+    load_state,
+    peek_checkpoint,
+    read_checkpoint,
+    snapshot_base,
+    stored_config,
+    stored_model_config,
+    stored_tokenizer_text,
+    stored_user_config,
+)
 from lmtools.config.recipes import apply_recipe
 from lmtools.config.train_config import TrainConfig
 from lmtools.data.dataset import (
@@ -23,20 +45,17 @@ from lmtools.data.dataset import (
     absolute_spec,
     data_tokenizer_identity,
     normalise_specs,
+    parse_tokenizer_text,
     plan_data,
     resolve_data,
 )
-from lmtools.errors import ConfigError
+from lmtools.errors import CheckpointError, ConfigError
+from lmtools.layout import METRICS_FILE
 from lmtools.model import MODEL_FIELDS, ModelConfig
 from lmtools.runtime.ownership import check_checkpoint_target
-from lmtools.runtime.run_lock import check_rollback
 from lmtools.training.preflight import check_stored_config
 from lmtools.training.schedule import extend_schedule, warmup_warning
 
-if TYPE_CHECKING:
-    from lmtools.training.init_source import InitSource
-
-# Flags a resumed run cannot honour: its data, batches and starting point are the checkpoint's.
 RESUME_FIXED = (
     "train_data",
     "val_data",
@@ -47,6 +66,29 @@ RESUME_FIXED = (
     "init_from",
     "init_optimizer",
 )
+
+
+@dataclass
+class InitSource:
+    path: str
+    kind: str  # "checkpoint" or "Hugging Face folder"
+    model_config: dict
+    tokenizer_text: str | None
+    payload: dict | None = None  # an lmtools checkpoint, read weights-only
+    state_dict: dict[str, torch.Tensor] | None = None  # an imported Hugging Face model
+
+    def load_into(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        """Copy the source's weights (and, if given an optimizer, its optimizer state) into the new run."""
+        if self.payload is not None:
+            load_state(self.payload, model, optimizer)
+            return
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise CheckpointError(
+                f"--init_from {self.path}: its weights do not fit its own model config ({first})"
+            ) from None
 
 
 @dataclass
@@ -62,15 +104,155 @@ class RunPlan:
     started_from: Path | None = None  # the file resumed from: never pruned as a snapshot
 
 
-def plan_new_run(cfg: TrainConfig, explicit: frozenset[str], lock: Callable[[Path], None]) -> RunPlan:
-    """A new run: its checkpoint folder checked and locked, its config resolved from a copy of `cfg`."""
-    check_checkpoint_folder(Path(cfg.checkpoint_path))
-    lock(Path(cfg.checkpoint_path))
-    check_checkpoint_target(Path(cfg.checkpoint_path), cfg.overwrite)
-    resolved, data, init = resolve_new_run(apply_recipe(cfg, explicit), explicit)
-    resolved.validate()
-    warning = warmup_warning(resolved)
-    return RunPlan(resolved, cfg.to_dict(), data, init=init, notes=[warning] if warning else [])
+def plan_run(
+    cfg: TrainConfig,
+    *,
+    explicit: frozenset[str],
+    lock: Callable[[Path], None],
+    resume_from: str | None = None,
+    rollback: bool = False,
+    log: Callable[[str], None] = print,
+) -> RunPlan:
+    """What the run `cfg` describes starts from: a resume of `resume_from`, a new run from
+    `--init_from`'s weights, or a new run. `explicit` names the flags the user typed; `lock`
+    takes the checkpoint path's lock (before anything is read)."""
+    if resume_from is not None:
+        return plan_resumed_run(cfg, resume_from, explicit, lock, rollback, log)
+    path = Path(cfg.checkpoint_path)
+    check_checkpoint_folder(path)
+    lock(path)
+    check_checkpoint_target(path, cfg.overwrite)
+    user_config = cfg.to_dict()  # before the recipe: what the user passed
+    cfg = apply_recipe(cfg, explicit)
+    plan = (plan_init_from_run if cfg.init_from else plan_new_run)(cfg, explicit, user_config)
+    plan.config.validate()
+    if warning := warmup_warning(plan.config):
+        plan.notes.append(warning)
+    return plan
+
+
+# ---- a new run --------------------------------------------------------------------------------
+
+
+def plan_new_run(cfg: TrainConfig, explicit: frozenset[str], user_config: dict) -> RunPlan:
+    """A fresh run's data and vocabulary, resolved on a copy of `cfg`."""
+    if cfg.init_optimizer:
+        raise ConfigError("--init_optimizer takes the optimizer state of --init_from CHECKPOINT; add that flag")
+    resolved, data = resolve_data(cfg, explicit_vocab="vocab_size" in explicit)
+    return RunPlan(resolved, user_config, data)
+
+
+def check_checkpoint_folder(path: Path) -> None:
+    """Fail early, without creating anything, when the checkpoint folder cannot be made or written."""
+    folder = path.parent if str(path.parent) else Path(".")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"cannot create the checkpoint folder {folder}: {existing} is a file; choose another --checkpoint_path"
+        )
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"checkpoint folder {folder} is not writable; choose another --checkpoint_path")
+
+
+# ---- a new run from trained weights (--init_from) -------------------------------------------------
+
+
+def plan_init_from_run(cfg: TrainConfig, explicit: frozenset[str], user_config: dict) -> RunPlan:
+    """A new run that takes the model shape and weights of a checkpoint or a Hugging Face folder,
+    and nothing else: its schedule starts at iteration 0, its optimizer is fresh (unless
+    --init_optimizer), it writes its own checkpoint, and its data is tokenized as the source's was."""
+    if cfg.fsdp:
+        raise ConfigError("--init_from does not work with --fsdp yet; start the run without --fsdp")
+    init = read_init_source(cfg.init_from)
+    # Every architecture option spelled out, so the source's model overrides a recipe's.
+    init.model_config = asdict(ModelConfig.from_dict(init.model_config))
+    cfg = replace(cfg, init_from=init.path)
+    check_init_flags(cfg, init)
+    resolved, data = resolve_data(apply_model_shape(cfg, init, explicit), explicit_vocab=False)
+    check_vocabulary(resolved, init, data_tokenizer_identity(resolved))
+    return RunPlan(resolved, user_config, data, init=init)
+
+
+def read_init_source(path: str) -> InitSource:
+    """The checkpoint or Hugging Face folder that `--init_from` names."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ConfigError(
+                f"--init_from {p} is a folder without config.json; pass a checkpoint written by lmtools train "
+                f"or a Hugging Face model folder"
+            )
+        try:
+            from lmtools.interop.hf import import_llama
+        except ImportError:
+            raise ConfigError(
+                f"--init_from {p}: this lmtools cannot import Hugging Face folders (no lmtools.interop.hf); "
+                f"pass a checkpoint written by lmtools train"
+            ) from None
+        model_config, state_dict, tokenizer_text = import_llama(p)
+        return InitSource(
+            str(p.resolve()), "Hugging Face folder", dict(model_config), tokenizer_text, state_dict=state_dict
+        )
+    check_checkpoint_file(p, "--init_from")
+    payload = read_checkpoint(p)
+    model_config = stored_model_config(payload)
+    if "vocab_size" not in model_config:
+        raise CheckpointError(f"--init_from {p} records no model config; it was not written by lmtools train")
+    tokenizer_text = stored_tokenizer_text(payload, p)
+    return InitSource(str(p.resolve()), "checkpoint", dict(model_config), tokenizer_text, payload=payload)
+
+
+def apply_model_shape(cfg: TrainConfig, source: InitSource, explicit: frozenset[str]) -> TrainConfig:
+    """A copy of `cfg` whose model is the source's: its shape flags come from it; a typed flag
+    that contradicts it is an error."""
+    known = {f.name for f in fields(TrainConfig)}
+    shape = {key: theirs for key, theirs in source.model_config.items() if key in known}
+    for key, theirs in shape.items():
+        ours = getattr(cfg, key)
+        if key in explicit and ours != theirs:
+            raise ConfigError(
+                f"--{key} {ours} contradicts --init_from {source.path}, whose model has {key}={theirs}; "
+                f"drop the flag (the model's shape comes from --init_from)"
+            )
+    return replace(cfg, **shape)
+
+
+def check_vocabulary(cfg: TrainConfig, source: InitSource, data_tokenizer: Any) -> None:
+    """The new data must be tokenized as the source was: same vocabulary size, same tokenizer."""
+    theirs = int(source.model_config["vocab_size"])
+    if cfg.vocab_size != theirs:
+        raise ConfigError(
+            f"--init_from {source.path} has a vocabulary of {theirs:,} ids but --train_data's has "
+            f"{cfg.vocab_size:,}: tokenize the new corpus with the model's tokenizer "
+            f"(lmtools prepare CORPUS --tokenizer ITS_TOKENIZER.json)"
+        )
+    if source.tokenizer_text is None or data_tokenizer is None:
+        return
+    if parse_tokenizer_text(source.tokenizer_text, f"--init_from {source.path}") != data_tokenizer:
+        raise ConfigError(
+            f"--init_from {source.path} was trained with another tokenizer than --train_data's ({cfg.tokenizer}), "
+            f"of the same size: tokenize the new corpus with the model's tokenizer "
+            f"(lmtools prepare CORPUS --tokenizer ITS_TOKENIZER.json)"
+        )
+
+
+def check_init_flags(cfg: TrainConfig, source: InitSource | None) -> None:
+    if source is None:
+        return
+    if Path(cfg.checkpoint_path).resolve() == Path(source.path):
+        raise ConfigError(
+            f"--init_from and --checkpoint_path are the same file ({cfg.checkpoint_path}); a new run needs its own "
+            f"--checkpoint_path (to continue that run instead: lmtools resume {cfg.checkpoint_path})"
+        )
+    if cfg.init_optimizer and source.payload is None:
+        raise ConfigError(
+            f"--init_optimizer: {source.path} is a {source.kind}, which holds no optimizer state; drop the flag"
+        )
+
+
+# ---- a resumed run ------------------------------------------------------------------------------
 
 
 def plan_resumed_run(
@@ -82,13 +264,11 @@ def plan_resumed_run(
     log: Callable[[str], None],
 ) -> RunPlan:
     """A resumed run: the checkpoint read and checked, the stored config with the typed overrides."""
-    from lmtools.inspection import check_checkpoint_file
-
     # Locked before reading: a second run or resume on this path fails at once.
     lock(Path(cfg.checkpoint_path if "checkpoint_path" in explicit else snapshot_base(resume_from)))
     check_checkpoint_file(Path(resume_from), "resume")
     payload = read_checkpoint(resume_from)
-    check_stored_config(payload.get("config") if isinstance(payload.get("config"), dict) else {}, resume_from)
+    check_stored_config(stored_config(payload), resume_from)
     resolved, note = merge_resume_config(payload, cfg, explicit, resume_from)
     resolved = absolute_paths(resolved)  # as a new run's are (a checkpoint written by hand may hold others)
     lock(Path(resolved.checkpoint_path))
@@ -104,31 +284,10 @@ def plan_resumed_run(
     )
 
 
-def resolve_new_run(cfg: TrainConfig, explicit: frozenset[str]) -> tuple[TrainConfig, DataPlan, InitSource | None]:
-    """A fresh run's data, vocabulary and, with --init_from, the model it starts from (on a copy)."""
-    if not cfg.init_from:
-        if cfg.init_optimizer:
-            raise ConfigError("--init_optimizer takes the optimizer state of --init_from CHECKPOINT; add that flag")
-        return *resolve_data(cfg, explicit_vocab="vocab_size" in explicit), None
-    from lmtools.training.init_source import apply_model_shape, check_init_flags, check_vocabulary, read_init_source
-
-    if cfg.fsdp:
-        raise ConfigError("--init_from does not work with --fsdp yet; start the run without --fsdp")
-    init = read_init_source(cfg.init_from)
-    # Every architecture option spelled out, so the source's model overrides a recipe's.
-    init.model_config = asdict(ModelConfig.from_dict(init.model_config))
-    cfg = replace(cfg, init_from=init.path)
-    check_init_flags(cfg, init)
-    cfg, data = resolve_data(apply_model_shape(cfg, init, explicit), explicit_vocab=False)
-    check_vocabulary(cfg, init, data_tokenizer_identity(cfg))
-    return cfg, data, init
-
-
 def resumed_user_config(payload: dict, cfg: TrainConfig, explicit: frozenset[str]) -> dict:
     """The config the user passed for a resumed run: the first invocation's (older checkpoints
     hold only the resolved one) with the values typed this time."""
-    stored = payload.get("user_config") or payload.get("config") or {}
-    return {**stored, **{name: getattr(cfg, name) for name in explicit if hasattr(cfg, name)}}
+    return {**stored_user_config(payload), **{name: getattr(cfg, name) for name in explicit if hasattr(cfg, name)}}
 
 
 def merge_resume_config(
@@ -136,8 +295,8 @@ def merge_resume_config(
 ) -> tuple[TrainConfig, str | None]:
     """The stored run config with the typed overrides applied, and the line that says how the
     schedule changed (when --max_iters moves its end), or None."""
-    stored = payload.get("config")
-    if not isinstance(stored, dict):
+    stored = stored_config(payload)
+    if not stored:
         raise ConfigError("the checkpoint holds no run config; it was not written by lmtools train")
     resumed = TrainConfig.from_dict(stored)
     note = None
@@ -185,17 +344,24 @@ def check_resume_point(payload: dict, cfg: TrainConfig, resume_from: Path, rollb
     check_rollback(resume_from, Path(cfg.checkpoint_path), iteration, rollback, log)
 
 
-def check_checkpoint_folder(path: Path) -> None:
-    """Fail early, without creating anything, when the checkpoint folder cannot be made or written."""
-    import os
-
-    folder = path.parent if str(path.parent) else Path(".")
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(
-            f"cannot create the checkpoint folder {folder}: {existing} is a file; choose another --checkpoint_path"
+def check_rollback(
+    resume_from: Path, ckpt_path: Path, iteration: int, rollback: bool, log: Callable[[str], None]
+) -> None:
+    """Resuming from an older snapshot than the run's newest checkpoint discards steps: that
+    must be asked for (--rollback), and is announced."""
+    if not ckpt_path.is_file() or os.path.abspath(resume_from) == os.path.abspath(ckpt_path):
+        return
+    newest = peek_checkpoint(ckpt_path)
+    reached = int(newest["iteration"]) if newest is not None else None
+    if reached is None or reached <= iteration:
+        return
+    what = f"iters {iteration + 1}..{reached}"
+    if not rollback:
+        raise CheckpointError(
+            f"{resume_from} is at iter {iteration} but the run reached iter {reached} in {ckpt_path}; "
+            f"resuming from it discards {what}: resume {ckpt_path} instead, or pass --rollback to discard them"
         )
-    if not os.access(existing, os.W_OK):
-        raise ConfigError(f"checkpoint folder {folder} is not writable; choose another --checkpoint_path")
+    log(
+        f"Rolling back to iter {iteration}: {what} are discarded ({ckpt_path} is replaced at the next checkpoint, "
+        f"{METRICS_FILE} loses its records past iter {iteration}; {resume_from.name} is kept)"
+    )

@@ -41,7 +41,7 @@ from lmtools.runtime.signals import StopSignal, stop_requested
 from lmtools.training.metrics import ExternalLoggers, MetricsWriter, format_log_line
 from lmtools.training.numerics import NumericsGuard
 from lmtools.training.optim import cross_entropy, make_optimizer, run_gradient_clipping
-from lmtools.training.plan import RunPlan, plan_new_run, plan_resumed_run
+from lmtools.training.plan import RunPlan, plan_run
 from lmtools.training.preflight import MemoryEstimate, check_training_run
 from lmtools.training.schedule import lr_at
 from lmtools.training.state import RunState, seed_everything
@@ -85,10 +85,7 @@ def train_model(
     # Only the process that writes checkpoints (rank 0 under torchrun) holds the locks.
     lock = run_guard.lock if os.environ.get("RANK", "0") == "0" else (lambda _path: None)
     try:
-        if resume_from is None:
-            plan = plan_new_run(cfg, explicit, lock)
-        else:
-            plan = plan_resumed_run(cfg, resume_from, explicit, lock, rollback, log)
+        plan = plan_run(cfg, explicit=explicit, lock=lock, resume_from=resume_from, rollback=rollback, log=log)
         dist_info, device = init_distributed(resolve_device(plan.config.device))
         try:
             if plan.config.fsdp and not dist_info.enabled:

@@ -107,17 +107,20 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<NpyHeader> {
 
 /// Maps a numpy type string to a token dtype, or says what is wrong with it.
 pub fn dtype_from_descr(descr: &str) -> std::result::Result<Dtype, String> {
-    let fix = "token files hold uint16, uint32, int32 or int64 (little-endian)";
+    let fix = format!(
+        "token files hold {} (little-endian)",
+        crate::source::file_dtypes_text()
+    );
     let (order, code) = match descr.as_bytes().first() {
         Some(b'<' | b'>' | b'|' | b'=') => (descr.as_bytes()[0], &descr[1..]),
         _ => (b'=', descr),
     };
-    let dtype = match code {
-        "u2" => Dtype::U16,
-        "u4" => Dtype::U32,
-        "i4" => Dtype::I32,
-        "i8" => Dtype::I64,
-        c if c.starts_with('f') || c.starts_with('c') => {
+    let file_dtype = crate::source::FILE_DTYPES
+        .into_iter()
+        .find(|d| d.code() == code);
+    let dtype = match (file_dtype, code) {
+        (Some(d), _) => d,
+        (None, c) if c.starts_with('f') || c.starts_with('c') => {
             return Err(format!(
                 "holds floating-point data (dtype '{descr}'); {fix}, e.g. data.astype(np.uint16)"
             ))

@@ -8,7 +8,7 @@ use crate::sampler::Sampler;
 use crate::source::{self, Dtype, TokenFile, TokenStorage, TokenView};
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
-use pyo3::types::PyMemoryView;
+use pyo3::types::{PyBytes, PyMemoryView, PyTuple};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -361,6 +361,10 @@ fn read_npy_header(py: Python<'_>, path: PathBuf) -> PyResult<(&'static str, u64
 #[pymodule]
 fn _sampler(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // The one definition of what a token file may hold and how a .npy file starts.
+    let names: Vec<&str> = source::FILE_DTYPES.iter().map(|d| d.name()).collect();
+    m.add("TOKEN_DTYPES", PyTuple::new(m.py(), names)?)?;
+    m.add("NPY_MAGIC", PyBytes::new(m.py(), crate::npy::MAGIC))?;
     m.add_class::<PyTokenFile>()?;
     m.add_class::<PySampler>()?;
     m.add_function(wrap_pyfunction!(read_npy_header, m)?)?;

@@ -48,16 +48,41 @@ impl Dtype {
         }
     }
 
-    /// The dtypes a token file may hold, by numpy name or type string.
-    pub fn parse_file_dtype(s: &str) -> Option<Dtype> {
-        match s {
-            "uint16" | "u2" | "<u2" => Some(Dtype::U16),
-            "uint32" | "u4" | "<u4" => Some(Dtype::U32),
-            "int32" | "i4" | "<i4" => Some(Dtype::I32),
-            "int64" | "i8" | "<i8" => Some(Dtype::I64),
-            _ => None,
+    /// numpy's type code without the byte order ("u2" for uint16).
+    pub fn code(self) -> &'static str {
+        match self {
+            Dtype::U8 => "u1",
+            Dtype::I8 => "i1",
+            Dtype::U16 => "u2",
+            Dtype::I16 => "i2",
+            Dtype::U32 => "u4",
+            Dtype::I32 => "i4",
+            Dtype::U64 => "u8",
+            Dtype::I64 => "i8",
         }
     }
+
+    /// The dtypes a token file may hold, by numpy name or type string ("uint16", "u2", "<u2").
+    pub fn parse_file_dtype(s: &str) -> Option<Dtype> {
+        let code = s.strip_prefix('<').unwrap_or(s);
+        FILE_DTYPES
+            .into_iter()
+            .find(|d| d.name() == s || d.code() == code)
+    }
+}
+
+/// The dtypes a token file may hold: the one definition (Python reads it as
+/// `lmtools._sampler.TOKEN_DTYPES`).
+pub const FILE_DTYPES: [Dtype; 4] = [Dtype::U16, Dtype::U32, Dtype::I32, Dtype::I64];
+
+/// "uint16, uint32, int32 or int64": the token dtypes, as messages list them.
+pub fn file_dtypes_text() -> String {
+    let names: Vec<&str> = FILE_DTYPES.iter().map(|d| d.name()).collect();
+    format!(
+        "{} or {}",
+        names[..names.len() - 1].join(", "),
+        names[names.len() - 1]
+    )
 }
 
 /// A typed view of a source's tokens.
@@ -273,11 +298,18 @@ impl TokenFile {
             (h.dtype, h.data_offset, h.len)
         } else {
             let d = dtype.ok_or_else(|| {
-                SamplerError::format(path, "is a raw token file; pass its dtype (uint16, uint32, int32 or int64), or save it as .npy")
+                SamplerError::format(
+                    path,
+                    format!(
+                        "is a raw token file; pass its dtype ({}), or save it as .npy",
+                        file_dtypes_text()
+                    ),
+                )
             })?;
             let dtype = Dtype::parse_file_dtype(d).ok_or_else(|| {
                 SamplerError::Argument(format!(
-                    "dtype '{d}' is not a token dtype; use uint16, uint32, int32 or int64"
+                    "dtype '{d}' is not a token dtype; use {}",
+                    file_dtypes_text()
                 ))
             })?;
             if file_len % dtype.size() as u64 != 0 {

@@ -41,8 +41,8 @@ def is_property(fn: ast.FunctionDef) -> bool:
 
 def test_the_module_has_exactly_the_stubs_public_names():
     stubbed = {node.name for node in STUB.body if isinstance(node, (ast.ClassDef, ast.FunctionDef))}
-    assert public(stubbed) == public(dir(_sampler))
     annotated = {node.target.id for node in STUB.body if isinstance(node, ast.AnnAssign)}
+    assert public(stubbed | annotated) == public(dir(_sampler))  # constants (TOKEN_DTYPES, NPY_MAGIC) too
     assert all(hasattr(_sampler, name) for name in annotated)
 
 
@@ -67,3 +67,13 @@ def test_classes_match(cls):
         else:
             assert not inspect.isgetsetdescriptor(static), f"{cls.name}.{name} is an attribute, not a method"
             assert stub_params(fn) == runtime_params(getattr(real, name)), name
+
+
+def test_python_reads_the_token_dtypes_and_npy_magic_from_the_extension():
+    import numpy as np
+
+    from lmtools import layout
+
+    assert layout.TOKEN_DTYPES is _sampler.TOKEN_DTYPES and layout.NPY_MAGIC is _sampler.NPY_MAGIC
+    assert _sampler.TOKEN_DTYPES == ("uint16", "uint32", "int32", "int64")
+    assert _sampler.NPY_MAGIC == np.lib.format.MAGIC_PREFIX
