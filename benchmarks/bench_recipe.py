@@ -126,16 +126,16 @@ def run_one(spec: str) -> None:
     torch.set_num_threads(job["threads"])
     cfg = TrainConfig(**job["config"])
     # CPU seconds of training alone: evaluation's share is counted and taken out.
-    evaluate, eval_cpu = lmtools.training.trainer.evaluate, [0.0]
+    validation_loss, eval_cpu = lmtools.training.trainer.validation_loss, [0.0]
 
     def timed_evaluate(*args, **kw):
         t0 = time.process_time()
         try:
-            return evaluate(*args, **kw)
+            return validation_loss(*args, **kw)
         finally:
             eval_cpu[0] += time.process_time() - t0
 
-    lmtools.training.trainer.evaluate = timed_evaluate
+    lmtools.training.trainer.validation_loss = timed_evaluate
     start, cpu = time.process_time(), {}
 
     def on_step(iteration, _max_iters, _loss, _lr):

@@ -266,12 +266,12 @@ def score_file(
 
 def score_validation_windows(model, path: Path, train_cfg: dict, device: torch.device) -> FileScore:
     """The loss on the windows a training run validates on (`validation_loader`'s batches
-    0..eval_iters-1), scored by training's own `evaluate`."""
+    0..eval_iters-1), scored by training's own `validation_loss`."""
     import contextlib
 
     from lmtools.config.train_config import TrainConfig
     from lmtools.runtime.distributed import DistInfo
-    from lmtools.training.trainer import evaluate, validation_loader
+    from lmtools.training.validation import validation_loader, validation_loss
 
     cfg = TrainConfig.from_dict(train_cfg)
     if path.suffix.lower() != ".npy":
@@ -279,7 +279,7 @@ def score_validation_windows(model, path: Path, train_cfg: dict, device: torch.d
     ids, _, bpt, note = read_file(path, lambda: None, model.config.vocab_size)
     loader = validation_loader(cfg, str(path), device)
     try:
-        loss = evaluate(model, loader, cfg.eval_iters, contextlib.nullcontext(), DistInfo())
+        loss = validation_loss(model, loader, cfg.eval_iters, contextlib.nullcontext(), DistInfo())
     finally:
         loader.close()
     model.eval()

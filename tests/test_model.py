@@ -142,7 +142,7 @@ def test_flops_per_token_matches_torchs_flop_counter():
 def test_reset_parameters_sets_every_weight_and_the_trainer_builds_from_the_seed_alone():
     """The trainer builds on the meta device and relies on reset_parameters for every value."""
     from lmtools.config.train_config import TrainConfig
-    from lmtools.training.trainer import build_model
+    from lmtools.training.build import build_model
 
     cfg = TrainConfig(
         train_data=["unused"], vocab_size=97, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=48, seed=11

@@ -1,15 +1,15 @@
-"""The training core: one run's set-up, its loop, evaluation and checkpoints.
+"""The training core: one run's loop, its evaluation, logs and checkpoints.
 
-`train_model` plans the run (`lmtools.training.plan`: a new run's config resolved from its data, a
-resumed run's from its checkpoint), takes the device and the ranks, and hands over to a
+`train_model` plans the run (`lmtools.training.plan`: a new run's config resolved from its data,
+a resumed run's from its checkpoint), takes the device and the ranks, and hands over to a
 `Trainer`. `Trainer.run` is the loop, one call per thing a step does:
 
-    learning rate -> forward and backward over the micro-batches -> clip -> guarded optimizer
-    step (`lmtools.training.numerics`) -> evaluate -> log -> checkpoint (`lmtools.training.state` holds what it
-    carries) -> stop check
+    learning rate (`schedule`) -> forward and backward over the micro-batches -> clip ->
+    guarded optimizer step (`numerics`) -> evaluate (`validation`) -> log -> checkpoint
+    (`state` holds what it carries) -> stop check
 
-`Trainer.__init__` builds what the loop uses, in that order of need: data, model and optimizer,
-numerics guard and run state (restored when resuming), the training module, logs.
+`Trainer.__init__` builds what the loop uses, in that order of need: data, model and optimizer
+(`build`), numerics guard and run state (restored when resuming), the training module, logs.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from lmtools.data.loader import BatchLoader
 from lmtools.data.tokenizer import read_tokenizer_json
 from lmtools.errors import ConfigError, DataChanged, DataError
 from lmtools.layout import METRICS_FILE
-from lmtools.model import TransformerLM
 from lmtools.runtime.device import peak_flops, resolve_device
 from lmtools.runtime.distributed import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed, shutdown
 from lmtools.runtime.run_lock import RunGuard, start_fresh_metrics
 from lmtools.runtime.signals import StopSignal, stop_requested
+from lmtools.training.build import autocast, autocast_dtype, build_model, build_sharded_model, training_module
 from lmtools.training.metrics import ExternalLoggers, MetricsWriter, format_log_line
 from lmtools.training.numerics import NumericsGuard
 from lmtools.training.optim import cross_entropy, make_optimizer, run_gradient_clipping
@@ -45,6 +45,7 @@ from lmtools.training.plan import RunPlan, plan_run
 from lmtools.training.preflight import MemoryEstimate, check_training_run
 from lmtools.training.schedule import lr_at
 from lmtools.training.state import RunState, seed_everything
+from lmtools.training.validation import validation_loader, validation_loss
 
 
 @dataclass
@@ -401,7 +402,7 @@ class Trainer:
         (None, {}) when a stop signal ended the evaluation."""
         started = time.perf_counter()
         losses = {
-            name: evaluate(self.model, loader, self.cfg.eval_iters, self.amp, self.dist, lockstep=self.cfg.fsdp)
+            name: validation_loss(self.model, loader, self.cfg.eval_iters, self.amp, self.dist, lockstep=self.cfg.fsdp)
             for name, loader in self.val_sets
         }
         if None in losses:
@@ -521,139 +522,6 @@ class Trainer:
         self.loader.close()
         for _name, val_loader in self.val_sets:
             val_loader.close()
-
-
-# ---- what the trainer is built from -------------------------------------------------------
-
-
-def validation_loader(cfg: TrainConfig, path: str, device: torch.device) -> BatchLoader:
-    """The windows a run validates on in `path`: batch_at(i) of a loader seeded seed + 1, so that
-    every evaluation (and `lmtools eval --val_windows`) sees the same ones."""
-    return BatchLoader(
-        [path], cfg.batch_size, cfg.context_length, device, seed=cfg.seed + 1, prefetch=0, dtype=cfg.data_dtype
-    )
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    if cfg.dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision for forward passes; float32 runs without it."""
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-
-
-class NextTokenLoss(torch.nn.Module):
-    """The model and its loss as one module, so that `--compile` and DDP see the whole step:
-    compiled together, the float32 upcast of the logits fuses into the log-softmax."""
-
-    def __init__(self, model: TransformerLM):
-        super().__init__()
-        self.model = model
-
-    def forward(self, token_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(self.model(token_ids), targets)
-
-
-def training_module(model: TransformerLM, cfg: TrainConfig, device: torch.device, dist: DistInfo) -> torch.nn.Module:
-    """The model and its loss, wrapped for DDP and compiled when asked. An FSDP model needs no
-    wrapper: fully_shard made it reduce its own gradients."""
-    module: torch.nn.Module = NextTokenLoss(model)
-    if dist.enabled and not cfg.fsdp:
-        module = torch.nn.parallel.DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if cfg.compile:
-        module = torch.compile(module)
-    return module
-
-
-def build_model(cfg: TrainConfig, device: torch.device) -> TransformerLM:
-    """The model built on the meta device, given storage straight on `device`, then initialised
-    from the run's seed (no full copy on the host first)."""
-    return materialise(meta_model(cfg), device, cfg.seed)
-
-
-def meta_model(cfg: TrainConfig) -> TransformerLM:
-    """The model's structure, without storage."""
-    with torch.device("meta"):
-        return TransformerLM.from_config(cfg.model_config())
-
-
-def materialise(model: TransformerLM, device: torch.device, seed: int, store=None) -> TransformerLM:
-    """Give a meta model storage on `device` and draw its weights from `seed` alone
-    (`store`: see TransformerLM.reset_parameters)."""
-    model.to_empty(device=device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model.reset_parameters(store)
-    return model
-
-
-def build_sharded_model(cfg: TrainConfig, device: torch.device, dist_info: DistInfo) -> TransformerLM:
-    """The model sharded with FSDP2 block by block, without any rank ever holding all of it.
-
-    As `build_model`, but sharded before it gets storage. Each rank then draws every weight at
-    its full shape, one at a time, from the run's seed, and keeps its own slice: the shards
-    together equal the weights `build_model` gives one process.
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import distribute_tensor
-
-    model = meta_model(cfg)
-    mesh = init_device_mesh(device.type, (dist_info.world_size,))
-    for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-
-    def keep_own_slice(param: torch.Tensor, value: torch.Tensor) -> None:
-        # src_data_rank=None: every rank holds the same value, so slicing needs no communication.
-        shard = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
-        param.to_local().copy_(shard.to_local())
-
-    return materialise(model, device, cfg.seed, keep_own_slice)
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, loader: BatchLoader, eval_iters: int, amp, dist_info: DistInfo, *, lockstep: bool = False
-) -> float | None:
-    """Mean loss over the same `eval_iters` validation batches every time (split across ranks).
-
-    `lockstep`: a sharded model's forward is a collective, so every rank runs as many forwards
-    as the busiest one (the surplus ones count for nothing). Otherwise a stop signal ends the
-    evaluation between batches, and it returns None (no partial value is reported).
-    """
-    model.eval()
-    total = torch.zeros((), device=next(model.parameters()).device)
-    count = 0
-    interrupted = False
-    for j in range(-(-eval_iters // dist_info.world_size)):
-        i = dist_info.rank + j * dist_info.world_size
-        if i >= eval_iters and not lockstep:
-            break
-        if not lockstep and stop_requested():
-            interrupted = True
-            break
-        x, y = loader.batch_at(i % eval_iters)
-        with amp:
-            loss = cross_entropy(model(x), y)
-        if i < eval_iters:
-            total += loss
-            count += 1
-    model.train()
-    if dist_info.enabled:
-        import torch.distributed as dist
-
-        packed = torch.stack([total, torch.tensor(float(count), device=total.device)])
-        dist.all_reduce(packed)
-        return None if interrupted else float(packed[0] / packed[1])
-    return None if interrupted else float(total) / max(count, 1)
 
 
 def _clock(seconds: float) -> str:

@@ -104,7 +104,7 @@ import torch
 import torch.distributed as dist
 from lmtools.config.train_config import TrainConfig
 from lmtools.runtime.distributed import init_distributed
-from lmtools.training.trainer import build_model, build_sharded_model
+from lmtools.training.build import build_model, build_sharded_model
 
 # 101 rows and 70 columns: uneven shards.
 cfg = TrainConfig(train_data=["unused"], vocab_size=101, context_length=16, d_model=36, num_layers=3,
