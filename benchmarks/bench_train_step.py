@@ -78,22 +78,23 @@ def make_trainer(tokens: Path, folder: Path) -> Trainer:
 
 
 def baseline_steps(rev: str, tokens: Path, folder: Path):
-    """`lmtools/training/trainer.py` as of git revision `rev`, its Trainer built on the same config, and a
-    function that takes STEPS of its steps (its API then: `step(lr)`, `settle()`)."""
+    """The training core as of git revision `rev`, its Trainer built on the same config, and a
+    function that takes STEPS of its steps. That Trainer's API: `Trainer(cfg, payload, ...)`,
+    `step(lr)`, `settle()`, which revisions before 311d8f3 have."""
     import importlib.util
     import subprocess
 
-    source = subprocess.run(
-        ["git", "show", f"{rev}:lmtools/training/trainer.py"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=Path(__file__).parent,
-    ).stdout
+    for path in ("lmtools/training/trainer.py", "lmtools/train.py"):  # the training core before and after the move
+        shown = subprocess.run(
+            ["git", "show", f"{rev}:{path}"], capture_output=True, text=True, cwd=Path(__file__).parent
+        )
+        if shown.returncode == 0:
+            break
+    source = shown.stdout
     spec = importlib.util.spec_from_loader("lmtools._train_baseline", loader=None)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
-    exec(compile(source, f"{rev}:lmtools/training/trainer.py", "exec"), module.__dict__)
+    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
     cfg = bench_config(tokens, folder)
     trainer = module.Trainer(cfg, None, torch.device("cpu"), DistInfo(), lambda _line: None, None)
 
