@@ -17,7 +17,7 @@ _EXPORTS = {
     "get_batch": "lmtools.data.loader",
     "load_checkpoint": "lmtools.checkpoint",
     "load_dataset": "lmtools.data.loader",
-    "parse_source_spec": "lmtools.data.loader",
+    "parse_source_spec": "lmtools.data.dataset",
     "run_get_lr_cosine_schedule": "lmtools.training.schedule",
     "run_gradient_clipping": "lmtools.training.optim",
     "save_checkpoint": "lmtools.checkpoint",
@@ -41,7 +41,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from lmtools.checkpoint import load_checkpoint, save_checkpoint
-    from lmtools.data.loader import BatchLoader, get_batch, load_dataset, parse_source_spec
+    from lmtools.data.dataset import parse_source_spec
+    from lmtools.data.loader import BatchLoader, get_batch, load_dataset
     from lmtools.model import TransformerLM
     from lmtools.training.optim import AdamW, cross_entropy, run_gradient_clipping
     from lmtools.training.schedule import run_get_lr_cosine_schedule

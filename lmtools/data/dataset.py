@@ -9,16 +9,39 @@ prepared folders, each folder's val.npy becomes a named validation set.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from lmtools.config.train_config import DEFAULT_VOCAB_SIZE, TrainConfig
-from lmtools.data.loader import parse_source_spec
 from lmtools.data.prepare import read_meta
 from lmtools.errors import ConfigError, DataError
 from lmtools.layout import META_FILE, TRAIN_FILE, VAL_FILE
+
+
+def parse_source_spec(spec: str) -> tuple[str, float | None]:
+    """Splits `"path:weight"` into `(path, weight)`; a spec without a weight gives None.
+
+    The weight is whatever follows the last colon when it reads as a number, so Windows drive
+    letters (`C:\\data\\train.npy`) and paths holding colons keep working.
+    """
+    spec = str(spec).strip()
+    path, sep, tail = spec.rpartition(":")
+    weight = None
+    if sep and not os.path.exists(spec):
+        try:
+            weight = float(tail)
+        except ValueError:
+            weight = None
+    if weight is None:
+        path = spec
+    if not path:
+        raise DataError(f"source spec {spec!r} names no file; use 'path' or 'path:weight'")
+    if weight is not None and not (math.isfinite(weight) and weight > 0):
+        raise DataError(f"source spec {spec!r}: the weight must be a positive number, e.g. 'web.npy:0.7'")
+    return path, weight
 
 
 def prepared_folder(path: str | Path) -> Path | None:
@@ -68,7 +91,7 @@ def resolve_data(cfg: TrainConfig, explicit_vocab: bool) -> tuple[TrainConfig, D
 
     Sources tokenized differently cannot mix: that is an error naming both tokenizers.
     """
-    cfg = absolute_paths(replace(cfg, train_data=[train_file_spec(s) for s in cfg.train_data]))
+    cfg = absolute_paths(cfg)
     metas = _metas(cfg.train_data)
     prepared = [(Path(parse_source_spec(s)[0]), meta) for s, meta in zip(cfg.train_data, metas) if meta is not None]
     if not prepared:
@@ -97,12 +120,13 @@ def plan_data(cfg: TrainConfig) -> DataPlan:
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """A copy of `cfg` whose data paths are absolute: the same data from any folder a resume runs in."""
+    """A copy of `cfg` whose data paths are absolute (a prepared folder as its train.npy): the same
+    data from any folder a resume runs in."""
     if cfg.val_data:
         val = dict(val_data=absolute_spec(cfg.val_data))
     else:
         val = dict(val_sets={name: absolute_spec(path) for name, path in cfg.val_sets.items()})
-    return replace(cfg, train_data=[absolute_spec(s) for s in cfg.train_data], **val)
+    return replace(cfg, train_data=normalise_specs(cfg.train_data), **val)
 
 
 def _metas(specs: list[str]) -> list[dict | None]:

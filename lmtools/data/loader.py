@@ -26,13 +26,14 @@ import numpy as np
 import torch
 
 from lmtools import _sampler
+from lmtools.data.dataset import parse_source_spec
 from lmtools.data.fingerprint import SizeGuardedSampler
 from lmtools.errors import ConfigError, DataError
 from lmtools.layout import TOKEN_DTYPES_TEXT, token_dtype_name
 from lmtools.runtime.device import resolve_device
 from lmtools.runtime.fsutil import regular_file_problem
 
-__all__ = ["BatchLoader", "get_batch", "load_dataset", "parse_source_spec"]
+__all__ = ["BatchLoader", "get_batch", "load_dataset"]
 
 # Corpus formats that `lmtools prepare` reads: passed where tokens belong, they get its command.
 _TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".jsonl", ".json", ".parquet", ".csv", ".tsv", ".gz", ".py", ".html")
@@ -91,29 +92,6 @@ def load_dataset(file_path: str | os.PathLike[str], mmap_mode: bool | str = True
     if mode is not None:
         return np.memmap(path, dtype=np_dtype, mode=mode, offset=offset, shape=(count,))
     return np.fromfile(path, dtype=np_dtype, count=count, offset=offset)
-
-
-def parse_source_spec(spec: str) -> tuple[str, float | None]:
-    """Splits `"path:weight"` into `(path, weight)`; a spec without a weight gives None.
-
-    The weight is whatever follows the last colon when it reads as a number, so Windows drive
-    letters (`C:\\data\\train.npy`) and paths holding colons keep working.
-    """
-    spec = str(spec).strip()
-    path, sep, tail = spec.rpartition(":")
-    weight = None
-    if sep and not os.path.exists(spec):
-        try:
-            weight = float(tail)
-        except ValueError:
-            weight = None
-    if weight is None:
-        path = spec
-    if not path:
-        raise DataError(f"source spec {spec!r} names no file; use 'path' or 'path:weight'")
-    if weight is not None and not (math.isfinite(weight) and weight > 0):
-        raise DataError(f"source spec {spec!r}: the weight must be a positive number, e.g. 'web.npy:0.7'")
-    return path, weight
 
 
 # --------------------------------------------------------------------------------------------

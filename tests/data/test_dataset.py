@@ -2,6 +2,7 @@
 and tokenizers that must agree. The folders are made by the real `lmtools prepare`."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import pytest
 from helpers import TINY_MODEL, flags, run_cli
 from lmtools.checkpoint import read_checkpoint
 from lmtools.config.train_config import TrainConfig
-from lmtools.data.dataset import resolve_data, unique_names
+from lmtools.data.dataset import parse_source_spec, resolve_data, unique_names
+from lmtools.errors import DataError
 from prepared import documents, prepare, write_eot_text, write_jsonl
 
 # A small model whose vocabulary comes from the prepared folders (no --vocab_size).
@@ -168,3 +170,66 @@ def test_a_text_file_as_training_data_gives_the_prepare_command(tmp_path):
     (tmp_path / "shakespeare").write_text(corpus.read_text())
     result = train("--train_data", tmp_path / "shakespeare", *TINY_MIXTURE_RUN, "--checkpoint_path", tmp_path / "c.pt")
     assert result.exit_code == 2 and "lmtools prepare" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# parse_source_spec
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("web.npy:0.7", ("web.npy", 0.7)),
+        ("web.npy", ("web.npy", None)),
+        ("data/shards/:2", ("data/shards/", 2.0)),
+        ("C:\\data\\train.npy", ("C:\\data\\train.npy", None)),
+        ("C:\\data\\train.npy:0.25", ("C:\\data\\train.npy", 0.25)),
+        ("s3ish:bucket/file.npy", ("s3ish:bucket/file.npy", None)),
+        (" web.npy:1e-1 ", ("web.npy", 0.1)),
+    ],
+)
+def test_parse_source_spec(spec: str, expected: tuple[str, float | None]) -> None:
+    assert parse_source_spec(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["web.npy:0", "web.npy:-1", "web.npy:nan", "web.npy:inf", ":0.5", ""])
+def test_parse_source_spec_rejects(spec: str) -> None:
+    with pytest.raises(DataError):
+        parse_source_spec(spec)
+
+
+@pytest.fixture
+def meta_reads(monkeypatch):
+    """Every read of a meta.json's settings (`read_meta`, wherever it was imported to). The
+    data fingerprint hashes the file's bytes apart from this: that is the check for a change."""
+    import lmtools.data.dataset
+    import lmtools.data.prepare
+
+    reads, real = [], lmtools.data.prepare.read_meta
+
+    def counted(path):
+        meta = real(path)
+        if meta is not None:
+            reads.append(str(Path(meta["dir"]) / "meta.json"))
+        return meta
+
+    monkeypatch.setattr(lmtools.data.prepare, "read_meta", counted)
+    monkeypatch.setattr(lmtools.data.dataset, "read_meta", counted)
+    return reads
+
+
+def test_a_run_reads_its_meta_json_once_when_it_is_planned(folders, tmp_path, meta_reads):
+    """Vocabulary, validation set, tokenizer, the --doc_aligned end-of-text id and the bytes per
+    token (bits per byte) all come from one read, for a new run and for its resume."""
+    ckpt = tmp_path / "c.pt"
+    run = (*flags(TINY_MODEL, batch_size=4, eval_interval=2, eval_iters=1, checkpoint_interval=2), "--doc_aligned")
+    result = train("--train_data", folders / "more_plays", *run, "--max_iters", 2, "--checkpoint_path", ckpt)
+    assert result.exit_code == 0, result.output
+    assert meta_reads == [str(folders / "more_plays" / "meta.json")]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_bpb" in r for r in records)  # bytes per token came through
+    meta_reads.clear()
+    result = run_cli("resume", ckpt, "--max_iters", 4)
+    assert result.exit_code == 0, result.output
+    assert meta_reads == [str(folders / "more_plays" / "meta.json")]
+    assert read_checkpoint(ckpt)["iteration"] == 4

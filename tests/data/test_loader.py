@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmtools import _sampler
-from lmtools.data.loader import BatchLoader, get_batch, load_dataset, parse_source_spec
+from lmtools.data.loader import BatchLoader, get_batch, load_dataset
 from lmtools.errors import DataError, DeviceError
 
 # --------------------------------------------------------------------------------------------
@@ -191,32 +191,6 @@ def test_cuda_batches_match_cpu_batches() -> None:
             (cx, cy), (gx, gy) = cpu.next(), gpu.next()
             assert torch.equal(cx, gx.cpu()) and torch.equal(cy, gy.cpu())
         assert torch.equal(gpu.batch_at(2)[0].cpu(), cpu.batch_at(2)[0])
-
-
-# --------------------------------------------------------------------------------------------
-# parse_source_spec
-
-
-@pytest.mark.parametrize(
-    ("spec", "expected"),
-    [
-        ("web.npy:0.7", ("web.npy", 0.7)),
-        ("web.npy", ("web.npy", None)),
-        ("data/shards/:2", ("data/shards/", 2.0)),
-        ("C:\\data\\train.npy", ("C:\\data\\train.npy", None)),
-        ("C:\\data\\train.npy:0.25", ("C:\\data\\train.npy", 0.25)),
-        ("s3ish:bucket/file.npy", ("s3ish:bucket/file.npy", None)),
-        (" web.npy:1e-1 ", ("web.npy", 0.1)),
-    ],
-)
-def test_parse_source_spec(spec: str, expected: tuple[str, float | None]) -> None:
-    assert parse_source_spec(spec) == expected
-
-
-@pytest.mark.parametrize("spec", ["web.npy:0", "web.npy:-1", "web.npy:nan", "web.npy:inf", ":0.5", ""])
-def test_parse_source_spec_rejects(spec: str) -> None:
-    with pytest.raises(DataError):
-        parse_source_spec(spec)
 
 
 # --------------------------------------------------------------------------------------------
