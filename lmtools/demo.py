@@ -21,8 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmtools.config.train_config import TrainConfig
+from lmtools.data.prepare import prepare_corpus
+from lmtools.data.tokenizer import tokenizer_from_checkpoint
 from lmtools.errors import ConfigError, DataError
-from lmtools.layout import METRICS_FILE, TRAIN_FILE, VAL_FILE
+from lmtools.layout import EOT, METRICS_FILE, TRAIN_FILE, VAL_FILE
+from lmtools.plot import plot_runs, read_curves
+
+# torch, the trainer and the generator are imported in the functions that use them: the CLI
+# imports this module for `lmtools --help`, which starts without torch.
 
 MARKER = ".lmtools-demo"
 # Tests, installed third-party packages, and codec tables (encodings/ is mostly generated data).
@@ -133,8 +140,6 @@ def _corpus_step(corpus: Path, max_corpus_mb: float, seed: int, log: Callable[[s
 
 def _prepare_step(corpus: Path, data_dir: Path, vocab_size: int, seed: int, log: Callable[[str], None]) -> None:
     """[2/4]: a BPE tokenizer trained on the corpus, and the corpus as token files."""
-    from lmtools.data.prepare import prepare_corpus
-
     t0 = time.perf_counter()
     meta = prepare_corpus([corpus], data_dir, vocab_size=vocab_size, val_fraction=0.02, seed=seed, force=True)
     log(
@@ -177,8 +182,6 @@ def _train_step(cfg, max_iters: int, log: Callable[[str], None]):
 
 def _loss_curves(run_dir: Path) -> tuple[list[float], list[float]]:
     """The logged train and val losses of the run, in order."""
-    from lmtools.plot import read_curves
-
     curves = read_curves(run_dir)
     return [loss for _, loss in curves.train], [loss for _, loss in curves.val]
 
@@ -186,8 +189,6 @@ def _loss_curves(run_dir: Path) -> tuple[list[float], list[float]]:
 def _plot_step(run_dir: Path, plot_path: Path, log: Callable[[str], None]) -> Path | None:
     """The loss plot; None (and a line saying why) without matplotlib."""
     try:
-        from lmtools.plot import plot_runs
-
         plot_runs([run_dir], plot_path, title="lmtools demo: Python stdlib")
     except ConfigError as exc:  # matplotlib is an optional extra
         log(f"      no plot: {exc}")
@@ -260,8 +261,6 @@ def write_stdlib_corpus(dest: Path, max_bytes: int, *, seed: int = 0, root: Path
 
 def demo_config(data_dir: Path, run_dir: Path, max_iters: int, seed: int = 0):
     """The demo's run. Evaluations fall on logged steps, so each logged loss averages a full window."""
-    from lmtools.config.train_config import TrainConfig
-
     max_iters = max(max_iters, 1)
     log_interval = max(max_iters // 30, 1)
     return TrainConfig(
@@ -319,9 +318,7 @@ def sample_lines(checkpoint: Path, *, seed: int = 0, max_new_tokens: int = 60) -
     """(prompt, continuation) for each demo prompt, sampled at temperature 0.8, top-p 0.95."""
     import torch
 
-    from lmtools.data.tokenizer import tokenizer_from_checkpoint
     from lmtools.generate import generate_ids, load_model, stream_text
-    from lmtools.layout import EOT
 
     device = torch.device("cpu")
     model, payload = load_model(checkpoint, device)

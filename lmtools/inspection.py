@@ -18,6 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from lmtools import _sampler
+from lmtools.config.train_config import TrainConfig
+from lmtools.data.prepare import read_meta
+from lmtools.data.tokenizer import tokenizer_from_checkpoint
 from lmtools.errors import CheckpointError, DataError, LMToolsError
 from lmtools.layout import (
     EOT,
@@ -165,7 +169,7 @@ def _weight_problems(model_config: dict, state: dict) -> list[str]:
 
 def _config_shapes(model_config: dict) -> dict:
     """The state dict (meta tensors: shapes, no data) of the model a config describes; {} if none."""
-    import torch
+    import torch  # torch and the model only for checkpoints: inspecting token files starts without them
 
     from lmtools.model import TransformerLM
 
@@ -218,8 +222,6 @@ def _optimizer(opt_state: Any) -> dict:
 
 
 def _schedule(iteration: int, config: dict) -> dict:
-    from lmtools.config.train_config import TrainConfig
-
     needed = ("max_iters", "warmup_iters", "learning_rate", "min_learning_rate")
     if not all(k in config for k in needed):
         return {"iteration": iteration}
@@ -290,8 +292,6 @@ def _strip_weight(spec: str) -> str:
 
 def _tokenizer_ref(payload: dict, config: dict, checkpoint: Path) -> dict:
     """Where the checkpoint's tokenizer comes from: stored in it, or the file it names."""
-    from lmtools.data.tokenizer import tokenizer_from_checkpoint
-
     ref = payload.get("tokenizer") or config.get("tokenizer")
     report: dict[str, Any] = {"path": str(ref) if ref else None, "stored": bool(payload.get("tokenizer_json"))}
     if ref:
@@ -308,7 +308,7 @@ def _tokenizer_ref(payload: dict, config: dict, checkpoint: Path) -> dict:
 
 def _shape_problems(model_config: dict, state: dict) -> list[str]:
     """Compare the state dict with the model its config describes (built on the meta device)."""
-    import torch
+    import torch  # torch and the model only for checkpoints: inspecting token files starts without them
 
     from lmtools.model import TransformerLM
 
@@ -399,8 +399,6 @@ def inspect_token_file(
 
 def _open_token_file(p: Path, is_npy: bool, dtype: str | None):
     """The Rust extension's TokenFile of `p`, after the checks that name what to fix."""
-    from lmtools import _sampler
-
     if not is_npy and file_head(p).startswith(NPY_MAGIC):
         raise DataError(f"{p} holds a .npy array under another name; rename it to {p.stem}.npy")
     if not is_npy and dtype is None:
@@ -498,15 +496,13 @@ def count_token(data: np.ndarray, token: int) -> int:
 
 
 def _open_tokens(p: Path, is_npy: bool, dtype: str) -> np.ndarray:
-    from lmtools.data.loader import load_dataset
+    from lmtools.data.loader import load_dataset  # imports torch: only when documents are shown
 
     return load_dataset(p, dtype=None if is_npy else dtype)
 
 
 def _meta_beside(p: Path) -> dict:
     """meta.json of the folder holding `p` (or of the folder `p`); {} when there is none."""
-    from lmtools.data.prepare import read_meta
-
     return read_meta(p) or {}
 
 

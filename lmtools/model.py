@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmtools.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -319,8 +321,6 @@ class TransformerLM(nn.Module):
 
 def validate_config(cfg: ModelConfig) -> None:
     """Raise ConfigError naming the first out-of-range model hyperparameter."""
-    from lmtools.errors import ConfigError
-
     for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"):
         value = getattr(cfg, name)
         if not isinstance(value, int) or value <= 0:

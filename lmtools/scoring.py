@@ -10,6 +10,7 @@ least `context_length - stride` tokens of left context (stride = context: disjoi
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -19,7 +20,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmtools.config.train_config import TrainConfig
+from lmtools.data.corpus import safe_cut
+from lmtools.data.loader import load_dataset
+from lmtools.data.prepare import read_meta
 from lmtools.errors import ConfigError, DataError
+from lmtools.layout import EOT
+from lmtools.runtime.distributed import DistInfo
+from lmtools.training.validation import validation_loader, validation_loss
 
 
 @dataclass
@@ -145,9 +153,6 @@ def read_file(
 
 def _read_tokens(path: Path) -> tuple[np.ndarray, float | None, str | None]:
     """A .npy token file (memory-mapped) and its bytes per token from the meta.json beside it."""
-    from lmtools.data.loader import load_dataset
-    from lmtools.data.prepare import read_meta
-
     ids = load_dataset(path)
     meta = read_meta(path)
     bpt = float(meta["bytes_per_token"]) if meta and meta.get("bytes_per_token") else None
@@ -176,8 +181,6 @@ def read_text_ids(path: Path, tok) -> tuple[np.ndarray, int]:
     as Python's text mode reads them). Pieces are encoded a block at a time; the ids are those
     of the whole text encoded at once wherever a text is not a run of TEXT_PIECE / 2 characters
     without whitespace or end-of-text markers (there, only the tokens at the cut may differ)."""
-    from lmtools.layout import EOT
-
     parts = [np.array([tok.token_to_id(EOT)], dtype=np.int64)]
     n_bytes = 0
     for pieces in _piece_groups(_text_blocks(path), TEXT_PIECE):
@@ -233,9 +236,6 @@ def _cut(text: str, limit: int) -> int:
     of a byte-level BPE). Without whitespace to cut at, the edge of an end-of-text marker is as
     exact, as the tokenizer splits markers off first; and a cut never splits a marker, nor the
     start of one that the next block completes."""
-    from lmtools.data.corpus import safe_cut
-    from lmtools.layout import EOT
-
     cut = safe_cut(text, limit)
     if cut < limit:
         return cut
@@ -267,12 +267,6 @@ def score_file(
 def score_validation_windows(model, path: Path, train_cfg: dict, device: torch.device) -> FileScore:
     """The loss on the windows a training run validates on (`validation_loader`'s batches
     0..eval_iters-1), scored by training's own `validation_loss`."""
-    import contextlib
-
-    from lmtools.config.train_config import TrainConfig
-    from lmtools.runtime.distributed import DistInfo
-    from lmtools.training.validation import validation_loader, validation_loss
-
     cfg = TrainConfig.from_dict(train_cfg)
     if path.suffix.lower() != ".npy":
         raise ConfigError(f"--val_windows scores token files (.npy) as training validates them; {path} is text")

@@ -4,6 +4,8 @@ counted, those inside functions too (only `if TYPE_CHECKING:` blocks, which neve
 """
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import lmtools
@@ -103,3 +105,13 @@ def test_the_top_level_holds_at_most_a_dozen_modules_and_the_packages_by_role():
     assert len(top) <= 12, sorted(top)
     packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
     assert packages == {"cli", "config", "data", "interop", "runtime", "training"}
+
+
+def test_the_imports_kept_inside_functions_keep_torch_out_of_start_up():
+    """Why the function-level imports that remain exist: `lmtools --help` (every command's module
+    and the demo), `prepare` and `inspect` of token files start without torch."""
+    code = (
+        "import sys, lmtools.cli, lmtools.data.prepare, lmtools.inspection\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('lmtools'))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

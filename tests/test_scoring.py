@@ -29,6 +29,15 @@ def tiny_model(ctx=8, vocab=257) -> TransformerLM:
     return TransformerLM(vocab, ctx, 16, 1, 2, 32).eval()
 
 
+def tiny_checkpoint(path) -> TransformerLM:
+    """The tiny model saved with a bytes tokenizer and no training config."""
+    model = tiny_model()
+    save_checkpoint(
+        model, None, 1, path, model_config=model.config.to_dict(), tokenizer_json=bytes_tokenizer().to_str()
+    )
+    return model
+
+
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(2, 300), ctx=st.integers(1, 40), data=st.data())
 def test_every_token_is_scored_once_with_the_context_the_stride_allows(n, ctx, data):
@@ -112,15 +121,7 @@ def test_bad_files_are_refused(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    model = tiny_model()
-    save_checkpoint(
-        model,
-        None,
-        1,
-        tmp_path / "c.pt",
-        model_config=model.config.to_dict(),
-        tokenizer_json=bytes_tokenizer().to_str(),
-    )
+    tiny_checkpoint(tmp_path / "c.pt")
     (tmp_path / "a.txt").write_text("hello there")
     for args, says in (
         ((tmp_path / "missing.txt",), "no such file"),
@@ -278,15 +279,7 @@ def test_folders_and_negative_ids_are_named_as_such(tmp_path):
 
 def test_every_eval_error_is_one_line_on_stderr_of_a_real_process(tmp_path):
     # Rich ended its progress bar with an empty line on a pipe, before the error.
-    model = tiny_model()
-    save_checkpoint(
-        model,
-        None,
-        1,
-        tmp_path / "c.pt",
-        model_config=model.config.to_dict(),
-        tokenizer_json=bytes_tokenizer().to_str(),
-    )
+    tiny_checkpoint(tmp_path / "c.pt")
     (tmp_path / "a.txt").write_text("hello there")
     (tmp_path / "folder").mkdir()
     np.save(tmp_path / "neg.npy", np.array([1, -1], dtype=np.int32))

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmtools import __version__
 from lmtools.data.corpus import (
     EMPTY_EXAMPLES,
     PIECE_CHARS,
@@ -44,6 +45,7 @@ from lmtools.data.corpus import (
     iter_pieces,
     resolve_sources,
 )
+from lmtools.data.tokenizer import Encoder, check_vocab_size, default_threads, load_tokenizer, train_bpe
 from lmtools.errors import ConfigError, DataError
 from lmtools.layout import EOT, LOCK_FILE, META_FILE, TOKENIZER_FILE, TRAIN_FILE, VAL_FILE
 from lmtools.runtime.fsutil import disk_full, fsync_dir, fsync_file
@@ -424,8 +426,6 @@ def prepare_corpus(
         documents are cut into (tuning knobs; they never change the tokens).
     Raises DataError / ConfigError for anything the user can fix; leaves `out` untouched then.
     """
-    from lmtools.data.tokenizer import load_tokenizer
-
     threads = _check_options(val_fraction, separator, threads, tokenizer, vocab_size, tokenizer_sample)
     # The inputs first: a missing corpus is the first thing to hear about.
     sources = resolve_sources(inputs)
@@ -448,8 +448,6 @@ def _check_options(
     val_fraction: float, separator: str | None, threads: int | None, tokenizer, vocab_size: int, tokenizer_sample: int
 ) -> int:
     """Refuse option values that no corpus makes right; returns the number of encoding threads."""
-    from lmtools.data.tokenizer import check_vocab_size, default_threads
-
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"--val_fraction {val_fraction} must be in [0, 1)")
     if separator == "":
@@ -543,8 +541,6 @@ class _Run:
     ) -> dict[str, Any]:
         import numpy as np
 
-        from lmtools.data.tokenizer import Encoder
-
         total_bytes = sum(s.size for s in self.sources)
         if loaded is None:
             tok = _train(
@@ -600,8 +596,6 @@ class _Run:
         tokenizer_sample: int,
         val_tokens: int,
     ) -> dict[str, Any]:
-        from lmtools import __version__
-
         text_tokens = enc.tokens - enc.documents
         split = _split_record(plan, self.val_fraction, val_tokens / enc.tokens)
         trained = tokenizer_spec is None
@@ -661,8 +655,6 @@ def _no_text(enc: _Encoded) -> DataError:
 
 
 def _train(sources, options, vocab_size, progress: Progress, total_bytes: int, sample_bytes: int, seed: int):
-    from lmtools.data.tokenizer import train_bpe
-
     progress.phase("train tokenizer", total_bytes)
     failure: list[BaseException] = []
 

@@ -14,7 +14,10 @@ import os
 import shutil
 from pathlib import Path
 
+from lmtools.checkpoint import model_from_payload, read_checkpoint, stored_model_config
+from lmtools.data.tokenizer import tokenizer_from_checkpoint
 from lmtools.errors import ConfigError
+from lmtools.interop.gguf import write_gguf
 from lmtools.interop.hf import (
     check_exportable,
     generation_config,
@@ -68,9 +71,6 @@ def _make_parent(out: Path) -> None:
 
 def _export(checkpoint: Path, out: Path, fmt: str, tokenizer: str | None) -> list[Path]:
     """Read, check and build everything, then write the folder beside `out` and put it in place."""
-    from lmtools.checkpoint import model_from_payload, read_checkpoint, stored_model_config
-    from lmtools.data.tokenizer import tokenizer_from_checkpoint
-
     payload = read_checkpoint(checkpoint)
     if fmt != "safetensors":  # before building: a newer option this model code lacks is named too
         check_exportable(dict(stored_model_config(payload)))
@@ -115,8 +115,6 @@ def _write_export(folder: Path, fmt: str, payload: dict, model, files: dict[str,
         files["generation_config.json"] = json_text(generation_config(eot_id))
         files["README.md"] = model_card(payload, model_cfg, model.num_parameters())
     elif fmt == "gguf":
-        from lmtools.interop.gguf import write_gguf
-
         write_gguf(folder / "model.gguf", state, model_cfg, files.pop("tokenizer.json"), eot_id)
     else:
         meta = {"lmtools_model_config": json.dumps(model_cfg), "lmtools_iteration": str(payload.get("iteration", 0))}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lmtools.data.tokenizer import _plain_byte_level
 from lmtools.errors import ConfigError
 from lmtools.interop.hf import NORM_EPS, renamed_weights
 
@@ -38,8 +39,6 @@ def gguf_names(num_layers: int) -> list[tuple[str, str]]:
 def gguf_vocab(tokenizer_json: str, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """Tokens by id (padded to the model's vocabulary), their GGUF types, and the merges."""
     gguf = _gguf()
-    from lmtools.data.tokenizer import _plain_byte_level
-
     spec = json.loads(tokenizer_json)
     model = spec.get("model") or {}
     if not _plain_byte_level(spec, model):

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from lmtools.checkpoint import stored_config
+from lmtools.config.train_config import TrainConfig
 from lmtools.errors import ConfigError, DataError
+from lmtools.model import ModelConfig
 from lmtools.training.preflight import MODEL_BOUNDS
 
 # The ModelConfig fields a LlamaConfig expresses; any other field must keep its default.
@@ -116,8 +118,6 @@ def from_hf_state(tensors: dict[str, torch.Tensor], model_cfg: dict) -> dict[str
 def check_exportable(model_cfg: dict) -> None:
     """Refuse a model whose shape a LlamaConfig cannot express: any option beyond Llama's that
     differs from lmtools' default, named in the error."""
-    from lmtools.model import ModelConfig
-
     defaults = {f.name: f.default for f in fields(ModelConfig)}
     for key, value in model_cfg.items():
         if key in LLAMA_FIELDS:
@@ -221,8 +221,6 @@ def json_text(obj: Any) -> str:
 
 def model_card(payload: dict, model_cfg: dict, num_params: int) -> str:
     """README.md for the exported folder: what the model is and how it was trained."""
-    from lmtools.config.train_config import TrainConfig
-
     cfg = TrainConfig.from_dict(stored_config(payload))
     metrics = payload.get("metrics") or {}
     steps = int(payload.get("iteration", 0))
@@ -275,8 +273,6 @@ print(tokenizer.decode(model.generate(ids, max_new_tokens=50)[0]))
 
 def train_command(cfg) -> str:
     """`lmtools train` with the flags whose values differ from the defaults: the run's command."""
-    from lmtools.config.train_config import TrainConfig
-
     default = TrainConfig()
     parts = ["lmtools train"] + [f"--train_data {d}" for d in cfg.train_data]
     for f in fields(TrainConfig):

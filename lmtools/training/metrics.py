@@ -8,6 +8,8 @@ import os
 from collections import deque
 from pathlib import Path
 
+from lmtools.errors import ConfigError
+
 
 def format_log_line(iteration: int, loss: float, lr: float, val_loss: float | None = None, **extra: str) -> str:
     """`Iter   1000 | Loss: 5.4123 | LR: 5.00e-05 | Val Loss: 5.6234`, then extra fields."""
@@ -125,8 +127,6 @@ class ExternalLoggers:
     """TensorBoard and Weights & Biases, through their own libraries, when asked for and installed."""
 
     def __init__(self, tensorboard: str | None, wandb_project: str | None, config: dict):
-        from lmtools.errors import ConfigError
-
         self._tb = None
         self._wandb = None
         if tensorboard:

@@ -50,6 +50,7 @@ from lmtools.data.dataset import (
     resolve_data,
 )
 from lmtools.errors import CheckpointError, ConfigError
+from lmtools.interop.hf import import_llama
 from lmtools.layout import METRICS_FILE
 from lmtools.model import MODEL_FIELDS, ModelConfig
 from lmtools.runtime.ownership import check_checkpoint_target
@@ -184,13 +185,6 @@ def read_init_source(path: str) -> InitSource:
                 f"--init_from {p} is a folder without config.json; pass a checkpoint written by lmtools train "
                 f"or a Hugging Face model folder"
             )
-        try:
-            from lmtools.interop.hf import import_llama
-        except ImportError:
-            raise ConfigError(
-                f"--init_from {p}: this lmtools cannot import Hugging Face folders (no lmtools.interop.hf); "
-                f"pass a checkpoint written by lmtools train"
-            ) from None
         model_config, state_dict, tokenizer_text = import_llama(p)
         return InitSource(
             str(p.resolve()), "Hugging Face folder", dict(model_config), tokenizer_text, state_dict=state_dict
