@@ -19,15 +19,18 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
-from lmtools.errors import CheckpointError
+from lmtools.errors import CheckpointError, ConfigError
 from lmtools.layout import META_FILE, NPY_MAGIC, PICKLE_PROTO, ZIP_MAGIC, file_head, looks_like
 from lmtools.model import MODEL_FIELDS, ModelConfig, TransformerLM, validate_config
 from lmtools.runtime.fsutil import fsync_dir
 from lmtools.training.preflight import check_inference_model
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 FORMAT_VERSION = 1
 _TMP_SUFFIX = ".tmp"
@@ -545,11 +548,62 @@ def stored_tokenizer_text(payload: dict, checkpoint: Path) -> str | None:
             return json.dumps(value)
         if isinstance(value, str) and value.lstrip().startswith("{"):
             return value
-        if isinstance(value, str) and value:
-            for cand in (Path(value), checkpoint.parent / Path(value).name):
-                if cand.is_file():
-                    return cand.read_text(encoding="utf-8")
+    _, named = named_tokenizer_files(payload, checkpoint)
+    for cand in named:
+        if cand.is_file():
+            return cand.read_text(encoding="utf-8")
     return None
+
+
+def named_tokenizer_files(payload: dict, checkpoint: str | os.PathLike | None) -> tuple[str | None, list[Path]]:
+    """The tokenizer file a checkpoint names (those written before the text was stored in it),
+    and where it may be: as named, then of that name beside the checkpoint."""
+    ref = payload.get("tokenizer") or stored_config(payload).get("tokenizer")
+    if not isinstance(ref, str) or not ref or ref.lstrip().startswith("{"):
+        return None, []
+    candidates = [Path(ref)]
+    if checkpoint is not None:
+        candidates.append(Path(checkpoint).parent / Path(ref).name)
+    return ref, candidates
+
+
+def tokenizer_from_checkpoint(
+    payload: dict, override: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None
+) -> Tokenizer:
+    """The tokenizer of a checkpoint: `override`, else the tokenizer.json text stored in it, else
+    (checkpoints written before it was stored) the file it names, or one of that name beside it."""
+    from tokenizers import Tokenizer
+
+    if override:
+        return _tokenizer_file(Path(override))
+    text = payload.get("tokenizer_json")
+    if isinstance(text, str) and text:
+        try:
+            return Tokenizer.from_str(text)
+        except Exception as exc:  # tokenizers raises its own Exception type
+            raise ConfigError(
+                f"the checkpoint's stored tokenizer does not load ({str(exc).splitlines()[0]}); "
+                f"pass --tokenizer PATH/tokenizer.json"
+            ) from None
+    ref, candidates = named_tokenizer_files(payload, checkpoint)
+    for cand in candidates:
+        if cand.is_file():
+            return _tokenizer_file(cand)
+    where = f" (it names {ref}, which is gone)" if ref else ""
+    raise ConfigError(
+        f"no tokenizer for this checkpoint{where}; pass --tokenizer PATH/tokenizer.json from lmtools prepare"
+    )
+
+
+def _tokenizer_file(path: Path) -> Tokenizer:
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise ConfigError(f"--tokenizer {path}: no such file; give the tokenizer.json from lmtools prepare")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises its own Exception type
+        raise ConfigError(f"{path} is not a tokenizer.json ({str(exc).splitlines()[0]})") from None
 
 
 def model_from_payload(payload: dict, checkpoint: str | Path = "the checkpoint") -> TransformerLM:

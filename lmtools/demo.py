@@ -23,7 +23,6 @@ from pathlib import Path
 
 from lmtools.config.train_config import TrainConfig
 from lmtools.data.prepare import prepare_corpus
-from lmtools.data.tokenizer import tokenizer_from_checkpoint
 from lmtools.errors import ConfigError, DataError
 from lmtools.layout import EOT, METRICS_FILE, TRAIN_FILE, VAL_FILE
 from lmtools.plot import plot_runs, read_curves
@@ -318,6 +317,7 @@ def sample_lines(checkpoint: Path, *, seed: int = 0, max_new_tokens: int = 60) -
     """(prompt, continuation) for each demo prompt, sampled at temperature 0.8, top-p 0.95."""
     import torch
 
+    from lmtools.checkpoint import tokenizer_from_checkpoint
     from lmtools.generate import generate_ids, load_model, stream_text
 
     device = torch.device("cpu")

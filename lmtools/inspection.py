@@ -21,7 +21,6 @@ import numpy as np
 from lmtools import _sampler
 from lmtools.config.train_config import TrainConfig
 from lmtools.data.prepare import read_meta
-from lmtools.data.tokenizer import tokenizer_from_checkpoint
 from lmtools.errors import CheckpointError, DataError, LMToolsError
 from lmtools.layout import (
     EOT,
@@ -146,7 +145,7 @@ def _checkpoint_report(p: Path, payload: dict, config: dict, model_config: dict,
         "schedule": _schedule(iteration, config),
         "metrics": payload.get("metrics") or {},
         "data": _data(config, payload.get("sampler")),
-        "tokenizer": _tokenizer_ref(payload, config, p),
+        "tokenizer": _tokenizer_ref(payload, p),
         "training": _training_settings(config, payload),
     }
 
@@ -290,14 +289,14 @@ def _strip_weight(spec: str) -> str:
     return str(spec)
 
 
-def _tokenizer_ref(payload: dict, config: dict, checkpoint: Path) -> dict:
+def _tokenizer_ref(payload: dict, checkpoint: Path) -> dict:
     """Where the checkpoint's tokenizer comes from: stored in it, or the file it names."""
-    ref = payload.get("tokenizer") or config.get("tokenizer")
-    report: dict[str, Any] = {"path": str(ref) if ref else None, "stored": bool(payload.get("tokenizer_json"))}
+    from lmtools.checkpoint import named_tokenizer_files, tokenizer_from_checkpoint  # torch: not for token files
+
+    ref, candidates = named_tokenizer_files(payload, checkpoint)
+    report: dict[str, Any] = {"path": ref, "stored": bool(payload.get("tokenizer_json"))}
     if ref:
-        path = Path(str(ref))
-        beside = checkpoint.parent / path.name
-        found = path if path.is_file() else beside if beside.is_file() else None
+        found = next((cand for cand in candidates if cand.is_file()), None)
         report["found"] = str(found) if found else None
     try:
         report["vocab_size"] = tokenizer_from_checkpoint(payload, checkpoint=checkpoint).get_vocab_size()

@@ -129,7 +129,6 @@ def test_stream_text_is_the_whole_decode_with_a_window_that_stays_small(trained_
 
 @pytest.fixture(scope="module")
 def trained_tokenizer(trained):
-    from lmtools.checkpoint import read_checkpoint
-    from lmtools.data.tokenizer import tokenizer_from_checkpoint
+    from lmtools.checkpoint import read_checkpoint, tokenizer_from_checkpoint
 
     return tokenizer_from_checkpoint(read_checkpoint(trained), None, trained)

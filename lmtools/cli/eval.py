@@ -63,7 +63,7 @@ def _lazy_tokenizer(payload: dict, tokenizer: str | None, checkpoint: Path):
     """The tokenizer for text files, loaded on first use (.npy files need none)."""
     import functools
 
-    from lmtools.data.tokenizer import tokenizer_from_checkpoint
+    from lmtools.checkpoint import tokenizer_from_checkpoint
 
     return functools.cache(lambda: tokenizer_from_checkpoint(payload, tokenizer, checkpoint))
 

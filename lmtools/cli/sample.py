@@ -42,8 +42,7 @@ def sample(
 
     import torch
 
-    from lmtools.checkpoint import check_checkpoint_file
-    from lmtools.data.tokenizer import tokenizer_from_checkpoint
+    from lmtools.checkpoint import check_checkpoint_file, tokenizer_from_checkpoint
     from lmtools.errors import ConfigError
     from lmtools.generate import check_sampling, generate_ids, load_model, stream_text
     from lmtools.layout import EOT

@@ -14,8 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from lmtools.checkpoint import model_from_payload, read_checkpoint, stored_model_config
-from lmtools.data.tokenizer import tokenizer_from_checkpoint
+from lmtools.checkpoint import model_from_payload, read_checkpoint, stored_model_config, tokenizer_from_checkpoint
 from lmtools.errors import ConfigError
 from lmtools.interop.gguf import write_gguf
 from lmtools.interop.hf import (

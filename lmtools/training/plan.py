@@ -232,9 +232,9 @@ def check_vocabulary(cfg: TrainConfig, source: InitSource, data_tokenizer: Any) 
         )
 
 
-def check_init_flags(cfg: TrainConfig, source: InitSource | None) -> None:
-    if source is None:
-        return
+def check_init_flags(cfg: TrainConfig, source: InitSource) -> None:
+    """A run started from weights writes a checkpoint of its own, and takes an optimizer state
+    only from a checkpoint that holds one."""
     if Path(cfg.checkpoint_path).resolve() == Path(source.path):
         raise ConfigError(
             f"--init_from and --checkpoint_path are the same file ({cfg.checkpoint_path}); a new run needs its own "

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import MIXED_CORPUS_RUN, cli_output, flags
-from lmtools.checkpoint import read_checkpoint
-from lmtools.data.tokenizer import tokenizer_from_checkpoint, train_bpe
+from lmtools.checkpoint import read_checkpoint, tokenizer_from_checkpoint
+from lmtools.data.tokenizer import train_bpe
 from lmtools.errors import ConfigError, DataError
 from lmtools.generate import generate_ids, load_model
 from lmtools.interop.export import export_checkpoint
