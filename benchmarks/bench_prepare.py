@@ -13,6 +13,11 @@ so every encoder below uses the same vocabulary, pattern and text.
   _sample_8MB: the BPE trained on 8 MB of documents sampled across the corpus
   (`--tokenizer_sample 8000000`).
 - train_bpe_50k: training the 50257-id BPE alone.
+- tokenizer_sample_N_of_C: training a 10000-id BPE on an N-byte `--tokenizer_sample` of a
+  C-byte corpus (one .txt file of `<|endoftext|>`-joined documents: the docstring corpus
+  repeated, each copy in another seeded order with its documents numbered), sampling included;
+  the third table gives its ratios to the 20 MB sample of the 200 MB corpus, and, from a child
+  process running the same call, the growth of peak memory and the bytes read from files.
 
 The second table comes from test_interleaved_ratios: tiktoken_batch, prepare_jsonl and
 prepare_txt run in turn, round after round, so that load from other work hits them alike.
@@ -29,7 +34,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,8 +44,10 @@ from pathlib import Path
 
 import pytest
 
-from lmtools.data.prepare import prepare_corpus
+from lmtools.data.corpus import ReadOptions, resolve_sources
+from lmtools.data.prepare import Progress, _train, prepare_corpus
 from lmtools.data.tokenizer import Encoder, default_threads, load_tokenizer, train_bpe
+from lmtools.layout import EOT
 
 CORPUS_BYTES = 32_000_000
 CACHE = Path(tempfile.gettempdir()) / "lmtools-bench-prepare"
@@ -46,6 +55,9 @@ RESULTS: dict[str, tuple[float, float, int]] = {}  # name -> (wall s, CPU s, tex
 BASELINE = "tiktoken_batch"
 INTERLEAVED: dict[str, tuple[float, float, int]] = {}  # the same, from test_interleaved_ratios
 INTERLEAVED_ROUNDS = 4
+# Tokenizer samples: (sample bytes, corpus bytes); the first is the baseline of the ratios.
+SAMPLE_CASES = [(20_000_000, 200_000_000), (20_000_000, 2_000_000_000), (40_000_000, 2_000_000_000)]
+SAMPLE_COST: dict[str, tuple[float, float, int, int]] = {}  # name -> (wall s, CPU s, peak growth, read)
 
 
 def _docstrings(limit: int) -> list[str]:
@@ -180,6 +192,68 @@ def test_prepare_train_10k(benchmark, corpus, tmp_path, sample):
     )
 
 
+def _repeated_corpus(docs: list[str], size: int) -> Path:
+    """A text file of about `size` bytes of `<|endoftext|>`-joined documents: the docstring
+    corpus again and again, each copy shuffled by its own seed and its documents numbered, so
+    that no two stretches of the file are the same. Written once, cached."""
+    path = CACHE / f"sample-corpus-{size // 1_000_000}MB.txt"
+    if not path.exists():
+        CACHE.mkdir(exist_ok=True)
+        tmp, written, copy = path.with_suffix(".tmp"), 0, 0
+        with open(tmp, "wb") as f:
+            while written < size:
+                order = list(range(len(docs)))
+                random.Random(copy).shuffle(order)
+                block = "".join(f"({copy}.{i}) {docs[i]}{EOT}\n" for i in order).encode()
+                if len(block) > size - written:  # the last copy ends at a document boundary
+                    block = block[: block.rfind(b"\n", 0, size - written) + 1] or block[: size - written]
+                f.write(block)
+                written += len(block)
+                copy += 1
+        os.replace(tmp, path)
+    return path
+
+
+# The same call in a child process: the peak memory it adds (VmHWM, which a new program starts
+# afresh, unlike ru_maxrss) and the bytes it reads from files (rchar), in bytes.
+SAMPLE_CHILD = """
+import sys
+import numpy, tokenizers
+from lmtools.data.corpus import ReadOptions, resolve_sources
+from lmtools.data.prepare import Progress, _train
+
+def field(path, name):
+    with open(path) as f:
+        line = next(line for line in f if line.startswith(name))
+    return int(line.split()[1]) * (1024 if line.rstrip().endswith("kB") else 1)
+
+sources = resolve_sources([sys.argv[1]])
+peak, read = field("/proc/self/status", "VmHWM"), field("/proc/self/io", "rchar")
+_train(sources, ReadOptions(), 10000, Progress(), sources[0].size, int(sys.argv[2]), 0)
+print(field("/proc/self/status", "VmHWM") - peak, field("/proc/self/io", "rchar") - read)
+"""
+
+
+@pytest.mark.parametrize(
+    "sample, size", SAMPLE_CASES, ids=[f"{n // 10**6}MB-of-{c // 10**6}MB" for n, c in SAMPLE_CASES]
+)
+def test_tokenizer_sample(benchmark, corpus, sample, size):
+    """BPE training on a sample costs what the sample does, whatever the corpus around it."""
+    path = _repeated_corpus(corpus["docs"], size)
+    sources = resolve_sources([path])
+    name = _sample_name(sample, size)
+    total = sources[0].size
+    _measure(
+        name, benchmark, sample, lambda: _train(sources, ReadOptions(), 10000, Progress(), total, sample, 0), rounds=2
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", SAMPLE_CHILD, str(path), str(sample)], capture_output=True, text=True, check=True
+    )
+    peak, read = map(int, child.stdout.split())
+    wall, cpu, _ = RESULTS[name]
+    SAMPLE_COST[name] = (wall, cpu, peak, read)
+
+
 def test_interleaved_ratios(benchmark, corpus, tokenizer_json, tmp_path):
     """tiktoken's batch and prepare, one run each per round, so that load from other work on
     the machine hits them alike; the best of the rounds goes in the second table."""
@@ -216,7 +290,7 @@ class _Summary:
         self.corpus = corpus
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
-        if not RESULTS and not INTERLEAVED:
+        if not RESULTS and not INTERLEAVED and not SAMPLE_COST:
             return
         lines = summary(self.corpus)
         terminalreporter.write_line("")
@@ -264,6 +338,33 @@ def summary(corpus: dict) -> list[str]:
             lines.append(
                 f"| {name} | {wall:.2f} | {rate / 1e6:.2f} | {ratio} | {cpu:.2f} | {cpu_rate / 1e6:.2f} | {cpu_ratio} |"
             )
+    return lines + sample_table()
+
+
+def _sample_name(sample: int, size: int) -> str:
+    return f"tokenizer_sample_{sample // 10**6}MB_of_{size // 10**6}MB"
+
+
+def sample_table() -> list[str]:
+    """The tokenizer samples: time against the first of SAMPLE_CASES, memory and bytes read."""
+    names = [_sample_name(*case) for case in SAMPLE_CASES if _sample_name(*case) in SAMPLE_COST]
+    if not names:
+        return []
+    base_wall, base_cpu, _, _ = SAMPLE_COST[names[0]]
+    lines = [
+        "",
+        "tokenizer sample (10000-id BPE, sampling included, best of 2; ratios to the first row):",
+        "",
+        "| sample of corpus | wall s | vs first | CPU s | vs first (CPU) | peak memory added | read from files |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        wall, cpu, peak, read = SAMPLE_COST[name]
+        case = name.removeprefix("tokenizer_sample_").replace("_of_", " of ")
+        lines.append(
+            f"| {case} | {wall:.2f} | {wall / base_wall:.2f}x | {cpu:.2f} | {cpu / base_cpu:.2f}x "
+            f"| {peak / 2**20:,.0f} MiB | {read / 1e6:,.1f} MB |"
+        )
     return lines
 
 

@@ -1,9 +1,11 @@
 """`prepare`: a text corpus -> train.npy, val.npy, tokenizer.json and meta.json in one folder.
 
-The corpus is streamed twice at most (once to train the tokenizer, once to encode it), in
-batches of documents, so memory stays bounded whatever its size. Each document is followed
-by the end-of-text id, and the whole corpus is written in order into one token file, which
-then becomes train.npy once the validation tokens are moved out of it:
+The corpus is streamed once to encode it, in batches of documents, so memory stays bounded
+whatever its size; training a tokenizer reads about `--tokenizer_sample` bytes of it before
+that (whole documents from evenly spread places, see `DocumentSample`), or all of it when it
+is smaller. Each document is followed by the end-of-text id, and the whole corpus is written
+in order into one token file, which then becomes train.npy once the validation tokens are
+moved out of it:
 
 - by whole documents, picked in the order of a seeded hash of their index until they hold
   about `val_fraction` of the tokens, when the corpus has documents enough for that;
@@ -24,6 +26,7 @@ existing dataset as it was; temporary files of a run that was killed are removed
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import errno
 import hashlib
@@ -39,6 +42,7 @@ from lmtools import __version__
 from lmtools.data.corpus import (
     EMPTY_EXAMPLES,
     PIECE_CHARS,
+    DocumentSample,
     Piece,
     ReadOptions,
     SourceReader,
@@ -57,8 +61,14 @@ if TYPE_CHECKING:
 
 __all__ = ["prepare_corpus", "read_meta", "Progress", "META_FILE"]
 
-# BPE training reads 2-3 MB/s and holds word counts in memory: past this it trains on a sample.
+# BPE training runs at 2-5 MB/s and holds word counts in memory: past this it trains on a sample
+# (and reads only the sample), so its time and memory grow with this, not with the corpus.
 DEFAULT_TOKENIZER_SAMPLE = 1_000_000_000
+TRAIN_BATCH_CHARS = 1 << 20  # characters of text handed to the BPE trainer at a time
+# The trainer's peak memory grows with the longest string it is given (measured: a 1M-character
+# piece, about 75 MB more). Pieces are cut where pre-tokenization does not change (see
+# `safe_cut`), so shorter ones train the same tokenizer in less memory.
+TRAIN_PIECE_CHARS = 64 << 10
 FORMAT = "lmtools.prepare/1"
 
 BATCH_CHARS = 8 << 20  # characters of text encoded per batch
@@ -78,8 +88,9 @@ class Progress:
     """What `prepare_corpus` reports as it works. The CLI draws it; the default is silent."""
 
     def phase(self, name: str, total_bytes: int | None) -> None:
-        """A step starts: "train tokenizer" and "encode" read the corpus (`total_bytes`);
-        "learn merges" (the BPE trainer's own work after reading) has no total."""
+        """A step starts: "train tokenizer" reads the tokenizer's sample (`total_bytes`: its
+        size, the corpus's when the sample is all of it), "encode" reads the corpus; "learn
+        merges" (the BPE trainer's own work after reading) has no total."""
 
     def advance(self, nbytes: int = 0, tokens: int = 0) -> None:
         """`nbytes` more of the input files were read, `tokens` more tokens written."""
@@ -224,7 +235,7 @@ def doc_hashes(seed: int | str, start: int, count: int) -> np.ndarray:
 
 def val_flags(seed: int | str, start: int, count: int, fraction: float) -> np.ndarray:
     """Which of documents start .. start+count-1 have a hash below `fraction` of the range
-    (each with probability `fraction`; the tokenizer's training sample is drawn so)."""
+    (each with probability `fraction`)."""
     import numpy as np
 
     if fraction <= 0 or count <= 0:
@@ -417,9 +428,10 @@ def prepare_corpus(
     inputs: files (.txt, .jsonl, .parquet, .txt.gz, .jsonl.gz), folders and glob patterns.
     tokenizer: None trains a byte-level BPE of `vocab_size`; "bytes" uses the 256 bytes;
         otherwise a tokenizer.json, a vocab.json (merges.txt beside it), or a folder with them.
-    tokenizer_sample: train the BPE on about this many bytes of whole documents, sampled
-        across the corpus (0: on all of it). The default, 1 GB, bounds the time and memory of
-        BPE training on multi-gigabyte corpora and changes nothing on smaller ones.
+    tokenizer_sample: train the BPE on about this many bytes of the corpus files, whole
+        documents read from evenly spread places, seeded by `seed` (0, or a corpus no larger:
+        on all of it). Only the sample is read, so the default, 1 GB, bounds the time and memory
+        of BPE training on corpora of any size and changes nothing on smaller ones.
     separator: text files are split into documents at this string (default <|endoftext|>);
         None makes each text file one document.
     batch_chars, piece_chars: characters encoded per batch, and the size of the pieces long
@@ -542,8 +554,9 @@ class _Run:
         import numpy as np
 
         total_bytes = sum(s.size for s in self.sources)
+        sampled = None
         if loaded is None:
-            tok = _train(
+            tok, sampled = _train(
                 self.sources, self.options, vocab_size, self.progress, total_bytes, tokenizer_sample, self.seed
             )
             kind = "bpe"
@@ -570,7 +583,8 @@ class _Run:
             val.finish()
             self.tmp[TOKENIZER_FILE].write_text(tok.to_str(pretty=True), encoding="utf-8")
             fsync_file(self.tmp[TOKENIZER_FILE])
-            meta = self._meta(enc, plan, counts, encoder, kind, tokenizer_spec, vocab_size, tokenizer_sample, val.count)
+            sample = (tokenizer_sample, sampled)
+            meta = self._meta(enc, plan, counts, encoder, kind, tokenizer_spec, vocab_size, sample, val.count)
             self.tmp[META_FILE].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
             fsync_file(self.tmp[META_FILE])
             _commit(self.out, self.tmp)
@@ -593,9 +607,11 @@ class _Run:
         kind: str,
         tokenizer_spec,
         vocab_size: int,
-        tokenizer_sample: int,
+        sample: tuple[int, int | None],
         val_tokens: int,
     ) -> dict[str, Any]:
+        """meta.json; `sample`: the tokenizer sample's size asked for and the UTF-8 bytes of
+        text the BPE was trained on (None when the tokenizer was loaded)."""
         text_tokens = enc.tokens - enc.documents
         split = _split_record(plan, self.val_fraction, val_tokens / enc.tokens)
         trained = tokenizer_spec is None
@@ -627,7 +643,8 @@ class _Run:
             "sources": enc.sources,
             "seed": self.seed,
             "val_fraction": self.val_fraction,
-            "tokenizer_sample": tokenizer_sample if trained else None,
+            "tokenizer_sample": sample[0] if trained else None,
+            "tokenizer_sample_bytes": sample[1],
             "separator": self.options.separator,
             "text_field": self.options.text_field,
             "text_column": self.options.text_column,
@@ -655,17 +672,24 @@ def _no_text(enc: _Encoded) -> DataError:
 
 
 def _train(sources, options, vocab_size, progress: Progress, total_bytes: int, sample_bytes: int, seed: int):
-    progress.phase("train tokenizer", total_bytes)
+    """Train the BPE on the tokenizer's sample (the whole corpus when it is no larger than
+    `sample_bytes`, or that is 0); returns the tokenizer and the UTF-8 bytes it was trained on."""
+    options = dataclasses.replace(options, piece_chars=min(options.piece_chars, TRAIN_PIECE_CHARS))
+    whole = not 0 < sample_bytes < total_bytes
+    sample = None if whole else DocumentSample(sources, options, sample_bytes, seed, progress.advance)
+    progress.phase("train tokenizer", total_bytes if sample is None else sample.planned)
     failure: list[BaseException] = []
+    trained_on = 0
 
     def batches() -> Iterator[list[str]]:
         # An exception raised inside an iterator that Rust consumes may come back changed;
         # keep the original to re-raise it.
+        nonlocal trained_on
         try:
-            pieces = iter_pieces(sources, options, on_bytes=lambda n: progress.advance(n))
-            if 0 < sample_bytes < total_bytes:
-                pieces = _sample(pieces, sample_bytes / total_bytes, seed)
-            yield from _text_batches(pieces, 1 << 20)
+            pieces = iter_pieces(sources, options, on_bytes=progress.advance) if sample is None else iter(sample)
+            for batch in _text_batches(pieces, TRAIN_BATCH_CHARS):
+                trained_on += sum(map(_utf8_len, batch))
+                yield batch
             progress.done()
             progress.phase("learn merges", None)
         except BaseException as exc:
@@ -681,23 +705,7 @@ def _train(sources, options, vocab_size, progress: Progress, total_bytes: int, s
     if failure:
         raise failure[0]
     progress.done()
-    return tok
-
-
-def _sample(pieces: Iterable[Piece], fraction: float, seed: int) -> Iterator[Piece]:
-    """Whole documents, each kept with probability `fraction` (a hash of its index, as for
-    the val split but with another key), so the sample spreads over the whole corpus. The
-    first document is always kept, so that a tiny sample is never empty."""
-    key, block = f"sample:{seed}", 4096
-    index, flags, flags_block = 0, None, -1
-    for piece in pieces:
-        b = index // block
-        if b != flags_block:
-            flags, flags_block = val_flags(key, b * block, block, fraction), b
-        if index == 0 or flags[index - b * block]:
-            yield piece
-        if piece.doc_end:
-            index += 1
+    return tok, trained_on
 
 
 def _text_batches(pieces: Iterable[Piece], chars: int) -> Iterator[list[str]]:
