@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import PROCESS_ENV, cli_output
+from helpers import PROCESS_ENV, cli_output, run_cli
 from lmtools import scoring
 from lmtools.checkpoint import read_checkpoint, save_checkpoint
 from lmtools.data.tokenizer import EOT, bytes_tokenizer, train_bpe
@@ -29,9 +30,9 @@ def tiny_model(ctx=8, vocab=257) -> TransformerLM:
     return TransformerLM(vocab, ctx, 16, 1, 2, 32).eval()
 
 
-def tiny_checkpoint(path) -> TransformerLM:
+def tiny_checkpoint(path, ctx=8) -> TransformerLM:
     """The tiny model saved with a bytes tokenizer and no training config."""
-    model = tiny_model()
+    model = tiny_model(ctx=ctx)
     save_checkpoint(
         model, None, 1, path, model_config=model.config.to_dict(), tokenizer_json=bytes_tokenizer().to_str()
     )
@@ -300,3 +301,126 @@ def test_every_eval_error_is_one_line_on_stderr_of_a_real_process(tmp_path):
         assert result.returncode == 2 and result.stdout == "", (args, result)
         assert result.stderr.splitlines() == [result.stderr.strip()] and says in result.stderr, (args, result.stderr)
         assert result.stderr.startswith("error:")
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: any file in bounded memory, the same scores, progress, a stop signal
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(0, 300), ctx=st.integers(1, 40), data=st.data())
+def test_windows_streamed_in_any_chunks_are_the_plan_s_windows(n, ctx, data):
+    stride = data.draw(st.integers(1, ctx))
+    ids = np.arange(n, dtype=np.int64) * 7
+    cuts = sorted(data.draw(st.lists(st.integers(0, n), max_size=12)))
+    chunks = [ids[a:b] for a, b in zip([0, *cuts], [*cuts, n])]
+    streamed = list(scoring.stream_windows(iter(chunks), ctx, stride))
+    assert [(s, e, k) for s, e, k, _ in streamed] == window_plan(n, ctx, stride)
+    for s, e, _, row in streamed:
+        assert np.array_equal(row, ids[s : e + 1])
+
+
+def test_a_file_scores_the_same_whatever_the_size_of_the_blocks_read(tmp_path, monkeypatch):
+    model, tok = tiny_model(ctx=16), bytes_tokenizer()
+    np.save(tmp_path / "val.npy", np.random.default_rng(3).integers(0, 257, 5000).astype(np.uint16))
+    (tmp_path / "t.txt").write_text(prose(20_000, 4), encoding="utf-8")
+    whole = {p: score_file(model, tmp_path / p, lambda: tok, stride=5, batch_size=3) for p in ("val.npy", "t.txt")}
+    for chunk, block in ((1, 1), (7, 13), (4096, 999)):
+        monkeypatch.setattr(scoring, "TOKEN_CHUNK", chunk)
+        monkeypatch.setattr(scoring, "TEXT_BLOCK", block)
+        for p, expected in whole.items():
+            r = score_file(model, tmp_path / p, lambda: tok, stride=5, batch_size=3)
+            assert (r.nll, r.scored, r.tokens, r.bytes_per_token) == (
+                expected.nll,
+                expected.scored,
+                expected.tokens,
+                expected.bytes_per_token,
+            )
+
+
+# The peak resident memory of the process, read as it exits: VmHWM starts again at exec, while
+# getrusage's ru_maxrss of a child would start from its parent's size at fork.
+_REPORT_PEAK = (
+    "import atexit, runpy, sys\n"
+    "def report():\n"
+    "    peak = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+    "    sys.stderr.write('peak ' + peak.split()[1] + '\\n')\n"
+    "atexit.register(report)\n"
+    "sys.argv = ['lmtools', *sys.argv[1:]]\n"
+    "runpy.run_module('lmtools.cli', run_name='__main__')\n"
+)
+
+
+def _peak_rss_mb(*args) -> float:
+    """The peak resident memory of `lmtools ARGS` run as a process of its own (MB)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _REPORT_PEAK, *map(str, args)],
+        env=PROCESS_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    return int(result.stderr.splitlines()[-1].removeprefix("peak ")) / 1024
+
+
+@pytest.mark.slow
+def test_eval_memory_does_not_grow_with_the_file(tmp_path):
+    # Before streaming, eval held the file's ids twice over (int64, then concatenated) and
+    # scanned a memory-mapped token file whole: +107 MB and +57 MB here, growing with the file.
+    tiny_checkpoint(tmp_path / "c.pt", ctx=256)
+    rng = np.random.default_rng(0)
+    words = np.array("the quick brown fox jumps over a lazy dog while wizards hex fjords\n".split(" "))
+    for name, mb in (("small", 1), ("large", 8)):
+        text = " ".join(rng.choice(words, size=int(mb * 200_000)))
+        (tmp_path / f"{name}.txt").write_text(text[: int(mb * 1e6)], encoding="utf-8")
+        np.save(tmp_path / f"{name}.npy", rng.integers(0, 257, int(mb * 1e6)).astype(np.int64))
+    rss = {
+        name: _peak_rss_mb("eval", tmp_path / "c.pt", tmp_path / name, "--batch_size", "64", "--json")
+        for name in ("small.txt", "large.txt", "small.npy", "large.npy")
+    }
+    assert rss["large.txt"] - rss["small.txt"] < 48, rss  # 8M ids: 64 MB as int64
+    assert rss["large.npy"] - rss["small.npy"] < 32, rss  # a 64 MB token file
+
+
+def test_eval_says_how_far_it_is_on_a_pipe_and_its_throughput(tmp_path, monkeypatch):
+    from lmtools.cli.eval import PlainProgress
+
+    tiny_checkpoint(tmp_path / "c.pt")
+    np.save(tmp_path / "val.npy", np.random.default_rng(2).integers(0, 257, 3000).astype(np.uint16))
+    monkeypatch.setattr(PlainProgress, "INTERVAL", 0.0)
+    result = run_cli("eval", tmp_path / "c.pt", tmp_path / "val.npy", "--batch_size", "4")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    batches = math.ceil(len(window_plan(3000, 8, 8)) / 4)
+    assert len(lines) == batches + 1, lines  # a line per batch of 4 windows, then the throughput
+    assert re.fullmatch(
+        rf"eval: {re.escape(str(tmp_path / 'val.npy'))}: +\d+\.\d% of [\d.]+ kB, "
+        r"\d+ tokens scored, [\d,]+ tokens/s, eta \d+ s",
+        lines[0],
+    ), lines[0]
+    assert lines[-1].startswith(f"eval: {tmp_path / 'val.npy'}: 2,999 tokens scored in ")
+    assert lines[-1].endswith(" tokens/s)")
+    report = json.loads(cli_output("eval", tmp_path / "c.pt", tmp_path / "val.npy", "--json"))["files"][0]
+    assert report["seconds"] > 0 and report["tokens_per_second"] == pytest.approx(2999 / report["seconds"])
+
+
+@pytest.mark.slow
+def test_a_stop_signal_ends_eval_of_a_long_file_at_once(tmp_path):
+    tiny_checkpoint(tmp_path / "c.pt", ctx=256)
+    np.save(tmp_path / "long.npy", np.random.default_rng(0).integers(0, 257, 16_000_000).astype(np.uint16))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmtools.cli", "eval", "c.pt", "long.npy", "--batch_size", "1"],
+        cwd=tmp_path,
+        env=PROCESS_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = proc.stderr.readline()  # after PlainProgress.INTERVAL of scoring: minutes are left
+    assert first.startswith("eval: long.npy: ") and " tokens scored" in first, first
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=10)  # a batch is one window: the signal is seen within milliseconds
+    assert proc.returncode == 130 and proc.stderr.read() == "interrupted\n" and proc.stdout.read() == ""

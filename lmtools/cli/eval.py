@@ -80,16 +80,10 @@ def _score_file(model, path: Path, text_tokenizer, stride: int, batch_size: int,
     """`path` scored in sliding windows, with a progress bar of its own."""
     from lmtools.scoring import score_file
 
-    task = progress.add_task(path.name, total=None)
-    return score_file(
-        model,
-        path,
-        text_tokenizer,
-        stride=stride,
-        batch_size=batch_size,
-        advance=lambda n: progress.advance(task, n),
-        on_plan=lambda n: progress.update(task, total=n),
-    )
+    progress.start(path)
+    result = score_file(model, path, text_tokenizer, stride=stride, batch_size=batch_size, on_progress=progress.update)
+    progress.done(result)
+    return result
 
 
 def _print_json(results, checkpoint: Path, stride: int) -> None:
@@ -100,23 +94,119 @@ def _print_json(results, checkpoint: Path, stride: int) -> None:
 
 
 def _progress(disable: bool):
-    """A transient progress bar on stderr, shown only on a terminal: rich ends a bar on a
-    console that is not interactive (a pipe, a file, a test's capture) with an empty line,
-    which would stand before the one line of an error."""
+    """On a terminal, a transient progress bar on stderr; elsewhere (a pipe, a file, a job's
+    log) a plain line every PlainProgress.INTERVAL seconds once a file takes that long, so that
+    a quick eval prints nothing but its results. Rich would end a bar on a console that is not
+    interactive with an empty line, which would stand before the one line of an error."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("windows"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=disable or not console.is_interactive,
-    )
+    if disable:
+        return Progress()
+    return BarProgress(console) if console.is_interactive else PlainProgress()
+
+
+class Progress:
+    """What eval reports while it scores a file; the default is silent."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def start(self, path: Path) -> None:
+        pass
+
+    def update(self, done: int, total: int, scored: int) -> None:
+        pass
+
+    def done(self, result) -> None:
+        pass
+
+
+class PlainProgress(Progress):
+    """A line on stderr every INTERVAL seconds of a file, and its throughput at the end."""
+
+    INTERVAL = 10.0
+
+    def start(self, path: Path) -> None:
+        import time
+
+        self.path, self.start_time = path, time.monotonic()
+        self.last = self.start_time
+        self.spoke = False
+
+    def update(self, done: int, total: int, scored: int) -> None:
+        import sys
+        import time
+
+        now = time.monotonic()
+        if now - self.last < self.INTERVAL:
+            return
+        self.last, self.spoke = now, True
+        rate = scored / max(now - self.start_time, 1e-9)
+        eta = (total - done) / done * (now - self.start_time) if done else 0.0
+        sys.stderr.write(
+            f"eval: {self.path}: {100 * done / max(total, 1):5.1f}% of {_size(total)}, "
+            f"{scored:,} tokens scored, {rate:,.0f} tokens/s, eta {eta:.0f} s\n"
+        )
+
+    def done(self, result) -> None:
+        import sys
+
+        if self.spoke:
+            sys.stderr.write(f"eval: {self.path}: {_throughput(result)}\n")
+
+
+class BarProgress(Progress):
+    """Rich's bar: the bytes of the file scored, tokens per second, the time left."""
+
+    def __init__(self, console) -> None:
+        from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        self.bar = RichProgress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def start(self, path: Path) -> None:
+        import time
+
+        self.task, self.start_time = self.bar.add_task(path.name, total=None, rate=""), time.monotonic()
+
+    def update(self, done: int, total: int, scored: int) -> None:
+        import time
+
+        rate = scored / max(time.monotonic() - self.start_time, 1e-9)
+        self.bar.update(self.task, completed=done, total=total, rate=f"{rate:,.0f} tokens/s")
+
+    def done(self, result) -> None:
+        self.bar.console.print(f"{result.path}: {_throughput(result)}", highlight=False)
+
+
+def _size(n: int) -> str:
+    from rich.filesize import decimal
+
+    return decimal(n)
+
+
+def _throughput(result) -> str:
+    rate = f" ({result.tokens_per_second:,.0f} tokens/s)" if result.tokens_per_second else ""
+    return f"{result.scored:,} tokens scored in {result.seconds:.1f} s{rate}"
 
 
 def _table(results, checkpoint: Path, stride: int, val_windows: bool) -> None:
