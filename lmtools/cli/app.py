@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import typer
@@ -135,8 +136,9 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except LMToolsError as exc:
             raise fail(str(exc)) from None
-        except KeyboardInterrupt:
-            sys.stderr.write("interrupted\n")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP where a command asks so
+            signum = getattr(exc, "signum", signal.SIGINT)
+            sys.stderr.write("interrupted\n" if signum == signal.SIGINT else f"stopped by {exc}\n")
+            raise typer.Exit(128 + signum) from None
 
     return wrapper

@@ -236,10 +236,12 @@ def prepare(
 def _prepare_with_progress(corpus: list[str], out: Path, quiet: bool, **options) -> dict:
     """`prepare_corpus` with progress on stderr; the bar is stopped however it ends."""
     from lmtools.data.prepare import prepare_corpus
+    from lmtools.runtime.signals import TerminateAsInterrupt
 
     progress = _progress(quiet)
     try:
-        return prepare_corpus(corpus, out, progress=progress, **options)
+        with TerminateAsInterrupt():  # a scheduler's stop cleans up as Ctrl-C does
+            return prepare_corpus(corpus, out, progress=progress, **options)
     finally:
         if hasattr(progress, "stop"):
             progress.stop()

@@ -108,3 +108,35 @@ class StopSignal:
                         self._grace.start()
         finally:
             os.close(read_fd)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C raises KeyboardInterrupt; `signum` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class TerminateAsInterrupt:
+    """While entered, SIGTERM and SIGHUP end a command as Ctrl-C does: as an exception in the main
+    thread, so that what the command was writing is removed on the way out (the default action
+    would end the process on the spot and leave its temporary files). The first one restores
+    the defaults: a second signal ends the process at once."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+    def __enter__(self) -> TerminateAsInterrupt:
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._raise) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _raise(self, signum, frame) -> None:
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        raise Terminated(signum)

@@ -120,6 +120,25 @@ def test_temporaries_of_a_killed_prepare_are_removed_by_the_next(tmp_path, corpu
     assert (out / "notes.md").read_text() == "mine"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_stop_signal_mid_prepare_leaves_the_old_dataset_and_nothing_else(tmp_path, corpus, sig):
+    # A scheduler's SIGTERM and a dropped terminal's SIGHUP clean up as Ctrl-C does; by default
+    # they ended the process on the spot, leaving a .tmp of hundreds of MB and the lock file.
+    text, tok = corpus
+    out = tmp_path / "data"
+    (tmp_path / "small.txt").write_text(prose(20_000, seed=9), encoding="utf-8")
+    assert prepare(tmp_path / "small.txt", "--out", out, "--tokenizer", "bytes").returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = start_prepare(text, "--out", out, "--tokenizer", tok, "--force")
+    temporary = out / f".train.npy.{proc.pid}.tmp"
+    wait_for(lambda: temporary.is_file() and temporary.stat().st_size > 0, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert err.splitlines()[-1] == ("interrupted" if sig == signal.SIGINT else f"stopped by {sig.name}")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_a_full_disk_is_one_line_and_keeps_the_old_dataset(tmp_path, corpus):
     text, tok = corpus
     with tmpfs(tmp_path / "small-disk", "size=4m") as disk:
