@@ -46,6 +46,7 @@ from lmtools.data.corpus import (
     Piece,
     ReadOptions,
     SourceReader,
+    check_not_binary,
     iter_pieces,
     resolve_sources,
 )
@@ -441,6 +442,7 @@ def prepare_corpus(
     threads = _check_options(val_fraction, separator, threads, tokenizer, vocab_size, tokenizer_sample)
     # The inputs first: a missing corpus is the first thing to hear about.
     sources = resolve_sources(inputs)
+    check_not_binary(sources)
     loaded = load_tokenizer(tokenizer) if tokenizer is not None else None
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():

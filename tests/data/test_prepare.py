@@ -17,6 +17,7 @@ from lmtools.data.corpus import ReadOptions, SourceReader, resolve_sources, safe
 from lmtools.data.prepare import NpyWriter, prepare_corpus, read_meta
 from lmtools.data.tokenizer import EOT, Encoder, bytes_to_unicode, load_tokenizer, train_bpe
 from lmtools.errors import ConfigError, DataError
+from texts import prose
 
 PROSE = (
     "The quick brown fox jumps over the lazy dog. It's a sentence we'll use, isn't it?\n"
@@ -697,3 +698,61 @@ def test_tokenizer_sample_trains_on_part_of_the_corpus(tmp_path):
     assert meta["tokenizer_sample_bytes"] == sum(len(d) for d in seen)
     _, train, val = load_dataset_docs(tmp_path / "out")
     assert sorted(train + val) == sorted(docs)  # everything is still encoded
+
+
+# ---------------------------------------------------------------------------------------------
+# Binary input is found before the long passes
+# ---------------------------------------------------------------------------------------------
+
+# `lmtools prepare ARGS` in this process, then the bytes it read from files (/proc/self/io rchar).
+PREPARE_READING = """
+import sys
+from lmtools.cli import main
+try:
+    main(["prepare", *sys.argv[1:]])
+except SystemExit as exc:
+    code = exc.code
+with open("/proc/self/io") as f:
+    print(code, next(int(line.split()[1]) for line in f if line.startswith("rchar")))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs /proc/self/io (Linux)")
+def test_a_binary_file_in_a_folder_is_refused_before_the_text_is_read(tmp_path):
+    # The reading pass met the NUL bytes of the last file after encoding all the others.
+    binary = b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 64
+    for name, texts in (("alone", 0), ("corpus", 4)):
+        (tmp_path / name).mkdir()
+        for i in range(texts):
+            (tmp_path / name / f"{i}.txt").write_text(prose(4_000_000, seed=i), encoding="utf-8")
+        (tmp_path / name / "z.txt").write_bytes(binary)
+    read = {}
+    for name in ("alone", "corpus"):
+        out = tmp_path / f"out-{name}"
+        args = [str(tmp_path / name), "--out", str(out), "--tokenizer", "bytes"]
+        result = subprocess.run([sys.executable, "-c", PREPARE_READING, *args], capture_output=True, text=True)
+        code, read[name] = map(int, result.stdout.split()[-2:])
+        assert code == 2 and "z.txt: looks binary (holds NUL bytes)" in result.stderr, result.stderr
+        assert not out.exists()
+    # Beside what a prepare of the binary file alone reads (libraries): 8 KB of each text file,
+    # not the 16 MB of text.
+    assert read["corpus"] - read["alone"] < 1_000_000, read
+
+
+def test_binary_input_is_looked_for_at_the_head_and_every_64_mb(tmp_path, monkeypatch):
+    from lmtools.data import corpus
+
+    monkeypatch.setattr(corpus, "BINARY_PROBE_EVERY", 100_000)
+    text = bytearray(prose(1_000_000, seed=1).encode("utf-8"))
+    for at, found in ((0, True), (7_999, True), (300_004, True), (8_000, False), (350_000, False)):
+        data = bytearray(text)
+        data[at] = 0
+        (tmp_path / "t.txt").write_bytes(bytes(data))
+        sources = resolve_sources([tmp_path / "t.txt"])
+        if found:
+            with pytest.raises(DataError, match="looks binary"):
+                corpus.check_not_binary(sources)
+        else:
+            corpus.check_not_binary(sources)  # left to the reading pass, which checks every byte
+            with pytest.raises(DataError, match="looks binary"):
+                prepare_corpus([tmp_path / "t.txt"], tmp_path / "out", tokenizer="bytes")
