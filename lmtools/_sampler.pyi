@@ -44,7 +44,9 @@ class Sampler:
     `groups` is a list of `(weight, files)`: a row picks a group by weight, then a window
     uniformly among all windows of the group's files. Window starts in a file of length n run
     over 0..=n - context_length - 1; with `doc_eot`, only over the document starts among them
-    (0 and every position after a token equal to `doc_eot`), each equally likely.
+    (0 and every position after a token equal to `doc_eot`), each equally likely. With
+    `vocab_size`, `fill` refuses (DataError naming the file and the id) a batch holding an id
+    outside 0..vocab_size.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class Sampler:
         context_length: int,
         num_threads: int | None = None,
         doc_eot: int | None = None,
+        vocab_size: int | None = None,
     ) -> None: ...
     def fill(
         self,
@@ -78,6 +81,9 @@ class Sampler:
     def num_windows(self) -> int: ...
     @property
     def document_aligned(self) -> bool: ...
+    @property
+    def vocab_size(self) -> int | None:
+        """The id bound batches are checked against (0..vocab_size), or None."""
     @property
     def files(self) -> list[TokenFile]: ...
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,29 @@ class DataPlan:
     tokenizer: str | None  # the data's tokenizer.json
     doc_eot: int | None  # --doc_aligned: the end-of-text id windows start after; else None
     bytes_per_token: float | None  # of a lone prepared training file: validation bits per byte
+    # Token files whose id range meta.json records, by absolute path (see `KnownRange`).
+    token_ranges: dict[str, KnownRange] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class KnownRange:
+    """A token file's id range as its meta.json records it (min_token_id..max_token_id, over
+    train and val together, so a bound for each), valid while the file holds `tokens` tokens and
+    was not written after its meta.json (mtime at most `meta_mtime_ns`). A file that fails
+    either is scanned; the sampler checks the ids of every batch it gathers against the bound."""
+
+    tokens: int
+    lo: int
+    hi: int
+    meta_mtime_ns: int
+
+    def holds(self, path: str | os.PathLike, tokens: int) -> bool:
+        """Whether this record describes `path` as it is now, holding `tokens` tokens."""
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except OSError:
+            return False
+        return tokens == self.tokens and mtime <= self.meta_mtime_ns
 
 
 def resolve_data(cfg: TrainConfig, explicit_vocab: bool) -> tuple[TrainConfig, DataPlan]:
@@ -146,7 +169,45 @@ def _plan(cfg: TrainConfig, metas: list[dict | None]) -> DataPlan:
         tokenizer=cfg.tokenizer,
         doc_eot=_document_eot(cfg, metas),
         bytes_per_token=float(lone["bytes_per_token"]) if lone and lone.get("bytes_per_token") else None,
+        token_ranges=_known_ranges(cfg, metas),
     )
+
+
+def _known_ranges(cfg: TrainConfig, metas: list[dict | None]) -> dict[str, KnownRange]:
+    """The id ranges meta.json records for the training files and for the validation files of the
+    same prepared folders, by absolute path, from the metas already read."""
+    val_files = [cfg.val_data] if cfg.val_data else list(cfg.val_sets.values())
+    out: dict[str, KnownRange] = {}
+    seen: set[str] = set()
+    for meta in metas:
+        if meta is None or meta["dir"] in seen:
+            continue
+        seen.add(meta["dir"])
+        lo, hi = meta.get("min_token_id"), meta.get("max_token_id")
+        if not isinstance(lo, int) or not isinstance(hi, int):
+            continue
+        folder = Path(meta["dir"])
+        try:
+            mtime = (folder / META_FILE).stat().st_mtime_ns
+        except OSError:
+            continue
+        for name_key, count_key in (("train_file", "train_tokens"), ("val_file", "val_tokens")):
+            name, count = meta.get(name_key), meta.get(count_key)
+            if not isinstance(name, str) or not isinstance(count, int):
+                continue
+            known = KnownRange(count, lo, hi, mtime)
+            target = folder / name
+            for spec in [parse_source_spec(s)[0] for s in cfg.train_data] + [v for v in val_files if v]:
+                if os.path.abspath(spec) == str(target) or _same_file(spec, target):
+                    out[os.path.abspath(spec)] = known
+    return out
+
+
+def _same_file(a: str | os.PathLike, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _document_eot(cfg: TrainConfig, metas: list[dict | None]) -> int | None:

@@ -15,6 +15,7 @@ import glob
 import math
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from lmtools import _sampler
-from lmtools.data.dataset import parse_source_spec
+from lmtools.data.dataset import KnownRange, parse_source_spec
 from lmtools.data.fingerprint import SizeGuardedSampler
 from lmtools.errors import ConfigError, DataError
 from lmtools.layout import TOKEN_DTYPES_TEXT, token_dtype_name
@@ -39,6 +40,8 @@ __all__ = ["BatchLoader", "get_batch", "load_dataset"]
 _TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".jsonl", ".json", ".parquet", ".csv", ".tsv", ".gz", ".py", ".html")
 _U64 = (1 << 64) - 1
 _STATE_VERSION = 1
+# A token-id scan of a file larger than this says so on stderr first.
+SCAN_NOTICE_BYTES = 256 << 20
 
 TokenSource = Union[str, "os.PathLike[str]", np.ndarray, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -152,6 +155,8 @@ class BatchLoader:
         prefetch: int = 2,
         num_threads: int | None = None,
         doc_eot: int | None = None,
+        vocab_size: int | None = None,
+        known_ranges: dict[str, KnownRange] | None = None,
     ) -> None:
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.context_length = _positive_int(context_length, "context_length")
@@ -161,12 +166,18 @@ class BatchLoader:
         self.prefetch = _non_negative_int(prefetch, "prefetch")
         if num_threads is not None:
             num_threads = _positive_int(num_threads, "num_threads")
+        if vocab_size is not None:
+            vocab_size = _positive_int(vocab_size, "vocab_size")
+        self.vocab_size = vocab_size
         self.device = resolve_device(device)
 
         groups, self._weights = _resolve_sources(sources, weights, dtype)
         # doc_eot: windows start only at document starts (0 and after each end-of-text id).
         # The guard checks that no file it reads was truncated under its memory map (a bus error).
-        self._sampler = SizeGuardedSampler(_sampler.Sampler(groups, self.context_length, num_threads, doc_eot))
+        # vocab_size: every gathered batch is checked to hold ids in 0..vocab_size only.
+        self._sampler = SizeGuardedSampler(
+            _sampler.Sampler(groups, self.context_length, num_threads, doc_eot, vocab_size)
+        )
         if doc_eot is not None and self._sampler.num_windows == sum(len(files) for _, files in groups):
             raise DataError(
                 f"no end-of-text id {doc_eot} in the training data: document-aligned windows would all "
@@ -174,6 +185,9 @@ class BatchLoader:
             )
         self._files: list[_sampler.TokenFile] = list(self._sampler.files)
         self._file_weights = [w for w, (_, files) in zip(self._weights, groups) for _ in files]
+        # Per file, its id range from meta.json when that describes it as it is (else None: scanned).
+        self._known: list[tuple[int, int] | None] = [_known_range(f, known_ranges) for f in self._files]
+        self._scanned: dict[int, tuple[int, int] | None] = {}
 
         self.step = 0
         self.micro = 0
@@ -275,16 +289,35 @@ class BatchLoader:
         return self.batch_size * self.context_length * self.grad_accum_steps
 
     def token_range(self) -> tuple[int, int]:
-        """(min, max) token id over all sources, by a parallel scan (remembered)."""
-        ranges = [r for r in (f.token_range() for f in self._files) if r is not None]
+        """(min, max) token id over all sources: from meta.json where it records a file's range
+        (train and val together, so a bound), else by a parallel scan of the file (remembered)."""
+        ranges = [r for r in (self.file_token_range(i) for i in range(len(self._files))) if r is not None]
         return min(r[0] for r in ranges), max(r[1] for r in ranges)
+
+    def file_token_range(self, index: int) -> tuple[int, int] | None:
+        """(min, max) token id of one source (None when empty), from meta.json or a scan."""
+        known = self._known[index]
+        if known is not None:
+            return known
+        if index not in self._scanned:
+            f = self._files[index]
+            size = len(f) * np.dtype(f.dtype).itemsize
+            if f.mmapped and size > SCAN_NOTICE_BYTES:
+                print(f"scanning token ids of {f.name} ({size / 1e9:.1f} GB)", file=sys.stderr, flush=True)
+            self._scanned[index] = f.token_range()
+        return self._scanned[index]
+
+    @property
+    def ranges_from_meta(self) -> bool:
+        """Whether every source's id range came from meta.json (no file was scanned)."""
+        return all(k is not None for k in self._known)
 
     def describe(self) -> dict[str, Any]:
         """Plain data for a run's header: sources, sizes, dtypes, token range."""
         sources = []
         total_weight = sum(self._weights)
-        for f, w in zip(self._files, self._file_weights):
-            lo, hi = f.token_range() or (None, None)
+        for i, (f, w) in enumerate(zip(self._files, self._file_weights)):
+            lo, hi = self.file_token_range(i) or (None, None)
             sources.append(
                 {
                     "path": f.name,
@@ -294,6 +327,7 @@ class BatchLoader:
                     "weight": None if len(self._weights) == 1 else w / total_weight,
                     "min_token": lo,
                     "max_token": hi,
+                    "range_from_meta": self._known[i] is not None,
                 }
             )
         dtypes = sorted({f.dtype for f in self._files})
@@ -306,6 +340,8 @@ class BatchLoader:
             "mmap": all(f.mmapped for f in self._files),
             "min_token": lo,
             "max_token": hi,
+            "range_from_meta": self.ranges_from_meta,
+            "vocab_size": self.vocab_size,
             "batch_size": self.batch_size,
             "context_length": self.context_length,
             "grad_accum_steps": self.grad_accum_steps,
@@ -378,6 +414,15 @@ class BatchLoader:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
+
+
+def _known_range(f: _sampler.TokenFile, known: dict[str, KnownRange] | None) -> tuple[int, int] | None:
+    if not known or f.path is None or not len(f):
+        return None
+    record = known.get(os.path.abspath(str(f.path)))
+    if record is None or not record.holds(f.path, len(f)):
+        return None
+    return record.lo, record.hi
 
 
 # --------------------------------------------------------------------------------------------

@@ -205,8 +205,18 @@ class Trainer:
             grad_accum_steps=cfg.grad_accum_steps,
             dtype=cfg.data_dtype,
             doc_eot=self.data.doc_eot,
+            vocab_size=cfg.vocab_size,
+            known_ranges=self.data.token_ranges,
         )
-        val_sets = [(name, validation_loader(cfg, path, self.device)) for name, path in self.data.val.items()]
+        val_sets = [
+            (
+                name,
+                validation_loader(
+                    cfg, path, self.device, vocab_size=cfg.vocab_size, known_ranges=self.data.token_ranges
+                ),
+            )
+            for name, path in self.data.val.items()
+        ]
         identity = DataIdentity(loader.paths + [p for _name, ld in val_sets for p in ld.paths], self.data.tokenizer)
         return loader, val_sets, identity
 
@@ -550,7 +560,9 @@ def header_lines(cfg, loader, val_sets, model, device, dtype, dist_info, tokens_
                 f"{'memory-mapped' if src.get('mmap') else 'in memory'}"
                 + (f" | weight {src['weight']:.3g}" if src.get("weight") is not None and len(d["sources"]) > 1 else "")
             )
-        lines.append(f"{'':<7}  token ids {d['min_token']}..{d['max_token']}")
+        lines.append(
+            f"{'':<7}  token ids {d['min_token']}..{d['max_token']}" + (" (meta.json)" if d["range_from_meta"] else "")
+        )
         return lines
 
     mc = model.config

@@ -12,11 +12,22 @@ from lmtools.runtime.signals import stop_requested
 from lmtools.training.optim import cross_entropy
 
 
-def validation_loader(cfg: TrainConfig, path: str, device: torch.device) -> BatchLoader:
+def validation_loader(
+    cfg: TrainConfig, path: str, device: torch.device, *, vocab_size: int | None = None, known_ranges=None
+) -> BatchLoader:
     """The windows a run validates on in `path`: batch_at(i) of a loader seeded seed + 1, so that
-    every evaluation (and `lmtools eval --val_windows`) sees the same ones."""
+    every evaluation (and `lmtools eval --val_windows`) sees the same ones. `vocab_size` and
+    `known_ranges`: as BatchLoader's (the id check of every batch, ranges from meta.json)."""
     return BatchLoader(
-        [path], cfg.batch_size, cfg.context_length, device, seed=cfg.seed + 1, prefetch=0, dtype=cfg.data_dtype
+        [path],
+        cfg.batch_size,
+        cfg.context_length,
+        device,
+        seed=cfg.seed + 1,
+        prefetch=0,
+        dtype=cfg.data_dtype,
+        vocab_size=vocab_size,
+        known_ranges=known_ranges,
     )
 
 

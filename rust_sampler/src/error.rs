@@ -22,6 +22,13 @@ pub enum SamplerError {
     Argument(String),
     /// A mapped file shrank under a read (another process truncated it); what was read is void.
     Truncated { name: String },
+    /// A gathered window holds an id outside `0..vocab_size` (the bound the sampler was given).
+    IdOutOfRange {
+        name: String,
+        id: i64,
+        start: u64,
+        vocab_size: u64,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, SamplerError>;
@@ -64,6 +71,18 @@ impl fmt::Display for SamplerError {
                 f,
                 "{name} shrank while the run was reading it (truncated under its memory map); \
                  stopped, and the batch read past its end discarded"
+            ),
+            SamplerError::IdOutOfRange {
+                name,
+                id,
+                start,
+                vocab_size,
+            } => write!(
+                f,
+                "{name}: holds token id {id} (in the window at token {start}), outside 0..{} for \
+                 vocab_size {vocab_size}; the batch is refused: the file changed since its \
+                 meta.json was written, or holds another tokenizer's ids; prepare it again",
+                vocab_size.saturating_sub(1)
             ),
         }
     }

@@ -227,20 +227,24 @@ pub struct PySampler {
     num_windows: u64,
     #[pyo3(get)]
     document_aligned: bool,
+    #[pyo3(get)]
+    vocab_size: Option<u64>,
 }
 
 #[pymethods]
 impl PySampler {
     /// `doc_eot`: when given, windows start only at document starts (0 and every position
     /// after this end-of-text id); the index of starts is built here, without the GIL.
+    /// `vocab_size`: when given, a batch holding an id outside 0..vocab_size is refused.
     #[new]
-    #[pyo3(signature = (groups, context_length, num_threads = None, doc_eot = None))]
+    #[pyo3(signature = (groups, context_length, num_threads = None, doc_eot = None, vocab_size = None))]
     fn new(
         py: Python<'_>,
         groups: Vec<(f64, Vec<Bound<'_, PyTokenFile>>)>,
         context_length: i64,
         num_threads: Option<usize>,
         doc_eot: Option<i64>,
+        vocab_size: Option<u64>,
     ) -> PyResult<Self> {
         let context_length = usize::try_from(context_length)
             .ok()
@@ -266,7 +270,9 @@ impl PySampler {
         if let Some(n) = num_threads {
             inner = inner.with_threads(n)?;
         }
+        inner = inner.with_vocab_bound(vocab_size)?;
         Ok(PySampler {
+            vocab_size,
             context_length: inner.context_length(),
             num_tokens: inner.num_tokens(),
             num_windows: inner.num_windows(),

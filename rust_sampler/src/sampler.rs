@@ -50,6 +50,8 @@ pub struct Sampler {
     pool: Option<rayon::ThreadPool>,
     /// Per file, the allowed window starts when aligned to documents; None: every start.
     doc_starts: Option<Vec<Vec<u64>>>,
+    /// When set, every gathered id must lie in `0..vocab_size`; a batch holding another is refused.
+    vocab_size: Option<u64>,
 }
 
 impl Sampler {
@@ -122,6 +124,7 @@ impl Sampler {
             context_length,
             pool: None,
             doc_starts: None,
+            vocab_size: None,
         })
     }
 
@@ -169,6 +172,22 @@ impl Sampler {
             })?;
         self.pool = Some(pool);
         Ok(self)
+    }
+
+    /// Refuses batches holding an id outside `0..vocab_size` (None: no check). The check is a
+    /// max over the window being copied, whose bytes the gather reads anyway.
+    pub fn with_vocab_bound(mut self, vocab_size: Option<u64>) -> Result<Sampler> {
+        if vocab_size == Some(0) {
+            return Err(SamplerError::Argument(
+                "vocab_size must be positive, or None for no id check".into(),
+            ));
+        }
+        self.vocab_size = vocab_size;
+        Ok(self)
+    }
+
+    pub fn vocab_size(&self) -> Option<u64> {
+        self.vocab_size
     }
 
     pub fn context_length(&self) -> usize {
@@ -234,43 +253,70 @@ impl Sampler {
         // the next window while it widens the current one (the windows are scattered over
         // a file far larger than the caches, so their first touch is a trip to memory).
         let rows_per_task = (ROW_TASK_TOKENS / t).max(1);
-        let fill_rows = |first_row: usize, xs: &mut [i64], ys: &mut [i64]| {
-            let rows = xs.len() / t;
-            let windows: Vec<Window> = (first_row..first_row + rows)
-                .map(|r| self.window(key, r))
-                .collect();
-            let slice = |w: &Window| (w.file, w.start as usize);
-            if let Some(w) = windows.first() {
-                let (f, s) = slice(w);
-                with_slice!(views[f], v => prefetch(&v[s..s + t + 1]));
-            }
-            for (i, (x, y)) in xs.chunks_mut(t).zip(ys.chunks_mut(t)).enumerate() {
-                if let Some(next) = windows.get(i + 1) {
-                    let (f, s) = slice(next);
+        let bound = self.vocab_size;
+        // The first row (in row order) holding an id outside the bound: (row, window, id).
+        let fill_rows =
+            |first_row: usize, xs: &mut [i64], ys: &mut [i64]| -> Option<(usize, Window, i64)> {
+                let rows = xs.len() / t;
+                let windows: Vec<Window> = (first_row..first_row + rows)
+                    .map(|r| self.window(key, r))
+                    .collect();
+                let slice = |w: &Window| (w.file, w.start as usize);
+                if let Some(w) = windows.first() {
+                    let (f, s) = slice(w);
                     with_slice!(views[f], v => prefetch(&v[s..s + t + 1]));
                 }
-                let (f, s) = slice(&windows[i]);
-                with_slice!(views[f], v => copy_row(&v[s..s + t + 1], x, y));
-            }
-        };
-        if inputs.len() < PARALLEL_MIN_TOKENS {
-            fill_rows(0, inputs, targets);
+                let mut bad = None;
+                for (i, (x, y)) in xs.chunks_mut(t).zip(ys.chunks_mut(t)).enumerate() {
+                    if let Some(next) = windows.get(i + 1) {
+                        let (f, s) = slice(next);
+                        with_slice!(views[f], v => prefetch(&v[s..s + t + 1]));
+                    }
+                    let (f, s) = slice(&windows[i]);
+                    match bound {
+                        None => with_slice!(views[f], v => copy_row(&v[s..s + t + 1], x, y)),
+                        Some(vocab) => {
+                            // Ids as u64: a negative id wraps to a huge one, so one max finds both.
+                            let top =
+                                with_slice!(views[f], v => copy_row_max(&v[s..s + t + 1], x, y));
+                            if top >= vocab && bad.is_none() {
+                                bad = Some((first_row + i, windows[i], top as i64));
+                            }
+                        }
+                    }
+                }
+                bad
+            };
+        let bad = if inputs.len() < PARALLEL_MIN_TOKENS {
+            fill_rows(0, inputs, targets)
         } else {
             let mut run = move || {
                 inputs
                     .par_chunks_mut(rows_per_task * t)
                     .zip(targets.par_chunks_mut(rows_per_task * t))
                     .enumerate()
-                    .for_each(|(task, (xs, ys))| fill_rows(task * rows_per_task, xs, ys))
+                    .filter_map(|(task, (xs, ys))| fill_rows(task * rows_per_task, xs, ys))
+                    .min_by_key(|&(row, _, _)| row)
             };
             match &self.pool {
                 Some(pool) => pool.install(run),
                 None => run(),
             }
-        }
+        };
         // A file truncated under the copy read zeros, not its tokens (see `fault`). The mark is
         // sticky, so every later batch is refused too.
-        self.files.iter().try_for_each(|f| f.check_not_truncated())
+        self.files
+            .iter()
+            .try_for_each(|f| f.check_not_truncated())?;
+        if let (Some((_, w, id)), Some(vocab)) = (bad, bound) {
+            return Err(SamplerError::IdOutOfRange {
+                name: self.files[w.file].name().to_string(),
+                id,
+                start: w.start,
+                vocab_size: vocab,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -303,6 +349,14 @@ fn copy_row<T: Token>(window: &[T], x: &mut [i64], y: &mut [i64]) {
     for (o, &v) in y.iter_mut().zip(tail) {
         *o = v.widen();
     }
+}
+
+/// `copy_row`, returning the largest id of the window read as u64 (negative ids wrap high).
+#[inline]
+fn copy_row_max<T: Token>(window: &[T], x: &mut [i64], y: &mut [i64]) -> u64 {
+    copy_row(window, x, y);
+    // The window was just read: it is in cache, and this pass vectorizes.
+    window.iter().fold(0u64, |m, &v| m.max(v.widen() as u64))
 }
 
 #[cfg(test)]
@@ -583,5 +637,80 @@ mod tests {
         assert!(s.fill(&mut x, &mut y, batch_key(0, 0, 0, 0)).is_err());
         let (mut x, mut y) = (vec![0i64; 16], vec![0i64; 8]);
         assert!(s.fill(&mut x, &mut y, batch_key(0, 0, 0, 0)).is_err());
+    }
+
+    #[test]
+    fn vocab_bound_refuses_a_batch_with_an_id_outside() {
+        // Ids 0..99 everywhere but one 5000 at position 4321 of "b".
+        let mut b: Vec<u32> = (0..10_000).map(|i| i % 100).collect();
+        b[4321] = 5000;
+        let make = |bound| {
+            Sampler::new(
+                vec![(
+                    1.0,
+                    vec![
+                        tokens("a", (0..10_000).map(|i| i % 100).collect()),
+                        tokens("b", b.clone()),
+                    ],
+                )],
+                64,
+            )
+            .unwrap()
+            .with_vocab_bound(bound)
+            .unwrap()
+        };
+        // Small batches (one thread) and large ones (the pool) alike.
+        for rows in [8usize, 8192] {
+            let (mut x, mut y) = (vec![0i64; rows * 64], vec![0i64; rows * 64]);
+            let mut refused = 0;
+            let steps = if rows == 8 { 400 } else { 4 };
+            for step in 0..steps {
+                let key = batch_key(1, 0, step, 0);
+                let hits = make(None)
+                    .windows(rows, key)
+                    .iter()
+                    .any(|w| w.file == 1 && (w.start..=w.start + 64).contains(&4321));
+                assert!(make(None).fill(&mut x, &mut y, key).is_ok());
+                assert!(make(Some(5001)).fill(&mut x, &mut y, key).is_ok());
+                match make(Some(100)).fill(&mut x, &mut y, key) {
+                    Ok(()) => assert!(!hits),
+                    Err(e) => {
+                        assert!(hits);
+                        let m = e.to_string();
+                        assert!(m.starts_with("b: holds token id 5000 "), "{m}");
+                        assert!(m.contains("outside 0..99"), "{m}");
+                        refused += 1;
+                    }
+                }
+            }
+            assert!(refused > 0);
+        }
+        assert!(make(None).with_vocab_bound(Some(0)).is_err());
+    }
+
+    #[test]
+    fn vocab_bound_catches_negative_ids() {
+        let data: Vec<i64> = (0..200).map(|i| if i == 50 { -3 } else { i % 7 }).collect();
+        let f = Arc::new(TokenFile::from_storage(
+            "neg".into(),
+            Box::new(Fixed64(data)),
+        ));
+        let s = Sampler::new(vec![(1.0, vec![f])], 199)
+            .unwrap()
+            .with_vocab_bound(Some(7))
+            .unwrap();
+        let (mut x, mut y) = (vec![0i64; 199], vec![0i64; 199]);
+        let e = s
+            .fill(&mut x, &mut y, batch_key(0, 0, 0, 0))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("token id -3"), "{e}");
+    }
+
+    struct Fixed64(Vec<i64>);
+    impl TokenStorage for Fixed64 {
+        fn view(&self) -> TokenView<'_> {
+            TokenView::I64(&self.0)
+        }
     }
 }
