@@ -4,6 +4,8 @@ Every method produces what training consumes: inputs and targets, int64 torch te
 (batch_size, context_length), from random windows of a page-cached 100M-token uint16 memmap.
 
 - lmtools_fill: the Rust sampler filling preallocated buffers (what BatchLoader's ring does).
+- lmtools_fill_checked: the same, with the id check `lmtools train` runs (vocab_size=50257: every
+  gathered window's ids checked to lie in 0..vocab_size).
 - lmtools_get_batch: the public `lmtools.data.loader.get_batch`, fresh tensors every call.
 - spec_python_loop: the original specification's `np.stack([data[i:i+T] for i in starts])`.
 - nanogpt: nanoGPT's `torch.stack([torch.from_numpy(data[i:i+T].astype(np.int64)) ...])`.
@@ -22,11 +24,12 @@ from lmtools import _sampler
 from lmtools.data.loader import get_batch
 
 SHAPES = [(32, 512), (64, 2048), (512, 1024)]
+VOCAB = 50_257  # the ids of conftest's token_memmap lie below it
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def lmtools_fill(data: np.ndarray, b: int, t: int) -> Callable[[], Batch]:
-    sampler = _sampler.Sampler([(1.0, [_sampler.TokenFile.from_buffer(data, "bench")])], t)
+def lmtools_fill(data: np.ndarray, b: int, t: int, vocab_size: int | None = None) -> Callable[[], Batch]:
+    sampler = _sampler.Sampler([(1.0, [_sampler.TokenFile.from_buffer(data, "bench")])], t, vocab_size=vocab_size)
     x = torch.empty((b, t), dtype=torch.int64)
     y = torch.empty((b, t), dtype=torch.int64)
     xn, yn = x.numpy(), y.numpy()
@@ -37,6 +40,10 @@ def lmtools_fill(data: np.ndarray, b: int, t: int) -> Callable[[], Batch]:
         return x, y
 
     return run
+
+
+def lmtools_fill_checked(data: np.ndarray, b: int, t: int) -> Callable[[], Batch]:
+    return lmtools_fill(data, b, t, vocab_size=VOCAB)
 
 
 def lmtools_get_batch(data: np.ndarray, b: int, t: int) -> Callable[[], Batch]:
@@ -74,7 +81,10 @@ def numpy_fancy(data: np.ndarray, b: int, t: int) -> Callable[[], Batch]:
     return run
 
 
-METHODS = {f.__name__: f for f in (lmtools_fill, lmtools_get_batch, spec_python_loop, nanogpt, numpy_fancy)}
+METHODS = {
+    f.__name__: f
+    for f in (lmtools_fill, lmtools_fill_checked, lmtools_get_batch, spec_python_loop, nanogpt, numpy_fancy)
+}
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{b}x{t}" for b, t in SHAPES])

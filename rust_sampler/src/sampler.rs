@@ -352,11 +352,21 @@ fn copy_row<T: Token>(window: &[T], x: &mut [i64], y: &mut [i64]) {
 }
 
 /// `copy_row`, returning the largest id of the window read as u64 (negative ids wrap high).
+/// The max is taken in the loop that widens the inputs (one pass, vectorized); the targets add
+/// only the window's last id.
 #[inline]
 fn copy_row_max<T: Token>(window: &[T], x: &mut [i64], y: &mut [i64]) -> u64 {
-    copy_row(window, x, y);
-    // The window was just read: it is in cache, and this pass vectorizes.
-    window.iter().fold(0u64, |m, &v| m.max(v.widen() as u64))
+    let (head, tail) = (&window[..x.len()], &window[1..]);
+    let mut top = 0u64;
+    for (o, &v) in x.iter_mut().zip(head) {
+        let w = v.widen();
+        *o = w;
+        top = top.max(w as u64);
+    }
+    for (o, &v) in y.iter_mut().zip(tail) {
+        *o = v.widen();
+    }
+    window.last().map_or(top, |&v| top.max(v.widen() as u64))
 }
 
 #[cfg(test)]
