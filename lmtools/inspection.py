@@ -20,6 +20,7 @@ import numpy as np
 
 from lmtools import _sampler
 from lmtools.config.train_config import TrainConfig
+from lmtools.data.dataset import KnownRange
 from lmtools.data.prepare import read_meta
 from lmtools.errors import CheckpointError, DataError, LMToolsError
 from lmtools.layout import (
@@ -44,11 +45,23 @@ MODULE_ORDER = ("token_embeddings", "layers", "ln_final", "lm_head")
 
 _EXCERPT_TOKENS = 512  # decoded, then cut to the requested number of characters
 _COUNT_CHUNK = 1 << 24  # tokens per chunk when counting end-of-text ids
+# Without --full, a token file whose meta.json does not give its range and counts is read whole
+# up to this size; a larger one is sampled: SAMPLE_BLOCKS evenly spaced blocks of SAMPLE_BYTES.
+READ_ALL_BYTES = 64 << 20
+SAMPLE_BLOCKS = 64
+SAMPLE_BYTES = 64 << 10
 _BESIDE = object()  # default: look for the tokenizer beside the file
 
 
-def inspect_path(path: str | os.PathLike, *, dtype: str | None = None, excerpt_chars: int = 200) -> dict:
-    """Describe a checkpoint, a token file (`.npy`, or raw with `dtype`) or a prepared folder."""
+def inspect_path(
+    path: str | os.PathLike, *, dtype: str | None = None, excerpt_chars: int = 200, full: bool = False
+) -> dict:
+    """Describe a checkpoint, a token file (`.npy`, or raw with `dtype`) or a prepared folder.
+
+    A token file's id range and document count come from its meta.json when that describes it;
+    else a file up to `READ_ALL_BYTES` is read whole, a larger one sampled (the values marked
+    estimated). `full`: read every token of every file for exact values.
+    """
     p = Path(path)
     problem = None if p.is_dir() else regular_file_problem(p)
     if problem == "file not found":
@@ -56,11 +69,11 @@ def inspect_path(path: str | os.PathLike, *, dtype: str | None = None, excerpt_c
     if problem is not None:  # a FIFO would block the first read forever
         raise DataError(f"{p} {problem}; pass a checkpoint, a token file or a prepared folder")
     if p.is_dir():
-        return inspect_dataset(p, excerpt_chars=excerpt_chars)
+        return inspect_dataset(p, excerpt_chars=excerpt_chars, full=full)
     suffix = p.suffix.lower()
     head = file_head(p)
     if suffix in (".npy", ".bin") or dtype is not None or head.startswith(NPY_MAGIC):
-        return inspect_token_file(p, dtype=dtype, excerpt_chars=excerpt_chars)
+        return inspect_token_file(p, dtype=dtype, excerpt_chars=excerpt_chars, full=full)
     if suffix in CHECKPOINT_SUFFIXES or head.startswith(ZIP_MAGIC) or head[:1] == bytes([PICKLE_PROTO]):
         return inspect_checkpoint(p)
     raise DataError(
@@ -351,11 +364,15 @@ def inspect_token_file(
     meta: dict | None = None,
     tokenizer: Any = _BESIDE,
     excerpt_chars: int = 200,
+    full: bool = False,
 ) -> dict:
     """Tokens, dtype, token range, documents, bytes per token and a decoded excerpt.
 
     `meta` and `tokenizer` default to the `meta.json` and `tokenizer.json` beside the file
-    (`tokenizer=None`: no tokenizer, no excerpt).
+    (`tokenizer=None`: no tokenizer, no excerpt). The range and the document count come from
+    meta.json when it describes the file (its token count, not newer than it); else from reading
+    the file, whole when it is at most READ_ALL_BYTES or `full`, else from a sample (marked
+    "estimated").
     """
     import functools
 
@@ -363,9 +380,19 @@ def inspect_token_file(
     is_npy = p.suffix.lower() == ".npy"
     token_file = _open_token_file(p, is_npy, dtype)
     n = len(token_file)
-    rng = token_file.token_range() if n else None
     if meta is None:
         meta = _meta_beside(p)
+    described = not full and _meta_describes(p, n, meta)
+    sample = None
+    if not n:
+        rng = None
+    elif described:
+        rng = (int(meta["min_token_id"]), int(meta["max_token_id"]))
+    elif full or n * np.dtype(token_file.dtype).itemsize <= READ_ALL_BYTES:
+        rng = token_file.token_range()
+    else:
+        sample = _sample_tokens(p, token_file)
+        rng = (int(sample.min()), int(sample.max()))
     if tokenizer is _BESIDE:
         tokenizer = _tokenizer_beside(p, meta)
     vocab_size = _meta_int(meta, "vocab_size")
@@ -382,9 +409,11 @@ def inspect_token_file(
         "max_token": rng[1] if rng else None,
         "vocab_size": vocab_size,
     }
+    if sample is not None:
+        report["token_range_from"] = _estimated(sample, n)
     problems = _range_problems(rng, vocab_size)
     tokens = functools.cache(lambda: _open_tokens(p, is_npy, token_file.dtype))  # opened once, if at all
-    report |= _documents(p, n, meta, tokenizer, tokens)
+    report |= _documents(p, n, meta, tokenizer, tokens, sample, full)
     bpt = _meta_float(meta, "bytes_per_token")
     if bpt is not None:
         report["bytes_per_token"] = bpt
@@ -407,6 +436,51 @@ def _open_token_file(p: Path, is_npy: bool, dtype: str | None):
     return _sampler.TokenFile.open(str(p), None if is_npy else token_dtype_name(dtype, "--dtype"))
 
 
+def _meta_describes(p: Path, n: int, meta: dict | None) -> bool:
+    """Whether meta.json records the id range of `p` as it is now: `p` is its train or val file,
+    holds the tokens meta.json counts for it, and was not written after it."""
+    if not meta or _meta_int(meta, "min_token_id") is None or _meta_int(meta, "max_token_id") is None:
+        return False
+    for name_key, count_key in (("train_file", "train_tokens"), ("val_file", "val_tokens")):
+        if meta.get(name_key) == p.name and _meta_int(meta, count_key) is not None:
+            try:
+                meta_mtime = (Path(meta["dir"]) / META_FILE).stat().st_mtime_ns if "dir" in meta else None
+            except OSError:
+                return False
+            return (
+                meta_mtime is not None
+                and Path(meta["dir"]).resolve() == p.parent.resolve()
+                and KnownRange(int(meta[count_key]), 0, 0, meta_mtime).holds(p, n)
+            )
+    return False
+
+
+def _sample_tokens(p: Path, token_file) -> np.ndarray:
+    """SAMPLE_BLOCKS evenly spaced blocks of the file's tokens (first and last included), read
+    with pread: a few MB whatever the file's size."""
+    dtype = np.dtype(token_file.dtype).newbyteorder("<")
+    n = len(token_file)
+    offset = _sampler.read_npy_header(str(p))[2] if p.suffix.lower() == ".npy" else 0
+    per_block = max(1, SAMPLE_BYTES // dtype.itemsize)
+    last = max(0, n - per_block)
+    starts = sorted({last * i // (SAMPLE_BLOCKS - 1) for i in range(SAMPLE_BLOCKS)})
+    parts = []
+    with open(p, "rb") as f:
+        for start in starts:
+            count = min(per_block, n - start)
+            raw = os.pread(f.fileno(), count * dtype.itemsize, offset + start * dtype.itemsize)
+            parts.append(np.frombuffer(raw, dtype=dtype))
+    return np.concatenate(parts)
+
+
+def _estimated(sample: np.ndarray, n: int, what: str = "") -> str:
+    share = len(sample) / n
+    return (
+        f"estimated{' from ' + what if what else ''} in a sample of {len(sample):,} of {n:,} tokens "
+        f"({share:.1%}); --full reads them all"
+    )
+
+
 def _range_problems(rng: tuple[int, int] | None, vocab_size: int | None) -> list[str]:
     problems = []
     if rng and rng[0] < 0:
@@ -416,16 +490,28 @@ def _range_problems(rng: tuple[int, int] | None, vocab_size: int | None) -> list
     return problems
 
 
-def _documents(p: Path, n: int, meta: dict, tokenizer: Any, tokens: Callable[[], np.ndarray]) -> dict[str, Any]:
-    """The file's document count (from meta.json, else counted) and end-of-text id, as report keys."""
+def _documents(
+    p: Path,
+    n: int,
+    meta: dict,
+    tokenizer: Any,
+    tokens: Callable[[], np.ndarray],
+    sample: np.ndarray | None = None,
+    full: bool = False,
+) -> dict[str, Any]:
+    """The file's document count (from meta.json, else counted, or estimated from `sample` when
+    the file was sampled) and end-of-text id, as report keys. `full`: counted, whatever meta.json says."""
     found: dict[str, Any] = {}
     eot_id = _meta_int(meta, "eot_id", "eot_token", "end_of_text_id")
     if eot_id is None and tokenizer is not None:
         eot_id = tokenizer.token_to_id(EOT)
-    documents = _meta_int(meta, f"{p.stem}_documents")  # prepare's train_documents / val_documents
+    documents = None if full else _meta_int(meta, f"{p.stem}_documents")  # prepare's train_ / val_documents
     if documents is not None:
         found["documents"] = documents
         found["documents_from"] = META_FILE
+    elif eot_id is not None and n and sample is not None:
+        found["documents"] = round(count_token(sample, eot_id) * n / len(sample))
+        found["documents_from"] = _estimated(sample, n, f"end-of-text id {eot_id}")
     elif eot_id is not None and n:
         found["documents"] = count_token(tokens(), eot_id)
         found["documents_from"] = f"count of end-of-text id {eot_id}"
@@ -434,7 +520,7 @@ def _documents(p: Path, n: int, meta: dict, tokenizer: Any, tokens: Callable[[],
     return found
 
 
-def inspect_dataset(folder: str | os.PathLike, *, excerpt_chars: int = 200) -> dict:
+def inspect_dataset(folder: str | os.PathLike, *, excerpt_chars: int = 200, full: bool = False) -> dict:
     """A folder written by `lmtools prepare`: meta.json, tokenizer and each split's token file."""
     p = Path(folder)
     splits = {name: p / f"{name}.npy" for name in ("train", "val")}
@@ -468,7 +554,11 @@ def inspect_dataset(folder: str | os.PathLike, *, excerpt_chars: int = 200) -> d
     for name, f in splits.items():
         if f.is_file():
             sub = inspect_token_file(
-                f, meta=meta or {}, tokenizer=tokenizer, excerpt_chars=excerpt_chars if name == "train" else 0
+                f,
+                meta=meta or {},
+                tokenizer=tokenizer,
+                excerpt_chars=excerpt_chars if name == "train" else 0,
+                full=full,
             )
             report[name] = {
                 k: v for k, v in sub.items() if k not in ("kind", "path", "vocab_size", "problems", "sound")

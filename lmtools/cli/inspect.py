@@ -31,6 +31,12 @@ def inspect(
     as_config: bool = typer.Option(
         False, "--config", help="Print the TOML run config that reproduces a checkpoint's run (for train --config)."
     ),
+    full: bool = typer.Option(
+        False,
+        "--full",
+        help="Read every token of a token file or prepared folder for exact id ranges and document counts "
+        "(without it: meta.json, or a sample of a large file).",
+    ),
 ) -> None:
     """Describe a checkpoint, a token file or a prepared folder, and whether it is sound."""
     from lmtools.inspection import inspect_path
@@ -39,7 +45,7 @@ def inspect(
         typer.echo(run_config_toml(path), nl=False)
         return
 
-    report = inspect_path(path, dtype=dtype, excerpt_chars=max(excerpt_chars, 0))
+    report = inspect_path(path, dtype=dtype, excerpt_chars=max(excerpt_chars, 0), full=full)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

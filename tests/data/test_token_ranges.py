@@ -171,3 +171,75 @@ def test_a_bare_token_file_is_scanned_and_a_bad_id_refused_at_start(tmp_path):
     )  # fmt: skip
     line = error_line(result)
     assert f"--train_data holds token id {VOCAB + 1} but --vocab_size is {VOCAB}" in line
+
+
+# `lmtools ARGS`, then its peak RSS (VmHWM, in kB) on stderr: pages of a memory-mapped file the
+# process touched count in it. Measured in the process itself: a child's rusage would include the
+# peak of the parent it was forked from.
+PEAK_RSS = r"""
+import atexit, runpy, sys
+
+def peak():
+    with open("/proc/self/status") as f:
+        sys.stderr.write(next(line for line in f if line.startswith("VmHWM:")))
+
+atexit.register(peak)
+sys.argv = ["lmtools", *sys.argv[1:]]
+runpy.run_module("lmtools.cli", run_name="__main__")
+"""
+
+
+def inspect_process(*args) -> tuple[dict, int]:
+    """`lmtools inspect --json ARGS` as a real process: its report and its peak RSS in kB."""
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, "inspect", "--json", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=PROCESS_ENV,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    peak = [line for line in out.stderr.splitlines() if line.startswith("VmHWM:")]
+    return json.loads(out.stdout), int(peak[-1].split()[1])
+
+
+def test_inspect_samples_a_large_file_and_reads_it_all_with_full(tmp_path):
+    n, eot = 48 << 20, VOCAB  # 96 MB of uint16; the end-of-text id is one past the random ids
+    folder = tmp_path / "data"
+    folder.mkdir()
+    tokens = np.lib.format.open_memmap(folder / "train.npy", mode="w+", dtype=np.uint16, shape=(n,))
+    rng = np.random.default_rng(0)
+    for at in range(0, n, 1 << 22):
+        tokens[at : at + (1 << 22)] = rng.integers(0, VOCAB, min(1 << 22, n - at))
+    tokens[::100] = eot
+    tokens.flush()
+    del tokens
+    # A meta.json that records neither the range nor the documents (written before they were).
+    (folder / "meta.json").write_text(json.dumps({"vocab_size": VOCAB + 1, "eot_id": eot}), encoding="utf-8")
+    sampled, sampled_kb = inspect_process(folder / "train.npy")
+    exact, full_kb = inspect_process(folder / "train.npy", "--full")
+    documents = len(range(0, n, 100))
+    assert (exact["min_token"], exact["max_token"], exact["documents"]) == (0, eot, documents)
+    assert exact["documents_from"] == f"count of end-of-text id {eot}" and "token_range_from" not in exact
+    assert sampled["token_range_from"].startswith("estimated in a sample of")
+    assert sampled["documents_from"].startswith(f"estimated from end-of-text id {eot} in a sample of")
+    assert (sampled["min_token"], sampled["max_token"]) == (0, eot)
+    assert abs(sampled["documents"] - documents) < 0.02 * documents
+    # The sample reads a few MB: the whole file's pages are in the --full process only. The
+    # baseline: the same process on a small file in a folder of its own.
+    _report, base_kb = inspect_process(write_tokens(tmp_path / "small" / "tokens.npy", n=1000))
+    assert sampled_kb - base_kb < 0.25 * n * 2 / 1024 < full_kb - base_kb
+
+
+def test_inspect_of_a_prepared_folder_takes_range_and_documents_from_meta_json(tmp_path):
+    folder = prepared_folder(tmp_path / "data", n=1 << 20)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta.update(min_token_id=1, max_token_id=62, train_documents=7, val_documents=1, eot_id=VOCAB - 1)
+    (folder / "meta.json").write_text(json.dumps(meta))  # written last: it describes both files
+    report, _kb = inspect_process(folder)
+    assert (report["train"]["min_token"], report["train"]["max_token"], report["train"]["documents"]) == (1, 62, 7)
+    assert report["train"]["documents_from"] == "meta.json" and report["problems"] == ["tokenizer.json is missing"]
+    exact, _kb = inspect_process(folder, "--full")
+    assert (exact["train"]["min_token"], exact["train"]["max_token"]) == (0, VOCAB - 1)
+    data = np.load(folder / "train.npy")
+    assert exact["train"]["documents"] == int((data == VOCAB - 1).sum())
