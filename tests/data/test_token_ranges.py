@@ -243,3 +243,15 @@ def test_inspect_of_a_prepared_folder_takes_range_and_documents_from_meta_json(t
     assert (exact["train"]["min_token"], exact["train"]["max_token"]) == (0, VOCAB - 1)
     data = np.load(folder / "train.npy")
     assert exact["train"]["documents"] == int((data == VOCAB - 1).sum())
+
+
+def test_a_scan_of_a_large_file_says_so_once_on_stderr(tmp_path, monkeypatch, capsys):
+    import lmtools.data.loader as loader_module
+
+    tokens = write_tokens(tmp_path / "tokens.npy", n=5000)
+    monkeypatch.setattr(loader_module, "SCAN_NOTICE_BYTES", 9_000)  # the file holds 10,000 bytes of tokens
+    with BatchLoader(str(tokens), 2, 8) as loader:
+        assert capsys.readouterr().err == ""  # nothing scanned when the loader opens
+        loader.describe()
+        assert loader.token_range() == (0, VOCAB - 1)
+    assert capsys.readouterr().err == f"scanning token ids of {tokens} (0.0 GB)\n"
