@@ -42,7 +42,6 @@ from lmtools import __version__
 from lmtools.data.corpus import (
     EMPTY_EXAMPLES,
     PIECE_CHARS,
-    DocumentSample,
     Piece,
     ReadOptions,
     SourceReader,
@@ -51,6 +50,7 @@ from lmtools.data.corpus import (
     resolve_sources,
 )
 from lmtools.data.tokenizer import Encoder, check_vocab_size, default_threads, load_tokenizer, train_bpe
+from lmtools.data.tokenizer_sample import DocumentSample
 from lmtools.errors import ConfigError, DataError
 from lmtools.layout import EOT, LOCK_FILE, META_FILE, TOKENIZER_FILE, TRAIN_FILE, VAL_FILE
 from lmtools.runtime.fsutil import disk_full, fsync_dir, fsync_file

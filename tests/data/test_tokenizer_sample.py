@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from lmtools.data.corpus import DocumentSample, ReadOptions, iter_pieces, resolve_sources
+from lmtools.data.corpus import ReadOptions, iter_pieces, resolve_sources
 from lmtools.data.prepare import Progress, _train, prepare_corpus, read_meta
+from lmtools.data.tokenizer_sample import DocumentSample
 from lmtools.layout import EOT
 from texts import documents, eot_joined, write_jsonl
 
