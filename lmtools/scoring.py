@@ -214,24 +214,19 @@ class FileTokens:
     def chunks(self) -> Iterator[np.ndarray]:
         """The ids, a chunk at a time, each checked against the vocabulary; a file of fewer than
         two ids is a DataError once it is read (nothing to score)."""
-        held = np.zeros(0, dtype=np.int64)  # the first ids, until there are two: a file of one is refused as such
+        if self.kind == "tokens" and len(self._array) < 2:
+            raise DataError(f"{self.path}: holds {len(self._array)} tokens; nothing to score")
         for chunk in self._npy_chunks() if self.kind == "tokens" else self._text_chunks():
-            if self.tokens == 0 and len(held) + len(chunk) < 2:
-                held = np.concatenate((held, chunk))
-                continue
-            chunk, held = np.concatenate((held, chunk)) if len(held) else chunk, held[:0]
+            if self.kind == "text" and self.tokens == 0 and len(chunk) == 1:
+                break  # the leading end-of-text id alone: the file holds no text
             check_ids(self.path, chunk, self.vocab_size, offset=self.tokens)
             self.tokens += len(chunk)
             yield chunk
         if self.tokens < 2:
-            self.tokens = len(held)
-            what = "no text" if self.kind == "text" else f"{self.tokens} tokens"
-            raise DataError(f"{self.path}: holds {what}; nothing to score")
+            raise DataError(f"{self.path}: holds no text; nothing to score")
 
     def _npy_chunks(self) -> Iterator[np.ndarray]:
         array = self._array
-        if len(array) == 0:
-            return
         with open(self.path, "rb") as fh:
             fh.seek(array.offset)
             for _ in range(0, len(array), TOKEN_CHUNK):
