@@ -177,6 +177,7 @@ def _known_ranges(cfg: TrainConfig, metas: list[dict | None]) -> dict[str, Known
     """The id ranges meta.json records for the training files and for the validation files of the
     same prepared folders, by absolute path, from the metas already read."""
     val_files = [cfg.val_data] if cfg.val_data else list(cfg.val_sets.values())
+    specs = [parse_source_spec(s)[0] for s in cfg.train_data] + [v for v in val_files if v]
     out: dict[str, KnownRange] = {}
     seen: set[str] = set()
     for meta in metas:
@@ -197,7 +198,7 @@ def _known_ranges(cfg: TrainConfig, metas: list[dict | None]) -> dict[str, Known
                 continue
             known = KnownRange(count, lo, hi, mtime)
             target = folder / name
-            for spec in [parse_source_spec(s)[0] for s in cfg.train_data] + [v for v in val_files if v]:
+            for spec in specs:
                 if os.path.abspath(spec) == str(target) or _same_file(spec, target):
                     out[os.path.abspath(spec)] = known
     return out
