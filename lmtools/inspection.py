@@ -20,7 +20,7 @@ import numpy as np
 
 from lmtools import _sampler
 from lmtools.config.train_config import TrainConfig
-from lmtools.data.dataset import KnownRange
+from lmtools.data.dataset import known_range
 from lmtools.data.prepare import read_meta
 from lmtools.errors import CheckpointError, DataError, LMToolsError
 from lmtools.layout import (
@@ -382,12 +382,12 @@ def inspect_token_file(
     n = len(token_file)
     if meta is None:
         meta = _meta_beside(p)
-    described = not full and _meta_describes(p, n, meta)
+    recorded = None if full else _meta_range(p, n, meta)
     sample = None
     if not n:
         rng = None
-    elif described:
-        rng = (int(meta["min_token_id"]), int(meta["max_token_id"]))
+    elif recorded is not None:
+        rng = recorded
     elif full or n * np.dtype(token_file.dtype).itemsize <= READ_ALL_BYTES:
         rng = token_file.token_range()
     else:
@@ -436,23 +436,11 @@ def _open_token_file(p: Path, is_npy: bool, dtype: str | None):
     return _sampler.TokenFile.open(str(p), None if is_npy else token_dtype_name(dtype, "--dtype"))
 
 
-def _meta_describes(p: Path, n: int, meta: dict | None) -> bool:
-    """Whether meta.json records the id range of `p` as it is now: `p` is its train or val file,
-    holds the tokens meta.json counts for it, and was not written after it."""
-    if not meta or _meta_int(meta, "min_token_id") is None or _meta_int(meta, "max_token_id") is None:
-        return False
-    for name_key, count_key in (("train_file", "train_tokens"), ("val_file", "val_tokens")):
-        if meta.get(name_key) == p.name and _meta_int(meta, count_key) is not None:
-            try:
-                meta_mtime = (Path(meta["dir"]) / META_FILE).stat().st_mtime_ns if "dir" in meta else None
-            except OSError:
-                return False
-            return (
-                meta_mtime is not None
-                and Path(meta["dir"]).resolve() == p.parent.resolve()
-                and KnownRange(int(meta[count_key]), 0, 0, meta_mtime).holds(p, n)
-            )
-    return False
+def _meta_range(p: Path, n: int, meta: dict | None) -> tuple[int, int] | None:
+    """The id range meta.json records for `p` while it describes `p` as it is now (its train or
+    val file, holding the tokens it counts, not written after it); else None."""
+    known = known_range(meta, p) if meta else None
+    return (known.lo, known.hi) if known is not None and known.holds(p, n) else None
 
 
 def _sample_tokens(p: Path, token_file) -> np.ndarray:

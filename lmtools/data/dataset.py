@@ -178,30 +178,33 @@ def _known_ranges(cfg: TrainConfig, metas: list[dict | None]) -> dict[str, Known
     same prepared folders, by absolute path, from the metas already read."""
     val_files = [cfg.val_data] if cfg.val_data else list(cfg.val_sets.values())
     specs = [parse_source_spec(s)[0] for s in cfg.train_data] + [v for v in val_files if v]
+    folders = {meta["dir"]: meta for meta in metas if meta is not None}
     out: dict[str, KnownRange] = {}
-    seen: set[str] = set()
-    for meta in metas:
-        if meta is None or meta["dir"] in seen:
-            continue
-        seen.add(meta["dir"])
-        lo, hi = meta.get("min_token_id"), meta.get("max_token_id")
-        if not isinstance(lo, int) or not isinstance(hi, int):
-            continue
-        folder = Path(meta["dir"])
-        try:
-            mtime = (folder / META_FILE).stat().st_mtime_ns
-        except OSError:
-            continue
-        for name_key, count_key in (("train_file", "train_tokens"), ("val_file", "val_tokens")):
-            name, count = meta.get(name_key), meta.get(count_key)
-            if not isinstance(name, str) or not isinstance(count, int):
-                continue
-            known = KnownRange(count, lo, hi, mtime)
-            target = folder / name
-            for spec in specs:
-                if os.path.abspath(spec) == str(target) or _same_file(spec, target):
-                    out[os.path.abspath(spec)] = known
+    for meta in folders.values():
+        for spec in specs:
+            if (known := known_range(meta, spec)) is not None:
+                out[os.path.abspath(spec)] = known
     return out
+
+
+def known_range(meta: dict, path: str | os.PathLike) -> KnownRange | None:
+    """The id range a prepared folder's meta.json (as `read_meta` gives it) records for `path`,
+    when `path` is its train or val file; None otherwise, or when it records no range."""
+    lo, hi = meta.get("min_token_id"), meta.get("max_token_id")
+    if not isinstance(lo, int) or not isinstance(hi, int) or "dir" not in meta:
+        return None
+    folder = Path(meta["dir"])
+    for name_key, count_key in (("train_file", "train_tokens"), ("val_file", "val_tokens")):
+        name, count = meta.get(name_key), meta.get(count_key)
+        if not isinstance(name, str) or not isinstance(count, int):
+            continue
+        target = folder / name
+        if os.path.abspath(path) == str(target) or _same_file(path, target):
+            try:
+                return KnownRange(count, lo, hi, (folder / META_FILE).stat().st_mtime_ns)
+            except OSError:
+                return None
+    return None
 
 
 def _same_file(a: str | os.PathLike, b: Path) -> bool:
