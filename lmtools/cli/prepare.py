@@ -12,6 +12,7 @@ from rich.filesize import decimal
 
 from lmtools.cli.app import app, user_errors
 from lmtools.data.prepare import DEFAULT_TOKENIZER_SAMPLE, Progress
+from lmtools.errors import ConfigError
 from lmtools.layout import EOT
 
 NO_SEPARATOR = "none"  # --separator none: one document per text file
@@ -79,6 +80,9 @@ class PlainProgress(Progress):
     def done(self) -> None:
         self._line(time.monotonic())
 
+    def note(self, text: str) -> None:
+        sys.stderr.write(f"prepare: {text}\n")
+
 
 class BarProgress(Progress):
     """On a terminal: rich's progress bar, one task per phase, with the token rate."""
@@ -131,14 +135,24 @@ class BarProgress(Progress):
         if task.description == "encode":
             self.bar.stop()
 
+    def note(self, text: str) -> None:
+        self.bar.console.print(f"prepare: {text}", markup=False, highlight=False)
+
     def stop(self) -> None:
         self.bar.stop()
+
+
+class QuietProgress(Progress):
+    """--quiet: no progress, but what the user must know (a resume, a fresh start) still."""
+
+    def note(self, text: str) -> None:
+        sys.stderr.write(f"prepare: {text}\n")
 
 
 def _progress(quiet: bool, console=None) -> Progress:
     """A rich bar on a terminal, a plain line every few seconds when stderr is piped."""
     if quiet:
-        return Progress()
+        return QuietProgress()
     return BarProgress(console) if sys.stderr.isatty() else PlainProgress()
 
 
@@ -206,7 +220,21 @@ def prepare(
         "understood, so '\\n\\n' splits at blank lines); `none`: one document per file.",
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite a dataset already prepared in --out."),
-    threads: int = typer.Option(0, "--threads", help="Encoding threads (0: one per core).", show_default=True),
+    threads: int = typer.Option(0, "--threads", help="Encoding processes (0: one per core).", show_default=True),
+    shard: Optional[str] = typer.Option(
+        None,
+        "--shard",
+        metavar="I/N",
+        help="Encode only shard I of N (0 <= I < N) into --out, for `--merge` to join; needs "
+        "--tokenizer. One per job of a job array, or per machine.",
+        show_default=False,
+    ),
+    merge: bool = typer.Option(
+        False,
+        "--merge",
+        help="CORPUS are the shard folders of one prepare: join them into the dataset in --out "
+        "(the same token files one process writes; the settings come from the shards).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Tokenize a text corpus into DIR/train.npy, val.npy, tokenizer.json and meta.json.\f
@@ -215,10 +243,17 @@ def prepare(
     and prints the result.
     """
     started = time.monotonic()
+    if merge:
+        if shard is not None:
+            raise ConfigError("--merge joins shard folders; it takes no --shard")
+        meta = _prepare_with_progress(corpus, out, quiet, merge=True, force=force)
+        _print_result(meta, time.monotonic() - started)
+        return
     meta = _prepare_with_progress(
         corpus,
         out,
         quiet,
+        shard=parse_shard(shard),
         tokenizer=tokenizer,
         vocab_size=vocab_size,
         tokenizer_sample=tokenizer_sample,
@@ -230,17 +265,37 @@ def prepare(
         force=force,
         threads=threads or None,
     )
+    if shard is not None:
+        typer.echo(shard_summary(meta, time.monotonic() - started))
+        return
     _print_result(meta, time.monotonic() - started)
 
 
-def _prepare_with_progress(corpus: list[str], out: Path, quiet: bool, **options) -> dict:
-    """`prepare_corpus` with progress on stderr; the bar is stopped however it ends."""
-    from lmtools.data.prepare import prepare_corpus
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """`--shard I/N` as (I, N)."""
+    if text is None:
+        return None
+    index, slash, count = text.partition("/")
+    try:
+        shard = int(index), int(count)
+    except ValueError:
+        shard = None
+    if not slash or shard is None or not 0 <= shard[0] < shard[1]:
+        raise ConfigError(f"--shard {text!r}: give I/N with 0 <= I < N, e.g. --shard 0/4")
+    return shard
+
+
+def _prepare_with_progress(corpus: list[str], out: Path, quiet: bool, merge: bool = False, **options) -> dict:
+    """`prepare_corpus` (or `merge_shards`) with progress on stderr; the bar is stopped however
+    it ends."""
+    from lmtools.data.prepare import merge_shards, prepare_corpus
     from lmtools.runtime.signals import TerminateAsInterrupt
 
     progress = _progress(quiet)
     try:
         with TerminateAsInterrupt():  # a scheduler's stop cleans up as Ctrl-C does
+            if merge:
+                return merge_shards(corpus, out, progress=progress, **options)
             return prepare_corpus(corpus, out, progress=progress, **options)
     finally:
         if hasattr(progress, "stop"):
@@ -252,6 +307,15 @@ def _print_result(meta: dict, seconds: float) -> None:
     typer.echo(summary(meta, seconds))
     for line in notes(meta):
         typer.echo(line, err=True)
+
+
+def shard_summary(record: dict, seconds: float) -> str:
+    index, count = record["shard"]
+    return (
+        f"{record['dir']}: shard {index}/{count}, {len(record['mine'])} of {len(record['units'])} units, "
+        f"{record['tokens']:,} tokens ({_docs(record['documents'])}), {seconds:.1f} s; "
+        f"join the {count} shard folders with `lmtools prepare --merge SHARD_DIR... --out DIR`"
+    )
 
 
 def _docs(n: int) -> str:

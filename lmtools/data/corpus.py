@@ -74,6 +74,20 @@ class ReadOptions:
     piece_chars: int = PIECE_CHARS
 
 
+@dataclass(frozen=True)
+class Span:
+    """The part of a file that one unit of work reads (see `lmtools.data.units`): bytes
+    `start` .. `end` of a text or jsonl file, which begin and end at document boundaries, or
+    row groups `start` .. `end` of a parquet file (`row_base`: the rows before them). The
+    spans of a file also tile its bytes for hashing: `hash_start` .. `hash_end`."""
+
+    start: int
+    end: int
+    hash_start: int
+    hash_end: int
+    row_base: int = 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Finding the files
 # ---------------------------------------------------------------------------------------------
@@ -192,19 +206,30 @@ def pieces_of(text: str, piece_chars: int) -> Iterator[Piece]:
 class _CountingReader(io.RawIOBase):
     """Passes reads through, feeding every byte to a hash and reporting progress."""
 
-    def __init__(self, raw, hasher, on_bytes: Callable[[int], None] | None):
+    def __init__(self, raw, hasher, on_bytes: Callable[[int], None] | None, limit: int | None = None, lines=False):
         self._raw = raw
         self._hasher = hasher
         self._on_bytes = on_bytes
+        self._left = limit  # bytes that may still be read (None: to the end of the file)
+        self.newlines = 0 if lines else None  # counted when asked for (jsonl spans)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
+        if self._left is not None:
+            if self._left <= 0:
+                return 0
+            buffer = memoryview(buffer)[: self._left]
         n = self._raw.readinto(buffer)
         if n:
+            view = memoryview(buffer)[:n]
+            if self._left is not None:
+                self._left -= n
             if self._hasher is not None:
-                self._hasher.update(memoryview(buffer)[:n])
+                self._hasher.update(view)
+            if self.newlines is not None:
+                self.newlines += bytes(view).count(b"\n")
             if self._on_bytes is not None:
                 self._on_bytes(n)
         return n
@@ -250,8 +275,26 @@ def bad_gzip_error(source: Source, exc: Exception) -> DataError:
     return DataError(f"{source.path}: not a readable gzip file ({exc})")
 
 
+def place_text(path: Path, kind: str, number: int) -> str:
+    """Where an empty document is, as the report names it: a file, a part of a text file, a
+    line of a jsonl file or a row of a parquet file (numbers from 1, rows from 0)."""
+    if kind == "file":
+        return str(path)
+    if kind == "line":
+        return f"{path}:{number}"
+    return f"{path}: {kind} {number}"
+
+
 class SourceReader:
-    """Streams the documents of one source as pieces; hashes the file as it goes."""
+    """Streams the documents of one source, or of one `Span` of it, as pieces; hashes the
+    bytes it reads as it goes.
+
+    A span that starts inside a file starts just after a separator or a line end. The places
+    of empty documents are numbered from the span's start (`empty_at`); `separators` and
+    `lines` say how far the numbering moves over the span, so that whoever reads the spans of
+    a file in order can number them from the file's start. Error messages are numbered from
+    the file's start already.
+    """
 
     def __init__(
         self,
@@ -259,15 +302,40 @@ class SourceReader:
         options: ReadOptions,
         on_bytes: Callable[[int], None] | None = None,
         hash_file: bool = True,
+        span: Span | None = None,
     ):
         self.source = source
         self.options = options
         self.on_bytes = on_bytes
+        self.span = span
         self.hasher = hashlib.sha256() if hash_file else None
         self.documents = 0
         self.empty = 0  # empty documents skipped
-        self.empty_places: list[str] = []  # where the first few of them are
+        self.empty_at: list[tuple[str, int]] = []  # where the first few of them are
+        self.separators = 0  # text: separators read
+        self.lines = 0  # jsonl: line ends read (counted in spans only)
         self._position = self._reported = 0  # bytes read in this pass / reported so far
+        self._line_base: int | None = None
+
+    @property
+    def empty_places(self) -> list[str]:
+        return [place_text(self.source.path, kind, n) for kind, n in self.empty_at]
+
+    @property
+    def _starts_inside(self) -> bool:
+        return self.span is not None and self.span.start > 0
+
+    def line_base(self) -> int:
+        """Line ends before the span (read when an error message needs a line number)."""
+        if self._line_base is None:
+            self._line_base = 0
+            if self._starts_inside:
+                with open(self.source.path, "rb") as fh:
+                    left = self.span.start
+                    while left > 0 and (block := fh.read(min(READ_BLOCK, left))):
+                        self._line_base += block.count(b"\n")
+                        left -= len(block)
+        return self._line_base
 
     def _advance(self, n: int) -> None:
         # A file read again (see _jsonl) reports only the bytes beyond the first reading.
@@ -291,16 +359,20 @@ class SourceReader:
                 self.documents += 1
             yield piece
 
-    def _skip_empty(self, place: str) -> None:
+    def _skip_empty(self, kind: str, number: int = 0) -> None:
         self.empty += 1
-        if len(self.empty_places) < EMPTY_EXAMPLES:
-            self.empty_places.append(place)
+        if len(self.empty_at) < EMPTY_EXAMPLES:
+            self.empty_at.append((kind, number))
 
     # -- text ---------------------------------------------------------------------------------
 
     def _open(self):
         raw = open(self.source.path, "rb", buffering=0)
-        counting = _CountingReader(raw, self.hasher, self._advance)
+        limit = None
+        if self.span is not None:
+            raw.seek(self.span.start)
+            limit = self.span.end - self.span.start
+        counting = _CountingReader(raw, self.hasher, self._advance, limit, lines=self.span is not None)
         buffered = io.BufferedReader(counting, READ_BLOCK)
         stream = gzip.GzipFile(fileobj=buffered, mode="rb") if self.source.compressed else buffered
         return raw, counting, stream
@@ -326,6 +398,7 @@ class SourceReader:
         offset = 0
         open_doc = False  # pieces of the current document have been yielded already
         parts_seen = 0  # separators met so far
+        inside = self._starts_inside  # the span starts just after a separator
         blocks = self._blocks()
         while True:
             block = next(blocks, None)
@@ -336,7 +409,8 @@ class SourceReader:
             try:
                 buf += decoder.decode(block or b"", final)
             except UnicodeDecodeError as exc:
-                raise not_utf8_error(self.source, max(0, offset + exc.start - 3)) from None
+                base = self.span.start if self.span is not None else 0
+                raise not_utf8_error(self.source, max(0, base + offset + exc.start - 3)) from None
             offset += len(block or b"")
             if sep is not None:
                 parts = buf.split(sep)
@@ -344,10 +418,11 @@ class SourceReader:
                 for part in parts:
                     if open_doc or has_text(part):
                         yield Piece(part, True)
-                    elif parts_seen:  # between two separators
-                        self._skip_empty(f"{self.source.path}: part {parts_seen + 1}")
+                    elif parts_seen or inside:  # between two separators
+                        self._skip_empty("part", parts_seen + 1)
                     open_doc = False
                     parts_seen += 1
+                    self.separators = parts_seen
             while len(buf) - keep > piece_chars:
                 cut = safe_cut(buf, piece_chars)
                 if (
@@ -364,8 +439,8 @@ class SourceReader:
                 break
         if open_doc or (buf if sep is None else has_text(buf)):
             yield Piece(buf, True)
-        elif not parts_seen:  # the whole file is empty
-            self._skip_empty(str(self.source.path))
+        elif not parts_seen and not inside:  # the whole file is empty
+            self._skip_empty("file")
 
     # -- jsonl --------------------------------------------------------------------------------
 
@@ -390,7 +465,7 @@ class SourceReader:
             if text:
                 yield from pieces_of(text, self.options.piece_chars)
             else:
-                self._skip_empty(f"{self.source.path}:{lineno}")
+                self._skip_empty("line", lineno)
 
     def _jsonl_arrow(self) -> Iterator[str]:
         import pyarrow as pa
@@ -416,9 +491,10 @@ class SourceReader:
                         text.encode("utf-8")  # raises on surrogates
                 yield from texts
             counting.drain()
+            self.lines = counting.newlines or 0
 
     def _jsonl_python(self) -> Iterator[tuple[int, str | None]]:
-        """(line number, text) of each JSON line; text None for a null."""
+        """(line number in the span, text) of each JSON line; text None for a null."""
         raw, counting, stream = self._open()
         with raw:
             lineno = 0
@@ -428,10 +504,11 @@ class SourceReader:
                     if b"\x00" in line:
                         raise binary_error(self.source)
                     if line.strip():
-                        yield lineno, json_line_text(line, f"{self.source.path}:{lineno}", self.options.text_field)
+                        yield lineno, json_line_text(line, _Line(self, lineno), self.options.text_field)
             except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
                 raise bad_gzip_error(self.source, exc) from None
             counting.drain()
+            self.lines = counting.newlines or 0
 
     # -- parquet ------------------------------------------------------------------------------
 
@@ -441,28 +518,54 @@ class SourceReader:
         column = self.options.text_column
         path = self.source.path
         pf = open_parquet(self.source, column)
-        total_rows = max(1, pf.metadata.num_rows)
+        span = self.span
+        groups = range(pf.num_row_groups) if span is None else range(span.start, span.end)
+        total_rows = max(1, sum(pf.metadata.row_group(g).num_rows for g in groups))
+        total_bytes = self.source.size if span is None else span.hash_end - span.hash_start
         rows = reported = 0
-        row = 0
+        row = 0 if span is None else span.row_base
         try:
-            for batch in pf.iter_batches(batch_size=4096, columns=[column]):
+            for batch in pf.iter_batches(batch_size=4096, row_groups=list(groups), columns=[column]):
                 for text in batch.column(0).to_pylist():
                     if text:
                         check_encodable(text, f"{path}: row {row}")
                         yield from pieces_of(text, self.options.piece_chars)
                     else:
-                        self._skip_empty(f"{path}: row {row}")
+                        self._skip_empty("row", row)
                     row += 1
                 rows += batch.num_rows
                 if self.on_bytes is not None:
-                    done = self.source.size * rows // total_rows
+                    done = total_bytes * rows // total_rows
                     self.on_bytes(done - reported)
                     reported = done
         except pa.ArrowException as exc:
             raise DataError(f"{path}: cannot read the parquet file ({exc})") from None
         if self.hasher is not None:
-            with open(path, "rb") as f:
-                self.hasher = hashlib.file_digest(f, "sha256")
+            start, end = (0, self.source.size) if span is None else (span.hash_start, span.hash_end)
+            self.hasher = _hash_bytes(path, start, end)
+
+
+def _hash_bytes(path: Path, start: int, end: int):
+    """sha256 of bytes start .. end of a file."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        left = end - start
+        while left > 0 and (block := fh.read(min(READ_BLOCK, left))):
+            hasher.update(block)
+            left -= len(block)
+    return hasher
+
+
+class _Line:
+    """A line of a jsonl span as error messages name it, counted from the file's start only
+    when a message is written."""
+
+    def __init__(self, reader: SourceReader, lineno: int):
+        self._reader, self._lineno = reader, lineno
+
+    def __str__(self) -> str:
+        return f"{self._reader.source.path}:{self._lineno + self._reader.line_base()}"
 
 
 _NON_SPACE = re.compile(r"\S")  # \s is what str.isspace calls whitespace
@@ -541,3 +644,19 @@ def iter_pieces(
         yield from reader
         if on_source_done is not None:
             on_source_done(reader)
+
+
+def piece_batches(pieces: Iterable[Piece], chars: int) -> Iterator[list[Piece]]:
+    batch, size = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece.text) + 16  # + per-document overhead, for corpora of tiny documents
+        if size >= chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))

@@ -1,20 +1,16 @@
 """`prepare`: a text corpus -> train.npy, val.npy, tokenizer.json and meta.json in one folder.
 
-The corpus is streamed once to encode it, in batches of documents, so memory stays bounded
-whatever its size; training a tokenizer reads about `--tokenizer_sample` bytes of it before
-that (whole documents from evenly spread places, see `DocumentSample`), or all of it when it
-is smaller. Each document is followed by the end-of-text id, and the whole corpus is written
-in order into one token file, which then becomes train.npy once the validation tokens are
-moved out of it:
+Training a tokenizer reads about `--tokenizer_sample` bytes of the corpus (whole documents from
+evenly spread places, see `DocumentSample`), or all of it when it is smaller. Then the corpus
+is cut into units at document boundaries (`lmtools.data.units`), and every unit is encoded into
+a part, on every core, each part committed as it is done (`lmtools.data.parts`): a prepare that
+is stopped (a signal, kill -9, a full disk) continues where it stopped when run again with the
+same arguments. Last the parts are joined, in corpus order, into train.npy and val.npy, the
+validation documents picked on the way (`lmtools.data.split`). Each document is followed by
+the end-of-text id. Memory stays bounded whatever the corpus's size.
 
-- by whole documents, picked in the order of a seeded hash of their index until they hold
-  about `val_fraction` of the tokens, when the corpus has documents enough for that;
-- otherwise (one text file, a few huge documents) by the tail of the token stream, cut at a
-  document boundary or a line end near `val_fraction` of the tokens;
-- not at all for a corpus too small for one validation window (meta.json says why).
-
-Token files are written as .npy by streaming: the header is written with the length left open
-and patched at the end.
+`--shard I/N` encodes a deterministic 1/N of the units into a shard folder; `merge_shards`
+joins the shard folders into the dataset one process would have written, bit for bit.
 
 One process writes a folder at a time: it holds a lock on the folder (see `lmtools.runtime.lock`) for
 the whole run, and a second prepare into the same folder is refused at once. Every file is
@@ -30,13 +26,11 @@ import dataclasses
 import datetime as _dt
 import errno
 import hashlib
-import io
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lmtools import __version__
 from lmtools.data.corpus import (
@@ -44,23 +38,57 @@ from lmtools.data.corpus import (
     PIECE_CHARS,
     Piece,
     ReadOptions,
+    Source,
     SourceReader,
     check_not_binary,
     iter_pieces,
     resolve_sources,
+    utf8_len,
+)
+from lmtools.data.npy_stream import NpyWriter, npy_chunks
+from lmtools.data.parts import (
+    EncoderSpec,
+    Job,
+    WorkerDied,
+    WorkFolder,
+    describe_sources,
+    empty_places,
+    part_path,
+    run_jobs,
+)
+from lmtools.data.split import (
+    MIN_VAL_TOKENS,
+    SHARE_TOLERANCE,
+    SPAN_SNAP,
+    Candidates,
+    doc_hashes,
+    plan_split,
+    split_record,
+    val_flags,
+    write_split,
 )
 from lmtools.data.tokenizer import Encoder, check_vocab_size, default_threads, load_tokenizer, train_bpe
 from lmtools.data.tokenizer_sample import DocumentSample
+from lmtools.data.units import Unit, plan_units, shard_units, unit_bytes_for
 from lmtools.errors import ConfigError, DataError
 from lmtools.layout import EOT, LOCK_FILE, META_FILE, TOKENIZER_FILE, TRAIN_FILE, VAL_FILE
 from lmtools.runtime.fsutil import disk_full, fsync_dir, fsync_file
 from lmtools.runtime.lock import exclusive
 from lmtools.runtime.ownership import check_dataset_target
 
-if TYPE_CHECKING:
-    import numpy as np
-
-__all__ = ["prepare_corpus", "read_meta", "Progress", "META_FILE"]
+__all__ = [
+    "prepare_corpus",
+    "merge_shards",
+    "read_meta",
+    "Progress",
+    "META_FILE",
+    "NpyWriter",
+    "MIN_VAL_TOKENS",
+    "SHARE_TOLERANCE",
+    "SPAN_SNAP",
+    "doc_hashes",
+    "val_flags",
+]
 
 # BPE training runs at 2-5 MB/s and holds word counts in memory: past this it trains on a sample
 # (and reads only the sample), so its time and memory grow with this, not with the corpus.
@@ -71,18 +99,11 @@ TRAIN_BATCH_CHARS = 1 << 20  # characters of text handed to the BPE trainer at a
 # `safe_cut`), so shorter ones train the same tokenizer in less memory.
 TRAIN_PIECE_CHARS = 64 << 10
 FORMAT = "lmtools.prepare/1"
+SHARD_FILE = "shard.json"
+SHARD_FORMAT = "lmtools.prepare-shard/1"
 
 BATCH_CHARS = 8 << 20  # characters of text encoded per batch
-CHECK_CHARS = 256 << 10  # characters of the first batch encoded both ways to check the fast path
-
-# The split. A validation split shorter than this is no use (one window of a small context).
-MIN_VAL_TOKENS = 64
-# Whole documents are used when some of them hold the share asked for within this (relative).
-SHARE_TOLERANCE = 0.1
-# A tail cut moves by at most this share of the target to land on a boundary.
-SPAN_SNAP = 0.05
-# Documents whose hash is below CANDIDATE_FACTOR * val_fraction are remembered for the split.
-CANDIDATE_FACTOR = 4
+CHECK_CHARS = 256 << 10  # characters of the corpus's start encoded both ways to check the fast path
 
 
 class Progress:
@@ -98,6 +119,9 @@ class Progress:
 
     def done(self) -> None:
         """The current pass is over."""
+
+    def note(self, text: str) -> None:
+        """Something the user should know: a prepare resumes, starts again, or keeps parts."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,277 +156,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Streaming .npy writer
-# ---------------------------------------------------------------------------------------------
-
-
-class NpyWriter:
-    """Appends to a 1-D .npy file whose length is only known at the end.
-
-    The header is written for the largest possible length, so the final header (written by
-    numpy's own helper, then padded with spaces as the format allows) always fits in place.
-    The tokens written so far can be read back and rewritten (`read`, `write_at`, `truncate`):
-    the split moves tokens within the file before it is finished.
-    """
-
-    def __init__(self, path: Path, dtype: np.dtype):
-        import numpy as np
-
-        self.path = path
-        self.dtype = np.dtype(dtype)
-        self.count = 0
-        self._file = open(path, "w+b")
-        self._header_len = len(self._header((1 << 63) - 1))
-        self._file.write(self._header(0))
-
-    def _header(self, n: int) -> bytes:
-        from numpy.lib import format as npy
-
-        buf = io.BytesIO()
-        d = {"descr": npy.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (n,)}
-        npy.write_array_header_1_0(buf, d)
-        header = buf.getvalue()
-        width = getattr(self, "_header_len", len(header))
-        if len(header) < width:  # pad the dict with spaces before the final newline
-            pad = width - len(header)
-            body = header[10:-1] + b" " * pad + b"\n"
-            header = header[:8] + len(body).to_bytes(2, "little") + body
-        return header
-
-    def append(self, tokens: np.ndarray) -> None:
-        if len(tokens):
-            self._file.write(tokens.astype(self.dtype, copy=False).data)
-            self.count += len(tokens)
-
-    def read(self, start: int, n: int) -> np.ndarray:
-        """Tokens start .. start+n-1 (then the file position is back at the end)."""
-        import numpy as np
-
-        self._file.seek(self._header_len + start * self.dtype.itemsize)
-        out = np.frombuffer(self._file.read(n * self.dtype.itemsize), dtype=self.dtype)
-        self._file.seek(0, os.SEEK_END)
-        return out
-
-    def write_at(self, start: int, tokens: np.ndarray) -> None:
-        """Overwrite tokens from `start` on (within what is written already)."""
-        self._file.seek(self._header_len + start * self.dtype.itemsize)
-        self._file.write(tokens.astype(self.dtype, copy=False).data)
-        self._file.seek(0, os.SEEK_END)
-
-    def truncate(self, n: int) -> None:
-        self.count = n
-        self._file.truncate(self._header_len + n * self.dtype.itemsize)
-        self._file.seek(0, os.SEEK_END)
-
-    def finish(self) -> None:
-        self._file.seek(0)
-        self._file.write(self._header(self.count))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-
-    def close(self) -> None:
-        """Close without caring about unwritten data (the file is being thrown away)."""
-        try:
-            self._file.close()
-        except OSError:  # flushing failed (a full disk): the original error is what matters
-            pass
-
-
-# ---------------------------------------------------------------------------------------------
-# The validation split
-# ---------------------------------------------------------------------------------------------
-
-
-def _threshold(fraction: float) -> int:
-    return min(int(fraction * 2.0**64), 2**64 - 1)
-
-
-def doc_hashes(seed: int | str, start: int, count: int) -> np.ndarray:
-    """splitmix64(i * golden + key(seed)) for documents start .. start+count-1: a uniform,
-    seeded hash of the document index, which needs no document count in advance."""
-    import numpy as np
-
-    key = int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=8).digest(), "little")
-    z = np.arange(start, start + max(count, 0), dtype=np.uint64)
-    z = z * np.uint64(0x9E3779B97F4A7C15) + np.uint64(key)  # wraps modulo 2**64, on purpose
-    z ^= z >> np.uint64(30)
-    z *= np.uint64(0xBF58476D1CE4E5B9)
-    z ^= z >> np.uint64(27)
-    z *= np.uint64(0x94D049BB133111EB)
-    z ^= z >> np.uint64(31)
-    return z
-
-
-def val_flags(seed: int | str, start: int, count: int, fraction: float) -> np.ndarray:
-    """Which of documents start .. start+count-1 have a hash below `fraction` of the range
-    (each with probability `fraction`)."""
-    import numpy as np
-
-    if fraction <= 0 or count <= 0:
-        return np.zeros(max(count, 0), dtype=bool)
-    return doc_hashes(seed, start, count) < np.uint64(_threshold(fraction))
-
-
-@dataclass
-class _Encoded:
-    """The encoded corpus, in order, in one token file, and what the split needs to know."""
-
-    writer: NpyWriter
-    tokens: int = 0
-    documents: int = 0
-    text_bytes: int = 0
-    min_id: int | None = None
-    max_id: int | None = None
-    sources: list[dict] = field(default_factory=list)
-    empty: int = 0
-    empty_places: list[str] = field(default_factory=list)
-    # Hash and length of every document whose hash is low enough to be picked for val.
-    hashes: list = field(default_factory=list)
-    lengths: list = field(default_factory=list)
-    open_length: int = 0  # tokens of the document that the last batch ended inside
-
-    def add_source(self, reader: SourceReader) -> None:
-        """Record a source file read to its end."""
-        self.sources.append(
-            {
-                **reader.source.describe(),
-                "sha256": reader.sha256(),
-                "documents": reader.documents,
-                "empty_documents": reader.empty,
-            }
-        )
-        self.empty += reader.empty
-        self.empty_places.extend(reader.empty_places[: EMPTY_EXAMPLES - len(self.empty_places)])
-
-    def add_ids(self, ids: np.ndarray, eot_id: int, seed: int, candidate_below: np.uint64 | None) -> None:
-        """Append a batch's ids to the stream and count its documents; keep the hash and length
-        of those whose hash is below `candidate_below` (None: val takes no documents)."""
-        import numpy as np
-
-        self.writer.append(ids)
-        self.tokens += len(ids)
-        if len(ids):
-            lo, hi = int(ids.min()), int(ids.max())
-            self.min_id = lo if self.min_id is None else min(self.min_id, lo)
-            self.max_id = hi if self.max_id is None else max(self.max_id, hi)
-        bounds = np.flatnonzero(ids == eot_id) + 1
-        if not len(bounds):
-            self.open_length += len(ids)
-            return
-        lengths = np.diff(bounds, prepend=0)
-        lengths[0] += self.open_length
-        self.open_length = len(ids) - int(bounds[-1])
-        if candidate_below is not None:
-            hashes = doc_hashes(seed, self.documents, len(bounds))
-            keep = hashes < candidate_below
-            self.hashes.append(hashes[keep])
-            self.lengths.append(lengths[keep])
-        self.documents += len(bounds)
-
-
-def _plan_split(enc: _Encoded, fraction: float) -> dict[str, Any]:
-    """How to split: by whole documents when some set of them holds about `fraction` of the
-    tokens, else by the tail of the token stream; nothing when there is too little text.
-
-    Documents are taken in the order of their seeded hash until they hold the share asked
-    for: whole documents chosen at random, as close to the share as their sizes allow.
-    """
-    import numpy as np
-
-    n = enc.tokens
-    if fraction == 0:
-        return {"method": "none", "reason": "--val_fraction 0"}
-    if n < 2 * MIN_VAL_TOKENS:
-        return {"method": "none", "reason": f"{n} tokens are too few for a {MIN_VAL_TOKENS}-token validation window"}
-    target = max(fraction * n, MIN_VAL_TOKENS)
-    if enc.hashes:
-        hashes, lengths = np.concatenate(enc.hashes), np.concatenate(enc.lengths)
-        order = np.argsort(hashes, kind="stable")[: enc.documents - 1]  # train keeps one
-        if len(order):
-            totals = np.cumsum(lengths[order])
-            k = int(np.argmin(np.abs(totals - target)))
-            if abs(totals[k] - target) <= SHARE_TOLERANCE * target:
-                return {"method": "documents", "max_hash": int(hashes[order[k]])}
-    return {"method": "spans", "where": "tail", "target_tokens": round(target)}
-
-
-def _apply_split(
-    enc: _Encoded, val: NpyWriter, plan: dict, seed: int, eot_id: int, line_ends: Callable[[], np.ndarray]
-) -> dict[str, int]:
-    """Move the validation tokens from the stream into `val`; the stream becomes train."""
-    if plan["method"] == "documents":
-        return _split_documents(enc.writer, val, seed, plan["max_hash"], eot_id)
-    if plan["method"] == "spans":
-        start, cut_at = _tail_start(enc.writer, plan["target_tokens"], eot_id, line_ends())
-        plan.update(val_start=start, cut_at=cut_at, cuts_a_document=cut_at != "document")
-        return _split_tail(enc.writer, val, start, eot_id, enc.documents)
-    return {"train_documents": enc.documents, "val_documents": 0}
-
-
-def _split_documents(
-    stream: NpyWriter, val: NpyWriter, seed: int, max_hash: int, eot_id: int, chunk: int = 1 << 22
-) -> dict[str, int]:
-    """Documents whose hash is at most `max_hash` go to val; the rest is compacted in place
-    (the write position never passes the read position, so nothing unread is overwritten)."""
-    import numpy as np
-
-    read = write = doc = val_docs = 0
-    total = stream.count
-    while read < total:
-        ids = stream.read(read, min(chunk, total - read))
-        bounds = np.flatnonzero(ids == eot_id) + 1
-        ends = len(bounds)
-        # ends + 1 flags: the chunk may stop inside a document, which the next one finishes.
-        flags = doc_hashes(seed, doc, ends + 1) <= np.uint64(max_hash)
-        to_val = np.repeat(flags, np.diff(bounds, prepend=0, append=len(ids)))
-        val.append(ids[to_val])
-        kept = ids[~to_val]
-        stream.write_at(write, kept)
-        write += len(kept)
-        read += len(ids)
-        doc += ends
-        val_docs += int(flags[:ends].sum())
-    stream.truncate(write)
-    return {"train_documents": doc - val_docs, "val_documents": val_docs}
-
-
-def _tail_start(stream: NpyWriter, target: int, eot_id: int, line_ends: np.ndarray) -> tuple[int, str]:
-    """Where the validation tail starts: the document boundary nearest to `target` tokens
-    from the end within +-SPAN_SNAP of it, else the nearest line end, else exactly there."""
-    import numpy as np
-
-    n = stream.count
-    ideal = n - target
-    reach = int(SPAN_SNAP * target)
-    lo, hi = max(MIN_VAL_TOKENS, ideal - reach), min(n - MIN_VAL_TOKENS, ideal + reach)
-    if lo > hi:
-        return ideal, "token"
-    before = stream.read(lo - 1, hi - lo + 1)  # before[i]: the token ending just before lo + i
-    positions = np.arange(lo, hi + 1)
-    for name, ok in (("document", before == eot_id), ("line", line_ends[before])):
-        if ok.any():
-            candidates = positions[ok]
-            return int(candidates[np.argmin(np.abs(candidates - ideal))]), name
-    return ideal, "token"
-
-
-def _split_tail(
-    stream: NpyWriter, val: NpyWriter, start: int, eot_id: int, documents: int, chunk: int = 1 << 22
-) -> dict[str, int]:
-    val_docs = 0
-    for at in range(start, stream.count, chunk):
-        ids = stream.read(at, min(chunk, stream.count - at))
-        val.append(ids)
-        val_docs += int((ids == eot_id).sum())
-    stream.truncate(start)
-    # A document counts where it ends (as counting end-of-text ids in each file does): one cut
-    # in two counts in val, and train holds its start.
-    return {"train_documents": documents - val_docs, "val_documents": val_docs}
-
-
-# ---------------------------------------------------------------------------------------------
-# prepare_corpus
+# prepare_corpus and merge_shards
 # ---------------------------------------------------------------------------------------------
 
 
@@ -420,8 +174,10 @@ def prepare_corpus(
     separator: str | None = EOT,
     force: bool = False,
     threads: int | None = None,
+    shard: tuple[int, int] | None = None,
     batch_chars: int = BATCH_CHARS,
     piece_chars: int = PIECE_CHARS,
+    unit_bytes: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Tokenize a corpus into `out` and return the meta.json written there.
@@ -435,33 +191,118 @@ def prepare_corpus(
         of BPE training on corpora of any size and changes nothing on smaller ones.
     separator: text files are split into documents at this string (default <|endoftext|>);
         None makes each text file one document.
-    batch_chars, piece_chars: characters encoded per batch, and the size of the pieces long
-        documents are cut into (tuning knobs; they never change the tokens).
-    Raises DataError / ConfigError for anything the user can fix; leaves `out` untouched then.
+    threads: processes that encode (default: one per core).
+    shard: (I, N): encode only shard I of N into `out`, a shard folder for `merge_shards`
+        (needs a given `tokenizer`); returns the shard's record instead of a meta.json.
+    batch_chars, piece_chars, unit_bytes: characters encoded per batch, the size of the pieces
+        long documents are cut into, and the bytes of a unit of work (default: a 256th of the
+        corpus, within 4 MB .. 64 MB); tuning knobs that never change the tokens.
+    Raises DataError / ConfigError for anything the user can fix; leaves a dataset in `out`
+    untouched then.
     """
-    threads = _check_options(val_fraction, separator, threads, tokenizer, vocab_size, tokenizer_sample)
+    threads = _check_options(val_fraction, separator, threads, tokenizer, vocab_size, tokenizer_sample, shard)
     # The inputs first: a missing corpus is the first thing to hear about.
     sources = resolve_sources(inputs)
     check_not_binary(sources)
     loaded = load_tokenizer(tokenizer) if tokenizer is not None else None
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out}: exists and is not a folder")
+    out = _out_folder(out)
     options = ReadOptions(text_field=text_field, text_column=text_column, separator=separator, piece_chars=piece_chars)
     with _remove_created_folder_on_failure(out):
         out.mkdir(parents=True, exist_ok=True)
         with exclusive(out / LOCK_FILE, f"--out {out}", "wait for that prepare to finish or choose another --out"):
-            _claim(out, force)
+            _claim(out, force, shard)
             run = _Run(sources, options, out, seed, val_fraction, progress or Progress())
-            meta = run.write(loaded, tokenizer, vocab_size, tokenizer_sample, threads, batch_chars)
+            tokenizer_args = (loaded, tokenizer, vocab_size, tokenizer_sample)
+            result = run.write(tokenizer_args, threads, batch_chars, unit_bytes, shard)
+    result["dir"] = str(out.resolve())
+    return result
+
+
+def merge_shards(
+    shard_dirs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Join the shard folders of one corpus (`prepare_corpus(..., shard=(I, N))` for every I)
+    into a dataset in `out`: the same token files one process writes. The shard folders are
+    only read. Returns the meta.json written."""
+    shards = [_read_shard(Path(d).expanduser()) for d in shard_dirs]
+    first = shards[0][1]
+    count = first["shard"][1]
+    for folder, record in shards[1:]:
+        if {k: v for k, v in record["key"].items() if k != "shard"} != {
+            k: v for k, v in first["key"].items() if k != "shard"
+        } or record["settings"] != first["settings"]:
+            raise DataError(
+                f"{folder}: a shard of another prepare than {shards[0][0]} (other inputs, options or tokenizer)"
+            )
+    indices = sorted(record["shard"][0] for _, record in shards)
+    if indices != list(range(count)):
+        missing = sorted(set(range(count)) - set(indices))
+        what = f"shard {missing[0]}/{count} is missing" if missing else "a shard is given twice"
+        raise DataError(f"--merge: {what}; name the {count} shard folders of the prepare once each")
+    units = [Unit.from_json(u) for u in first["units"]]
+    records: dict[int, dict] = {}
+    part_dirs: dict[int, Path] = {}
+    for folder, record in shards:
+        work = WorkFolder(folder)
+        found = work.records()
+        for index in record["mine"]:
+            if index not in found:
+                raise DataError(f"{folder}: part {index} is missing; run that shard's prepare again")
+            records[index] = found[index]
+            part_dirs[index] = work.path
+    settings = first["settings"]
+    sources = [Source(Path(p), kind, compressed, size) for p, kind, compressed, size in settings["sources"]]
+    tok = WorkFolder(shards[0][0]).tokenizer()
+    out = _out_folder(out)
+    progress = progress or Progress()
+    with _remove_created_folder_on_failure(out):
+        out.mkdir(parents=True, exist_ok=True)
+        with exclusive(out / LOCK_FILE, f"--out {out}", "wait for that prepare to finish or choose another --out"):
+            _claim(out, force, None)
+            encoder = EncoderSpec(tok.to_str(), settings["tokenizer_kind"], settings["encoder"]).build(1)
+            ordered = [records[u.index] for u in units]
+            meta = _finish(out, settings, units, sources, ordered, part_dirs, tok, encoder, progress)
+    meta["merged_from"] = [str(Path(folder).resolve()) for folder, _ in shards]
     meta["dir"] = str(out.resolve())
     return meta
 
 
+def _read_shard(folder: Path) -> tuple[Path, dict]:
+    path = folder / SHARD_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(
+            f"{folder}: not a finished shard (no {SHARD_FILE}); run its `lmtools prepare --shard I/N` to the end"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(record, dict) or record.get("format") != SHARD_FORMAT:
+        raise DataError(f"{path}: not a shard record of lmtools prepare")
+    return folder, record
+
+
+def _out_folder(out: str | os.PathLike) -> Path:
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a folder")
+    return out
+
+
 def _check_options(
-    val_fraction: float, separator: str | None, threads: int | None, tokenizer, vocab_size: int, tokenizer_sample: int
+    val_fraction: float,
+    separator: str | None,
+    threads: int | None,
+    tokenizer,
+    vocab_size: int,
+    tokenizer_sample: int,
+    shard: tuple[int, int] | None,
 ) -> int:
-    """Refuse option values that no corpus makes right; returns the number of encoding threads."""
+    """Refuse option values that no corpus makes right; returns the number of encoding processes."""
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"--val_fraction {val_fraction} must be in [0, 1)")
     if separator == "":
@@ -473,6 +314,15 @@ def _check_options(
         check_vocab_size(vocab_size)
     if tokenizer_sample < 0:
         raise ConfigError(f"--tokenizer_sample {tokenizer_sample} must be >= 0 (0: all)")
+    if shard is not None:
+        index, count = shard
+        if not 0 <= index < count:
+            raise ConfigError(f"--shard {index}/{count}: I/N needs 0 <= I < N")
+        if tokenizer is None:
+            raise ConfigError(
+                "--shard needs --tokenizer: every shard must encode with the same one "
+                "(train it once: `lmtools prepare SAMPLE --out tok`, then --tokenizer tok/tokenizer.json)"
+            )
     return threads
 
 
@@ -493,10 +343,11 @@ def _remove_created_folder_on_failure(out: Path) -> Iterator[None]:
         raise
 
 
-def _claim(out: Path, force: bool) -> None:
-    """Under the folder's lock: a dataset is overwritten only with --force, and what a killed
-    prepare left behind goes."""
-    check_dataset_target(out, force)
+def _claim(out: Path, force: bool, shard: tuple[int, int] | None) -> None:
+    """Under the folder's lock: a dataset is overwritten only with --force (a shard folder
+    writes none), and what a killed prepare left behind goes."""
+    if shard is None:
+        check_dataset_target(out, force)
     _remove_stale_temporaries(out)
 
 
@@ -530,17 +381,19 @@ def _temporary(out: Path, name: str) -> Path:
 
 def _remove_stale_temporaries(out: Path) -> None:
     """Temporary files of a prepare that died in this folder (it held the lock we now hold)."""
-    for name in (TRAIN_FILE, VAL_FILE, TOKENIZER_FILE, META_FILE):
+    for name in (TRAIN_FILE, VAL_FILE, TOKENIZER_FILE, META_FILE, SHARD_FILE):
         for path in out.glob(f".{name}*.tmp"):
             if path.is_file():
                 path.unlink(missing_ok=True)
 
 
 class _Run:
-    """One prepare into a folder whose lock it holds: tokenizer, encode, split, write, commit.
+    """One prepare into a folder whose lock it holds: tokenizer, units, parts, split, commit.
 
-    Every file is written under a temporary name of this process; on any failure exactly
-    those are removed, and the folder is as it was.
+    The parts live in the work folder until the dataset is committed, and stay there when the
+    run fails or is stopped, for the next run with the same arguments to continue from. Every
+    other file is written under a temporary name of this process; on any failure exactly
+    those are removed, and the dataset in the folder is as it was.
     """
 
     def __init__(
@@ -548,129 +401,269 @@ class _Run:
     ):
         self.sources, self.options, self.out = sources, options, out
         self.seed, self.val_fraction, self.progress = seed, val_fraction, progress
-        self.tmp = {name: _temporary(out, name) for name in (TRAIN_FILE, VAL_FILE, TOKENIZER_FILE, META_FILE)}
+        self.work = WorkFolder(out)
 
-    def write(
-        self, loaded, tokenizer_spec, vocab_size: int, tokenizer_sample: int, threads: int, batch_chars: int
-    ) -> dict[str, Any]:
-        import numpy as np
+    def write(self, tokenizer_args, threads: int, batch_chars: int, unit_bytes: int | None, shard) -> dict[str, Any]:
 
-        total_bytes = sum(s.size for s in self.sources)
-        sampled = None
+        loaded, tokenizer_spec, vocab_size, tokenizer_sample = tokenizer_args
+        unit_bytes = unit_bytes or unit_bytes_for(sum(s.size for s in self.sources))
+        units = plan_units(self.sources, self.options, unit_bytes)
+        mine = units if shard is None else shard_units(units, *shard)
+        key = self._key(loaded, vocab_size, tokenizer_sample, unit_bytes, shard)
+        done, state = self.work.open(key, self.progress.note)
+        mine_done = [u for u in mine if u.index in done]
+        if mine_done:
+            self.progress.note(f"resuming: {len(mine_done)} of {len(mine)} parts are done already ({self.work.path})")
+        try:
+            tok, kind, sampled = self._tokenizer(state, loaded, vocab_size, tokenizer_sample)
+            encoder = Encoder(tok, kind, threads=threads)
+            try:
+                _check_fast_path(encoder, self.sources, self.options, units)
+                dtype = "uint16" if encoder.vocab_size <= 1 << 16 else "uint32"
+                jobs = [
+                    Job(u, self.sources[u.source], self.options, self.work.path, dtype, batch_chars)
+                    for u in mine
+                    if u.index not in done
+                ]
+                self.progress.phase("encode", sum(u.weight for u in mine))
+                self.progress.advance(sum(u.weight for u in mine_done), sum(done[u.index]["tokens"] for u in mine_done))
+                spec = EncoderSpec(tok.to_str(), kind, encoder.engine)
+                run_jobs(
+                    jobs,
+                    spec,
+                    threads,
+                    lambda n: self.progress.advance(nbytes=n),
+                    lambda n: self.progress.advance(tokens=n),
+                    lambda record: done.__setitem__(record["unit"], record),
+                    encoder=encoder,
+                )
+                self.progress.done()
+                records = [done[u.index] for u in mine]
+                settings = self._settings(kind, tokenizer_spec, vocab_size, tokenizer_sample, sampled, encoder)
+                if shard is not None:
+                    return self._write_shard(shard, key, settings, units, mine, records)
+                meta = _finish(
+                    self.out, settings, units, self.sources, records, {}, tok, encoder, self.progress, self.work.path
+                )
+            finally:
+                encoder.close()
+        except (KeyboardInterrupt, OSError, WorkerDied):
+            self._keep_or_drop_parts(keep=True)
+            raise
+        except BaseException:
+            self._keep_or_drop_parts(keep=False)
+            raise
+        self.work.remove()
+        return meta
+
+    def _keep_or_drop_parts(self, keep: bool) -> None:
+        """After a stop, a full disk or a dead worker, the parts committed stay for the next run
+        to continue from. After an error in the input (which the user must change, and with
+        it the key) and when there are none, the work folder goes: the folder is as it was."""
+        self.work.remove_temporaries()
+        kept = len(self.work.records()) if keep else 0
+        if kept:
+            size = self.work.size() / 1e6
+            self.progress.note(
+                f"{kept} finished part{'s' if kept != 1 else ''} ({size:,.0f} MB) are kept in {self.work.path}: "
+                "run the same command again to continue from them"
+            )
+        elif self.work.exists():
+            self.work.remove()
+
+    def _key(self, loaded, vocab_size: int, tokenizer_sample: int, unit_bytes: int, shard) -> dict:
+        """What the parts depend on (the split does not: it is made when they are joined)."""
+        sources = []
+        for s in self.sources:
+            st = s.path.stat()
+            sources.append([str(s.path.resolve()), st.st_size, st.st_mtime_ns])
         if loaded is None:
+            tokenizer = {"train": vocab_size, "sample": tokenizer_sample, "seed": self.seed}
+        else:
+            tokenizer = {"sha256": hashlib.sha256(loaded[0].to_str().encode()).hexdigest(), "kind": loaded[1]}
+        read = {"text_field": self.options.text_field, "text_column": self.options.text_column}
+        read["separator"] = self.options.separator
+        return {
+            "sources": sources,
+            "read": read,
+            "tokenizer": tokenizer,
+            "unit_bytes": unit_bytes,
+            "shard": list(shard) if shard else None,
+        }
+
+    def _tokenizer(self, state: dict, loaded, vocab_size: int, tokenizer_sample: int):
+        """The tokenizer, its kind and the bytes it was trained on: the work folder's when an
+        earlier run saved it there, else trained or loaded now and saved there."""
+        saved = self.work.tokenizer()
+        if saved is not None and "tokenizer" in state:
+            return saved, state["tokenizer"]["kind"], state["tokenizer"]["sample_bytes"]
+        if loaded is None:
+            total = sum(s.size for s in self.sources)
             tok, sampled = _train(
-                self.sources, self.options, vocab_size, self.progress, total_bytes, tokenizer_sample, self.seed
+                self.sources, self.options, vocab_size, self.progress, total, tokenizer_sample, self.seed
             )
             kind = "bpe"
         else:
-            tok, kind = loaded
-        encoder = Encoder(tok, kind, threads=threads)
-        dtype = np.dtype(np.uint16 if encoder.vocab_size <= 1 << 16 else np.uint32)
-        writers: list[NpyWriter] = []
-        try:
-            stream = NpyWriter(self.tmp[TRAIN_FILE], dtype)
-            writers.append(stream)
-            val = NpyWriter(self.tmp[VAL_FILE], dtype)
-            writers.append(val)
-            self.progress.phase("encode", total_bytes)
-            enc = _encode(
-                self.sources, self.options, encoder, stream, self.seed, self.val_fraction, batch_chars, self.progress
-            )
-            self.progress.done()
-            if enc.documents == 0:
-                raise _no_text(enc)
-            plan = _plan_split(enc, self.val_fraction)
-            counts = _apply_split(enc, val, plan, self.seed, encoder.eot_id, encoder.line_ends)
-            stream.finish()
-            val.finish()
-            self.tmp[TOKENIZER_FILE].write_text(tok.to_str(pretty=True), encoding="utf-8")
-            fsync_file(self.tmp[TOKENIZER_FILE])
-            sample = (tokenizer_sample, sampled)
-            meta = self._meta(enc, plan, counts, encoder, kind, tokenizer_spec, vocab_size, sample, val.count)
-            self.tmp[META_FILE].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            fsync_file(self.tmp[META_FILE])
-            _commit(self.out, self.tmp)
-        except BaseException:
-            for w in writers:
-                w.close()
-            for path in self.tmp.values():
-                path.unlink(missing_ok=True)
-            raise
-        finally:
-            encoder.close()
-        return meta
+            (tok, kind), sampled = loaded, None
+        self.work.save_tokenizer(tok)
+        state["tokenizer"] = {"kind": kind, "sample_bytes": sampled}
+        self.work.save_state(state)
+        return tok, kind, sampled
 
-    def _meta(
-        self,
-        enc: _Encoded,
-        plan: dict,
-        counts: dict,
-        encoder,
-        kind: str,
-        tokenizer_spec,
-        vocab_size: int,
-        sample: tuple[int, int | None],
-        val_tokens: int,
-    ) -> dict[str, Any]:
-        """meta.json; `sample`: the tokenizer sample's size asked for and the UTF-8 bytes of
-        text the BPE was trained on (None when the tokenizer was loaded)."""
-        text_tokens = enc.tokens - enc.documents
-        split = _split_record(plan, self.val_fraction, val_tokens / enc.tokens)
+    def _settings(self, kind, tokenizer_spec, vocab_size, tokenizer_sample, sampled, encoder) -> dict[str, Any]:
+        """Everything meta.json says besides what the parts hold (a shard carries it to the merge)."""
         trained = tokenizer_spec is None
         source = str(Path(tokenizer_spec).expanduser().resolve()) if kind not in ("bpe", "bytes") else None
         return {
-            "format": FORMAT,
-            "vocab_size": encoder.vocab_size,
-            "vocab_size_requested": vocab_size if trained else None,
-            "dtype": "uint16" if encoder.vocab_size <= 1 << 16 else "uint32",
-            "train_file": TRAIN_FILE,
-            "val_file": VAL_FILE,
-            "train_tokens": enc.tokens - val_tokens,
-            "val_tokens": val_tokens,
-            "documents": enc.documents,
-            **counts,
-            "split": split,
-            "empty_documents": enc.empty,
-            "empty_document_places": enc.empty_places,
-            "eot_id": encoder.eot_id,
-            "eot_token": EOT,
-            "tokenizer": TOKENIZER_FILE,
-            "tokenizer_kind": kind,
-            "tokenizer_source": source,
-            "encoder": encoder.engine,
-            "text_bytes": enc.text_bytes,
-            "bytes_per_token": round(enc.text_bytes / text_tokens, 4) if text_tokens else None,
-            "min_token_id": enc.min_id,
-            "max_token_id": enc.max_id,
-            "sources": enc.sources,
+            "sources": [[str(s.path), s.kind, s.compressed, s.size] for s in self.sources],
             "seed": self.seed,
             "val_fraction": self.val_fraction,
-            "tokenizer_sample": sample[0] if trained else None,
-            "tokenizer_sample_bytes": sample[1],
+            "tokenizer_kind": kind,
+            "tokenizer_source": source,
+            "vocab_size_requested": vocab_size if trained else None,
+            "tokenizer_sample": tokenizer_sample if trained else None,
+            "tokenizer_sample_bytes": sampled,
+            "encoder": encoder.engine,
             "separator": self.options.separator,
             "text_field": self.options.text_field,
             "text_column": self.options.text_column,
+        }
+
+    def _write_shard(self, shard, key, settings, units, mine, records) -> dict[str, Any]:
+        record = {
+            "format": SHARD_FORMAT,
+            "shard": list(shard),
+            "key": key,
+            "settings": settings,
+            "units": [u.to_json() for u in units],
+            "mine": [u.index for u in mine],
+            "tokens": sum(r["tokens"] for r in records),
+            "documents": sum(r["documents"] for r in records),
             "lmtools_version": __version__,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
+        tmp = _temporary(self.out, SHARD_FILE)
+        tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        fsync_file(tmp)
+        os.replace(tmp, self.out / SHARD_FILE)
+        fsync_dir(self.out)
+        return record
 
 
-def _split_record(plan: dict, requested: float, given: float) -> dict[str, Any]:
-    """meta.json's "split": the method first, then the shares, then the plan's own details."""
+def _finish(
+    out: Path,
+    settings: dict,
+    units: Sequence[Unit],
+    sources: Sequence[Source],
+    records: Sequence[dict],
+    part_dirs: dict[int, Path],
+    tok,
+    encoder,
+    progress: Progress,
+    work: Path | None = None,
+) -> dict[str, Any]:
+    """Join the parts (`records`, in corpus order; each in `part_dirs` or `work`) into the
+    dataset in `out`: split, write, commit. Returns meta.json."""
+    import numpy as np
+
+    tmp = {name: _temporary(out, name) for name in (TRAIN_FILE, VAL_FILE, TOKENIZER_FILE, META_FILE)}
+    where = lambda index: part_dirs.get(index, work)  # noqa: E731
+    tokens = sum(r["tokens"] for r in records)
+    documents = sum(r["documents"] for r in records)
+    empty = sum(r["empty"] for r in records)
+    places = empty_places(records, units, sources, EMPTY_EXAMPLES)
+    if documents == 0:
+        raise _no_text(empty, places)
+    seed, val_fraction = settings["seed"], settings["val_fraction"]
+    candidates = Candidates(seed, val_fraction)
+    for r in records:
+        candidates.add(np.load(part_path(where(r["unit"]), r["unit"], ".docs.npy")).astype(np.int64))
+    plan = plan_split(tokens, documents, candidates, val_fraction)
+    dtype = np.dtype(np.uint16 if encoder.vocab_size <= 1 << 16 else np.uint32)
+    writers: list[NpyWriter] = []
+    try:
+        train = NpyWriter(tmp[TRAIN_FILE], dtype)
+        writers.append(train)
+        val = NpyWriter(tmp[VAL_FILE], dtype)
+        writers.append(val)
+        chunks = (c for r in records for c in npy_chunks(part_path(where(r["unit"]), r["unit"], ".npy")))
+        counts = write_split(chunks, train, val, plan, seed, encoder.eot_id, documents, encoder.line_ends)
+        train.finish()
+        val.finish()
+        tmp[TOKENIZER_FILE].write_text(tok.to_str(pretty=True), encoding="utf-8")
+        fsync_file(tmp[TOKENIZER_FILE])
+        ids = [(r["min_id"], r["max_id"]) for r in records if r["min_id"] is not None]
+        totals = {
+            "tokens": tokens,
+            "val_tokens": val.count,
+            "documents": documents,
+            "empty": empty,
+            "places": places,
+            "text_bytes": sum(r["text_bytes"] for r in records),
+            "min_id": min(lo for lo, _ in ids),
+            "max_id": max(hi for _, hi in ids),
+            "sources": describe_sources(records, units, sources),
+        }
+        meta = _meta(settings, totals, plan, counts, encoder)
+        tmp[META_FILE].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        fsync_file(tmp[META_FILE])
+        _commit(out, tmp)
+    except BaseException:
+        for w in writers:
+            w.close()
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise
+    return meta
+
+
+def _meta(settings: dict, totals: dict, plan: dict, counts: dict, encoder) -> dict[str, Any]:
+    tokens, documents, val_tokens = totals["tokens"], totals["documents"], totals["val_tokens"]
+    text_tokens = tokens - documents
+    split = split_record(plan, settings["val_fraction"], val_tokens / tokens)
     return {
-        "method": plan.pop("method"),
-        "val_fraction_requested": requested,
-        "val_fraction_given": round(given, 6),
-        **plan,
+        "format": FORMAT,
+        "vocab_size": encoder.vocab_size,
+        "vocab_size_requested": settings["vocab_size_requested"],
+        "dtype": "uint16" if encoder.vocab_size <= 1 << 16 else "uint32",
+        "train_file": TRAIN_FILE,
+        "val_file": VAL_FILE,
+        "train_tokens": tokens - val_tokens,
+        "val_tokens": val_tokens,
+        "documents": documents,
+        **counts,
+        "split": split,
+        "empty_documents": totals["empty"],
+        "empty_document_places": totals["places"],
+        "eot_id": encoder.eot_id,
+        "eot_token": EOT,
+        "tokenizer": TOKENIZER_FILE,
+        "tokenizer_kind": settings["tokenizer_kind"],
+        "tokenizer_source": settings["tokenizer_source"],
+        "encoder": settings["encoder"],
+        "text_bytes": totals["text_bytes"],
+        "bytes_per_token": round(totals["text_bytes"] / text_tokens, 4) if text_tokens else None,
+        "min_token_id": totals["min_id"],
+        "max_token_id": totals["max_id"],
+        "sources": totals["sources"],
+        "seed": settings["seed"],
+        "val_fraction": settings["val_fraction"],
+        "tokenizer_sample": settings["tokenizer_sample"],
+        "tokenizer_sample_bytes": settings["tokenizer_sample_bytes"],
+        "separator": settings["separator"],
+        "text_field": settings["text_field"],
+        "text_column": settings["text_column"],
+        "lmtools_version": __version__,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
 
 
-def _no_text(enc: _Encoded) -> DataError:
-    if enc.empty == 0:
+def _no_text(empty: int, places: list[str]) -> DataError:
+    if empty == 0:
         return DataError("the corpus holds no documents")
-    places = ", ".join(enc.empty_places) + (", ..." if enc.empty > len(enc.empty_places) else "")
-    noun = "its 1 document is" if enc.empty == 1 else f"all {enc.empty} documents are"
-    return DataError(f"the corpus holds no text: {noun} empty ({places})")
+    where = ", ".join(places) + (", ..." if empty > len(places) else "")
+    noun = "its 1 document is" if empty == 1 else f"all {empty} documents are"
+    return DataError(f"the corpus holds no text: {noun} empty ({where})")
 
 
 def _train(sources, options, vocab_size, progress: Progress, total_bytes: int, sample_bytes: int, seed: int):
@@ -690,7 +683,7 @@ def _train(sources, options, vocab_size, progress: Progress, total_bytes: int, s
         try:
             pieces = iter_pieces(sources, options, on_bytes=progress.advance) if sample is None else iter(sample)
             for batch in _text_batches(pieces, TRAIN_BATCH_CHARS):
-                trained_on += sum(map(_utf8_len, batch))
+                trained_on += sum(map(utf8_len, batch))
                 yield batch
             progress.done()
             progress.phase("learn merges", None)
@@ -722,71 +715,26 @@ def _text_batches(pieces: Iterable[Piece], chars: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _piece_batches(pieces: Iterable[Piece], chars: int) -> Iterator[list[Piece]]:
-    batch, size = [], 0
-    for piece in pieces:
-        batch.append(piece)
-        size += len(piece.text) + 16  # + per-document overhead, for corpora of tiny documents
-        if size >= chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def _check_fast_path(encoder, batch: list[Piece]) -> None:
-    """Compare tiktoken with `tokenizers` on a sample; fall back to `tokenizers` on a mismatch."""
+def _check_fast_path(encoder: Encoder, sources: Sequence[Source], options: ReadOptions, units: Sequence[Unit]) -> None:
+    """Compare tiktoken with `tokenizers` on the corpus's first CHECK_CHARS characters; fall
+    back to `tokenizers` (for the whole corpus) on a mismatch."""
     import numpy as np
 
+    if encoder.engine != "tiktoken" or not units:
+        return
     sample, size = [], 0
-    for piece in batch:
-        sample.append(piece.text[:CHECK_CHARS])
-        size += len(sample[-1])
+    for unit in units:
+        for piece in SourceReader(sources[unit.source], options, hash_file=False, span=unit.span):
+            sample.append(piece.text[:CHECK_CHARS])
+            size += len(sample[-1])
+            if size >= CHECK_CHARS:
+                break
         if size >= CHECK_CHARS:
             break
     fast = encoder.encode_batch(sample)
     reference = encoder.encode_reference(sample)
     if not all(np.array_equal(a, b) for a, b in zip(fast, reference)):
         encoder.use_tokenizers()
-
-
-def _encode(
-    sources, options, encoder, stream: NpyWriter, seed: int, val_fraction: float, batch_chars: int, progress: Progress
-) -> _Encoded:
-    """The encode pass: read, encode in the background, append to `stream` in corpus order,
-    and note what the split needs (the length of each document that val may take)."""
-    import numpy as np
-
-    enc = _Encoded(stream)
-    low = np.uint64(_threshold(min(1.0, CANDIDATE_FACTOR * val_fraction))) if val_fraction > 0 else None
-    pieces = iter_pieces(
-        sources, options, on_bytes=lambda n: progress.advance(n), hash_files=True, on_source_done=enc.add_source
-    )
-    eot_id = encoder.eot_id
-
-    def write(ids: np.ndarray) -> None:
-        enc.add_ids(ids, eot_id, seed, low)
-        progress.advance(tokens=len(ids))
-
-    pending = None  # waiter of the batch being encoded
-    checked = False
-    for batch in _piece_batches(pieces, batch_chars):
-        for piece in batch:
-            enc.text_bytes += _utf8_len(piece.text)
-        if not checked and encoder.engine == "tiktoken":
-            _check_fast_path(encoder, batch)
-            checked = True
-        waiter = encoder.submit_documents(batch)
-        if pending is not None:
-            write(pending())
-        pending = waiter
-    if pending is not None:
-        write(pending())
-    return enc
-
-
-def _utf8_len(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""Token files written and read as streams: a .npy whose length is known only at the end, and
+chunks of a finished one read without mapping it (memory stays bounded by the chunk)."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+CHUNK = 1 << 22  # ids read at a time
+
+
+class NpyWriter:
+    """Appends to a 1-D .npy file whose length is only known at the end.
+
+    The header is written for the largest possible length, so the final header (written by
+    numpy's own helper, then padded with spaces as the format allows) always fits in place.
+    The tokens written so far can be read back and rewritten (`read`, `write_at`, `truncate`):
+    the split moves tokens within the file before it is finished.
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        import numpy as np
+
+        self.path = path
+        self.dtype = np.dtype(dtype)
+        self.count = 0
+        self._file = open(path, "w+b")
+        self._header_len = len(self._header((1 << 63) - 1))
+        self._file.write(self._header(0))
+
+    def _header(self, n: int) -> bytes:
+        from numpy.lib import format as npy
+
+        buf = io.BytesIO()
+        d = {"descr": npy.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (n,)}
+        npy.write_array_header_1_0(buf, d)
+        header = buf.getvalue()
+        width = getattr(self, "_header_len", len(header))
+        if len(header) < width:  # pad the dict with spaces before the final newline
+            pad = width - len(header)
+            body = header[10:-1] + b" " * pad + b"\n"
+            header = header[:8] + len(body).to_bytes(2, "little") + body
+        return header
+
+    def append(self, tokens: np.ndarray) -> None:
+        if len(tokens):
+            self._file.write(tokens.astype(self.dtype, copy=False).data)
+            self.count += len(tokens)
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        """Tokens start .. start+n-1 (then the file position is back at the end)."""
+        import numpy as np
+
+        self._file.seek(self._header_len + start * self.dtype.itemsize)
+        out = np.frombuffer(self._file.read(n * self.dtype.itemsize), dtype=self.dtype)
+        self._file.seek(0, os.SEEK_END)
+        return out
+
+    def write_at(self, start: int, tokens: np.ndarray) -> None:
+        """Overwrite tokens from `start` on (within what is written already)."""
+        self._file.seek(self._header_len + start * self.dtype.itemsize)
+        self._file.write(tokens.astype(self.dtype, copy=False).data)
+        self._file.seek(0, os.SEEK_END)
+
+    def truncate(self, n: int) -> None:
+        self.count = n
+        self._file.truncate(self._header_len + n * self.dtype.itemsize)
+        self._file.seek(0, os.SEEK_END)
+
+    def finish(self) -> None:
+        self._file.seek(0)
+        self._file.write(self._header(self.count))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def close(self) -> None:
+        """Close without caring about unwritten data (the file is being thrown away)."""
+        try:
+            self._file.close()
+        except OSError:  # flushing failed (a full disk): the original error is what matters
+            pass
+
+
+def npy_chunks(path: Path, chunk: int = CHUNK) -> Iterator[np.ndarray]:
+    """The ids of a 1-D .npy file, `chunk` at a time, read (not mapped)."""
+    import numpy as np
+    from numpy.lib import format as npy
+
+    with open(path, "rb") as fh:
+        version = npy.read_magic(fh)
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, _, dtype = read_header(fh)
+        left = shape[0] if shape else 0
+        while left > 0:
+            n = min(chunk, left)
+            ids = np.frombuffer(fh.read(n * dtype.itemsize), dtype=dtype)
+            if len(ids) < n:
+                raise OSError(f"{path}: shorter than its header says")
+            yield ids
+            left -= n

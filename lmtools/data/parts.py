@@ -1,0 +1,482 @@
+"""Units encoded into parts: the bulk of `prepare`'s work, done in worker processes and
+committed one unit at a time into a work folder, so that an interrupted prepare continues
+where it stopped.
+
+A part is three files in the work folder (`OUT/.prepare-parts`): `part-N.npy`, the unit's ids
+in corpus order (each document followed by the end-of-text id); `part-N.docs.npy`, the length
+in ids of each of its documents; and `part-N.json`, what the unit held (counts, id range, its
+empty documents, the digest of the bytes it read). The .json is renamed into place last: a part
+exists when its .json does. Each file is written under a temporary name of the writing process,
+flushed and fsynced first.
+
+The work folder's state.json holds the key of its parts: the input files with their sizes and
+modification times, how they are read, the tokenizer and the unit size. A prepare whose key
+differs starts again, and says why.
+
+Workers are processes, not threads: reading and splitting text holds the GIL, so threads
+would leave the encoders waiting on one core. Each worker reads its unit while its encoder
+thread encodes the previous batch. The main process only hands out units and counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import queue as queue_module
+import shutil
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmtools.data.corpus import ReadOptions, Source, SourceReader, piece_batches, place_text, utf8_len
+from lmtools.data.npy_stream import NpyWriter
+from lmtools.data.units import Unit
+from lmtools.errors import DataError
+from lmtools.runtime.fsutil import fsync_dir, fsync_file
+
+WORK_DIR = ".prepare-parts"
+STATE_FILE = "state.json"
+WORK_FORMAT = "lmtools.prepare-parts/1"
+TOKENIZER = "tokenizer.json"
+REPORT_BYTES = 1 << 20  # a worker reports its progress after this many bytes read
+POLL_S = 0.2  # how often the main process looks at its workers when none reports
+
+
+class WorkerDied(DataError):
+    """A worker process ended without answering (killed, out of memory)."""
+
+
+def part_path(work: Path, index: int, suffix: str) -> Path:
+    return work / f"part-{index:06d}{suffix}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit to encode, with everything a worker process needs to do it."""
+
+    unit: Unit
+    source: Source
+    options: ReadOptions
+    work: Path
+    dtype: str
+    batch_chars: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding one unit
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_unit(job: Job, encoder, on_bytes: Callable[[int], None], on_tokens: Callable[[int], None]) -> dict:
+    """Encode a unit into its part in the work folder; returns the part's record."""
+    import numpy as np
+
+    index = job.unit.index
+    final = {suffix: part_path(job.work, index, suffix) for suffix in (".npy", ".docs.npy", ".json")}
+    tmp = {suffix: p.with_name(f".{p.name}.{os.getpid()}.tmp") for suffix, p in final.items()}
+    reader = SourceReader(job.source, job.options, on_bytes, hash_file=True, span=job.unit.span)
+    writer = NpyWriter(tmp[".npy"], np.dtype(job.dtype))
+    stats = _PartStats(writer, encoder.eot_id)
+    try:
+        pending = None
+        for batch in piece_batches(reader, job.batch_chars):
+            stats.text_bytes += sum(utf8_len(p.text) for p in batch)
+            waiter = encoder.submit_documents(batch)
+            if pending is not None:
+                on_tokens(stats.add(pending()))
+            pending = waiter
+        if pending is not None:
+            on_tokens(stats.add(pending()))
+        writer.finish()
+        with open(tmp[".docs.npy"], "wb") as fh:
+            np.save(fh, stats.lengths())
+            fh.flush()
+            os.fsync(fh.fileno())
+        record = {
+            "unit": index,
+            "tokens": writer.count,
+            "documents": reader.documents,
+            "text_bytes": stats.text_bytes,
+            "min_id": stats.min_id,
+            "max_id": stats.max_id,
+            "empty": reader.empty,
+            "empty_at": [list(place) for place in reader.empty_at],
+            "separators": reader.separators,
+            "lines": reader.lines,
+            "sha256": reader.sha256(),
+        }
+        tmp[".json"].write_text(json.dumps(record) + "\n", encoding="utf-8")
+        fsync_file(tmp[".json"])
+        for suffix in (".npy", ".docs.npy", ".json"):  # the record last: it says the part is whole
+            os.replace(tmp[suffix], final[suffix])
+        fsync_dir(job.work)
+        return record
+    except BaseException:
+        writer.close()
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise
+
+
+class _PartStats:
+    """What a part's record says about its ids, gathered as they are written."""
+
+    def __init__(self, writer: NpyWriter, eot_id: int):
+        self.writer, self.eot_id = writer, eot_id
+        self.text_bytes = 0
+        self.min_id: int | None = None
+        self.max_id: int | None = None
+        self._lengths: list = []
+        self._open = 0  # ids of the document the last batch ended inside
+
+    def add(self, ids) -> int:
+        import numpy as np
+
+        self.writer.append(ids)
+        if len(ids):
+            lo, hi = int(ids.min()), int(ids.max())
+            self.min_id = lo if self.min_id is None else min(self.min_id, lo)
+            self.max_id = hi if self.max_id is None else max(self.max_id, hi)
+        bounds = np.flatnonzero(ids == self.eot_id) + 1
+        if len(bounds):
+            lengths = np.diff(bounds, prepend=0)
+            lengths[0] += self._open
+            self._lengths.append(lengths)
+            self._open = len(ids) - int(bounds[-1])
+        else:
+            self._open += len(ids)
+        return len(ids)
+
+    def lengths(self):
+        import numpy as np
+
+        return np.concatenate(self._lengths).astype(np.uint64) if self._lengths else np.zeros(0, np.uint64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running units: here, or in worker processes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How to build the encoder in another process."""
+
+    tokenizer_json: str
+    kind: str
+    engine: str  # "tokenizers" when the fast path disagreed on the corpus
+
+    def build(self, threads: int):
+        from tokenizers import Tokenizer
+
+        from lmtools.data.tokenizer import Encoder
+
+        encoder = Encoder(Tokenizer.from_str(self.tokenizer_json), self.kind, threads=threads)
+        if self.engine == "tokenizers" and encoder.engine == "tiktoken":
+            encoder.use_tokenizers()
+        return encoder
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    spec: EncoderSpec,
+    threads: int,
+    on_bytes: Callable[[int], None],
+    on_tokens: Callable[[int], None],
+    on_record: Callable[[dict], None],
+    encoder=None,
+) -> None:
+    """Encode every job's unit; `on_record` gets each part's record as it is committed (in the
+    main thread, in the order they finish). With one thread or one job, in this process, with
+    `encoder` (built from `spec` when not given) using `threads` threads; else in
+    min(threads, jobs) worker processes."""
+    if threads <= 1 or len(jobs) <= 1:
+        local = encoder or spec.build(threads)
+        try:
+            for job in jobs:
+                on_record(encode_unit(job, local, on_bytes, on_tokens))
+        finally:
+            if encoder is None:
+                local.close()
+        return
+    with _Workers(min(threads, len(jobs)), spec) as workers:
+        workers.run(jobs, on_bytes, on_tokens, on_record)
+
+
+class _Workers:
+    """Worker processes fed from one queue of jobs, answering on another: progress, records and
+    errors. A worker that dies (killed, out of memory) ends the run with a message instead of
+    leaving it waiting; leaving the block ends every worker."""
+
+    def __init__(self, count: int, spec: EncoderSpec):
+        import multiprocessing
+
+        # spawn: a fork would copy the tokenizer library's thread pool and whatever the
+        # calling program holds; workers start from a clean interpreter.
+        self._ctx = multiprocessing.get_context("spawn")
+        self._jobs = self._ctx.Queue()
+        self._answers = self._ctx.Queue()
+        self._procs = [
+            self._ctx.Process(
+                target=_worker_main,
+                args=(spec, self._jobs, self._answers, os.getpid()),
+                name=f"lmtools-prepare-{i}",
+                daemon=True,
+            )
+            for i in range(count)
+        ]
+
+    def __enter__(self) -> _Workers:
+        for proc in self._procs:
+            proc.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self._procs:
+            proc.join()
+        for q in (self._jobs, self._answers):
+            q.cancel_join_thread()
+            q.close()
+
+    def run(self, jobs, on_bytes, on_tokens, on_record) -> None:
+        for job in jobs:
+            self._jobs.put(job)
+        for _ in self._procs:
+            self._jobs.put(None)
+        left = len(jobs)
+        while left:
+            try:
+                kind, *payload = self._answers.get(timeout=POLL_S)
+            except queue_module.Empty:
+                self._check_alive()
+                continue
+            if kind == "progress":
+                on_bytes(payload[0])
+                on_tokens(payload[1])
+            elif kind == "record":
+                on_record(payload[0])
+                left -= 1
+            else:
+                raise pickle.loads(payload[0])
+
+    def _check_alive(self) -> None:
+        if all(proc.exitcode == 0 for proc in self._procs):  # all gone, yet units unanswered
+            raise RuntimeError("the prepare workers ended without encoding every unit")
+        for proc in self._procs:
+            if proc.exitcode not in (None, 0):
+                how = f"signal {-proc.exitcode}" if proc.exitcode < 0 else f"exit code {proc.exitcode}"
+                raise WorkerDied(
+                    f"a prepare worker process died ({how}; out of memory?); "
+                    "run the same command again to continue from the parts committed"
+                )
+
+
+def _worker_main(spec: EncoderSpec, jobs, answers, parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which ends us
+    _die_with_parent(parent)
+    os.environ["RAYON_NUM_THREADS"] = "1"  # `tokenizers` in each of many processes: one thread
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    encoder = spec.build(1)
+    pending = [0, 0]
+    last = time.monotonic()
+
+    def report(nbytes: int = 0, tokens: int = 0, force: bool = False) -> None:
+        nonlocal last
+        pending[0] += nbytes
+        pending[1] += tokens
+        if force or pending[0] >= REPORT_BYTES or time.monotonic() - last > 0.5:
+            answers.put(("progress", *pending))
+            pending[:] = [0, 0]
+            last = time.monotonic()
+
+    while (job := jobs.get()) is not None:
+        try:
+            record = encode_unit(job, encoder, lambda n: report(nbytes=n), lambda n: report(tokens=n))
+        except BaseException as exc:  # noqa: BLE001 - every failure goes to the parent
+            answers.put(("error", _pickled(exc)))
+            return
+        report(force=True)
+        answers.put(("record", record))
+
+
+def _pickled(exc: BaseException) -> bytes:
+    try:
+        return pickle.dumps(exc)
+    except Exception:  # noqa: BLE001 - an exception that cannot travel is described instead
+        return pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel end this worker when the parent dies (kill -9 included), so no
+    orphan writes into the folder after its lock is gone."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The work folder
+# ---------------------------------------------------------------------------------------------
+
+
+class WorkFolder:
+    """OUT/.prepare-parts: the parts of a prepare that is not finished yet, and their key."""
+
+    def __init__(self, out: Path):
+        self.path = out / WORK_DIR
+
+    def exists(self) -> bool:
+        return (self.path / STATE_FILE).is_file()
+
+    def open(self, key: dict, note: Callable[[str], None]) -> tuple[dict[int, dict], dict]:
+        """The records of the parts done under `key`, and the saved state (an empty folder
+        with a new state when there is none, or when its key differs: say why)."""
+        state = self.state()
+        if state is not None:
+            if state.get("key") == key:
+                self.remove_temporaries()
+                return self.records(), state
+            note(f"starting again: {what_changed(state.get('key') or {}, key)}; the earlier parts are removed")
+            self.remove()
+        self.path.mkdir(parents=True, exist_ok=True)
+        state = {"format": WORK_FORMAT, "key": key}
+        self.save_state(state)
+        return {}, state
+
+    def state(self) -> dict | None:
+        """The saved state; None when there is no work folder. A folder of that name that no
+        prepare wrote is refused (it is never removed)."""
+        if not os.path.lexists(self.path):
+            return None
+        try:
+            state = json.loads((self.path / STATE_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            state = None
+        if not isinstance(state, dict) or state.get("format") != WORK_FORMAT or self.path.is_symlink():
+            raise DataError(
+                f"{self.path} was not written by lmtools prepare (no {STATE_FILE} of its own); "
+                "it is never removed: move it away or choose another --out"
+            )
+        return state
+
+    def save_state(self, state: dict) -> None:
+        tmp = self.path / f".{STATE_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+        fsync_file(tmp)
+        os.replace(tmp, self.path / STATE_FILE)
+        fsync_dir(self.path)
+
+    def save_tokenizer(self, tok) -> None:
+        tmp = self.path / f".{TOKENIZER}.{os.getpid()}.tmp"
+        tmp.write_text(tok.to_str(pretty=True), encoding="utf-8")
+        fsync_file(tmp)
+        os.replace(tmp, self.path / TOKENIZER)
+
+    def tokenizer(self):
+        from tokenizers import Tokenizer
+
+        path = self.path / TOKENIZER
+        return Tokenizer.from_file(str(path)) if path.is_file() else None
+
+    def records(self) -> dict[int, dict]:
+        """Unit index -> record of every whole part (a record whose files are missing or torn
+        is dropped with them: its unit is done again)."""
+        found = {}
+        for path in sorted(self.path.glob("part-*.json")):
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                index = int(record["unit"])
+            except (OSError, ValueError, KeyError, TypeError):
+                record, index = None, -1
+            ids, docs = part_path(self.path, index, ".npy"), part_path(self.path, index, ".docs.npy")
+            if record is None or path != part_path(self.path, index, ".json") or not (ids.is_file() and docs.is_file()):
+                for p in (path, ids, docs):
+                    p.unlink(missing_ok=True)
+                continue
+            found[index] = record
+        return found
+
+    def remove_temporaries(self) -> None:
+        """What a worker or a prepare that died left half written here."""
+        for path in self.path.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def remove(self) -> None:
+        """Only ever called on a folder `state` recognised as prepare's."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def size(self) -> int:
+        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+
+
+def what_changed(old: dict, new: dict) -> str:
+    """Why parts done under key `old` are no use under key `new`, in a few words."""
+    if old.get("tokenizer") != new.get("tokenizer"):
+        return "another tokenizer than the interrupted prepare's"
+    if old.get("read") != new.get("read"):
+        return "the files are read with other options (--separator, --text_field, --text_column)"
+    old_files = {f[0]: f[1:] for f in old.get("sources") or []}
+    for path, *stat in new.get("sources") or []:
+        if path not in old_files:
+            return f"{path} was not an input of the interrupted prepare"
+        if old_files[path] != stat:
+            return f"{path} changed since the interrupted prepare"
+    if len(old_files) != len(new.get("sources") or []):
+        return "fewer input files than the interrupted prepare's"
+    return "other settings than the interrupted prepare's"
+
+
+def empty_places(records: Sequence[dict], units: Sequence[Unit], sources: Sequence[Source], limit: int) -> list[str]:
+    """The first `limit` empty documents of the records (in corpus order), numbered from the
+    start of each file: a unit's parts and lines follow those of the units before it."""
+    places: list[str] = []
+    separators: dict[int, int] = {}
+    lines: dict[int, int] = {}
+    for record in records:
+        src = units[record["unit"]].source
+        for kind, n in record["empty_at"]:
+            if len(places) >= limit:
+                return places
+            n += {"part": separators.get(src, 0), "line": lines.get(src, 0)}.get(kind, 0)
+            places.append(place_text(sources[src].path, kind, n))
+        separators[src] = separators.get(src, 0) + record["separators"]
+        lines[src] = lines.get(src, 0) + record["lines"]
+    return places
+
+
+def describe_sources(records: Sequence[dict], units: Sequence[Unit], sources: Sequence[Source]) -> list[dict[str, Any]]:
+    """meta.json's "sources": each file with its size, digest, documents and empty documents. A
+    file read as several units has the digest of each unit's bytes ("sha256_parts": start,
+    end, digest) instead of one for the whole file."""
+    out = [{**s.describe(), "documents": 0, "empty_documents": 0, "_digests": []} for s in sources]
+    for record in records:
+        unit = units[record["unit"]]
+        entry = out[unit.source]
+        entry["documents"] += record["documents"]
+        entry["empty_documents"] += record["empty"]
+        entry["_digests"].append([unit.span.hash_start, unit.span.hash_end, record["sha256"]])
+    for entry in out:
+        digests = entry.pop("_digests")
+        if len(digests) == 1:
+            entry["sha256"] = digests[0][2]
+        else:
+            entry["sha256_parts"] = digests
+    return [
+        {k: e[k] for k in ("path", "size", "sha256", "sha256_parts", "documents", "empty_documents") if k in e}
+        for e in out
+    ]
