@@ -358,10 +358,15 @@ def _remove_if_empty(folder: Path) -> None:
         pass
 
 
-def _write_error(out: Path, exc: OSError) -> BaseException:
+def _write_error(out: Path, exc: OSError, kept: str | None = None) -> BaseException:
     """A full disk or a file that may not be read or written, as one line; other OSErrors
-    (failing hardware, bugs) stay as they are."""
+    (failing hardware, bugs) stay as they are. `kept`: the parts kept for the next run."""
     if disk_full(exc):
+        if kept:
+            return DataError(
+                f"--out {out}: no space left on the device ({exc.strerror}); free some space and run the "
+                f"same command again to continue from the {kept} (no dataset file was changed)"
+            )
         return DataError(
             f"--out {out}: no space left on the device ({exc.strerror}); "
             "free some space or choose another --out (nothing was changed)"
@@ -447,8 +452,17 @@ class _Run:
                 )
             finally:
                 encoder.close()
-        except (KeyboardInterrupt, OSError, WorkerDied):
-            self._keep_or_drop_parts(keep=True)
+        except KeyboardInterrupt:
+            if kept := self._keep_or_drop_parts(keep=True):
+                verb = "is" if kept.startswith("1 ") else "are"
+                self.progress.note(
+                    f"{kept} {verb} kept in {self.work.path}: run the same command again to continue from them"
+                )
+            raise
+        except (OSError, WorkerDied) as exc:
+            kept = self._keep_or_drop_parts(keep=True)
+            if isinstance(exc, OSError) and kept:  # one line that says what is kept
+                raise _write_error(self.out, exc, kept=f"{kept} kept in {self.work.path}") from None
             raise
         except BaseException:
             self._keep_or_drop_parts(keep=False)
@@ -456,20 +470,18 @@ class _Run:
         self.work.remove()
         return meta
 
-    def _keep_or_drop_parts(self, keep: bool) -> None:
+    def _keep_or_drop_parts(self, keep: bool) -> str | None:
         """After a stop, a full disk or a dead worker, the parts committed stay for the next run
-        to continue from. After an error in the input (which the user must change, and with
-        it the key) and when there are none, the work folder goes: the folder is as it was."""
+        to continue from ("N finished parts (M MB)", None when there are none). After an error
+        in the input (which the user must change, and with it the key), and when there are no
+        parts, the work folder goes: the folder is as it was."""
         self.work.remove_temporaries()
         kept = len(self.work.records()) if keep else 0
-        if kept:
-            size = self.work.size() / 1e6
-            self.progress.note(
-                f"{kept} finished part{'s' if kept != 1 else ''} ({size:,.0f} MB) are kept in {self.work.path}: "
-                "run the same command again to continue from them"
-            )
-        elif self.work.exists():
-            self.work.remove()
+        if not kept:
+            if self.work.exists():
+                self.work.remove()
+            return None
+        return f"{kept} finished part{'s' if kept != 1 else ''} ({self.work.size() / 1e6:,.0f} MB)"
 
     def _key(self, loaded, vocab_size: int, tokenizer_sample: int, unit_bytes: int, shard) -> dict:
         """What the parts depend on (the split does not: it is made when they are joined)."""

@@ -1,9 +1,11 @@
 """`prepare` against the world around it, for real: two processes writing one folder, a prepare
-killed by SIGKILL, a disk that fills up. Nothing a user did not ask to lose is lost, and every
-failure is one line."""
+killed by SIGKILL or stopped by a signal, a disk that fills up. Nothing a user did not ask to
+lose is lost, every failure is one line, and a prepare that was stopped continues from the
+parts it committed when run again."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -65,16 +67,53 @@ def holds_lock(folder: Path, pid: int) -> bool:
         return False
 
 
+WORK = ".prepare-parts"
+
+
+def committed_parts(folder: Path) -> list[str]:
+    return sorted(p.name for p in (folder / WORK).glob("part-*.json"))
+
+
+def part_temporaries(folder: Path) -> list[Path]:
+    return list((folder / WORK).glob(".part-*.tmp")) if (folder / WORK).is_dir() else []
+
+
+def dataset_files(folder: Path) -> dict[str, bytes]:
+    """The folder's files (not the work folder of an unfinished prepare), by name."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def assert_same_dataset(folder: Path, reference: Path) -> None:
+    """The same token files and tokenizer as a prepare that was never stopped, and meta.json
+    equal but for when and where it was written."""
+
+    for name in ("train.npy", "val.npy", "tokenizer.json"):
+        assert (folder / name).read_bytes() == (reference / name).read_bytes(), name
+    meta, ref = (json.loads((f / "meta.json").read_text()) for f in (folder, reference))
+    for m in (meta, ref):
+        m.pop("created")
+    assert meta == ref
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus) -> Path:
+    """The corpus prepared in one go, to compare resumed prepares with."""
+    text, tok = corpus
+    out = tmp_path_factory.mktemp("reference") / "data"
+    result = prepare(text, "--out", out, "--tokenizer", tok)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
 def assert_sound(folder: Path) -> dict:
     """A complete dataset and nothing else of prepare's: no temporaries, no lock file."""
-    import json
 
     meta = json.loads((folder / "meta.json").read_text())
     train = np.load(folder / "train.npy", mmap_mode="r")
     val = np.load(folder / "val.npy", mmap_mode="r")
     assert (len(train), len(val)) == (meta["train_tokens"], meta["val_tokens"])
     assert max(int(train.max()), int(val.max())) < meta["vocab_size"]
-    leftovers = [p.name for p in folder.iterdir() if p.name.endswith(".tmp") or p.name == LOCK_FILE]
+    leftovers = [p.name for p in folder.iterdir() if p.name.endswith(".tmp") or p.name in (LOCK_FILE, WORK)]
     assert leftovers == []
     return meta
 
@@ -105,38 +144,66 @@ def test_temporaries_of_a_killed_prepare_are_removed_by_the_next(tmp_path, corpu
     text, tok = corpus
     out = tmp_path / "data"
     first = start_prepare(text, "--out", out, "--tokenizer", tok)
-    temporary = out / f".train.npy.{first.pid}.tmp"
-    wait_for(lambda: temporary.is_file() and temporary.stat().st_size > 0, first)
+    wait_for(lambda: any(p.stat().st_size > 0 for p in part_temporaries(out)), first)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
-    assert temporary.is_file() and holds_lock(out, first.pid)  # what SIGKILL leaves behind
+    assert part_temporaries(out) and holds_lock(out, first.pid)  # what SIGKILL leaves behind
     assert not (out / "meta.json").exists()
     (out / "notes.md").write_text("mine")
-    # The dead holder's lock went with it: the next prepare takes the folder and cleans up.
+    # The dead holder's lock went with it: the next prepare takes the folder and cleans up. With
+    # another tokenizer the parts of the first are no use: it says so and starts again.
     second = prepare(text, "--out", out, "--tokenizer", "bytes")
     assert second.returncode == 0, second.stderr
+    assert "prepare: starting again: another tokenizer than the interrupted prepare's" in second.stderr
     meta = assert_sound(out)
     assert meta["tokenizer_kind"] == "bytes"
     assert (out / "notes.md").read_text() == "mine"
 
 
+def test_a_prepare_killed_mid_way_continues_from_its_parts(tmp_path, corpus, reference):
+    text, tok = corpus
+    out = tmp_path / "data"
+    first = start_prepare(text, "--out", out, "--tokenizer", tok)
+    wait_for(lambda: len(committed_parts(out)) >= 2, first)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    done = committed_parts(out)
+    assert len(done) >= 2 and not (out / "meta.json").exists()
+    second = prepare(text, "--out", out, "--tokenizer", tok)
+    assert second.returncode == 0, second.stderr
+    resumed = [line for line in second.stderr.splitlines() if line.startswith("prepare: resuming:")]
+    assert len(resumed) == 1 and resumed[0].startswith(f"prepare: resuming: {len(done)} of "), second.stderr
+    assert_sound(out)
+    assert_same_dataset(out, reference)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
-def test_a_stop_signal_mid_prepare_leaves_the_old_dataset_and_nothing_else(tmp_path, corpus, sig):
+def test_a_stop_signal_mid_prepare_leaves_the_old_dataset_and_its_parts(tmp_path, corpus, reference, sig):
     # A scheduler's SIGTERM and a dropped terminal's SIGHUP clean up as Ctrl-C does; by default
     # they ended the process on the spot, leaving a .tmp of hundreds of MB and the lock file.
+    # The parts finished before the signal stay, and the same command continues from them.
     text, tok = corpus
     out = tmp_path / "data"
     (tmp_path / "small.txt").write_text(prose(20_000, seed=9), encoding="utf-8")
     assert prepare(tmp_path / "small.txt", "--out", out, "--tokenizer", "bytes").returncode == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = dataset_files(out)
     proc = start_prepare(text, "--out", out, "--tokenizer", tok, "--force")
-    temporary = out / f".train.npy.{proc.pid}.tmp"
-    wait_for(lambda: temporary.is_file() and temporary.stat().st_size > 0, proc)
+    wait_for(lambda: committed_parts(out) and any(p.stat().st_size > 0 for p in part_temporaries(out)), proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, err
     assert err.splitlines()[-1] == ("interrupted" if sig == signal.SIGINT else f"stopped by {sig.name}")
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert dataset_files(out) == before  # the old dataset, no temporaries, no lock
+    kept = committed_parts(out)
+    assert kept and not part_temporaries(out)
+    assert f"prepare: {len(kept)} finished part{'s' if len(kept) > 1 else ''} (" in err
+    verb = "are" if len(kept) > 1 else "is"
+    assert f"{verb} kept in {out / WORK}: run the same command again to continue from them" in err
+    again = prepare(text, "--out", out, "--tokenizer", tok, "--force")
+    assert again.returncode == 0, again.stderr
+    assert f"prepare: resuming: {len(kept)} of " in again.stderr
+    assert_sound(out)
+    assert_same_dataset(out, reference)
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_old_dataset(tmp_path, corpus):
@@ -145,15 +212,35 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_dataset(tmp_path, corpus):
         out = disk / "data"
         (tmp_path / "small.txt").write_text(prose(50_000, seed=1), encoding="utf-8")
         assert prepare(tmp_path / "small.txt", "--out", out, "--tokenizer", tok).returncode == 0
-        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        before = dataset_files(out)
         result = prepare(text, "--out", out, "--tokenizer", tok, "--force")
         line = one_line_error(result, "no space left on the device")
         assert "Traceback" not in result.stderr and str(out) in line
-        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # intact, no temporaries
+        assert dataset_files(out) == before and not part_temporaries(out)  # intact, no temporaries
+        kept = committed_parts(out)  # the parts that fitted stay, and the one line says so
+        assert not kept or f"continue from the {len(kept)} finished part" in line
         # Into a new folder on the full disk: the folder it created is gone again.
         result = prepare(text, "--out", disk / "new", "--tokenizer", tok)
         one_line_error(result, "no space left on the device")
         assert not (disk / "new").exists()
+
+
+def test_a_prepare_stopped_by_a_full_disk_continues_when_there_is_room(tmp_path, corpus, reference):
+    text, tok = corpus
+    with tmpfs(tmp_path / "small-disk", "size=12m") as disk:
+        out = disk / "data"
+        result = prepare(text, "--out", out, "--tokenizer", tok)
+        one_line_error(result, "no space left on the device")
+        kept = committed_parts(out)
+        assert kept and not part_temporaries(out) and not (out / "meta.json").exists()
+        assert f"run the same command again to continue from the {len(kept)} finished part" in result.stderr
+        # More room (a larger tmpfs, the same files): the same command continues.
+        subprocess.run(["mount", "-o", "remount,size=96m", str(disk)], check=True)
+        again = prepare(text, "--out", out, "--tokenizer", tok)
+        assert again.returncode == 0, again.stderr
+        assert f"prepare: resuming: {len(kept)} of " in again.stderr
+        assert_sound(out)
+        assert_same_dataset(out, reference)
 
 
 def test_a_read_only_out_is_one_line(tmp_path):
