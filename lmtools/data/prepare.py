@@ -286,6 +286,21 @@ def _read_shard(folder: Path) -> tuple[Path, dict]:
     return folder, record
 
 
+def _unit_bytes_from_env() -> int | None:
+    """LMTOOLS_PREPARE_UNIT_BYTES: the unit size, for a machine with many more cores than a
+    256th of the corpus keeps busy (it never changes the tokens; shards must agree on it)."""
+    text = os.environ.get("LMTOOLS_PREPARE_UNIT_BYTES", "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 4096:
+        raise ConfigError(f"LMTOOLS_PREPARE_UNIT_BYTES={text!r}: give a number of bytes, at least 4096")
+    return value
+
+
 def _out_folder(out: str | os.PathLike) -> Path:
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
@@ -411,7 +426,7 @@ class _Run:
     def write(self, tokenizer_args, threads: int, batch_chars: int, unit_bytes: int | None, shard) -> dict[str, Any]:
 
         loaded, tokenizer_spec, vocab_size, tokenizer_sample = tokenizer_args
-        unit_bytes = unit_bytes or unit_bytes_for(sum(s.size for s in self.sources))
+        unit_bytes = unit_bytes or _unit_bytes_from_env() or unit_bytes_for(sum(s.size for s in self.sources))
         units = plan_units(self.sources, self.options, unit_bytes)
         mine = units if shard is None else shard_units(units, *shard)
         key = self._key(loaded, vocab_size, tokenizer_sample, unit_bytes, shard)

@@ -83,15 +83,17 @@ def dataset_files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
-def assert_same_dataset(folder: Path, reference: Path) -> None:
+def assert_same_dataset(folder: Path, reference: Path, same_units: bool = True) -> None:
     """The same token files and tokenizer as a prepare that was never stopped, and meta.json
-    equal but for when and where it was written."""
-
+    equal but for when it was written (and, cut in other units, the digests of those units)."""
     for name in ("train.npy", "val.npy", "tokenizer.json"):
         assert (folder / name).read_bytes() == (reference / name).read_bytes(), name
     meta, ref = (json.loads((f / "meta.json").read_text()) for f in (folder, reference))
     for m in (meta, ref):
         m.pop("created")
+        for source in m["sources"] if not same_units else []:
+            source.pop("sha256", None)
+            source.pop("sha256_parts", None)
     assert meta == ref
 
 
@@ -267,3 +269,64 @@ def test_the_lock_is_exclusive_and_released(tmp_path):
     assert not path.exists()
     with exclusive(path, "the thing", "try later"):  # free again
         pass
+
+
+def children(pid: int) -> list[int]:
+    """PIDs of the live worker processes of prepare `pid` (from /proc; multiprocessing's
+    resource tracker, also a child, is left out)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z" and b"resource_tracker" not in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def start_parallel_prepare(*args) -> subprocess.Popen:
+    """A prepare whose units (256 KB each) are encoded by two worker processes."""
+    cmd = [sys.executable, "-m", "lmtools.cli", "prepare", *map(str, args), "--threads", "2", "-q"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", LMTOOLS_PREPARE_UNIT_BYTES=str(256 << 10))
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_workers_end_with_a_prepare_killed_by_sigkill(tmp_path, corpus):
+    text, tok = corpus
+    out = tmp_path / "data"
+    proc = start_parallel_prepare(text, "--out", out, "--tokenizer", tok)
+    wait_for(lambda: len(committed_parts(out)) >= 2 and len(children(proc.pid)) >= 2, proc)
+    workers = children(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text() for w in workers):
+        assert time.monotonic() < deadline, "a worker outlived its killed parent"
+        time.sleep(0.01)
+    # Nothing writes into the folder any more: the parts stay as they are.
+    parts = committed_parts(out)
+    time.sleep(0.5)
+    assert committed_parts(out) == parts
+
+
+def test_a_worker_that_dies_ends_the_prepare_in_one_line_and_its_parts_stay(tmp_path, corpus, reference):
+    text, tok = corpus
+    out = tmp_path / "data"
+    proc = start_parallel_prepare(text, "--out", out, "--tokenizer", tok)
+    wait_for(lambda: len(committed_parts(out)) >= 2 and len(children(proc.pid)) >= 2, proc)
+    os.kill(children(proc.pid)[0], signal.SIGKILL)  # as the out-of-memory killer would
+    out_, err = proc.communicate(timeout=120)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out_, err)
+    line = one_line_error(result, "a prepare worker process died (signal 9")
+    assert "run the same command again to continue" in line
+    kept = committed_parts(out)
+    assert kept and not part_temporaries(out) and holds_lock(out, proc.pid) is False
+    again = start_parallel_prepare(text, "--out", out, "--tokenizer", tok)
+    again_out, again_err = again.communicate(timeout=300)
+    assert again.returncode == 0, again_err
+    assert f"prepare: resuming: {len(kept)} of " in again_err
+    assert_sound(out)
+    # Another unit size cuts the corpus elsewhere: its tokens are the same all the same.
+    assert_same_dataset(out, reference, same_units=False)
