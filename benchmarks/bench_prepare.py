@@ -19,6 +19,12 @@ so every encoder below uses the same vocabulary, pattern and text.
   the third table gives its ratios to the 20 MB sample of the 200 MB corpus, and, from a child
   process running the same call, the growth of peak memory and the bytes read from files.
 
+- serial share: `prepare_corpus` of the 200 MB corpus below with that tokenizer.json at 1 and
+  2 processes (`threads`), in turn, round after round: wall time, CPU time of everything
+  (prepare's process and its workers), and the share of it spent by prepare's main thread and
+  by its whole process (what does not run in parallel: reading at 1 process; handing out units,
+  counting and joining the parts at 2). Amdahl's bound is 1 / main thread share.
+
 The second table comes from test_interleaved_ratios: tiktoken_batch, prepare_jsonl and
 prepare_txt run in turn, round after round, so that load from other work hits them alike.
 Besides wall time, each row has CPU time (all threads of the process), which other work on
@@ -58,6 +64,20 @@ INTERLEAVED_ROUNDS = 4
 # Tokenizer samples: (sample bytes, corpus bytes); the first is the baseline of the ratios.
 SAMPLE_CASES = [(20_000_000, 200_000_000), (20_000_000, 2_000_000_000), (40_000_000, 2_000_000_000)]
 SAMPLE_COST: dict[str, tuple[float, float, int, int]] = {}  # name -> (wall s, CPU s, peak growth, read)
+SERIAL_BYTES = 200_000_000
+SERIAL_THREADS = (1, 2)
+SERIAL_ROUNDS = 2
+SERIAL: dict[
+    int, tuple[float, float, float, float, int]
+] = {}  # threads -> (wall, CPU, main thread, main process, bytes)
+
+
+def _cpu() -> float:
+    """CPU time of this process and of its children that have ended (prepare's workers)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def _docstrings(limit: int) -> list[str]:
@@ -125,9 +145,9 @@ def _measure(name: str, benchmark, nbytes: int, fn, rounds: int, warmup: int = 0
     cpu: list[float] = []
 
     def run():
-        start = time.process_time()
+        start = _cpu()
         result = fn()
-        cpu.append(time.process_time() - start)
+        cpu.append(_cpu() - start)
         return result
 
     result = benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=warmup)
@@ -272,15 +292,59 @@ def test_interleaved_ratios(benchmark, corpus, tokenizer_json, tmp_path):
     def rounds() -> None:
         for _ in range(INTERLEAVED_ROUNDS):
             for name, fn in runs.items():
-                wall, cpu = time.perf_counter(), time.process_time()
+                wall, cpu = time.perf_counter(), _cpu()
                 fn()
-                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                wall, cpu = time.perf_counter() - wall, _cpu() - cpu
                 old = best.get(name, (float("inf"), float("inf")))
                 best[name] = (min(old[0], wall), min(old[1], cpu))
 
     benchmark.pedantic(rounds, rounds=1, iterations=1)
     for name, (wall, cpu) in best.items():
         INTERLEAVED[name] = (wall, cpu, corpus["bytes"])
+
+
+def test_serial_share(benchmark, corpus, tokenizer_json, tmp_path):
+    """What of prepare does not run in parallel, at 1 and 2 processes, in turn."""
+    path = _repeated_corpus(corpus["docs"], SERIAL_BYTES)
+    size = path.stat().st_size
+    best: dict[int, tuple[float, float, float, float]] = {}
+
+    def rounds() -> None:
+        for _ in range(SERIAL_ROUNDS):
+            for threads in SERIAL_THREADS:
+                wall, cpu, main, process = time.perf_counter(), _cpu(), time.thread_time(), time.process_time()
+                meta = prepare_corpus(
+                    [path], tmp_path / "s", tokenizer=str(tokenizer_json), threads=threads, force=True
+                )
+                wall, cpu = time.perf_counter() - wall, _cpu() - cpu
+                main, process = time.thread_time() - main, time.process_time() - process
+                assert meta["text_bytes"] > 0.9 * size and meta["encoder"] == "tiktoken"
+                if wall < best.get(threads, (float("inf"),))[0]:
+                    best[threads] = (wall, cpu, main, process)
+
+    benchmark.pedantic(rounds, rounds=1, iterations=1)
+    for threads, (wall, cpu, main, process) in best.items():
+        SERIAL[threads] = (wall, cpu, main, process, size)
+
+
+def serial_table() -> list[str]:
+    if not SERIAL:
+        return []
+    base = SERIAL[min(SERIAL)][0]
+    lines = [
+        "",
+        f"serial share ({SERIAL[min(SERIAL)][4] / 1e6:.0f} MB of text, 50257-id tokenizer, best of "
+        f"{SERIAL_ROUNDS} interleaved rounds):",
+        "",
+        "| processes | wall s | MB/s | speed-up | CPU s (all processes) | main thread | main process | Amdahl bound |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for threads, (wall, cpu, main, process, size) in sorted(SERIAL.items()):
+        lines.append(
+            f"| {threads} | {wall:.2f} | {size / wall / 1e6:.1f} | {base / wall:.2f}x | {cpu:.2f} "
+            f"| {100 * main / cpu:.1f}% | {100 * process / cpu:.1f}% | {cpu / main:.0f}x |"
+        )
+    return lines
 
 
 class _Summary:
@@ -290,14 +354,14 @@ class _Summary:
         self.corpus = corpus
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
-        if not RESULTS and not INTERLEAVED and not SAMPLE_COST:
+        if not RESULTS and not INTERLEAVED and not SAMPLE_COST and not SERIAL:
             return
         lines = summary(self.corpus)
         terminalreporter.write_line("")
         for line in lines:
             terminalreporter.write_line(line)
         if os.environ.get("LMTOOLS_WRITE_RESULTS"):
-            legend = "\n\n".join(__doc__.split("\n\n")[2:4])  # the methods, from the docstring
+            legend = "\n\n".join(__doc__.split("\n\n")[2:5])  # the methods, from the docstring
             (Path(__file__).parent / "RESULTS_prepare.md").write_text(
                 "# `lmtools prepare` throughput\n\n"
                 + "\n".join(lines)
@@ -338,7 +402,7 @@ def summary(corpus: dict) -> list[str]:
             lines.append(
                 f"| {name} | {wall:.2f} | {rate / 1e6:.2f} | {ratio} | {cpu:.2f} | {cpu_rate / 1e6:.2f} | {cpu_ratio} |"
             )
-    return lines + sample_table()
+    return lines + sample_table() + serial_table()
 
 
 def _sample_name(sample: int, size: int) -> str:

@@ -53,6 +53,32 @@ class NpyWriter:
             self._file.write(tokens.astype(self.dtype, copy=False).data)
             self.count += len(tokens)
 
+    def append_from(self, source: NpyIds, start: int, n: int) -> None:
+        """Append ids start .. start+n-1 of a finished .npy of the same dtype, copied by the
+        kernel where it can (no pass through Python: joining parts costs the main process next
+        to nothing)."""
+        if n <= 0:
+            return
+        self._file.flush()
+        offset, left = source.offset + start * self.dtype.itemsize, n * self.dtype.itemsize
+        dst = self._file.fileno()
+        while left > 0:
+            try:
+                copied = os.copy_file_range(source.fd, dst, left, offset)
+            except (AttributeError, OSError):  # another kernel or filesystem: copy it here
+                copied = 0
+            if copied <= 0:
+                data = os.pread(source.fd, min(left, CHUNK), offset)
+                if not data:
+                    raise OSError(f"{source.path}: shorter than its header says")
+                self._file.write(data)
+                self._file.flush()
+                copied = len(data)
+            offset += copied
+            left -= copied
+        self._file.seek(0, os.SEEK_END)
+        self.count += n
+
     def read(self, start: int, n: int) -> np.ndarray:
         """Tokens start .. start+n-1 (then the file position is back at the end)."""
         import numpy as np
@@ -105,3 +131,25 @@ def npy_chunks(path: Path, chunk: int = CHUNK) -> Iterator[np.ndarray]:
                 raise OSError(f"{path}: shorter than its header says")
             yield ids
             left -= n
+
+
+class NpyIds:
+    """A finished 1-D .npy file opened for copying ranges of it (`NpyWriter.append_from`)."""
+
+    def __init__(self, path: Path):
+        from numpy.lib import format as npy
+
+        with open(path, "rb") as fh:
+            version = npy.read_magic(fh)
+            read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            shape, _, self.dtype = read_header(fh)
+            self.offset = fh.tell()
+        self.count = shape[0] if shape else 0
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __enter__(self) -> NpyIds:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)

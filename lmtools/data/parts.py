@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import pickle
-import queue as queue_module
 import shutil
 import signal
 import time
@@ -209,82 +208,120 @@ def run_jobs(
 
 
 class _Workers:
-    """Worker processes fed from one queue of jobs, answering on another: progress, records and
-    errors. A worker that dies (killed, out of memory) ends the run with a message instead of
-    leaving it waiting; leaving the block ends every worker."""
+    """Worker processes, each sent one job at a time over a pipe and answering on another with
+    progress, its record or its error. A worker that dies (killed, out of memory) ends the run
+    with a message instead of leaving it waiting; leaving the block ends every worker.
+
+    The workers are started as `python -c ...` of this module, not by multiprocessing's spawn,
+    which runs the calling script again in every worker (a script without a main guard would
+    then prepare again in each of them)."""
 
     def __init__(self, count: int, spec: EncoderSpec):
-        import multiprocessing
-
-        # spawn: a fork would copy the tokenizer library's thread pool and whatever the
-        # calling program holds; workers start from a clean interpreter.
-        self._ctx = multiprocessing.get_context("spawn")
-        self._jobs = self._ctx.Queue()
-        self._answers = self._ctx.Queue()
-        self._procs = [
-            self._ctx.Process(
-                target=_worker_main,
-                args=(spec, self._jobs, self._answers, os.getpid()),
-                name=f"lmtools-prepare-{i}",
-                daemon=True,
-            )
-            for i in range(count)
-        ]
+        self._count, self._spec = count, spec
+        self._workers: list[_Worker] = []
 
     def __enter__(self) -> _Workers:
-        for proc in self._procs:
-            proc.start()
+        for _ in range(self._count):
+            self._workers.append(_Worker.start(self._spec))
         return self
 
     def __exit__(self, *exc) -> None:
-        for proc in self._procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in self._procs:
-            proc.join()
-        for q in (self._jobs, self._answers):
-            q.cancel_join_thread()
-            q.close()
+        for w in self._workers:
+            w.stop()
 
     def run(self, jobs, on_bytes, on_tokens, on_record) -> None:
-        for job in jobs:
-            self._jobs.put(job)
-        for _ in self._procs:
-            self._jobs.put(None)
-        left = len(jobs)
-        while left:
-            try:
-                kind, *payload = self._answers.get(timeout=POLL_S)
-            except queue_module.Empty:
-                self._check_alive()
-                continue
-            if kind == "progress":
-                on_bytes(payload[0])
-                on_tokens(payload[1])
-            elif kind == "record":
-                on_record(payload[0])
-                left -= 1
-            else:
-                raise pickle.loads(payload[0])
+        from multiprocessing.connection import wait
 
-    def _check_alive(self) -> None:
-        if all(proc.exitcode == 0 for proc in self._procs):  # all gone, yet units unanswered
-            raise RuntimeError("the prepare workers ended without encoding every unit")
-        for proc in self._procs:
-            if proc.exitcode not in (None, 0):
-                how = f"signal {-proc.exitcode}" if proc.exitcode < 0 else f"exit code {proc.exitcode}"
-                raise WorkerDied(
-                    f"a prepare worker process died ({how}; out of memory?); "
-                    "run the same command again to continue from the parts committed"
-                )
+        todo = list(reversed(jobs))
+        busy: dict[Any, _Worker] = {}
+        for w in self._workers:
+            if todo:
+                w.send(todo.pop())
+                busy[w.answers] = w
+        while busy:
+            for conn in wait(list(busy), timeout=POLL_S):
+                w = busy[conn]
+                try:
+                    kind, payload = conn.recv()
+                except (EOFError, OSError):
+                    raise w.died() from None
+                if kind == "progress":
+                    on_bytes(payload[0])
+                    on_tokens(payload[1])
+                elif kind == "record":
+                    on_record(payload)
+                    del busy[conn]
+                    if todo:
+                        w.send(todo.pop())
+                        busy[conn] = w
+                else:
+                    raise pickle.loads(payload)
+            for w in busy.values():
+                if w.proc.poll() is not None:
+                    raise w.died()
 
 
-def _worker_main(spec: EncoderSpec, jobs, answers, parent: int) -> None:
+class _Worker:
+    def __init__(self, proc, jobs, answers):
+        self.proc, self.jobs, self.answers = proc, jobs, answers
+
+    @staticmethod
+    def start(spec: EncoderSpec) -> _Worker:
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
+
+        import lmtools
+
+        job_r, job_w = os.pipe()
+        ans_r, ans_w = os.pipe()
+        root = str(Path(lmtools.__file__).resolve().parent.parent)
+        env = dict(os.environ, RAYON_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+        code = f"from lmtools.data.parts import _worker_main; _worker_main({job_r}, {ans_w}, {os.getpid()})"
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", code], pass_fds=(job_r, ans_w), env=env, stdin=subprocess.DEVNULL
+            )
+        finally:
+            os.close(job_r)
+            os.close(ans_w)
+        worker = _Worker(proc, Connection(job_w, readable=False), Connection(ans_r, writable=False))
+        worker.send(spec)
+        return worker
+
+    def send(self, item) -> None:
+        try:
+            self.jobs.send(item)
+        except (BrokenPipeError, OSError):
+            raise self.died() from None
+
+    def died(self) -> WorkerDied:
+        code = self.proc.wait()
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        return WorkerDied(
+            f"a prepare worker process died ({how}; out of memory?); "
+            "run the same command again to continue from the parts committed"
+        )
+
+    def stop(self) -> None:
+        for conn in (self.jobs, self.answers):
+            conn.close()  # a worker waiting for a job reads the end and leaves
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait()
+
+
+def _worker_main(jobs_fd: int, answers_fd: int, parent: int) -> None:
+    from multiprocessing.connection import Connection
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which ends us
     _die_with_parent(parent)
-    os.environ["RAYON_NUM_THREADS"] = "1"  # `tokenizers` in each of many processes: one thread
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    encoder = spec.build(1)
+    jobs, answers = Connection(jobs_fd, writable=False), Connection(answers_fd, readable=False)
+    try:
+        encoder = jobs.recv().build(1)
+    except EOFError:
+        return
     pending = [0, 0]
     last = time.monotonic()
 
@@ -293,18 +330,22 @@ def _worker_main(spec: EncoderSpec, jobs, answers, parent: int) -> None:
         pending[0] += nbytes
         pending[1] += tokens
         if force or pending[0] >= REPORT_BYTES or time.monotonic() - last > 0.5:
-            answers.put(("progress", *pending))
+            answers.send(("progress", tuple(pending)))
             pending[:] = [0, 0]
             last = time.monotonic()
 
-    while (job := jobs.get()) is not None:
+    while True:
+        try:
+            job = jobs.recv()
+        except EOFError:  # the parent is done with us
+            return
         try:
             record = encode_unit(job, encoder, lambda n: report(nbytes=n), lambda n: report(tokens=n))
         except BaseException as exc:  # noqa: BLE001 - every failure goes to the parent
-            answers.put(("error", _pickled(exc)))
+            answers.send(("error", _pickled(exc)))
             return
         report(force=True)
-        answers.put(("record", record))
+        answers.send(("record", record))
 
 
 def _pickled(exc: BaseException) -> bytes:

@@ -45,7 +45,7 @@ from lmtools.data.corpus import (
     resolve_sources,
     utf8_len,
 )
-from lmtools.data.npy_stream import NpyWriter, npy_chunks
+from lmtools.data.npy_stream import NpyWriter
 from lmtools.data.parts import (
     EncoderSpec,
     Job,
@@ -603,8 +603,12 @@ def _finish(
         raise _no_text(empty, places)
     seed, val_fraction = settings["seed"], settings["val_fraction"]
     candidates = Candidates(seed, val_fraction)
+
+    def lengths(r: dict) -> np.ndarray:  # of a part's documents (read again when needed: 8 bytes each)
+        return np.load(part_path(where(r["unit"]), r["unit"], ".docs.npy")).astype(np.int64)
+
     for r in records:
-        candidates.add(np.load(part_path(where(r["unit"]), r["unit"], ".docs.npy")).astype(np.int64))
+        candidates.add(lengths(r))
     plan = plan_split(tokens, documents, candidates, val_fraction)
     dtype = np.dtype(np.uint16 if encoder.vocab_size <= 1 << 16 else np.uint32)
     writers: list[NpyWriter] = []
@@ -613,8 +617,8 @@ def _finish(
         writers.append(train)
         val = NpyWriter(tmp[VAL_FILE], dtype)
         writers.append(val)
-        chunks = (c for r in records for c in npy_chunks(part_path(where(r["unit"]), r["unit"], ".npy")))
-        counts = write_split(chunks, train, val, plan, seed, encoder.eot_id, documents, encoder.line_ends)
+        parts = ((part_path(where(r["unit"]), r["unit"], ".npy"), lengths(r)) for r in records)
+        counts = write_split(parts, train, val, plan, seed, encoder.eot_id, documents, encoder.line_ends)
         train.finish()
         val.finish()
         tmp[TOKENIZER_FILE].write_text(tok.to_str(pretty=True), encoding="utf-8")

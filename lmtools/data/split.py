@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmtools.data.npy_stream import NpyWriter
+from lmtools.data.npy_stream import NpyIds, NpyWriter
 
 if TYPE_CHECKING:
     import numpy as np
@@ -113,7 +114,7 @@ def plan_split(tokens: int, documents: int, candidates: Candidates, fraction: fl
 
 
 def write_split(
-    chunks: Iterable[np.ndarray],
+    parts: Iterable[tuple[Path, np.ndarray]],
     train: NpyWriter,
     val: NpyWriter,
     plan: dict,
@@ -122,11 +123,14 @@ def write_split(
     documents: int,
     line_ends: Callable[[], np.ndarray],
 ) -> dict[str, int]:
-    """Write the corpus's ids (`chunks`, in order) into train and val as `plan` says."""
+    """Write the corpus into train and val as `plan` says. `parts`: each part's token file and
+    the lengths of its documents, in corpus order. Ids are copied by the kernel in runs of
+    documents that go the same way; only a tail split reads any of them."""
     if plan["method"] == "documents":
-        return _route_documents(chunks, train, val, seed, plan["max_hash"], eot_id)
-    for ids in chunks:
-        train.append(ids)
+        return _route_documents(parts, train, val, seed, plan["max_hash"])
+    for path, _ in parts:
+        with NpyIds(path) as ids:
+            train.append_from(ids, 0, ids.count)
     if plan["method"] == "spans":
         start, cut_at = _tail_start(train, plan["target_tokens"], eot_id, line_ends())
         plan.update(val_start=start, cut_at=cut_at, cuts_a_document=cut_at != "document")
@@ -135,22 +139,26 @@ def write_split(
 
 
 def _route_documents(
-    chunks: Iterable[np.ndarray], train: NpyWriter, val: NpyWriter, seed: int, max_hash: int, eot_id: int
+    parts: Iterable[tuple[Path, np.ndarray]], train: NpyWriter, val: NpyWriter, seed: int, max_hash: int
 ) -> dict[str, int]:
     """Documents whose hash is at most `max_hash` go to val, the others to train."""
     import numpy as np
 
     doc = val_docs = 0
-    for ids in chunks:
-        bounds = np.flatnonzero(ids == eot_id) + 1
-        ends = len(bounds)
-        # ends + 1 flags: the chunk may stop inside a document, which the next one finishes.
-        flags = doc_hashes(seed, doc, ends + 1) <= np.uint64(max_hash)
-        to_val = np.repeat(flags, np.diff(bounds, prepend=0, append=len(ids)))
-        val.append(ids[to_val])
-        train.append(ids[~to_val])
-        doc += ends
-        val_docs += int(flags[:ends].sum())
+    for path, lengths in parts:
+        n = len(lengths)
+        if n == 0:
+            continue
+        flags = doc_hashes(seed, doc, n) <= np.uint64(max_hash)
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        change = np.flatnonzero(flags[1:] != flags[:-1]) + 1
+        with NpyIds(path) as ids:
+            for a, b in zip([0, *change.tolist()], [*change.tolist(), n]):
+                writer = val if flags[a] else train
+                writer.append_from(ids, int(starts[a]), int(ends[b - 1] - starts[a]))
+        doc += n
+        val_docs += int(flags.sum())
     return {"train_documents": doc - val_docs, "val_documents": val_docs}
 
 
