@@ -232,9 +232,7 @@ def merge_shards(
     first = shards[0][1]
     count = first["shard"][1]
     for folder, record in shards[1:]:
-        if {k: v for k, v in record["key"].items() if k != "shard"} != {
-            k: v for k, v in first["key"].items() if k != "shard"
-        } or record["settings"] != first["settings"]:
+        if _shard_identity(record) != _shard_identity(first):
             raise DataError(
                 f"{folder}: a shard of another prepare than {shards[0][0]} (other inputs, options or tokenizer)"
             )
@@ -269,6 +267,21 @@ def merge_shards(
     meta["merged_from"] = [str(Path(folder).resolve()) for folder, _ in shards]
     meta["dir"] = str(out.resolve())
     return meta
+
+
+def _shard_identity(record: dict) -> dict:
+    """What the shards of one prepare share: the files (by name and size, so that machines may
+    mount the corpus at other paths), how they were read and cut, the tokenizer and the
+    settings of the split."""
+    key, settings = record["key"], record["settings"]
+    return {
+        "files": [[Path(path).name, size] for path, size, _ in key["sources"]],
+        "read": key["read"],
+        "tokenizer": key["tokenizer"],
+        "units": record["units"],
+        "settings": {k: v for k, v in settings.items() if k != "sources"},
+        "count": record["shard"][1],
+    }
 
 
 def _read_shard(folder: Path) -> tuple[Path, dict]:

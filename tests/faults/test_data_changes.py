@@ -1,6 +1,7 @@
 """Data that changes under a run: fingerprints checked on resume and at every checkpoint, and a
 truncation during a run that ends in a message naming the file, not a bus error."""
 
+import io
 import json
 import os
 import subprocess
@@ -31,9 +32,15 @@ _config = partial(train_config, **FAULT_RUN, max_iters=4, eval_interval=2, check
 
 
 def _rewrite_same_size(path, seed=5):
-    """Different tokens, same length, same file, in place (as `np.save` over it would)."""
+    """Different tokens, same length, same file, overwritten in place. Not by `np.save` over it:
+    that truncates the file first, and a run reading it in that moment rightly reports a file
+    that shrank (a test racing the run, under load, would then see the other message)."""
     data = np.load(path)
-    np.save(path, np.random.default_rng(seed).integers(0, 64, len(data)).astype(data.dtype))
+    buf = io.BytesIO()
+    np.save(buf, np.random.default_rng(seed).integers(0, 64, len(data)).astype(data.dtype))
+    assert len(buf.getvalue()) == path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.write(buf.getvalue())
 
 
 @pytest.fixture
