@@ -166,7 +166,7 @@ class _PartStats:
 class EncoderSpec:
     """How to build the encoder in another process."""
 
-    tokenizer_json: str
+    tokenizer: Path  # its tokenizer.json (the work folder's copy)
     kind: str
     engine: str  # "tokenizers" when the fast path disagreed on the corpus
 
@@ -175,7 +175,7 @@ class EncoderSpec:
 
         from lmtools.data.tokenizer import Encoder
 
-        encoder = Encoder(Tokenizer.from_str(self.tokenizer_json), self.kind, threads=threads)
+        encoder = Encoder(Tokenizer.from_file(str(self.tokenizer)), self.kind, threads=threads)
         if self.engine == "tokenizers" and encoder.engine == "tiktoken":
             encoder.use_tokenizers()
         return encoder
@@ -221,8 +221,10 @@ class _Workers:
         self._workers: list[_Worker] = []
 
     def __enter__(self) -> _Workers:
-        for _ in range(self._count):
-            self._workers.append(_Worker.start(self._spec))
+        for _ in range(self._count):  # all started first: they boot in parallel
+            self._workers.append(_Worker.start())
+        for w in self._workers:
+            w.send(self._spec)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -266,7 +268,7 @@ class _Worker:
         self.proc, self.jobs, self.answers = proc, jobs, answers
 
     @staticmethod
-    def start(spec: EncoderSpec) -> _Worker:
+    def start() -> _Worker:
         import subprocess
         import sys
         from multiprocessing.connection import Connection
@@ -286,9 +288,7 @@ class _Worker:
         finally:
             os.close(job_r)
             os.close(ans_w)
-        worker = _Worker(proc, Connection(job_w, readable=False), Connection(ans_r, writable=False))
-        worker.send(spec)
-        return worker
+        return _Worker(proc, Connection(job_w, readable=False), Connection(ans_r, writable=False))
 
     def send(self, item) -> None:
         try:
@@ -427,10 +427,14 @@ class WorkFolder:
         fsync_file(tmp)
         os.replace(tmp, self.path / TOKENIZER)
 
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / TOKENIZER
+
     def tokenizer(self):
         from tokenizers import Tokenizer
 
-        path = self.path / TOKENIZER
+        path = self.tokenizer_path
         return Tokenizer.from_file(str(path)) if path.is_file() else None
 
     def records(self) -> dict[int, dict]:

@@ -261,7 +261,8 @@ def merge_shards(
         out.mkdir(parents=True, exist_ok=True)
         with exclusive(out / LOCK_FILE, f"--out {out}", "wait for that prepare to finish or choose another --out"):
             _claim(out, force, None)
-            encoder = EncoderSpec(tok.to_str(), settings["tokenizer_kind"], settings["encoder"]).build(1)
+            spec = EncoderSpec(WorkFolder(shards[0][0]).tokenizer_path, settings["tokenizer_kind"], settings["encoder"])
+            encoder = spec.build(1)
             ordered = [records[u.index] for u in units]
             meta = _finish(out, settings, units, sources, ordered, part_dirs, tok, encoder, progress)
     meta["merged_from"] = [str(Path(folder).resolve()) for folder, _ in shards]
@@ -460,7 +461,7 @@ class _Run:
                 ]
                 self.progress.phase("encode", sum(u.weight for u in mine))
                 self.progress.advance(sum(u.weight for u in mine_done), sum(done[u.index]["tokens"] for u in mine_done))
-                spec = EncoderSpec(tok.to_str(), kind, encoder.engine)
+                spec = EncoderSpec(self.work.tokenizer_path, kind, encoder.engine)
                 run_jobs(
                     jobs,
                     spec,
