@@ -1,18 +1,17 @@
-"""Token files written and read as streams: a .npy whose length is known only at the end, and
-chunks of a finished one read without mapping it (memory stays bounded by the chunk)."""
+"""Token files written as streams: a .npy whose length is known only at the end, filled from
+arrays or by copying ranges of other .npy files (`NpyIds`) without reading them into memory."""
 
 from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import numpy as np
 
-CHUNK = 1 << 22  # ids read at a time
+COPY_BYTES = 16 << 20  # bytes copied at a time where the kernel cannot copy them itself
 
 
 class NpyWriter:
@@ -68,7 +67,7 @@ class NpyWriter:
             except (AttributeError, OSError):  # another kernel or filesystem: copy it here
                 copied = 0
             if copied <= 0:
-                data = os.pread(source.fd, min(left, CHUNK), offset)
+                data = os.pread(source.fd, min(left, COPY_BYTES), offset)
                 if not data:
                     raise OSError(f"{source.path}: shorter than its header says")
                 self._file.write(data)
@@ -112,25 +111,6 @@ class NpyWriter:
             self._file.close()
         except OSError:  # flushing failed (a full disk): the original error is what matters
             pass
-
-
-def npy_chunks(path: Path, chunk: int = CHUNK) -> Iterator[np.ndarray]:
-    """The ids of a 1-D .npy file, `chunk` at a time, read (not mapped)."""
-    import numpy as np
-    from numpy.lib import format as npy
-
-    with open(path, "rb") as fh:
-        version = npy.read_magic(fh)
-        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
-        shape, _, dtype = read_header(fh)
-        left = shape[0] if shape else 0
-        while left > 0:
-            n = min(chunk, left)
-            ids = np.frombuffer(fh.read(n * dtype.itemsize), dtype=dtype)
-            if len(ids) < n:
-                raise OSError(f"{path}: shorter than its header says")
-            yield ids
-            left -= n
 
 
 class NpyIds:

@@ -403,6 +403,10 @@ class WorkFolder:
         prepare wrote is refused (it is never removed)."""
         if not os.path.lexists(self.path):
             return None
+        if self.path.is_dir() and not self.path.is_symlink() and not (self.path / STATE_FILE).exists():
+            if all(p.name.startswith(".") and p.name.endswith(".tmp") for p in self.path.iterdir()):
+                self.remove()  # a prepare killed as it made the folder: nothing but its temporaries
+                return None
         try:
             state = json.loads((self.path / STATE_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):

@@ -238,8 +238,9 @@ def merge_shards(
             )
     indices = sorted(record["shard"][0] for _, record in shards)
     if indices != list(range(count)):
+        twice = sorted(i for i in set(indices) if indices.count(i) > 1)
         missing = sorted(set(range(count)) - set(indices))
-        what = f"shard {missing[0]}/{count} is missing" if missing else "a shard is given twice"
+        what = f"shard {twice[0]}/{count} is given twice" if twice else f"shard {missing[0]}/{count} is missing"
         raise DataError(f"--merge: {what}; name the {count} shard folders of the prepare once each")
     units = [Unit.from_json(u) for u in first["units"]]
     records: dict[int, dict] = {}
@@ -438,41 +439,18 @@ class _Run:
         self.work = WorkFolder(out)
 
     def write(self, tokenizer_args, threads: int, batch_chars: int, unit_bytes: int | None, shard) -> dict[str, Any]:
-
         loaded, tokenizer_spec, vocab_size, tokenizer_sample = tokenizer_args
         unit_bytes = unit_bytes or _unit_bytes_from_env() or unit_bytes_for(sum(s.size for s in self.sources))
         units = plan_units(self.sources, self.options, unit_bytes)
         mine = units if shard is None else shard_units(units, *shard)
         key = self._key(loaded, vocab_size, tokenizer_sample, unit_bytes, shard)
         done, state = self.work.open(key, self.progress.note)
-        mine_done = [u for u in mine if u.index in done]
-        if mine_done:
-            self.progress.note(f"resuming: {len(mine_done)} of {len(mine)} parts are done already ({self.work.path})")
         try:
             tok, kind, sampled = self._tokenizer(state, loaded, vocab_size, tokenizer_sample)
             encoder = Encoder(tok, kind, threads=threads)
             try:
                 _check_fast_path(encoder, self.sources, self.options, units)
-                dtype = "uint16" if encoder.vocab_size <= 1 << 16 else "uint32"
-                jobs = [
-                    Job(u, self.sources[u.source], self.options, self.work.path, dtype, batch_chars)
-                    for u in mine
-                    if u.index not in done
-                ]
-                self.progress.phase("encode", sum(u.weight for u in mine))
-                self.progress.advance(sum(u.weight for u in mine_done), sum(done[u.index]["tokens"] for u in mine_done))
-                spec = EncoderSpec(self.work.tokenizer_path, kind, encoder.engine)
-                run_jobs(
-                    jobs,
-                    spec,
-                    threads,
-                    lambda n: self.progress.advance(nbytes=n),
-                    lambda n: self.progress.advance(tokens=n),
-                    lambda record: done.__setitem__(record["unit"], record),
-                    encoder=encoder,
-                )
-                self.progress.done()
-                records = [done[u.index] for u in mine]
+                records = self._encode(mine, done, encoder, kind, threads, batch_chars)
                 settings = self._settings(kind, tokenizer_spec, vocab_size, tokenizer_sample, sampled, encoder)
                 if shard is not None:
                     return self._write_shard(shard, key, settings, units, mine, records)
@@ -498,6 +476,31 @@ class _Run:
             raise
         self.work.remove()
         return meta
+
+    def _encode(self, mine: list[Unit], done: dict[int, dict], encoder, kind, threads, batch_chars) -> list[dict]:
+        """Encode the units not done yet into parts; returns the records of all, in order."""
+        resumed = [u for u in mine if u.index in done]
+        if resumed:
+            self.progress.note(f"resuming: {len(resumed)} of {len(mine)} parts are done already ({self.work.path})")
+        dtype = "uint16" if encoder.vocab_size <= 1 << 16 else "uint32"
+        jobs = [
+            Job(u, self.sources[u.source], self.options, self.work.path, dtype, batch_chars)
+            for u in mine
+            if u.index not in done
+        ]
+        self.progress.phase("encode", sum(u.weight for u in mine))
+        self.progress.advance(sum(u.weight for u in resumed), sum(done[u.index]["tokens"] for u in resumed))
+        run_jobs(
+            jobs,
+            EncoderSpec(self.work.tokenizer_path, kind, encoder.engine),
+            threads,
+            lambda n: self.progress.advance(nbytes=n),
+            lambda n: self.progress.advance(tokens=n),
+            lambda record: done.__setitem__(record["unit"], record),
+            encoder=encoder,
+        )
+        self.progress.done()
+        return [done[u.index] for u in mine]
 
     def _keep_or_drop_parts(self, keep: bool) -> str | None:
         """After a stop, a full disk or a dead worker, the parts committed stay for the next run

@@ -330,3 +330,19 @@ def test_a_worker_that_dies_ends_the_prepare_in_one_line_and_its_parts_stay(tmp_
     assert_sound(out)
     # Another unit size cuts the corpus elsewhere: its tokens are the same all the same.
     assert_same_dataset(out, reference, same_units=False)
+
+
+def test_a_work_folder_prepare_did_not_write_is_never_removed(tmp_path):
+    (tmp_path / "c.txt").write_text(prose(20_000, seed=3), encoding="utf-8")
+    out = tmp_path / "data"
+    (out / WORK).mkdir(parents=True)
+    (out / WORK / "notes.txt").write_text("mine")
+    result = prepare(tmp_path / "c.txt", "--out", out, "--tokenizer", "bytes")
+    one_line_error(result, f"{out / WORK} was not written by lmtools prepare")
+    assert (out / WORK / "notes.txt").read_text() == "mine" and not (out / "meta.json").exists()
+    # One that holds nothing but a dead prepare's temporaries (killed as it began) is its own.
+    (out / WORK / "notes.txt").unlink()
+    (out / WORK / ".state.json.999999.tmp").write_text("{")
+    result = prepare(tmp_path / "c.txt", "--out", out, "--tokenizer", "bytes")
+    assert result.returncode == 0, result.stderr
+    assert_sound(out)
