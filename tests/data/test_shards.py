@@ -164,7 +164,9 @@ def test_shards_of_another_count_are_refused(tmp_path, corpus, three_shards):
     folder, tok = corpus
     two = prepare_corpus([folder], tmp_path / "of-two", tokenizer=tok, shard=(1, 2), unit_bytes=UNIT, threads=1)
     assert two["shard"] == [1, 2]
-    result = run_cli("prepare", "--merge", three_shards[0], tmp_path / "of-two", three_shards[2], "--out", tmp_path / "o")
+    result = run_cli(
+        "prepare", "--merge", three_shards[0], tmp_path / "of-two", three_shards[2], "--out", tmp_path / "o"
+    )
     one_line_error(result, "a shard of another prepare than")
     assert not (tmp_path / "o").exists()
 
