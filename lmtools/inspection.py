@@ -514,6 +514,11 @@ def inspect_dataset(folder: str | os.PathLike, *, excerpt_chars: int = 200, full
     splits = {name: p / f"{name}.npy" for name in ("train", "val")}
     meta_path, tok_path = p / META_FILE, p / TOKENIZER_FILE
     if not meta_path.is_file() and not any(f.is_file() for f in splits.values()):
+        if (p / "shard.json").is_file():
+            raise DataError(
+                f"{p} is a shard folder of `lmtools prepare --shard`, not a dataset; "
+                "join the shards into one with `lmtools prepare --merge SHARD_DIR... --out DIR`"
+            )
         raise DataError(
             f"{p} is a folder but not a prepared dataset (no meta.json, train.npy or val.npy); "
             f"pass a checkpoint, a token file, or a folder written by lmtools prepare"

@@ -372,7 +372,8 @@ class SourceReader:
         if self.span is not None:
             raw.seek(self.span.start)
             limit = self.span.end - self.span.start
-        counting = _CountingReader(raw, self.hasher, self._advance, limit, lines=self.span is not None)
+        lines = self.span is not None and self.source.kind == "jsonl" and not self.source.compressed
+        counting = _CountingReader(raw, self.hasher, self._advance, limit, lines=lines)
         buffered = io.BufferedReader(counting, READ_BLOCK)
         stream = gzip.GzipFile(fileobj=buffered, mode="rb") if self.source.compressed else buffered
         return raw, counting, stream

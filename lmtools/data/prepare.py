@@ -265,8 +265,8 @@ def merge_shards(
             spec = EncoderSpec(WorkFolder(shards[0][0]).tokenizer_path, settings["tokenizer_kind"], settings["encoder"])
             encoder = spec.build(1)
             ordered = [records[u.index] for u in units]
-            meta = _finish(out, settings, units, sources, ordered, part_dirs, tok, encoder, progress)
-    meta["merged_from"] = [str(Path(folder).resolve()) for folder, _ in shards]
+            merged_from = {"merged_from": [str(Path(folder).resolve()) for folder, _ in shards]}
+            meta = _finish(out, settings, units, sources, ordered, part_dirs, tok, encoder, extra=merged_from)
     meta["dir"] = str(out.resolve())
     return meta
 
@@ -454,9 +454,7 @@ class _Run:
                 settings = self._settings(kind, tokenizer_spec, vocab_size, tokenizer_sample, sampled, encoder)
                 if shard is not None:
                     return self._write_shard(shard, key, settings, units, mine, records)
-                meta = _finish(
-                    self.out, settings, units, self.sources, records, {}, tok, encoder, self.progress, self.work.path
-                )
+                meta = _finish(self.out, settings, units, self.sources, records, {}, tok, encoder, self.work.path)
             finally:
                 encoder.close()
         except KeyboardInterrupt:
@@ -603,11 +601,11 @@ def _finish(
     part_dirs: dict[int, Path],
     tok,
     encoder,
-    progress: Progress,
     work: Path | None = None,
+    extra: dict | None = None,
 ) -> dict[str, Any]:
     """Join the parts (`records`, in corpus order; each in `part_dirs` or `work`) into the
-    dataset in `out`: split, write, commit. Returns meta.json."""
+    dataset in `out`: split, write, commit. Returns meta.json (with `extra` added)."""
     import numpy as np
 
     tmp = {name: _temporary(out, name) for name in (TRAIN_FILE, VAL_FILE, TOKENIZER_FILE, META_FILE)}
@@ -652,7 +650,7 @@ def _finish(
             "max_id": max(hi for _, hi in ids),
             "sources": describe_sources(records, units, sources),
         }
-        meta = _meta(settings, totals, plan, counts, encoder)
+        meta = {**_meta(settings, totals, plan, counts, encoder), **(extra or {})}
         tmp[META_FILE].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         fsync_file(tmp[META_FILE])
         _commit(out, tmp)

@@ -76,6 +76,7 @@ def test_one_process_worker_processes_and_merged_shards_write_the_same_dataset(t
     assert comparable(one, digests=False) == comparable(many, digests=False) == comparable(merged, digests=False)
     assert comparable(many) == comparable(merged)  # the same units: the same digests too
     assert merged["merged_from"] == [str((tmp_path / f"s{i}").resolve()) for i in range(3)]
+    assert json.loads((tmp_path / "merged" / "meta.json").read_text())["merged_from"] == merged["merged_from"]
     assert one["split"]["method"] == "documents" and one["val_tokens"] > 0 and one["val_documents"] > 0
     assert one["empty_documents"] == 1 and one["empty_document_places"] == [f"{folder / 'b.jsonl'}:401"]
     assert many["empty_document_places"] == one["empty_document_places"]
@@ -196,3 +197,8 @@ def test_a_shard_needs_a_given_tokenizer(tmp_path, corpus):
 def test_merge_takes_no_shard(tmp_path, three_shards):
     result = run_cli("prepare", "--merge", *three_shards, "--shard", "0/3", "--out", tmp_path / "o")
     one_line_error(result, "--merge joins shard folders; it takes no --shard")
+
+
+def test_inspect_names_a_shard_folder_as_one(three_shards):
+    result = run_cli("inspect", three_shards[0])
+    one_line_error(result, f"{three_shards[0]} is a shard folder of `lmtools prepare --shard`, not a dataset")
