@@ -168,14 +168,15 @@ class EncoderSpec:
 
     tokenizer: Path  # its tokenizer.json (the work folder's copy)
     kind: str
-    engine: str  # "tokenizers" when the fast path disagreed on the corpus
+    engine: str | None  # "tokenizers" when the fast path disagreed on the corpus; None: not known yet
 
     def build(self, threads: int):
         from tokenizers import Tokenizer
 
         from lmtools.data.tokenizer import Encoder
 
-        encoder = Encoder(Tokenizer.from_file(str(self.tokenizer)), self.kind, threads=threads)
+        fast = self.engine != "tokenizers"  # no tiktoken to build where it would not be used
+        encoder = Encoder(Tokenizer.from_file(str(self.tokenizer)), self.kind, threads=threads, fast=fast)
         if self.engine == "tokenizers" and encoder.engine == "tiktoken":
             encoder.use_tokenizers()
         return encoder
@@ -189,22 +190,26 @@ def run_jobs(
     on_tokens: Callable[[int], None],
     on_record: Callable[[dict], None],
     encoder=None,
-) -> None:
+    sample: list[str] | None = None,
+) -> str:
     """Encode every job's unit; `on_record` gets each part's record as it is committed (in the
     main thread, in the order they finish). With one thread or one job, in this process, with
     `encoder` (built from `spec` when not given) using `threads` threads; else in
-    min(threads, jobs) worker processes."""
+    min(threads, jobs) worker processes, the first of which checks the fast path on `sample`
+    when `spec.engine` is not known yet. Returns the engine that encoded."""
     if threads <= 1 or len(jobs) <= 1:
         local = encoder or spec.build(threads)
         try:
+            engine = local.engine if spec.engine is not None else local.check_fast_path(sample or [])
             for job in jobs:
                 on_record(encode_unit(job, local, on_bytes, on_tokens))
         finally:
             if encoder is None:
                 local.close()
-        return
-    with _Workers(min(threads, len(jobs)), spec) as workers:
+        return engine
+    with _Workers(min(threads, len(jobs)), spec, sample or []) as workers:
         workers.run(jobs, on_bytes, on_tokens, on_record)
+        return workers.engine
 
 
 class _Workers:
@@ -216,15 +221,26 @@ class _Workers:
     which runs the calling script again in every worker (a script without a main guard would
     then prepare again in each of them)."""
 
-    def __init__(self, count: int, spec: EncoderSpec):
-        self._count, self._spec = count, spec
+    def __init__(self, count: int, spec: EncoderSpec, sample: list[str]):
+        self._count, self._spec, self._sample = count, spec, sample
         self._workers: list[_Worker] = []
+        self.engine = spec.engine
 
     def __enter__(self) -> _Workers:
-        for _ in range(self._count):  # all started first: they boot in parallel
-            self._workers.append(_Worker.start())
-        for w in self._workers:
-            w.send(self._spec)
+        try:
+            for _ in range(self._count):  # all started first: they boot in parallel
+                self._workers.append(_Worker.start())
+            for w in self._workers:
+                w.send(self._spec)
+            if self.engine is None:  # the first one checks the fast path; all follow its verdict
+                first = self._workers[0]
+                first.send(("check", self._sample))
+                self.engine = first.receive()
+            for w in self._workers:
+                w.send(("engine", self.engine))
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -296,6 +312,18 @@ class _Worker:
         except (BrokenPipeError, OSError):
             raise self.died() from None
 
+    def receive(self):
+        """The worker's next answer that is not progress (an error is raised here)."""
+        while True:
+            try:
+                kind, payload = self.answers.recv()
+            except (EOFError, OSError):
+                raise self.died() from None
+            if kind == "error":
+                raise pickle.loads(payload)
+            if kind != "progress":
+                return payload
+
     def died(self) -> WorkerDied:
         code = self.proc.wait()
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
@@ -320,8 +348,12 @@ def _worker_main(jobs_fd: int, answers_fd: int, parent: int) -> None:
     jobs, answers = Connection(jobs_fd, writable=False), Connection(answers_fd, readable=False)
     try:
         encoder = jobs.recv().build(1)
+        while (message := jobs.recv())[0] != "engine":
+            answers.send(("verdict", encoder.check_fast_path(message[1])))  # ("check", sample)
     except EOFError:
         return
+    if message[1] == "tokenizers" and encoder.engine == "tiktoken":
+        encoder.use_tokenizers()
     pending = [0, 0]
     last = time.monotonic()
 

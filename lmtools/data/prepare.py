@@ -262,8 +262,7 @@ def merge_shards(
         out.mkdir(parents=True, exist_ok=True)
         with exclusive(out / LOCK_FILE, f"--out {out}", "wait for that prepare to finish or choose another --out"):
             _claim(out, force, None)
-            spec = EncoderSpec(WorkFolder(shards[0][0]).tokenizer_path, settings["tokenizer_kind"], settings["encoder"])
-            encoder = spec.build(1)
+            encoder = Encoder(tok, settings["tokenizer_kind"], threads=1, fast=False)  # for its ids' facts
             ordered = [records[u.index] for u in units]
             merged_from = {"merged_from": [str(Path(folder).resolve()) for folder, _ in shards]}
             meta = _finish(out, settings, units, sources, ordered, part_dirs, tok, encoder, extra=merged_from)
@@ -447,11 +446,10 @@ class _Run:
         done, state = self.work.open(key, self.progress.note)
         try:
             tok, kind, sampled = self._tokenizer(state, loaded, vocab_size, tokenizer_sample)
-            encoder = Encoder(tok, kind, threads=threads)
+            sample = _fast_path_sample(self.sources, self.options, units)
+            records, encoder, engine = self._encode(mine, done, tok, kind, threads, batch_chars, sample)
             try:
-                _check_fast_path(encoder, self.sources, self.options, units)
-                records = self._encode(mine, done, encoder, kind, threads, batch_chars)
-                settings = self._settings(kind, tokenizer_spec, vocab_size, tokenizer_sample, sampled, encoder)
+                settings = self._settings(kind, tokenizer_spec, vocab_size, tokenizer_sample, sampled, engine)
                 if shard is not None:
                     return self._write_shard(shard, key, settings, units, mine, records)
                 meta = _finish(self.out, settings, units, self.sources, records, {}, tok, encoder, self.work.path)
@@ -475,30 +473,38 @@ class _Run:
         self.work.remove()
         return meta
 
-    def _encode(self, mine: list[Unit], done: dict[int, dict], encoder, kind, threads, batch_chars) -> list[dict]:
-        """Encode the units not done yet into parts; returns the records of all, in order."""
+    def _encode(self, mine: list[Unit], done: dict[int, dict], tok, kind, threads, batch_chars, sample):
+        """Encode the units not done yet into parts. Returns the records of all, in order, an
+        encoder (for the facts of its ids) and the engine that encoded: decided here on
+        `sample`, or, where worker processes encode, by the first of them, so that this
+        process never builds the fast encoder it would not use."""
         resumed = [u for u in mine if u.index in done]
         if resumed:
             self.progress.note(f"resuming: {len(resumed)} of {len(mine)} parts are done already ({self.work.path})")
+        todo = [u for u in mine if u.index not in done]
+        pooled = threads > 1 and len(todo) > 1
+        encoder = Encoder(tok, kind, threads=threads, fast=not pooled)
+        engine = None if pooled else encoder.check_fast_path(sample)
         dtype = "uint16" if encoder.vocab_size <= 1 << 16 else "uint32"
-        jobs = [
-            Job(u, self.sources[u.source], self.options, self.work.path, dtype, batch_chars)
-            for u in mine
-            if u.index not in done
-        ]
+        jobs = [Job(u, self.sources[u.source], self.options, self.work.path, dtype, batch_chars) for u in todo]
         self.progress.phase("encode", sum(u.weight for u in mine))
         self.progress.advance(sum(u.weight for u in resumed), sum(done[u.index]["tokens"] for u in resumed))
-        run_jobs(
-            jobs,
-            EncoderSpec(self.work.tokenizer_path, kind, encoder.engine),
-            threads,
-            lambda n: self.progress.advance(nbytes=n),
-            lambda n: self.progress.advance(tokens=n),
-            lambda record: done.__setitem__(record["unit"], record),
-            encoder=encoder,
-        )
+        try:
+            engine = run_jobs(
+                jobs,
+                EncoderSpec(self.work.tokenizer_path, kind, engine),
+                threads,
+                lambda n: self.progress.advance(nbytes=n),
+                lambda n: self.progress.advance(tokens=n),
+                lambda record: done.__setitem__(record["unit"], record),
+                encoder=None if pooled else encoder,
+                sample=sample,
+            )
+        except BaseException:
+            encoder.close()
+            raise
         self.progress.done()
-        return [done[u.index] for u in mine]
+        return [done[u.index] for u in mine], encoder, engine
 
     def _keep_or_drop_parts(self, keep: bool) -> str | None:
         """After a stop, a full disk or a dead worker, the parts committed stay for the next run
@@ -552,7 +558,7 @@ class _Run:
         self.work.save_state(state)
         return tok, kind, sampled
 
-    def _settings(self, kind, tokenizer_spec, vocab_size, tokenizer_sample, sampled, encoder) -> dict[str, Any]:
+    def _settings(self, kind, tokenizer_spec, vocab_size, tokenizer_sample, sampled, engine) -> dict[str, Any]:
         """Everything meta.json says besides what the parts hold (a shard carries it to the merge)."""
         trained = tokenizer_spec is None
         source = str(Path(tokenizer_spec).expanduser().resolve()) if kind not in ("bpe", "bytes") else None
@@ -565,7 +571,7 @@ class _Run:
             "vocab_size_requested": vocab_size if trained else None,
             "tokenizer_sample": tokenizer_sample if trained else None,
             "tokenizer_sample_bytes": sampled,
-            "encoder": encoder.engine,
+            "encoder": engine,
             "separator": self.options.separator,
             "text_field": self.options.text_field,
             "text_column": self.options.text_column,
@@ -761,26 +767,17 @@ def _text_batches(pieces: Iterable[Piece], chars: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _check_fast_path(encoder: Encoder, sources: Sequence[Source], options: ReadOptions, units: Sequence[Unit]) -> None:
-    """Compare tiktoken with `tokenizers` on the corpus's first CHECK_CHARS characters; fall
-    back to `tokenizers` (for the whole corpus) on a mismatch."""
-    import numpy as np
-
-    if encoder.engine != "tiktoken" or not units:
-        return
+def _fast_path_sample(sources: Sequence[Source], options: ReadOptions, units: Sequence[Unit]) -> list[str]:
+    """The corpus's first CHECK_CHARS characters, on which tiktoken must agree with
+    `tokenizers` to encode the corpus (else `tokenizers` encodes all of it)."""
     sample, size = [], 0
     for unit in units:
         for piece in SourceReader(sources[unit.source], options, hash_file=False, span=unit.span):
             sample.append(piece.text[:CHECK_CHARS])
             size += len(sample[-1])
             if size >= CHECK_CHARS:
-                break
-        if size >= CHECK_CHARS:
-            break
-    fast = encoder.encode_batch(sample)
-    reference = encoder.encode_reference(sample)
-    if not all(np.array_equal(a, b) for a, b in zip(fast, reference)):
-        encoder.use_tokenizers()
+                return sample
+    return sample
 
 
 # ---------------------------------------------------------------------------------------------

@@ -224,10 +224,13 @@ class Encoder:
     _rank_to_id: Any = None  # numpy lookup, or None when ranks are ids
     _eot_rank: int = -1
     _pool: ThreadPoolExecutor | None = None
+    fast: bool = True  # False: no tiktoken (for a process that only needs the ids' facts)
 
     def __post_init__(self) -> None:
         if self.kind == "bytes":
             self.engine = "bytes"
+            return
+        if not self.fast:
             return
         converted = to_tiktoken(self.tokenizer)
         if converted is not None:
@@ -266,6 +269,17 @@ class Encoder:
         """Give up the fast path (it disagreed with `tokenizers` on a sample)."""
         self.engine = "tokenizers"
         self._tiktoken = self._rank_to_id = None
+
+    def check_fast_path(self, sample: list[str]) -> str:
+        """Compare tiktoken with `tokenizers` on `sample`; give up tiktoken on a mismatch.
+        Returns the engine that encodes from now on."""
+        import numpy as np
+
+        if self.engine == "tiktoken" and sample:
+            fast, reference = self.encode_batch(sample), self.encode_reference(sample)
+            if not all(np.array_equal(a, b) for a, b in zip(fast, reference)):
+                self.use_tokenizers()
+        return self.engine
 
     # -- documents: what prepare writes -------------------------------------------------------
 

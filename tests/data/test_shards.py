@@ -202,3 +202,16 @@ def test_merge_takes_no_shard(tmp_path, three_shards):
 def test_inspect_names_a_shard_folder_as_one(three_shards):
     result = run_cli("inspect", three_shards[0])
     one_line_error(result, f"{three_shards[0]} is a shard folder of `lmtools prepare --shard`, not a dataset")
+
+
+def test_worker_processes_encode_with_tokenizers_where_tiktoken_cannot(tmp_path, corpus):
+    from tokenizers import Tokenizer, normalizers
+
+    folder, tok = corpus
+    nfc = Tokenizer.from_file(str(tok))
+    nfc.normalizer = normalizers.NFC()  # no tiktoken for this one: `tokenizers` encodes
+    nfc.save(str(tmp_path / "nfc.json"))
+    one = prepare_corpus([folder], tmp_path / "one", tokenizer=tmp_path / "nfc.json", threads=1)
+    many = prepare_corpus([folder], tmp_path / "many", tokenizer=tmp_path / "nfc.json", threads=2, unit_bytes=UNIT)
+    assert one["encoder"] == many["encoder"] == "tokenizers"
+    assert_same_files(tmp_path / "one", tmp_path / "many")
