@@ -11,7 +11,7 @@ import typer
 from rich.filesize import decimal
 
 from lmtools.cli.app import app, user_errors
-from lmtools.data.prepare import DEFAULT_TOKENIZER_SAMPLE, Progress
+from lmtools.data.prepare import DEFAULT_TOKENIZER_SAMPLE, MAX_SHARDS, Progress
 from lmtools.errors import ConfigError
 from lmtools.layout import EOT
 
@@ -280,8 +280,8 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
         shard = int(index), int(count)
     except ValueError:
         shard = None
-    if not slash or shard is None or not 0 <= shard[0] < shard[1]:
-        raise ConfigError(f"--shard {text!r}: give I/N with 0 <= I < N, e.g. --shard 0/4")
+    if not slash or shard is None or not 0 <= shard[0] < shard[1] or shard[1] > MAX_SHARDS:
+        raise ConfigError(f"--shard {text!r}: give I/N with 0 <= I < N <= {MAX_SHARDS:,}, e.g. --shard 0/4")
     return shard
 
 

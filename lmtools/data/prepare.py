@@ -101,6 +101,7 @@ TRAIN_PIECE_CHARS = 64 << 10
 FORMAT = "lmtools.prepare/1"
 SHARD_FILE = "shard.json"
 SHARD_FORMAT = "lmtools.prepare-shard/1"
+MAX_SHARDS = 1_000_000  # past any use; keeps I/N arithmetic and the shard records small
 
 BATCH_CHARS = 8 << 20  # characters of text encoded per batch
 CHECK_CHARS = 256 << 10  # characters of the corpus's start encoded both ways to check the fast path
@@ -345,8 +346,8 @@ def _check_options(
         raise ConfigError(f"--tokenizer_sample {tokenizer_sample} must be >= 0 (0: all)")
     if shard is not None:
         index, count = shard
-        if not 0 <= index < count:
-            raise ConfigError(f"--shard {index}/{count}: I/N needs 0 <= I < N")
+        if not 0 <= index < count or count > MAX_SHARDS:
+            raise ConfigError(f"--shard {index}/{count}: I/N needs 0 <= I < N <= {MAX_SHARDS:,}")
         if tokenizer is None:
             raise ConfigError(
                 "--shard needs --tokenizer: every shard must encode with the same one "

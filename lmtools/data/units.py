@@ -65,8 +65,8 @@ def shard_units(units: Sequence[Unit], shard: int, shards: int) -> list[Unit]:
     total = sum(u.weight for u in units) or 1
     mine, before = [], 0
     for u in units:
-        middle = before + u.weight / 2
-        if min(int(middle * shards // total), shards - 1) == shard:
+        # floor(middle * shards / total), in integers: exact for any corpus and shard count
+        if min((2 * before + u.weight) * shards // (2 * total), shards - 1) == shard:
             mine.append(u)
         before += u.weight
     return mine
