@@ -369,11 +369,14 @@ def _peak_rss_mb(*args) -> float:
 @pytest.mark.slow
 def test_eval_memory_does_not_grow_with_the_file(tmp_path):
     # Before streaming, eval held the file's ids twice over (int64, then concatenated) and
-    # scanned a memory-mapped token file whole: +107 MB and +57 MB here, growing with the file.
+    # scanned a memory-mapped token file whole: +107 MB and +57 MB for 8 MB, growing with the
+    # file (about +310 MB and +170 MB for the 24 MB here). The allocator's own jitter in the
+    # peak of one process is up to about 55 MB whatever the file's size (measured at 8 and 24 MB,
+    # beside CPU-bound load), so the files are large enough for a growth to stand out of it.
     tiny_checkpoint(tmp_path / "c.pt", ctx=256)
     rng = np.random.default_rng(0)
     words = np.array("the quick brown fox jumps over a lazy dog while wizards hex fjords\n".split(" "))
-    for name, mb in (("small", 1), ("large", 8)):
+    for name, mb in (("small", 1), ("large", 24)):
         text = " ".join(rng.choice(words, size=int(mb * 200_000)))
         (tmp_path / f"{name}.txt").write_text(text[: int(mb * 1e6)], encoding="utf-8")
         np.save(tmp_path / f"{name}.npy", rng.integers(0, 257, int(mb * 1e6)).astype(np.int64))
@@ -381,8 +384,8 @@ def test_eval_memory_does_not_grow_with_the_file(tmp_path):
         name: _peak_rss_mb("eval", tmp_path / "c.pt", tmp_path / name, "--batch_size", "64", "--json")
         for name in ("small.txt", "large.txt", "small.npy", "large.npy")
     }
-    assert rss["large.txt"] - rss["small.txt"] < 48, rss  # 8M ids: 64 MB as int64
-    assert rss["large.npy"] - rss["small.npy"] < 32, rss  # a 64 MB token file
+    assert rss["large.txt"] - rss["small.txt"] < 96, rss  # 24M ids: 192 MB as int64
+    assert rss["large.npy"] - rss["small.npy"] < 64, rss  # a 192 MB token file
 
 
 def test_eval_says_how_far_it_is_on_a_pipe_and_its_throughput(tmp_path, monkeypatch):
