@@ -328,13 +328,8 @@ class SourceReader:
     def line_base(self) -> int:
         """Line ends before the span (read when an error message needs a line number)."""
         if self._line_base is None:
-            self._line_base = 0
-            if self._starts_inside:
-                with open(self.source.path, "rb") as fh:
-                    left = self.span.start
-                    while left > 0 and (block := fh.read(min(READ_BLOCK, left))):
-                        self._line_base += block.count(b"\n")
-                        left -= len(block)
+            start = self.span.start if self._starts_inside else 0
+            self._line_base = sum(block.count(b"\n") for block in _byte_range(self.source.path, 0, start))
         return self._line_base
 
     def _advance(self, n: int) -> None:
@@ -546,15 +541,21 @@ class SourceReader:
             self.hasher = _hash_bytes(path, start, end)
 
 
-def _hash_bytes(path: Path, start: int, end: int):
-    """sha256 of bytes start .. end of a file."""
-    hasher = hashlib.sha256()
+def _byte_range(path: Path, start: int, end: int) -> Iterator[bytes]:
+    """Bytes start .. end of a file, READ_BLOCK at a time."""
     with open(path, "rb") as fh:
         fh.seek(start)
         left = end - start
         while left > 0 and (block := fh.read(min(READ_BLOCK, left))):
-            hasher.update(block)
+            yield block
             left -= len(block)
+
+
+def _hash_bytes(path: Path, start: int, end: int):
+    """sha256 of bytes start .. end of a file."""
+    hasher = hashlib.sha256()
+    for block in _byte_range(path, start, end):
+        hasher.update(block)
     return hasher
 
 

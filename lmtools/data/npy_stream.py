@@ -58,6 +58,8 @@ class NpyWriter:
         to nothing)."""
         if n <= 0:
             return
+        if source.dtype_name != self.dtype.name:
+            raise ValueError(f"{source.path}: {source.dtype_name} ids cannot be copied into a {self.dtype.name} file")
         self._file.flush()
         offset, left = source.offset + start * self.dtype.itemsize, n * self.dtype.itemsize
         dst = self._file.fileno()
@@ -117,14 +119,9 @@ class NpyIds:
     """A finished 1-D .npy file opened for copying ranges of it (`NpyWriter.append_from`)."""
 
     def __init__(self, path: Path):
-        from numpy.lib import format as npy
+        from lmtools import _sampler  # the one reader of .npy headers, as the sampler reads them
 
-        with open(path, "rb") as fh:
-            version = npy.read_magic(fh)
-            read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
-            shape, _, self.dtype = read_header(fh)
-            self.offset = fh.tell()
-        self.count = shape[0] if shape else 0
+        self.dtype_name, self.count, self.offset = _sampler.read_npy_header(str(path))
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
 

@@ -36,7 +36,7 @@ from lmtools.data.corpus import ReadOptions, Source, SourceReader, piece_batches
 from lmtools.data.npy_stream import NpyWriter
 from lmtools.data.units import Unit
 from lmtools.errors import DataError
-from lmtools.runtime.fsutil import fsync_dir, fsync_file
+from lmtools.runtime.fsutil import fsync_dir, fsync_file, write_text_atomically
 
 WORK_DIR = ".prepare-parts"
 STATE_FILE = "state.json"
@@ -451,17 +451,10 @@ class WorkFolder:
         return state
 
     def save_state(self, state: dict) -> None:
-        tmp = self.path / f".{STATE_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        fsync_file(tmp)
-        os.replace(tmp, self.path / STATE_FILE)
-        fsync_dir(self.path)
+        write_text_atomically(self.path / STATE_FILE, json.dumps(state, indent=1) + "\n")
 
     def save_tokenizer(self, tok) -> None:
-        tmp = self.path / f".{TOKENIZER}.{os.getpid()}.tmp"
-        tmp.write_text(tok.to_str(pretty=True), encoding="utf-8")
-        fsync_file(tmp)
-        os.replace(tmp, self.path / TOKENIZER)
+        write_text_atomically(self.tokenizer_path, tok.to_str(pretty=True))
 
     @property
     def tokenizer_path(self) -> Path:

@@ -72,7 +72,7 @@ from lmtools.data.tokenizer_sample import DocumentSample
 from lmtools.data.units import Unit, plan_units, shard_units, unit_bytes_for
 from lmtools.errors import ConfigError, DataError
 from lmtools.layout import EOT, LOCK_FILE, META_FILE, TOKENIZER_FILE, TRAIN_FILE, VAL_FILE
-from lmtools.runtime.fsutil import disk_full, fsync_dir, fsync_file
+from lmtools.runtime.fsutil import disk_full, fsync_dir, fsync_file, write_text_atomically
 from lmtools.runtime.lock import exclusive
 from lmtools.runtime.ownership import check_dataset_target
 
@@ -591,11 +591,7 @@ class _Run:
             "lmtools_version": __version__,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
-        tmp = _temporary(self.out, SHARD_FILE)
-        tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        fsync_file(tmp)
-        os.replace(tmp, self.out / SHARD_FILE)
-        fsync_dir(self.out)
+        write_text_atomically(self.out / SHARD_FILE, json.dumps(record, indent=1) + "\n")
         return record
 
 

@@ -33,6 +33,20 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.fsync(f.fileno())
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """`path` holds `text` whole or not at all: written under a temporary name of this process,
+    fsynced, renamed over `path`, and the rename made durable."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def disk_full(exc: OSError) -> bool:
     """Whether a failed write ran out of space (or of quota)."""
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
