@@ -68,10 +68,29 @@ class Piece(NamedTuple):
 
 @dataclass(frozen=True)
 class ReadOptions:
+    """How the files of a corpus are read into documents. `prepare` records these in meta.json
+    (`to_record`) and a training run carries them in its checkpoint, so that `eval` reads held-out
+    text exactly as the training data was read (`from_record`)."""
+
     text_field: str = "text"  # jsonl
     text_column: str = "text"  # parquet
     separator: str | None = EOT  # text files: split into documents here (None: one per file)
+    # Text files: a line holding exactly this (a trailing "\r" aside) separates documents, at
+    # the start and end of a file too. Set, it replaces `separator`.
+    separator_line: str | None = None
     piece_chars: int = PIECE_CHARS
+
+    RECORD_KEYS = ("separator", "separator_line", "text_field", "text_column")
+
+    def to_record(self) -> dict:
+        return {key: getattr(self, key) for key in self.RECORD_KEYS}
+
+    @classmethod
+    def from_record(cls, record: dict | None) -> ReadOptions:
+        """The options a meta.json or a checkpoint records (missing keys: the defaults; a
+        meta.json from before `separator_line` existed has none)."""
+        record = record or {}
+        return cls(**{key: record[key] for key in cls.RECORD_KEYS if key in record})
 
 
 @dataclass(frozen=True)

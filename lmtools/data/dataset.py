@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtools.config.train_config import DEFAULT_VOCAB_SIZE, TrainConfig
+from lmtools.data.corpus import ReadOptions
 from lmtools.data.prepare import read_meta
 from lmtools.errors import ConfigError, DataError
 from lmtools.layout import META_FILE, TRAIN_FILE, VAL_FILE
@@ -83,6 +84,9 @@ class DataPlan:
     tokenizer: str | None  # the data's tokenizer.json
     doc_eot: int | None  # --doc_aligned: the end-of-text id windows start after; else None
     bytes_per_token: float | None  # of a lone prepared training file: validation bits per byte
+    # How the first prepared training folder's text was read (`ReadOptions.to_record`), for
+    # `eval` to read held-out text the same way; None for bare token files.
+    reading: dict | None = None
     # Token files whose id range meta.json records, by absolute path (see `KnownRange`).
     token_ranges: dict[str, KnownRange] = field(default_factory=dict)
 
@@ -169,8 +173,16 @@ def _plan(cfg: TrainConfig, metas: list[dict | None]) -> DataPlan:
         tokenizer=cfg.tokenizer,
         doc_eot=_document_eot(cfg, metas),
         bytes_per_token=float(lone["bytes_per_token"]) if lone and lone.get("bytes_per_token") else None,
+        reading=_reading(metas),
         token_ranges=_known_ranges(cfg, metas),
     )
+
+
+def _reading(metas: list[dict | None]) -> dict | None:
+    for meta in metas:
+        if meta is not None and "separator" in meta:
+            return ReadOptions.from_record(meta).to_record()
+    return None
 
 
 def _known_ranges(cfg: TrainConfig, metas: list[dict | None]) -> dict[str, KnownRange]:

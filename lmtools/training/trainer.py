@@ -503,6 +503,7 @@ class Trainer:
             torch_version=str(torch.__version__),
             format_version=FORMAT_VERSION,
             data_fingerprint=self.identity.state_dict(),
+            data_reading=self.data.reading,  # how the text was read: `eval` reads text the same way
         )
         if self.cfg.fsdp:  # every rank writes its shards; rank 0 the file beside them
             save_sharded_checkpoint(
