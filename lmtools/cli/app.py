@@ -7,10 +7,60 @@ import signal
 import sys
 
 import typer
+from typer.core import TyperCommand
 
 from lmtools.errors import LMToolsError
 
-app = typer.Typer(
+
+class Command(TyperCommand):
+    """A command whose help lists each option's names one under another.
+
+    The help is a rich table whose columns shrink, when the page is narrower than their content,
+    if they may wrap; the names column may, and an option's names joined by commas
+    (`--snake_case,--kebab-case`) are one word that rich can only cut. One name a line, the
+    column is as wide as the longest name and is never cut at 80 columns.
+    `shown_required`: options marked required in the help that the command checks itself
+    (because another source, such as a --config file, may give them)."""
+
+    shown_required: frozenset[str] = frozenset()
+    _rendering_help = False
+
+    def format_help(self, ctx, formatter) -> None:
+        self._rendering_help = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._rendering_help = False
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        if not self._rendering_help:
+            return params
+        return [self._as_shown(param) for param in params]
+
+    def _as_shown(self, param):
+        """A copy of `param` for the help page only (the command parses with the original)."""
+        import copy
+
+        long_names = [name for name in param.opts if name.startswith("--")]
+        if len(long_names) < 2 and param.name not in self.shown_required:
+            return param
+        shown = copy.copy(param)
+        if len(long_names) > 1:
+            shown.opts = ["\n".join(long_names), *(name for name in param.opts if not name.startswith("--"))]
+        if param.name in self.shown_required:
+            shown.required = True
+        return shown
+
+
+class _Typer(typer.Typer):
+    """Its commands are `Command`s unless they name another class."""
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or Command, **kwargs)
+
+
+app = _Typer(
     name="lmtools",
     help="From raw text to a trained Transformer language model.",
     no_args_is_help=True,

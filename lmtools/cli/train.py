@@ -9,9 +9,9 @@ from typing import Optional
 
 import typer
 
-from lmtools.cli.app import app, user_errors
+from lmtools.cli.app import Command, app, user_errors
 from lmtools.cli.console import console_guard
-from lmtools.config.train_config import TrainConfig
+from lmtools.config.train_config import PANEL_OF, TrainConfig
 
 
 def _explicit(ctx: typer.Context) -> frozenset[str]:
@@ -92,13 +92,21 @@ _TRAIN_ONLY = {
         None,
         ("--config",),
         "TOML run config whose keys are these flags' names; flags typed here win.",
+        "Recipe",
     ),
-    "resume": (bool, False, ("--resume",), "Continue from --checkpoint_path with the config stored in it."),
+    "resume": (
+        bool,
+        False,
+        ("--resume",),
+        "Continue from --checkpoint_path (by default in the run folder) with the config stored in it.",
+        "Checkpoints",
+    ),
     "auto_resume": (
         bool,
         False,
         ("--auto_resume", "--auto-resume"),
         "Resume when --checkpoint_path exists, else start a new run (safe under torchrun restarts).",
+        "Checkpoints",
     ),
 }
 # What a resume (train --resume, or resume) may accept that it would otherwise refuse.
@@ -108,22 +116,27 @@ _RESUME_CHOICES = {
         False,
         ("--rollback",),
         "Allow resuming from a snapshot older than the run's newest checkpoint (the later steps are discarded).",
+        "Checkpoints",
     ),
     "allow_data_change": (
         bool,
         False,
         ("--allow_data_change", "--allow-data-change"),
         "Resume although the data or tokenizer differ from the checkpoint's fingerprint.",
+        "Checkpoints",
     ),
 }
 # The TrainConfig fields `resume` may override; None keeps the checkpoint's value.
 _RESUME_FIELDS = ("max_iters", "device", "max_minutes")
 
 
-def _flags(name: str) -> tuple[str, ...]:
-    """--snake_case (as the specification spells it) and --kebab-case."""
-    snake = f"--{name}"
-    return (snake, snake.replace("_", "-")) if "_" in name else (snake,)
+def _flags(name: str, aliases: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """--snake_case (as the specification spells it) and --kebab-case, of the name and its aliases."""
+    out = []
+    for each in (name, *aliases):
+        snake = f"--{each}"
+        out += [snake, snake.replace("_", "-")] if "_" in each else [snake]
+    return tuple(out)
 
 
 def _field_options(names=None, *, keep_defaults: bool = True) -> list[inspect.Parameter]:
@@ -139,7 +152,9 @@ def _field_options(names=None, *, keep_defaults: bool = True) -> list[inspect.Pa
         default = f.default if keep_defaults and kind is not list else None
         if default is None:
             annotation = Optional[annotation]
-        params.append(_param(f.name, annotation, default, _flags(f.name), f.metadata["help"]))
+        panel = PANEL_OF.get(f.name)
+        flags = _flags(f.name, f.metadata["aliases"])
+        params.append(_param(f.name, annotation, default, flags, f.metadata["help"], panel))
         if f.metadata["negatable"] and keep_defaults:
             # Hidden, so that the help's name column keeps its width; the field's help names it.
             params.append(
@@ -148,7 +163,11 @@ def _field_options(names=None, *, keep_defaults: bool = True) -> list[inspect.Pa
     return params
 
 
-def _param(name: str, annotation, default, flags: tuple[str, ...], help: str, **kw) -> inspect.Parameter:
+def _param(
+    name: str, annotation, default, flags: tuple[str, ...], help: str, panel: str | None = None, **kw
+) -> inspect.Parameter:
+    if panel is not None:
+        kw["rich_help_panel"] = panel
     return inspect.Parameter(
         name,
         inspect.Parameter.KEYWORD_ONLY,
@@ -172,7 +191,12 @@ def _ctx_param(name: str = "ctx") -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
 
 
-@app.command(help="Train a Transformer LM on token files.")
+class _TrainCommand(Command):
+    # Required, and checked by the run (TrainConfig.validate): a --config file may give it.
+    shown_required = frozenset({"train_data"})
+
+
+@app.command(help="Train a Transformer LM on token files.", cls=_TrainCommand)
 @user_errors
 @_with_options(
     _ctx_param(),
@@ -186,6 +210,8 @@ def train(ctx: typer.Context, **params) -> None:
     resume_flag, auto = params.pop("resume"), params.pop("auto_resume")
     choices = {name: params.pop(name) for name in _RESUME_CHOICES}
     cfg, explicit = config_from_params(params, _explicit(ctx))
+    # Where the run goes (--out_dir, or runs/NAME), before --resume and --auto_resume look there.
+    cfg, explicit = cfg.with_run_folder(explicit)
     resume_from = None
     if auto and (finished := _finished_run(cfg, explicit)) is not None:
         with console_guard():

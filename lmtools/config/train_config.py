@@ -6,7 +6,7 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from lmtools.config.recipes import validate_recipe_options
+from lmtools.config.recipes import MODEL_SIZES_HELP, validate_recipe_options
 from lmtools.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -14,16 +14,25 @@ if TYPE_CHECKING:
 
 DEFAULT_VOCAB_SIZE = 10000
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The checkpoint's name inside a run folder, and where run folders go when none is named.
+CHECKPOINT_FILE = "checkpoint.pt"
+RUNS_FOLDER = "runs"
 
 
 def option(
-    default: Any = MISSING, help: str = "", *, factory: Any = MISSING, cli: bool = True, negatable: bool = False
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    factory: Any = MISSING,
+    cli: bool = True,
+    negatable: bool = False,
+    aliases: tuple[str, ...] = (),
 ) -> Any:
     """A TrainConfig field with its help text: the one declaration the `train` flags (--snake_case
     and --kebab-case), run configs (TOML) and checkpoints are generated from. `cli=False` marks
     state the run records but no flag sets; `negatable` adds a hidden --no_NAME, which turns the
-    option off explicitly (over a recipe that turns it on)."""
-    metadata = {"help": help, "cli": cli, "negatable": negatable}
+    option off explicitly (over a recipe that turns it on); `aliases` are other names of the flag."""
+    metadata = {"help": help, "cli": cli, "negatable": negatable, "aliases": aliases}
     if factory is not MISSING:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -39,6 +48,7 @@ class TrainConfig:
     vocab_size: int | None = option(
         None, f"Vocabulary size; by default from the dataset's meta.json, else {DEFAULT_VOCAB_SIZE}."
     )
+    model_size: str | None = option(None, MODEL_SIZES_HELP)
     context_length: int = option(512, "Tokens per training window (the model's maximum context).")
     d_model: int = option(768, "Width of the residual stream.")
     num_layers: int = option(12, "Number of Transformer blocks.")
@@ -59,7 +69,17 @@ class TrainConfig:
     eval_iters: int = option(20, "Validation batches per evaluation (the same windows every time).")
     log_interval: int = option(100, "Log the training loss every this many iterations.")
     checkpoint_interval: int = option(5000, "Write a checkpoint every this many iterations.")
-    checkpoint_path: str = option("checkpoint.pt", "Where the checkpoint is written (and read by --resume).")
+    out_dir: str | None = option(
+        None,
+        f"The run's folder: its checkpoint is OUT_DIR/{CHECKPOINT_FILE}, with metrics.jsonl and snapshots beside "
+        f"it. By default {RUNS_FOLDER}/NAME, NAME the --train_data folder's name (a token file's stem).",
+        aliases=("run_dir",),
+    )
+    checkpoint_path: str = option(
+        CHECKPOINT_FILE,
+        "Where the checkpoint is written (and read by --resume); by default in the run folder (--out_dir). "
+        "Given with --out_dir, a relative path is taken inside it.",
+    )
     max_minutes: float | None = option(None, "Stop with a checkpoint after training this many minutes.")
     device: str = option("cpu", "cpu, cuda, cuda:N or mps.")
     seed: int = option(0, "Seed of the model's initialisation and the batch order.")
@@ -116,6 +136,31 @@ class TrainConfig:
         "Training windows start at document starts (needs the data's meta.json; --no_doc_aligned: off).",
         negatable=True,
     )
+
+    def with_run_folder(self, explicit: frozenset[str] = frozenset()) -> tuple[TrainConfig, frozenset[str]]:
+        """The config with its checkpoint path in the run folder: OUT_DIR/checkpoint.pt for
+        --out_dir, runs/NAME/checkpoint.pt when no --checkpoint_path was named either (a named
+        one, or one moved off the default, is kept as it is). --out_dir is folded into
+        checkpoint_path (so that a stored config, reused, names the same file once); the names
+        returned then hold checkpoint_path instead of out_dir."""
+        from pathlib import Path
+
+        named = "checkpoint_path" in explicit or self.checkpoint_path != CHECKPOINT_FILE
+        if self.out_dir is not None:
+            if not self.out_dir:
+                raise ConfigError("--out_dir must not be empty; name the run's folder")
+            if named and Path(self.checkpoint_path).is_absolute():
+                raise ConfigError(
+                    f"--out_dir {self.out_dir} and --checkpoint_path {self.checkpoint_path} (absolute) both say where "
+                    f"the run goes: pass one of them"
+                )
+            path = Path(self.out_dir) / (self.checkpoint_path if named else CHECKPOINT_FILE)
+        elif named or not self.train_data:
+            return self, explicit
+        else:
+            path = Path(RUNS_FOLDER) / default_run_name(self.train_data) / CHECKPOINT_FILE
+        cfg = TrainConfig.from_dict(self.to_dict() | {"checkpoint_path": str(path), "out_dir": None})
+        return cfg, (explicit - {"out_dir"}) | {"checkpoint_path"}
 
     def model_config(self) -> ModelConfig:
         from lmtools.model import ModelConfig  # imports torch: only when a model is built
@@ -182,3 +227,63 @@ class TrainConfig:
 
         validate_recipe_options(self)
         validate_config(self.model_config())
+
+
+def default_run_name(train_data: list[str]) -> str:
+    """The run folder's name for this training data: a prepared folder's name (`data/` -> data,
+    also for its train.npy), a token file's stem; a mixture's names joined by '+'."""
+    from pathlib import Path
+
+    from lmtools.data.dataset import parse_source_spec
+
+    names = []
+    for spec in train_data:
+        path = Path(parse_source_spec(spec)[0]).absolute()
+        if path.is_dir():
+            names.append(path.name)
+        elif path.stem == "train" and (path.parent / "meta.json").is_file():
+            names.append(path.parent.name)
+        else:
+            names.append(path.stem)
+    return "+".join(dict.fromkeys(name for name in names if name)) or "run"
+
+
+# The panels of `train --help`, by topic; every flag field is in one (a test checks).
+HELP_PANELS = {
+    "Data": ("train_data", "val_data", "vocab_size", "data_dtype", "doc_aligned"),
+    "Model": (
+        "model_size",
+        "context_length",
+        "d_model",
+        "num_layers",
+        "num_heads",
+        "d_ff",
+        "rope_theta",
+        "qk_norm",
+        "ffn",
+        "zero_init_proj",
+        "logit_softcap",
+        "init_from",
+        "init_optimizer",
+    ),
+    "Optimisation": (
+        "batch_size",
+        "grad_accum_steps",
+        "optimizer",
+        "learning_rate",
+        "min_learning_rate",
+        "muon_lr",
+        "weight_decay",
+        "gradient_clip_val",
+        "seed",
+        "skip_nonfinite",
+        "skip_spikes",
+        "spike_zscore",
+    ),
+    "Schedule": ("max_iters", "warmup_iters", "cosine_cycle_iters", "max_minutes"),
+    "Evaluation and logging": ("eval_interval", "eval_iters", "log_interval", "tensorboard", "wandb"),
+    "Checkpoints": ("out_dir", "checkpoint_path", "checkpoint_interval", "keep_last", "overwrite"),
+    "Scale": ("device", "dtype", "compile", "fsdp"),
+    "Recipe": ("recipe",),
+}
+PANEL_OF = {name: panel for panel, names in HELP_PANELS.items() for name in names}

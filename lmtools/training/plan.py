@@ -37,7 +37,7 @@ from lmtools.checkpoint import (
     stored_tokenizer_text,
     stored_user_config,
 )
-from lmtools.config.recipes import apply_recipe
+from lmtools.config.recipes import apply_model_size, apply_recipe, model_size_conflict
 from lmtools.config.train_config import TrainConfig
 from lmtools.data.dataset import (
     DataPlan,
@@ -119,10 +119,14 @@ def plan_run(
     takes the checkpoint path's lock (before anything is read)."""
     if resume_from is not None:
         return plan_resumed_run(cfg, resume_from, explicit, lock, rollback, log)
+    cfg, explicit = cfg.with_run_folder(explicit)  # done already by the CLI; here for callers of train_model
     path = Path(cfg.checkpoint_path)
     check_checkpoint_folder(path)
     lock(path)
     check_checkpoint_target(path, cfg.overwrite)
+    # The named size's shape is what the user asked for: recorded as passed (`inspect --config`
+    # then writes the shape out, and reproduces the run).
+    cfg = apply_model_size(cfg, explicit)
     user_config = cfg.to_dict()  # before the recipe: what the user passed
     cfg = apply_recipe(cfg, explicit)
     plan = (plan_init_from_run if cfg.init_from else plan_new_run)(cfg, explicit, user_config)
@@ -169,6 +173,11 @@ def plan_init_from_run(cfg: TrainConfig, explicit: frozenset[str], user_config: 
     init = read_init_source(cfg.init_from)
     # Every architecture option spelled out, so the source's model overrides a recipe's.
     init.model_config = asdict(ModelConfig.from_dict(init.model_config))
+    if differ := model_size_conflict(cfg.model_size, init.model_config, explicit):
+        raise ConfigError(
+            f"--model_size {cfg.model_size} contradicts --init_from {init.path}, whose model has {differ}; "
+            f"drop --model_size (the model's shape comes from --init_from)"
+        )
     cfg = replace(cfg, init_from=init.path)
     check_init_flags(cfg, init)
     resolved, data = resolve_data(apply_model_shape(cfg, init, explicit), explicit_vocab=False)
@@ -300,6 +309,10 @@ def merge_resume_config(
             raise ConfigError(
                 f"--{name} {ours} contradicts the checkpoint, which was trained with {name}={theirs}; "
                 f"drop the flag to resume"
+            )
+        if name == "model_size" and (differ := model_size_conflict(ours, stored, explicit)):
+            raise ConfigError(
+                f"--model_size {ours} contradicts the checkpoint, whose model has {differ}; drop the flag to resume"
             )
         if name in RESUME_FIXED:
             check_resume_keeps(name, ours, theirs, source)

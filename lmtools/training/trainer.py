@@ -38,6 +38,7 @@ from lmtools.runtime.distributed import DistInfo, all_reduce_mean, any_rank, bar
 from lmtools.runtime.run_lock import RunGuard, start_fresh_metrics
 from lmtools.runtime.signals import StopSignal, stop_requested
 from lmtools.training.build import autocast, autocast_dtype, build_model, build_sharded_model, training_module
+from lmtools.training.interrupt import StepDropped, StepInterrupt
 from lmtools.training.metrics import ExternalLoggers, MetricsWriter, format_log_line
 from lmtools.training.numerics import NumericsGuard
 from lmtools.training.optim import cross_entropy, make_optimizer, run_gradient_clipping
@@ -45,6 +46,14 @@ from lmtools.training.plan import RunPlan, plan_run
 from lmtools.training.preflight import MemoryEstimate, check_training_run
 from lmtools.training.schedule import lr_at
 from lmtools.training.state import RunState, seed_everything
+from lmtools.training.timing import (
+    StepClock,
+    estimated_step_seconds,
+    matmul_rate,
+    per_step,
+    span,
+    too_long_warning,
+)
 from lmtools.training.validation import validation_loader, validation_loss
 
 
@@ -186,6 +195,9 @@ class Trainer:
         if plan.payload is not None:
             self.restore(plan.payload, data_changed)
         self.loss_module = training_module(self.model, cfg, device, dist_info)
+        # A stop signal ends a step inside its passes (see training/interrupt.py for where not).
+        self.interrupt = StepInterrupt(self.model, enabled=not dist_info.enabled and not cfg.compile)
+        self.clock = StepClock()
         self.open_logs(resuming=plan.payload is not None)
         self.log_header(plan, memory)
 
@@ -250,6 +262,8 @@ class Trainer:
         )
         if memory is not None:
             lines.append(f"memory : {memory.describe()}")
+        lines.append(f"run    : {self.ckpt_path.parent}{os.sep} | checkpoint {self.ckpt_path.name}")
+        lines += self.time_estimate()
         if plan.payload is not None:
             lines.append(f"Resumed from {self.ckpt_path} at iter {self.state.iteration}")
         if plan.init is not None:
@@ -260,6 +274,51 @@ class Trainer:
             )
         for line in lines + plan.notes:
             self.log(line)
+
+    def time_estimate(self) -> list[str]:
+        """The header's estimate of the time a step and the run take, and a warning when the run
+        would take more than a day."""
+        flops = self.flops_per_token * self.tokens_per_step / self.dist.world_size  # one rank's share
+        rate = matmul_rate(self.device, self.dtype)
+        step_s = estimated_step_seconds(flops, rate)
+        self.estimated_run_s = step_s * (self.cfg.max_iters - self.state.iteration)
+        lines = [
+            f"time   : about {per_step(step_s)} estimated ({flops / 1e12:.3g} TFLOP a step, matmuls here at "
+            f"{rate / 1e9:,.0f} GFLOP/s) | {self.steps_left_words()} about {span(self.estimated_run_s)}"
+        ]
+        if warning := too_long_warning(self.estimated_run_s, self.device):
+            lines.append(warning)
+        return lines
+
+    def steps_left_words(self) -> str:
+        left = self.cfg.max_iters - self.state.iteration
+        return f"{left:,} steps" if self.state.iteration == 0 else f"{left:,} steps left"
+
+    def report_time(self) -> None:
+        """Once, after the first steps: the measured time per step and for the run (with the
+        warning, when the estimate did not already give it and the run would take over a day)."""
+        clock = self.clock
+        if not clock.due_report():
+            return
+        clock.reported = True
+        if self.device.type == "cuda":  # the steps the device still owes count as theirs
+            waited = time.perf_counter()
+            torch.cuda.synchronize(self.device)
+            clock.add_wait(time.perf_counter() - waited)
+        left = self.cfg.max_iters - self.state.iteration
+        if left <= 0:
+            return
+        step_s = clock.step_seconds
+        run_s = step_s * (self.cfg.max_iters - self.start_iteration)
+        self.log(
+            f"time   : {per_step(step_s)} measured over {clock.steps} steps | "
+            f"{self.cfg.max_iters - self.start_iteration:,} steps about {span(run_s)}, "
+            f"{span(step_s * left)} left"
+        )
+        if too_long_warning(self.estimated_run_s, self.device) is None and (
+            warning := too_long_warning(run_s, self.device)
+        ):
+            self.log(warning)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -272,9 +331,14 @@ class Trainer:
             with StopSignal() as stop:
                 self.start()
                 while state.iteration < cfg.max_iters:
+                    if not self.dist.enabled and stop.requested:  # came during iter 0's loss
+                        self.save()
+                        result.stopped_by_signal = True
+                        break
                     lr = self.set_learning_rate(state.iteration + 1)
+                    self.clock.begin()
                     loss = self.forward_backward()
-                    if loss is None:  # a stop signal came between micro-batches: the step is dropped
+                    if loss is None:  # a stop signal came inside the step: it is dropped
                         self.save()
                         result.stopped_by_signal = True
                         break
@@ -284,6 +348,8 @@ class Trainer:
                     due = self.due()
                     if due.log or due.save:
                         guard.read()  # one wait for the device; a non-finite step stops the run here
+                    self.clock.end()
+                    self.report_time()
                     val = self.evaluate() if due.eval else None
                     if due.log:
                         self.log_window(lr, val)
@@ -312,15 +378,34 @@ class Trainer:
 
     def forward_backward(self) -> torch.Tensor | None:
         """Gradients of one step over grad_accum_steps micro-batches; returns the step's loss, left
-        on the device. None when a stop signal came between micro-batches (one process only: ranks
-        must agree on every step): the step is dropped and the loader put back at its start."""
+        on the device. None when a stop signal came inside the step and dropped it (one process
+        only: ranks must agree on every step): between micro-batches, or inside a forward or
+        backward pass of a step that has barely begun (`StepClock.barely_begun`)."""
+        start = self.loader.state_dict()
+        try:
+            with self.interrupt.armed(self.clock.barely_begun):
+                return self.micro_batches(start)
+        except StepDropped:
+            self.drop_step(start, "inside its forward or backward pass")
+            return None
+
+    def drop_step(self, loader_start: dict, where: str) -> None:
+        """Undo the step in progress (its gradients, the loader's position) and say so."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loader.load_state_dict(loader_start)
+        took = f" of about {self.clock.step_seconds:.3g} s a step" if self.clock.step_seconds else ""
+        self.log(
+            f"Stop signal {where}, {self.clock.in_step():.3g} s into step {self.state.iteration + 1}{took}: "
+            f"the step in progress was dropped; the checkpoint holds iter {self.state.iteration}"
+        )
+
+    def micro_batches(self, loader_start: dict) -> torch.Tensor | None:
         cfg = self.cfg
         self.loss_module.train()
         step_loss = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum_steps):
             if micro and not self.dist.enabled and stop_requested():
-                self.optimizer.zero_grad(set_to_none=True)
-                self.loader.load_state_dict(dict(self.loader.state_dict(), micro=0))
+                self.drop_step(loader_start, "between micro-batches")
                 return None
             x, y = self.loader.next()
             # DDP averages gradients across ranks only on the last micro-batch.
@@ -388,14 +473,18 @@ class Trainer:
         with torch.no_grad():
             self.model.eval()
             total = torch.zeros((), device=self.device)
-            for micro in range(self.cfg.grad_accum_steps):
-                if not self.dist.enabled and stop_requested():  # the loop stops before its first step
-                    self.model.train()
-                    return
-                x, y = self.loader.batch_at(0, micro)
-                with self.amp:
-                    total += cross_entropy(self.model(x), y)
-            self.model.train()
+            try:
+                with self.interrupt.armed(lambda: True):
+                    for micro in range(self.cfg.grad_accum_steps):
+                        if not self.dist.enabled and stop_requested():  # the loop stops before its first step
+                            return
+                        x, y = self.loader.batch_at(0, micro)
+                        with self.amp:
+                            total += cross_entropy(self.model(x), y)
+            except StepDropped:
+                return
+            finally:
+                self.model.train()
         loss = float(all_reduce_mean(total / self.cfg.grad_accum_steps, self.dist))
         val = self.evaluate() if self.val_sets else None
         self.write_record({"iter": 0, "loss": loss, "lr": lr_at(self.cfg, 0)}, {}, val)
@@ -528,6 +617,7 @@ class Trainer:
         self.state.load_state_dict(state)
 
     def close(self) -> None:
+        self.interrupt.remove()
         self.metrics.close()
         self.external.close()
         self.loader.close()
@@ -573,7 +663,9 @@ def header_lines(cfg, loader, val_sets, model, device, dtype, dist_info, tokens_
     for name, val_loader in val_sets:
         lines += describe("val" if name is None else f"val/{name}", val_loader)
     lines.append(
-        f"model  : {mc.num_layers} layers | d_model {mc.d_model} | {mc.num_heads} heads | d_ff {mc.d_ff} | "
+        "model  : "
+        + (f"{cfg.model_size} | " if cfg.model_size else "")
+        + f"{mc.num_layers} layers | d_model {mc.d_model} | {mc.num_heads} heads | d_ff {mc.d_ff} | "
         f"vocab {mc.vocab_size} | {n_params / 1e6:.2f}M parameters"
     )
     if options := describe_options(cfg):

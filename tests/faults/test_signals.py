@@ -34,38 +34,46 @@ def test_each_stop_signal_writes_a_checkpoint_and_exits_0(tokens, tmp_path, sig)
     assert payload["iteration"] == stopped_at >= 3 and payload["sampler"]["step"] == stopped_at
 
 
+# Inside the run's stop handling, one native call of seconds (three 4096^3 matmuls on one thread).
+LONG_NATIVE_CALL = """
+import torch
+from lmtools.runtime.signals import StopSignal
+torch.set_num_threads(1)
+a = torch.randn(4096, 4096)
+with StopSignal() as stop:
+    print("inside", flush=True)
+    torch.linalg.multi_dot([a, a, a, a])
+    print("returned", stop.requested, flush=True)
+"""
+
+
 @pytest.mark.slow
-def test_a_second_signal_ends_a_long_native_step_at_once(tokens, tmp_path):
-    """Each step is seconds of matmuls; the second SIGTERM is not left waiting for it: the
-    default action, restored by the first, ends the process (killed by the signal itself)."""
-    ckpt = tmp_path / "ckpt.pt"
-    proc = train_process(
-        tokens,
-        ckpt,
-        "--d_model",
-        "256",
-        "--num_heads",
-        "4",
-        "--d_ff",
-        "1024",
-        "--num_layers",
-        "4",
-        "--context_length",
-        "256",
-        "--batch_size",
-        "32",
-        "--checkpoint_interval",
-        "1",
+def test_a_second_signal_ends_a_long_native_call_at_once(tmp_path):
+    """The first signal asks the run to stop at its next chance; none comes inside one long
+    native call (a step's passes check at every module, so a training step itself gives one
+    soon: see tests/training/test_first_hour.py). The second ends the process there: the kernel's
+    default action, restored by the first handler (-SIGTERM), or the watcher thread when the
+    handler has not run yet (128 + SIGTERM)."""
+    import subprocess
+    import sys
+
+    from helpers import PROCESS_ENV
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LONG_NATIVE_CALL],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=PROCESS_ENV,
     )
-    wait_for_line(proc, "memory :")
-    time.sleep(1.0)  # inside the first step
+    wait_for_line(proc, "inside")
+    time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == -signal.SIGTERM, (proc.returncode, out, err)
-    assert "Traceback" not in err
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".pt")]  # no torn checkpoint
+    assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), (proc.returncode, out, err)
+    assert "returned" not in out and "Traceback" not in err
 
 
 @pytest.mark.slow
@@ -87,14 +95,14 @@ def test_a_signal_ends_a_long_evaluation_between_batches(tokens, tmp_path):
         "1000000",
     )
     wait_for_line(proc, "memory :")
-    time.sleep(2.0)  # step 1 takes milliseconds; its evaluation, 100000 batches, would take minutes
+    time.sleep(2.0)  # iter 0's validation before step 1, 100000 batches, would take minutes
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert _stopped_at(out) == 1
-    assert read_checkpoint(ckpt)["iteration"] == 1
+    assert _stopped_at(out) == 0  # no step begins after the signal
+    assert read_checkpoint(ckpt)["iteration"] == 0
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["iter"] == 1 and record.get("val_loss") is None  # no partial value reported
+    assert record["iter"] == 0 and record.get("val_loss") is None  # no partial value reported
 
 
 @pytest.mark.slow
