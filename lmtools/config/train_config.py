@@ -145,6 +145,9 @@ class TrainConfig:
         returned then hold checkpoint_path instead of out_dir."""
         from pathlib import Path
 
+        for name in ("out_dir", "checkpoint_path"):
+            if "\x00" in (getattr(self, name) or ""):
+                raise ConfigError(f"--{name} holds a NUL character, which no path may hold; choose another")
         named = "checkpoint_path" in explicit or self.checkpoint_path != CHECKPOINT_FILE
         if self.out_dir is not None:
             if not self.out_dir:
