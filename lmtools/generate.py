@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import codecs
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -100,7 +102,52 @@ def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
-    """Decode incrementally, holding back text while a multi-byte character is incomplete.
+    """The text of `ids` piece by piece as they come, joining to the decode of all of them.
+
+    A byte-level BPE token can end inside a multi-byte UTF-8 character: each token's bytes go
+    through an incremental UTF-8 decoder, which holds an incomplete character back until its
+    last byte comes. A replacement character (U+FFFD) stands only for bytes that are invalid,
+    or for an incomplete character at the very end. Other tokenizers decode by text."""
+    token_bytes = byte_level_bytes(tokenizer)
+    if token_bytes is None:
+        yield from _stream_decoded(tokenizer, ids)
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in ids:
+        if text := decoder.decode(token_bytes(token)):
+            yield text
+    if text := decoder.decode(b"", final=True):
+        yield text
+
+
+def byte_level_bytes(tokenizer) -> Callable[[int], bytes] | None:
+    """id -> the bytes that id stands for, for a tokenizer whose decoder is byte-level (None for
+    others). As `tokenizers`' ByteLevel decoder reads a token: each symbol is one byte, and a
+    token with a character outside that alphabet (an added token) stands for its UTF-8; an id
+    the tokenizer does not have stands for nothing, as in its decode."""
+    from tokenizers import decoders
+
+    if not isinstance(getattr(tokenizer, "decoder", None), decoders.ByteLevel):
+        return None
+    from lmtools.data.tokenizer import unicode_to_bytes
+
+    table = unicode_to_bytes()
+
+    @functools.lru_cache(maxsize=1 << 16)
+    def token_bytes(token_id: int) -> bytes:
+        token = tokenizer.id_to_token(token_id)
+        if token is None:
+            return b""
+        try:
+            return bytes(table[c] for c in token)
+        except KeyError:
+            return token.encode("utf-8")
+
+    return token_bytes
+
+
+def _stream_decoded(tokenizer, ids: Iterator[int]) -> Iterator[str]:
+    """Decode incrementally by text, holding back text while it ends in a replacement character.
 
     Each decode sees only the ids of the last piece yielded (context for decoders that are not
     plain concatenation) and those held back since: the time and memory per token stay the same
@@ -121,3 +168,14 @@ def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
     text = tokenizer.decode(window, skip_special_tokens=False)
     if len(text) > len(before):
         yield text[len(before) :]
+
+
+# Control characters a terminal acts on (C0 but newline and tab, DEL, C1: ESC starts the
+# sequences that move the cursor, recolour or retitle the window, and a carriage return
+# overwrites the line) -> the escape Python writes for them: \r, \x1b, \x7f, \x9b.
+_VISIBLE = {c: repr(chr(c))[1:-1] for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if chr(c) not in "\n\t"}
+
+
+def visible(text: str) -> str:
+    """`text` with the control characters other than newline and tab written as escapes."""
+    return text.translate(_VISIBLE)

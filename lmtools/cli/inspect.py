@@ -29,7 +29,10 @@ def inspect(
         200, "--excerpt_chars", "--excerpt-chars", help="Characters of decoded text to show (0: none)."
     ),
     as_config: bool = typer.Option(
-        False, "--config", help="Print the TOML run config that reproduces a checkpoint's run (for train --config)."
+        False,
+        "--config",
+        help="Print the TOML run config that trains a checkpoint's run again (for train --config), into a new"
+        " place: the old run's checkpoint path and folder are written as comments.",
     ),
     full: bool = typer.Option(
         False,
@@ -53,9 +56,10 @@ def inspect(
 
 
 def run_config_toml(path: Path) -> str:
-    """The run config a checkpoint records as the user passed it (older checkpoints: the resolved one)."""
-    from lmtools.checkpoint import check_checkpoint_file, read_checkpoint, stored_user_config
-    from lmtools.config.toml import to_toml
+    """The run config a checkpoint records as the user passed it (older checkpoints: the resolved
+    one), as a TOML that trains the run again into a new place (config.toml.reproducing_toml)."""
+    from lmtools.checkpoint import check_checkpoint_file, read_checkpoint, stored_config, stored_user_config
+    from lmtools.config.toml import reproducing_toml
     from lmtools.errors import ConfigError
 
     check_checkpoint_file(path, "inspect --config")
@@ -63,7 +67,7 @@ def run_config_toml(path: Path) -> str:
     config = stored_user_config(payload)
     if not config:
         raise ConfigError(f"{path} holds no run config; it was not written by lmtools train")
-    return to_toml(config)
+    return reproducing_toml(config, stored_config(payload), str(path))
 
 
 def render(report: dict) -> None:

@@ -36,6 +36,13 @@ def sample(
     tokenizer: Optional[str] = typer.Option(
         None, "--tokenizer", help="tokenizer.json; by default the one the checkpoint records."
     ),
+    raw: Optional[bool] = typer.Option(
+        None,
+        "--raw/--escape",
+        help="Write control characters the model produced (ESC sequences, carriage returns, other C0 and C1"
+        " codes; newline and tab are text) as they are, or as escapes (\\x1b, \\r). Default: escapes on a"
+        " terminal, which would act on them; as they are into a file or pipe, which then holds the text.",
+    ),
 ) -> None:
     """Generate text from a checkpoint; stops at <|endoftext|> or after --max_new_tokens."""
     import sys
@@ -44,7 +51,7 @@ def sample(
 
     from lmtools.checkpoint import check_checkpoint_file, tokenizer_from_checkpoint
     from lmtools.errors import ConfigError
-    from lmtools.generate import check_sampling, generate_ids, load_model, stream_text
+    from lmtools.generate import check_sampling, generate_ids, load_model, stream_text, visible
     from lmtools.layout import EOT
     from lmtools.runtime.device import resolve_device
 
@@ -70,8 +77,12 @@ def sample(
         eot_id=tok.token_to_id(EOT),
         generator=gen,
     )
-    sys.stdout.write(prompt)
+    escape = not raw if raw is not None else sys.stdout.isatty()
+    shown = visible if escape else str
+    if hasattr(sys.stdout, "reconfigure"):  # a console that cannot encode a character shows its escape
+        sys.stdout.reconfigure(errors="backslashreplace")
+    sys.stdout.write(shown(prompt))
     for piece in stream_text(tok, ids):
-        sys.stdout.write(piece)
+        sys.stdout.write(shown(piece))
         sys.stdout.flush()
     sys.stdout.write("\n")

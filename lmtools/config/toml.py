@@ -105,3 +105,50 @@ def to_toml(config: dict) -> str:
 
     names = [f.name for f in flag_fields()]
     return tomli_w.dumps({name: config[name] for name in names if config.get(name) is not None})
+
+
+def is_output_place(name: str) -> bool:
+    """Whether a flag field says where a run writes (its checkpoint, its folder, its logs) or lets
+    it replace what is there: the run's place, not how it trains."""
+    return name in ("checkpoint_path", "tensorboard", "overwrite") or name.endswith(("_dir", "_path"))
+
+
+def reproducing_toml(user_config: dict, config: dict, source: str) -> str:
+    """The TOML run config that trains the run of checkpoint `source` again, into a new place.
+
+    `user_config` is the run's config as passed, `config` the one it trained with. The keys of
+    the old run's place are written as comments, so that `train --config` of the file never
+    aims at it. max_iters is the one the run was started with: a resume that moved the end of
+    its schedule is noted beside it (resumes that moved no rate keep no record: their max_iters
+    then reproduces the schedule as it ran)."""
+    import tomli_w
+
+    values = {f.name: user_config[f.name] for f in flag_fields() if user_config.get(f.name) is not None}
+    place = {k: v for k, v in values.items() if is_output_place(k) and v is not False}
+    kept = {k: v for k, v in values.items() if not is_output_place(k)}
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in source)  # a comment is one line
+    lines = [
+        f"# The run config of {shown} (lmtools inspect --config):",
+        "# lmtools train --config FILE trains that run again.",
+    ]
+    if place:
+        lines += [
+            "# Where that run went is left out, so that a new run does not aim at it: name a new place",
+            "# here or by flag (lmtools train --config FILE --checkpoint_path NEW.pt).",
+            *(f"# {line}" for line in tomli_w.dumps(place).splitlines()),
+        ]
+    extensions = [e for e in config.get("schedule_extensions") or [] if isinstance(e, dict)]
+    note: list[str] = []
+    if extensions and "max_iters" in kept and "previous_end" in extensions[0]:
+        kept["max_iters"] = int(extensions[0]["previous_end"])
+        moves = ", ".join(f"to {e.get('end')} at iter {e.get('start')}" for e in extensions)
+        who = "a resume" if len(extensions) == 1 else "resumes"
+        note = [f"# The run was started with max_iters = {kept['max_iters']}; {who} moved its end {moves}."]
+        if all(e.get("start") == e.get("previous_end") for e in extensions):  # each at the end of the run
+            ends = ", then ".join(str(e.get("end")) for e in extensions)
+            note.append(f"# Resuming the new run at its end with --max_iters {ends} does the same.")
+    for line in tomli_w.dumps(kept).splitlines():
+        if note and line.startswith("max_iters ="):
+            lines += note
+        lines.append(line)
+    return "\n".join(lines) + "\n"

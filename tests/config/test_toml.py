@@ -1,11 +1,14 @@
 """One declaration per option: the `train` flags generated from TrainConfig's fields, TOML run
 configs (`train --config`), and `inspect --config`, which prints the TOML that reproduces a run."""
 
+import json
 import re
+import tomllib
 from dataclasses import fields
 
 import numpy as np
 import pytest
+import torch
 import typer
 
 from helpers import SMALLEST_MODEL, flags, learnable_stream
@@ -165,7 +168,9 @@ def test_inspect_config_reproduces_the_run(tmp_path, run_cli):
     path.write_text(shown.output)
     assert "vocab_size" not in shown.output and "learning_rate = 0.002" in shown.output
     cfg, _ = parsed("--config", path)
-    assert cfg == TrainConfig.from_dict(user)
+    # All of it but the place the run went, which is a comment: a new run goes elsewhere.
+    assert cfg == TrainConfig.from_dict(user | {"checkpoint_path": TrainConfig().checkpoint_path})
+    assert f"# checkpoint_path = {json.dumps(str(ckpt))}" in shown.output.splitlines()
 
     # A resume records the first run's config with its typed override.
     result = run_cli("resume", ckpt, "--max_iters", "4")
@@ -173,6 +178,85 @@ def test_inspect_config_reproduces_the_run(tmp_path, run_cli):
     again = read_checkpoint(ckpt)
     assert again["user_config"] == {**user, "max_iters": 4, "checkpoint_path": str(ckpt)}
     assert again["config"]["max_iters"] == 4
+
+
+@pytest.mark.slow
+def test_inspect_config_of_a_resumed_run_trains_it_again_into_a_new_place(tmp_path, run_cli, monkeypatch):
+    """A run extended by a resume: the TOML holds the max_iters it was started with (the resume
+    noted), and the old run's place only as a comment; `train --config` of it trains the same
+    run again, elsewhere, and leaves the old checkpoint as it was, byte for byte."""
+    monkeypatch.chdir(tmp_path)
+    np.save("train.npy", learnable_stream(5000, 0))
+    old = tmp_path / "old" / "ckpt.pt"
+    run = flags(SMALLEST_MODEL, context_length=16, batch_size=4, warmup_iters=1, eval_interval=100, seed=5)
+    result = run_cli("train", "--train_data", "train.npy", *run, "--max_iters", 3, "--checkpoint_path", old)
+    assert result.exit_code == 0, result.output
+    at_3 = read_checkpoint(old)["model_state_dict"]
+    result = run_cli("resume", old, "--max_iters", 6)
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint(old)["user_config"]["max_iters"] == 6  # what the TOML must not take as the start
+    old_bytes = old.read_bytes()
+
+    shown = run_cli("inspect", old, "--config")
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert f"# checkpoint_path = {json.dumps(str(old))}" in lines
+    assert "# The run was started with max_iters = 3; a resume moved its end to 6 at iter 3." in lines
+    assert "# Resuming the new run at its end with --max_iters 6 does the same." in lines
+    assert not [line for line in lines if str(old) in line and not line.startswith("#")]
+    toml = tomllib.loads(shown.output)
+    assert toml["max_iters"] == 3 and toml["train_data"] == ["train.npy"] and toml["seed"] == 5
+    assert not [key for key in toml if key in ("checkpoint_path", "out_dir", "run_dir", "overwrite")]
+
+    (tmp_path / "run.toml").write_text(shown.output)
+    before = set(tmp_path.rglob("*.pt"))
+    result = run_cli("train", "--config", "run.toml")
+    assert result.exit_code == 0, result.output
+    new = set(tmp_path.rglob("*.pt")) - before
+    assert len(new) == 1 and old.read_bytes() == old_bytes
+    again = read_checkpoint(new.pop())
+    # The same run: at iter 3, the weights the old run had there, bit for bit (on the CPU).
+    assert again["iteration"] == 3
+    assert again["model_state_dict"].keys() == at_3.keys()
+    assert all(torch.equal(again["model_state_dict"][k], at_3[k]) for k in at_3)
+
+
+def test_reproducing_toml_comments_out_every_key_of_the_old_place():
+    from lmtools.config.toml import is_output_place, reproducing_toml
+
+    user = TrainConfig(train_data=["d/"], checkpoint_path="runs/a/ckpt.pt", tensorboard="tb", overwrite=True)
+    text = reproducing_toml(user.to_dict(), user.to_dict(), "runs/a/ckpt.pt")
+    lines = text.splitlines()
+    assert {'# checkpoint_path = "runs/a/ckpt.pt"', '# tensorboard = "tb"', "# overwrite = true"} <= set(lines)
+    kept = tomllib.loads(text)
+    assert not [key for key in kept if is_output_place(key)] and kept["train_data"] == ["d/"]
+    # A folder option (--out_dir, its alias, any *_dir) says where a run goes, as a path does.
+    assert all(is_output_place(name) for name in ("out_dir", "run_dir", "log_dir", "checkpoint_path"))
+    assert not any(is_output_place(name) for name in ("train_data", "val_data", "init_from", "wandb", "max_iters"))
+    # No resume moved the schedule: max_iters as passed, and no note.
+    assert kept["max_iters"] == user.max_iters and not [
+        line for line in lines if "max_iters" in line[:40] and "#" in line
+    ]
+    # What is kept is to_toml's, less the place.
+    place = ("checkpoint_path", "tensorboard", "overwrite")
+    assert kept == {k: v for k, v in tomllib.loads(to_toml(user.to_dict())).items() if k not in place}
+
+
+def test_reproducing_toml_starts_from_the_first_max_iters_of_a_run_resumed_twice():
+    from lmtools.config.toml import reproducing_toml
+
+    user = TrainConfig(train_data=["d/"], max_iters=30).to_dict()  # a resume's --max_iters replaces it
+    extensions = [
+        {"start": 10, "end": 20, "from_lr": 1e-4, "to_lr": 1e-5, "previous_end": 10},
+        {"start": 15, "end": 30, "from_lr": 5e-5, "to_lr": 1e-5, "previous_end": 20},  # a rollback to iter 15
+    ]
+    text = reproducing_toml(user, user | {"schedule_extensions": extensions}, "old\nrun.pt")
+    lines = text.splitlines()
+    assert tomllib.loads(text)["max_iters"] == 10  # a path with a newline stays in its comment
+    assert "# The run config of old\\nrun.pt (lmtools inspect --config):" in lines
+    note = "# The run was started with max_iters = 10; resumes moved its end to 20 at iter 10, to 30 at iter 15."
+    assert lines[lines.index("max_iters = 10") - 1] == note
+    assert not any(line.startswith("# Resuming") for line in lines)  # not at the end: no plain resume does it
 
 
 def test_inspect_config_needs_a_checkpoint(tmp_path, run_cli):
