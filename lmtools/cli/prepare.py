@@ -11,6 +11,7 @@ import typer
 from rich.filesize import decimal
 
 from lmtools.cli.app import app, user_errors
+from lmtools.data.corpus import Corpus
 from lmtools.data.prepare import DEFAULT_TOKENIZER_SAMPLE, MAX_SHARDS, Progress
 from lmtools.errors import ConfigError
 from lmtools.layout import EOT
@@ -163,9 +164,13 @@ def _progress(quiet: bool, console=None) -> Progress:
         "--separator none: one per text file). An <|endoftext|> id follows every "
         "document. In jsonl and parquet text, and in text files split at another separator, "
         "text that spells <|endoftext|> is encoded as ordinary text. Empty documents are "
-        "skipped and counted. Validation: whole documents when they can make up about "
-        "--val_fraction of the tokens, else the tail of the token stream, cut at a document "
-        "boundary or a line end."
+        "skipped and counted; a document whose text repeats an earlier one exactly is "
+        "removed and counted (--keep_duplicates keeps it). In folders and globs, files are "
+        "recognised by name (.jsonl, .parquet, .gz) or by content (UTF-8 text); binary, "
+        "non-UTF-8 and hidden files and second paths to a file are skipped and counted "
+        "(meta.json lists the first of each). Validation: whole documents when they can make "
+        "up about --val_fraction of the tokens, else the tail of the token stream, cut at a "
+        "document boundary or a line end."
     )
 )
 @user_errors
@@ -173,8 +178,8 @@ def prepare(
     corpus: list[str] = typer.Argument(
         ...,
         metavar="CORPUS",
-        help=".txt, .jsonl, .parquet files (.txt.gz, .jsonl.gz too), folders (searched "
-        "recursively for those suffixes) and glob patterns.",
+        help="Text (any name), .jsonl and .parquet files (.gz too), folders (searched "
+        "recursively; text recognised by content) and glob patterns.",
         show_default=False,
     ),
     out: Path = typer.Option(Path("data"), "--out", "-o", help="Output folder."),
@@ -219,6 +224,37 @@ def prepare(
         help="Split text files into documents at this string (\\n, \\t, \\r, \\\\ are "
         "understood, so '\\n\\n' splits at blank lines); `none`: one document per file.",
     ),
+    separator_line: Optional[str] = typer.Option(
+        None,
+        "--separator_line",
+        "--separator-line",
+        help="Split text files at every line that holds exactly this text, at a file's start "
+        "and end too (e.g. '%' for fortune files, '---'); replaces --separator.",
+        show_default=False,
+    ),
+    include: Optional[list[str]] = typer.Option(
+        None,
+        "--include",
+        metavar="PATTERN",
+        help="Read only the files whose name or path below the folder matches one of these "
+        "shell patterns (repeatable; e.g. --include '*.md' --include '*.txt').",
+        show_default=False,
+    ),
+    exclude: Optional[list[str]] = typer.Option(
+        None,
+        "--exclude",
+        metavar="PATTERN",
+        help="Leave out the files whose name or path below the folder matches (repeatable; "
+        "e.g. --exclude '*.html' --exclude 'drafts/*').",
+        show_default=False,
+    ),
+    keep_duplicates: bool = typer.Option(
+        False,
+        "--keep_duplicates",
+        "--keep-duplicates",
+        help="Keep documents whose text repeats an earlier one exactly (by default they are "
+        "removed and counted, so no text is in both train and val).",
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite a dataset already prepared in --out."),
     threads: int = typer.Option(0, "--threads", help="Encoding processes (0: one per core).", show_default=True),
     shard: Optional[str] = typer.Option(
@@ -261,7 +297,11 @@ def prepare(
         seed=seed,
         text_field=text_field,
         text_column=text_column,
-        separator=None if separator == NO_SEPARATOR else unescape(separator),
+        separator=_separator(separator, separator_line),
+        separator_line=separator_line,
+        include=include or (),
+        exclude=exclude or (),
+        keep_duplicates=keep_duplicates,
         force=force,
         threads=threads or None,
     )
@@ -269,6 +309,12 @@ def prepare(
         typer.echo(shard_summary(meta, time.monotonic() - started))
         return
     _print_result(meta, time.monotonic() - started)
+
+
+def _separator(separator: str, separator_line: str | None) -> str | None:
+    if separator_line is not None and separator != EOT:
+        raise ConfigError("give --separator or --separator_line, not both")
+    return None if separator == NO_SEPARATOR else unescape(separator)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -335,6 +381,10 @@ def summary(meta: dict, seconds: float) -> str:
         places = meta.get("empty_document_places") or []
         more = ", ..." if empty > len(places) else ""
         skipped = f"; {_docs(empty)} empty, skipped ({', '.join(places)}{more})"
+    if duplicates := meta.get("duplicate_documents"):
+        skipped += f"; {_docs(duplicates)} repeating an earlier one removed ({meta['duplicate_tokens']:,} tokens)"
+    if files := Corpus(sources=[], skipped=meta.get("skipped_files") or {}).skipped_text():
+        skipped += f"; {files} (meta.json: skipped_files)"
     train_docs = _docs(meta["train_documents"])
     if split.get("cuts_a_document"):  # the tail starts inside a document
         train_docs = f"{train_docs} and the start of another" if meta["train_documents"] else "the start of 1 document"
@@ -354,6 +404,14 @@ def notes(meta: dict) -> list[str]:
     if split.get("method") == "none" and meta["val_fraction"] > 0:
         out.append(
             f"note: val.npy is empty: {split.get('reason')}; train will run without validation (use a larger corpus)"
+        )
+    if split.get("method") == "spans":
+        out.append(
+            "note: val.npy is the tail of the corpus, not a seeded choice of documents (its "
+            f"{meta['documents']:,} documents cannot make up {100 * meta['val_fraction']:g}% of the "
+            "tokens closely enough): it is the end of the last file in path order, which may "
+            "differ in kind from the rest; more or smaller documents, or --val_data of your own, "
+            "give a validation set like the training text"
         )
     requested = meta.get("vocab_size_requested")
     if requested and meta["vocab_size"] < requested:

@@ -20,6 +20,7 @@ bounded by the piece size whatever the size of a file or a document.
 from __future__ import annotations
 
 import codecs
+import fnmatch
 import glob
 import gzip
 import hashlib
@@ -30,15 +31,12 @@ import os
 import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 from lmtools.errors import DataError
 from lmtools.layout import EOT
-
-# Suffixes picked up when searching a folder (an explicitly named file is read whatever its name).
-CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
 
 READ_BLOCK = 1 << 20  # bytes read from a text file at a time
 JSON_BLOCK = 4 << 20  # bytes pyarrow parses at a time (a longer line takes the slow path)
@@ -82,6 +80,19 @@ class ReadOptions:
 
     RECORD_KEYS = ("separator", "separator_line", "text_field", "text_column")
 
+    @property
+    def splits_text(self) -> bool:
+        """Whether a text file holds several documents."""
+        return bool(self.separator_line or self.separator)
+
+    @property
+    def boundary(self) -> bytes | None:
+        """Bytes after which a text file's document starts (where units and tokenizer-sample
+        windows may begin): a separator line with the newlines around it, or the separator."""
+        if self.separator_line:
+            return b"\n" + self.separator_line.encode("utf-8") + b"\n"
+        return self.separator.encode("utf-8") if self.separator else None
+
     def to_record(self) -> dict:
         return {key: getattr(self, key) for key in self.RECORD_KEYS}
 
@@ -124,33 +135,111 @@ def _kind_of(path: Path) -> tuple[str, bool]:
     return "text", compressed
 
 
-def _in_folder(folder: Path) -> list[Path]:
+# Why a file found in a folder or by a glob is left out, as the summary and meta.json name it.
+SKIP_REASONS = {
+    "binary": "binary",
+    "not_utf8": "not UTF-8",
+    "excluded": "excluded by --include/--exclude",
+    "same_file": "links to (or repeats of) a file already read",
+    "hidden": "hidden",
+    "folder_link": "links to folders (not followed)",
+}
+SKIPPED_EXAMPLES = 5  # paths remembered per reason
+
+
+@dataclass
+class Corpus:
+    """The files of a corpus in reading order, and those left out, by reason."""
+
+    sources: list[Source]
+    skipped: dict[str, dict] = field(default_factory=dict)  # reason -> {"count", "first": [paths]}
+
+    def skip(self, reason: str, path: Path | str) -> None:
+        entry = self.skipped.setdefault(reason, {"count": 0, "first": []})
+        entry["count"] += 1
+        if len(entry["first"]) < SKIPPED_EXAMPLES:
+            entry["first"].append(str(path))
+
+    def skipped_text(self) -> str | None:
+        """ "12 files skipped: 8 binary, 4 hidden", or None."""
+        total = sum(e["count"] for e in self.skipped.values())
+        if not total:
+            return None
+        order = [r for r in SKIP_REASONS if r in self.skipped] + [r for r in self.skipped if r not in SKIP_REASONS]
+        parts = ", ".join(f"{self.skipped[r]['count']} {SKIP_REASONS.get(r, r)}" for r in order)
+        return f"{total} file{'s' if total != 1 else ''} skipped: {parts}"
+
+
+class _Patterns:
+    """--include / --exclude: shell patterns matched against a file's name and its path below
+    the folder searched (or as given); `*` matches across folders."""
+
+    def __init__(self, include: Sequence[str], exclude: Sequence[str]):
+        self.include, self.exclude = list(include), list(exclude)
+
+    def admits(self, path: Path, relative: str) -> bool:
+        names = (path.name, relative)
+        if self.include and not any(fnmatch.fnmatchcase(n, p) for p in self.include for n in names):
+            return False
+        return not any(fnmatch.fnmatchcase(n, p) for p in self.exclude for n in names)
+
+
+def _walk(folder: Path, corpus: Corpus, patterns: _Patterns) -> list[tuple[Path, str]]:
+    """The files below `folder` (path, path relative to it), sorted; hidden entries and links
+    to folders are counted, not entered."""
     found = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        kept = []
+        for d in dirs:
+            if d.startswith("."):
+                corpus.skip("hidden", Path(root) / d)
+            elif os.path.islink(os.path.join(root, d)):
+                corpus.skip("folder_link", Path(root) / d)
+            else:
+                kept.append(d)
+        dirs[:] = sorted(kept)
         for name in files:
-            if not name.startswith(".") and name.lower().endswith(CORPUS_SUFFIXES):
-                found.append(Path(root) / name)
-    return sorted(found)
+            path = Path(root) / name
+            if name.startswith("."):
+                corpus.skip("hidden", path)
+                continue
+            relative = path.relative_to(folder).as_posix()
+            if not patterns.admits(path, relative):
+                corpus.skip("excluded", path)
+                continue
+            found.append((path, relative))
+    return sorted(found, key=lambda item: item[1])
 
 
-def resolve_sources(inputs: Iterable[str | os.PathLike]) -> list[Source]:
+def resolve_corpus(
+    inputs: Iterable[str | os.PathLike], include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> Corpus:
     """Expand files, folders and globs into the ordered list of input files.
 
-    Raises DataError for an input that names nothing, a folder without corpus files, or a
-    parquet file that is gzipped. Empty files are kept: the reader counts them as empty documents.
+    A file named alone is read whatever its name and must be text, jsonl or parquet: anything
+    else is an error (`check_named_file`). Files found in a folder or by a glob are recognised
+    by name (.jsonl, .parquet, .gz) or by content (text: UTF-8 without NUL bytes at its head):
+    the others, hidden ones, those --include/--exclude leave out and a second path to a file
+    already read are skipped and counted by reason (`Corpus.skipped`). Raises DataError for an
+    input that names nothing, a folder or glob without a readable file, or a gzipped parquet.
+    Empty files are kept: the reader counts them as empty documents.
     """
-    paths: list[Path] = []
+    corpus = Corpus([])
+    patterns = _Patterns(include, exclude)
+    found: list[tuple[Path, bool]] = []  # (path, named alone)
     for item in inputs:
         text = os.fspath(item)
         path = Path(text).expanduser()
         if path.is_dir():
-            found = _in_folder(path)
-            if not found:
-                raise DataError(f"{text}: the folder holds no {', '.join(CORPUS_SUFFIXES)} files")
-            paths.extend(found)
+            before = len(found)
+            found.extend((p, False) for p, _ in _walk(path, corpus, patterns))
+            if len(found) == before:
+                raise DataError(f"{text}: the folder holds no file to read{_because(corpus)}")
         elif path.is_file():
-            paths.append(path)
+            if patterns.admits(path, text):
+                found.append((path, True))
+            else:
+                corpus.skip("excluded", path)
         elif path.exists():
             raise DataError(f"{text}: not a regular file or folder")
         elif glob.has_magic(text):
@@ -160,25 +249,106 @@ def resolve_sources(inputs: Iterable[str | os.PathLike]) -> list[Source]:
             for match in matches:
                 m = Path(match)
                 if m.is_dir():
-                    paths.extend(_in_folder(m))
+                    found.extend((p, False) for p, _ in _walk(m, corpus, patterns))
                 elif m.is_file():
-                    paths.append(m)
+                    if patterns.admits(m, match):
+                        found.append((m, False))
+                    else:
+                        corpus.skip("excluded", m)
         else:
             raise DataError(f"{text}: no such file or folder")
-    if not paths:
-        raise DataError("no input files: name .txt, .jsonl or .parquet files, folders or globs")
 
-    sources, seen = [], set()
-    for path in paths:
+    seen = set()
+    for path, named in found:
         key = path.resolve()
         if key in seen:
+            corpus.skip("same_file", path)
             continue
         seen.add(key)
         kind, compressed = _kind_of(path)
         if kind == "parquet" and compressed:
             raise DataError(f"{path}: gzipped parquet is not supported; parquet compresses itself")
-        sources.append(Source(path, kind, compressed, path.stat().st_size))
-    return sources
+        if named:
+            check_named_file(path)
+        elif (reason := _not_readable(path, kind, compressed)) is not None:
+            corpus.skip(reason, path)
+            continue
+        corpus.sources.append(Source(path, kind, compressed, path.stat().st_size))
+    if not corpus.sources:
+        first = next((e["first"][0] for e in corpus.skipped.values()), None)
+        where = f"; the first: {first}" if first else ""
+        raise DataError(f"no file to read{_because(corpus)}{where}")
+    return corpus
+
+
+def resolve_sources(inputs: Iterable[str | os.PathLike]) -> list[Source]:
+    """The files of `resolve_corpus(inputs)`."""
+    return resolve_corpus(inputs).sources
+
+
+def _because(corpus: Corpus) -> str:
+    text = corpus.skipped_text()
+    return f" ({text})" if text else ""
+
+
+def _head(path: Path, compressed: bool) -> bytes | None:
+    """The first BINARY_PROBE bytes (decompressed), or None when they cannot be read."""
+    try:
+        if compressed:
+            with gzip.open(path, "rb") as fh:
+                return fh.read(BINARY_PROBE)
+        with open(path, "rb") as fh:
+            return fh.read(BINARY_PROBE)
+    except (OSError, EOFError, zlib.error):
+        return None
+
+
+def _not_readable(path: Path, kind: str, compressed: bool) -> str | None:
+    """Why a file found in a folder is no corpus file ("binary", "not_utf8"), or None."""
+    if kind == "parquet":
+        with open(path, "rb") as fh:
+            return None if fh.read(4) == b"PAR1" else "binary"
+    head = _head(path, compressed)
+    if head is None or b"\x00" in head:
+        return "binary"
+    try:
+        codecs.getincrementaldecoder("utf-8")("strict").decode(head, final=len(head) < BINARY_PROBE)
+    except UnicodeDecodeError:
+        return "not_utf8"
+    return None
+
+
+# Files that are no text, recognised by their first bytes, named as what they are.
+_KNOWN_BINARY = (
+    (b"PK\x03\x04", "a zip archive (a PyTorch checkpoint is one)"),
+    (b"\x93NUMPY", "a NumPy file (token files are read by `lmtools train --train_data`, not prepared again)"),
+    (b"\x80\x02", "a Python pickle (an old PyTorch checkpoint)"),
+    (b"\x7fELF", "an executable"),
+    (b"%PDF", "a PDF document"),
+    (b"\x89PNG", "a PNG image"),
+)
+
+
+def check_named_file(path: Path) -> None:
+    """A file named on its own must be a corpus file: a checkpoint or a token file is named as
+    what it is, before any work."""
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    for magic, what in _KNOWN_BINARY:
+        if head.startswith(magic):
+            if magic == b"PK\x03\x04" and _is_torch_zip(path):
+                what = "a PyTorch checkpoint; start a run from its weights with `lmtools train --init_from`"
+            raise DataError(f"{path}: binary ({what}), not text; prepare reads text, .jsonl and .parquet files")
+
+
+def _is_torch_zip(path: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(name.endswith("data.pkl") for name in zf.namelist()[:64])
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,15 +575,16 @@ class SourceReader:
             counting.drain()
 
     def _text(self) -> Iterator[Piece]:
-        sep = self.options.separator or None
+        splitter = _splitter(self.options)
         piece_chars = self.options.piece_chars
-        keep = len(sep) - 1 if sep else 0  # a separator may straddle two blocks
+        keep = splitter.reach if splitter else 0  # a separator may straddle two blocks
         decoder = codecs.getincrementaldecoder("utf-8")("strict")
         buf = ""
         offset = 0
         open_doc = False  # pieces of the current document have been yielded already
         parts_seen = 0  # separators met so far
         inside = self._starts_inside  # the span starts just after a separator
+        line_start = True  # buf starts at the start of a line (a file, a span and a separator line end there)
         blocks = self._blocks()
         while True:
             block = next(blocks, None)
@@ -427,9 +598,10 @@ class SourceReader:
                 base = self.span.start if self.span is not None else 0
                 raise not_utf8_error(self.source, max(0, base + offset + exc.start - 3)) from None
             offset += len(block or b"")
-            if sep is not None:
-                parts = buf.split(sep)
-                buf = parts.pop()
+            if splitter is not None:
+                parts, buf = splitter.split(buf, line_start, final)
+                if parts:
+                    line_start = True
                 for part in parts:
                     if open_doc or has_text(part):
                         yield Piece(part, True)
@@ -442,7 +614,7 @@ class SourceReader:
                 cut = safe_cut(buf, piece_chars)
                 if (
                     not open_doc
-                    and sep is not None
+                    and splitter is not None
                     and len(buf) < 16 * piece_chars
                     and not has_text(buf, len(buf) - keep)
                 ):
@@ -450,9 +622,10 @@ class SourceReader:
                 yield Piece(buf[:cut], False)
                 buf = buf[cut:]
                 open_doc = True
+                line_start = False
             if final:
                 break
-        if open_doc or (buf if sep is None else has_text(buf)):
+        if open_doc or (buf if splitter is None else has_text(buf)):
             yield Piece(buf, True)
         elif not parts_seen and not inside:  # the whole file is empty
             self._skip_empty("file")
@@ -558,6 +731,45 @@ class SourceReader:
         if self.hasher is not None:
             start, end = (0, self.source.size) if span is None else (span.hash_start, span.hash_end)
             self.hasher = _hash_bytes(path, start, end)
+
+
+class _LiteralSplitter:
+    """Documents end at each occurrence of a string."""
+
+    def __init__(self, separator: str):
+        self.separator = separator
+        self.reach = len(separator) - 1
+
+    def split(self, buf: str, line_start: bool, final: bool) -> tuple[list[str], str]:
+        parts = buf.split(self.separator)
+        return parts[:-1], parts[-1]
+
+
+class _LineSplitter:
+    """Documents end at each line that holds exactly the separator line (a trailing "\\r"
+    aside); the line and its newline belong to no document. The file's first line and its
+    last (with or without a newline) count too."""
+
+    def __init__(self, line: str):
+        body = re.escape(line) + r"\r?"
+        self._within = re.compile(r"(?m)^" + body + r"\n")  # a line whose end has been read
+        self._at_end = re.compile(r"(?m)^" + body + r"(?:\n|\Z)")  # the file's last line too
+        self.reach = len(line) + 2
+
+    def split(self, buf: str, line_start: bool, final: bool) -> tuple[list[str], str]:
+        parts, start = [], 0
+        for match in (self._at_end if final else self._within).finditer(buf):
+            if match.start() == 0 and not line_start:
+                continue  # buf starts inside a line (a long document was cut there)
+            parts.append(buf[start : match.start()])
+            start = match.end()
+        return parts, buf[start:]
+
+
+def _splitter(options: ReadOptions) -> _LiteralSplitter | _LineSplitter | None:
+    if options.separator_line:
+        return _LineSplitter(options.separator_line)
+    return _LiteralSplitter(options.separator) if options.separator else None
 
 
 def _byte_range(path: Path, start: int, end: int) -> Iterator[bytes]:

@@ -4,7 +4,9 @@ where it stopped.
 
 A part is three files in the work folder (`OUT/.prepare-parts`): `part-N.npy`, the unit's ids
 in corpus order (each document followed by the end-of-text id); `part-N.docs.npy`, the length
-in ids of each of its documents; and `part-N.json`, what the unit held (counts, id range, its
+in ids of each of its documents; `part-N.hashes.npy`, each document's 128-bit content hash and
+its UTF-8 bytes (three uint64 per document: exact duplicates are found from these when the
+parts are joined); and `part-N.json`, what the unit held (counts, id range, its
 empty documents, the digest of the bytes it read). The .json is renamed into place last: a part
 exists when its .json does. Each file is written under a temporary name of the writing process,
 flushed and fsynced first.
@@ -21,6 +23,7 @@ thread encodes the previous batch. The main process only hands out units and cou
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmtools.data.corpus import ReadOptions, Source, SourceReader, piece_batches, place_text, utf8_len
+from lmtools.data.corpus import Piece, ReadOptions, Source, SourceReader, piece_batches, place_text
 from lmtools.data.npy_stream import NpyWriter
 from lmtools.data.units import Unit
 from lmtools.errors import DataError
@@ -40,7 +43,7 @@ from lmtools.runtime.fsutil import fsync_dir, fsync_file, write_text_atomically
 
 WORK_DIR = ".prepare-parts"
 STATE_FILE = "state.json"
-WORK_FORMAT = "lmtools.prepare-parts/1"
+WORK_FORMAT = "lmtools.prepare-parts/2"
 TOKENIZER = "tokenizer.json"
 REPORT_BYTES = 1 << 20  # a worker reports its progress after this many bytes read
 POLL_S = 0.2  # how often the main process looks at its workers when none reports
@@ -48,6 +51,9 @@ POLL_S = 0.2  # how often the main process looks at its workers when none report
 
 class WorkerDied(DataError):
     """A worker process ended without answering (killed, out of memory)."""
+
+
+PART_SUFFIXES = (".npy", ".docs.npy", ".hashes.npy", ".json")  # the record last
 
 
 def part_path(work: Path, index: int, suffix: str) -> Path:
@@ -76,15 +82,16 @@ def encode_unit(job: Job, encoder, on_bytes: Callable[[int], None], on_tokens: C
     import numpy as np
 
     index = job.unit.index
-    final = {suffix: part_path(job.work, index, suffix) for suffix in (".npy", ".docs.npy", ".json")}
+    final = {suffix: part_path(job.work, index, suffix) for suffix in PART_SUFFIXES}
     tmp = {suffix: p.with_name(f".{p.name}.{os.getpid()}.tmp") for suffix, p in final.items()}
     reader = SourceReader(job.source, job.options, on_bytes, hash_file=True, span=job.unit.span)
     writer = NpyWriter(tmp[".npy"], np.dtype(job.dtype))
     stats = _PartStats(writer, encoder.eot_id)
+    hashes = _DocumentHashes()
     try:
         pending = None
         for batch in piece_batches(reader, job.batch_chars):
-            stats.text_bytes += sum(utf8_len(p.text) for p in batch)
+            stats.text_bytes += hashes.add(batch)
             waiter = encoder.submit_documents(batch)
             if pending is not None:
                 on_tokens(stats.add(pending()))
@@ -92,10 +99,14 @@ def encode_unit(job: Job, encoder, on_bytes: Callable[[int], None], on_tokens: C
         if pending is not None:
             on_tokens(stats.add(pending()))
         writer.finish()
-        with open(tmp[".docs.npy"], "wb") as fh:
-            np.save(fh, stats.lengths())
-            fh.flush()
-            os.fsync(fh.fileno())
+        lengths = stats.lengths()
+        if len(lengths) != len(hashes):  # each document ends in one end-of-text id
+            raise RuntimeError(f"part {index}: {len(lengths)} documents encoded, {len(hashes)} read")
+        for suffix, array in ((".docs.npy", lengths), (".hashes.npy", hashes.table())):
+            with open(tmp[suffix], "wb") as fh:
+                np.save(fh, array)
+                fh.flush()
+                os.fsync(fh.fileno())
         record = {
             "unit": index,
             "tokens": writer.count,
@@ -111,7 +122,7 @@ def encode_unit(job: Job, encoder, on_bytes: Callable[[int], None], on_tokens: C
         }
         tmp[".json"].write_text(json.dumps(record) + "\n", encoding="utf-8")
         fsync_file(tmp[".json"])
-        for suffix in (".npy", ".docs.npy", ".json"):  # the record last: it says the part is whole
+        for suffix in PART_SUFFIXES:  # the record last: it says the part is whole
             os.replace(tmp[suffix], final[suffix])
         fsync_dir(job.work)
         return record
@@ -120,6 +131,43 @@ def encode_unit(job: Job, encoder, on_bytes: Callable[[int], None], on_tokens: C
         for path in tmp.values():
             path.unlink(missing_ok=True)
         raise
+
+
+class _DocumentHashes:
+    """Each document's content hash (blake2b, 128 bits) and UTF-8 length, as its pieces go by."""
+
+    def __init__(self):
+        self._hasher = hashlib.blake2b(digest_size=16)
+        self._bytes = 0
+        self._digests: list[bytes] = []
+        self._lengths: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._lengths)
+
+    def add(self, pieces: Sequence[Piece]) -> int:
+        """Hash the pieces; returns their UTF-8 bytes."""
+        total = 0
+        for piece in pieces:
+            data = piece.text.encode("utf-8")
+            self._hasher.update(data)
+            self._bytes += len(data)
+            total += len(data)
+            if piece.doc_end:
+                self._digests.append(self._hasher.digest())
+                self._lengths.append(self._bytes)
+                self._hasher, self._bytes = hashlib.blake2b(digest_size=16), 0
+        return total
+
+    def table(self):
+        """(documents, 3) uint64: the hash's two halves and the document's bytes."""
+        import numpy as np
+
+        table = np.zeros((len(self), 3), dtype=np.uint64)
+        if len(self):
+            table[:, :2] = np.frombuffer(b"".join(self._digests), dtype="<u8").reshape(-1, 2)
+            table[:, 2] = self._lengths
+        return table
 
 
 class _PartStats:
@@ -476,9 +524,9 @@ class WorkFolder:
                 index = int(record["unit"])
             except (OSError, ValueError, KeyError, TypeError):
                 record, index = None, -1
-            ids, docs = part_path(self.path, index, ".npy"), part_path(self.path, index, ".docs.npy")
-            if record is None or path != part_path(self.path, index, ".json") or not (ids.is_file() and docs.is_file()):
-                for p in (path, ids, docs):
+            files = [part_path(self.path, index, suffix) for suffix in PART_SUFFIXES[:-1]]
+            if record is None or path != part_path(self.path, index, ".json") or not all(p.is_file() for p in files):
+                for p in (path, *files):
                     p.unlink(missing_ok=True)
                 continue
             found[index] = record

@@ -30,7 +30,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmtools import __version__
 from lmtools.data.corpus import (
@@ -42,9 +42,10 @@ from lmtools.data.corpus import (
     SourceReader,
     check_not_binary,
     iter_pieces,
-    resolve_sources,
+    resolve_corpus,
     utf8_len,
 )
+from lmtools.data.dedup import duplicate_documents
 from lmtools.data.npy_stream import NpyWriter
 from lmtools.data.parts import (
     EncoderSpec,
@@ -75,6 +76,9 @@ from lmtools.layout import EOT, LOCK_FILE, META_FILE, TOKENIZER_FILE, TRAIN_FILE
 from lmtools.runtime.fsutil import disk_full, fsync_dir, fsync_file, write_text_atomically
 from lmtools.runtime.lock import exclusive
 from lmtools.runtime.ownership import check_dataset_target
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "prepare_corpus",
@@ -173,6 +177,10 @@ def prepare_corpus(
     text_field: str = "text",
     text_column: str = "text",
     separator: str | None = EOT,
+    separator_line: str | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    keep_duplicates: bool = False,
     force: bool = False,
     threads: int | None = None,
     shard: tuple[int, int] | None = None,
@@ -192,6 +200,13 @@ def prepare_corpus(
         of BPE training on corpora of any size and changes nothing on smaller ones.
     separator: text files are split into documents at this string (default <|endoftext|>);
         None makes each text file one document.
+    separator_line: text files are split at every line that holds exactly this string (the
+        `%` lines of a fortune file, `---`), at the file's start and end too; replaces `separator`.
+    include, exclude: shell patterns a file found in a folder or by a glob must match (any of
+        `include`, when given) and must not match (all of `exclude`), on its name or its path
+        below the folder; files left out are counted in meta.json's "skipped_files".
+    keep_duplicates: keep documents whose text repeats an earlier document's exactly (by
+        default they are removed, and counted, so that no text is in train and val at once).
     threads: processes that encode (default: one per core).
     shard: (I, N): encode only shard I of N into `out`, a shard folder for `merge_shards`
         (needs a given `tokenizer`); returns the shard's record instead of a meta.json.
@@ -202,17 +217,22 @@ def prepare_corpus(
     untouched then.
     """
     threads = _check_options(val_fraction, separator, threads, tokenizer, vocab_size, tokenizer_sample, shard)
+    check_separator_line(separator_line)
+    if separator_line:
+        separator = None
     # The inputs first: a missing corpus is the first thing to hear about.
-    sources = resolve_sources(inputs)
+    corpus = resolve_corpus(inputs, include, exclude)
+    sources = corpus.sources
     check_not_binary(sources)
     loaded = load_tokenizer(tokenizer) if tokenizer is not None else None
     out = _out_folder(out)
-    options = ReadOptions(text_field=text_field, text_column=text_column, separator=separator, piece_chars=piece_chars)
+    options = ReadOptions(text_field, text_column, separator, separator_line, piece_chars)
     with _remove_created_folder_on_failure(out):
         out.mkdir(parents=True, exist_ok=True)
         with exclusive(out / LOCK_FILE, f"--out {out}", "wait for that prepare to finish or choose another --out"):
             _claim(out, force, shard)
             run = _Run(sources, options, out, seed, val_fraction, progress or Progress())
+            run.skipped, run.keep_duplicates = corpus.skipped, keep_duplicates
             tokenizer_args = (loaded, tokenizer, vocab_size, tokenizer_sample)
             result = run.write(tokenizer_args, threads, batch_chars, unit_bytes, shard)
     result["dir"] = str(out.resolve())
@@ -281,7 +301,7 @@ def _shard_identity(record: dict) -> dict:
         "read": key["read"],
         "tokenizer": key["tokenizer"],
         "units": record["units"],
-        "settings": {k: v for k, v in settings.items() if k != "sources"},
+        "settings": {k: v for k, v in settings.items() if k not in ("sources", "skipped_files")},
         "count": record["shard"][1],
     }
 
@@ -321,6 +341,11 @@ def _out_folder(out: str | os.PathLike) -> Path:
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a folder")
     return out
+
+
+def check_separator_line(line: str | None) -> None:
+    if line is not None and (not line or "\n" in line or "\r" in line):
+        raise ConfigError(f"--separator_line {line!r} must be one non-empty line of text")
 
 
 def _check_options(
@@ -437,6 +462,8 @@ class _Run:
         self.sources, self.options, self.out = sources, options, out
         self.seed, self.val_fraction, self.progress = seed, val_fraction, progress
         self.work = WorkFolder(out)
+        self.skipped: dict[str, dict] = {}  # files of the inputs left out, by reason
+        self.keep_duplicates = False
 
     def write(self, tokenizer_args, threads: int, batch_chars: int, unit_bytes: int | None, shard) -> dict[str, Any]:
         loaded, tokenizer_spec, vocab_size, tokenizer_sample = tokenizer_args
@@ -530,11 +557,9 @@ class _Run:
             tokenizer = {"train": vocab_size, "sample": tokenizer_sample, "seed": self.seed}
         else:
             tokenizer = {"sha256": hashlib.sha256(loaded[0].to_str().encode()).hexdigest(), "kind": loaded[1]}
-        read = {"text_field": self.options.text_field, "text_column": self.options.text_column}
-        read["separator"] = self.options.separator
         return {
             "sources": sources,
-            "read": read,
+            "read": self.options.to_record(),
             "tokenizer": tokenizer,
             "unit_bytes": unit_bytes,
             "shard": list(shard) if shard else None,
@@ -573,9 +598,9 @@ class _Run:
             "tokenizer_sample": tokenizer_sample if trained else None,
             "tokenizer_sample_bytes": sampled,
             "encoder": engine,
-            "separator": self.options.separator,
-            "text_field": self.options.text_field,
-            "text_column": self.options.text_column,
+            **self.options.to_record(),
+            "skipped_files": self.skipped,
+            "keep_duplicates": self.keep_duplicates,
         }
 
     def _write_shard(self, shard, key, settings, units, mine, records) -> dict[str, Any]:
@@ -613,20 +638,42 @@ def _finish(
 
     tmp = {name: _temporary(out, name) for name in (TRAIN_FILE, VAL_FILE, TOKENIZER_FILE, META_FILE)}
     where = lambda index: part_dirs.get(index, work)  # noqa: E731
-    tokens = sum(r["tokens"] for r in records)
-    documents = sum(r["documents"] for r in records)
     empty = sum(r["empty"] for r in records)
     places = empty_places(records, units, sources, EMPTY_EXAMPLES)
-    if documents == 0:
+    if sum(r["documents"] for r in records) == 0:
         raise _no_text(empty, places)
     seed, val_fraction = settings["seed"], settings["val_fraction"]
-    candidates = Candidates(seed, val_fraction)
 
     def lengths(r: dict) -> np.ndarray:  # of a part's documents (read again when needed: 8 bytes each)
         return np.load(part_path(where(r["unit"]), r["unit"], ".docs.npy")).astype(np.int64)
 
-    for r in records:
-        candidates.add(lengths(r))
+    def hashes(r: dict) -> np.ndarray:
+        return np.load(part_path(where(r["unit"]), r["unit"], ".hashes.npy"), mmap_mode="r")
+
+    if settings.get("keep_duplicates", True):
+        repeats = [np.zeros(0, np.int64) for _ in records]
+    else:
+        repeats = duplicate_documents([lambda r=r: hashes(r) for r in records], [r["documents"] for r in records])
+    removed = {"documents": 0, "tokens": 0, "text_bytes": 0}
+    for r, dup in zip(records, repeats):
+        if len(dup):
+            removed["documents"] += len(dup)
+            removed["tokens"] += int(lengths(r)[dup].sum())
+            removed["text_bytes"] += int(np.asarray(hashes(r)[dup, 2]).sum())
+
+    def kept(i: int) -> np.ndarray | None:  # which documents of part i are kept (None: all)
+        if not len(repeats[i]):
+            return None
+        keep = np.ones(records[i]["documents"], dtype=bool)
+        keep[repeats[i]] = False
+        return keep
+
+    tokens = sum(r["tokens"] for r in records) - removed["tokens"]
+    documents = sum(r["documents"] for r in records) - removed["documents"]
+    candidates = Candidates(seed, val_fraction)
+    for i, r in enumerate(records):
+        keep = kept(i)
+        candidates.add(lengths(r) if keep is None else lengths(r)[keep])
     plan = plan_split(tokens, documents, candidates, val_fraction)
     dtype = np.dtype(np.uint16 if encoder.vocab_size <= 1 << 16 else np.uint32)
     writers: list[NpyWriter] = []
@@ -635,7 +682,7 @@ def _finish(
         writers.append(train)
         val = NpyWriter(tmp[VAL_FILE], dtype)
         writers.append(val)
-        parts = ((part_path(where(r["unit"]), r["unit"], ".npy"), lengths(r)) for r in records)
+        parts = ((part_path(where(r["unit"]), r["unit"], ".npy"), lengths(r), kept(i)) for i, r in enumerate(records))
         counts = write_split(parts, train, val, plan, seed, encoder.eot_id, documents, encoder.line_ends)
         train.finish()
         val.finish()
@@ -648,7 +695,8 @@ def _finish(
             "documents": documents,
             "empty": empty,
             "places": places,
-            "text_bytes": sum(r["text_bytes"] for r in records),
+            "text_bytes": sum(r["text_bytes"] for r in records) - removed["text_bytes"],
+            "removed": removed,
             "min_id": min(lo for lo, _ in ids),
             "max_id": max(hi for _, hi in ids),
             "sources": describe_sources(records, units, sources),
@@ -684,6 +732,10 @@ def _meta(settings: dict, totals: dict, plan: dict, counts: dict, encoder) -> di
         "split": split,
         "empty_documents": totals["empty"],
         "empty_document_places": totals["places"],
+        "duplicate_documents": totals["removed"]["documents"],
+        "duplicate_tokens": totals["removed"]["tokens"],
+        "keep_duplicates": settings.get("keep_duplicates", True),
+        "skipped_files": settings.get("skipped_files", {}),
         "eot_id": encoder.eot_id,
         "eot_token": EOT,
         "tokenizer": TOKENIZER_FILE,
@@ -699,9 +751,7 @@ def _meta(settings: dict, totals: dict, plan: dict, counts: dict, encoder) -> di
         "val_fraction": settings["val_fraction"],
         "tokenizer_sample": settings["tokenizer_sample"],
         "tokenizer_sample_bytes": settings["tokenizer_sample_bytes"],
-        "separator": settings["separator"],
-        "text_field": settings["text_field"],
-        "text_column": settings["text_column"],
+        **ReadOptions.from_record(settings).to_record(),
         "lmtools_version": __version__,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }

@@ -114,7 +114,7 @@ def plan_split(tokens: int, documents: int, candidates: Candidates, fraction: fl
 
 
 def write_split(
-    parts: Iterable[tuple[Path, np.ndarray]],
+    parts: Iterable[tuple[Path, np.ndarray, np.ndarray | None]],
     train: NpyWriter,
     val: NpyWriter,
     plan: dict,
@@ -123,14 +123,17 @@ def write_split(
     documents: int,
     line_ends: Callable[[], np.ndarray],
 ) -> dict[str, int]:
-    """Write the corpus into train and val as `plan` says. `parts`: each part's token file and
-    the lengths of its documents, in corpus order. Ids are copied by the kernel in runs of
-    documents that go the same way; only a tail split reads any of them."""
+    """Write the corpus into train and val as `plan` says. `parts`: each part's token file, the
+    lengths of its documents and which of them are kept (None: all; a duplicate is left out),
+    in corpus order; `documents` counts the kept ones, which alone are numbered for the split.
+    Ids are copied by the kernel in runs of documents that go the same way; only a tail split
+    reads any of them."""
+    import numpy as np
+
     if plan["method"] == "documents":
         return _route_documents(parts, train, val, seed, plan["max_hash"])
-    for path, _ in parts:
-        with NpyIds(path) as ids:
-            train.append_from(ids, 0, ids.count)
+    for path, lengths, keep in parts:
+        _copy_runs(path, lengths, None if keep is None else np.where(keep, 0, -1), (train,))
     if plan["method"] == "spans":
         start, cut_at = _tail_start(train, plan["target_tokens"], eot_id, line_ends())
         plan.update(val_start=start, cut_at=cut_at, cuts_a_document=cut_at != "document")
@@ -139,27 +142,50 @@ def write_split(
 
 
 def _route_documents(
-    parts: Iterable[tuple[Path, np.ndarray]], train: NpyWriter, val: NpyWriter, seed: int, max_hash: int
+    parts: Iterable[tuple[Path, np.ndarray, np.ndarray | None]],
+    train: NpyWriter,
+    val: NpyWriter,
+    seed: int,
+    max_hash: int,
 ) -> dict[str, int]:
-    """Documents whose hash is at most `max_hash` go to val, the others to train."""
+    """Kept documents whose hash is at most `max_hash` go to val, the others to train."""
     import numpy as np
 
     doc = val_docs = 0
-    for path, lengths in parts:
-        n = len(lengths)
+    for path, lengths, keep in parts:
+        n = len(lengths) if keep is None else int(keep.sum())
         if n == 0:
             continue
-        flags = doc_hashes(seed, doc, n) <= np.uint64(max_hash)
+        to_val = doc_hashes(seed, doc, n) <= np.uint64(max_hash)
+        if keep is None:
+            where = to_val.astype(np.int8)
+        else:
+            where = np.full(len(lengths), -1, dtype=np.int8)
+            where[keep] = to_val
+        _copy_runs(path, lengths, where, (train, val))
+        doc += n
+        val_docs += int(to_val.sum())
+    return {"train_documents": doc - val_docs, "val_documents": val_docs}
+
+
+def _copy_runs(path: Path, lengths: np.ndarray, where: np.ndarray | None, writers: tuple[NpyWriter, ...]) -> None:
+    """Copy each run of a part's documents to `writers[where]` (-1: left out; None: all to
+    writers[0])."""
+    import numpy as np
+
+    with NpyIds(path) as ids:
+        if where is None:
+            writers[0].append_from(ids, 0, ids.count)
+            return
+        n = len(lengths)
+        if n == 0:
+            return
         ends = np.cumsum(lengths)
         starts = ends - lengths
-        change = np.flatnonzero(flags[1:] != flags[:-1]) + 1
-        with NpyIds(path) as ids:
-            for a, b in zip([0, *change.tolist()], [*change.tolist(), n]):
-                writer = val if flags[a] else train
-                writer.append_from(ids, int(starts[a]), int(ends[b - 1] - starts[a]))
-        doc += n
-        val_docs += int(flags.sum())
-    return {"train_documents": doc - val_docs, "val_documents": val_docs}
+        change = (np.flatnonzero(where[1:] != where[:-1]) + 1).tolist()
+        for a, b in zip([0, *change], [*change, n]):
+            if where[a] >= 0:
+                writers[where[a]].append_from(ids, int(starts[a]), int(ends[b - 1] - starts[a]))
 
 
 def _tail_start(stream: NpyWriter, target: int, eot_id: int, line_ends: np.ndarray) -> tuple[int, str]:

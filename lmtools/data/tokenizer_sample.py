@@ -205,7 +205,7 @@ class DocumentSample:
     def _delimiter(self, source: Source) -> bytes | None:
         if source.kind == "jsonl":
             return b"\n"
-        return self.options.separator.encode("utf-8") if self.options.separator else None
+        return self.options.boundary  # a separator line's own line ends up in a sampled text: harmless
 
     # -- from offsets of plain files -----------------------------------------------------------
 
@@ -385,7 +385,7 @@ class DocumentSample:
 
     def _texts(self, source: Source, parts: Iterable[tuple[int, bytes, bool]]) -> Iterator[str]:
         """The text of each document (a jsonl line's field) or part, empty ones left out."""
-        field, separated = self.options.text_field, bool(self.options.separator)
+        field, separated = self.options.text_field, self.options.splits_text
         for offset, data, whole in parts:
             if source.kind == "jsonl":
                 where = f"{source.path}: the line at byte {offset}"

@@ -81,8 +81,8 @@ def _spans(source: Source, options: ReadOptions, unit_bytes: int) -> list[Span]:
         return whole
     if source.kind == "jsonl":
         delimiter = b"\n"
-    elif options.separator:
-        delimiter = options.separator.encode("utf-8")
+    elif options.boundary:
+        delimiter = options.boundary
     else:
         return whole  # one document
     cuts = _cuts(source, delimiter, unit_bytes)
@@ -132,8 +132,10 @@ def _next_boundary(fh, position: int, delimiter: bytes, size: int) -> int | None
             if not any(block.startswith(delimiter, j) for j in range(max(0, i - n + 1), i)):
                 return start + i
             i = block.find(delimiter, i + 1)
-        # Move on; keep n - 1 bytes of context before the next place searched.
-        position = max(position, start + SCAN_BLOCK)
+        # Move on past every start examined (find returns whole occurrences only), keeping
+        # n - 1 bytes of context before the next place searched. At least one byte on: a block
+        # no longer than the context (a small SCAN_BLOCK, the file's end) moved nothing before.
+        position = max(position + 1, start + len(block) - n + 1)
         start = position - (n - 1)
     return None
 

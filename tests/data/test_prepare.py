@@ -120,19 +120,24 @@ def test_all_input_kinds_round_trip(tmp_path):
         corpus / "e.parquet",
         row_group_size=3,
     )
-    (corpus / "ignored.md").write_text("not picked up from a folder")
+    (corpus / "notes.md").write_text("markdown is text, recognised by its content")
+    (corpus / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64))  # skipped
     (corpus / ".hidden.txt").write_text("hidden files are skipped")
 
     meta = prepare_corpus([corpus], tmp_path / "out", tokenizer="bytes", val_fraction=0.0)
     _, train, val = load_dataset_docs(tmp_path / "out")
-    # Folder order is sorted by path: a.txt, c.jsonl, d.jsonl.gz, e.parquet, sub/b.txt.gz.
+    # Folder order is sorted by path: a.txt, c.jsonl, d.jsonl.gz, e.parquet, notes.md, sub/b.txt.gz.
     assert train == (
         ["plain text file\n", "jsonl one", "jsonl three", "gz jsonl"]
         + [f"row {i}" for i in range(10)]
-        + ["gzipped text ✓"]
+        + ["markdown is text, recognised by its content", "gzipped text ✓"]
     )
     assert val == []
-    assert meta["train_documents"] == 15
+    assert meta["train_documents"] == 16
+    assert meta["skipped_files"] == {
+        "binary": {"count": 1, "first": [str(corpus / "image.png")]},
+        "hidden": {"count": 1, "first": [str(corpus / ".hidden.txt")]},
+    }
     assert meta["empty_documents"] == 1
     assert meta["empty_document_places"] == [f"{corpus / 'c.jsonl'}:2"]
     assert [Path(s["path"]).name for s in meta["sources"]] == [
@@ -140,6 +145,7 @@ def test_all_input_kinds_round_trip(tmp_path):
         "c.jsonl",
         "d.jsonl.gz",
         "e.parquet",
+        "notes.md",
         "b.txt.gz",
     ]
     import hashlib
@@ -285,8 +291,13 @@ documents = st.lists(
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 )
-@given(docs=documents, seed=st.integers(0, 3), tokenizer=st.sampled_from(["trained", "bytes"]))
-def test_round_trip_is_exact(tmp_path_factory, trained, docs, seed, tokenizer):
+@given(
+    docs=documents,
+    seed=st.integers(0, 3),
+    tokenizer=st.sampled_from(["trained", "bytes"]),
+    keep_duplicates=st.booleans(),
+)
+def test_round_trip_is_exact(tmp_path_factory, trained, docs, seed, tokenizer, keep_duplicates):
     tmp = tmp_path_factory.mktemp("rt")
     write_jsonl(tmp / "c.jsonl", docs)
     kept = [d for d in docs if d]  # empty documents are skipped
@@ -295,12 +306,21 @@ def test_round_trip_is_exact(tmp_path_factory, trained, docs, seed, tokenizer):
         with pytest.raises(DataError, match="no text"):
             prepare_corpus([tmp / "c.jsonl"], tmp / "out", seed=seed, tokenizer=tokenizer)
         return
+    # Without --keep_duplicates a document that repeats an earlier one exactly is left out.
+    unique = kept if keep_duplicates else list(dict.fromkeys(kept))
     meta = prepare_corpus(
-        [tmp / "c.jsonl"], tmp / "out", seed=seed, val_fraction=0.3, tokenizer=tokenizer, batch_chars=64
+        [tmp / "c.jsonl"],
+        tmp / "out",
+        seed=seed,
+        val_fraction=0.3,
+        tokenizer=tokenizer,
+        batch_chars=64,
+        keep_duplicates=keep_duplicates,
     )
-    check_split(tmp / "out", kept, seed)
+    check_split(tmp / "out", unique, seed)
     assert meta["empty_documents"] == len(docs) - len(kept)
-    text_bytes = sum(len(d.encode()) for d in docs)
+    assert meta["duplicate_documents"] == len(kept) - len(unique)
+    text_bytes = sum(len(d.encode()) for d in unique)
     assert meta["text_bytes"] == text_bytes
 
 
@@ -513,7 +533,9 @@ def test_cli_trains_and_reports(tmp_path, run_cli):
     assert "prepare: encode" in result.output  # plain progress lines when not a terminal
     meta = read_meta(tmp_path / "out")
     assert meta["separator"] == "\n\n" and meta["seed"] == 3 and meta["vocab_size"] == 300
-    assert meta["train_documents"] + meta["val_documents"] == 6
+    # Each file's first paragraphs are the same text: kept once.
+    assert meta["train_documents"] + meta["val_documents"] == 6 - meta["duplicate_documents"]
+    assert meta["duplicate_documents"] == 2
 
 
 def test_help_documents_documents_and_both_flag_spellings(run_cli):
@@ -664,6 +686,7 @@ def test_round_trip_of_text_and_parquet_files(tmp_path_factory, trained, docs, f
     # Between separators, a part of only whitespace is an empty document (a row is not).
     kept = [d for d in docs if form == "parquet" or d.strip()]
     args = dict(tokenizer=str(trained), val_fraction=0.0, separator="\x1e", piece_chars=piece_chars, batch_chars=128)
+    args["keep_duplicates"] = True  # the documents as they are, repeats too
     if not kept:
         with pytest.raises(DataError, match="no text"):
             prepare_corpus([path], tmp / "out", **args)
@@ -718,25 +741,49 @@ with open("/proc/self/io") as f:
 
 
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs /proc/self/io (Linux)")
-def test_a_binary_file_in_a_folder_is_refused_before_the_text_is_read(tmp_path):
+def test_a_binary_file_named_alone_is_refused_before_the_text_is_read(tmp_path):
     # The reading pass met the NUL bytes of the last file after encoding all the others.
     binary = b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 64
-    for name, texts in (("alone", 0), ("corpus", 4)):
-        (tmp_path / name).mkdir()
-        for i in range(texts):
-            (tmp_path / name / f"{i}.txt").write_text(prose(4_000_000, seed=i), encoding="utf-8")
-        (tmp_path / name / "z.txt").write_bytes(binary)
+    texts = []
+    for i in range(4):
+        texts.append(tmp_path / f"{i}.txt")
+        texts[-1].write_text(prose(4_000_000, seed=i), encoding="utf-8")
+    (tmp_path / "z.txt").write_bytes(binary)
     read = {}
-    for name in ("alone", "corpus"):
+    for name, inputs in (("alone", [tmp_path / "z.txt"]), ("corpus", [*texts, tmp_path / "z.txt"])):
         out = tmp_path / f"out-{name}"
-        args = [str(tmp_path / name), "--out", str(out), "--tokenizer", "bytes"]
+        args = [*map(str, inputs), "--out", str(out), "--tokenizer", "bytes"]
         result = subprocess.run([sys.executable, "-c", PREPARE_READING, *args], capture_output=True, text=True)
         code, read[name] = map(int, result.stdout.split()[-2:])
-        assert code == 2 and "z.txt: looks binary (holds NUL bytes)" in result.stderr, result.stderr
+        assert code == 2 and "z.txt: binary (an executable), not text" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
         assert not out.exists()
-    # Beside what a prepare of the binary file alone reads (libraries): 8 KB of each text file,
-    # not the 16 MB of text.
+    # Beside what a prepare of the binary file alone reads (libraries): at most a few KB of each
+    # text file, not the 16 MB of text.
     assert read["corpus"] - read["alone"] < 1_000_000, read
+
+
+def test_a_binary_file_found_in_a_folder_is_skipped_and_counted(tmp_path, run_cli):
+    binary = b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 64
+    for name, texts in (("alone", 0), ("corpus", 2)):
+        (tmp_path / name).mkdir()
+        for i in range(texts):
+            (tmp_path / name / f"{i}.txt").write_text(prose(20_000, seed=i), encoding="utf-8")
+        (tmp_path / name / "z.txt").write_bytes(binary)
+    # Nothing but a binary file: one line that names it.
+    result = run_cli("prepare", tmp_path / "alone", "--out", tmp_path / "out-alone", "--tokenizer", "bytes")
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"error: no file to read (1 file skipped: 1 binary); the first: {tmp_path / 'alone' / 'z.txt'}"
+    )
+    assert not (tmp_path / "out-alone").exists()
+    # Beside text: left out, counted in the summary and in meta.json.
+    result = run_cli("prepare", tmp_path / "corpus", "--out", tmp_path / "out", "--tokenizer", "bytes", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "1 file skipped: 1 binary (meta.json: skipped_files)" in result.output
+    meta = read_meta(tmp_path / "out")
+    assert meta["skipped_files"] == {"binary": {"count": 1, "first": [str(tmp_path / "corpus" / "z.txt")]}}
+    assert [Path(s["path"]).name for s in meta["sources"]] == ["0.txt", "1.txt"]
 
 
 def test_binary_input_is_looked_for_at_the_head_and_every_64_mb(tmp_path, monkeypatch):
