@@ -40,8 +40,8 @@ def check_checkpoint_target(path: Path, overwrite: bool) -> None:
         )
     if not overwrite:
         raise ConfigError(
-            f"{path} already holds a checkpoint; continue it with --resume, "
-            f"or pass --overwrite to start a new run over it"
+            f"{path} already holds a checkpoint; continue it with --resume, start another run "
+            f"elsewhere with --out_dir DIR, or pass --overwrite to start a new run over it"
         )
 
 
