@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -25,11 +26,13 @@ def demo(
 ) -> None:
     """Train a small model on this Python's own standard library sources, on the CPU, and sample from it."""
     from lmtools.demo import run_demo
+    from lmtools.generate import visible
 
     r = run_demo(out, minutes=minutes, max_corpus_mb=max_corpus_mb, vocab_size=vocab_size, seed=seed, log=typer.echo)
+    show = visible if sys.stdout.isatty() else str  # as `sample` shows text: a terminal acts on control codes
     for prompt, text in r.samples:
         typer.echo("      " + "-" * 60)
-        typer.echo(_indent(prompt + text))
+        typer.echo(_indent(show(prompt + text)))
     typer.echo("      " + "-" * 60)
     val = ""
     if r.first_val_loss is not None and r.last_val_loss is not None:
