@@ -44,6 +44,7 @@ from lmtools.runtime.fsutil import fsync_dir, fsync_file, write_text_atomically
 WORK_DIR = ".prepare-parts"
 STATE_FILE = "state.json"
 WORK_FORMAT = "lmtools.prepare-parts/2"
+EARLIER_FORMATS = ("lmtools.prepare-parts/1",)  # ours too, but parts without content hashes
 TOKENIZER = "tokenizer.json"
 REPORT_BYTES = 1 << 20  # a worker reports its progress after this many bytes read
 POLL_S = 0.2  # how often the main process looks at its workers when none reports
@@ -468,10 +469,12 @@ class WorkFolder:
         with a new state when there is none, or when its key differs: say why)."""
         state = self.state()
         if state is not None:
-            if state.get("key") == key:
+            if state.get("key") == key and state.get("format") == WORK_FORMAT:
                 self.remove_temporaries()
                 return self.records(), state
-            note(f"starting again: {what_changed(state.get('key') or {}, key)}; the earlier parts are removed")
+            why = what_changed(state.get("key") or {}, key) if state.get("format") == WORK_FORMAT else None
+            why = why or "the parts were written by an earlier version of lmtools"
+            note(f"starting again: {why}; the earlier parts are removed")
             self.remove()
         self.path.mkdir(parents=True, exist_ok=True)
         state = {"format": WORK_FORMAT, "key": key}
@@ -491,7 +494,11 @@ class WorkFolder:
             state = json.loads((self.path / STATE_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             state = None
-        if not isinstance(state, dict) or state.get("format") != WORK_FORMAT or self.path.is_symlink():
+        if (
+            not isinstance(state, dict)
+            or state.get("format") not in (WORK_FORMAT, *EARLIER_FORMATS)
+            or self.path.is_symlink()
+        ):
             raise DataError(
                 f"{self.path} was not written by lmtools prepare (no {STATE_FILE} of its own); "
                 "it is never removed: move it away or choose another --out"
@@ -551,7 +558,7 @@ def what_changed(old: dict, new: dict) -> str:
     if old.get("tokenizer") != new.get("tokenizer"):
         return "another tokenizer than the interrupted prepare's"
     if old.get("read") != new.get("read"):
-        return "the files are read with other options (--separator, --text_field, --text_column)"
+        return "the files are read with other options (--separator, --separator_line, --text_field, --text_column)"
     old_files = {f[0]: f[1:] for f in old.get("sources") or []}
     for path, *stat in new.get("sources") or []:
         if path not in old_files:

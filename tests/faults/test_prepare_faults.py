@@ -346,3 +346,21 @@ def test_a_work_folder_prepare_did_not_write_is_never_removed(tmp_path):
     result = prepare(tmp_path / "c.txt", "--out", out, "--tokenizer", "bytes")
     assert result.returncode == 0, result.stderr
     assert_sound(out)
+
+
+def test_parts_of_an_earlier_version_are_started_again_not_refused(tmp_path):
+    """A work folder an earlier lmtools left (its parts have no content hashes) is prepare's own:
+    the run says why it starts again and removes it, as for a changed key."""
+    (tmp_path / "c.txt").write_text(prose(20_000, seed=3), encoding="utf-8")
+    out = tmp_path / "data"
+    (out / WORK).mkdir(parents=True)
+    (out / WORK / "state.json").write_text(json.dumps({"format": "lmtools.prepare-parts/1", "key": {}}))
+    (out / WORK / "part-000000.json").write_text("{}")
+    result = prepare(tmp_path / "c.txt", "--out", out, "--tokenizer", "bytes")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "prepare: starting again: the parts were written by an earlier version of lmtools; "
+        "the earlier parts are removed" in result.stderr
+    )
+    assert not (out / WORK).exists()
+    assert_sound(out)
