@@ -1,13 +1,17 @@
 """`lmtools eval`: loss, perplexity and bits per byte of a model on whole files.
 
-A file is one token sequence (text is encoded with the checkpoint's tokenizer, after an
-end-of-text id, as a document follows one in training, so its first token is scored too; a
-`.npy` token file is read as is). Sequences longer than the context are scored in sliding
-windows: the first window scores all its targets; each next window moves `stride` tokens and
-scores only the `stride` targets not yet scored, so every token is scored exactly once, with at
-least `context_length - stride` tokens of left context (stride = context: disjoint windows).
+A file is one token sequence: a `.npy` token file as is; text (.txt, .jsonl, .parquet,
+gzipped too) as the token file `prepare` would write from it, read into documents as the
+checkpoint's training data was (its `data_reading`, or the flags) and encoded with the
+checkpoint's tokenizer, each document followed by the end-of-text id. A text file thus scores
+exactly as that token file does (its first token is context, not scored), and its bits per byte
+count bytes as prepare's `bytes_per_token` does. Sequences longer than the context are scored
+in sliding windows: the first window scores all its targets; each next window moves `stride`
+tokens and scores only the `stride` targets not yet scored, so every token is scored exactly
+once, with at least `context_length - stride` tokens of left context (stride = context:
+disjoint windows).
 
-A file is streamed: read (and encoded) a block at a time, its windows scored as their tokens
+A file is streamed: read (and encoded) a batch at a time, its windows scored as their tokens
 arrive, so that memory does not grow with the file (a block of tokens and a batch of windows
 are held, never the file's ids).
 """
@@ -15,6 +19,7 @@ are held, never the file's ids).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -27,11 +32,19 @@ import torch
 import torch.nn.functional as F
 
 from lmtools.config.train_config import TrainConfig
-from lmtools.data.corpus import safe_cut
+from lmtools.data.corpus import (
+    Piece,
+    ReadOptions,
+    SourceReader,
+    piece_batches,
+    resolve_sources,
+    safe_cut,
+    utf8_len,
+)
 from lmtools.data.loader import load_dataset
 from lmtools.data.prepare import read_meta
+from lmtools.data.tokenizer import Encoder
 from lmtools.errors import ConfigError, DataError
-from lmtools.layout import EOT
 from lmtools.runtime.distributed import DistInfo
 from lmtools.training.validation import validation_loader, validation_loss
 
@@ -48,6 +61,7 @@ class FileScore:
     bytes_per_token: float | None = None  # bytes of text per scored token, when known
     note: str | None = None  # why bits per byte is missing, or how the windows were chosen
     seconds: float | None = None  # wall-clock time spent reading and scoring the file
+    documents: int | None = None  # of a text file, as prepare counts them
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -160,11 +174,12 @@ def _batches(plan: Iterable, batch_size: int) -> Iterator[list]:
         yield group
 
 
-# A text file is read and tokenized in bounded pieces: the tokenizer's time and memory grow
-# faster than the length of one pre-token (a 20 MB line without a space took over a minute and
-# about 4 GB in one call), and a file need not fit in memory twice over.
-TEXT_BLOCK = 1 << 18  # bytes read from a text file at a time (one tokenizer call holds many times its bytes)
-TEXT_PIECE = 1 << 16  # characters per tokenizer input, cut where the tokens do not change
+# A text file is read as prepare reads it (`SourceReader`: documents in pieces of at most
+# `ReadOptions.piece_chars`, cut where the tokens do not change) and encoded by prepare's
+# `Encoder`, a batch of pieces at a time: memory stays bounded whatever the file's size. One
+# tokenizer call holds about 200 bytes per token it makes (2 MB of text, byte tokens: 430 MB),
+# so prepare's pieces are cut finer still, where a cut leaves the ids as they are.
+TEXT_BATCH = 1 << 16  # characters encoded per call, where the text has places to cut
 TOKEN_CHUNK = 1 << 18  # ids of a .npy file read at a time (larger chunks leave the allocator holding more)
 
 
@@ -181,35 +196,134 @@ def check_input(path: Path) -> None:
     raise DataError(f"{path}: no such file")
 
 
-class FileTokens:
-    """A file's token ids as a stream of checked chunks: a text file encoded a block at a time
-    after a leading end-of-text id (as a document follows one in training), a .npy token file
-    read a chunk at a time (read, not memory-mapped: its pages would count as the process's
-    memory). Counts what has been read as it goes."""
+def is_token_file(path: Path) -> bool:
+    return path.suffix.lower() == ".npy"
 
-    def __init__(self, path: Path, tokenizer_for_text: Callable[[], Any], vocab_size: int):
+
+def text_kind(path: Path) -> str:
+    """How prepare reads a file that is not a token file: "text", "jsonl" or "parquet"."""
+    return resolve_sources([path])[0].kind
+
+
+# ---------------------------------------------------------------------------------------------
+# How text is read: as the checkpoint's training data was, unless the flags say otherwise
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextReading:
+    """The options text files are read with, where they come from ("checkpoint": the training
+    data's record; "defaults": prepare's, the checkpoint recording none; "flags"), and the
+    training data's record itself (None when the checkpoint has none)."""
+
+    options: ReadOptions
+    origin: str
+    training: dict | None
+
+    def describe(self, kinds: Iterable[str] = ("text",)) -> str:
+        how = describe_options(self.options, kinds)
+        if self.origin == "checkpoint":
+            return f"read as the training data was: {how}"
+        if self.origin == "defaults":
+            return f"read as prepare reads by default (the checkpoint does not record how its data was read): {how}"
+        if self.training is None:
+            return f"read as the flags say: {how}"
+        trained = describe_options(ReadOptions.from_record(self.training), kinds)
+        return f"read as the flags say: {how}; the training data was read with {trained}"
+
+    def to_dict(self, kinds: Iterable[str] = ("text",)) -> dict:
+        return self.options.to_record() | {
+            "origin": self.origin,
+            "training_data": self.training,
+            "description": self.describe(kinds),
+        }
+
+
+def describe_options(options: ReadOptions, kinds: Iterable[str] = ("text",)) -> str:
+    """What the options do to files of these kinds, in a few words."""
+    words = []
+    for kind in sorted(set(kinds), key=("text", "jsonl", "parquet").index):
+        if kind == "jsonl":
+            words.append(f"jsonl field {options.text_field!r}")
+        elif kind == "parquet":
+            words.append(f"parquet column {options.text_column!r}")
+        elif options.separator_line:
+            words.append(f"separator line {options.separator_line!r}")
+        elif options.separator:
+            words.append(f"separator {options.separator!r}")
+        else:
+            words.append("one document per text file")
+    return ", ".join(words)
+
+
+def text_reading(record: Any, overrides: dict[str, Any]) -> TextReading:
+    """The reading of a checkpoint's `data_reading` record (`ReadOptions.to_record()`, or None)
+    with `overrides` (ReadOptions fields; a separator given replaces a separator line and the
+    other way round). An override equal to the record leaves the origin the checkpoint."""
+    training = dict(record) if isinstance(record, dict) else None
+    base = ReadOptions.from_record(training)
+    changes = dict(overrides)
+    if "separator" in changes:
+        changes.setdefault("separator_line", None)
+    if "separator_line" in changes:
+        changes.setdefault("separator", None)
+    options = dataclasses.replace(base, **changes)
+    if options.to_record() != base.to_record():
+        return TextReading(options, "flags", training)
+    return TextReading(options, "checkpoint" if training is not None else "defaults", training)
+
+
+# ---------------------------------------------------------------------------------------------
+# A file's token ids
+# ---------------------------------------------------------------------------------------------
+
+
+class FileTokens:
+    """A file's token ids as a stream of checked chunks. Text (.txt, .jsonl, .parquet, gzipped
+    too) becomes the ids prepare would write from it with `reading`'s options: each document's
+    ids followed by the end-of-text id, so that it scores as the token file prepare makes from
+    it. A .npy token file is read a chunk at a time (read, not memory-mapped: its pages would
+    count as the process's memory). Counts what has been read as it goes."""
+
+    def __init__(
+        self,
+        path: Path,
+        tokenizer_for_text: Callable[[], Any],
+        vocab_size: int,
+        reading: ReadOptions | None = None,
+    ):
         check_input(path)
         self.path, self.vocab_size = path, vocab_size
-        self.kind = "tokens" if path.suffix.lower() == ".npy" else "text"
+        self.kind = "tokens" if is_token_file(path) else "text"
         self.file_bytes = path.stat().st_size
         self.bytes_read = 0  # of the file, so far
         self.tokens = 0  # ids handed out so far
-        self.text_bytes = 0  # UTF-8 bytes of the text encoded so far
+        self.text_bytes = 0  # UTF-8 bytes of the documents' text encoded so far
         self.note: str | None = None
+        self._reader: SourceReader | None = None
         if self.kind == "tokens":
             self._array = load_dataset(path)  # the header checked; no page read
             meta = read_meta(path)
             self._bpt = float(meta["bytes_per_token"]) if meta and meta.get("bytes_per_token") else None
             self.note = None if self._bpt else "no meta.json with bytes_per_token beside it: no bits per byte"
         else:
+            self._source = resolve_sources([path])[0]
+            self.reading = reading or ReadOptions()
             self._tokenizer = tokenizer_for_text()
 
     @property
+    def documents(self) -> int | None:
+        """Documents of a text file read so far (None for token files)."""
+        return self._reader.documents if self._reader is not None else (0 if self.kind == "text" else None)
+
+    @property
     def bytes_per_token(self) -> float | None:
-        """Bytes of text per scored token: from meta.json for token files; for text, once read."""
+        """Bytes of text per token: from meta.json for token files; for text, once read, as
+        prepare counts it (the documents' UTF-8 bytes over their ids, end-of-text ids aside)."""
         if self.kind == "tokens":
             return self._bpt
-        return self.text_bytes / (self.tokens - 1) if self.tokens > 1 else None
+        ids = self.tokens - (self.documents or 0)
+        return self.text_bytes / ids if ids > 0 and self.text_bytes else None
 
     def chunks(self) -> Iterator[np.ndarray]:
         """The ids, a chunk at a time, each checked against the vocabulary; a file of fewer than
@@ -217,8 +331,6 @@ class FileTokens:
         if self.kind == "tokens" and len(self._array) < 2:
             raise DataError(f"{self.path}: holds {len(self._array)} tokens; nothing to score")
         for chunk in self._npy_chunks() if self.kind == "tokens" else self._text_chunks():
-            if self.kind == "text" and self.tokens == 0 and len(chunk) == 1:
-                break  # the leading end-of-text id alone: the file holds no text
             check_ids(self.path, chunk, self.vocab_size, offset=self.tokens)
             self.tokens += len(chunk)
             yield chunk
@@ -236,13 +348,17 @@ class FileTokens:
 
     def bytes_done(self, end: int) -> int:
         """How far into the file scoring has come when the target at position `end` is scored
-        (for text, the bytes read so far: a block ahead at most)."""
+        (for text, the bytes read so far: a batch ahead at most)."""
         if self.kind == "tokens":
             return min(self.file_bytes, self._array.offset + (end + 1) * self._array.itemsize)
         return self.bytes_read
 
     def _text_chunks(self) -> Iterator[np.ndarray]:
-        yield from text_id_chunks(self.path, self._tokenizer, self._read, self._encoded)
+        yield from document_id_chunks(self._reader_for_text(), self._tokenizer, self._encoded)
+
+    def _reader_for_text(self) -> SourceReader:
+        self._reader = SourceReader(self._source, self.reading, self._read, hash_file=False)
+        return self._reader
 
     def _read(self, n: int) -> None:
         self.bytes_read += n
@@ -251,12 +367,57 @@ class FileTokens:
         self.text_bytes += n
 
 
+def document_id_chunks(
+    reader: SourceReader, tok, encoded: Callable[[int], None] = lambda n: None
+) -> Iterator[np.ndarray]:
+    """The ids prepare writes for the documents `reader` yields (`encode_unit`'s layout: each
+    document's ids, then the end-of-text id), a batch of pieces at a time, encoded by prepare's
+    `Encoder` through `tokenizers` (the reference its fast path is checked against);
+    `encoded(n)`: n more UTF-8 bytes of text handed to the encoder. The next batch is encoded
+    while the caller scores the last one."""
+    encoder = Encoder(tok, "tokenizer.json", threads=1, fast=False)
+    try:
+        pending = None
+        for batch in piece_batches(finer_pieces(reader, TEXT_BATCH), TEXT_BATCH):
+            encoded(sum(utf8_len(p.text) for p in batch))
+            waiting, pending = pending, encoder.submit_documents(batch)
+            if waiting is not None:
+                yield waiting()
+        if pending is not None:
+            yield pending()
+    finally:
+        encoder.close()
+
+
+def finer_pieces(pieces: Iterable[Piece], limit: int) -> Iterator[Piece]:
+    """The pieces cut into pieces of about `limit` characters where `safe_cut` finds a place
+    (the ids do not change there); a stretch without one stays whole, as prepare encodes it."""
+    for piece in pieces:
+        text, start = piece.text, 0
+        while len(text) - start > limit and (cut := _next_cut(text, start, limit)) is not None:
+            yield Piece(text[start:cut], False)
+            start = cut
+        yield Piece(text[start:] if start else text, piece.doc_end)
+
+
+def _next_cut(text: str, start: int, limit: int) -> int | None:
+    """The first safe cut `safe_cut` finds after `start` in windows of `limit`, 2 * `limit`, ...
+    characters (each searched in its upper half), or None before the text's last window."""
+    width = limit
+    while len(text) - start > width:
+        cut = safe_cut(text[start : start + width], width)
+        if cut < width:
+            return start + cut
+        width *= 2
+    return None
+
+
 def read_file(
-    path: Path, tokenizer_for_text: Callable[[], object], vocab_size: int
+    path: Path, tokenizer_for_text: Callable[[], object], vocab_size: int, reading: ReadOptions | None = None
 ) -> tuple[np.ndarray, str, float | None, str | None]:
     """A whole file's token ids, its kind, its bytes per token and a note when bytes are unknown
     (for what needs them all at once; scoring streams them instead)."""
-    source = FileTokens(path, tokenizer_for_text, vocab_size)
+    source = FileTokens(path, tokenizer_for_text, vocab_size, reading)
     ids = np.concatenate([np.zeros(0, dtype=np.int64), *source.chunks()])
     return ids, source.kind, source.bytes_per_token, source.note
 
@@ -280,87 +441,6 @@ def check_ids(path: Path, ids: np.ndarray, vocab_size: int, offset: int = 0) -> 
         )
 
 
-def read_text_ids(path: Path, tok) -> tuple[np.ndarray, int]:
-    """A whole text file's ids after a leading end-of-text id, and its byte count."""
-    sizes: list[int] = []
-    ids = np.concatenate(list(text_id_chunks(path, tok, encoded=sizes.append)))
-    return ids, sum(sizes)
-
-
-def text_id_chunks(
-    path: Path, tok, read: Callable[[int], None] = lambda n: None, encoded: Callable[[int], None] = lambda n: None
-) -> Iterator[np.ndarray]:
-    """A text file's ids after a leading end-of-text id, a block at a time; `read(n)`: n more
-    bytes of the file read, `encoded(n)`: n more UTF-8 bytes of text encoded (newlines counted
-    as Python's text mode reads them). The ids are those of the whole text encoded at once
-    wherever a text is not a run of TEXT_PIECE / 2 characters without whitespace or
-    end-of-text markers (there, only the tokens at the cut may differ)."""
-    lead = [np.array([tok.token_to_id(EOT)], dtype=np.int64)]  # with the first block: read before it is checked
-    for pieces in _piece_groups(_text_blocks(path, read), TEXT_PIECE):
-        encodings = tok.encode_batch_fast(pieces, add_special_tokens=False)
-        encoded(sum(len(piece.encode("utf-8")) for piece in pieces))
-        yield np.concatenate(lead + [np.asarray(e.ids, dtype=np.int64) for e in encodings])
-        lead = []
-    yield from lead
-
-
-def _text_blocks(path: Path, on_read: Callable[[int], None] = lambda n: None) -> Iterator[str]:
-    """The file's text, TEXT_BLOCK bytes at a time, decoded as UTF-8 with universal newlines
-    (as `Path.read_text` reads it); a byte that is not UTF-8 is a DataError naming its offset."""
-    import codecs
-    import io
-
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    newlines = io.IncrementalNewlineDecoder(None, translate=True)
-    offset = 0  # bytes handed to the decoder so far
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(TEXT_BLOCK)
-            on_read(len(block))
-            held = len(decoder.getstate()[0])  # an incomplete character from the last block
-            try:
-                text = decoder.decode(block, final=not block)
-            except UnicodeDecodeError as exc:
-                raise DataError(
-                    f"{path}: not UTF-8 text (byte {offset - held + exc.start}); token files must end in .npy"
-                ) from None
-            offset += len(block)
-            yield newlines.decode(text, final=not block)
-            if not block:
-                return
-
-
-def _piece_groups(blocks: Iterator[str], limit: int) -> Iterator[list[str]]:
-    """The text as pieces of at most about `limit` characters, a block's worth per list."""
-    buf = ""
-    for text in blocks:
-        buf += text
-        group = []
-        while len(buf) > limit:
-            cut = _cut(buf, limit)
-            group.append(buf[:cut])
-            buf = buf[cut:]
-        if group:
-            yield group
-    if buf:
-        yield [buf]
-
-
-def _cut(text: str, limit: int) -> int:
-    """Where to cut `text` before `limit`: prepare's safe cut at whitespace (it keeps the tokens
-    of a byte-level BPE). Without whitespace to cut at, the edge of an end-of-text marker is as
-    exact, as the tokenizer splits markers off first; and a cut never splits a marker, nor the
-    start of one that the next block completes."""
-    cut = safe_cut(text, limit)
-    if cut < limit:
-        return cut
-    for start in range(max(1, limit - len(EOT) + 1), limit):
-        if EOT.startswith(text[start : start + len(EOT)]):
-            return start
-    last = text.rfind(EOT, 0, limit)
-    return last + len(EOT) if last >= 0 else limit
-
-
 def score_file(
     model,
     path: Path,
@@ -369,26 +449,35 @@ def score_file(
     stride: int,
     batch_size: int,
     on_progress: Callable[[int, int, int], None] = lambda done, total, scored: None,
+    reading: ReadOptions | None = None,
 ) -> FileScore:
-    """Score one whole file, streamed; `on_progress(bytes done, file bytes, tokens scored)`
-    after each batch of windows."""
+    """Score one whole file, streamed (text read with `reading`'s options, by default
+    prepare's); `on_progress(bytes done, file bytes, tokens scored)` after each batch of windows."""
     t0 = time.perf_counter()
-    source = FileTokens(path, tokenizer_for_text, model.config.vocab_size)
+    source = FileTokens(path, tokenizer_for_text, model.config.vocab_size, reading)
     windows = stream_windows(source.chunks(), model.config.context_length, stride)
     nll, scored = score_windows(
         model, windows, batch_size, lambda end, n: on_progress(source.bytes_done(end), source.file_bytes, n)
     )
-    # Text: every token after the leading end-of-text id is scored.
-    tokens = source.tokens - (source.kind == "text")
     seconds = time.perf_counter() - t0
-    return FileScore(str(path), source.kind, tokens, scored, nll, source.bytes_per_token, source.note, seconds)
+    return FileScore(
+        str(path),
+        source.kind,
+        source.tokens,
+        scored,
+        nll,
+        source.bytes_per_token,
+        source.note,
+        seconds,
+        source.documents,
+    )
 
 
 def score_validation_windows(model, path: Path, train_cfg: dict, device: torch.device) -> FileScore:
     """The loss on the windows a training run validates on (`validation_loader`'s batches
     0..eval_iters-1), scored by training's own `validation_loss`."""
     cfg = TrainConfig.from_dict(train_cfg)
-    if path.suffix.lower() != ".npy":
+    if not is_token_file(path):
         raise ConfigError(f"--val_windows scores token files (.npy) as training validates them; {path} is text")
     source = FileTokens(path, lambda: None, model.config.vocab_size)
     for _ in source.chunks():  # every id checked against the model's vocabulary, a chunk at a time

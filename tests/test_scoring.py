@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from helpers import PROCESS_ENV, cli_output, run_cli
 from lmtools import scoring
 from lmtools.checkpoint import read_checkpoint, save_checkpoint
+from lmtools.data import corpus
+from lmtools.data.corpus import PIECE_CHARS, ReadOptions
 from lmtools.data.tokenizer import EOT, bytes_tokenizer, train_bpe
 from lmtools.errors import ConfigError, DataError
 from lmtools.model import TransformerLM
@@ -83,18 +85,21 @@ def test_stride_equal_to_context_scores_disjoint_windows():
     assert scored == 24 and nll == pytest.approx(expected, rel=1e-5)
 
 
-def test_text_is_scored_after_an_end_of_text_id_and_counted_in_bytes(tmp_path):
-    # With the byte tokenizer every UTF-8 byte is one token: bits per byte is the loss in bits.
+def test_text_is_scored_as_its_token_file_and_counted_in_bytes(tmp_path):
+    # A text is one document (no separator in it) followed by the end-of-text id, as prepare
+    # writes it. With the byte tokenizer every UTF-8 byte is one token: bits per byte is the
+    # loss in bits (prepare's bytes per token leaves end-of-text ids out).
     model, tok = tiny_model(ctx=16), bytes_tokenizer()
     text = "naïve café 東京\n" * 5 + "def f(x):\n    return x\n"
     path = tmp_path / "t.txt"
     path.write_text(text, encoding="utf-8")
     r = score_file(model, path, lambda: tok, stride=16, batch_size=3)
-    assert r.kind == "text" and r.scored == r.tokens == len(text.encode("utf-8"))
-    ids = [tok.token_to_id(EOT), *tok.encode(text, add_special_tokens=False).ids]
+    n_bytes = len(text.encode("utf-8"))
+    assert r.kind == "text" and r.tokens == n_bytes + 1 and r.scored == n_bytes and r.documents == 1
+    ids = [*tok.encode(text, add_special_tokens=False).ids, tok.token_to_id(EOT)]
     nll, _ = score_sequence(model, np.array(ids), 16, 3)
     assert r.nll == pytest.approx(nll) and r.perplexity == pytest.approx(math.exp(r.loss))
-    assert r.bits_per_byte == pytest.approx(r.loss / math.log(2))
+    assert r.bytes_per_token == 1.0 and r.bits_per_byte == pytest.approx(r.loss / math.log(2))
 
 
 def test_token_files_use_bytes_per_token_from_meta_json(tmp_path):
@@ -165,55 +170,34 @@ def bpe():
     return train_bpe([[prose(300_000, 3)]], 1000)
 
 
-def _whole_text_ids(tok, path) -> np.ndarray:
-    text = path.read_text(encoding="utf-8")
-    return np.array([tok.token_to_id(EOT), *tok.encode(text, add_special_tokens=False).ids])
+def _document_ids(tok, parts: list[str]) -> np.ndarray:
+    """Each document's ids on its own, then the end-of-text id: prepare's layout."""
+    eot = tok.token_to_id(EOT)
+    return np.array([i for part in parts for i in [*tok.encode(part, add_special_tokens=False).ids, eot]])
 
 
-_WORD = st.text(alphabet="abcé東ß0123.,'!", min_size=1, max_size=6)
-_GAP = st.sampled_from([" ", "\n", "\r\n", "\r", "  ", " \n\n", " \t", EOT, EOT + "\n", " " + EOT])
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    parts=st.lists(st.tuples(_WORD, _GAP), min_size=1, max_size=200),
-    piece=st.integers(14, 120),
-    block=st.integers(1, 64),
-)
-def test_text_read_in_pieces_has_the_ids_of_the_whole_text(bpe, tmp_path_factory, parts, piece, block):
-    # Every piece boundary (characters) and block boundary (bytes: inside a character, between
-    # \r and \n, inside <|endoftext|>) is crossed many times over. Words of at most 6
-    # characters between whitespace or markers: every stretch of piece / 2 has a place to cut.
-    text = "".join(w + g for w, g in parts)
-    path = tmp_path_factory.mktemp("text") / "t.txt"
-    path.write_bytes(text.encode("utf-8"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(scoring, "TEXT_PIECE", piece)
-        mp.setattr(scoring, "TEXT_BLOCK", block)
-        ids, n_bytes = scoring.read_text_ids(path, bpe)
-    assert np.array_equal(ids, _whole_text_ids(bpe, path))
-    assert n_bytes == len(path.read_text(encoding="utf-8").encode("utf-8"))
-
-
-def test_a_megabytes_long_file_is_read_in_pieces_with_the_ids_of_the_whole(bpe, tmp_path):
+def test_a_megabytes_long_file_is_read_in_pieces_with_the_ids_of_its_whole_documents(bpe, tmp_path):
+    # Documents of 200,000 characters cut into pieces of 4096: the cuts do not change the ids.
     path = tmp_path / "corpus.txt"
-    path.write_text(eot_joined([prose(200_000, seed) for seed in range(20)]).replace("\n", "\r\n", 999), "utf-8")
+    docs = [prose(200_000, seed) for seed in range(20)]
+    path.write_text(eot_joined(docs).replace("\n", "\r\n", 999), "utf-8")
     assert path.stat().st_size > 4_000_000
-    ids, n_bytes = scoring.read_text_ids(path, bpe)
-    assert np.array_equal(ids, _whole_text_ids(bpe, path)) and n_bytes == path.stat().st_size - 999
+    parts = path.read_bytes().decode("utf-8").split(EOT)[:-1]  # the last: the newline after the last marker
+    ids, kind, bpt, _ = read_file(path, lambda: bpe, bpe.get_vocab_size(), ReadOptions(piece_chars=4096))
+    assert np.array_equal(ids, _document_ids(bpe, parts))
+    assert bpt == pytest.approx(sum(len(p.encode("utf-8")) for p in parts) / (len(ids) - len(parts)))
 
 
-@settings(max_examples=30, deadline=None)
-@given(at=st.integers(0, 3000), block=st.integers(1, 700), lead=st.sampled_from(["a", "é", "東"]))
-def test_a_byte_that_is_not_utf8_is_named_at_its_offset(tmp_path_factory, at, block, lead):
-    good = (lead * 3000).encode("utf-8")
-    at -= at % len(lead.encode("utf-8"))  # the bad byte stands between two characters
-    path = tmp_path_factory.mktemp("bad") / "t.txt"
-    path.write_bytes(good[:at] + b"\xff" + good[at:])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(scoring, "TEXT_BLOCK", block)
-        with pytest.raises(DataError, match=rf"not UTF-8 text \(byte {at}\)"):
-            scoring.read_text_ids(path, bytes_tokenizer())
+def test_pieces_are_cut_finer_only_where_prepare_could_cut_them():
+    words = prose(5000, 2)
+    solid = "x" * 300  # no whitespace: stays whole, as prepare encodes it
+    for piece in (corpus.Piece(words, False), corpus.Piece(words + solid + words, True), corpus.Piece("short", True)):
+        out = list(scoring.finer_pieces([piece], 16))
+        assert "".join(p.text for p in out) == piece.text
+        assert [p.doc_end for p in out] == [False] * (len(out) - 1) + [piece.doc_end]
+        assert all(len(p.text) <= 64 or solid in p.text for p in out) and (len(out) > 100) == (piece.text != "short")
+        for cut in np.cumsum([len(p.text) for p in out])[:-1]:  # where safe_cut may cut
+            assert piece.text[cut] in " \n" and not piece.text[cut - 1].isspace()
 
 
 def _within(seconds: int):
@@ -232,6 +216,14 @@ class _LongestInput:
     def __init__(self, tok):
         self.tok, self.longest = tok, 0
 
+    @property
+    def encode_special_tokens(self):
+        return self.tok.encode_special_tokens
+
+    @encode_special_tokens.setter
+    def encode_special_tokens(self, value):
+        self.tok.encode_special_tokens = value
+
     def token_to_id(self, token):
         return self.tok.token_to_id(token)
 
@@ -246,8 +238,8 @@ class _LongestInput:
 
 def test_a_text_of_one_20_megabyte_line_is_tokenized_in_bounded_pieces(bpe, tmp_path):
     # One tokenizer call on a whole line without spaces grows faster than the line (a 20 MB one
-    # took over a minute and gigabytes): no call may see more than a piece. The alarm only
-    # tells a hang from an answer (it takes a few seconds).
+    # took over a minute and gigabytes): no call may see more than one of prepare's pieces. The
+    # alarm only tells a hang from an answer (it takes seconds).
     line = "".join(w.capitalize() for w in prose(600_000, 5).replace(".", " ").split())[:400_000] * 50
     path = tmp_path / "line.txt"
     path.write_text(line, encoding="utf-8")
@@ -257,10 +249,10 @@ def test_a_text_of_one_20_megabyte_line_is_tokenized_in_bounded_pieces(bpe, tmp_
         ids, kind, bpt, _ = read_file(path, lambda: tok, bpe.get_vocab_size())
     finally:
         signal.alarm(0)
-    assert len(line) == 20_000_000 and 0 < tok.longest <= scoring.TEXT_PIECE
-    assert kind == "text" and ids[0] == bpe.token_to_id(EOT)
+    assert len(line) == 20_000_000 and 0 < tok.longest <= PIECE_CHARS
+    assert kind == "text" and ids[-1] == bpe.token_to_id(EOT)
     assert bpt == pytest.approx(len(line.encode()) / (len(ids) - 1))
-    assert bpe.decode(ids[1:].tolist(), skip_special_tokens=False) == line  # the bytes, exactly
+    assert bpe.decode(ids[:-1].tolist(), skip_special_tokens=False) == line  # the bytes, exactly
 
 
 def test_folders_and_negative_ids_are_named_as_such(tmp_path):
@@ -324,11 +316,14 @@ def test_windows_streamed_in_any_chunks_are_the_plan_s_windows(n, ctx, data):
 def test_a_file_scores_the_same_whatever_the_size_of_the_blocks_read(tmp_path, monkeypatch):
     model, tok = tiny_model(ctx=16), bytes_tokenizer()
     np.save(tmp_path / "val.npy", np.random.default_rng(3).integers(0, 257, 5000).astype(np.uint16))
-    (tmp_path / "t.txt").write_text(prose(20_000, 4), encoding="utf-8")
+    docs = [prose(n, seed) for seed, n in enumerate((1500, 50, 3000, 2500))]
+    (tmp_path / "t.txt").write_text(eot_joined(docs), encoding="utf-8")
     whole = {p: score_file(model, tmp_path / p, lambda: tok, stride=5, batch_size=3) for p in ("val.npy", "t.txt")}
-    for chunk, block in ((1, 1), (7, 13), (4096, 999)):
+    assert whole["t.txt"].documents == 4
+    for chunk, block, batch in ((1, 13, 1), (7, 999, 64), (4096, 1 << 20, 1 << 20)):
         monkeypatch.setattr(scoring, "TOKEN_CHUNK", chunk)
-        monkeypatch.setattr(scoring, "TEXT_BLOCK", block)
+        monkeypatch.setattr(corpus, "READ_BLOCK", block)
+        monkeypatch.setattr(scoring, "TEXT_BATCH", batch)
         for p, expected in whole.items():
             r = score_file(model, tmp_path / p, lambda: tok, stride=5, batch_size=3)
             assert (r.nll, r.scored, r.tokens, r.bytes_per_token) == (

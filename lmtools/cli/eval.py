@@ -15,7 +15,9 @@ from lmtools.cli.app import app, user_errors
 def eval_command(
     checkpoint: Path = typer.Argument(..., help="Checkpoint written by lmtools train."),
     files: list[Path] = typer.Argument(
-        ..., help="Text files (tokenized with the checkpoint's tokenizer) or .npy token files."
+        ...,
+        help="Text (.txt, .jsonl, .parquet, .gz), read and tokenized as prepare does with the "
+        "checkpoint's tokenizer, or .npy token files.",
     ),
     stride: Optional[int] = typer.Option(
         None, "--stride", help="Tokens between windows (default: the context length; smaller gives more left context)."
@@ -31,32 +33,97 @@ def eval_command(
     tokenizer: Optional[str] = typer.Option(
         None, "--tokenizer", help="tokenizer.json; by default the checkpoint's own."
     ),
+    separator: Optional[str] = typer.Option(
+        None,
+        "--separator",
+        help="Split text files into documents at this string (\\n, \\t, \\r, \\\\ are understood); "
+        "`none`: one document per file. Default: as the checkpoint's training data was read.",
+        show_default=False,
+    ),
+    separator_line: Optional[str] = typer.Option(
+        None,
+        "--separator_line",
+        "--separator-line",
+        help="Split text files at every line that holds exactly this text, at a file's start and end "
+        "too; replaces --separator. Default: as the checkpoint's training data was read.",
+        show_default=False,
+    ),
+    text_field: Optional[str] = typer.Option(
+        None,
+        "--text_field",
+        "--text-field",
+        help="Field holding the text in .jsonl files (default: the training data's, else text).",
+        show_default=False,
+    ),
+    text_column: Optional[str] = typer.Option(
+        None,
+        "--text_column",
+        "--text-column",
+        help="Column holding the text in .parquet files (default: the training data's, else text).",
+        show_default=False,
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
-    """Loss, perplexity and bits per byte of a model on whole files, in sliding windows."""
+    """Loss, perplexity and bits per byte of a model on whole files, in sliding windows.
+
+    Text is read into documents as the checkpoint's training data was read by prepare (its
+    separator, separator line, jsonl field, parquet column), each document followed by the
+    end-of-text id: a text file scores as the token file prepare makes from it."""
     from lmtools.errors import ConfigError
     from lmtools.generate import load_model
     from lmtools.runtime.device import resolve_device
-    from lmtools.scoring import check_input, check_stride
+    from lmtools.scoring import check_input, check_stride, is_token_file, text_kind, text_reading
 
     if batch_size <= 0:
         raise ConfigError(f"--batch_size must be a positive integer, got {batch_size}")
+    overrides = _reading_flags(separator, separator_line, text_field, text_column)
     for path in files:  # a mistyped last file is named now, not after scoring the others
         check_input(path)
+    kinds = [text_kind(path) for path in files if not is_token_file(path)]
     dev = resolve_device(device)
     model, payload = load_model(checkpoint, dev)
     stride = model.config.context_length if stride is None else stride
     check_stride(stride, model.config.context_length)
+    reading = text_reading(payload.get("data_reading"), overrides)
     text_tokenizer = _lazy_tokenizer(payload, tokenizer, checkpoint)
     with _progress(disable=as_json) as progress:
         if val_windows:
             results = [_score_validation(model, path, payload, dev) for path in files]
         else:
-            results = [_score_file(model, path, text_tokenizer, stride, batch_size, progress) for path in files]
+            results = [
+                _score_file(model, path, text_tokenizer, stride, batch_size, progress, reading.options)
+                for path in files
+            ]
+    read_as = reading.to_dict(kinds) if kinds else None
     if as_json:
-        _print_json(results, checkpoint, stride)
+        _print_json(results, checkpoint, stride, read_as)
     else:
-        _table(results, checkpoint, stride, val_windows)
+        _table(results, checkpoint, stride, val_windows, read_as)
+
+
+def _reading_flags(
+    separator: str | None, separator_line: str | None, text_field: str | None, text_column: str | None
+) -> dict:
+    """The ReadOptions fields the flags set, spelled and checked as prepare's flags are."""
+    from lmtools.cli.prepare import NO_SEPARATOR, unescape
+    from lmtools.data.prepare import check_separator_line
+    from lmtools.errors import ConfigError
+
+    if separator is not None and separator_line is not None:
+        raise ConfigError("give --separator or --separator_line, not both")
+    if separator == "":
+        raise ConfigError("--separator must not be empty (`none` turns splitting off)")
+    check_separator_line(separator_line)
+    overrides: dict = {}
+    if separator is not None:
+        overrides["separator"] = None if separator == NO_SEPARATOR else unescape(separator)
+    if separator_line is not None:
+        overrides["separator_line"] = separator_line
+    if text_field is not None:
+        overrides["text_field"] = text_field
+    if text_column is not None:
+        overrides["text_column"] = text_column
+    return overrides
 
 
 def _lazy_tokenizer(payload: dict, tokenizer: str | None, checkpoint: Path):
@@ -76,20 +143,33 @@ def _score_validation(model, path: Path, payload: dict, dev):
     return score_validation_windows(model, path, stored_config(payload), dev)
 
 
-def _score_file(model, path: Path, text_tokenizer, stride: int, batch_size: int, progress):
+def _score_file(model, path: Path, text_tokenizer, stride: int, batch_size: int, progress, reading):
     """`path` scored in sliding windows, with a progress bar of its own."""
     from lmtools.scoring import score_file
 
     progress.start(path)
-    result = score_file(model, path, text_tokenizer, stride=stride, batch_size=batch_size, on_progress=progress.update)
+    result = score_file(
+        model,
+        path,
+        text_tokenizer,
+        stride=stride,
+        batch_size=batch_size,
+        on_progress=progress.update,
+        reading=reading,
+    )
     progress.done(result)
     return result
 
 
-def _print_json(results, checkpoint: Path, stride: int) -> None:
+def _print_json(results, checkpoint: Path, stride: int, read_as: dict | None) -> None:
     import json
 
-    document = {"checkpoint": str(checkpoint), "stride": stride, "files": [r.to_dict() for r in results]}
+    document = {
+        "checkpoint": str(checkpoint),
+        "stride": stride,
+        "text_reading": read_as,  # how text files were read into documents (None: no text file)
+        "files": [r.to_dict() for r in results],
+    }
     typer.echo(json.dumps(document, indent=2))
 
 
@@ -209,7 +289,7 @@ def _throughput(result) -> str:
     return f"{result.scored:,} tokens scored in {result.seconds:.1f} s{rate}"
 
 
-def _table(results, checkpoint: Path, stride: int, val_windows: bool) -> None:
+def _table(results, checkpoint: Path, stride: int, val_windows: bool, read_as: dict | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -227,3 +307,5 @@ def _table(results, checkpoint: Path, stride: int, val_windows: bool) -> None:
     for r in results:
         if r.note:
             console.print(f"{r.path}: {r.note}", highlight=False)
+    if read_as is not None:
+        console.print(f"text {read_as['description']}", highlight=False)
