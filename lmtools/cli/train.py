@@ -205,13 +205,14 @@ class _TrainCommand(Command):
 )
 def train(ctx: typer.Context, **params) -> None:
     """Train a Transformer LM on token files."""
+    from lmtools.data.dataset import default_run_name
     from lmtools.errors import ConfigError
 
     resume_flag, auto = params.pop("resume"), params.pop("auto_resume")
     choices = {name: params.pop(name) for name in _RESUME_CHOICES}
     cfg, explicit = config_from_params(params, _explicit(ctx))
     # Where the run goes (--out_dir, or runs/NAME), before --resume and --auto_resume look there.
-    cfg, explicit = cfg.with_run_folder(explicit)
+    cfg, explicit = cfg.with_run_folder(explicit, default_run_name)
     resume_from = None
     if auto and (finished := _finished_run(cfg, explicit)) is not None:
         with console_guard():

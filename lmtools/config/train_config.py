@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -137,12 +138,15 @@ class TrainConfig:
         negatable=True,
     )
 
-    def with_run_folder(self, explicit: frozenset[str] = frozenset()) -> tuple[TrainConfig, frozenset[str]]:
+    def with_run_folder(
+        self, explicit: frozenset[str] = frozenset(), run_name: Callable[[list[str]], str] = lambda _: "run"
+    ) -> tuple[TrainConfig, frozenset[str]]:
         """The config with its checkpoint path in the run folder: OUT_DIR/checkpoint.pt for
         --out_dir, runs/NAME/checkpoint.pt when no --checkpoint_path was named either (a named
         one, or one moved off the default, is kept as it is). --out_dir is folded into
         checkpoint_path (so that a stored config, reused, names the same file once); the names
-        returned then hold checkpoint_path instead of out_dir."""
+        returned then hold checkpoint_path instead of out_dir. `run_name`: NAME for the training
+        data (`lmtools.data.dataset.default_run_name`)."""
         from pathlib import Path
 
         for name in ("out_dir", "checkpoint_path"):
@@ -161,7 +165,7 @@ class TrainConfig:
         elif named or not self.train_data:
             return self, explicit
         else:
-            path = Path(RUNS_FOLDER) / default_run_name(self.train_data) / CHECKPOINT_FILE
+            path = Path(RUNS_FOLDER) / run_name(self.train_data) / CHECKPOINT_FILE
         cfg = TrainConfig.from_dict(self.to_dict() | {"checkpoint_path": str(path), "out_dir": None})
         return cfg, (explicit - {"out_dir"}) | {"checkpoint_path"}
 
@@ -230,25 +234,6 @@ class TrainConfig:
 
         validate_recipe_options(self)
         validate_config(self.model_config())
-
-
-def default_run_name(train_data: list[str]) -> str:
-    """The run folder's name for this training data: a prepared folder's name (`data/` -> data,
-    also for its train.npy), a token file's stem; a mixture's names joined by '+'."""
-    from pathlib import Path
-
-    from lmtools.data.dataset import parse_source_spec
-
-    names = []
-    for spec in train_data:
-        path = Path(parse_source_spec(spec)[0]).absolute()
-        if path.is_dir():
-            names.append(path.name)
-        elif path.stem == "train" and (path.parent / "meta.json").is_file():
-            names.append(path.parent.name)
-        else:
-            names.append(path.stem)
-    return "+".join(dict.fromkeys(name for name in names if name)) or "run"
 
 
 # The panels of `train --help`, by topic; every flag field is in one (a test checks).

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from lmtools.errors import DataError
-from lmtools.layout import EOT
+from lmtools.layout import EOT, NPY_MAGIC, PICKLE_PROTO, ZIP_MAGIC
 
 READ_BLOCK = 1 << 20  # bytes read from a text file at a time
 JSON_BLOCK = 4 << 20  # bytes pyarrow parses at a time (a longer line takes the slow path)
@@ -320,9 +320,9 @@ def _not_readable(path: Path, kind: str, compressed: bool) -> str | None:
 
 # Files that are no text, recognised by their first bytes, named as what they are.
 _KNOWN_BINARY = (
-    (b"PK\x03\x04", "a zip archive (a PyTorch checkpoint is one)"),
-    (b"\x93NUMPY", "a NumPy file (token files are read by `lmtools train --train_data`, not prepared again)"),
-    (b"\x80\x02", "a Python pickle (an old PyTorch checkpoint)"),
+    (ZIP_MAGIC, "a zip archive (a PyTorch checkpoint is one)"),
+    (NPY_MAGIC, "a NumPy file (token files are read by `lmtools train --train_data`, not prepared again)"),
+    (bytes([PICKLE_PROTO]), "a Python pickle (an old PyTorch checkpoint)"),
     (b"\x7fELF", "an executable"),
     (b"%PDF", "a PDF document"),
     (b"\x89PNG", "a PNG image"),
@@ -336,7 +336,7 @@ def check_named_file(path: Path) -> None:
         head = fh.read(64)
     for magic, what in _KNOWN_BINARY:
         if head.startswith(magic):
-            if magic == b"PK\x03\x04" and _is_torch_zip(path):
+            if magic == ZIP_MAGIC and _is_torch_zip(path):
                 what = "a PyTorch checkpoint; start a run from its weights with `lmtools train --init_from`"
             raise DataError(f"{path}: binary ({what}), not text; prepare reads text, .jsonl and .parquet files")
 

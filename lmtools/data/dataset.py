@@ -45,6 +45,21 @@ def parse_source_spec(spec: str) -> tuple[str, float | None]:
     return path, weight
 
 
+def default_run_name(train_data: list[str]) -> str:
+    """The run folder's name for this training data: a prepared folder's name (`data/` -> data,
+    also for its train.npy), a token file's stem; a mixture's names joined by '+'."""
+    names = []
+    for spec in train_data:
+        path = Path(parse_source_spec(spec)[0]).absolute()
+        if path.is_dir():
+            names.append(path.name)
+        elif path.stem == "train" and (path.parent / "meta.json").is_file():
+            names.append(path.parent.name)
+        else:
+            names.append(path.stem)
+    return "+".join(dict.fromkeys(name for name in names if name)) or "run"
+
+
 def prepared_folder(path: str | Path) -> Path | None:
     """The folder itself when `path` is a folder written by `lmtools prepare`, else None."""
     p = Path(path)

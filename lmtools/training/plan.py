@@ -44,6 +44,7 @@ from lmtools.data.dataset import (
     absolute_paths,
     absolute_spec,
     data_tokenizer_identity,
+    default_run_name,
     normalise_specs,
     parse_tokenizer_text,
     plan_data,
@@ -119,7 +120,8 @@ def plan_run(
     takes the checkpoint path's lock (before anything is read)."""
     if resume_from is not None:
         return plan_resumed_run(cfg, resume_from, explicit, lock, rollback, log)
-    cfg, explicit = cfg.with_run_folder(explicit)  # done already by the CLI; here for callers of train_model
+    # Done already by the CLI; here for callers of train_model.
+    cfg, explicit = cfg.with_run_folder(explicit, default_run_name)
     path = Path(cfg.checkpoint_path)
     check_checkpoint_folder(path)
     lock(path)
