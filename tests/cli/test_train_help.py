@@ -9,8 +9,8 @@ import sys
 import typer.main
 
 from lmtools.cli import app
-from lmtools.config.train_config import HELP_PANELS
 from lmtools.config.toml import flag_fields
+from lmtools.config.train_config import HELP_PANELS
 
 PANELS = ["Data", "Model", "Optimisation", "Schedule", "Evaluation and logging", "Checkpoints", "Scale", "Recipe"]
 
