@@ -338,7 +338,7 @@ def check_named_file(path: Path) -> None:
         if head.startswith(magic):
             if magic == ZIP_MAGIC and _is_torch_zip(path):
                 what = "a PyTorch checkpoint; start a run from its weights with `lmtools train --init_from`"
-            raise DataError(f"{path}: binary ({what}), not text; prepare reads text, .jsonl and .parquet files")
+            raise DataError(f"{path}: binary ({what}), not a text, .jsonl or .parquet file")
 
 
 def _is_torch_zip(path: Path) -> bool:

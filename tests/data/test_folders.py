@@ -339,9 +339,7 @@ def test_a_checkpoint_or_token_file_named_alone_is_named_before_any_work(tmp_pat
     ):
         result = run_cli("prepare", tmp_path / name, "--out", tmp_path / "out")
         assert result.exit_code == 2
-        assert result.output.strip() == (
-            f"error: {tmp_path / name}: {what}, not text; prepare reads text, .jsonl and .parquet files"
-        )
+        assert result.output.strip() == (f"error: {tmp_path / name}: {what}, not a text, .jsonl or .parquet file")
         assert "tokenizer" not in result.output and not (tmp_path / "out").exists()
 
 

@@ -755,7 +755,9 @@ def test_a_binary_file_named_alone_is_refused_before_the_text_is_read(tmp_path):
         args = [*map(str, inputs), "--out", str(out), "--tokenizer", "bytes"]
         result = subprocess.run([sys.executable, "-c", PREPARE_READING, *args], capture_output=True, text=True)
         code, read[name] = map(int, result.stdout.split()[-2:])
-        assert code == 2 and "z.txt: binary (an executable), not text" in result.stderr, result.stderr
+        assert code == 2 and "z.txt: binary (an executable), not a text, .jsonl or .parquet file" in result.stderr, (
+            result.stderr
+        )
         assert len(result.stderr.strip().splitlines()) == 1
         assert not out.exists()
     # Beside what a prepare of the binary file alone reads (libraries): at most a few KB of each
