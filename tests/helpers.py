@@ -196,6 +196,20 @@ def wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def read_terminal(primary: int) -> bytes:
+    """All a child wrote to the pseudo-terminal whose primary side is `primary`, until it closed."""
+    chunks = []
+    while True:
+        try:
+            data = os.read(primary, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks)
+
+
 def dead_pid() -> int:
     """The PID of a process that has exited (and been reaped)."""
     proc = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import PROCESS_ENV, SMALLEST_MODEL, cli_output, flags, run_cli
+from helpers import PROCESS_ENV, SMALLEST_MODEL, cli_output, flags, read_terminal, run_cli
 from lmtools.checkpoint import model_from_payload, read_checkpoint, save_checkpoint, tokenizer_from_checkpoint
 from lmtools.data.tokenizer import bytes_to_unicode
 from lmtools.layout import EOT
@@ -80,19 +80,11 @@ def sample_on_a_terminal(ckpt, *args) -> bytes:
     cmd = [sys.executable, "-m", "lmtools.cli", "sample", str(ckpt), *SAMPLE, *args]
     proc = subprocess.Popen(cmd, stdout=secondary, stderr=subprocess.PIPE, env=PROCESS_ENV)
     os.close(secondary)
-    chunks = []
-    while True:
-        try:
-            data = os.read(primary, 4096)
-        except OSError:  # the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
+    out = read_terminal(primary)
     os.close(primary)
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0, stderr
-    return b"".join(chunks)
+    return out
 
 
 def test_a_terminal_gets_whole_characters_and_escaped_control_codes(checkpoint):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_MODEL, VOCAB, flags, learnable_stream, one_line_error, train_config
+from helpers import TINY_MODEL, VOCAB, flags, learnable_stream, one_line_error, read_terminal, train_config
 from lmtools.checkpoint import read_checkpoint
 from lmtools.config.train_config import TrainConfig
 from lmtools.training.schedule import lr_at
@@ -296,17 +296,8 @@ def test_terminal_gets_a_live_progress_bar_and_pipes_get_plain_lines(stream_file
         args + ["--checkpoint_path", str(tmp_path / "a.pt")], stdout=secondary, stderr=secondary, env=env
     )
     os.close(secondary)
-    chunks = []
-    while True:
-        try:
-            data = os.read(primary, 4096)
-        except OSError:  # the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
+    tty_out = read_terminal(primary).decode("utf-8", "replace")
     assert proc.wait(timeout=120) == 0
-    tty_out = b"".join(chunks).decode("utf-8", "replace")
     assert "━" in tty_out and "30/30" in tty_out and "Iter     30 | Loss:" in tty_out
 
     piped = subprocess.run(
