@@ -105,20 +105,9 @@ def _reading_flags(
     separator: str | None, separator_line: str | None, text_field: str | None, text_column: str | None
 ) -> dict:
     """The ReadOptions fields the flags set, spelled and checked as prepare's flags are."""
-    from lmtools.cli.prepare import NO_SEPARATOR, unescape
-    from lmtools.data.prepare import check_separator_line
-    from lmtools.errors import ConfigError
+    from lmtools.cli.prepare import separator_options
 
-    if separator is not None and separator_line is not None:
-        raise ConfigError("give --separator or --separator_line, not both")
-    if separator == "":
-        raise ConfigError("--separator must not be empty (`none` turns splitting off)")
-    check_separator_line(separator_line)
-    overrides: dict = {}
-    if separator is not None:
-        overrides["separator"] = None if separator == NO_SEPARATOR else unescape(separator)
-    if separator_line is not None:
-        overrides["separator_line"] = separator_line
+    overrides = separator_options(separator, separator_line)
     if text_field is not None:
         overrides["text_field"] = text_field
     if text_column is not None:

@@ -297,8 +297,7 @@ def prepare(
         seed=seed,
         text_field=text_field,
         text_column=text_column,
-        separator=_separator(separator, separator_line),
-        separator_line=separator_line,
+        **_separators(separator, separator_line),
         include=include or (),
         exclude=exclude or (),
         keep_duplicates=keep_duplicates,
@@ -311,10 +310,28 @@ def prepare(
     _print_result(meta, time.monotonic() - started)
 
 
-def _separator(separator: str, separator_line: str | None) -> str | None:
-    if separator_line is not None and separator != EOT:
+def _separators(separator: str, separator_line: str | None) -> dict:
+    """prepare_corpus's separator and separator_line (the default separator, when neither is given)."""
+    given = separator_options(None if separator == EOT else separator, separator_line)
+    return {"separator": given.get("separator", EOT), "separator_line": separator_line}
+
+
+def separator_options(separator: str | None, separator_line: str | None) -> dict:
+    """The ReadOptions fields `--separator` and `--separator_line` set (None: not given), spelled
+    and checked alike for `prepare` and `eval`."""
+    from lmtools.data.prepare import check_separator_line
+
+    if separator is not None and separator_line is not None:
         raise ConfigError("give --separator or --separator_line, not both")
-    return None if separator == NO_SEPARATOR else unescape(separator)
+    if separator == "":
+        raise ConfigError("--separator must not be empty (`none` turns splitting off)")
+    check_separator_line(separator_line)
+    given: dict = {}
+    if separator is not None:
+        given["separator"] = None if separator == NO_SEPARATOR else unescape(separator)
+    if separator_line is not None:
+        given["separator_line"] = separator_line
+    return given
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
