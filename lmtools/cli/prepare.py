@@ -423,9 +423,11 @@ def notes(meta: dict) -> list[str]:
             f"note: val.npy is empty: {split.get('reason')}; train will run without validation (use a larger corpus)"
         )
     if split.get("method") == "spans":
+        n = meta["documents"]
+        docs = "its one document cannot" if n == 1 else f"its {n:,} documents cannot"
         out.append(
-            "note: val.npy is the tail of the corpus, not a seeded choice of documents (its "
-            f"{meta['documents']:,} documents cannot make up {100 * meta['val_fraction']:g}% of the "
+            "note: val.npy is the tail of the corpus, not a seeded choice of documents ("
+            f"{docs} make up {100 * meta['val_fraction']:g}% of the "
             "tokens closely enough): it is the end of the last file in path order, which may "
             "differ in kind from the rest; more or smaller documents, or --val_data of your own, "
             "give a validation set like the training text"
