@@ -29,6 +29,26 @@ pub enum SamplerError {
         start: u64,
         vocab_size: u64,
     },
+    /// A loss mask holds another number of values than its token file holds tokens.
+    MaskLength {
+        mask: String,
+        mask_len: u64,
+        tokens: String,
+        tokens_len: u64,
+    },
+    /// A masked token file has no conversation start with room for a window.
+    NoConversation {
+        name: String,
+        mask: String,
+        eot: i64,
+        context_length: usize,
+    },
+    /// A gathered mask window holds a value other than 0 or 1.
+    BadMask {
+        mask: String,
+        value: u8,
+        position: u64,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, SamplerError>;
@@ -83,6 +103,37 @@ impl fmt::Display for SamplerError {
                  vocab_size {vocab_size}; the batch is refused: the file changed since its \
                  meta.json was written, or holds another tokenizer's ids; prepare it again",
                 vocab_size.saturating_sub(1)
+            ),
+            SamplerError::MaskLength {
+                mask,
+                mask_len,
+                tokens,
+                tokens_len,
+            } => write!(
+                f,
+                "{mask} holds {mask_len} mask values but {tokens} holds {tokens_len} tokens; \
+                 prepare the folder again"
+            ),
+            SamplerError::NoConversation {
+                name,
+                mask,
+                eot,
+                context_length,
+            } => write!(
+                f,
+                "{name}: no conversation start leaves room for a window of context_length + 1 = {} \
+                 tokens (a conversation starts at an end-of-text id {eot} whose value in {mask} is \
+                 0); use a smaller context_length, or prepare the folder again",
+                *context_length as u64 + 1
+            ),
+            SamplerError::BadMask {
+                mask,
+                value,
+                position,
+            } => write!(
+                f,
+                "{mask}: holds mask value {value} at position {position}; a loss mask holds only 0 \
+                 (not trained) and 1 (a training target); prepare the folder again"
             ),
         }
     }

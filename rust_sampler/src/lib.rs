@@ -19,5 +19,5 @@ pub mod source;
 mod python;
 
 pub use error::{Result, SamplerError};
-pub use sampler::{Sampler, Window};
+pub use sampler::{Sampler, Window, IGNORE_INDEX};
 pub use source::{Dtype, TokenFile, TokenStorage, TokenView};

@@ -1,6 +1,7 @@
 //! The `.npy` header: magic, version, and the Python-literal dict that describes the array.
 //! Only what a token file may be is accepted: a 1-D, C-ordered, little-endian array of
-//! uint16, uint32, int32 or int64. Everything else is a `Format` error that says why.
+//! uint16, uint32, int32 or int64; or, read as a loss mask (`Kind::Mask`), a 1-D, C-ordered
+//! uint8 array. Everything else is a `Format` error that says why.
 //!
 //! Format reference: numpy/lib/format.py (versions 1.0, 2.0 and 3.0).
 
@@ -9,6 +10,19 @@ use crate::source::Dtype;
 use std::path::Path;
 
 pub const MAGIC: &[u8; 6] = b"\x93NUMPY";
+
+/// What a `.npy` file is read as: its header is checked against what that kind may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A token file: uint16, uint32, int32 or int64.
+    Tokens,
+    /// A loss mask: uint8, 1 where the token at that position is a training target.
+    Mask,
+}
+
+/// What every refusal of a loss mask's header ends with.
+pub const MASK_FIX: &str = "it must be a uint8 .npy loss mask (numpy.save of a 1-D uint8 array, 1 \
+                            where a token is a training target, else 0); prepare the folder again";
 
 /// What a valid token `.npy` header says.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,14 +41,22 @@ struct RawHeader {
     shape: Option<Vec<u64>>,
 }
 
-/// Parses and checks the header at the start of `bytes` (the file's first bytes; more may
-/// follow). `path` only names the file in errors.
+/// Parses and checks the header of a token file at the start of `bytes` (the file's first
+/// bytes; more may follow). `path` only names the file in errors.
 pub fn parse_header(bytes: &[u8], path: &Path) -> Result<NpyHeader> {
+    parse_header_as(bytes, path, Kind::Tokens)
+}
+
+/// `parse_header` for a file of the given kind: a loss mask's header must say uint8.
+pub fn parse_header_as(bytes: &[u8], path: &Path, kind: Kind) -> Result<NpyHeader> {
     let bad = |reason: String| SamplerError::format(path, reason);
-    let not_npy = "not a .npy file (bad magic bytes); write it with numpy.save, or pass a raw \
-                   .bin file with an explicit dtype";
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-        return Err(bad(not_npy.into()));
+        return Err(bad(match kind {
+            Kind::Tokens => "not a .npy file (bad magic bytes); write it with numpy.save, or pass \
+                             a raw .bin file with an explicit dtype"
+                .into(),
+            Kind::Mask => format!("not a .npy file (bad magic bytes); {MASK_FIX}"),
+        }));
     }
     if bytes.len() < 10 {
         return Err(bad(
@@ -85,10 +107,18 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<NpyHeader> {
         .shape
         .ok_or_else(|| bad("the .npy header has no 'shape'; the file is corrupted".into()))?;
 
-    let dtype = dtype_from_descr(&descr).map_err(bad)?;
+    let dtype = match kind {
+        Kind::Tokens => dtype_from_descr(&descr),
+        Kind::Mask => mask_dtype_from_descr(&descr),
+    }
+    .map_err(bad)?;
     if shape.len() != 1 {
+        let what = match kind {
+            Kind::Tokens => "a token file",
+            Kind::Mask => "a loss mask",
+        };
         return Err(bad(format!(
-            "holds a {}-D array of shape {:?}; a token file is 1-D, save data.reshape(-1)",
+            "holds a {}-D array of shape {:?}; {what} is 1-D, save data.reshape(-1)",
             shape.len(),
             shape
         )));
@@ -133,6 +163,20 @@ pub fn dtype_from_descr(descr: &str) -> std::result::Result<Dtype, String> {
         ));
     }
     Ok(dtype)
+}
+
+/// A loss mask's type string: uint8 (numpy writes "|u1"; the byte order of one byte does not
+/// matter), or why not.
+pub fn mask_dtype_from_descr(descr: &str) -> std::result::Result<Dtype, String> {
+    let code = match descr.as_bytes().first() {
+        Some(b'<' | b'>' | b'|' | b'=') => &descr[1..],
+        _ => descr,
+    };
+    if code == Dtype::U8.code() {
+        Ok(Dtype::U8)
+    } else {
+        Err(format!("has dtype '{descr}'; {MASK_FIX}"))
+    }
 }
 
 /// A tiny parser for the header dict: `{'key': value, ...}` where a value is a quoted string,
@@ -326,6 +370,43 @@ mod tests {
         assert!(err(&h).contains("dtype '|u1'"));
         let h = header("{'descr': '<u2', 'fortran_order': False, 'shape': (0,), }");
         assert_eq!(parse(&h).unwrap().len, 0);
+    }
+
+    #[test]
+    fn mask_headers_take_uint8_only() {
+        let p = Path::new("m.npy");
+        for descr in ["|u1", "<u1", "u1", "=u1"] {
+            let h = header(&format!(
+                "{{'descr': '{descr}', 'fortran_order': False, 'shape': (30,), }}"
+            ));
+            let got = parse_header_as(&h, p, Kind::Mask).unwrap();
+            assert_eq!(
+                (got.dtype, got.len, got.data_offset),
+                (Dtype::U8, 30, h.len())
+            );
+            // Token files still refuse uint8.
+            assert!(parse(&h).is_err(), "{descr}");
+        }
+        for descr in ["<u2", "|i1", "|b1", "<f4", "<i8"] {
+            let h = header(&format!(
+                "{{'descr': '{descr}', 'fortran_order': False, 'shape': (30,), }}"
+            ));
+            let e = parse_header_as(&h, p, Kind::Mask).unwrap_err().to_string();
+            assert!(
+                e.starts_with("m.npy: has dtype") && e.contains("must be a uint8 .npy loss mask"),
+                "{e}"
+            );
+        }
+        let e = parse_header_as(b"raw bytes, not npy", p, Kind::Mask)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not a .npy file") && e.contains("uint8 .npy loss mask"),
+            "{e}"
+        );
+        let h = header("{'descr': '|u1', 'fortran_order': False, 'shape': (3, 2), }");
+        let e = parse_header_as(&h, p, Kind::Mask).unwrap_err().to_string();
+        assert!(e.contains("a loss mask is 1-D"), "{e}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use crate::error::SamplerError;
 use crate::rng::batch_key;
-use crate::sampler::Sampler;
+use crate::sampler::{Sampler, IGNORE_INDEX};
 use crate::source::{self, Dtype, TokenFile, TokenStorage, TokenView};
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
@@ -132,6 +132,14 @@ impl PyTokenFile {
         Ok(PyTokenFile { inner: Arc::new(f) })
     }
 
+    /// Memory-maps a loss mask: a 1-D uint8 `.npy` ("|u1"), one value per token of its token
+    /// file, 1 where that token is a training target.
+    #[staticmethod]
+    fn open_mask(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let f = py.detach(|| TokenFile::open_mask(&path))?;
+        Ok(PyTokenFile { inner: Arc::new(f) })
+    }
+
     /// Wraps a 1-D, C-contiguous integer array without copying it.
     #[staticmethod]
     #[pyo3(signature = (array, name = None))]
@@ -210,6 +218,32 @@ fn output(obj: &Bound<'_, PyAny>, what: &str, t: usize) -> PyResult<PyBuffer<i64
     Ok(buf)
 }
 
+/// A writable (B, T) uint8 buffer for the mask windows, of the inputs' shape.
+fn mask_output(obj: &Bound<'_, PyAny>, shape: &[usize]) -> PyResult<PyBuffer<u8>> {
+    let want = || {
+        format!("mask must be a writable, C-contiguous uint8 array of the inputs' shape {shape:?}")
+    };
+    let buf = PyBuffer::<u8>::get(obj)
+        .map_err(|_| DataError::new_err(format!("{}; got {}", want(), type_name(obj))))?;
+    let format = buf.format().to_bytes();
+    let is_u8 = matches!(format, b"B" | b"=B" | b"<B" | b"@B" | b">B" | b"!B");
+    if !is_u8 || buf.readonly() || !buf.is_c_contiguous() || buf.shape() != shape {
+        return Err(DataError::new_err(format!(
+            "{}; got shape {:?}, format '{}'{}",
+            want(),
+            buf.shape(),
+            String::from_utf8_lossy(format),
+            if buf.readonly() { ", read-only" } else { "" }
+        )));
+    }
+    Ok(buf)
+}
+
+/// Whether the `a` and `b` byte ranges overlap.
+fn overlap(a: usize, a_len: usize, b: usize, b_len: usize) -> bool {
+    a < b + b_len && b < a + a_len
+}
+
 /// `windows()` builds a list; past this many rows a typo would exhaust memory instead.
 const MAX_WINDOWS: usize = 1 << 26;
 
@@ -229,6 +263,8 @@ pub struct PySampler {
     document_aligned: bool,
     #[pyo3(get)]
     vocab_size: Option<u64>,
+    #[pyo3(get)]
+    masked: bool,
 }
 
 #[pymethods]
@@ -236,8 +272,12 @@ impl PySampler {
     /// `doc_eot`: when given, windows start only at document starts (0 and every position
     /// after this end-of-text id); the index of starts is built here, without the GIL.
     /// `vocab_size`: when given, a batch holding an id outside 0..vocab_size is refused.
+    /// `masks`: one loss mask (`TokenFile.open_mask`) or None per file, in the order of `files`;
+    /// a masked file's untrained targets are gathered as IGNORE_INDEX, and with `doc_eot` its
+    /// windows start only at conversation starts.
     #[new]
-    #[pyo3(signature = (groups, context_length, num_threads = None, doc_eot = None, vocab_size = None))]
+    #[pyo3(signature = (groups, context_length, num_threads = None, doc_eot = None, vocab_size = None, masks = None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         groups: Vec<(f64, Vec<Bound<'_, PyTokenFile>>)>,
@@ -245,6 +285,7 @@ impl PySampler {
         num_threads: Option<usize>,
         doc_eot: Option<i64>,
         vocab_size: Option<u64>,
+        masks: Option<Vec<Option<Bound<'_, PyTokenFile>>>>,
     ) -> PyResult<Self> {
         let context_length = usize::try_from(context_length)
             .ok()
@@ -264,8 +305,15 @@ impl PySampler {
             })
             .collect();
         let mut inner = Sampler::new(core_groups, context_length)?;
+        if let Some(masks) = masks {
+            let masks = masks
+                .iter()
+                .map(|m| m.as_ref().map(|m| m.get().inner.clone()))
+                .collect();
+            inner = inner.with_masks(masks)?;
+        }
         if let Some(eot) = doc_eot {
-            inner = py.detach(move || inner.align_to_documents(eot));
+            inner = py.detach(move || inner.align_to_documents(eot))?;
         }
         if let Some(n) = num_threads {
             inner = inner.with_threads(n)?;
@@ -277,14 +325,17 @@ impl PySampler {
             num_tokens: inner.num_tokens(),
             num_windows: inner.num_windows(),
             document_aligned: inner.is_document_aligned(),
+            masked: inner.is_masked(),
             inner: Arc::new(inner),
             files,
         })
     }
 
     /// Fills `inputs` and `targets` (writable C-contiguous int64, shape (B, T)) with the batch
-    /// of (seed, rank, step, micro). Runs without the GIL.
-    #[pyo3(signature = (inputs, targets, seed, rank = 0, step = 0, micro = 0))]
+    /// of (seed, rank, step, micro); a masked file's untrained targets are IGNORE_INDEX. `mask`,
+    /// when given (writable C-contiguous uint8 of the same shape), receives each row's mask
+    /// values (all ones for a file without a mask). Runs without the GIL.
+    #[pyo3(signature = (inputs, targets, seed, rank = 0, step = 0, micro = 0, *, mask = None))]
     #[allow(clippy::too_many_arguments)]
     fn fill(
         &self,
@@ -295,6 +346,7 @@ impl PySampler {
         rank: u64,
         step: u64,
         micro: u64,
+        mask: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let t = self.inner.context_length();
         let x = output(inputs, "inputs", t)?;
@@ -309,21 +361,31 @@ impl PySampler {
         let n = x.item_count();
         let (xp, yp) = (x.buf_ptr() as usize, y.buf_ptr() as usize);
         let bytes = n * std::mem::size_of::<i64>();
-        if xp < yp + bytes && yp < xp + bytes {
+        if overlap(xp, bytes, yp, bytes) {
             return Err(DataError::new_err(
                 "inputs and targets must not share memory",
             ));
         }
+        let m = mask.map(|m| mask_output(m, x.shape())).transpose()?;
+        let mp = m.as_ref().map(|m| m.buf_ptr() as usize);
+        if let Some(mp) = mp {
+            if overlap(mp, n, xp, bytes) || overlap(mp, n, yp, bytes) {
+                return Err(DataError::new_err(
+                    "mask must not share memory with inputs or targets",
+                ));
+            }
+        }
         let sampler = &*self.inner;
         py.detach(move || {
-            // SAFETY: both buffers are exported (held by `x` and `y` for this whole call),
+            // SAFETY: the buffers are exported (held by `x`, `y` and `m` for this whole call),
             // writable, contiguous, n items each and disjoint. Other Python threads could still
             // write to them concurrently; the facade never lends a buffer it is filling.
             let xs = unsafe { std::slice::from_raw_parts_mut(xp as *mut i64, n) };
             let ys = unsafe { std::slice::from_raw_parts_mut(yp as *mut i64, n) };
-            sampler.fill(xs, ys, batch_key(seed, rank, step, micro))
+            let ms = mp.map(|mp| unsafe { std::slice::from_raw_parts_mut(mp as *mut u8, n) });
+            sampler.fill_masked(xs, ys, ms, batch_key(seed, rank, step, micro))
         })?;
-        drop((x, y));
+        drop((x, y, m));
         Ok(())
     }
 
@@ -371,6 +433,8 @@ fn _sampler(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let names: Vec<&str> = source::FILE_DTYPES.iter().map(|d| d.name()).collect();
     m.add("TOKEN_DTYPES", PyTuple::new(m.py(), names)?)?;
     m.add("NPY_MAGIC", PyBytes::new(m.py(), crate::npy::MAGIC))?;
+    // The target id of an untrained position (torch's default ignore_index).
+    m.add("IGNORE_INDEX", IGNORE_INDEX)?;
     m.add_class::<PyTokenFile>()?;
     m.add_class::<PySampler>()?;
     m.add_function(wrap_pyfunction!(read_npy_header, m)?)?;

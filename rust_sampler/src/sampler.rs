@@ -8,10 +8,17 @@
 //! Document-aligned sampling (`align_to_documents`) narrows the starts to the document starts
 //! (0 and every position after an end-of-text id), each equally likely; a window may still run
 //! on past its document's end.
+//!
+//! Loss masks (`with_masks`, chat data): a file may have a uint8 mask beside it, one value per
+//! token, 1 where that token is a training target. The gather writes `IGNORE_INDEX` into every
+//! target whose mask value is 0 (the inputs are never masked), and aligned to documents such a
+//! file's windows start only at conversation starts (an end-of-text id whose mask value is 0).
 
 use crate::error::{Result, SamplerError};
 use crate::rng::Stream;
-use crate::source::{document_starts, with_slice, Token, TokenFile, TokenView};
+use crate::source::{
+    conversation_starts, document_starts, with_slice, Dtype, Token, TokenFile, TokenView,
+};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -21,6 +28,10 @@ use std::sync::Arc;
 const PARALLEL_MIN_TOKENS: usize = 1 << 18;
 /// Rows are handed to the pool in tasks of at least this many tokens.
 const ROW_TASK_TOKENS: usize = 1 << 14;
+
+/// The target id of a position that is not trained: torch's default `ignore_index`, so
+/// `F.cross_entropy` averages over the trained targets only.
+pub const IGNORE_INDEX: i64 = -100;
 
 /// Files sampled together, uniformly over all their windows.
 #[derive(Debug)]
@@ -52,6 +63,17 @@ pub struct Sampler {
     doc_starts: Option<Vec<Vec<u64>>>,
     /// When set, every gathered id must lie in `0..vocab_size`; a batch holding another is refused.
     vocab_size: Option<u64>,
+    /// Per file, its loss mask (None: every target trained); empty when no file has one.
+    masks: Vec<Option<Arc<TokenFile>>>,
+}
+
+/// Why a row's window was refused.
+#[derive(Clone, Copy, Debug)]
+enum Refusal {
+    /// An id outside the vocabulary bound.
+    Id(Window, i64),
+    /// A mask value other than 0 or 1 among the window's targets.
+    Mask(Window),
 }
 
 impl Sampler {
@@ -89,6 +111,12 @@ impl Sampler {
                 windows: 0,
             };
             for f in group_files {
+                if f.is_mask() {
+                    return Err(SamplerError::Argument(format!(
+                        "{}: is a loss mask, not a token file; pass it in masks=, at its token file's place",
+                        f.name()
+                    )));
+                }
                 let len = f.len() as u64;
                 if len < need {
                     return Err(SamplerError::TooShort {
@@ -125,28 +153,106 @@ impl Sampler {
             pool: None,
             doc_starts: None,
             vocab_size: None,
+            masks: Vec::new(),
         })
     }
 
+    /// Gives files their loss masks: `masks[i]` belongs to `files()[i]` (groups flattened in
+    /// order); None leaves that file unmasked (every target trained), so plain and chat data
+    /// mix. A mask must hold uint8 values, as many as its file holds tokens. Call it before
+    /// `align_to_documents`, whose starts depend on the masks.
+    pub fn with_masks(mut self, masks: Vec<Option<Arc<TokenFile>>>) -> Result<Sampler> {
+        if self.doc_starts.is_some() {
+            return Err(SamplerError::Argument(
+                "loss masks must be given before the windows are aligned to documents".into(),
+            ));
+        }
+        if masks.len() != self.files.len() {
+            return Err(SamplerError::Argument(format!(
+                "masks holds {} entries but the sampler reads {} token files; give one mask or None \
+                 per file, in the order of Sampler.files (groups flattened)",
+                masks.len(),
+                self.files.len()
+            )));
+        }
+        for (f, m) in self.files.iter().zip(&masks) {
+            let Some(m) = m else { continue };
+            if m.dtype() != Dtype::U8 {
+                return Err(SamplerError::Argument(format!(
+                    "{}: holds {} values, not a loss mask; open loss masks with TokenFile.open_mask \
+                     (a uint8 .npy)",
+                    m.name(),
+                    m.dtype().name()
+                )));
+            }
+            if m.len() != f.len() {
+                return Err(SamplerError::MaskLength {
+                    mask: m.name().to_string(),
+                    mask_len: m.len() as u64,
+                    tokens: f.name().to_string(),
+                    tokens_len: f.len() as u64,
+                });
+            }
+        }
+        self.masks = if masks.iter().any(Option::is_some) {
+            masks
+        } else {
+            Vec::new()
+        };
+        Ok(self)
+    }
+
+    /// Whether any file has a loss mask.
+    pub fn is_masked(&self) -> bool {
+        !self.masks.is_empty()
+    }
+
+    /// Per file, its loss mask; empty when no file has one.
+    pub fn masks(&self) -> &[Option<Arc<TokenFile>>] {
+        &self.masks
+    }
+
+    fn mask_of(&self, file: usize) -> Option<&TokenFile> {
+        self.masks.get(file).and_then(|m| m.as_deref())
+    }
+
     /// Windows start only at document starts: 0 and every position after a token equal to
-    /// `eot`. The index of starts is built once, by a parallel scan of each file.
-    pub fn align_to_documents(mut self, eot: i64) -> Sampler {
+    /// `eot`; in a file with a loss mask, only at conversation starts (a token equal to `eot`
+    /// whose mask value is 0). The index of starts is built once, by a parallel scan of each
+    /// file. A masked file without a conversation start that leaves room for a window is an
+    /// error.
+    pub fn align_to_documents(mut self, eot: i64) -> Result<Sampler> {
         let t = self.context_length;
-        let starts: Vec<Vec<u64>> = self
-            .files
-            .iter()
-            .map(|f| document_starts(f.view(), eot, t))
-            .collect();
+        let mut starts: Vec<Vec<u64>> = Vec::with_capacity(self.files.len());
+        for (i, f) in self.files.iter().enumerate() {
+            let file_starts = match self.mask_of(i) {
+                Some(m) => {
+                    let mask = m.bytes().expect("with_masks checked the mask is uint8");
+                    let found = conversation_starts(f.view(), mask, eot, t);
+                    if found.is_empty() {
+                        return Err(SamplerError::NoConversation {
+                            name: f.name().to_string(),
+                            mask: m.name().to_string(),
+                            eot,
+                            context_length: t,
+                        });
+                    }
+                    found
+                }
+                // Never empty: `new` checked that every file holds one window, at 0.
+                None => document_starts(f.view(), eot, t),
+            };
+            starts.push(file_starts);
+        }
         for g in &mut self.groups {
             g.windows = 0;
             for (slot, &f) in g.files.iter().enumerate() {
                 g.first_window[slot] = g.windows;
-                // Never empty: `new` checked that every file holds one window, at 0.
                 g.windows += starts[f].len() as u64;
             }
         }
         self.doc_starts = Some(starts);
-        self
+        Ok(self)
     }
 
     pub fn is_document_aligned(&self) -> bool {
@@ -239,6 +345,21 @@ impl Sampler {
     /// filled in parallel when the batch is large enough to pay for it. `key`: the batch's
     /// `rng::batch_key`.
     pub fn fill(&self, inputs: &mut [i64], targets: &mut [i64], key: u64) -> Result<()> {
+        self.fill_masked(inputs, targets, None, key)
+    }
+
+    /// `fill`, and in the same pass over the same rows: in a file with a loss mask, every target
+    /// whose mask value is 0 becomes `IGNORE_INDEX` (the inputs are never masked, and the id
+    /// bound is checked on the real ids). `mask`, when given (`batch_size * T` bytes), receives
+    /// each row's mask values `[s + 1, s + T + 1)`, all ones for a file without a mask. A mask
+    /// value other than 0 or 1 refuses the batch.
+    pub fn fill_masked(
+        &self,
+        inputs: &mut [i64],
+        targets: &mut [i64],
+        mask: Option<&mut [u8]>,
+        key: u64,
+    ) -> Result<()> {
         let t = self.context_length;
         if inputs.len() != targets.len() || !inputs.len().is_multiple_of(t) || inputs.is_empty() {
             return Err(SamplerError::Argument(format!(
@@ -247,56 +368,100 @@ impl Sampler {
                 targets.len()
             )));
         }
+        if let Some(m) = &mask {
+            if m.len() != inputs.len() {
+                return Err(SamplerError::Argument(format!(
+                    "mask must have the shape of inputs (batch_size, {t}); got {} values for {}",
+                    m.len(),
+                    inputs.len()
+                )));
+            }
+        }
         // Views are taken once per batch, not per row: the storage is behind a trait object.
         let views: Vec<TokenView<'_>> = self.files.iter().map(|f| f.view()).collect();
+        let mask_views: Vec<Option<&[u8]>> = (0..self.files.len())
+            .map(|i| self.mask_of(i).and_then(TokenFile::bytes))
+            .collect();
         // Rows go out in tasks of whole rows; each task gathers its rows in order, prefetching
-        // the next window while it widens the current one (the windows are scattered over
-        // a file far larger than the caches, so their first touch is a trip to memory).
+        // the next window (and its mask) while it widens the current one (the windows are
+        // scattered over a file far larger than the caches, so their first touch is a trip to
+        // memory).
         let rows_per_task = (ROW_TASK_TOKENS / t).max(1);
         let bound = self.vocab_size;
-        // The first row (in row order) holding an id outside the bound: (row, window, id).
-        let fill_rows =
-            |first_row: usize, xs: &mut [i64], ys: &mut [i64]| -> Option<(usize, Window, i64)> {
-                let rows = xs.len() / t;
-                let windows: Vec<Window> = (first_row..first_row + rows)
-                    .map(|r| self.window(key, r))
-                    .collect();
-                let slice = |w: &Window| (w.file, w.start as usize);
-                if let Some(w) = windows.first() {
-                    let (f, s) = slice(w);
-                    with_slice!(views[f], v => prefetch(&v[s..s + t + 1]));
+        // The first row (in row order) refused, and why.
+        let fill_rows = |first_row: usize,
+                         xs: &mut [i64],
+                         ys: &mut [i64],
+                         mut ms: Option<&mut [u8]>|
+         -> Option<(usize, Refusal)> {
+            let rows = xs.len() / t;
+            let windows: Vec<Window> = (first_row..first_row + rows)
+                .map(|r| self.window(key, r))
+                .collect();
+            let slice = |w: &Window| (w.file, w.start as usize);
+            let fetch = |w: &Window| {
+                let (f, s) = slice(w);
+                with_slice!(views[f], v => prefetch(&v[s..s + t + 1]));
+                if let Some(m) = mask_views[f] {
+                    prefetch(&m[s + 1..s + t + 1]);
                 }
-                let mut bad = None;
-                for (i, (x, y)) in xs.chunks_mut(t).zip(ys.chunks_mut(t)).enumerate() {
-                    if let Some(next) = windows.get(i + 1) {
-                        let (f, s) = slice(next);
-                        with_slice!(views[f], v => prefetch(&v[s..s + t + 1]));
-                    }
-                    let (f, s) = slice(&windows[i]);
-                    match bound {
-                        None => with_slice!(views[f], v => copy_row(&v[s..s + t + 1], x, y)),
-                        Some(vocab) => {
-                            // Ids as u64: a negative id wraps to a huge one, so one max finds both.
-                            let top =
-                                with_slice!(views[f], v => copy_row_max(&v[s..s + t + 1], x, y));
-                            if top >= vocab && bad.is_none() {
-                                bad = Some((first_row + i, windows[i], top as i64));
-                            }
+            };
+            if let Some(w) = windows.first() {
+                fetch(w);
+            }
+            let mut bad = None;
+            for (i, (x, y)) in xs.chunks_mut(t).zip(ys.chunks_mut(t)).enumerate() {
+                if let Some(next) = windows.get(i + 1) {
+                    fetch(next);
+                }
+                let (f, s) = slice(&windows[i]);
+                match bound {
+                    None => with_slice!(views[f], v => copy_row(&v[s..s + t + 1], x, y)),
+                    Some(vocab) => {
+                        // Ids as u64: a negative id wraps to a huge one, so one max finds both.
+                        let top = with_slice!(views[f], v => copy_row_max(&v[s..s + t + 1], x, y));
+                        if top >= vocab && bad.is_none() {
+                            bad = Some((first_row + i, Refusal::Id(windows[i], top as i64)));
                         }
                     }
                 }
-                bad
-            };
+                let out = ms.as_deref_mut().map(|m| &mut m[i * t..(i + 1) * t]);
+                match mask_views[f] {
+                    Some(m) => {
+                        let values = &m[s + 1..s + t + 1];
+                        if mask_targets(values, y) > 1 && bad.is_none() {
+                            bad = Some((first_row + i, Refusal::Mask(windows[i])));
+                        }
+                        if let Some(out) = out {
+                            out.copy_from_slice(values);
+                        }
+                    }
+                    None => {
+                        if let Some(out) = out {
+                            out.fill(1);
+                        }
+                    }
+                }
+            }
+            bad
+        };
         let bad = if inputs.len() < PARALLEL_MIN_TOKENS {
-            fill_rows(0, inputs, targets)
+            fill_rows(0, inputs, targets, mask)
         } else {
-            let mut run = move || {
+            let task = rows_per_task * t;
+            let tasks = inputs.len().div_ceil(task);
+            let mask_chunks: Vec<Option<&mut [u8]>> = match mask {
+                Some(m) => m.chunks_mut(task).map(Some).collect(),
+                None => (0..tasks).map(|_| None).collect(),
+            };
+            let run = move || {
                 inputs
-                    .par_chunks_mut(rows_per_task * t)
-                    .zip(targets.par_chunks_mut(rows_per_task * t))
+                    .par_chunks_mut(task)
+                    .zip(targets.par_chunks_mut(task))
+                    .zip(mask_chunks.into_par_iter())
                     .enumerate()
-                    .filter_map(|(task, (xs, ys))| fill_rows(task * rows_per_task, xs, ys))
-                    .min_by_key(|&(row, _, _)| row)
+                    .filter_map(|(i, ((xs, ys), ms))| fill_rows(i * rows_per_task, xs, ys, ms))
+                    .min_by_key(|&(row, _)| row)
             };
             match &self.pool {
                 Some(pool) => pool.install(run),
@@ -307,16 +472,34 @@ impl Sampler {
         // sticky, so every later batch is refused too.
         self.files
             .iter()
+            .chain(self.masks.iter().flatten())
             .try_for_each(|f| f.check_not_truncated())?;
-        if let (Some((_, w, id)), Some(vocab)) = (bad, bound) {
-            return Err(SamplerError::IdOutOfRange {
+        match bad {
+            None => Ok(()),
+            Some((_, Refusal::Id(w, id))) => Err(SamplerError::IdOutOfRange {
                 name: self.files[w.file].name().to_string(),
                 id,
                 start: w.start,
-                vocab_size: vocab,
-            });
+                vocab_size: bound.unwrap_or(0),
+            }),
+            Some((_, Refusal::Mask(w))) => {
+                let m = self
+                    .mask_of(w.file)
+                    .expect("a mask refusal comes from a masked file");
+                let from = w.start as usize + 1;
+                let values = &m.bytes().unwrap_or(&[])[from..from + t];
+                let (j, &value) = values
+                    .iter()
+                    .enumerate()
+                    .find(|(_, &v)| v > 1)
+                    .unwrap_or((0, &values[0]));
+                Err(SamplerError::BadMask {
+                    mask: m.name().to_string(),
+                    value,
+                    position: (from + j) as u64,
+                })
+            }
         }
-        Ok(())
     }
 }
 
@@ -349,6 +532,20 @@ fn copy_row<T: Token>(window: &[T], x: &mut [i64], y: &mut [i64]) {
     for (o, &v) in y.iter_mut().zip(tail) {
         *o = v.widen();
     }
+}
+
+/// Sets the targets whose mask value is 0 to `IGNORE_INDEX`; returns the OR of the values, so
+/// a result above 1 says a value other than 0 or 1 is among them.
+#[inline]
+fn mask_targets(mask: &[u8], y: &mut [i64]) -> u8 {
+    let mut any = 0u8;
+    for (o, &m) in y.iter_mut().zip(mask) {
+        any |= m;
+        if m == 0 {
+            *o = IGNORE_INDEX;
+        }
+    }
+    any
 }
 
 /// `copy_row`, returning the largest id of the window read as u64 (negative ids wrap high).
@@ -561,7 +758,8 @@ mod tests {
             4,
         )
         .unwrap()
-        .align_to_documents(0);
+        .align_to_documents(0)
+        .unwrap();
         assert!(s.is_document_aligned());
         // a: starts 0, 3, 8, 9 (16 tokens, last start 11); b: 0, 2 (11 tokens, last start 6).
         assert_eq!(s.num_windows(), 6);
@@ -602,6 +800,7 @@ mod tests {
             )
             .unwrap()
             .align_to_documents(0)
+            .unwrap()
         };
         assert_eq!(
             make().windows(64, batch_key(1, 2, 3, 0)),
@@ -715,6 +914,400 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("token id -3"), "{e}");
+    }
+
+    struct Bytes(Vec<u8>);
+    impl TokenStorage for Bytes {
+        fn view(&self) -> TokenView<'_> {
+            TokenView::U8(&self.0)
+        }
+    }
+
+    /// A uint8 source, standing in for a loss mask.
+    fn mask(name: &str, values: Vec<u8>) -> Arc<TokenFile> {
+        Arc::new(TokenFile::from_storage(
+            name.into(),
+            Box::new(Bytes(values)),
+        ))
+    }
+
+    /// A chat file: conversations of random lengths, each opened by eot 0 with mask 0, then
+    /// user tokens (mask 0), then assistant tokens ending with eot 0 (mask 1). Token ids are
+    /// distinct per position (so a row tells where it came from) apart from the eots.
+    fn chat(len: usize, seed: u64) -> (Vec<u32>, Vec<u8>) {
+        let mut rng = crate::rng::Stream::new(seed);
+        let (mut ids, mut m) = (Vec::with_capacity(len), Vec::with_capacity(len));
+        while ids.len() < len {
+            let user = 1 + rng.bounded(6) as usize;
+            let assistant = 1 + rng.bounded(8) as usize;
+            ids.push(0);
+            m.push(0);
+            for _ in 0..user {
+                ids.push(ids.len() as u32 + 1);
+                m.push(0);
+            }
+            for _ in 0..assistant {
+                ids.push(ids.len() as u32 + 1);
+                m.push(1);
+            }
+            ids.push(0);
+            m.push(1);
+        }
+        ids.truncate(len);
+        m.truncate(len);
+        (ids, m)
+    }
+
+    /// What a masked gather must produce for one row: the inputs, and the targets with
+    /// IGNORE_INDEX wherever the mask is 0.
+    fn reference_row(
+        ids: &[u32],
+        m: Option<&[u8]>,
+        s: usize,
+        t: usize,
+    ) -> (Vec<i64>, Vec<i64>, Vec<u8>) {
+        let x = ids[s..s + t].iter().map(|&v| v as i64).collect();
+        let y = (0..t)
+            .map(|j| match m {
+                Some(m) if m[s + 1 + j] == 0 => IGNORE_INDEX,
+                _ => ids[s + 1 + j] as i64,
+            })
+            .collect();
+        let mo = (0..t).map(|j| m.map_or(1, |m| m[s + 1 + j])).collect();
+        (x, y, mo)
+    }
+
+    #[test]
+    fn masked_targets_equal_the_reference_and_the_mask_buffer_the_window() {
+        let (ids, m) = chat(5_000, 1);
+        let t = 32;
+        for aligned in [false, true] {
+            let mut s = Sampler::new(vec![(1.0, vec![tokens("chat", ids.clone())])], t)
+                .unwrap()
+                .with_masks(vec![Some(mask("chat_mask", m.clone()))])
+                .unwrap();
+            if aligned {
+                s = s.align_to_documents(0).unwrap();
+            }
+            assert!(s.is_masked());
+            let b = 64;
+            for step in 0..20 {
+                let key = batch_key(3, 0, step, 0);
+                let (mut x, mut y, mut mo) =
+                    (vec![0i64; b * t], vec![0i64; b * t], vec![7u8; b * t]);
+                s.fill_masked(&mut x, &mut y, Some(&mut mo), key).unwrap();
+                let (mut x2, mut y2) = (vec![0i64; b * t], vec![0i64; b * t]);
+                s.fill(&mut x2, &mut y2, key).unwrap();
+                assert!(x == x2 && y == y2, "the mask buffer changes nothing else");
+                for (r, w) in s.windows(b, key).iter().enumerate() {
+                    let st = w.start as usize;
+                    if aligned {
+                        assert!(ids[st] == 0 && m[st] == 0, "{w:?} is no conversation start");
+                    }
+                    let (rx, ry, rm) = reference_row(&ids, Some(&m), st, t);
+                    assert_eq!(x[r * t..(r + 1) * t], rx[..]);
+                    assert_eq!(y[r * t..(r + 1) * t], ry[..]);
+                    assert_eq!(mo[r * t..(r + 1) * t], rm[..]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn aligned_masked_windows_cover_every_conversation_start() {
+        let (ids, m) = chat(400, 2);
+        let t = 8;
+        let want: std::collections::BTreeSet<u64> = (0..=ids.len() - t - 1)
+            .filter(|&p| ids[p] == 0 && m[p] == 0)
+            .map(|p| p as u64)
+            .collect();
+        let s = Sampler::new(vec![(1.0, vec![tokens("chat", ids.clone())])], t)
+            .unwrap()
+            .with_masks(vec![Some(mask("chat_mask", m.clone()))])
+            .unwrap()
+            .align_to_documents(0)
+            .unwrap();
+        assert_eq!(s.num_windows(), want.len() as u64);
+        let mut seen = std::collections::BTreeSet::new();
+        for step in 0..300 {
+            seen.extend(
+                s.windows(16, batch_key(1, 0, step, 0))
+                    .iter()
+                    .map(|w| w.start),
+            );
+        }
+        assert_eq!(seen, want);
+        // Unaligned, a masked file starts anywhere (only its targets are masked).
+        let s = Sampler::new(vec![(1.0, vec![tokens("chat", ids.clone())])], t)
+            .unwrap()
+            .with_masks(vec![Some(mask("chat_mask", m))])
+            .unwrap();
+        assert_eq!(s.num_windows(), (ids.len() - t) as u64);
+    }
+
+    #[test]
+    fn mixtures_of_masked_and_unmasked_files() {
+        let (chat_ids, chat_mask) = chat(3_000, 3);
+        // A plain file: documents of 5 tokens ended by eot 0, ids 1000 + position otherwise.
+        let plain: Vec<u32> = (0..2_000u32)
+            .map(|i| if i % 5 == 4 { 0 } else { 1000 + i })
+            .collect();
+        let t = 16;
+        let files = || {
+            vec![
+                tokens("plain", plain.clone()),
+                tokens("chat", chat_ids.clone()),
+            ]
+        };
+        let masks = || vec![None, Some(mask("chat_mask", chat_mask.clone()))];
+        for weighted in [false, true] {
+            for aligned in [false, true] {
+                let groups = if weighted {
+                    files().into_iter().map(|f| (1.0, vec![f])).collect()
+                } else {
+                    vec![(1.0, files())]
+                };
+                let mut s = Sampler::new(groups, t)
+                    .unwrap()
+                    .with_masks(masks())
+                    .unwrap();
+                if aligned {
+                    s = s.align_to_documents(0).unwrap();
+                }
+                let b = 128;
+                let key = batch_key(9, 1, 4, 2);
+                let (mut x, mut y, mut mo) =
+                    (vec![0i64; b * t], vec![0i64; b * t], vec![9u8; b * t]);
+                s.fill_masked(&mut x, &mut y, Some(&mut mo), key).unwrap();
+                let mut used = [0usize; 2];
+                for (r, w) in s.windows(b, key).iter().enumerate() {
+                    used[w.file] += 1;
+                    let st = w.start as usize;
+                    let (rx, ry, rm) = if w.file == 0 {
+                        if aligned {
+                            assert!(st == 0 || plain[st - 1] == 0);
+                        }
+                        reference_row(&plain, None, st, t)
+                    } else {
+                        if aligned {
+                            assert!(chat_ids[st] == 0 && chat_mask[st] == 0);
+                        }
+                        reference_row(&chat_ids, Some(&chat_mask), st, t)
+                    };
+                    assert_eq!(x[r * t..(r + 1) * t], rx[..]);
+                    assert_eq!(y[r * t..(r + 1) * t], ry[..]);
+                    assert_eq!(mo[r * t..(r + 1) * t], rm[..]);
+                }
+                assert!(used[0] > 0 && used[1] > 0, "{used:?}");
+            }
+        }
+        // All None: no masks at all, and the plain gather.
+        let s = Sampler::new(vec![(1.0, files())], t)
+            .unwrap()
+            .with_masks(vec![None, None])
+            .unwrap();
+        assert!(!s.is_masked());
+    }
+
+    #[test]
+    fn masked_parallel_path_equals_the_small_batch_path() {
+        let (ids, m) = chat(400_000, 4);
+        let t = 1024;
+        let b = PARALLEL_MIN_TOKENS / t + 5; // past the threshold, rows not a multiple of a task
+        let make = |threads: Option<usize>| {
+            let s = Sampler::new(
+                vec![
+                    (1.0, vec![tokens("chat", ids.clone())]),
+                    (1.0, vec![source("plain", 0, 100_000)]),
+                ],
+                t,
+            )
+            .unwrap()
+            .with_masks(vec![Some(mask("chat_mask", m.clone())), None])
+            .unwrap()
+            .align_to_documents(0)
+            .unwrap()
+            .with_vocab_bound(Some(1 << 30))
+            .unwrap();
+            match threads {
+                Some(n) => s.with_threads(n).unwrap(),
+                None => s,
+            }
+        };
+        let key = batch_key(5, 2, 7, 1);
+        let gather = |s: &Sampler| {
+            let (mut x, mut y, mut mo) = (vec![0i64; b * t], vec![0i64; b * t], vec![0u8; b * t]);
+            s.fill_masked(&mut x, &mut y, Some(&mut mo), key).unwrap();
+            (x, y, mo)
+        };
+        let big = gather(&make(None));
+        assert_eq!(big, gather(&make(Some(3))));
+        // Row by row on the calling thread (batches of one row stay below the threshold): the
+        // rows of a batch do not depend on its size, so the same rows come out.
+        let s = make(None);
+        let windows = s.windows(b, key);
+        for (r, w) in windows.iter().enumerate().step_by(37) {
+            let (rx, ry, rm) = if w.file == 0 {
+                reference_row(&ids, Some(&m), w.start as usize, t)
+            } else {
+                let plain: Vec<u32> = (0..100_000).collect();
+                reference_row(&plain, None, w.start as usize, t)
+            };
+            assert_eq!(big.0[r * t..(r + 1) * t], rx[..]);
+            assert_eq!(big.1[r * t..(r + 1) * t], ry[..]);
+            assert_eq!(big.2[r * t..(r + 1) * t], rm[..]);
+        }
+        let small_b = 16;
+        let (mut x, mut y, mut mo) = (
+            vec![0i64; small_b * t],
+            vec![0i64; small_b * t],
+            vec![0u8; small_b * t],
+        );
+        s.fill_masked(&mut x, &mut y, Some(&mut mo), key).unwrap();
+        assert_eq!(x[..], big.0[..small_b * t]);
+        assert_eq!(y[..], big.1[..small_b * t]);
+        assert_eq!(mo[..], big.2[..small_b * t]);
+        // Without the mask buffer, the same targets.
+        let (mut x2, mut y2) = (vec![0i64; b * t], vec![0i64; b * t]);
+        s.fill(&mut x2, &mut y2, key).unwrap();
+        assert!(x2 == big.0 && y2 == big.1);
+        assert!(big.1.contains(&IGNORE_INDEX));
+    }
+
+    #[test]
+    fn mask_errors() {
+        let ids: Vec<u32> = (0..100).collect();
+        let make =
+            || Sampler::new(vec![(1.0, vec![tokens("data/train.npy", ids.clone())])], 8).unwrap();
+        // A mask of another length names both files and both lengths.
+        let e = make()
+            .with_masks(vec![Some(mask("data/train_mask.npy", vec![1; 99]))])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "data/train_mask.npy holds 99 mask values but data/train.npy holds 100 tokens; \
+             prepare the folder again"
+        );
+        // A list of the wrong length.
+        let e = make().with_masks(vec![None, None]).unwrap_err();
+        assert!(matches!(e, SamplerError::Argument(_)), "{e}");
+        assert!(e
+            .to_string()
+            .contains("masks holds 2 entries but the sampler reads 1 token files"));
+        // Something other than uint8 as a mask.
+        let e = make()
+            .with_masks(vec![Some(tokens("other.npy", ids.clone()))])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("other.npy: holds uint32 values, not a loss mask"),
+            "{e}"
+        );
+        // Masks after alignment.
+        let e = make()
+            .align_to_documents(0)
+            .unwrap()
+            .with_masks(vec![None])
+            .unwrap_err();
+        assert!(e.to_string().contains("before"), "{e}");
+        // A masked file without a conversation start that fits: eot 0 at 0 is trained (mask 1),
+        // and the one opener at 95 leaves no room for 9 tokens.
+        let mut ids = ids.clone();
+        ids[95] = 0;
+        let mut m = vec![1u8; 100];
+        m[95] = 0;
+        let e = Sampler::new(vec![(1.0, vec![tokens("data/train.npy", ids.clone())])], 8)
+            .unwrap()
+            .with_masks(vec![Some(mask("data/train_mask.npy", m))])
+            .unwrap()
+            .align_to_documents(0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("data/train.npy: no conversation start")
+                && e.contains("data/train_mask.npy"),
+            "{e}"
+        );
+        // A mask value other than 0 or 1 refuses the batch, naming the mask and the position.
+        let mut m = vec![1u8; 100];
+        m[50] = 3;
+        let s = make()
+            .with_masks(vec![Some(mask("data/train_mask.npy", m))])
+            .unwrap();
+        let mut refused = 0;
+        for step in 0..50 {
+            let key = batch_key(0, 0, step, 0);
+            let hits = s
+                .windows(4, key)
+                .iter()
+                .any(|w| (w.start + 1..=w.start + 8).contains(&50));
+            let (mut x, mut y) = (vec![0i64; 32], vec![0i64; 32]);
+            match s.fill(&mut x, &mut y, key) {
+                Ok(()) => assert!(!hits),
+                Err(e) => {
+                    assert!(hits);
+                    assert!(
+                        e.to_string()
+                            .starts_with("data/train_mask.npy: holds mask value 3 at position 50;"),
+                        "{e}"
+                    );
+                    refused += 1;
+                }
+            }
+        }
+        assert!(refused > 0);
+        // A mask buffer of another shape, and a mask passed as a token file.
+        let s = make();
+        let (mut x, mut y, mut mo) = (vec![0i64; 16], vec![0i64; 16], vec![0u8; 8]);
+        assert!(s.fill_masked(&mut x, &mut y, Some(&mut mo), 0).is_err());
+        let p = crate::source::tests::temp_path("sampler_mask.npy");
+        crate::source::tests::write_npy_u8(&p, &[0; 20]);
+        let f = Arc::new(TokenFile::open_mask(&p).unwrap());
+        let e = Sampler::new(vec![(1.0, vec![f])], 4)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is a loss mask, not a token file"), "{e}");
+    }
+
+    #[test]
+    fn masked_windows_are_deterministic_and_the_vocab_check_reads_real_ids() {
+        // The id beyond the bound lies where the mask is 0: the check still refuses it.
+        let (mut ids, m) = chat(2_000, 5);
+        let p = (1..ids.len()).find(|&p| m[p] == 0 && ids[p] != 0).unwrap();
+        ids[p] = 1 << 20;
+        let make = |bound| {
+            Sampler::new(vec![(1.0, vec![tokens("chat", ids.clone())])], 16)
+                .unwrap()
+                .with_masks(vec![Some(mask("chat_mask", m.clone()))])
+                .unwrap()
+                .with_vocab_bound(bound)
+                .unwrap()
+        };
+        let mut refused = 0;
+        for step in 0..400 {
+            let key = batch_key(2, 0, step, 0);
+            let hits = make(None)
+                .windows(8, key)
+                .iter()
+                .any(|w| (w.start as usize..=w.start as usize + 16).contains(&p));
+            let (mut x, mut y) = (vec![0i64; 8 * 16], vec![0i64; 8 * 16]);
+            match make(Some(1 << 19)).fill(&mut x, &mut y, key) {
+                Ok(()) => assert!(!hits),
+                Err(e) => {
+                    assert!(
+                        hits && e.to_string().contains(&format!("token id {}", 1 << 20)),
+                        "{e}"
+                    );
+                    refused += 1;
+                }
+            }
+            let (mut x2, mut y2) = (vec![0i64; 8 * 16], vec![0i64; 8 * 16]);
+            make(None).fill(&mut x, &mut y, key).unwrap();
+            make(None).fill(&mut x2, &mut y2, key).unwrap();
+            assert!(x == x2 && y == y2);
+        }
+        assert!(refused > 0);
     }
 
     struct Fixed64(Vec<i64>);

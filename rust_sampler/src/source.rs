@@ -213,10 +213,15 @@ pub fn read_npy_header(path: &Path) -> Result<npy::NpyHeader> {
     };
     let mut file = File::open(path).map_err(io)?;
     let file_len = file.metadata().map_err(io)?.len();
-    read_npy_header_from(&mut file, file_len, path)
+    read_npy_header_from(&mut file, file_len, path, npy::Kind::Tokens)
 }
 
-fn read_npy_header_from(file: &mut File, file_len: u64, path: &Path) -> Result<npy::NpyHeader> {
+fn read_npy_header_from(
+    file: &mut File,
+    file_len: u64,
+    path: &Path,
+    kind: npy::Kind,
+) -> Result<npy::NpyHeader> {
     let io = |source| SamplerError::Io {
         path: path.to_path_buf(),
         source,
@@ -224,13 +229,17 @@ fn read_npy_header_from(file: &mut File, file_len: u64, path: &Path) -> Result<n
     // A 1-D header is about a hundred bytes; 64 KiB leaves room for anything numpy writes.
     let mut head = Vec::with_capacity(4096);
     file.take(65_536).read_to_end(&mut head).map_err(io)?;
-    let h = npy::parse_header(&head, path)?;
+    let h = npy::parse_header_as(&head, path, kind)?;
     let need = (h.data_offset as u64).saturating_add(h.len.saturating_mul(h.dtype.size() as u64));
     if file_len < need {
+        let what = match kind {
+            npy::Kind::Tokens => "tokens",
+            npy::Kind::Mask => "mask values",
+        };
         return Err(SamplerError::format(
             path,
             format!(
-                "is truncated: the header promises {} tokens ({need} bytes) but the file has {file_len} bytes; write it again",
+                "is truncated: the header promises {} {what} ({need} bytes) but the file has {file_len} bytes; write it again",
                 h.len
             ),
         ));
@@ -251,6 +260,8 @@ pub struct TokenFile {
     storage: Box<dyn TokenStorage>,
     dtype: Dtype,
     len: usize,
+    /// Opened by `open_mask`: a loss mask, not tokens.
+    mask: bool,
     range: OnceLock<Option<(i64, i64)>>,
 }
 
@@ -272,9 +283,7 @@ impl TokenFile {
             path: path.to_path_buf(),
             source,
         };
-        let is_npy = path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+        let is_npy = has_npy_suffix(path);
         let mut file = File::open(path).map_err(io)?;
         let meta = file.metadata().map_err(io)?;
         if meta.is_dir() {
@@ -285,7 +294,7 @@ impl TokenFile {
         }
         let file_len = meta.len();
         let (dtype, offset, len) = if is_npy {
-            let h = read_npy_header_from(&mut file, file_len, path)?;
+            let h = read_npy_header_from(&mut file, file_len, path, npy::Kind::Tokens)?;
             if let Some(d) = dtype {
                 let given = Dtype::parse_file_dtype(d);
                 if given != Some(h.dtype) {
@@ -331,6 +340,51 @@ impl TokenFile {
             }
             (dtype, 0usize, file_len / dtype.size() as u64)
         };
+        TokenFile::map(path, &file, file_len, dtype, offset, len, false)
+    }
+
+    /// Opens a loss mask: a `.npy` file whose header says uint8 ("|u1"), 1-D, one value per
+    /// token of its token file (1: that token is a training target). Mapped and guarded against
+    /// truncation as token files are; any other dtype, or a raw file, is refused.
+    pub fn open_mask(path: &Path) -> Result<TokenFile> {
+        let io = |source| SamplerError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut file = File::open(path).map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        if meta.is_dir() {
+            return Err(SamplerError::format(
+                path,
+                format!("is a folder; {}", npy::MASK_FIX),
+            ));
+        }
+        if !has_npy_suffix(path) {
+            return Err(SamplerError::format(
+                path,
+                format!("is not a .npy file; {}", npy::MASK_FIX),
+            ));
+        }
+        let file_len = meta.len();
+        let h = read_npy_header_from(&mut file, file_len, path, npy::Kind::Mask)?;
+        TokenFile::map(path, &file, file_len, h.dtype, h.data_offset, h.len, true)
+    }
+
+    /// Maps `len` items of `dtype` that start `offset` bytes into `file` (already checked to
+    /// hold them).
+    fn map(
+        path: &Path,
+        file: &File,
+        file_len: u64,
+        dtype: Dtype,
+        offset: usize,
+        len: u64,
+        mask: bool,
+    ) -> Result<TokenFile> {
+        let io = |source| SamplerError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let len = usize::try_from(len).map_err(|_| {
             SamplerError::format(path, "is too large for this machine's address space")
         })?;
@@ -340,7 +394,7 @@ impl TokenFile {
             // SAFETY: the map is read-only. Another process may truncate the file while it is
             // mapped: the guard turns the fault of a read past its new end into a mark the
             // sampler checks (see `fault`).
-            Some(unsafe { Mmap::map(&file) }.map_err(io)?)
+            Some(unsafe { Mmap::map(file) }.map_err(io)?)
         };
         let guard = match &map {
             Some(m) => fault::Guard::register(m.as_ptr(), m.len()),
@@ -358,6 +412,7 @@ impl TokenFile {
             }),
             dtype,
             len,
+            mask,
             range: OnceLock::new(),
         })
     }
@@ -382,6 +437,7 @@ impl TokenFile {
             storage,
             dtype,
             len,
+            mask: false,
             range: OnceLock::new(),
         }
     }
@@ -403,6 +459,17 @@ impl TokenFile {
     }
     pub fn is_mapped(&self) -> bool {
         self.path.is_some()
+    }
+    /// Whether this is a loss mask opened by `open_mask` (not tokens).
+    pub fn is_mask(&self) -> bool {
+        self.mask
+    }
+    /// The values as bytes when the source holds uint8 (a loss mask); else None.
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match self.view() {
+            TokenView::U8(s) => Some(s),
+            _ => None,
+        }
     }
     pub fn view(&self) -> TokenView<'_> {
         self.storage.view()
@@ -446,6 +513,54 @@ pub fn document_starts(view: TokenView<'_>, eot: i64, context_length: usize) -> 
     starts
 }
 
+/// Offsets at which a conversation starts and a window of `context_length` + 1 tokens still
+/// fits: every p with `tokens[p] == eot` and `mask[p] == 0` (the end-of-text id that opens a
+/// conversation; the assistant's end of turn is the same id with mask 1), ascending. A parallel
+/// scan in chunks, like `document_starts`. `mask` holds one value per token.
+pub fn conversation_starts(
+    view: TokenView<'_>,
+    mask: &[u8],
+    eot: i64,
+    context_length: usize,
+) -> Vec<u64> {
+    let len = view.len().min(mask.len());
+    if len <= context_length {
+        return Vec::new();
+    }
+    // Only starts up to len - T - 1 are kept, so only they are scanned.
+    let n = len - context_length;
+    with_slice!(view, s => positions_opening(&s[..n], &mask[..n], eot))
+}
+
+fn positions_opening<T: Token>(s: &[T], mask: &[u8], eot: i64) -> Vec<u64> {
+    const CHUNK: usize = 1 << 20;
+    let per_chunk: Vec<Vec<u64>> = s
+        .par_chunks(CHUNK)
+        .zip(mask.par_chunks(CHUNK))
+        .enumerate()
+        .map(|(c, (tokens, mask))| {
+            let base = (c * CHUNK) as u64;
+            tokens
+                .iter()
+                .zip(mask)
+                .enumerate()
+                .filter(|(_, (&v, &m))| m == 0 && v.widen() == eot)
+                .map(|(i, _)| base + i as u64)
+                .collect()
+        })
+        .collect();
+    let mut out = Vec::with_capacity(per_chunk.iter().map(Vec::len).sum());
+    for part in per_chunk {
+        out.extend(part);
+    }
+    out
+}
+
+fn has_npy_suffix(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("npy"))
+}
+
 fn positions_after<T: Token>(s: &[T], eot: i64) -> Vec<u64> {
     const CHUNK: usize = 1 << 20;
     let per_chunk: Vec<Vec<u64>> = s
@@ -487,7 +602,7 @@ fn min_max<T: Token + Ord>(s: &[T]) -> Option<(i64, i64)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write;
 
@@ -533,6 +648,99 @@ mod tests {
         );
         assert_eq!(f.token_range(), Some((lo, hi)));
         assert!(f.is_mapped());
+    }
+
+    pub(crate) fn write_npy_u8(path: &Path, values: &[u8]) {
+        let dict = format!(
+            "{{'descr': '|u1', 'fortran_order': False, 'shape': ({},), }}",
+            values.len()
+        );
+        let mut body = dict.into_bytes();
+        let pad = (64 - (10 + body.len() + 1) % 64) % 64;
+        body.extend(std::iter::repeat_n(b' ', pad));
+        body.push(b'\n');
+        let mut f = File::create(path).unwrap();
+        f.write_all(npy::MAGIC).unwrap();
+        f.write_all(&[1, 0]).unwrap();
+        f.write_all(&(body.len() as u16).to_le_bytes()).unwrap();
+        f.write_all(&body).unwrap();
+        f.write_all(values).unwrap();
+    }
+
+    #[test]
+    fn opens_a_mask_and_refuses_other_files_as_masks() {
+        let p = temp_path("m_mask.npy");
+        let values: Vec<u8> = (0..777).map(|i| (i % 3 == 0) as u8).collect();
+        write_npy_u8(&p, &values);
+        let m = TokenFile::open_mask(&p).unwrap();
+        assert_eq!((m.len(), m.dtype(), m.is_mask()), (777, Dtype::U8, true));
+        assert_eq!(m.bytes(), Some(&values[..]));
+        assert!(m.is_mapped());
+        // A uint8 .npy is no token file.
+        let e = TokenFile::open(&p, None).unwrap_err().to_string();
+        assert!(e.contains("dtype '|u1'"), "{e}");
+        // Token files, raw files and truncated masks are no masks.
+        let t = temp_path("m_tokens.npy");
+        write_npy_u16(&t, &[1, 2, 3]);
+        assert!(!TokenFile::open(&t, None).unwrap().is_mask());
+        let e = TokenFile::open_mask(&t).unwrap_err().to_string();
+        assert!(
+            e.contains("m_tokens.npy: has dtype '<u2'")
+                && e.contains("must be a uint8 .npy loss mask"),
+            "{e}"
+        );
+        let raw = temp_path("m_raw.bin");
+        std::fs::write(&raw, [0u8, 1, 1, 0]).unwrap();
+        let e = TokenFile::open_mask(&raw).unwrap_err().to_string();
+        assert!(
+            e.contains("m_raw.bin: is not a .npy file") && e.contains("uint8 .npy loss mask"),
+            "{e}"
+        );
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 5]).unwrap();
+        let e = TokenFile::open_mask(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("truncated") && e.contains("777 mask values"),
+            "{e}"
+        );
+        let e = TokenFile::open_mask(&std::env::temp_dir())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("folder"), "{e}");
+    }
+
+    #[test]
+    fn conversation_starts_are_eot_with_mask_zero_that_fit() {
+        // eot 9: openers (mask 0) at 0, 4 and 9; ends of turn (mask 1) at 3 and 8.
+        let ids: Vec<u32> = vec![9, 1, 2, 9, 9, 3, 4, 5, 9, 9, 6, 7];
+        let mask: Vec<u8> = vec![0, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1];
+        assert_eq!(
+            conversation_starts(TokenView::U32(&ids), &mask, 9, 2),
+            vec![0, 4, 9]
+        );
+        // T = 3: the last start is 12 - 4 = 8, so 9 no longer fits.
+        assert_eq!(
+            conversation_starts(TokenView::U32(&ids), &mask, 9, 3),
+            vec![0, 4]
+        );
+        assert!(conversation_starts(TokenView::U32(&ids), &mask, 9, 12).is_empty());
+        // Across the scan's chunk edge.
+        let n = (1 << 20) + 10;
+        let mut ids = vec![1u32; n];
+        let mut mask = vec![1u8; n];
+        for p in [0, (1 << 20) - 1, 1 << 20, n - 2] {
+            ids[p] = 0;
+            mask[p] = 0;
+        }
+        ids[5] = 0; // an end of turn: mask 1
+        assert_eq!(
+            conversation_starts(TokenView::U32(&ids), &mask, 0, 4),
+            vec![0, (1 << 20) - 1, 1 << 20]
+        );
+        assert_eq!(
+            conversation_starts(TokenView::U32(&ids), &mask, 0, 1),
+            vec![0, (1 << 20) - 1, 1 << 20, n as u64 - 2]
+        );
     }
 
     #[test]
