@@ -34,7 +34,7 @@ from lmtools.layout import TOKEN_DTYPES_TEXT, token_dtype_name
 from lmtools.runtime.device import resolve_device
 from lmtools.runtime.fsutil import regular_file_problem
 
-__all__ = ["BatchLoader", "get_batch", "load_dataset"]
+__all__ = ["BatchLoader", "get_batch", "load_dataset", "mask_path"]
 
 # Corpus formats that `lmtools prepare` reads: passed where tokens belong, they get its command.
 _TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".jsonl", ".json", ".parquet", ".csv", ".tsv", ".gz", ".py", ".html")
@@ -42,6 +42,8 @@ _U64 = (1 << 64) - 1
 _STATE_VERSION = 1
 # A token-id scan of a file larger than this says so on stderr first.
 SCAN_NOTICE_BYTES = 256 << 20
+# A loss mask lies beside its token file: X.npy -> X_mask.npy (see mask_path).
+MASK_SUFFIX = "_mask.npy"
 
 TokenSource = Union[str, "os.PathLike[str]", np.ndarray, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -97,6 +99,17 @@ def load_dataset(file_path: str | os.PathLike[str], mmap_mode: bool | str = True
     return np.fromfile(path, dtype=np_dtype, count=count, offset=offset)
 
 
+def mask_path(token_path: str | os.PathLike[str]) -> Path:
+    """Where the loss mask of a token file lies: beside it, `X.npy` -> `X_mask.npy`
+    (`train.npy` -> `train_mask.npy`; a raw `X.bin` -> `X_mask.npy`)."""
+    p = Path(token_path)
+    return p.with_name(p.stem + MASK_SUFFIX)
+
+
+def _is_mask_file(path: Path) -> bool:
+    return path.name.endswith(MASK_SUFFIX)
+
+
 # --------------------------------------------------------------------------------------------
 # One batch at a time (the original specification's interface)
 
@@ -134,6 +147,12 @@ class BatchLoader:
     `batch_at` recomputes any of them, and `state_dict()` / `load_state_dict()` resume a run on
     exactly the batches it would have drawn. `next()` walks micro-batches, then steps.
 
+    With `loss_masks` (chat data), every token file `X.npy` is read with its loss mask
+    `X_mask.npy` beside it (see `mask_path`): targets whose mask is 0 come back as
+    `IGNORE_INDEX` (-100, torch's default `ignore_index`, so `F.cross_entropy` averages over the
+    trained targets only), and with `doc_eot` windows start at conversation starts (an
+    end-of-text id whose mask is 0). Without it, mask files beside the token files are ignored.
+
     A background thread keeps `prefetch` batches ready (0: fill on demand). On CPU every batch
     is fresh memory that the loader never touches again; on CUDA batches are gathered into a
     ring of pinned host buffers and copied with `non_blocking=True`, and a slot is refilled only
@@ -157,6 +176,7 @@ class BatchLoader:
         doc_eot: int | None = None,
         vocab_size: int | None = None,
         known_ranges: dict[str, KnownRange] | None = None,
+        loss_masks: bool = False,
     ) -> None:
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.context_length = _positive_int(context_length, "context_length")
@@ -171,14 +191,25 @@ class BatchLoader:
         self.vocab_size = vocab_size
         self.device = resolve_device(device)
 
+        if not isinstance(loss_masks, bool):
+            raise ConfigError(f"loss_masks must be True or False; got {loss_masks!r}")
         groups, self._weights = _resolve_sources(sources, weights, dtype)
-        # doc_eot: windows start only at document starts (0 and after each end-of-text id).
+        masks = _open_masks([f for _, files in groups for f in files]) if loss_masks else None
+        # doc_eot: windows start only at document starts (0 and after each end-of-text id), in
+        # a masked file at conversation starts (an end-of-text id whose mask is 0).
         # The guard checks that no file it reads was truncated under its memory map (a bus error).
         # vocab_size: every gathered batch is checked to hold ids in 0..vocab_size only.
+        # masks: the targets a mask does not train are gathered as IGNORE_INDEX.
         self._sampler = SizeGuardedSampler(
-            _sampler.Sampler(groups, self.context_length, num_threads, doc_eot, vocab_size)
+            _sampler.Sampler(groups, self.context_length, num_threads, doc_eot, vocab_size, masks)
         )
-        if doc_eot is not None and self._sampler.num_windows == sum(len(files) for _, files in groups):
+        # (Masked files without a conversation start are refused by the sampler itself; a file
+        # of one conversation legitimately has one window.)
+        if (
+            doc_eot is not None
+            and not loss_masks
+            and self._sampler.num_windows == sum(len(files) for _, files in groups)
+        ):
             raise DataError(
                 f"no end-of-text id {doc_eot} in the training data: document-aligned windows would all "
                 f"start at 0; prepare the data with document separators, or drop --doc_aligned"
@@ -285,6 +316,11 @@ class BatchLoader:
         return [str(f.path) for f in self._files if f.path is not None]
 
     @property
+    def masked(self) -> bool:
+        """Whether the batches' targets carry loss masks (IGNORE_INDEX where not trained)."""
+        return bool(self._sampler.masked)
+
+    @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.context_length * self.grad_accum_steps
 
@@ -341,6 +377,7 @@ class BatchLoader:
             "min_token": lo,
             "max_token": hi,
             "range_from_meta": self.ranges_from_meta,
+            "loss_mask": self.masked,
             "vocab_size": self.vocab_size,
             "batch_size": self.batch_size,
             "context_length": self.context_length,
@@ -644,15 +681,19 @@ def refuse_text(path: Path) -> None:
 
 
 def _expand_path(path: str, dtype: Any) -> list[Path]:
-    """A file, a folder (its .npy files, else its .bin files) or a glob, as sorted files."""
+    """A file, a folder (its .npy files, else its .bin files) or a glob, as sorted files; loss
+    masks (`*_mask.npy`) are no token files, and folders and globs leave them out."""
     if any(c in path for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(path) if Path(p).is_file())
+        matched = sorted(Path(p) for p in glob.glob(path) if Path(p).is_file())
+        files = [f for f in matched if not _is_mask_file(f)]
         if not files:
-            raise DataError(f"{path}: the pattern matches no files; check it")
+            only_masks = " but loss masks (*_mask.npy)" if matched else ""
+            raise DataError(f"{path}: the pattern matches no files{only_masks}; check it")
         return files
     p = Path(path)
     if p.is_dir():
-        files = sorted(p.glob("*.npy"))
+        # Loss masks (X_mask.npy, uint8) lie beside chat data's token files; they are no shards.
+        files = sorted(f for f in p.glob("*.npy") if not _is_mask_file(f))
         if not files and dtype is not None:
             files = sorted(p.glob("*.bin"))
         if not files:
@@ -662,6 +703,29 @@ def _expand_path(path: str, dtype: Any) -> list[Path]:
     if problem is not None:
         raise DataError(f"{p}: {problem}; {'check the path' if problem == 'file not found' else 'pass a token file'}")
     return [p]
+
+
+def _open_masks(files: Sequence[_sampler.TokenFile]) -> list[_sampler.TokenFile | None]:
+    """The loss mask of each token file (`mask_path`), in the order given."""
+    masks: list[_sampler.TokenFile | None] = []
+    for f in files:
+        if f.path is None:
+            raise DataError(
+                f"{f.name}: loss_masks=True reads each token file's mask beside it (X.npy -> X_mask.npy), "
+                "and an array has none; pass token files, or load without loss masks"
+            )
+        token = Path(f.path)
+        mask = mask_path(token)
+        problem = regular_file_problem(mask)
+        if problem == "file not found":
+            raise DataError(
+                f"{token} has no loss mask: {mask} is missing; prepare the chat data again "
+                "(lmtools prepare --chat writes it beside the token file), or train without loss masks"
+            )
+        if problem is not None:
+            raise DataError(f"{mask} (the loss mask of {token}) {problem}; prepare the chat data again")
+        masks.append(_sampler.TokenFile.open_mask(str(mask)))
+    return masks
 
 
 def _resolve_sources(
